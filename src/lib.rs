@@ -1,0 +1,15 @@
+//! drover: Nix's formats and a Nix-compatible local store.
+//!
+//! This crate is the library under the drover build orchestrator. It has no actor
+//! system and no async runtime: format modules take bytes and return values, and only
+//! [`store`] touches the file system, the database and processes. The store directory
+//! is always a value ([`store_path::StoreDir`]).
+//!
+//! See `docs/ARCHITECTURE.md` for the map of the code.
+
+pub mod content_address;
+pub mod hash;
+pub mod nar;
+pub mod nixbase32;
+pub mod realisation;
+pub mod store_path;

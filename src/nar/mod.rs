@@ -1,0 +1,21 @@
+//! NAR, the Nix ARchive format.
+//!
+//! A NAR serialises a file system object (regular file, executable flag, symlink or
+//! directory) deterministically: no timestamps, owners or permissions beyond the
+//! executable bit, directory entries sorted by name. Every token is a *string*: a
+//! little-endian `u64` length, the bytes, zero padding to a multiple of 8.
+//!
+//! ```text
+//! nar      = "nix-archive-1" node
+//! node     = "(" "type" ( regular | symlink | directory ) ")"
+//! regular  = "regular" [ "executable" "" ] "contents" <string>
+//! symlink  = "symlink" "target" <string>
+//! directory= "directory" { "entry" "(" "name" <string> "node" node ")" }
+//! ```
+//!
+//! [`writer`] dumps a tree or a byte string; the store hashes what it writes through
+//! [`crate::hash::HashSink`].
+
+pub mod writer;
+
+pub use writer::{dump_bytes, dump_path, nar_hash_of_path, NarWriteError};

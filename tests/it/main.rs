@@ -1,0 +1,8 @@
+//! Integration tests of the drover library, including interop with real Nix 2.8.
+//!
+//! One test binary (`cargo test --test it`), one module per area. Interop tests get a
+//! scratch Nix "test root" from [`nix_env`]; they run whenever `nix-store` is on PATH,
+//! are skipped with a printed reason otherwise, and fail instead when
+//! `DROVER_REQUIRE_NIX=1` (set by `.ci/run`).
+
+mod nix_env;

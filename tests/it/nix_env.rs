@@ -1,0 +1,157 @@
+//! Scratch Nix test roots for interop tests.
+//!
+//! A [`TestRoot`] is a temporary directory holding a store dir, state dir, log dir and
+//! `nix.conf` (`sandbox = false`, CA and impure derivations enabled), and builds
+//! `Command`s for Nix's tools with the matching environment. Each test makes its own
+//! root, so tests run in parallel without sharing a database.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Whether Nix is on PATH; when it is not, prints why the calling test is skipped,
+/// or panics when `DROVER_REQUIRE_NIX` is set (CI must not skip interop tests).
+pub fn nix_available(test: &str) -> bool {
+    let found = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var_os("DROVER_REQUIRE_NIX").is_some_and(|v| v != "0") {
+            panic!("{test}: nix-store is not on PATH but DROVER_REQUIRE_NIX is set");
+        }
+        eprintln!("SKIPPED {test}: nix-store (Nix 2.8) is not on PATH; install nix-bin to run interop tests");
+    }
+    found
+}
+
+/// Returns early from a test when Nix is missing (see [`nix_available`]).
+#[macro_export]
+macro_rules! require_nix {
+    () => {
+        if !$crate::nix_env::nix_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// A scratch Nix installation rooted in a temporary directory.
+pub struct TestRoot {
+    pub dir: tempfile::TempDir,
+    pub store_dir: String,
+    pub state_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub conf_dir: PathBuf,
+}
+
+impl TestRoot {
+    /// A fresh root with store dir `<tmp>/store`.
+    pub fn new() -> TestRoot {
+        Self::with_conf("")
+    }
+
+    /// A fresh root with extra `nix.conf` lines.
+    pub fn with_conf(extra: &str) -> TestRoot {
+        let dir = tempfile::Builder::new()
+            .prefix("drover-it-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().to_owned();
+        let conf_dir = root.join("etc");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        std::fs::write(
+            conf_dir.join("nix.conf"),
+            format!(
+                "sandbox = false\nexperimental-features = nix-command ca-derivations impure-derivations\nsubstituters =\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        TestRoot {
+            store_dir: root.join("store").to_str().unwrap().to_owned(),
+            state_dir: root.join("var/nix"),
+            log_dir: root.join("var/log/nix"),
+            conf_dir,
+            dir,
+        }
+    }
+
+    /// The environment variables that point Nix (and drover) at this root.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NIX_STORE_DIR", self.store_dir.clone()),
+            ("NIX_STATE_DIR", self.state_dir.to_str().unwrap().to_owned()),
+            ("NIX_LOG_DIR", self.log_dir.to_str().unwrap().to_owned()),
+            ("NIX_CONF_DIR", self.conf_dir.to_str().unwrap().to_owned()),
+            ("NIX_REMOTE", String::new()),
+            ("NIX_PATH", String::new()),
+            ("TMPDIR", self.tmp_dir().to_str().unwrap().to_owned()),
+        ]
+    }
+
+    /// A temporary directory inside the root, for builds and scratch files.
+    pub fn tmp_dir(&self) -> PathBuf {
+        let t = self.dir.path().join("tmp");
+        std::fs::create_dir_all(&t).unwrap();
+        t
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A command with this root's environment.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        for (k, v) in self.env() {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs a command and returns its stdout; panics with stderr when it fails.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.cmd(program).args(args).output().unwrap();
+        check(program, args, &out);
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `nix-instantiate` of a file: the `.drv` paths it prints, one per attribute.
+    pub fn instantiate(&self, file: &Path, attr: Option<&str>) -> Vec<String> {
+        let mut args = vec![file.to_str().unwrap()];
+        if let Some(a) = attr {
+            args.extend(["-A", a]);
+        }
+        self.run("nix-instantiate", &args)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// `nix-store --realise` of paths: the output paths it prints.
+    pub fn realise(&self, paths: &[&str]) -> Vec<String> {
+        let mut args = vec!["--realise"];
+        args.extend(paths);
+        self.run("nix-store", &args)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn check(program: &str, args: &[&str], out: &Output) {
+    if !out.status.success() {
+        panic!(
+            "{program} {args:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The directory of the shared Nix expression corpus.
+pub fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix")
+}
