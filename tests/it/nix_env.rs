@@ -59,6 +59,10 @@ impl TestRoot {
             .tempdir()
             .unwrap();
         let root = dir.path().to_owned();
+        // Nix runs builders as `nixbld` users when started as root: they must be able
+        // to reach the store inside the (otherwise private) temporary directory.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let conf_dir = root.join("etc");
         std::fs::create_dir_all(&conf_dir).unwrap();
         std::fs::write(
