@@ -80,9 +80,17 @@ fn add_from_stdin_and_rejects_a_wrong_output_path() {
     let mut json = shown[drv.as_str()].clone();
 
     // Given output paths are checked.
-    let out = json["outputs"].as_object_mut().unwrap().values_mut().next().unwrap();
+    let out = json["outputs"]
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+        .next()
+        .unwrap();
     if let Some(p) = out.get_mut("path") {
-        let wrong = p.as_str().unwrap().replacen(|c: char| c.is_ascii_digit(), "z", 1);
+        let wrong = p
+            .as_str()
+            .unwrap()
+            .replacen(|c: char| c.is_ascii_digit(), "z", 1);
         *p = Value::String(wrong);
         let mut child = drover(&root)
             .args(["derivation", "add", "-"])

@@ -68,14 +68,33 @@ fn plain_output_and_invalid_paths() {
     assert_eq!(plain.trim(), drv.as_str());
 
     // A path that is not valid: an error naming it, exit 1, as `nix path-info` does.
-    let missing = format!("{}/00000000000000000000000000000000-missing", root.store_dir);
-    let o = drover(&root).arg("path-info").arg(&missing).output().unwrap();
-    let n = root.cmd("nix").args(["path-info", &missing]).output().unwrap();
+    let missing = format!(
+        "{}/00000000000000000000000000000000-missing",
+        root.store_dir
+    );
+    let o = drover(&root)
+        .arg("path-info")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let n = root
+        .cmd("nix")
+        .args(["path-info", &missing])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), n.status.code());
     assert!(String::from_utf8_lossy(&o.stderr).contains(&missing));
 
-    let o = drover(&root).args(["path-info", "--json"]).arg(&missing).output().unwrap();
-    let n = root.cmd("nix").args(["path-info", "--json", &missing]).output().unwrap();
+    let o = drover(&root)
+        .args(["path-info", "--json"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let n = root
+        .cmd("nix")
+        .args(["path-info", "--json", &missing])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), n.status.code());
     if n.status.success() {
         let nj: Value = serde_json::from_slice(&n.stdout).unwrap();
