@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Derivation, DerivationError, DerivationOutput};
 use crate::content_address::{ContentAddress, ContentAddressMethod};
-use crate::hash::{Encoding, Hash};
+use crate::hash::{Encoding, Hash, HashAlgo};
 use crate::store_path::{StoreDir, StorePath, StorePathSet};
 
 /// A cursor over the input bytes.
@@ -281,6 +281,12 @@ pub(super) fn output_from_fields(
     let h = Hash::parse_with_algo(hash, algo)
         .map_err(|e| invalid(format!("bad hash '{hash}': {e}")))?;
     let ca = match method {
+        ContentAddressMethod::Text if h.algo() != HashAlgo::Sha256 => {
+            return Err(invalid(format!(
+                "text hashing needs sha256, not '{}'",
+                h.algo()
+            )))
+        }
         ContentAddressMethod::Text => ContentAddress::Text(h),
         ContentAddressMethod::Fixed(m) => ContentAddress::Fixed(m, h),
     };

@@ -29,6 +29,7 @@
 pub mod aterm;
 pub mod hash_modulo;
 pub mod json;
+pub mod resolve;
 
 use std::collections::{BTreeMap, BTreeSet};
 

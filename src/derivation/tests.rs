@@ -279,6 +279,7 @@ fn bad_outputs() {
         (format!(r#"("out","{p}","","abc")"#), "no hash algorithm"),
         (format!(r#"("out","{p}","foo","abc")"#), "bad hash algorithm"),
         (format!(r#"("out","{p}","sha256","abc")"#), "bad hash"),
+        (format!(r#"("out","{p}","text:sha1","aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d")"#), "text hashing needs sha256"),
     ] {
         let e = parse(&with(&o)).unwrap_err();
         assert!(
@@ -498,6 +499,10 @@ fn arb_output() -> impl Strategy<Value = DerivationOutput> {
                 ca: ContentAddress::Fixed(m, h),
                 path,
             }
+        }),
+        (any::<[u8; 32]>(), arb_store_path("")).prop_map(|(d, path)| DerivationOutput::CAFixed {
+            ca: ContentAddress::Text(Hash::new(HashAlgo::Sha256, &d).unwrap()),
+            path,
         }),
         (arb_method(), arb_hash()).prop_map(|(method, h)| DerivationOutput::CAFloating {
             method,
