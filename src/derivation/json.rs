@@ -290,6 +290,25 @@ pub fn from_json(
     Ok((name, drv))
 }
 
+/// All of `drover derivation add`: parses one derivation's JSON ([`from_json`], name
+/// from a top-level `name`, else `env.name`), computes and checks its output paths
+/// ([`Derivation::with_output_paths`]) and computes its `.drv` path. Write
+/// `drv.to_aterm_bytes(store_dir)` there with references `drv.drv_references()`.
+pub fn from_json_with_paths<F, E>(
+    value: &Value,
+    store_dir: &StoreDir,
+    input_hash: F,
+) -> Result<(StorePath, Derivation), E>
+where
+    F: FnMut(&StorePath) -> Result<super::DrvHash, E>,
+    E: From<DerivationError>,
+{
+    let (name, drv) = from_json(value, store_dir, None)?;
+    let drv = drv.with_output_paths(store_dir, &name, input_hash)?;
+    let drv_path = drv.drv_path(store_dir, &name)?;
+    Ok((drv_path, drv))
+}
+
 fn fixed_path(
     store_dir: &StoreDir,
     name: &str,

@@ -22,6 +22,8 @@
 //! * [`json`]: the JSON of `nix show-derivation` (Nix 2.8), both ways.
 //! * [`hash_modulo`]: `hashDerivationModulo`, the hash output paths of input-addressed
 //!   derivations come from, and the output placeholders.
+//! * [`resolve`]: `tryResolve`, the derivation Nix builds instead of one that depends
+//!   on floating outputs, once those are built.
 //!
 //! Derivations are shared as `Arc<Derivation>`: every method takes `&self` except the
 //! builder-style [`Derivation::with_output_paths`], which consumes and returns a value.

@@ -403,6 +403,22 @@ fn json_errors() {
 }
 
 #[test]
+fn from_json_with_paths_computes_the_drv_path() {
+    let all = golden();
+    let (p, _, uses_fod) = golden_named("uses-fod");
+    let mut v = to_json_value(&uses_fod, &sd());
+    v["outputs"]["out"].as_object_mut().unwrap().remove("path");
+    v["env"]["out"] = Value::from("");
+    let mut cache = DrvHashCache::new();
+    let (drv_path, drv) = super::json::from_json_with_paths(&v, &sd(), |i| {
+        cache.hash_of(&sd(), i, read_golden(&all))
+    })
+    .unwrap();
+    assert_eq!(drv_path, p);
+    assert_eq!(drv, *uses_fod);
+}
+
+#[test]
 fn json_top_level_name_wins() {
     let (_, _, simple) = golden_named("simple");
     let mut v = to_json_value(&simple, &sd());
