@@ -8,6 +8,7 @@
 //! See `docs/ARCHITECTURE.md` for the map of the code.
 
 pub mod content_address;
+pub mod derivation;
 pub mod hash;
 pub mod nar;
 pub mod nixbase32;
