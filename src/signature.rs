@@ -197,7 +197,9 @@ pub struct PublicKey {
 }
 
 impl PublicKey {
-    /// Parses `<name>:<base64 of 32 bytes>` (a trailing newline is accepted).
+    /// Parses `<name>:<base64 of 32 bytes>` (a trailing newline is accepted). Unlike
+    /// Nix, which accepts any 32 bytes and then never verifies with them, bytes that
+    /// are not an ed25519 point are an error.
     pub fn parse(s: &str) -> Result<PublicKey, SignatureError> {
         let (name, b64) =
             split_named(s).ok_or_else(|| SignatureError::PublicKeyCorrupt(s.to_owned()))?;

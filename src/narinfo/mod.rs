@@ -1,6 +1,7 @@
 //! `.narinfo` files: what a binary cache says about one store path.
 //!
-//! A narinfo is a list of `Name: value` lines, each ending in `\n`. Nix 2.8 reads:
+//! A narinfo is a list of `Name: value` lines, each ending in `\n` (the last one too;
+//! a bare `Name:` is read as an empty value). Nix 2.8 reads:
 //!
 //! | field | value |
 //! |---|---|

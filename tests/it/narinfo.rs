@@ -1,14 +1,14 @@
 //! Interop of narinfo files, signing keys and realisations with real Nix 2.8.
 //!
-//! Nix builds three small derivations (`a`; `b`, referring to `a`; `c`, a floating
-//! content-addressed derivation referring to `b`) and `nix copy`s them to `file://`
+//! Nix builds three small derivations (`a`, referring to itself; `b`, referring to
+//! `a`; `c`, a floating content-addressed derivation referring to `b` and itself) and `nix copy`s them to `file://`
 //! binary caches. drover must read and print those narinfo files byte-identically,
 //! verify and reproduce Nix's signatures, and produce signatures Nix accepts.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use drover::narinfo::NarInfo;
+use drover::narinfo::{NarInfo, MAX_SIGS};
 use drover::realisation::Realisation;
 use drover::signature::{PublicKey, PublicKeys, SecretKey};
 use drover::store_path::StoreDir;
@@ -19,11 +19,11 @@ use crate::require_nix;
 const EXPR: &str = r#"
 rec {
   a = derivation { name = "a"; system = builtins.currentSystem; builder = "/bin/sh";
-    args = ["-c" "echo hi > $out"]; };
+    args = ["-c" "echo hi $out > $out"]; };
   b = derivation { name = "b"; system = builtins.currentSystem; builder = "/bin/sh";
     args = ["-c" "echo ${a} > $out"]; };
   c = derivation { name = "c"; system = builtins.currentSystem; builder = "/bin/sh";
-    args = ["-c" "echo ${b} > $out"];
+    args = ["-c" "echo ${b} $out > $out"];
     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; };
 }
 "#;
@@ -167,6 +167,14 @@ fn nix_copy_narinfos_round_trip_and_signatures_match() {
             assert!(cache.join(&ni.url).is_file(), "{}", ni.url);
             assert!(built.outs.contains(&sd.print(&ni.store_path)));
             seen_ca |= ni.ca.is_some();
+            let self_ref = ni.references.contains(&ni.store_path);
+            assert_eq!(self_ref, ni.store_path.name() != "b", "{text}");
+            // Only the floating CA output is trusted for its CA field alone.
+            assert_eq!(ni.is_content_addressed(&sd), ni.ca.is_some(), "{text}");
+            assert_eq!(
+                ni.check_signatures(&sd, &impostor),
+                Ok(if ni.ca.is_some() { MAX_SIGS } else { 0 })
+            );
 
             assert_eq!(ni.valid_signatures(&sd, &trusted), Ok(1), "{f:?}");
             assert_eq!(ni.valid_signatures(&sd, &impostor), Ok(0), "{f:?}");
