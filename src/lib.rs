@@ -7,10 +7,13 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of the code.
 
+pub mod build_result;
 pub mod content_address;
 pub mod derivation;
 pub mod hash;
 pub mod nar;
+pub mod narinfo;
 pub mod nixbase32;
 pub mod realisation;
+pub mod signature;
 pub mod store_path;

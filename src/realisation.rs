@@ -81,21 +81,26 @@ struct RealisationJson {
     id: String,
     #[serde(rename = "outPath")]
     out_path: String,
-    #[serde(default)]
-    signatures: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signatures: Option<Vec<String>>,
 }
 
 impl Realisation {
-    /// The string a realisation signature signs: its JSON without signatures.
+    /// The string a realisation signature signs: its JSON without the `signatures`
+    /// key (Nix erases the key, it does not print an empty list).
     pub fn fingerprint(&self) -> String {
-        let mut unsigned = self.clone();
-        unsigned.signatures.clear();
-        unsigned.to_json()
+        let mut j = self.to_json_value();
+        j.signatures = None;
+        serde_json::to_string(&j).expect("realisation serialises")
     }
 
     /// Nix's JSON form (keys sorted, as nlohmann::json prints them).
     pub fn to_json(&self) -> String {
-        let j = RealisationJson {
+        serde_json::to_string(&self.to_json_value()).expect("realisation serialises")
+    }
+
+    fn to_json_value(&self) -> RealisationJson {
+        RealisationJson {
             dependent_realisations: self
                 .dependent_realisations
                 .iter()
@@ -103,9 +108,8 @@ impl Realisation {
                 .collect(),
             id: self.id.to_string(),
             out_path: self.out_path.base_name().to_owned(),
-            signatures: self.signatures.iter().cloned().collect(),
-        };
-        serde_json::to_string(&j).expect("realisation serialises")
+            signatures: Some(self.signatures.iter().cloned().collect()),
+        }
     }
 
     /// Parses Nix's JSON form.
@@ -123,7 +127,7 @@ impl Realisation {
         Ok(Realisation {
             id: j.id.parse()?,
             out_path,
-            signatures: j.signatures.into_iter().collect(),
+            signatures: j.signatures.into_iter().flatten().collect(),
             dependent_realisations: deps,
         })
     }
@@ -158,5 +162,19 @@ mod tests {
         let r = Realisation::from_json(json.as_bytes()).unwrap();
         assert_eq!(r.to_json(), json);
         assert!(Realisation::from_json(b"{").is_err());
+    }
+
+    #[test]
+    fn fingerprint_omits_signatures_key() {
+        let json = format!(
+            r#"{{"dependentRealisations":{{}},"id":"{ID}","outPath":"7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello","signatures":["k:x"]}}"#
+        );
+        let r = Realisation::from_json(json.as_bytes()).unwrap();
+        assert_eq!(
+            r.fingerprint(),
+            format!(
+                r#"{{"dependentRealisations":{{}},"id":"{ID}","outPath":"7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello"}}"#
+            )
+        );
     }
 }

@@ -6,4 +6,5 @@
 //! `DROVER_REQUIRE_NIX=1` (set by `.ci/run`).
 
 mod derivation;
+mod narinfo;
 mod nix_env;
