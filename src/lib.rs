@@ -7,9 +7,11 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of the code.
 
+pub mod config;
 pub mod content_address;
 pub mod hash;
 pub mod nar;
 pub mod nixbase32;
 pub mod realisation;
+pub mod store;
 pub mod store_path;
