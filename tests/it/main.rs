@@ -6,3 +6,4 @@
 //! `DROVER_REQUIRE_NIX=1` (set by `.ci/run`).
 
 mod nix_env;
+mod store;
