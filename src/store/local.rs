@@ -889,3 +889,215 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), StoreError> {
         Err(StoreError::UnsupportedFile(src.to_owned()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    fn store(dir: &Path) -> LocalStore {
+        let mut env = Env::new();
+        env.insert(
+            "NIX_STORE_DIR".into(),
+            dir.join("store").display().to_string(),
+        );
+        env.insert(
+            "NIX_STATE_DIR".into(),
+            dir.join("var/nix").display().to_string(),
+        );
+        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
+        env.insert("NIX_USER_CONF_FILES".into(), String::new());
+        env.insert(
+            "NIX_CONFIG".into(),
+            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
+        );
+        LocalStore::open(&Settings::load(&env, &[]).unwrap()).unwrap()
+    }
+
+    fn info(s: &LocalStore, name: &str, refs: &[&StorePath]) -> ValidPathInfo {
+        let p = s
+            .store_dir()
+            .make_store_path("output:out", &HashAlgo::Sha256.digest(name), name)
+            .unwrap();
+        let mut i = ValidPathInfo::new(p, HashAlgo::Sha256.digest(name), 8);
+        i.references = refs.iter().map(|r| (*r).clone()).collect();
+        i
+    }
+
+    #[test]
+    fn register_query_and_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("var/nix/db/schema")).unwrap(),
+            "10"
+        );
+        let a = info(&s, "a", &[]);
+        let mut b = info(&s, "b", &[&a.path]);
+        b.references.insert(b.path.clone()); // self-reference is fine
+        let c = info(&s, "c", &[&b.path]);
+        let drv = info(&s, "c.drv", &[]);
+        s.register_valid_paths_with_outputs(
+            &[c.clone(), b.clone(), a.clone(), drv.clone()],
+            &[(drv.path.clone(), "out".into(), c.path.clone())],
+        )
+        .unwrap();
+        let got = s.query_path_info(&b.path).unwrap().unwrap();
+        assert_eq!(got.references, b.references);
+        assert_eq!(got.nar_size, 8);
+        assert!(got.registration_time > 0);
+        assert_eq!(
+            s.compute_closure(std::slice::from_ref(&c.path)).unwrap(),
+            [a.path.clone(), b.path.clone(), c.path.clone()]
+                .into_iter()
+                .collect()
+        );
+        assert_eq!(
+            s.query_referrers(&a.path).unwrap(),
+            [b.path.clone()].into_iter().collect()
+        );
+        assert_eq!(
+            s.query_derivation_outputs(&drv.path).unwrap()["out"],
+            c.path
+        );
+        assert_eq!(
+            s.query_valid_derivers(&c.path).unwrap(),
+            [drv.path.clone()].into_iter().collect()
+        );
+        let missing = info(&s, "missing", &[]);
+        let valid = s
+            .query_valid_paths(&[a.path.clone(), missing.path.clone(), c.path.clone()])
+            .unwrap();
+        assert_eq!(
+            valid,
+            [a.path.clone(), c.path.clone()].into_iter().collect()
+        );
+        assert!(matches!(
+            s.compute_closure(std::slice::from_ref(&missing.path)),
+            Err(StoreError::InvalidPath(_))
+        ));
+        // a reference to an invalid path rolls the whole registration back
+        let d = info(&s, "d", &[&missing.path]);
+        let e = info(&s, "e", &[]);
+        assert!(matches!(
+            s.register_valid_paths(&[e.clone(), d]),
+            Err(StoreError::MissingReference { .. })
+        ));
+        assert!(!s.is_valid_path(&e.path).unwrap());
+    }
+
+    #[test]
+    fn cycles_and_false_ca_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut x = info(&s, "x", &[]);
+        let y = info(&s, "y", &[&x.path]);
+        x.references.insert(y.path.clone());
+        assert!(matches!(
+            s.register_valid_paths(&[x, y]),
+            Err(StoreError::Cycle { .. })
+        ));
+        let mut z = info(&s, "z", &[]);
+        z.ca = Some(ContentAddress::Text(HashAlgo::Sha256.digest(b"z")));
+        assert!(matches!(
+            s.register_valid_paths(&[z]),
+            Err(StoreError::CaMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn realisations_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = info(&s, "a", &[]);
+        let b = info(&s, "b", &[&a.path]);
+        s.register_valid_paths(&[a.clone(), b.clone()]).unwrap();
+        let ida = DrvOutput {
+            drv_hash: HashAlgo::Sha256.digest(b"drv a"),
+            output: "out".into(),
+        };
+        let idb = DrvOutput {
+            drv_hash: HashAlgo::Sha256.digest(b"drv b"),
+            output: "out".into(),
+        };
+        let ra = Realisation {
+            id: ida.clone(),
+            out_path: a.path.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        };
+        let mut rb = Realisation {
+            id: idb.clone(),
+            out_path: b.path.clone(),
+            signatures: ["k:1".to_string()].into_iter().collect(),
+            dependent_realisations: [(ida.clone(), a.path.clone())].into_iter().collect(),
+        };
+        assert!(matches!(
+            s.register_realisation(&rb),
+            Err(StoreError::BadDependentRealisation { .. })
+        ));
+        s.register_realisation(&ra).unwrap();
+        s.register_realisation(&rb).unwrap();
+        rb.signatures = ["k:2".to_string()].into_iter().collect();
+        s.register_realisation(&rb).unwrap();
+        let got = s.query_realisation(&idb).unwrap().unwrap();
+        assert_eq!(got.out_path, b.path);
+        assert_eq!(got.signatures.len(), 2);
+        assert_eq!(got.dependent_realisations, rb.dependent_realisations);
+        assert_eq!(s.query_realisation(&ida).unwrap().unwrap(), ra);
+        let conflict = Realisation {
+            out_path: b.path.clone(),
+            ..ra.clone()
+        };
+        assert!(matches!(
+            s.register_realisation(&conflict),
+            Err(StoreError::RealisationConflict { .. })
+        ));
+    }
+
+    #[test]
+    fn add_text_and_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let t = s
+            .add_text_to_store("foo", b"bar", &StorePathSet::new())
+            .unwrap();
+        assert_eq!(
+            t,
+            s.store_dir()
+                .text_path_of("foo", b"bar", &StorePathSet::new())
+                .unwrap()
+        );
+        assert_eq!(std::fs::read(s.real_path(&t)).unwrap(), b"bar");
+        let info = s.query_path_info(&t).unwrap().unwrap();
+        assert!(info.ca.unwrap().to_string().starts_with("text:sha256:"));
+        // again: no-op
+        assert_eq!(
+            s.add_text_to_store("foo", b"bar", &StorePathSet::new())
+                .unwrap(),
+            t
+        );
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), b"x").unwrap();
+        let p = s.add_path_to_store(&src, "src").unwrap();
+        let real = s.real_path(&p);
+        assert_eq!(std::fs::read(real.join("f")).unwrap(), b"x");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o7777, 0o555);
+        assert_eq!(std::fs::metadata(real.join("f")).unwrap().mtime(), 1);
+        // no temporary leftovers, lock file deleted
+        let names: Vec<String> = std::fs::read_dir(s.store_dir().as_path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.contains("drover-tmp") && !n.ends_with(".lock")),
+            "{names:?}"
+        );
+        // make the test dir removable
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
