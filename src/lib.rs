@@ -8,6 +8,7 @@
 //! See `docs/ARCHITECTURE.md` for the map of the code.
 
 pub mod build_result;
+pub mod config;
 pub mod content_address;
 pub mod derivation;
 pub mod hash;
@@ -16,4 +17,5 @@ pub mod narinfo;
 pub mod nixbase32;
 pub mod realisation;
 pub mod signature;
+pub mod store;
 pub mod store_path;

@@ -8,3 +8,4 @@
 mod derivation;
 mod narinfo;
 mod nix_env;
+mod store;

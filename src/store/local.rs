@@ -1,0 +1,1103 @@
+//! The local store (`LocalStore`): a store directory plus Nix 2.8's database.
+//!
+//! Opening creates what Nix creates: the store dir (with `.links`; when running as
+//! root and `build-users-group` exists, owned `root:<group>` mode 1775), and in the
+//! state dir `profiles/per-user/<user>`, `gcroots/per-user/<user>` (with
+//! `gcroots/profiles -> ../profiles` when `gcroots` is new), `temproots`, `db`.
+//!
+//! Registration follows `registerValidPaths`: one transaction inserts (or, for a
+//! valid path, updates) every `ValidPaths` row, then `Refs`, then checks that the
+//! references have no cycle (self-references aside). NAR hashes are stored as
+//! `sha256:<base16>`, `narSize`/`ultimate`/`sigs`/`deriver`/`ca` as NULL when
+//! zero/false/empty/absent.
+//!
+//! Adding objects ([`LocalStore::add_text_to_store`], [`LocalStore::add_path_to_store`])
+//! is atomic: temp root, `<path>.lock`, write under a temporary store-path-like name,
+//! canonicalise, rename into place, register; a crash leaves no valid path with
+//! wrong contents.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::canonicalise::canonicalise_path_meta_data;
+use super::db::StoreDb;
+use super::gc_roots::TempRoots;
+use super::locks::PathLocks;
+use super::path_info::ValidPathInfo;
+use super::StoreError;
+use crate::config::Settings;
+use crate::content_address::{ContentAddress, FileIngestionMethod};
+use crate::hash::{Encoding, Hash, HashAlgo};
+use crate::nar;
+use crate::realisation::{DrvOutput, Realisation};
+use crate::store_path::{StoreDir, StorePath, StorePathSet};
+
+/// Most parameters bound in one `in (…)` query.
+const BATCH: usize = 10_000;
+
+/// A row of `DerivationOutputs`: (derivation, output name, output path).
+pub type DerivationOutputRow = (StorePath, String, StorePath);
+
+/// The local Nix store. Methods are blocking; the value can be shared between threads.
+#[derive(Debug)]
+pub struct LocalStore {
+    store_dir: StoreDir,
+    state_dir: PathBuf,
+    db: Mutex<StoreDb>,
+    temp_roots: Mutex<Option<Arc<Mutex<TempRoots>>>>,
+}
+
+fn create_dirs(p: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(p).map_err(StoreError::io("creating directory", p))
+}
+
+fn chmod(p: &Path, mode: u32) -> Result<(), StoreError> {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(StoreError::io("changing permissions of", p))
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
+}
+
+impl LocalStore {
+    /// Opens the store that `settings` describe, creating directories and the
+    /// database as Nix does.
+    pub fn open(settings: &Settings) -> Result<LocalStore, StoreError> {
+        let store_dir = settings.store_dir().clone();
+        let real = store_dir.as_path();
+        let state_dir = settings.state_dir().to_owned();
+        create_dirs(real)?;
+        create_dirs(&real.join(".links"))?;
+        let profiles = state_dir.join("profiles");
+        create_dirs(&profiles)?;
+        create_dirs(&state_dir.join("temproots"))?;
+        let gcroots = state_dir.join("gcroots");
+        if !gcroots.exists() {
+            create_dirs(&gcroots)?;
+            let link = gcroots.join("profiles");
+            std::os::unix::fs::symlink(&profiles, &link)
+                .map_err(StoreError::io("creating symlink", &link))?;
+        }
+        for d in [profiles.join("per-user"), gcroots.join("per-user")] {
+            create_dirs(&d)?;
+            chmod(&d, 0o755)?;
+        }
+        let uid = nix::unistd::getuid();
+        if let Ok(Some(user)) = nix::unistd::User::from_uid(uid) {
+            for d in [
+                profiles.join("per-user").join(&user.name),
+                gcroots.join("per-user").join(&user.name),
+            ] {
+                create_dirs(&d)?;
+                chmod(&d, 0o755)?;
+            }
+        }
+        if uid.is_root() {
+            if let Some(group) = settings.build_users_group() {
+                Self::set_store_group(real, &group)?;
+            }
+        }
+        let db = StoreDb::open(&state_dir.join("db"), settings)?;
+        Ok(LocalStore {
+            store_dir,
+            state_dir,
+            db: Mutex::new(db),
+            temp_roots: Mutex::new(None),
+        })
+    }
+
+    fn set_store_group(real: &Path, group: &str) -> Result<(), StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(Some(gr)) = nix::unistd::Group::from_name(group) else {
+            log::warn!("the group '{group}' specified in 'build-users-group' does not exist");
+            return Ok(());
+        };
+        let st = std::fs::metadata(real).map_err(StoreError::io("getting attributes of", real))?;
+        if st.uid() != 0 || st.gid() != gr.gid.as_raw() || st.mode() & 0o7777 != 0o1775 {
+            nix::unistd::chown(real, Some(nix::unistd::Uid::from_raw(0)), Some(gr.gid))
+                .map_err(|e| StoreError::io("changing ownership of", real)(e.into()))?;
+            chmod(real, 0o1775)?;
+        }
+        Ok(())
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The file system path of a store path.
+    pub fn real_path(&self, path: &StorePath) -> PathBuf {
+        self.store_dir.to_path_buf(path)
+    }
+
+    fn db(&self) -> MutexGuard<'_, StoreDb> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn print(&self, p: &StorePath) -> String {
+        self.store_dir.print(p)
+    }
+
+    fn parse_db_path(
+        &self,
+        s: &str,
+        field: &'static str,
+        of: &str,
+    ) -> Result<StorePath, StoreError> {
+        self.store_dir.parse(s).map_err(|_| StoreError::BadDbEntry {
+            path: of.to_owned(),
+            field,
+            value: s.to_owned(),
+        })
+    }
+
+    /// Records `path` as a temporary GC root of this process.
+    pub fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
+        let roots = {
+            let mut t = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
+            match &*t {
+                Some(r) => r.clone(),
+                None => {
+                    let r = TempRoots::for_state_dir(&self.state_dir)?;
+                    *t = Some(r.clone());
+                    r
+                }
+            }
+        };
+        let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
+        roots.add(&self.store_dir, path)
+    }
+
+    /// The subset of `paths` that is valid, in one query per 10 000 paths, all in one
+    /// read transaction.
+    pub fn query_valid_paths(&self, paths: &[StorePath]) -> Result<StorePathSet, StoreError> {
+        let printed: Vec<String> = paths.iter().map(|p| self.print(p)).collect();
+        let mut db = self.db();
+        db.retry("querying valid paths", |conn| {
+            let tx = conn
+                .transaction()
+                .map_err(StoreError::sql("starting a transaction"))?;
+            let mut res = StorePathSet::new();
+            for chunk in printed.chunks(BATCH) {
+                let sql = format!(
+                    "select path from ValidPaths where path in ({})",
+                    placeholders(chunk.len())
+                );
+                let mut stmt = tx
+                    .prepare(&sql)
+                    .map_err(StoreError::sql("querying valid paths"))?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(chunk.iter()), |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .map_err(StoreError::sql("querying valid paths"))?;
+                for r in rows {
+                    let s = r.map_err(StoreError::sql("querying valid paths"))?;
+                    res.insert(self.parse_db_path(&s, "path", &s)?);
+                }
+            }
+            Ok(res)
+        })
+    }
+
+    pub fn is_valid_path(&self, path: &StorePath) -> Result<bool, StoreError> {
+        let p = self.print(path);
+        let mut db = self.db();
+        db.retry("querying path validity", |conn| {
+            conn.query_row("select 1 from ValidPaths where path = ?", [&p], |_| Ok(()))
+                .optional()
+                .map(|o| o.is_some())
+                .map_err(StoreError::sql("querying path validity"))
+        })
+    }
+
+    fn path_id(conn: &Connection, p: &str) -> Result<Option<i64>, StoreError> {
+        conn.query_row("select id from ValidPaths where path = ?", [p], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(StoreError::sql(format!("querying the id of '{p}'")))
+    }
+
+    /// The path's metadata, or `None` when it is not valid.
+    pub fn query_path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, StoreError> {
+        let p = self.print(path);
+        let mut db = self.db();
+        db.retry("querying path info", |conn| {
+            self.path_info_in(conn, path, &p)
+        })
+    }
+
+    fn path_info_in(
+        &self,
+        conn: &Connection,
+        path: &StorePath,
+        p: &str,
+    ) -> Result<Option<ValidPathInfo>, StoreError> {
+        type Row = (
+            i64,
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = conn
+            .query_row(
+                "select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?",
+                [p],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(StoreError::sql(format!("querying path info of '{p}'")))?;
+        let Some((id, hash, reg, deriver, nar_size, ultimate, sigs, ca)) = row else {
+            return Ok(None);
+        };
+        let bad = |field, value: &str| StoreError::BadDbEntry {
+            path: p.to_owned(),
+            field,
+            value: value.to_owned(),
+        };
+        let nar_hash = Hash::parse_any_prefixed(&hash).map_err(|_| bad("hash", &hash))?;
+        let mut info =
+            ValidPathInfo::new(path.clone(), nar_hash, nar_size.unwrap_or(0).max(0) as u64);
+        info.registration_time = reg;
+        info.deriver = match deriver.as_deref() {
+            Some(d) if !d.is_empty() => Some(self.parse_db_path(d, "deriver", p)?),
+            _ => None,
+        };
+        info.ultimate = ultimate == Some(1);
+        if let Some(s) = sigs {
+            info.sigs = s
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        info.ca = match ca.as_deref() {
+            Some(c) if !c.is_empty() => Some(c.parse().map_err(|_| bad("ca", c))?),
+            _ => None,
+        };
+        let mut stmt = conn
+            .prepare_cached(
+                "select path from Refs join ValidPaths on reference = id where referrer = ?",
+            )
+            .map_err(StoreError::sql("querying references"))?;
+        let rows = stmt
+            .query_map([id], |r| r.get::<_, String>(0))
+            .map_err(StoreError::sql("querying references"))?;
+        for r in rows {
+            let s = r.map_err(StoreError::sql("querying references"))?;
+            info.references
+                .insert(self.parse_db_path(&s, "reference", p)?);
+        }
+        Ok(Some(info))
+    }
+
+    /// The references of a valid path.
+    pub fn query_references(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
+        self.query_path_info(path)?
+            .map(|i| i.references)
+            .ok_or_else(|| StoreError::InvalidPath(self.print(path)))
+    }
+
+    /// The valid paths that refer to `path`.
+    pub fn query_referrers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
+        let p = self.print(path);
+        let mut db = self.db();
+        db.retry("querying referrers", |conn| {
+            let mut stmt = conn
+                .prepare_cached("select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)")
+                .map_err(StoreError::sql("querying referrers"))?;
+            let rows = stmt
+                .query_map([&p], |r| r.get::<_, String>(0))
+                .map_err(StoreError::sql("querying referrers"))?;
+            let mut res = StorePathSet::new();
+            for r in rows {
+                let s = r.map_err(StoreError::sql("querying referrers"))?;
+                res.insert(self.parse_db_path(&s, "referrer", &p)?);
+            }
+            Ok(res)
+        })
+    }
+
+    /// The closure of `paths` under references (`computeFSClosure`), one query per
+    /// level of the graph. Every path must be valid.
+    pub fn compute_closure(&self, paths: &[StorePath]) -> Result<StorePathSet, StoreError> {
+        let valid = self.query_valid_paths(paths)?;
+        if let Some(bad) = paths.iter().find(|p| !valid.contains(*p)) {
+            return Err(StoreError::InvalidPath(self.print(bad)));
+        }
+        let mut closure: StorePathSet = valid;
+        let mut frontier: Vec<String> = closure.iter().map(|p| self.print(p)).collect();
+        let mut db = self.db();
+        while !frontier.is_empty() {
+            let next = db.retry("computing a closure", |conn| {
+                let mut found = Vec::new();
+                for chunk in frontier.chunks(BATCH) {
+                    let sql = format!(
+                        "select distinct r.path from ValidPaths v join Refs on Refs.referrer = v.id \
+                         join ValidPaths r on Refs.reference = r.id where v.path in ({})",
+                        placeholders(chunk.len())
+                    );
+                    let mut stmt = conn.prepare(&sql).map_err(StoreError::sql("computing a closure"))?;
+                    let rows = stmt
+                        .query_map(rusqlite::params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))
+                        .map_err(StoreError::sql("computing a closure"))?;
+                    for r in rows {
+                        found.push(r.map_err(StoreError::sql("computing a closure"))?);
+                    }
+                }
+                Ok(found)
+            })?;
+            frontier = Vec::new();
+            for s in next {
+                let p = self.parse_db_path(&s, "reference", &s)?;
+                if closure.insert(p) {
+                    frontier.push(s);
+                }
+            }
+        }
+        Ok(closure)
+    }
+
+    /// The `DerivationOutputs` rows of a valid derivation: output name → path.
+    pub fn query_derivation_outputs(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, StorePath>, StoreError> {
+        let p = self.print(drv);
+        let mut db = self.db();
+        db.retry("querying derivation outputs", |conn| {
+            let id = Self::path_id(conn, &p)?.ok_or_else(|| StoreError::InvalidPath(p.clone()))?;
+            let mut stmt = conn
+                .prepare_cached("select id, path from DerivationOutputs where drv = ?")
+                .map_err(StoreError::sql("querying derivation outputs"))?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(StoreError::sql("querying derivation outputs"))?;
+            let mut res = BTreeMap::new();
+            for r in rows {
+                let (name, path) = r.map_err(StoreError::sql("querying derivation outputs"))?;
+                res.insert(name, self.parse_db_path(&path, "output path", &p)?);
+            }
+            Ok(res)
+        })
+    }
+
+    /// The valid derivations that have `path` as an output.
+    pub fn query_valid_derivers(&self, path: &StorePath) -> Result<StorePathSet, StoreError> {
+        let p = self.print(path);
+        let mut db = self.db();
+        db.retry("querying valid derivers", |conn| {
+            let mut stmt = conn
+                .prepare_cached("select v.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where d.path = ?")
+                .map_err(StoreError::sql("querying valid derivers"))?;
+            let rows = stmt
+                .query_map([&p], |r| r.get::<_, String>(0))
+                .map_err(StoreError::sql("querying valid derivers"))?;
+            let mut res = StorePathSet::new();
+            for r in rows {
+                let s = r.map_err(StoreError::sql("querying valid derivers"))?;
+                res.insert(self.parse_db_path(&s, "deriver", &p)?);
+            }
+            Ok(res)
+        })
+    }
+
+    fn realisation_core(
+        &self,
+        conn: &Connection,
+        id: &DrvOutput,
+    ) -> Result<Option<(i64, StorePath, BTreeSet<String>)>, StoreError> {
+        let hash = id.drv_hash.to_typed_string(Encoding::Base16);
+        let row: Option<(i64, String, Option<String>)> = conn
+            .query_row(
+                "select Realisations.id, Output.path, Realisations.signatures from Realisations \
+                 inner join ValidPaths as Output on Output.id = Realisations.outputPath \
+                 where drvPath = ? and outputName = ?",
+                params![hash, id.output],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(StoreError::sql(format!("querying realisation '{id}'")))?;
+        let Some((rid, path, sigs)) = row else {
+            return Ok(None);
+        };
+        let out = self.parse_db_path(&path, "realisation output", &id.to_string())?;
+        let sigs = sigs
+            .unwrap_or_default()
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Ok(Some((rid, out, sigs)))
+    }
+
+    /// The realisation of a CA derivation output, with its dependent realisations.
+    pub fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, StoreError> {
+        let mut db = self.db();
+        if !db.has_ca_schema() {
+            return Ok(None);
+        }
+        db.retry("querying a realisation", |conn| {
+            let Some((rid, out_path, signatures)) = self.realisation_core(conn, id)? else {
+                return Ok(None);
+            };
+            let mut deps = Vec::new();
+            {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "select drvPath, outputName from Realisations \
+                         join RealisationsRefs on realisationReference = Realisations.id where referrer = ?",
+                    )
+                    .map_err(StoreError::sql("querying realisation references"))?;
+                let rows = stmt
+                    .query_map([rid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .map_err(StoreError::sql("querying realisation references"))?;
+                for r in rows {
+                    deps.push(r.map_err(StoreError::sql("querying realisation references"))?);
+                }
+            }
+            let mut dependent_realisations = BTreeMap::new();
+            for (h, o) in deps {
+                let bad = || StoreError::BadDbEntry {
+                    path: id.to_string(),
+                    field: "realisation reference",
+                    value: format!("{h}!{o}"),
+                };
+                let drv_hash = Hash::parse_any_prefixed(&h).map_err(|_| bad())?;
+                let dep = DrvOutput { drv_hash, output: o.clone() };
+                let (_, p, _) = self.realisation_core(conn, &dep)?.ok_or_else(bad)?;
+                dependent_realisations.insert(dep, p);
+            }
+            Ok(Some(Realisation {
+                id: id.clone(),
+                out_path,
+                signatures,
+                dependent_realisations,
+            }))
+        })
+    }
+
+    /// Registers a realisation (`registerDrvOutput`): a compatible existing one gets
+    /// the union of signatures; a different output path is an error. The output path
+    /// and every dependent realisation must already be registered.
+    pub fn register_realisation(&self, r: &Realisation) -> Result<(), StoreError> {
+        let mut db = self.db();
+        if !db.has_ca_schema() {
+            return Err(StoreError::NoCaSchema);
+        }
+        let hash = r.id.drv_hash.to_typed_string(Encoding::Base16);
+        let out = self.print(&r.out_path);
+        db.retry("registering a realisation", |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(StoreError::sql("starting a transaction"))?;
+            if Self::path_id(&tx, &out)?.is_none() {
+                return Err(StoreError::InvalidPath(out.clone()));
+            }
+            match self.realisation_core(&tx, &r.id)? {
+                Some((_, old, old_sigs)) => {
+                    if old != r.out_path {
+                        return Err(StoreError::RealisationConflict {
+                            id: r.id.to_string(),
+                            local: self.print(&old),
+                            new: out.clone(),
+                        });
+                    }
+                    let sigs: BTreeSet<&String> = old_sigs.iter().chain(r.signatures.iter()).collect();
+                    let sigs: Vec<&str> = sigs.into_iter().map(String::as_str).collect();
+                    tx.execute(
+                        "update Realisations set signatures = ? where drvPath = ? and outputName = ?",
+                        params![sigs.join(" "), hash, r.id.output],
+                    )
+                    .map_err(StoreError::sql("updating a realisation"))?;
+                }
+                None => {
+                    let sigs: Vec<&str> = r.signatures.iter().map(String::as_str).collect();
+                    tx.execute(
+                        "insert into Realisations (drvPath, outputName, outputPath, signatures) \
+                         values (?, ?, (select id from ValidPaths where path = ?), ?)",
+                        params![hash, r.id.output, out, sigs.join(" ")],
+                    )
+                    .map_err(StoreError::sql("registering a realisation"))?;
+                }
+            }
+            for (dep, dep_path) in &r.dependent_realisations {
+                let ok = self
+                    .realisation_core(&tx, dep)?
+                    .is_some_and(|(_, p, _)| &p == dep_path);
+                if !ok {
+                    return Err(StoreError::BadDependentRealisation {
+                        id: r.id.to_string(),
+                        dependency: dep.to_string(),
+                    });
+                }
+                tx.execute(
+                    "insert or replace into RealisationsRefs (referrer, realisationReference) values (\
+                     (select id from Realisations where drvPath = ? and outputName = ?), \
+                     (select id from Realisations where drvPath = ? and outputName = ?))",
+                    params![
+                        hash,
+                        r.id.output,
+                        dep.drv_hash.to_typed_string(Encoding::Base16),
+                        dep.output
+                    ],
+                )
+                .map_err(StoreError::sql("registering a realisation reference"))?;
+            }
+            tx.commit().map_err(StoreError::sql("committing a realisation"))
+        })
+    }
+
+    /// Checks that a claimed content address gives the path (`isContentAddressed`).
+    fn check_ca(&self, info: &ValidPathInfo) -> Result<(), StoreError> {
+        let Some(ca) = &info.ca else { return Ok(()) };
+        let self_ref = info.references.contains(&info.path);
+        let mut refs = info.references.clone();
+        refs.remove(&info.path);
+        let ok = match ca {
+            ContentAddress::Text(_) if self_ref => false,
+            _ => self
+                .store_dir
+                .make_path_from_ca(info.path.name(), ca, &refs, self_ref)
+                .is_ok_and(|p| p == info.path),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::CaMismatch(self.print(&info.path)))
+        }
+    }
+
+    /// Registers `infos` as valid in one transaction (`registerValidPaths`); their
+    /// references must be among `infos` or already valid, without cycles.
+    pub fn register_valid_paths(&self, infos: &[ValidPathInfo]) -> Result<(), StoreError> {
+        self.register_valid_paths_with_outputs(infos, &[])
+    }
+
+    /// [`LocalStore::register_valid_paths`], also recording `DerivationOutputs` rows
+    /// (derivation, output name, output path) for derivations that are valid or
+    /// registered here, in the same transaction.
+    pub fn register_valid_paths_with_outputs(
+        &self,
+        infos: &[ValidPathInfo],
+        drv_outputs: &[DerivationOutputRow],
+    ) -> Result<(), StoreError> {
+        for i in infos {
+            if i.nar_hash.algo() != HashAlgo::Sha256 {
+                return Err(StoreError::NarHashNotSha256(self.print(&i.path)));
+            }
+            self.check_ca(i)?;
+        }
+        self.check_acyclic(infos)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut db = self.db();
+        db.retry("registering valid paths", |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(StoreError::sql("starting a transaction"))?;
+            for i in infos {
+                let p = self.print(&i.path);
+                let hash = i.nar_hash.to_typed_string(Encoding::Base16);
+                let size = (i.nar_size != 0).then_some(i.nar_size as i64);
+                let ultimate = i.ultimate.then_some(1i64);
+                let sigs = (!i.sigs.is_empty())
+                    .then(|| i.sigs.iter().map(String::as_str).collect::<Vec<_>>().join(" "));
+                let ca = i.ca.as_ref().map(ToString::to_string);
+                if Self::path_id(&tx, &p)?.is_some() {
+                    tx.execute(
+                        "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
+                        params![size, hash, ultimate, sigs, ca, p],
+                    )
+                    .map_err(StoreError::sql(format!("updating path info of '{p}'")))?;
+                } else {
+                    let reg = if i.registration_time == 0 { now } else { i.registration_time };
+                    let deriver = i.deriver.as_ref().map(|d| self.print(d));
+                    tx.execute(
+                        "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                        params![p, hash, reg, deriver, size, ultimate, sigs, ca],
+                    )
+                    .map_err(StoreError::sql(format!("registering '{p}'")))?;
+                }
+            }
+            for i in infos {
+                let p = self.print(&i.path);
+                let referrer = Self::path_id(&tx, &p)?.ok_or_else(|| StoreError::InvalidPath(p.clone()))?;
+                for r in &i.references {
+                    let rp = self.print(r);
+                    let reference = Self::path_id(&tx, &rp)?.ok_or_else(|| StoreError::MissingReference {
+                        path: p.clone(),
+                        reference: rp.clone(),
+                    })?;
+                    tx.execute(
+                        "insert or replace into Refs (referrer, reference) values (?, ?)",
+                        params![referrer, reference],
+                    )
+                    .map_err(StoreError::sql(format!("adding references of '{p}'")))?;
+                }
+            }
+            for (drv, name, out) in drv_outputs {
+                let dp = self.print(drv);
+                let id = Self::path_id(&tx, &dp)?.ok_or_else(|| StoreError::DrvNotValid {
+                    drv: dp.clone(),
+                    output: name.clone(),
+                })?;
+                tx.execute(
+                    "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
+                    params![id, name, self.print(out)],
+                )
+                .map_err(StoreError::sql(format!("registering outputs of '{dp}'")))?;
+            }
+            tx.commit().map_err(StoreError::sql("committing registration"))
+        })
+    }
+
+    /// Fails on a reference cycle among `infos` (self-references are allowed).
+    fn check_acyclic(&self, infos: &[ValidPathInfo]) -> Result<(), StoreError> {
+        let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+            infos.iter().map(|i| (&i.path, i)).collect();
+        // 0 = unvisited, 1 = on stack, 2 = done
+        let mut state: BTreeMap<&StorePath, u8> = BTreeMap::new();
+        for start in by_path.keys() {
+            if state.get(start).copied().unwrap_or(0) != 0 {
+                continue;
+            }
+            let mut stack: Vec<(&StorePath, Vec<&StorePath>)> = vec![(start, Vec::new())];
+            state.insert(start, 1);
+            if let Some(i) = by_path.get(start) {
+                stack[0].1 = i
+                    .references
+                    .iter()
+                    .filter(|r| *r != *start && by_path.contains_key(r))
+                    .collect();
+            }
+            while let Some((node, children)) = stack.last_mut() {
+                let node = *node;
+                match children.pop() {
+                    Some(c) => match state.get(c).copied().unwrap_or(0) {
+                        0 => {
+                            state.insert(c, 1);
+                            let kids = by_path
+                                .get(c)
+                                .map(|i| {
+                                    i.references
+                                        .iter()
+                                        .filter(|r| *r != c && by_path.contains_key(r))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            stack.push((c, kids));
+                        }
+                        1 => {
+                            return Err(StoreError::Cycle {
+                                path: self.print(c),
+                                parent: self.print(node),
+                            })
+                        }
+                        _ => {}
+                    },
+                    None => {
+                        state.insert(node, 2);
+                        stack.pop();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A store-path-like temporary name next to `path`, for writing before the
+    /// rename into place (and a temp root, so Nix's collector leaves it alone).
+    fn temp_path_for(&self, path: &StorePath) -> Result<StorePath, StoreError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let seed = format!(
+            "{}-{}-{}-{:?}",
+            path,
+            std::process::id(),
+            n,
+            std::time::SystemTime::now()
+        );
+        let digest = HashAlgo::Sha256.digest(seed.as_bytes());
+        let folded: [u8; 20] = crate::hash::compress(digest.digest(), 20)
+            .try_into()
+            .map_err(|_| StoreError::InvalidPath(seed.clone()))?;
+        Ok(StorePath::from_digest(&folded, "drover-tmp")?)
+    }
+
+    /// Writes a store object atomically: `write` fills a temporary path, which is
+    /// canonicalised, renamed to `info.path` and registered. Does nothing when the
+    /// path is already valid.
+    pub fn add_object(
+        &self,
+        info: &ValidPathInfo,
+        write: impl FnOnce(&Path) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.add_temp_root(&info.path)?;
+        if self.is_valid_path(&info.path)? {
+            return Ok(());
+        }
+        let real = self.real_path(&info.path);
+        let mut locks = PathLocks::lock(&BTreeSet::from([real.clone()]))?;
+        if self.is_valid_path(&info.path)? {
+            return Ok(());
+        }
+        remove_tree(&real)?;
+        let tmp = self.temp_path_for(&info.path)?;
+        self.add_temp_root(&tmp)?;
+        let tmp_real = self.real_path(&tmp);
+        let r = (|| {
+            write(&tmp_real)?;
+            canonicalise_path_meta_data(&tmp_real, None)?;
+            std::fs::rename(&tmp_real, &real).map_err(StoreError::io("renaming into place", &real))
+        })();
+        if let Err(e) = r {
+            let _ = remove_tree(&tmp_real);
+            return Err(e);
+        }
+        self.register_valid_paths(std::slice::from_ref(info))?;
+        locks.set_deletion(true);
+        Ok(())
+    }
+
+    /// Adds a text file (`builtins.toFile`, `.drv` files): ca `text:sha256:…`.
+    pub fn add_text_to_store(
+        &self,
+        name: &str,
+        contents: &[u8],
+        references: &StorePathSet,
+    ) -> Result<StorePath, StoreError> {
+        let path = self.store_dir.text_path_of(name, contents, references)?;
+        let mut sink = crate::hash::HashSink::new(HashAlgo::Sha256);
+        nar::dump_bytes(contents, &mut sink)
+            .map_err(StoreError::io("hashing", self.real_path(&path)))?;
+        let (nar_hash, nar_size) = sink.finish();
+        let mut info = ValidPathInfo::new(path.clone(), nar_hash, nar_size);
+        info.references = references.clone();
+        info.ca = Some(ContentAddress::Text(HashAlgo::Sha256.digest(contents)));
+        self.add_object(&info, |tmp| {
+            std::fs::write(tmp, contents).map_err(StoreError::io("writing", tmp))
+        })?;
+        Ok(path)
+    }
+
+    /// Adds a file or tree recursively (`nix-store --add`): ca `fixed:r:sha256:…`.
+    pub fn add_path_to_store(&self, src: &Path, name: &str) -> Result<StorePath, StoreError> {
+        let (nar_hash, nar_size) = nar::nar_hash_of_path(src)?;
+        let path = self.store_dir.make_fixed_output_path(
+            FileIngestionMethod::Recursive,
+            &nar_hash,
+            name,
+            &StorePathSet::new(),
+            false,
+        )?;
+        let mut info = ValidPathInfo::new(path.clone(), nar_hash.clone(), nar_size);
+        info.ca = Some(ContentAddress::Fixed(
+            FileIngestionMethod::Recursive,
+            nar_hash.clone(),
+        ));
+        self.add_object(&info, |tmp| {
+            copy_tree(src, tmp)?;
+            let (h, _) = nar::nar_hash_of_path(tmp)?;
+            if h != nar_hash {
+                return Err(StoreError::Io {
+                    context: "source changed while being added",
+                    path: src.to_owned(),
+                    source: std::io::ErrorKind::InvalidData.into(),
+                });
+            }
+            Ok(())
+        })?;
+        Ok(path)
+    }
+}
+
+/// Deletes a tree, making directories writable first; a missing path is fine.
+fn remove_tree(p: &Path) -> Result<(), StoreError> {
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io("getting attributes of", p)(e)),
+    };
+    if meta.is_dir() {
+        chmod(p, 0o755)?;
+        for e in std::fs::read_dir(p).map_err(StoreError::io("reading directory", p))? {
+            let e = e.map_err(StoreError::io("reading directory", p))?;
+            remove_tree(&e.path())?;
+        }
+        std::fs::remove_dir(p).map_err(StoreError::io("removing", p))
+    } else {
+        std::fs::remove_file(p).map_err(StoreError::io("removing", p))
+    }
+}
+
+/// Copies a tree: regular files (keeping the owner-executable bit), directories and
+/// symlinks (not followed).
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), StoreError> {
+    let meta =
+        std::fs::symlink_metadata(src).map_err(StoreError::io("getting attributes of", src))?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = std::fs::read_link(src).map_err(StoreError::io("reading symlink", src))?;
+        std::os::unix::fs::symlink(target, dst).map_err(StoreError::io("creating symlink", dst))
+    } else if ft.is_file() {
+        std::fs::copy(src, dst).map_err(StoreError::io("copying", src))?;
+        let mode = if meta.permissions().mode() & 0o100 != 0 {
+            0o755
+        } else {
+            0o644
+        };
+        chmod(dst, mode)
+    } else if ft.is_dir() {
+        std::fs::create_dir(dst).map_err(StoreError::io("creating directory", dst))?;
+        for e in std::fs::read_dir(src).map_err(StoreError::io("reading directory", src))? {
+            let e = e.map_err(StoreError::io("reading directory", src))?;
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+        Ok(())
+    } else {
+        Err(StoreError::UnsupportedFile(src.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    fn store(dir: &Path) -> LocalStore {
+        let mut env = Env::new();
+        env.insert(
+            "NIX_STORE_DIR".into(),
+            dir.join("store").display().to_string(),
+        );
+        env.insert(
+            "NIX_STATE_DIR".into(),
+            dir.join("var/nix").display().to_string(),
+        );
+        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
+        env.insert("NIX_USER_CONF_FILES".into(), String::new());
+        env.insert(
+            "NIX_CONFIG".into(),
+            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
+        );
+        LocalStore::open(&Settings::load(&env, &[]).unwrap()).unwrap()
+    }
+
+    fn info(s: &LocalStore, name: &str, refs: &[&StorePath]) -> ValidPathInfo {
+        let p = s
+            .store_dir()
+            .make_store_path("output:out", &HashAlgo::Sha256.digest(name), name)
+            .unwrap();
+        let mut i = ValidPathInfo::new(p, HashAlgo::Sha256.digest(name), 8);
+        i.references = refs.iter().map(|r| (*r).clone()).collect();
+        i
+    }
+
+    #[test]
+    fn register_query_and_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("var/nix/db/schema")).unwrap(),
+            "10"
+        );
+        let a = info(&s, "a", &[]);
+        let mut b = info(&s, "b", &[&a.path]);
+        b.references.insert(b.path.clone()); // self-reference is fine
+        let c = info(&s, "c", &[&b.path]);
+        let drv = info(&s, "c.drv", &[]);
+        s.register_valid_paths_with_outputs(
+            &[c.clone(), b.clone(), a.clone(), drv.clone()],
+            &[(drv.path.clone(), "out".into(), c.path.clone())],
+        )
+        .unwrap();
+        let got = s.query_path_info(&b.path).unwrap().unwrap();
+        assert_eq!(got.references, b.references);
+        assert_eq!(got.nar_size, 8);
+        assert!(got.registration_time > 0);
+        assert_eq!(
+            s.compute_closure(std::slice::from_ref(&c.path)).unwrap(),
+            [a.path.clone(), b.path.clone(), c.path.clone()]
+                .into_iter()
+                .collect()
+        );
+        assert_eq!(
+            s.query_referrers(&a.path).unwrap(),
+            [b.path.clone()].into_iter().collect()
+        );
+        assert_eq!(
+            s.query_derivation_outputs(&drv.path).unwrap()["out"],
+            c.path
+        );
+        assert_eq!(
+            s.query_valid_derivers(&c.path).unwrap(),
+            [drv.path.clone()].into_iter().collect()
+        );
+        let missing = info(&s, "missing", &[]);
+        let valid = s
+            .query_valid_paths(&[a.path.clone(), missing.path.clone(), c.path.clone()])
+            .unwrap();
+        assert_eq!(
+            valid,
+            [a.path.clone(), c.path.clone()].into_iter().collect()
+        );
+        assert!(matches!(
+            s.compute_closure(std::slice::from_ref(&missing.path)),
+            Err(StoreError::InvalidPath(_))
+        ));
+        // a reference to an invalid path rolls the whole registration back
+        let d = info(&s, "d", &[&missing.path]);
+        let e = info(&s, "e", &[]);
+        assert!(matches!(
+            s.register_valid_paths(&[e.clone(), d]),
+            Err(StoreError::MissingReference { .. })
+        ));
+        assert!(!s.is_valid_path(&e.path).unwrap());
+    }
+
+    #[test]
+    fn cycles_and_false_ca_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut x = info(&s, "x", &[]);
+        let y = info(&s, "y", &[&x.path]);
+        x.references.insert(y.path.clone());
+        assert!(matches!(
+            s.register_valid_paths(&[x, y]),
+            Err(StoreError::Cycle { .. })
+        ));
+        let mut z = info(&s, "z", &[]);
+        z.ca = Some(ContentAddress::Text(HashAlgo::Sha256.digest(b"z")));
+        assert!(matches!(
+            s.register_valid_paths(&[z]),
+            Err(StoreError::CaMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn realisations_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = info(&s, "a", &[]);
+        let b = info(&s, "b", &[&a.path]);
+        s.register_valid_paths(&[a.clone(), b.clone()]).unwrap();
+        let ida = DrvOutput {
+            drv_hash: HashAlgo::Sha256.digest(b"drv a"),
+            output: "out".into(),
+        };
+        let idb = DrvOutput {
+            drv_hash: HashAlgo::Sha256.digest(b"drv b"),
+            output: "out".into(),
+        };
+        let ra = Realisation {
+            id: ida.clone(),
+            out_path: a.path.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        };
+        let mut rb = Realisation {
+            id: idb.clone(),
+            out_path: b.path.clone(),
+            signatures: ["k:1".to_string()].into_iter().collect(),
+            dependent_realisations: [(ida.clone(), a.path.clone())].into_iter().collect(),
+        };
+        assert!(matches!(
+            s.register_realisation(&rb),
+            Err(StoreError::BadDependentRealisation { .. })
+        ));
+        s.register_realisation(&ra).unwrap();
+        s.register_realisation(&rb).unwrap();
+        rb.signatures = ["k:2".to_string()].into_iter().collect();
+        s.register_realisation(&rb).unwrap();
+        let got = s.query_realisation(&idb).unwrap().unwrap();
+        assert_eq!(got.out_path, b.path);
+        assert_eq!(got.signatures.len(), 2);
+        assert_eq!(got.dependent_realisations, rb.dependent_realisations);
+        assert_eq!(s.query_realisation(&ida).unwrap().unwrap(), ra);
+        let conflict = Realisation {
+            out_path: b.path.clone(),
+            ..ra.clone()
+        };
+        assert!(matches!(
+            s.register_realisation(&conflict),
+            Err(StoreError::RealisationConflict { .. })
+        ));
+    }
+
+    #[test]
+    fn add_text_and_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let t = s
+            .add_text_to_store("foo", b"bar", &StorePathSet::new())
+            .unwrap();
+        assert_eq!(
+            t,
+            s.store_dir()
+                .text_path_of("foo", b"bar", &StorePathSet::new())
+                .unwrap()
+        );
+        assert_eq!(std::fs::read(s.real_path(&t)).unwrap(), b"bar");
+        let info = s.query_path_info(&t).unwrap().unwrap();
+        assert!(info.ca.unwrap().to_string().starts_with("text:sha256:"));
+        // again: no-op
+        assert_eq!(
+            s.add_text_to_store("foo", b"bar", &StorePathSet::new())
+                .unwrap(),
+            t
+        );
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), b"x").unwrap();
+        let p = s.add_path_to_store(&src, "src").unwrap();
+        let real = s.real_path(&p);
+        assert_eq!(std::fs::read(real.join("f")).unwrap(), b"x");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o7777, 0o555);
+        assert_eq!(std::fs::metadata(real.join("f")).unwrap().mtime(), 1);
+        // no temporary leftovers, lock file deleted
+        let names: Vec<String> = std::fs::read_dir(s.store_dir().as_path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.contains("drover-tmp") && !n.ends_with(".lock")),
+            "{names:?}"
+        );
+        // make the test dir removable
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
