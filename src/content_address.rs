@@ -51,7 +51,10 @@ impl ContentAddressMethod {
     /// Splits a derivation `hashAlgo` field (`r:sha256`) into method and algorithm.
     pub fn parse_with_algo(s: &str) -> Result<(ContentAddressMethod, HashAlgo), CaError> {
         let (method, algo) = if let Some(a) = s.strip_prefix("r:") {
-            (ContentAddressMethod::Fixed(FileIngestionMethod::Recursive), a)
+            (
+                ContentAddressMethod::Fixed(FileIngestionMethod::Recursive),
+                a,
+            )
         } else if let Some(a) = s.strip_prefix("text:") {
             (ContentAddressMethod::Text, a)
         } else {

@@ -12,4 +12,5 @@ pub mod hash;
 pub mod nar;
 pub mod nixbase32;
 pub mod realisation;
+pub mod references;
 pub mod store_path;

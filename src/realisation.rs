@@ -140,8 +140,14 @@ mod tests {
         let o: DrvOutput = ID.parse().unwrap();
         assert_eq!(o.output, "out");
         assert_eq!(o.to_string(), ID);
-        assert!(matches!("nohash".parse::<DrvOutput>(), Err(RealisationError::BadId(_))));
-        assert!(matches!("sha256:00!out".parse::<DrvOutput>(), Err(RealisationError::BadHash(..))));
+        assert!(matches!(
+            "nohash".parse::<DrvOutput>(),
+            Err(RealisationError::BadId(_))
+        ));
+        assert!(matches!(
+            "sha256:00!out".parse::<DrvOutput>(),
+            Err(RealisationError::BadHash(..))
+        ));
     }
 
     #[test]

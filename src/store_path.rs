@@ -33,7 +33,9 @@ pub type StorePathSet = BTreeSet<StorePath>;
 pub enum StorePathError {
     #[error("path '{0}' is not in the Nix store")]
     NotInStore(String),
-    #[error("path '{0}' is not a store path (it is a path inside one, or not below the store dir)")]
+    #[error(
+        "path '{0}' is not a store path (it is a path inside one, or not below the store dir)"
+    )]
     NotAStorePath(String),
     #[error("store path '{0}' has a hash part that is not 32 nix base-32 characters")]
     BadHashPart(String),
@@ -379,9 +381,18 @@ mod tests {
             d.parse("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-a b"),
             Err(StorePathError::IllegalChar { ch: ' ', .. })
         ));
-        let long = format!("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-{}", "a".repeat(212));
-        assert!(matches!(d.parse(&long), Err(StorePathError::NameTooLong(_))));
-        let max = format!("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-{}", "a".repeat(211));
+        let long = format!(
+            "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-{}",
+            "a".repeat(212)
+        );
+        assert!(matches!(
+            d.parse(&long),
+            Err(StorePathError::NameTooLong(_))
+        ));
+        let max = format!(
+            "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-{}",
+            "a".repeat(211)
+        );
         assert!(d.parse(&max).is_ok());
     }
 
@@ -396,7 +407,9 @@ mod tests {
     #[test]
     fn text_path_of_builtins_to_file() {
         // `nix-instantiate --eval -E 'builtins.toFile "foo" "bar"'` with Nix 2.8
-        let p = sd().text_path_of("foo", b"bar", &StorePathSet::new()).unwrap();
+        let p = sd()
+            .text_path_of("foo", b"bar", &StorePathSet::new())
+            .unwrap();
         assert_eq!(
             sd().print(&p),
             "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo"

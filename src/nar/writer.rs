@@ -120,7 +120,13 @@ fn copy_exact(r: &mut impl Read, w: &mut impl Write, len: u64) -> io::Result<u64
 
 /// Writes the NAR of a regular, non-executable file with `contents`.
 pub fn dump_bytes(contents: &[u8], w: &mut impl Write) -> io::Result<()> {
-    for t in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"contents"] {
+    for t in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+    ] {
         write_str(w, t)?;
     }
     write_str(w, contents)?;
