@@ -407,3 +407,203 @@ impl Write for HashModuloSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::fs;
+
+    const H1: &str = "00bgd045z0d4icpbc2yyz4gx48ak44la";
+    const H2: &str = "vxjiwkjkn7x4079qvh1jkl5pn05j2aw0";
+    const H3: &str = "0mdqa9w1p6cmli6976v4wi0sw9r4p5pr";
+
+    fn sp(h: &str, name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("{h}-{name}")).unwrap()
+    }
+
+    fn candidates() -> StorePathSet {
+        [sp(H1, "a"), sp(H2, "b"), sp(H3, "c")]
+            .into_iter()
+            .collect()
+    }
+
+    /// Every 32-byte window compared with every candidate.
+    fn naive_scan(data: &[u8], cands: &StorePathSet) -> StorePathSet {
+        cands
+            .iter()
+            .filter(|p| data.windows(REF_LEN).any(|w| w == p.hash_part().as_bytes()))
+            .cloned()
+            .collect()
+    }
+
+    fn scan_chunks(data: &[u8], cuts: &[usize], cands: &StorePathSet) -> StorePathSet {
+        let mut s = RefScanSink::new(cands);
+        let mut last = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort();
+        for c in cuts {
+            s.write_all(&data[last..c.max(last)]).unwrap();
+            last = c.max(last);
+        }
+        s.write_all(&data[last..]).unwrap();
+        s.into_references()
+    }
+
+    #[test]
+    fn finds_references_in_any_context() {
+        let data = format!("xx/nix/store/{H1}-a/bin\0 and {H2}-b but not {}", &H3[1..]);
+        let found = scan_chunks(data.as_bytes(), &[], &candidates());
+        assert_eq!(found, [sp(H1, "a"), sp(H2, "b")].into_iter().collect());
+        // Inside a longer base-32 run, too (Nix does not require word boundaries).
+        let data = format!("abc{H3}xyz");
+        assert_eq!(
+            scan_chunks(data.as_bytes(), &[], &candidates()),
+            [sp(H3, "c")].into_iter().collect()
+        );
+    }
+
+    #[test]
+    fn byte_by_byte_feeding() {
+        let data = format!("..{H1}{H2}.{H3}");
+        let cuts: Vec<usize> = (0..data.len()).collect();
+        assert_eq!(
+            scan_chunks(data.as_bytes(), &cuts, &candidates()),
+            candidates()
+        );
+    }
+
+    #[test]
+    fn scan_path_gives_refs_hash_and_size() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("t")).unwrap();
+        fs::write(d.path().join("t/f"), format!("ref {H2}")).unwrap();
+        std::os::unix::fs::symlink(format!("/nix/store/{H1}-a"), d.path().join("t/l")).unwrap();
+        let r = scan_path(&d.path().join("t"), &candidates()).unwrap();
+        assert_eq!(
+            r.references,
+            [sp(H1, "a"), sp(H2, "b")].into_iter().collect()
+        );
+        let (h, n) = crate::nar::nar_hash_of_path(&d.path().join("t")).unwrap();
+        assert_eq!((r.nar_hash, r.nar_size), (h, n));
+        let mut tee = Vec::new();
+        scan_path_tee(&d.path().join("t"), &candidates(), &mut tee).unwrap();
+        assert_eq!(tee.len() as u64, n);
+    }
+
+    fn rewrite_chunks(data: &[u8], cuts: &[usize], rw: &[(&str, &str)]) -> (Vec<u8>, Vec<u64>) {
+        let mut w = HashRewriter::new(Vec::new(), rw.iter().copied()).unwrap();
+        let mut last = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort();
+        for c in cuts {
+            w.write_all(&data[last..c.max(last)]).unwrap();
+            last = c.max(last);
+        }
+        w.write_all(&data[last..]).unwrap();
+        assert_eq!(w.position(), data.len() as u64);
+        w.finish().unwrap()
+    }
+
+    /// Left-to-right, non-overlapping replacement on the whole input.
+    fn naive_rewrite(data: &[u8], rw: &[(&str, &str)]) -> (Vec<u8>, Vec<u64>) {
+        let mut out = data.to_vec();
+        let mut matches = Vec::new();
+        let mut i = 0;
+        while i + REF_LEN <= out.len() {
+            if let Some((_, to)) = rw
+                .iter()
+                .find(|(f, _)| &out[i..i + REF_LEN] == f.as_bytes())
+            {
+                out[i..i + REF_LEN].copy_from_slice(to.as_bytes());
+                matches.push(i as u64);
+                i += REF_LEN;
+            } else {
+                i += 1;
+            }
+        }
+        (out, matches)
+    }
+
+    #[test]
+    fn rewrites_across_chunks() {
+        let data = format!("a{H1}/{H1}{H2}-x");
+        let rw = [(H1, H3), (H2, H1)];
+        let want = format!("a{H3}/{H3}{H1}-x");
+        for cuts in [
+            vec![],
+            vec![5],
+            vec![1, 20, 33, 34, 60],
+            (0..data.len()).collect(),
+        ] {
+            let (out, m) = rewrite_chunks(data.as_bytes(), &cuts, &rw);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{cuts:?}");
+            assert_eq!(m, vec![1, 34, 66]);
+        }
+    }
+
+    #[test]
+    fn rewriter_refuses_bad_hash_parts() {
+        assert!(matches!(
+            HashRewriter::new(Vec::new(), [("short", H1)]),
+            Err(ReferencesError::BadHashPart(_))
+        ));
+        assert!(matches!(
+            HashRewriter::new(Vec::new(), [("e".repeat(32), H1.to_owned())]),
+            Err(ReferencesError::BadHashPart(_))
+        ));
+        assert!(matches!(
+            HashRewriter::new(Vec::new(), [(H1, "x")]),
+            Err(ReferencesError::BadReplacement(_))
+        ));
+    }
+
+    #[test]
+    fn hash_modulo_zeroes_and_appends_positions() {
+        let data = format!("xx{H1}yy{H1}");
+        let mut s = HashModuloSink::new(HashAlgo::Sha256, H1).unwrap();
+        s.write_all(data.as_bytes()).unwrap();
+        let (h, n) = s.finish();
+        let mut expected = b"xx".to_vec();
+        expected.extend([0u8; 32]);
+        expected.extend(b"yy");
+        expected.extend([0u8; 32]);
+        expected.extend(b"|2|36");
+        assert_eq!(h, HashAlgo::Sha256.digest(&expected));
+        assert_eq!(n, data.len() as u64);
+        // The same stream with another modulus occurrence hashes the same.
+        let mut t = HashModuloSink::new(HashAlgo::Sha256, H2).unwrap();
+        t.write_all(format!("xx{H2}yy{H2}").as_bytes()).unwrap();
+        assert_eq!(t.finish().0, h);
+    }
+
+    /// Bytes biased towards base-32 runs and candidate hash parts.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(H1.as_bytes().to_vec()),
+            Just(H2.as_bytes().to_vec()),
+            Just(H3.as_bytes()[..20].to_vec()),
+            Just(H3.as_bytes()[12..].to_vec()),
+            proptest::collection::vec(
+                proptest::sample::select(&b"0123456789abcdfgz-/\0e"[..]),
+                0..40
+            ),
+            proptest::collection::vec(any::<u8>(), 0..10),
+        ];
+        proptest::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_scan_equals_naive(data in stream(), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let c = candidates();
+            prop_assert_eq!(scan_chunks(&data, &cuts, &c), naive_scan(&data, &c));
+        }
+
+        #[test]
+        fn chunked_rewrite_equals_naive(data in stream(), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let rw = [(H1, H2), (H2, H3), (H3, H1)];
+            prop_assert_eq!(rewrite_chunks(&data, &cuts, &rw), naive_rewrite(&data, &rw));
+        }
+    }
+}
