@@ -25,8 +25,10 @@
 //! * a missing `nix-archive-1` magic, unknown or misplaced tokens, non-zero padding,
 //!   truncated input;
 //! * entry names that are empty, `.`, `..`, or contain `/` or NUL, names longer than
-//!   [`MAX_NAME_LEN`], and entries not in strictly increasing byte order (which also
-//!   excludes duplicates), as Nix requires;
+//!   [`MAX_NAME_LEN`], duplicate entries and entries not in strictly increasing byte
+//!   order, as Nix means to require (Nix 2.8's sort check is broken: it compares each
+//!   name with an always-empty previous one, so `nix-store --restore` accepts unsorted
+//!   entries, and refuses duplicates only when creating the second one fails);
 //! * symlink targets that are empty, contain NUL or are longer than [`MAX_TARGET_LEN`];
 //! * nesting deeper than [`MAX_DEPTH`];
 //! * with [`parse`], any data after the root node ([`parse_embedded`] instead stops
@@ -154,6 +156,12 @@ pub enum NarReadError {
         path: String,
         name: String,
     },
+    #[error("NAR directory '{path}' has a duplicate entry {name:?} at byte {offset}")]
+    DuplicateEntry {
+        offset: u64,
+        path: String,
+        name: String,
+    },
     #[error("NAR directory '{path}' is not sorted: entry {name:?} at byte {offset} does not come after {previous:?}")]
     NotSorted {
         offset: u64,
@@ -195,6 +203,7 @@ impl NarReadError {
             | NarReadError::TooLong { offset, .. }
             | NarReadError::InvalidName { offset, .. }
             | NarReadError::NotSorted { offset, .. }
+            | NarReadError::DuplicateEntry { offset, .. }
             | NarReadError::InvalidTarget { offset, .. }
             | NarReadError::TooDeep { offset, .. }
             | NarReadError::TrailingData { offset }
@@ -549,7 +558,14 @@ impl<'s, R: Read> Parser<'s, R> {
                 });
             }
             if let Some(prev) = dirs.last().and_then(|d| d.previous.as_ref()) {
-                if name.as_slice() <= prev.as_slice() {
+                if name == *prev {
+                    return Err(NarReadError::DuplicateEntry {
+                        offset,
+                        path: show(&self.path),
+                        name: lossy(&name),
+                    });
+                }
+                if name.as_slice() < prev.as_slice() {
                     return Err(NarReadError::NotSorted {
                         offset,
                         path: show(&self.path),
@@ -966,10 +982,15 @@ mod tests {
     #[test]
     fn unsorted_and_duplicate_entries() {
         validate(&dir_with(&[b"B", b"a", b"b", b"ba"])[..]).unwrap();
-        for names in [&[&b"b"[..], b"a"][..], &[b"a", b"a"], &[b"a", b"b", b"ab"]] {
+        for names in [&[&b"b"[..], b"a"][..], &[b"a", b"b", b"ab"]] {
             let e = validate(&dir_with(names)[..]).unwrap_err();
             assert!(matches!(e, NarReadError::NotSorted { .. }), "{e}");
         }
+        let e = validate(&dir_with(&[b"a", b"b", b"b"])[..]).unwrap_err();
+        assert!(
+            matches!(&e, NarReadError::DuplicateEntry { name, offset: 496, .. } if name == "b"),
+            "{e}"
+        );
         // Sorting is by unsigned bytes.
         validate(&dir_with(&[b"z", b"\xc3\xa9"])[..]).unwrap();
     }

@@ -5,4 +5,5 @@
 //! are skipped with a printed reason otherwise, and fail instead when
 //! `DROVER_REQUIRE_NIX=1` (set by `.ci/run`).
 
+mod nar;
 mod nix_env;
