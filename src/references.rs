@@ -15,7 +15,8 @@
 //!   giving references, NAR hash and NAR size in one pass.
 //! * [`HashRewriter`] is an [`io::Write`] adapter that replaces hash parts by others of
 //!   the same length (Nix's `RewritingSink`, generalised to several rewrites at once)
-//!   and records where it replaced; [`HashModuloSink`] uses it to hash a stream modulo
+//!   and records where it replaced; [`rewrite_path`] copies a tree through it
+//!   (dump, rewrite, restore, streaming); [`HashModuloSink`] uses it to hash a stream modulo
 //!   a hash part (self-references), as Nix does for floating content-addressed outputs.
 
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::hash::{Hash, HashAlgo, HashSink};
-use crate::nar::{dump_path, NarWriteError};
+use crate::nar::{dump_path, restore, NarReadError, NarSummary, NarWriteError};
 use crate::nixbase32;
 use crate::store_path::{StorePath, StorePathSet, HASH_PART_LEN};
 
@@ -33,13 +34,17 @@ const REF_LEN: usize = HASH_PART_LEN;
 /// How many trailing bytes may start an occurrence completed by the next chunk.
 const CARRY: usize = REF_LEN - 1;
 
-/// Why a rewrite could not be set up.
-#[derive(Debug, Error, PartialEq, Eq)]
+/// Why a rewrite could not be set up or done.
+#[derive(Debug, Error)]
 pub enum ReferencesError {
     #[error("'{0}' is not a 32-character nix base-32 hash part")]
     BadHashPart(String),
     #[error("replacement '{0}' for a hash part is not 32 bytes long")]
     BadReplacement(String),
+    #[error(transparent)]
+    Dump(#[from] NarWriteError),
+    #[error(transparent)]
+    Restore(#[from] NarReadError),
 }
 
 /// Digit value + 1 of each byte in nix base 32, 0 for other bytes.
@@ -365,6 +370,94 @@ impl<W: Write> Write for HashRewriter<W> {
     }
 }
 
+/// Sends written bytes to a [`PipeReader`] on another thread.
+struct PipeWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl Write for PipeWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .send(buf.to_vec())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "NAR reader went away"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct PipeReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl io::Read for PipeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // the writer is done (or failed)
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Copies the tree at `src` to `dst` (which must not exist yet) with hash parts
+/// rewritten as by [`HashRewriter`], streaming the NAR between a dumping thread and
+/// the restorer (Nix's dump, `RewritingSink`, `restorePath`). Returns the NAR hash and
+/// size of the rewritten tree and the offsets of the replacements in its NAR.
+/// Permissions are those of a restore (see [`crate::nar::restore`]).
+pub fn rewrite_path<A: AsRef<[u8]>, B: AsRef<[u8]>>(
+    src: &Path,
+    dst: &Path,
+    rewrites: impl IntoIterator<Item = (A, B)>,
+) -> Result<(NarSummary, Vec<u64>), ReferencesError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let rewriter = HashRewriter::new(
+        io::BufWriter::with_capacity(64 * 1024, PipeWriter(tx)),
+        rewrites,
+    )?;
+    std::thread::scope(|scope| {
+        let dumper = scope.spawn(move || -> Result<Vec<u64>, NarWriteError> {
+            let mut rewriter = rewriter;
+            dump_path(src, &mut rewriter)?;
+            let (mut w, matches) = rewriter.finish()?;
+            w.flush()?;
+            Ok(matches)
+        });
+        let restored = restore(
+            PipeReader {
+                rx,
+                chunk: Vec::new(),
+                pos: 0,
+            },
+            dst,
+        );
+        // The dumper ends: it finished, failed, or found the reader gone.
+        let dumped = dumper
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        match (dumped, restored) {
+            (Ok(matches), Ok(summary)) => Ok((summary, matches)),
+            // The dumper stopped because the restorer gave up: report the latter.
+            (Err(NarWriteError::Write(e) | NarWriteError::Read { source: e, .. }), Err(r))
+                if e.kind() == io::ErrorKind::BrokenPipe =>
+            {
+                Err(r.into())
+            }
+            (Err(d), _) => Err(d.into()),
+            (Ok(_), Err(r)) => Err(r.into()),
+        }
+    })
+}
+
 /// Hashes a stream modulo a hash part (Nix's `HashModuloSink`): every occurrence of
 /// `modulus` is hashed as 32 zero bytes, and then the decimal offset of each
 /// occurrence is hashed as `|<offset>`, so that a stream with self-references and one
@@ -555,6 +648,38 @@ mod tests {
         assert!(matches!(
             HashRewriter::new(Vec::new(), [(H1, "x")]),
             Err(ReferencesError::BadReplacement(_))
+        ));
+    }
+
+    #[test]
+    fn rewrite_path_copies_with_rewrites() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let big = format!("{}{H1}", "z".repeat(100_000)).repeat(5);
+        fs::write(src.join("big"), &big).unwrap();
+        std::os::unix::fs::symlink(format!("/store/{H1}-a"), src.join("l")).unwrap();
+        let dst = d.path().join("dst");
+        let (summary, matches) = rewrite_path(&src, &dst, [(H1, H2)]).unwrap();
+        assert_eq!(matches.len(), 6);
+        assert_eq!(
+            fs::read(dst.join("big")).unwrap(),
+            big.replace(H1, H2).as_bytes()
+        );
+        assert_eq!(
+            fs::read_link(dst.join("l")).unwrap(),
+            Path::new(&format!("/store/{H2}-a"))
+        );
+        let (h, n) = crate::nar::nar_hash_of_path(&dst).unwrap();
+        assert_eq!((summary.nar_hash, summary.nar_size), (h, n));
+        // Errors on either side are reported, not hung on.
+        assert!(matches!(
+            rewrite_path(&src, &dst, [(H1, H2)]),
+            Err(ReferencesError::Restore(_))
+        ));
+        assert!(matches!(
+            rewrite_path(&d.path().join("missing"), &d.path().join("x"), [(H1, H2)]),
+            Err(ReferencesError::Dump(_))
         ));
     }
 

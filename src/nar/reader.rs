@@ -237,6 +237,36 @@ pub fn validate<R: Read>(reader: R) -> Result<NarSummary, NarReadError> {
     parse(reader, &mut NullSink)
 }
 
+/// Nix's `copyNAR`: copies exactly one NAR from the start of `reader` to `writer`,
+/// validating it on the way, and stops right after it (like [`parse_embedded`]).
+/// Returns its hash and size. On error, part of the NAR may have been written.
+pub fn copy_nar<R: Read, W: io::Write>(
+    reader: &mut R,
+    writer: &mut W,
+) -> Result<NarSummary, NarReadError> {
+    let mut tee = TeeReader { reader, writer };
+    parse_embedded(&mut tee, &mut NullSink)
+}
+
+/// Writes what it reads.
+struct TeeReader<'a, R, W> {
+    reader: &'a mut R,
+    writer: &'a mut W,
+}
+
+impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        let got = buf.get(..n).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "reader returned too much")
+        })?;
+        self.writer
+            .write_all(got)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing the NAR copy: {e}")))?;
+        Ok(n)
+    }
+}
+
 /// The input, hashed and counted as it is read.
 struct HashingReader<R> {
     inner: R,
@@ -957,6 +987,22 @@ mod tests {
         let s = parse_embedded(&mut r, &mut NullSink).unwrap();
         assert_eq!(s.nar_size, n);
         assert_eq!(r, &[0]);
+    }
+
+    #[test]
+    fn copy_nar_copies_exactly_one_nar() {
+        let d = tempfile::tempdir().unwrap();
+        sample_tree(d.path());
+        let b = dump(d.path());
+        let mut input = [b.clone(), b"rest".to_vec()].concat();
+        let mut r = &input[..];
+        let mut out = Vec::new();
+        let s = copy_nar(&mut r, &mut out).unwrap();
+        assert_eq!(out, b);
+        assert_eq!(r, b"rest");
+        assert_eq!(s, validate(&b[..]).unwrap());
+        input[30] = b'X';
+        assert!(copy_nar(&mut &input[..], &mut Vec::new()).is_err());
     }
 
     #[test]
