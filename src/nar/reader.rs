@@ -1353,8 +1353,20 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Tree {
         File(Vec<u8>, bool),
-        Link(String),
-        Dir(Vec<(String, Tree)>),
+        Link(Vec<u8>),
+        Dir(Vec<(Vec<u8>, Tree)>),
+    }
+
+    /// Entry names: any bytes but `/` and NUL, often high ones (not UTF-8), to
+    /// exercise the unsigned byte order of entries.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            "[a-zA-Z0-9._\u{e9}-]{1,12}".prop_map(String::into_bytes),
+            proptest::collection::vec(
+                any::<u8>().prop_filter("no / or NUL", |b| *b != b'/' && *b != 0),
+                1..12
+            ),
+        ]
     }
 
     fn tree() -> impl Strategy<Value = Tree> {
@@ -1364,18 +1376,17 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(c, x)| Tree::File(c, x)),
-            "[a-z./]{1,20}".prop_map(Tree::Link),
+            proptest::collection::vec(any::<u8>().prop_filter("no NUL", |b| *b != 0), 1..30)
+                .prop_map(Tree::Link),
         ];
         leaf.prop_recursive(4, 40, 6, |inner| {
-            proptest::collection::btree_map("[a-zA-Z0-9._\u{e9}-]{1,12}", inner, 0..6).prop_map(
-                |m| {
-                    Tree::Dir(
-                        m.into_iter()
-                            .filter(|(k, _)| k != "." && k != "..")
-                            .collect(),
-                    )
-                },
-            )
+            proptest::collection::btree_map(name(), inner, 0..6).prop_map(|m| {
+                Tree::Dir(
+                    m.into_iter()
+                        .filter(|(k, _)| k != b"." && k != b"..")
+                        .collect(),
+                )
+            })
         })
     }
 
@@ -1386,11 +1397,11 @@ mod tests {
                 let mode = if *x { 0o755 } else { 0o644 };
                 fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
             }
-            Tree::Link(t) => std::os::unix::fs::symlink(t, p).unwrap(),
+            Tree::Link(t) => std::os::unix::fs::symlink(OsStr::from_bytes(t), p).unwrap(),
             Tree::Dir(es) => {
                 fs::create_dir(p).unwrap();
                 for (n, e) in es {
-                    build(&p.join(n), e);
+                    build(&p.join(OsStr::from_bytes(n)), e);
                 }
             }
         }
