@@ -413,7 +413,7 @@ impl io::Read for PipeReader {
 /// rewritten as by [`HashRewriter`], streaming the NAR between a dumping thread and
 /// the restorer (Nix's dump, `RewritingSink`, `restorePath`). Returns the NAR hash and
 /// size of the rewritten tree and the offsets of the replacements in its NAR.
-/// Permissions are those of a restore (see [`crate::nar::restore`]).
+/// Permissions are those of a restore (see [`mod@crate::nar::restore`]).
 pub fn rewrite_path<A: AsRef<[u8]>, B: AsRef<[u8]>>(
     src: &Path,
     dst: &Path,
