@@ -16,6 +16,7 @@ pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod realisation;
+pub mod references;
 pub mod signature;
 pub mod store;
 pub mod store_path;

@@ -14,8 +14,17 @@
 //! ```
 //!
 //! [`writer`] dumps a tree or a byte string; the store hashes what it writes through
-//! [`crate::hash::HashSink`].
+//! [`crate::hash::HashSink`]. [`reader`] parses a NAR in one streaming pass into a
+//! [`NarSink`] while computing its hash and size; [`mod@restore`] unpacks it into the
+//! file system (`nix-store --restore`). Reference scanning and hash rewriting over NAR
+//! streams are in [`crate::references`].
 
+pub mod reader;
+pub mod restore;
 pub mod writer;
 
+pub use reader::{
+    copy_nar, parse, parse_embedded, validate, NarReadError, NarSink, NarSummary, NullSink,
+};
+pub use restore::{restore, RestoreSink};
 pub use writer::{dump_bytes, dump_path, nar_hash_of_path, NarWriteError};

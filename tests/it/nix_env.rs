@@ -59,8 +59,10 @@ impl TestRoot {
             .tempdir()
             .unwrap();
         let root = dir.path().to_owned();
-        // Nix runs builders as `nixbld` users when started as root: they must be able
-        // to reach the store inside the (otherwise private) temporary directory.
+        // Builds run as the invoking user (`build-users-group =` below): with build
+        // users, parallel roots would pick the same `nixbld` uid from their separate
+        // user pools and kill each other's builders. The root stays world-readable for
+        // tests that turn build users back on.
         std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let conf_dir = root.join("etc");
@@ -68,7 +70,7 @@ impl TestRoot {
         std::fs::write(
             conf_dir.join("nix.conf"),
             format!(
-                "sandbox = false\nexperimental-features = nix-command ca-derivations impure-derivations\nsubstituters =\n{extra}\n"
+                "sandbox = false\nbuild-users-group =\nexperimental-features = nix-command ca-derivations impure-derivations\nsubstituters =\n{extra}\n"
             ),
         )
         .unwrap();

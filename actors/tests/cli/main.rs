@@ -5,6 +5,7 @@
 //! when tests are skipped).
 
 #[path = "../../../tests/it/nix_env.rs"]
+#[macro_use]
 mod nix_env;
 
 mod derivation;
