@@ -32,6 +32,7 @@ use super::path_info::ValidPathInfo;
 use super::StoreError;
 use crate::config::Settings;
 use crate::content_address::{ContentAddress, FileIngestionMethod};
+use crate::derivation::{name_from_drv_path, Derivation, DrvHashCache};
 use crate::hash::{Encoding, Hash, HashAlgo};
 use crate::nar;
 use crate::realisation::{DrvOutput, Realisation};
@@ -602,9 +603,52 @@ impl LocalStore {
         self.register_valid_paths_with_outputs(infos, &[])
     }
 
+    /// Reads and parses the derivation at `path` (valid or not: it is read from the
+    /// store directory).
+    pub fn read_derivation(&self, path: &StorePath) -> Result<Derivation, StoreError> {
+        let real = self.real_path(path);
+        let bytes = std::fs::read(&real).map_err(StoreError::io("reading derivation", &real))?;
+        Derivation::from_aterm_bytes(&bytes, &self.store_dir).map_err(|source| {
+            StoreError::BadDerivation {
+                path: self.print(path),
+                source,
+            }
+        })
+    }
+
+    /// The `DerivationOutputs` rows Nix records when a `.drv` becomes valid: one per
+    /// output whose path is known statically (input-addressed and fixed outputs),
+    /// after checking those paths are the ones the derivation implies
+    /// (`checkDerivationOutputs`).
+    fn derivation_output_rows(
+        &self,
+        drv_path: &StorePath,
+        hashes: &mut DrvHashCache,
+    ) -> Result<Vec<DerivationOutputRow>, StoreError> {
+        let drv = self.read_derivation(drv_path)?;
+        let name = name_from_drv_path(drv_path)?;
+        let read = |p: &StorePath| self.read_derivation(p).map(Arc::new);
+        drv.verify_output_paths(&self.store_dir, name, |p: &StorePath| {
+            hashes.hash_of(&self.store_dir, p, read)
+        })
+        .map_err(|e| match e {
+            StoreError::Derivation(source) => StoreError::BadDerivation {
+                path: self.print(drv_path),
+                source,
+            },
+            e => e,
+        })?;
+        Ok(drv
+            .outputs
+            .iter()
+            .filter_map(|(out, o)| Some((drv_path.clone(), out.clone(), o.path()?.clone())))
+            .collect())
+    }
+
     /// [`LocalStore::register_valid_paths`], also recording `DerivationOutputs` rows
-    /// (derivation, output name, output path) for derivations that are valid or
-    /// registered here, in the same transaction.
+    /// (derivation, output name, output path) in the same transaction: the rows given
+    /// here, and those of every `.drv` among `infos` (which must already be in
+    /// place in the store directory).
     pub fn register_valid_paths_with_outputs(
         &self,
         infos: &[ValidPathInfo],
@@ -617,6 +661,11 @@ impl LocalStore {
             self.check_ca(i)?;
         }
         self.check_acyclic(infos)?;
+        let mut hashes = DrvHashCache::new();
+        let mut drv_outputs = drv_outputs.to_vec();
+        for i in infos.iter().filter(|i| i.path.is_derivation()) {
+            drv_outputs.extend(self.derivation_output_rows(&i.path, &mut hashes)?);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -666,7 +715,7 @@ impl LocalStore {
                     .map_err(StoreError::sql(format!("adding references of '{p}'")))?;
                 }
             }
-            for (drv, name, out) in drv_outputs {
+            for (drv, name, out) in &drv_outputs {
                 let dp = self.print(drv);
                 let id = Self::path_id(&tx, &dp)?.ok_or_else(|| StoreError::DrvNotValid {
                     drv: dp.clone(),
@@ -925,6 +974,40 @@ mod tests {
     }
 
     #[test]
+    fn registering_a_drv_records_its_outputs() {
+        use crate::derivation::{json, DerivationError, DrvHash};
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let sd = s.store_dir().clone();
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"outputs":{"out":{},"dev":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux",
+                "builder":"/bin/sh","args":[],"env":{"name":"t","out":"","dev":""}}"#,
+        )
+        .unwrap();
+        let no_inputs = |_: &StorePath| -> Result<DrvHash, DerivationError> {
+            Err(DerivationError::Cycle("no inputs".into()))
+        };
+        let (drv_path, drv) = json::from_json_with_paths(&v, &sd, no_inputs).unwrap();
+        let aterm = drv.to_aterm_bytes(&sd);
+        let added = s
+            .add_text_to_store("t.drv", &aterm, &drv.drv_references())
+            .unwrap();
+        assert_eq!(added, drv_path);
+        let outputs = s.query_derivation_outputs(&drv_path).unwrap();
+        assert_eq!(outputs.len(), 2);
+        assert_eq!(Some(&outputs["dev"]), drv.outputs["dev"].path());
+
+        // A `.drv` whose output path is not the one it implies is refused.
+        let good = sd.print(drv.outputs["out"].path().unwrap());
+        let wrong = good.replacen(&good[good.len() - 34..good.len() - 2], &"0".repeat(32), 1);
+        let tampered = String::from_utf8(aterm).unwrap().replace(&good, &wrong);
+        let e = s
+            .add_text_to_store("t.drv", tampered.as_bytes(), &drv.drv_references())
+            .unwrap_err();
+        assert!(matches!(e, StoreError::BadDerivation { .. }), "{e}");
+    }
+
+    #[test]
     fn register_query_and_close() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
@@ -936,7 +1019,9 @@ mod tests {
         let mut b = info(&s, "b", &[&a.path]);
         b.references.insert(b.path.clone()); // self-reference is fine
         let c = info(&s, "c", &[&b.path]);
-        let drv = info(&s, "c.drv", &[]);
+        // Explicit rows for a deriver that is not a `.drv` (a real `.drv` would be
+        // read and checked; see `registering_a_drv_records_its_outputs`).
+        let drv = info(&s, "c-deriver", &[]);
         s.register_valid_paths_with_outputs(
             &[c.clone(), b.clone(), a.clone(), drv.clone()],
             &[(drv.path.clone(), "out".into(), c.path.clone())],

@@ -29,6 +29,7 @@ pub use local::LocalStore;
 pub use locks::{LockError, PathLocks};
 pub use path_info::{path_infos_to_json, ValidPathInfo};
 
+use crate::derivation::DerivationError;
 use crate::nar::NarWriteError;
 use crate::store_path::StorePathError;
 
@@ -92,6 +93,13 @@ pub enum StoreError {
     NoCaSchema,
     #[error("'{0}' is not a regular file, directory or symlink")]
     UnsupportedFile(PathBuf),
+    #[error("invalid derivation '{path}': {source}")]
+    BadDerivation {
+        path: String,
+        source: DerivationError,
+    },
+    #[error(transparent)]
+    Derivation(#[from] DerivationError),
 }
 
 impl StoreError {

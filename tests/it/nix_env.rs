@@ -147,6 +147,26 @@ impl TestRoot {
     }
 }
 
+impl TestRoot {
+    /// `nix-store --verify --check-contents` succeeds and reports nothing beyond its
+    /// progress lines (it always prints those).
+    #[track_caller]
+    pub fn verify_store(&self) {
+        let out = self
+            .cmd("nix-store")
+            .args(["--verify", "--check-contents"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let noise: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !(l.starts_with("reading the Nix store") || l.starts_with("checking ")))
+            .collect();
+        assert!(noise.is_empty(), "nix-store --verify complained: {noise:?}");
+    }
+}
+
 fn check(program: &str, args: &[&str], out: &Output) {
     if !out.status.success() {
         panic!(
@@ -157,7 +177,13 @@ fn check(program: &str, args: &[&str], out: &Output) {
     }
 }
 
-/// The directory of the shared Nix expression corpus.
+/// The directory of the shared Nix expression corpus (found from either crate of the
+/// workspace).
 pub fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix")
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .map(|d| d.join("tests/data/nix"))
+        .find(|d| d.is_dir())
+        .expect("tests/data/nix exists in the workspace")
 }

@@ -185,21 +185,6 @@ fn reads_a_store_nix_populated() {
     );
 }
 
-fn verify(root: &TestRoot) {
-    let out = root
-        .cmd("nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let noise: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !(l.starts_with("reading the Nix store") || l.starts_with("checking ")))
-        .collect();
-    assert!(noise.is_empty(), "nix-store --verify complained: {noise:?}");
-}
-
 #[test]
 fn paths_drover_adds_are_accepted_by_nix() {
     require_nix!();
@@ -263,7 +248,7 @@ fn paths_drover_adds_are_accepted_by_nix() {
     let nix_added = root.run("nix-store", &["--add", src.to_str().unwrap()]);
     let store = open(&root);
     assert_eq!(nix_added.trim(), store.store_dir().print(&added));
-    verify(&root);
+    root.verify_store();
 
     for p in [&text, &added, &out_path] {
         let s = store.store_dir().print(p);

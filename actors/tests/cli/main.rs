@@ -37,12 +37,14 @@ pub fn stdout_of(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Every `.drv` in the closures of the corpus' derivations, dependencies first.
-pub fn corpus_drvs(root: &TestRoot) -> Vec<String> {
+/// Every `.drv` in the closures of the corpus' derivations, dependencies first
+/// (`realisable`: only those `nix-store --realise` can build, i.e. not impure ones).
+pub fn corpus_drvs(root: &TestRoot, realisable: bool) -> Vec<String> {
     let mut files: Vec<_> = std::fs::read_dir(nix_env::corpus_dir())
-        .expect("the corpus directory tests/data/nix exists")
+        .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "nix"))
+        .filter(|p| !realisable || !p.ends_with("impure.nix"))
         .collect();
     files.sort();
     assert!(!files.is_empty(), "the Nix corpus is empty");

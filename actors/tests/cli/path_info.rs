@@ -9,7 +9,7 @@ use crate::{corpus_drvs, drover, stdout_of};
 fn json_matches_nix_path_info() {
     require_nix!();
     let root = TestRoot::new();
-    let drvs = corpus_drvs(&root);
+    let drvs = corpus_drvs(&root, true);
     // Build the top-level derivations so outputs, sources and drvs are all present.
     let mut args = vec!["--realise"];
     args.extend(drvs.iter().map(String::as_str));
@@ -62,7 +62,7 @@ fn json_matches_nix_path_info() {
 fn plain_output_and_invalid_paths() {
     require_nix!();
     let root = TestRoot::new();
-    let drvs = corpus_drvs(&root);
+    let drvs = corpus_drvs(&root, true);
     let drv = &drvs[0];
     let plain = stdout_of(drover(&root).arg("path-info").arg(drv));
     assert_eq!(plain.trim(), drv.as_str());

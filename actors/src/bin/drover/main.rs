@@ -1,0 +1,84 @@
+//! The `drover` command line: argument parsing and dispatch, one module per command.
+//!
+//! Errors are printed as Nix prints them (`error: …` on stderr) and exit with status 1;
+//! `warning: …` lines from the settings (unknown `nix.conf` settings) come first, as
+//! Nix prints them. This binary is the only place that uses `anyhow`.
+
+mod args;
+mod derivation;
+mod path_info;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover::config::Settings;
+use drover::store::LocalStore;
+
+/// drover: realise Nix derivations in a Nix store, as Nix does.
+#[derive(Parser)]
+#[command(name = "drover", version, max_term_width = 100)]
+struct Cli {
+    /// Set the nix.conf setting NAME to VALUE for this run (as Nix's `--option`).
+    #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"])]
+    option: Vec<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with derivations (`.drv` files).
+    #[command(subcommand)]
+    Derivation(derivation::Command),
+    /// Show what the store knows of store paths (as `nix path-info`).
+    PathInfo(path_info::Args),
+}
+
+/// The settings and the store a command works on.
+pub struct Context {
+    pub settings: Settings,
+}
+
+impl Context {
+    fn new(options: &[String]) -> anyhow::Result<Context> {
+        let pairs: Vec<(String, String)> = options
+            .chunks(2)
+            .map(|c| (c[0].clone(), c[1].clone()))
+            .collect();
+        let settings = Settings::from_process_env(&pairs)?;
+        for w in settings.warnings() {
+            eprintln!("warning: {w}");
+        }
+        Ok(Context { settings })
+    }
+
+    /// Opens the local store the settings describe.
+    pub fn open_store(&self) -> anyhow::Result<LocalStore> {
+        Ok(LocalStore::open(&self.settings)?)
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Context::new(&cli.option)?;
+    match cli.command {
+        Command::Derivation(c) => derivation::run(&ctx, c),
+        Command::PathInfo(a) => path_info::run(&ctx, a),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
+        .format_target(false)
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // Nix's form: `error: <message>`, the causes on the same line.
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
