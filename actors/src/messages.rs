@@ -116,7 +116,23 @@ pub struct LogConfig {
     pub max_silent_time: Option<Duration>,
     /// `timeout` (None = unlimited).
     pub timeout: Option<Duration>,
+    /// Echo the builder's output to stderr as it comes (nix-store without `-Q`).
+    pub echo: bool,
 }
+
+/// Where one build's output goes: the addresses of that build's LogCollector.
+#[derive(Clone)]
+pub struct LogSink {
+    pub bytes: Recipient<LogBytes>,
+    pub hook_stderr: Recipient<HookStderrLine>,
+    pub eof: Recipient<LogEof>,
+}
+
+/// Starts the LogCollector of one build; its alarms go to the given recipient (the
+/// owner of the builder or hook process). Injected into the LocalBuilder and the hook
+/// pool, so tests can replace collectors with fakes.
+pub type StartLogCollector =
+    Arc<dyn Fn(LogConfig, Recipient<LogAlarm>) -> LogSink + Send + Sync>;
 
 /// Raw builder output, in order, as read from the pty or the hook's fd 4.
 #[derive(Message)]
