@@ -27,9 +27,8 @@ use serde_json::{Map, Value};
 
 use super::aterm::output_from_fields;
 use super::{Derivation, DerivationError, DerivationOutput};
-use crate::content_address::ContentAddress;
 use crate::hash::Encoding;
-use crate::store_path::{output_path_name, StoreDir, StorePath, StorePathSet};
+use crate::store_path::{StoreDir, StorePath, StorePathSet};
 
 /// The inner value of one entry of `nix show-derivation`.
 pub fn to_json_value(drv: &Derivation, store_dir: &StoreDir) -> Value {
@@ -251,7 +250,7 @@ pub fn from_json(
         let at = format!("JSON field '{f}'");
         let hash = if impure { "impure" } else { hash };
         let out = output_from_fields(&at, o, p, hash_algo, hash, |ca| {
-            fixed_path(store_dir, &name, o, ca)
+            super::fixed_output_path(store_dir, &name, o, ca)
         })?;
         outputs.insert(o.clone(), out);
     }
@@ -307,25 +306,6 @@ where
     let drv = drv.with_output_paths(store_dir, &name, input_hash)?;
     let drv_path = drv.drv_path(store_dir, &name)?;
     Ok((drv_path, drv))
-}
-
-fn fixed_path(
-    store_dir: &StoreDir,
-    name: &str,
-    output: &str,
-    ca: &ContentAddress,
-) -> Result<StorePath, DerivationError> {
-    store_dir
-        .make_path_from_ca(
-            &output_path_name(name, output),
-            ca,
-            &StorePathSet::new(),
-            false,
-        )
-        .map_err(|source| DerivationError::InvalidName {
-            name: name.to_owned(),
-            source,
-        })
 }
 
 /// Parses the whole output of `nix show-derivation`: `.drv` path → derivation, each

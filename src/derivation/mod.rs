@@ -460,17 +460,7 @@ impl Derivation {
             for (o, out) in &self.outputs {
                 let entry = match out {
                     DerivationOutput::CAFixed { ca, .. } => {
-                        let p = store_dir
-                            .make_path_from_ca(
-                                &output_path_name(name, o),
-                                ca,
-                                &StorePathSet::new(),
-                                false,
-                            )
-                            .map_err(|source| DerivationError::InvalidName {
-                                name: name.to_owned(),
-                                source,
-                            })?;
+                        let p = fixed_output_path(store_dir, name, o, ca)?;
                         let var = store_dir.print(&p);
                         (Some(p), var)
                     }
@@ -576,3 +566,23 @@ impl Derivation {
 
 #[cfg(test)]
 mod tests;
+
+/// The path of fixed output `output` of derivation `name` with content address `ca`.
+pub(crate) fn fixed_output_path(
+    store_dir: &StoreDir,
+    name: &str,
+    output: &str,
+    ca: &ContentAddress,
+) -> Result<StorePath, DerivationError> {
+    store_dir
+        .make_path_from_ca(
+            &output_path_name(name, output),
+            ca,
+            &StorePathSet::new(),
+            false,
+        )
+        .map_err(|source| DerivationError::InvalidName {
+            name: name.to_owned(),
+            source,
+        })
+}
