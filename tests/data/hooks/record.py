@@ -10,7 +10,9 @@ Environment (inherited from whoever starts the hook):
                 processes (the last one repeats); default `decline`. A reply is
                 `accept:MACHINE` (then the inputs and missing outputs are read),
                 `decline`, `decline-permanently`, `postpone`, `garbage:TEXT` (the
-                line TEXT), `die` (exit 1 without answering), `hang`.
+                line TEXT), `die` (exit 1 without answering), `hang`,
+                `decline-close` (decline, then close every pipe, print
+                `dying words` first, and linger: the next request hits a broken pipe).
   HOOK_BUILD    after accepting: `ok` (write to fd 4 and exit 0, default),
                 `fail` (exit 1), `hang` (sleep forever), `noline` (no machine line).
 """
@@ -95,6 +97,14 @@ while True:
         sys.exit(1)
     if reply == "hang":
         time.sleep(3600)
+    if reply == "decline-close":
+        say("# decline")
+        os.close(0)
+        say("dying words")
+        os.close(1)
+        os.close(2)
+        time.sleep(30)
+        sys.exit(0)
     if reply.startswith("garbage:"):
         say(reply[len("garbage:"):])
         continue
