@@ -1,6 +1,9 @@
 //! The build-hook wire protocol of Nix 2.8.0: what Nix writes to the hook's stdin and
-//! how it reads the hook's answers. Pure: bytes in, values out (no processes here; the
-//! hook process lives in `drover-actors`' `hook` module).
+//! how it reads the hook's answers. Bytes in, values out (no processes here; the hook
+//! process lives in `drover-actors`' `hook` module). The one exception is
+//! [`hook_settings`], which probes the host for Nix's machine-dependent defaults
+//! (CPU levels via `cpuid`, `/proc/sys/kernel/osrelease`,
+//! `/sys/devices/system/cpu/online`, whether channel directories exist).
 //!
 //! # Requests (Nix → hook, fd 0)
 //!
@@ -414,6 +417,7 @@ fn canon_path(p: &str) -> String {
 /// | `nix-path` | `$NIX_PATH` split on `:`, else the existing ones of `~/.nix-defexpr/channels`, `nixpkgs=<state>/profiles/per-user/root/channels/nixpkgs`, `<state>/profiles/per-user/root/channels` |
 /// | `extra-platforms` | [`default_extra_platforms`] (`i686-linux` and the x86-64 levels) |
 /// | `allow-symlinked-store` | `true` iff `NIX_IGNORE_SYMLINK_STORE=1` |
+/// | `cores` | the number of online CPUs ([`online_cpus`]; C++'s `hardware_concurrency`, which ignores affinity and cgroup quotas) |
 ///
 /// `build-hook` is sent canonicalised (`//` and `.` removed), as Nix stores paths.
 pub fn hook_settings(settings: &Settings, env: &Env) -> BTreeMap<String, String> {
@@ -432,12 +436,41 @@ pub fn hook_settings(settings: &Settings, env: &Env) -> BTreeMap<String, String>
             {
                 "true".into()
             }
+            "cores" if !set => online_cpus()
+                .map(|n| n.to_string())
+                .or_else(|| settings.get(name))
+                .unwrap_or_default(),
             "build-hook" => canon_path(&settings.get(name).unwrap_or_default()),
             _ => settings.get(name).unwrap_or_default(),
         };
         out.insert(name.to_owned(), value);
     }
     out
+}
+
+/// The number of online CPUs as glibc's `get_nprocs` counts them (the ranges in
+/// `/sys/devices/system/cpu/online`, e.g. `0-3,6`); `None` if that cannot be read.
+pub fn online_cpus() -> Option<u64> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    parse_cpu_list(&text)
+}
+
+/// Counts the CPUs in a kernel CPU list (`0-3,6`).
+fn parse_cpu_list(text: &str) -> Option<u64> {
+    let mut n = 0u64;
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
+            }
+            None => {
+                part.parse::<u64>().ok()?;
+                n = n.checked_add(1)?;
+            }
+        }
+    }
+    (n > 0).then_some(n)
 }
 
 fn default_nix_path(settings: &Settings, env: &Env) -> Vec<String> {
@@ -730,6 +763,15 @@ mod tests {
         );
         assert_eq!(json_message_text(r#"@nix {"action":"start"}"#), None);
         assert_eq!(json_message_text("@nix {bad"), None);
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-3,6\n"), Some(5));
+        assert_eq!(parse_cpu_list("0"), Some(1));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
     }
 
     #[test]

@@ -124,6 +124,11 @@ fn accept_follow_up_is_byte_identical() {
         "{stderr}"
     );
     assert!(stderr.contains("remote log line"), "{stderr}");
+    // The `@nix` msg line the hook printed before its reply is shown (its text);
+    // a plain line on the hook's stderr after acceptance is dropped by Nix 2.8.
+    assert!(stderr.contains("recorder pid "), "{stderr}");
+    assert!(!stderr.contains("a plain stderr line"), "{stderr}");
+    assert!(stderr.contains("remote says hi"), "{stderr}");
 
     let sent = std::fs::read(rec.join("stdin.bin")).unwrap();
     let mut r = Reader::new(&sent);

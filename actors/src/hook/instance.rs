@@ -220,8 +220,8 @@ impl HookInstance {
     }
 
     /// Runs an accepted job: sends `follow_up` (inputs and missing outputs), closes the
-    /// request pipe, streams fd 4 to `bytes` and the reply pipe's lines to `lines`
-    /// until both end, then kills the process group and returns the exit code (`None`
+    /// request pipe, streams fd 4 to `bytes` and the reply pipe's `@nix` lines to
+    /// `lines` until both end, then kills the process group and returns the exit code (`None`
     /// when killed by a signal).
     pub async fn run_job(
         mut self,
@@ -254,16 +254,13 @@ impl HookInstance {
                 }
             }
         });
-        loop {
-            match self.read_line().await {
-                Ok(Some(l)) => lines.do_send(HookStderrLine(l)),
-                Ok(None) => break,
-                Err(partial) => {
-                    if !partial.is_empty() {
-                        lines.do_send(HookStderrLine(partial));
-                    }
-                    break;
-                }
+        // Nix 2.8 handles only complete `@nix` lines here; other lines (and a last
+        // line without `\n`) are dropped, not echoed.
+        while let Ok(Some(l)) = self.read_line().await {
+            if l.starts_with("@nix ") {
+                lines.do_send(HookStderrLine(l));
+            } else {
+                log::debug!("dropping build hook output line '{l}'");
             }
         }
         let _ = reader.await;

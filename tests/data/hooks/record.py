@@ -12,7 +12,8 @@ Environment (inherited from whoever starts the hook):
                 `decline`, `decline-permanently`, `postpone`, `garbage:TEXT` (the
                 line TEXT), `die` (exit 1 without answering), `hang`,
                 `decline-close` (decline, then close every pipe, print
-                `dying words` first, and linger: the next request hits a broken pipe).
+                `dying words` first, and linger: the next request hits a broken pipe);
+                the file `closed` appears once fd 0 is closed.
   HOOK_BUILD    after accepting: `ok` (write to fd 4 and exit 0, default),
                 `fail` (exit 1), `hang` (sleep forever), `noline` (no machine line).
 """
@@ -100,6 +101,7 @@ while True:
     if reply == "decline-close":
         say("# decline")
         os.close(0)
+        open(os.path.join(d, "closed"), "w").close()
         say("dying words")
         os.close(1)
         os.close(2)
@@ -122,6 +124,7 @@ while True:
         sys.exit(3)
     os.write(4, b"remote log line\npartial")
     say("a plain stderr line")
+    say('@nix {"action":"msg","level":0,"msg":"remote says hi"}')
     if build == "fail":
         sys.exit(1)
     if build == "hang":
