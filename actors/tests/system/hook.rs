@@ -10,6 +10,8 @@ use actix::prelude::*;
 use drover::hook_protocol::{encode_settings, Reader};
 use drover::store_path::{StoreDir, StorePath};
 use drover_actors::hook::{HookPool, HookPoolConfig};
+
+use crate::require_nix;
 use drover_actors::messages::{
     HookBuild, HookFinished, HookReply, HookStderrLine, HookTry, LogAlarm, LogBytes, LogConfig,
     LogEof, LogSink, LogSummary, StartLogCollector,
@@ -450,4 +452,71 @@ async fn bad_replies_are_errors() {
         describe(&ask(&p, "a").await),
         "error unexpected EOF reading a line"
     );
+}
+
+/// Interop: the pool, configured from a Nix test root's settings, sends a hook the
+/// same bytes (preamble and `try`) and argv as `nix-store --realise` does.
+#[actix::test]
+async fn pool_sends_what_nix_sends() {
+    require_nix!();
+    let rec_nix = tempfile::tempdir().unwrap();
+    let root = crate::nix_env::TestRoot::with_conf(&format!(
+        "build-hook = {}\nmax-jobs = 2\n",
+        recorder().display()
+    ));
+    let f = root.path().join("e.nix");
+    std::fs::write(
+        &f,
+        r#"derivation { name = "hook-feat"; system = builtins.currentSystem; builder = "/bin/sh";
+             args = ["-c" "echo hi > $out"]; requiredSystemFeatures = ["kvm" "big-parallel"]; }"#,
+    )
+    .unwrap();
+    let drv = root.instantiate(&f, None).remove(0);
+    let out = root
+        .cmd("nix-store")
+        .args(["--realise", &drv])
+        .env("HOOK_DIR", rec_nix.path())
+        .env("HOOK_REPLIES", "decline")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nix_sent = std::fs::read(rec_nix.path().join("stdin.bin")).unwrap();
+
+    let mut env: drover::config::Env = std::env::vars().collect();
+    for (k, v) in root.env() {
+        env.insert(k.to_owned(), v);
+    }
+    let settings = drover::config::Settings::load(&env, &[]).unwrap();
+    // Our wrapper script sets HOOK_DIR and replaces argv[0]; it runs the recorder,
+    // which Nix ran directly, with the same arguments.
+    let hook = Hook::new(&[("HOOK_REPLIES", "decline")]);
+    let mut config =
+        HookPoolConfig::from_settings(&settings, &env, 3, collector(Default::default(), None));
+    assert_eq!(config.build_hook.as_deref(), Some(recorder().as_path()));
+    config.build_hook = Some(hook.program());
+    let p = HookPool::new(config).start();
+    let reply = p
+        .send(HookTry {
+            am_willing: true,
+            system: drover::config::native_system(),
+            drv_path: settings.store_dir().parse(&drv).unwrap(),
+            required_features: ["kvm".to_owned(), "big-parallel".to_owned()].into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(describe(&reply), "decline");
+    assert_eq!(hook.stdin(), nix_sent);
+    let argv = |d: &Path| {
+        std::fs::read_to_string(d.join("argv"))
+            .unwrap()
+            .split_once(' ')
+            .unwrap()
+            .1
+            .to_owned()
+    };
+    assert_eq!(argv(hook.dir.path()), argv(rec_nix.path()));
 }
