@@ -11,7 +11,6 @@ use drover::hook_protocol::{encode_settings, Reader};
 use drover::store_path::{StoreDir, StorePath};
 use drover_actors::hook::{HookPool, HookPoolConfig};
 
-use crate::require_nix;
 use drover_actors::messages::{
     HookBuild, HookFinished, HookReply, HookStderrLine, HookTry, LogAlarm, LogBytes, LogConfig,
     LogEof, LogSink, LogSummary, StartLogCollector,
