@@ -123,6 +123,17 @@ fn collector(got: Arc<Mutex<Collected>>, alarm_after: Option<Duration>) -> Start
     })
 }
 
+/// Waits (at most 2 s) until `n` lines have arrived: echoed lines are sent without
+/// waiting for the recipient.
+async fn wait_for_lines(got: &Arc<Mutex<Collected>>, n: usize) {
+    for _ in 0..100 {
+        if got.lock().unwrap().lines.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn store_dir() -> StoreDir {
     StoreDir::new("/nix/store").unwrap()
 }
@@ -262,6 +273,7 @@ async fn one_process_for_three_tries_until_accept() {
     }
     drop(acc);
     // The `@nix` lines printed while answering reached the stderr recipient.
+    wait_for_lines(&stderr, 5).await;
     let lines = stderr.lock().unwrap().lines.clone();
     assert_eq!(lines.len(), 5, "{lines:?}");
     assert!(
@@ -311,7 +323,7 @@ async fn missing_program_is_unexpected_eof() {
         describe(&ask(&p, "a").await),
         "error unexpected EOF reading a line"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_for_lines(&stderr_got, 1).await;
     assert_eq!(
         stderr_got.lock().unwrap().lines,
         ["error: executing '/nonexistent/hook': No such file or directory"]
@@ -426,7 +438,7 @@ async fn broken_pipe_declines_and_restarts() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(describe(&ask(&p, "b").await), "decline");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_for_lines(&stderr_got, 2).await;
     let lines = stderr_got.lock().unwrap().lines.clone();
     assert!(
         lines.contains(&"error: build hook died unexpectedly: dying words".to_owned()),
