@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,9 +294,4 @@ impl Killer {
     pub fn kill(&self) {
         let _ = killpg(self.0, Signal::SIGKILL);
     }
-}
-
-/// The path `build-hook` names, for [`HookInstance::spawn`]: `None` when empty.
-pub fn hook_program(build_hook: Option<&str>) -> Option<PathBuf> {
-    build_hook.filter(|s| !s.is_empty()).map(PathBuf::from)
 }
