@@ -12,6 +12,7 @@ pub mod config;
 pub mod content_address;
 pub mod derivation;
 pub mod hash;
+pub mod hook_protocol;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;

@@ -6,6 +6,7 @@
 //! `DROVER_REQUIRE_NIX=1` (set by `.ci/run`).
 
 mod derivation;
+mod hook_protocol;
 mod nar;
 mod narinfo;
 mod nix_env;

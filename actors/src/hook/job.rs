@@ -1,0 +1,89 @@
+//! An accepted hook job: answers [`HookBuild`] by sending the hook its inputs and
+//! missing outputs, streaming its output to a fresh log collector until both pipes
+//! end, and reporting [`HookFinished`]. A [`LogAlarm`] from the collector kills the
+//! hook's process group; the job then ends with that alarm.
+
+use actix::prelude::*;
+
+use super::instance::{HookInstance, Killer};
+use super::JobState;
+use crate::messages::{HookBuild, HookFinished, LogAlarm, LogEof, StartLogCollector};
+use drover::hook_protocol::encode_accept_follow_up;
+use drover::store_path::StoreDir;
+
+/// The job actor; it stops after answering.
+pub struct HookJob {
+    instance: Option<HookInstance>,
+    killer: Killer,
+    store_dir: StoreDir,
+    start_log_collector: StartLogCollector,
+    state: JobState,
+}
+
+impl HookJob {
+    pub fn new(
+        instance: HookInstance,
+        store_dir: StoreDir,
+        start_log_collector: StartLogCollector,
+    ) -> HookJob {
+        HookJob {
+            killer: instance.killer(),
+            instance: Some(instance),
+            store_dir,
+            start_log_collector,
+            state: JobState::default(),
+        }
+    }
+}
+
+impl Actor for HookJob {
+    type Context = Context<Self>;
+}
+
+impl Handler<HookBuild> for HookJob {
+    type Result = ();
+
+    fn handle(&mut self, msg: HookBuild, ctx: &mut Context<Self>) {
+        let instance = match (self.state.start(), self.instance.take()) {
+            (true, Some(i)) => i,
+            _ => {
+                log::warn!("hook job {} was asked to build twice; ignored", msg.id);
+                return;
+            }
+        };
+        let inputs: Vec<String> = msg.inputs.iter().map(|p| self.store_dir.print(p)).collect();
+        let follow_up = encode_accept_follow_up(&inputs, &msg.missing_outputs);
+        let sink = (self.start_log_collector)(msg.log, ctx.address().recipient());
+        let HookBuild { id, reply_to, .. } = msg;
+        let work = async move {
+            let exit_code = instance
+                .run_job(&follow_up, sink.bytes.clone(), sink.hook_stderr.clone())
+                .await;
+            let log = sink.eof.send(LogEof).await.unwrap_or_default();
+            (exit_code, log)
+        };
+        ctx.spawn(
+            work.into_actor(self)
+                .map(move |(exit_code, log), act, ctx| {
+                    let alarm = act.state.finish();
+                    reply_to.do_send(HookFinished {
+                        id,
+                        exit_code,
+                        log,
+                        alarm,
+                    });
+                    ctx.stop();
+                }),
+        );
+    }
+}
+
+impl Handler<LogAlarm> for HookJob {
+    type Result = ();
+
+    fn handle(&mut self, alarm: LogAlarm, _ctx: &mut Context<Self>) {
+        if self.state.alarm(alarm) {
+            self.killer.kill();
+        }
+    }
+}

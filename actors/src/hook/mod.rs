@@ -1,0 +1,206 @@
+//! The build hook: a pool that offers derivations to hook processes ([`HookPool`],
+//! answering [`HookTry`](crate::messages::HookTry)) and the accepted jobs ([`HookJob`],
+//! answering [`HookBuild`](crate::messages::HookBuild)).
+//!
+//! Behaviour follows Nix 2.8.0 (see `drover::hook_protocol` for the wire format):
+//!
+//! * One hook process is started lazily at the first request and reused for every
+//!   later request while it declines or postpones; one `try` is in flight at a time.
+//! * `# accept` hands the process to the job; the next request starts a new process.
+//! * `# decline-permanently` kills the process and every later request is answered
+//!   `DeclinePermanently` without asking. drover also answers `DeclinePermanently`
+//!   when no hook is configured (`build-hook =` empty). *Nix 2.8 differs here*: it
+//!   still tries to `execv("")`, and each build that consults the hook fails with
+//!   `executing ''` and `unexpected EOF reading a line` (exit 1).
+//! * Writing the request fails with a broken pipe (the hook is gone): Nix prints
+//!   `build hook died unexpectedly: <what the hook printed>` and the goal builds
+//!   locally (`Decline`); the next request starts a new process. If the write succeeds
+//!   but the reply pipe ends before a line (the usual case for a hook that exits at
+//!   once), the answer is the error `unexpected EOF reading a line`, as in Nix 2.8.
+//! * Any reply other than the four words: `bad hook reply '<text>'`. drover then drops
+//!   that process (Nix 2.8 would keep it), so the next request gets a fresh one.
+//!
+//! The decisions are plain state machines ([`PoolState`], [`JobState`]) so they can be
+//! tested without an actor system; the actors in [`pool`] and [`job`] forward to them
+//! and to the process handling in [`instance`].
+
+pub mod instance;
+pub mod job;
+pub mod pool;
+
+pub use instance::{HookInstance, SpawnError};
+pub use job::HookJob;
+pub use pool::{HookPool, HookPoolConfig};
+
+use crate::messages::LogAlarm;
+use drover::hook_protocol::ReplyKind;
+
+/// What one `try` exchange with a hook process ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TryOutcome {
+    /// `decline`, `decline-permanently` or `postpone`.
+    Reply(ReplyKind),
+    /// `accept` and the machine name line.
+    Accept { machine: String },
+    /// Writing the request failed with a broken pipe; carries what the hook printed.
+    Died(String),
+    /// A protocol error (`bad hook reply '…'`, `unexpected EOF reading a line`, …).
+    Error(String),
+}
+
+/// What the pool does with a new request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Begin<I> {
+    /// Answer at once without asking a hook: the hook declined permanently, or none
+    /// is configured.
+    DeclinePermanently,
+    /// Ask this idle instance.
+    Use(I),
+    /// Start a new instance and ask it.
+    Spawn,
+}
+
+/// The pool's decisions, over any instance type (the real one is [`HookInstance`]).
+#[derive(Debug)]
+pub struct PoolState<I> {
+    /// Cleared by `decline-permanently` (Nix's `worker.tryBuildHook`).
+    available: bool,
+    idle: Option<I>,
+}
+
+impl<I> PoolState<I> {
+    /// `configured`: whether a `build-hook` is set at all.
+    pub fn new(configured: bool) -> PoolState<I> {
+        PoolState {
+            available: configured,
+            idle: None,
+        }
+    }
+
+    /// Whether hooks are still consulted.
+    pub fn available(&self) -> bool {
+        self.available
+    }
+
+    /// Whether an idle instance is kept for the next request.
+    pub fn has_idle(&self) -> bool {
+        self.idle.is_some()
+    }
+
+    /// Starts a request.
+    pub fn begin(&mut self) -> Begin<I> {
+        if !self.available {
+            return Begin::DeclinePermanently;
+        }
+        match self.idle.take() {
+            Some(i) => Begin::Use(i),
+            None => Begin::Spawn,
+        }
+    }
+
+    /// Ends a request with the instance that answered it. Returns the instance when
+    /// it accepted (it now belongs to the job); otherwise keeps it for later requests
+    /// (decline, postpone) or drops it (decline-permanently, died, error).
+    pub fn finish(&mut self, outcome: &TryOutcome, instance: I) -> Option<I> {
+        match outcome {
+            TryOutcome::Reply(ReplyKind::Decline | ReplyKind::Postpone) => {
+                self.idle = Some(instance);
+                None
+            }
+            TryOutcome::Reply(ReplyKind::DeclinePermanently) => {
+                self.available = false;
+                None
+            }
+            TryOutcome::Reply(ReplyKind::Accept) | TryOutcome::Accept { .. } => Some(instance),
+            TryOutcome::Died(_) | TryOutcome::Error(_) => None,
+        }
+    }
+}
+
+/// The accepted job's decisions: it runs once, and the first alarm while it runs
+/// kills the hook.
+#[derive(Debug, Default)]
+pub struct JobState {
+    started: bool,
+    finished: bool,
+    alarm: Option<LogAlarm>,
+}
+
+impl JobState {
+    /// A `HookBuild` arrived; `false` if the job already ran (the message is ignored).
+    pub fn start(&mut self) -> bool {
+        !std::mem::replace(&mut self.started, true)
+    }
+
+    /// An alarm from the log collector; `true` if the hook must be killed now.
+    pub fn alarm(&mut self, alarm: LogAlarm) -> bool {
+        if !self.started || self.finished || self.alarm.is_some() {
+            return false;
+        }
+        self.alarm = Some(alarm);
+        true
+    }
+
+    /// The hook exited; the alarm that ended it, if any.
+    pub fn finish(&mut self) -> Option<LogAlarm> {
+        self.finished = true;
+        self.alarm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn pool_reuses_until_accept() {
+        let mut p = PoolState::new(true);
+        assert_eq!(p.begin(), Begin::Spawn);
+        assert_eq!(p.finish(&TryOutcome::Reply(ReplyKind::Decline), 1), None);
+        assert_eq!(p.begin(), Begin::Use(1));
+        assert_eq!(p.finish(&TryOutcome::Reply(ReplyKind::Postpone), 1), None);
+        assert_eq!(p.begin(), Begin::Use(1));
+        let acc = TryOutcome::Accept {
+            machine: "m".into(),
+        };
+        assert_eq!(p.finish(&acc, 1), Some(1));
+        assert!(!p.has_idle());
+        assert_eq!(p.begin(), Begin::Spawn);
+    }
+
+    #[test]
+    fn pool_declines_permanently() {
+        let mut p = PoolState::new(true);
+        assert_eq!(p.begin(), Begin::Spawn);
+        p.finish(&TryOutcome::Reply(ReplyKind::DeclinePermanently), 7);
+        assert!(!p.available());
+        assert_eq!(p.begin(), Begin::DeclinePermanently);
+        let mut q: PoolState<u8> = PoolState::new(false);
+        assert_eq!(q.begin(), Begin::DeclinePermanently);
+    }
+
+    #[test]
+    fn pool_drops_dead_and_broken_instances() {
+        let mut p = PoolState::new(true);
+        p.begin();
+        assert_eq!(p.finish(&TryOutcome::Died(String::new()), 1), None);
+        assert!(p.available());
+        assert_eq!(p.begin(), Begin::Spawn);
+        assert_eq!(p.finish(&TryOutcome::Error("x".into()), 2), None);
+        assert_eq!(p.begin(), Begin::Spawn);
+    }
+
+    #[test]
+    fn job_first_alarm_wins() {
+        let mut j = JobState::default();
+        assert!(!j.alarm(LogAlarm::LogLimit(1)), "not running yet");
+        assert!(j.start());
+        assert!(!j.start());
+        let t = LogAlarm::Timeout(Duration::from_secs(1));
+        assert!(j.alarm(t));
+        assert!(!j.alarm(LogAlarm::LogLimit(1)));
+        assert_eq!(j.finish(), Some(t));
+        assert!(!j.alarm(t));
+    }
+}

@@ -1,0 +1,533 @@
+//! The hook pool and hook jobs against scripted hooks (`tests/data/hooks/record.py`,
+//! driven by environment variables set in a per-test wrapper script).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use drover::hook_protocol::{encode_settings, Reader};
+use drover::store_path::{StoreDir, StorePath};
+use drover_actors::hook::{HookPool, HookPoolConfig};
+
+use drover_actors::messages::{
+    HookBuild, HookFinished, HookReply, HookStderrLine, HookTry, LogAlarm, LogBytes, LogConfig,
+    LogEof, LogSink, LogSummary, StartLogCollector,
+};
+
+fn recorder() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hooks/record.py")
+}
+
+/// A scratch directory with a wrapper hook that runs the recorder with `vars`.
+struct Hook {
+    dir: tempfile::TempDir,
+}
+
+impl Hook {
+    fn new(vars: &[(&str, &str)]) -> Hook {
+        let dir = tempfile::tempdir().unwrap();
+        let mut script = format!("#!/bin/sh\nexport HOOK_DIR='{}'\n", dir.path().display());
+        for (k, v) in vars {
+            script.push_str(&format!("export {k}='{v}'\n"));
+        }
+        script.push_str(&format!("exec python3 '{}' \"$@\"\n", recorder().display()));
+        Hook::with_script(dir, &script)
+    }
+
+    fn with_script(dir: tempfile::TempDir, script: &str) -> Hook {
+        let p = dir.path().join("hook");
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        Hook { dir }
+    }
+
+    fn program(&self) -> PathBuf {
+        self.dir.path().join("hook")
+    }
+
+    /// One `pid argv…` line per process started.
+    fn processes(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("argv"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn stdin(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("stdin.bin")).unwrap_or_default()
+    }
+}
+
+/// What a fake log collector received.
+#[derive(Default, Debug)]
+struct Collected {
+    bytes: Vec<u8>,
+    lines: Vec<String>,
+    eof: bool,
+}
+
+struct FakeCollector {
+    got: Arc<Mutex<Collected>>,
+}
+
+impl Actor for FakeCollector {
+    type Context = Context<Self>;
+}
+
+impl Handler<LogBytes> for FakeCollector {
+    type Result = ();
+    fn handle(&mut self, m: LogBytes, _: &mut Context<Self>) {
+        self.got.lock().unwrap().bytes.extend(m.0);
+    }
+}
+
+impl Handler<HookStderrLine> for FakeCollector {
+    type Result = ();
+    fn handle(&mut self, m: HookStderrLine, _: &mut Context<Self>) {
+        self.got.lock().unwrap().lines.push(m.0);
+    }
+}
+
+impl Handler<LogEof> for FakeCollector {
+    type Result = LogSummary;
+    fn handle(&mut self, _: LogEof, _: &mut Context<Self>) -> LogSummary {
+        let mut g = self.got.lock().unwrap();
+        g.eof = true;
+        LogSummary {
+            tail: vec![],
+            bytes: g.bytes.len() as u64,
+            log_file: None,
+        }
+    }
+}
+
+/// A collector factory; with `alarm_after`, the collector raises a timeout alarm
+/// that long after it starts.
+fn collector(got: Arc<Mutex<Collected>>, alarm_after: Option<Duration>) -> StartLogCollector {
+    Arc::new(move |_cfg: LogConfig, alarm: Recipient<LogAlarm>| {
+        let addr = FakeCollector { got: got.clone() }.start();
+        if let Some(d) = alarm_after {
+            actix::spawn(async move {
+                tokio::time::sleep(d).await;
+                alarm.do_send(LogAlarm::Timeout(d));
+            });
+        }
+        LogSink {
+            bytes: addr.clone().recipient(),
+            hook_stderr: addr.clone().recipient(),
+            eof: addr.recipient(),
+        }
+    })
+}
+
+/// Waits (at most 2 s) until `n` lines have arrived: echoed lines are sent without
+/// waiting for the recipient.
+async fn wait_for_lines(got: &Arc<Mutex<Collected>>, n: usize) {
+    for _ in 0..100 {
+        if got.lock().unwrap().lines.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn store_dir() -> StoreDir {
+    StoreDir::new("/nix/store").unwrap()
+}
+
+fn drv(name: &str) -> StorePath {
+    StorePath::from_base_name(&format!("00000000000000000000000000000000-{name}.drv")).unwrap()
+}
+
+fn pool(
+    program: Option<PathBuf>,
+    got: Arc<Mutex<Collected>>,
+    alarm_after: Option<Duration>,
+) -> (Addr<HookPool>, Arc<Mutex<Collected>>) {
+    let stderr_got = Arc::new(Mutex::new(Collected::default()));
+    let stderr = FakeCollector {
+        got: stderr_got.clone(),
+    }
+    .start();
+    let config = HookPoolConfig {
+        build_hook: program,
+        verbosity: 3,
+        preamble: Arc::new(encode_settings([
+            ("max-jobs", "1"),
+            ("system", "x86_64-linux"),
+        ])),
+        store_dir: store_dir(),
+        start_log_collector: collector(got, alarm_after),
+        stderr: Some(stderr.clone().recipient()),
+    };
+    (HookPool::new(config).start(), stderr_got)
+}
+
+fn try_msg(name: &str) -> HookTry {
+    HookTry {
+        am_willing: true,
+        system: "x86_64-linux".into(),
+        drv_path: drv(name),
+        required_features: ["kvm".to_owned()].into(),
+    }
+}
+
+fn describe(r: &HookReply) -> String {
+    match r {
+        HookReply::Decline => "decline".into(),
+        HookReply::DeclinePermanently => "decline-permanently".into(),
+        HookReply::Postpone => "postpone".into(),
+        HookReply::Accept { machine, .. } => format!("accept {machine}"),
+        HookReply::Error(e) => format!("error {e}"),
+    }
+}
+
+async fn ask(p: &Addr<HookPool>, name: &str) -> HookReply {
+    p.send(try_msg(name)).await.unwrap()
+}
+
+/// Receives one HookFinished.
+struct Finished(Arc<Mutex<Option<HookFinished>>>);
+impl Actor for Finished {
+    type Context = Context<Self>;
+}
+impl Handler<HookFinished> for Finished {
+    type Result = ();
+    fn handle(&mut self, m: HookFinished, _: &mut Context<Self>) {
+        *self.0.lock().unwrap() = Some(m);
+    }
+}
+
+fn log_config() -> LogConfig {
+    LogConfig {
+        drv_path: drv("x"),
+        log_dir: "/nonexistent".into(),
+        compress: false,
+        tail_lines: 10,
+        max_log_size: 0,
+        max_silent_time: None,
+        timeout: None,
+        echo: false,
+    }
+}
+
+/// Accepts, runs the job, and waits (at most 20 s) for its HookFinished.
+async fn build(reply: HookReply, inputs: &[&str]) -> HookFinished {
+    let HookReply::Accept { job, .. } = reply else {
+        panic!("expected accept, got {}", describe(&reply));
+    };
+    let slot = Arc::new(Mutex::new(None));
+    let fin = Finished(slot.clone()).start();
+    job.send(HookBuild {
+        id: 42,
+        inputs: inputs
+            .iter()
+            .map(|b| StorePath::from_base_name(b).unwrap())
+            .collect(),
+        missing_outputs: ["out".to_owned(), "dev".to_owned()].into(),
+        log: log_config(),
+        reply_to: fin.recipient(),
+    })
+    .await
+    .unwrap();
+    for _ in 0..400 {
+        if let Some(f) = slot.lock().unwrap().take() {
+            return f;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no HookFinished");
+}
+
+#[actix::test]
+async fn one_process_for_three_tries_until_accept() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "decline,postpone,decline,accept:m1,decline")]);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let (p, stderr) = pool(Some(hook.program()), got, None);
+    assert_eq!(describe(&ask(&p, "a").await), "decline");
+    assert_eq!(describe(&ask(&p, "b").await), "postpone");
+    assert_eq!(describe(&ask(&p, "c").await), "decline");
+    let acc = ask(&p, "d").await;
+    assert_eq!(describe(&acc), "accept m1");
+    assert_eq!(hook.processes().len(), 1, "{:?}", hook.processes());
+    // argv: the verbosity only after argv[0].
+    assert!(hook.processes()[0].ends_with(" 3"));
+    // The next request starts a new process.
+    assert_eq!(describe(&ask(&p, "e").await), "decline");
+    assert_eq!(hook.processes().len(), 2);
+    // The preamble went out once per process; then the requests, in order.
+    let sent = hook.stdin();
+    let mut r = Reader::new(&sent);
+    assert_eq!(r.read_settings().unwrap().len(), 2);
+    for name in ["a", "b", "c", "d"] {
+        let t = r.read_try().unwrap();
+        assert_eq!(
+            t.drv_path,
+            format!("/nix/store/00000000000000000000000000000000-{name}.drv")
+        );
+        assert_eq!(t.required_features, BTreeSet::from(["kvm".to_owned()]));
+        assert!(t.am_willing);
+    }
+    drop(acc);
+    // The `@nix` lines printed while answering reached the stderr recipient.
+    wait_for_lines(&stderr, 5).await;
+    let lines = stderr.lock().unwrap().lines.clone();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(
+        lines[0].starts_with("@nix {\"action\":\"msg\""),
+        "{lines:?}"
+    );
+}
+
+#[actix::test]
+async fn decline_permanently_is_never_asked_again() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "decline-permanently,decline")]);
+    let (p, _) = pool(Some(hook.program()), Default::default(), None);
+    assert_eq!(describe(&ask(&p, "a").await), "decline-permanently");
+    assert_eq!(describe(&ask(&p, "b").await), "decline-permanently");
+    assert_eq!(describe(&ask(&p, "c").await), "decline-permanently");
+    assert_eq!(hook.processes().len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(hook.dir.path().join("count")).unwrap(),
+        "1"
+    );
+}
+
+#[actix::test]
+async fn no_hook_configured_declines_permanently() {
+    let (p, _) = pool(None, Default::default(), None);
+    assert_eq!(describe(&ask(&p, "a").await), "decline-permanently");
+}
+
+#[actix::test]
+async fn missing_program_is_unexpected_eof() {
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let stderr_got = Arc::new(Mutex::new(Collected::default()));
+    let stderr = FakeCollector {
+        got: stderr_got.clone(),
+    }
+    .start();
+    let config = HookPoolConfig {
+        build_hook: Some("/nonexistent/hook".into()),
+        verbosity: 3,
+        preamble: Arc::new(encode_settings(Vec::<(String, String)>::new())),
+        store_dir: store_dir(),
+        start_log_collector: collector(got, None),
+        stderr: Some(stderr.recipient()),
+    };
+    let p = HookPool::new(config).start();
+    assert_eq!(
+        describe(&ask(&p, "a").await),
+        "error unexpected EOF reading a line"
+    );
+    wait_for_lines(&stderr_got, 1).await;
+    assert_eq!(
+        stderr_got.lock().unwrap().lines,
+        ["error: executing '/nonexistent/hook': No such file or directory"]
+    );
+}
+
+#[actix::test]
+async fn accepted_job_builds() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "accept:machine-7"), ("HOOK_BUILD", "ok")]);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let (p, _) = pool(Some(hook.program()), got.clone(), None);
+    let reply = ask(&p, "a").await;
+    let dep = "11111111111111111111111111111111-dep";
+    let src = "22222222222222222222222222222222-hello.txt";
+    let fin = build(reply, &[src, dep]).await;
+    assert_eq!(fin.id, 42);
+    assert_eq!(fin.exit_code, Some(0));
+    assert_eq!(fin.alarm, None);
+    assert_eq!(fin.log.bytes, 23);
+    let g = got.lock().unwrap();
+    assert_eq!(g.bytes, b"remote log line\npartial");
+    assert!(g.eof);
+    // Only `@nix` lines are forwarded after acceptance (Nix 2.8 drops the others).
+    assert_eq!(
+        g.lines,
+        [r#"@nix {"action":"msg","level":0,"msg":"remote says hi"}"#]
+    );
+    // The hook read the inputs and missing outputs, then EOF (it checks).
+    let sent = hook.stdin();
+    let mut r = Reader::new(&sent);
+    r.read_settings().unwrap();
+    r.read_try().unwrap();
+    let inputs: Vec<String> = r.read_string_set().unwrap().into_iter().collect();
+    assert_eq!(
+        inputs,
+        [format!("/nix/store/{dep}"), format!("/nix/store/{src}")]
+    );
+    let outs: Vec<String> = r.read_string_set().unwrap().into_iter().collect();
+    assert_eq!(outs, ["dev", "out"]);
+    assert!(r.rest().is_empty());
+}
+
+#[actix::test]
+async fn accepted_job_fails() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "accept:m"), ("HOOK_BUILD", "fail")]);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let (p, _) = pool(Some(hook.program()), got, None);
+    let fin = build(ask(&p, "a").await, &[]).await;
+    assert_eq!(fin.exit_code, Some(1));
+    assert_eq!(fin.alarm, None);
+}
+
+#[actix::test]
+async fn hanging_job_is_killed_by_an_alarm() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "accept:m"), ("HOOK_BUILD", "hang")]);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let (p, _) = pool(
+        Some(hook.program()),
+        got.clone(),
+        Some(Duration::from_millis(300)),
+    );
+    let start = std::time::Instant::now();
+    let fin = build(ask(&p, "a").await, &[]).await;
+    assert_eq!(fin.exit_code, None, "killed by a signal");
+    assert_eq!(
+        fin.alarm,
+        Some(LogAlarm::Timeout(Duration::from_millis(300)))
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_eq!(got.lock().unwrap().bytes, b"remote log line\npartial");
+}
+
+#[actix::test]
+async fn hook_that_dies_without_answering() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "die")]);
+    let (p, _) = pool(Some(hook.program()), Default::default(), None);
+    assert_eq!(
+        describe(&ask(&p, "a").await),
+        "error unexpected EOF reading a line"
+    );
+    // A later request gets a new process.
+    assert_eq!(
+        describe(&ask(&p, "b").await),
+        "error unexpected EOF reading a line"
+    );
+    assert_eq!(hook.processes().len(), 2);
+}
+
+#[actix::test]
+async fn broken_pipe_declines_and_restarts() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "decline-close,decline")]);
+    let stderr_got = Arc::new(Mutex::new(Collected::default()));
+    let stderr = FakeCollector {
+        got: stderr_got.clone(),
+    }
+    .start();
+    let config = HookPoolConfig {
+        build_hook: Some(hook.program()),
+        verbosity: 3,
+        preamble: Arc::new(encode_settings(Vec::<(String, String)>::new())),
+        store_dir: store_dir(),
+        start_log_collector: collector(Default::default(), None),
+        stderr: Some(stderr.recipient()),
+    };
+    let p = HookPool::new(config).start();
+    assert_eq!(describe(&ask(&p, "a").await), "decline");
+    // Wait until the hook has closed its request pipe.
+    for _ in 0..200 {
+        if hook.dir.path().join("closed").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(describe(&ask(&p, "b").await), "decline");
+    wait_for_lines(&stderr_got, 2).await;
+    let lines = stderr_got.lock().unwrap().lines.clone();
+    assert!(
+        lines.contains(&"error: build hook died unexpectedly: dying words".to_owned()),
+        "{lines:?}"
+    );
+    // The dead process is replaced by a new one.
+    assert_eq!(describe(&ask(&p, "c").await), "decline");
+    assert_eq!(hook.processes().len(), 2);
+}
+
+#[actix::test]
+async fn bad_replies_are_errors() {
+    let hook = Hook::new(&[("HOOK_REPLIES", "garbage:# nonsense")]);
+    let (p, _) = pool(Some(hook.program()), Default::default(), None);
+    assert_eq!(
+        describe(&ask(&p, "a").await),
+        "error bad hook reply 'nonsense'"
+    );
+    let hook = Hook::new(&[("HOOK_REPLIES", "accept:m"), ("HOOK_BUILD", "noline")]);
+    let (p, _) = pool(Some(hook.program()), Default::default(), None);
+    assert_eq!(
+        describe(&ask(&p, "a").await),
+        "error unexpected EOF reading a line"
+    );
+}
+
+/// Interop: the pool, configured from a Nix test root's settings, sends a hook the
+/// same bytes (preamble and `try`) and argv as `nix-store --realise` does.
+#[actix::test]
+async fn pool_sends_what_nix_sends() {
+    require_nix!();
+    let rec_nix = tempfile::tempdir().unwrap();
+    let root = crate::nix_env::TestRoot::with_conf(&format!(
+        "build-hook = {}\nmax-jobs = 2\n",
+        recorder().display()
+    ));
+    let f = root.path().join("e.nix");
+    std::fs::write(
+        &f,
+        r#"derivation { name = "hook-feat"; system = builtins.currentSystem; builder = "/bin/sh";
+             args = ["-c" "echo hi > $out"]; requiredSystemFeatures = ["kvm" "big-parallel"]; }"#,
+    )
+    .unwrap();
+    let drv = root.instantiate(&f, None).remove(0);
+    let out = root
+        .cmd("nix-store")
+        .args(["--realise", &drv])
+        .env("HOOK_DIR", rec_nix.path())
+        .env("HOOK_REPLIES", "decline")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nix_sent = std::fs::read(rec_nix.path().join("stdin.bin")).unwrap();
+
+    let mut env: drover::config::Env = std::env::vars().collect();
+    for (k, v) in root.env() {
+        env.insert(k.to_owned(), v);
+    }
+    let settings = drover::config::Settings::load(&env, &[]).unwrap();
+    // Our wrapper script sets HOOK_DIR and replaces argv[0]; it runs the recorder,
+    // which Nix ran directly, with the same arguments.
+    let hook = Hook::new(&[("HOOK_REPLIES", "decline")]);
+    let mut config =
+        HookPoolConfig::from_settings(&settings, &env, 3, collector(Default::default(), None));
+    assert_eq!(config.build_hook.as_deref(), Some(recorder().as_path()));
+    config.build_hook = Some(hook.program());
+    let p = HookPool::new(config).start();
+    let reply = p
+        .send(HookTry {
+            am_willing: true,
+            system: drover::config::native_system(),
+            drv_path: settings.store_dir().parse(&drv).unwrap(),
+            required_features: ["kvm".to_owned(), "big-parallel".to_owned()].into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(describe(&reply), "decline");
+    assert_eq!(hook.stdin(), nix_sent);
+    let argv = |d: &Path| {
+        std::fs::read_to_string(d.join("argv"))
+            .unwrap()
+            .split_once(' ')
+            .unwrap()
+            .1
+            .to_owned()
+    };
+    assert_eq!(argv(hook.dir.path()), argv(rec_nix.path()));
+}
