@@ -3,4 +3,5 @@
 //!
 //! [`messages`] defines the boundaries between the actors; see `docs/ARCHITECTURE.md`.
 
+pub mod log_collector;
 pub mod messages;
