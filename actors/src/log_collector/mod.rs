@@ -14,7 +14,8 @@
 //!   stderr followed by `\n` (what `nix-store` without `-Q` prints: the assembled lines,
 //!   not the raw bytes). A builder may only start file-transfer activities (untrusted).
 //! * Hook stderr lines during a remote build ([`HookStderrLine`](crate::messages::HookStderrLine))
-//!   are trusted `@nix` messages; a `type: 101` message (build log line) also appends
+//!   are trusted `@nix` messages (an activity start is printed as `<text>...` when
+//!   its level is at most the verbosity); a `type: 101` message (build log line) also appends
 //!   its first field and `\n` to the log file. Other lines are dropped, as Nix 2.8 does
 //!   once a hook has accepted a build.
 //! * `max-silent-time` (no output for that long; hook stderr counts as output) and
@@ -279,10 +280,18 @@ impl CollectorState {
         };
         match m {
             JsonMessage::Start {
-                id, activity_type, ..
+                id,
+                activity_type,
+                level,
+                text,
+                ..
             } => {
                 if source == Source::Hook || activity_type == ACT_FILE_TRANSFER {
                     activities.insert(id);
+                    // Nix's logger announces an activity as `<text>...`.
+                    if level <= self.verbosity && !text.is_empty() {
+                        fx.push(Effect::Stderr(format!("{text}...\n").into_bytes()));
+                    }
                 }
             }
             JsonMessage::Stop { id } => {

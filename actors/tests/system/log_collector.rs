@@ -300,3 +300,100 @@ async fn big_compressed_log_streams_in_bounded_memory() {
     )
     .await;
 }
+
+/// The output of a real Nix 2.8 build, fed through a collector with `echo`: the log
+/// file is byte-identical to Nix's, and what the collector prints is what `nix-store`
+/// printed for the builder.
+#[actix::test]
+async fn collector_matches_nix_on_a_real_build() {
+    require_nix!();
+    let root = crate::nix_env::TestRoot::new();
+    let expr = root.path().join("x.nix");
+    std::fs::write(
+        &expr,
+        r#"derivation { name = "echoed"; system = builtins.currentSystem; builder = "/bin/sh";
+          args = ["-c" ''
+            echo first
+            printf 'abcdef\rXY\n'
+            echo '@nix {"action":"setPhase","phase":"buildPhase"}'
+            echo '@nix {"action":"msg","level":1,"msg":"a warning"}'
+            echo '@nix {"action":"msg","level":5,"msg":"too chatty"}'
+            echo '@nix {"action":"start","id":3,"level":3,"type":101,"text":"fetching","parent":0,"fields":[]}'
+            echo '@nix {"action":"result","id":3,"type":101,"fields":["fetched line"]}'
+            echo '@nix {broken'
+            i=0; while [ $i -lt 3000 ]; do echo "line $i"; i=$((i+1)); done
+            printf 'no newline'
+            exit 1
+          ''];
+        }"#,
+    )
+    .unwrap();
+    let drv_full = root.instantiate(&expr, None).remove(0);
+    let out = root
+        .cmd("nix-store")
+        .args(["--realise", &drv_full])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(100));
+    let nix_stderr = String::from_utf8(out.stderr).unwrap();
+    let builder_part: Vec<&str> = nix_stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("building '"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("error: builder for"))
+        .collect();
+
+    for expected in [
+        "first",
+        "XYcdef",
+        "a warning",
+        "fetching...",
+        "fetched line",
+        "no newline",
+    ] {
+        assert!(builder_part.contains(&expected), "{nix_stderr}");
+    }
+    assert!(!nix_stderr.contains("too chatty"));
+    let drv = StorePath::from_base_name(drv_full.rsplit('/').next().unwrap()).unwrap();
+    let nix_file = log_file_path(&root.log_dir, &drv, true);
+    let nix_compressed = std::fs::read(&nix_file).unwrap();
+    let raw = {
+        let mut v = Vec::new();
+        bzip2::read::BzDecoder::new(&nix_compressed[..])
+            .read_to_end(&mut v)
+            .unwrap();
+        v
+    };
+
+    let t = tempfile::tempdir().unwrap();
+    let (err, o) = options(None);
+    let (_, al) = recorder::<LogAlarm>();
+    let mut c = config(t.path());
+    c.drv_path = drv.clone();
+    c.echo = true;
+    let sink = starter_with(o)(c, al.recipient());
+    for chunk in raw.chunks(4096) {
+        sink.bytes.send(LogBytes(chunk.to_vec())).await.unwrap();
+    }
+    let s = sink.eof.send(LogEof).await.unwrap();
+    let ours = std::fs::read(s.log_file.unwrap()).unwrap();
+    assert!(ours == nix_compressed, "compressed log differs from Nix's");
+    assert_eq!(s.tail.last().map(String::as_str), Some("no newline"));
+
+    let printed = String::from_utf8(err.lock().unwrap().clone()).unwrap();
+    let printed: Vec<&str> = printed.lines().collect();
+    assert_eq!(
+        printed.len(),
+        builder_part.len(),
+        "{printed:?}\n{builder_part:?}"
+    );
+    for (ours, nix) in printed.iter().zip(&builder_part) {
+        // The JSON parsers word their errors differently.
+        let bad = "bad JSON log message from builder: ";
+        if nix.starts_with(bad) {
+            assert!(ours.starts_with(bad), "{ours}");
+        } else {
+            assert_eq!(ours, nix);
+        }
+    }
+}

@@ -1,3 +1,7 @@
 //! Integration tests of the actor system: one binary, one module per area.
 
+#[path = "../../../tests/it/nix_env.rs"]
+#[macro_use]
+mod nix_env;
+
 mod log_collector;
