@@ -21,7 +21,9 @@
 //! * `max-silent-time` (no output for that long; hook stderr counts as output) and
 //!   `timeout` (since the collector started) raise [`LogAlarm::Silent`] /
 //!   [`LogAlarm::Timeout`]. At most one alarm is raised per build: the owner kills the
-//!   builder on the first.
+//!   builder on the first. Nix 2.8 applies neither to hook builds
+//!   (`childStarted(…, respectTimeouts = false)`): the hook pool should leave both
+//!   unset in a hook build's [`LogConfig`].
 //!
 //! This module holds the state machine ([`CollectorState`]), free of actix: it turns
 //! inputs and the current time into [`Effect`]s. [`actor`] runs it as an actor.
