@@ -388,6 +388,37 @@ mod tests {
         assert_eq!(bunzip(&p), expected);
     }
 
+    fn write_in_chunks(dir: &Path, data: &[u8], cuts: &[usize], compress: bool) -> Vec<u8> {
+        let mut f = LogFile::create(dir, &drv(), compress).unwrap();
+        let mut start = 0;
+        for &c in cuts.iter().chain([&data.len()]) {
+            f.write(&data[start..c]).unwrap();
+            start = c;
+        }
+        std::fs::read(f.finish().unwrap()).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn chunking_does_not_change_the_file(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(0usize..3000, 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort();
+            let t = tempfile::tempdir().unwrap();
+            for compress in [true, false] {
+                let whole = write_in_chunks(t.path(), &data, &[], compress);
+                let chunked = write_in_chunks(t.path(), &data, &cuts, compress);
+                proptest::prop_assert_eq!(&whole, &chunked);
+                if !compress {
+                    proptest::prop_assert_eq!(&whole, &data);
+                }
+            }
+        }
+    }
+
     #[test]
     fn unwritable_log_dir_is_a_clear_error() {
         let t = tempfile::tempdir().unwrap();
