@@ -4,4 +4,5 @@
 //! [`messages`] defines the boundaries between the actors; see `docs/ARCHITECTURE.md`.
 
 pub mod hook;
+pub mod log_collector;
 pub mod messages;

@@ -5,3 +5,4 @@
 mod nix_env;
 
 mod hook;
+mod log_collector;

@@ -1,0 +1,430 @@
+//! The log file of a build, named and written as Nix 2.8 does.
+//!
+//! The log of derivation `<store>/<hash>-<name>.drv` is stored at
+//! `<log dir>/drvs/<first 2 chars of the base name>/<rest of the base name>`, plus
+//! `.bz2` when `compress-build-log` is on (the default), in which case it is one
+//! bzip2 stream (level 9, as Nix's compression sink). The directories are created as
+//! needed (`mkdir -p`, mode 0777 before umask) and the file is created or truncated
+//! with mode 0666 before umask. The file holds the builder's output **verbatim**
+//! (`\r`, `@nix` lines and a partial last line included).
+//!
+//! [`LogFile`] writes synchronously. [`LogFileWriter`] moves a [`LogFile`] to its own
+//! thread, fed by a bounded channel of chunks: a full channel makes the sender wait
+//! (never dropping bytes), so memory stays bounded whatever the log size and the
+//! compression never runs on the sender's thread. A plain (uncompressed) log is written
+//! chunk by chunk as it arrives, so it can be read while the build runs.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bzip2::write::BzEncoder;
+use bzip2::Compression;
+
+use crate::store_path::StorePath;
+
+/// The directory under the log dir holding derivation logs.
+pub const DRVS_LOG_DIR: &str = "drvs";
+
+/// How many chunks a [`LogFileWriter`] queues before senders wait.
+pub const DEFAULT_QUEUE_CHUNKS: usize = 64;
+
+/// Errors writing a log file.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFileError {
+    #[error("creating log file '{}': {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing log file '{}': {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the writer thread of log file '{}' stopped", path.display())]
+    WriterGone { path: PathBuf },
+    #[error("cannot start the writer thread of log file '{}': {source}", path.display())]
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `<log dir>/drvs/<xx>/<rest>[.bz2]` for a derivation's base name.
+pub fn log_file_path(log_dir: &Path, drv_path: &StorePath, compress: bool) -> PathBuf {
+    let base = drv_path.base_name();
+    // Base names are ASCII (nixbase32 hash part), so splitting at 2 is safe.
+    let (dir, rest) = base.split_at(2);
+    let file = if compress {
+        format!("{rest}.bz2")
+    } else {
+        rest.to_owned()
+    };
+    log_dir.join(DRVS_LOG_DIR).join(dir).join(file)
+}
+
+enum Sink {
+    Plain(File),
+    Bzip2(BzEncoder<File>),
+}
+
+/// A log file being written synchronously.
+pub struct LogFile {
+    path: PathBuf,
+    sink: Sink,
+}
+
+impl LogFile {
+    /// Creates (or truncates) the log file of `drv_path` under `log_dir`.
+    pub fn create(
+        log_dir: &Path,
+        drv_path: &StorePath,
+        compress: bool,
+    ) -> Result<LogFile, LogFileError> {
+        let path = log_file_path(log_dir, drv_path, compress);
+        let create = |source| LogFileError::Create {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(create)?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o666)
+            .open(&path)
+            .map_err(create)?;
+        let sink = if compress {
+            Sink::Bzip2(BzEncoder::new(file, Compression::best()))
+        } else {
+            Sink::Plain(file)
+        };
+        Ok(LogFile { path, sink })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends raw builder output.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), LogFileError> {
+        let r = match &mut self.sink {
+            Sink::Plain(f) => f.write_all(data),
+            Sink::Bzip2(e) => e.write_all(data),
+        };
+        r.map_err(|source| LogFileError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Ends the bzip2 stream (if any) and flushes; returns the file's path.
+    pub fn finish(self) -> Result<PathBuf, LogFileError> {
+        let path = self.path;
+        let r = match self.sink {
+            Sink::Plain(mut f) => f.flush(),
+            Sink::Bzip2(e) => e.finish().and_then(|mut f| f.flush()),
+        };
+        r.map_err(|source| LogFileError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}
+
+/// Bytes queued between senders and the writer thread.
+#[derive(Debug, Default)]
+struct Queued {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Queued {
+    fn add(&self, n: usize) {
+        let now = self.now.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn sub(&self, n: usize) {
+        self.now.fetch_sub(n as u64, Ordering::SeqCst);
+    }
+}
+
+/// Why [`LogFileWriter::try_write`] did not take a chunk; the chunk is handed back.
+#[derive(Debug)]
+pub enum TryWriteError {
+    /// The queue is full: wait with [`ChunkSender::send`] (e.g. on a blocking pool).
+    Full(Vec<u8>),
+    /// The writer thread has stopped (a write failed); [`LogFileWriter::finish`] says why.
+    Closed(Vec<u8>),
+}
+
+/// A cloneable handle that queues chunks for a [`LogFileWriter`], waiting while the
+/// queue is full.
+#[derive(Clone)]
+pub struct ChunkSender {
+    tx: SyncSender<Vec<u8>>,
+    queued: Arc<Queued>,
+    path: PathBuf,
+}
+
+impl ChunkSender {
+    /// Queues a chunk, blocking while the queue is full.
+    pub fn send(&self, chunk: Vec<u8>) -> Result<(), LogFileError> {
+        let n = chunk.len();
+        self.queued.add(n);
+        self.tx.send(chunk).map_err(|_| {
+            self.queued.sub(n);
+            LogFileError::WriterGone {
+                path: self.path.clone(),
+            }
+        })
+    }
+}
+
+/// A [`LogFile`] written on its own thread, fed by a bounded queue of chunks.
+pub struct LogFileWriter {
+    sender: ChunkSender,
+    thread: JoinHandle<Result<PathBuf, LogFileError>>,
+}
+
+impl LogFileWriter {
+    /// Moves `file` to a new writer thread accepting up to `queue_chunks` queued chunks.
+    pub fn spawn(file: LogFile, queue_chunks: usize) -> Result<LogFileWriter, LogFileError> {
+        let (tx, rx) = mpsc::sync_channel(queue_chunks.max(1));
+        let queued = Arc::new(Queued::default());
+        let path = file.path().to_owned();
+        let q = queued.clone();
+        let thread = std::thread::Builder::new()
+            .name("build-log-writer".into())
+            .spawn(move || write_chunks(file, rx, &q))
+            .map_err(|source| LogFileError::Spawn {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(LogFileWriter {
+            sender: ChunkSender { tx, queued, path },
+            thread,
+        })
+    }
+
+    /// Creates the log file and its writer thread.
+    pub fn create(
+        log_dir: &Path,
+        drv_path: &StorePath,
+        compress: bool,
+    ) -> Result<LogFileWriter, LogFileError> {
+        LogFileWriter::spawn(
+            LogFile::create(log_dir, drv_path, compress)?,
+            DEFAULT_QUEUE_CHUNKS,
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.sender.path
+    }
+
+    /// Queues a chunk if there is room, without waiting.
+    pub fn try_write(&self, chunk: Vec<u8>) -> Result<(), TryWriteError> {
+        let n = chunk.len();
+        self.sender.queued.add(n);
+        self.sender.tx.try_send(chunk).map_err(|e| {
+            self.sender.queued.sub(n);
+            match e {
+                TrySendError::Full(c) => TryWriteError::Full(c),
+                TrySendError::Disconnected(c) => TryWriteError::Closed(c),
+            }
+        })
+    }
+
+    /// Queues a chunk, blocking while the queue is full.
+    pub fn write(&self, chunk: Vec<u8>) -> Result<(), LogFileError> {
+        self.sender.send(chunk)
+    }
+
+    /// A handle for queueing from elsewhere (e.g. a blocking task).
+    pub fn sender(&self) -> ChunkSender {
+        self.sender.clone()
+    }
+
+    /// Bytes queued now (sent, not yet written).
+    pub fn queued_bytes(&self) -> u64 {
+        self.sender.queued.now.load(Ordering::SeqCst)
+    }
+
+    /// The most bytes ever queued at once: the writer's memory bound, for tests.
+    pub fn peak_queued_bytes(&self) -> u64 {
+        self.sender.queued.peak.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every queued chunk is written, ends the file and returns its path.
+    /// Blocks: call it off any event-loop thread. Chunks sent afterwards through other
+    /// [`ChunkSender`] clones must have been sent before this is called.
+    pub fn finish(self) -> Result<PathBuf, LogFileError> {
+        let LogFileWriter { sender, thread } = self;
+        let path = sender.path.clone();
+        drop(sender);
+        match thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(LogFileError::WriterGone { path }),
+        }
+    }
+}
+
+fn write_chunks(
+    mut file: LogFile,
+    rx: Receiver<Vec<u8>>,
+    queued: &Queued,
+) -> Result<PathBuf, LogFileError> {
+    // Ends when every sender is gone (the writer was finished or dropped).
+    for chunk in rx {
+        let r = file.write(&chunk);
+        queued.sub(chunk.len());
+        r?;
+    }
+    file.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn drv() -> StorePath {
+        StorePath::from_base_name("n1hrl2abbi4wf021psnzrg57vsdg0pfm-logt.drv").unwrap()
+    }
+
+    fn bunzip(path: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        bzip2::read::MultiBzDecoder::new(File::open(path).unwrap())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn file_names_follow_nix() {
+        let dir = Path::new("/var/log/nix");
+        assert_eq!(
+            log_file_path(dir, &drv(), true),
+            Path::new("/var/log/nix/drvs/n1/hrl2abbi4wf021psnzrg57vsdg0pfm-logt.drv.bz2")
+        );
+        assert_eq!(
+            log_file_path(dir, &drv(), false),
+            Path::new("/var/log/nix/drvs/n1/hrl2abbi4wf021psnzrg57vsdg0pfm-logt.drv")
+        );
+    }
+
+    #[test]
+    fn compressed_file_holds_the_raw_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let mut f = LogFile::create(t.path(), &drv(), true).unwrap();
+        f.write(b"abc\rX\n@nix {\"action\":\"msg\"}\n").unwrap();
+        f.write(b"partial").unwrap();
+        let p = f.finish().unwrap();
+        assert!(p.starts_with(t.path().join("drvs/n1")));
+        assert_eq!(bunzip(&p), b"abc\rX\n@nix {\"action\":\"msg\"}\npartial");
+    }
+
+    #[test]
+    fn empty_log_is_a_valid_bzip2_file() {
+        let t = tempfile::tempdir().unwrap();
+        let p = LogFile::create(t.path(), &drv(), true)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert_eq!(bunzip(&p), b"");
+    }
+
+    #[test]
+    fn plain_file_is_readable_while_written_and_truncated_on_create() {
+        let t = tempfile::tempdir().unwrap();
+        let p = log_file_path(t.path(), &drv(), false);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"old content that is longer").unwrap();
+        let w = LogFileWriter::create(t.path(), &drv(), false).unwrap();
+        w.write(b"first\n".to_vec()).unwrap();
+        // The plain variant writes each chunk as it comes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read(&p).unwrap() != b"first\n" {
+            assert!(std::time::Instant::now() < deadline, "chunk not written");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        w.write(b"second".to_vec()).unwrap();
+        assert_eq!(w.finish().unwrap(), p);
+        assert_eq!(std::fs::read(&p).unwrap(), b"first\nsecond");
+    }
+
+    #[test]
+    fn threaded_writer_keeps_order_and_bounds_its_queue() {
+        let t = tempfile::tempdir().unwrap();
+        let w = LogFileWriter::spawn(LogFile::create(t.path(), &drv(), true).unwrap(), 4).unwrap();
+        let mut expected: Vec<u8> = Vec::new();
+        for i in 0..2000u32 {
+            let chunk = format!("line {i}\n").repeat(50).into_bytes();
+            expected.extend(&chunk);
+            match w.try_write(chunk) {
+                Ok(()) => {}
+                Err(TryWriteError::Full(c)) => w.sender().send(c).unwrap(),
+                Err(TryWriteError::Closed(_)) => panic!("writer closed"),
+            }
+        }
+        // 4 queued chunks plus one being sent and one being written at most.
+        assert!(
+            w.peak_queued_bytes() <= 6 * 600,
+            "{}",
+            w.peak_queued_bytes()
+        );
+        let p = w.finish().unwrap();
+        assert_eq!(bunzip(&p), expected);
+    }
+
+    fn write_in_chunks(dir: &Path, data: &[u8], cuts: &[usize], compress: bool) -> Vec<u8> {
+        let mut f = LogFile::create(dir, &drv(), compress).unwrap();
+        let mut start = 0;
+        for &c in cuts.iter().chain([&data.len()]) {
+            f.write(&data[start..c]).unwrap();
+            start = c;
+        }
+        std::fs::read(f.finish().unwrap()).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn chunking_does_not_change_the_file(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(0usize..3000, 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort();
+            let t = tempfile::tempdir().unwrap();
+            for compress in [true, false] {
+                let whole = write_in_chunks(t.path(), &data, &[], compress);
+                let chunked = write_in_chunks(t.path(), &data, &cuts, compress);
+                proptest::prop_assert_eq!(&whole, &chunked);
+                if !compress {
+                    proptest::prop_assert_eq!(&whole, &data);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unwritable_log_dir_is_a_clear_error() {
+        let t = tempfile::tempdir().unwrap();
+        let blocker = t.path().join("file");
+        std::fs::write(&blocker, b"").unwrap();
+        let e = LogFile::create(&blocker, &drv(), true).err().unwrap();
+        assert!(e.to_string().starts_with("creating log file '"), "{e}");
+    }
+}
