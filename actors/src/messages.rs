@@ -131,8 +131,7 @@ pub struct LogSink {
 /// Starts the LogCollector of one build; its alarms go to the given recipient (the
 /// owner of the builder or hook process). Injected into the LocalBuilder and the hook
 /// pool, so tests can replace collectors with fakes.
-pub type StartLogCollector =
-    Arc<dyn Fn(LogConfig, Recipient<LogAlarm>) -> LogSink + Send + Sync>;
+pub type StartLogCollector = Arc<dyn Fn(LogConfig, Recipient<LogAlarm>) -> LogSink + Send + Sync>;
 
 /// Raw builder output, in order, as read from the pty or the hook's fd 4.
 #[derive(Message)]
