@@ -1027,14 +1027,9 @@ impl DerivationGoal {
             .iter()
             .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
             .collect();
-        let wanted_outputs = if self.mode == BuildMode::Check {
-            drv.output_names()
-        } else {
-            drv.output_names()
-                .into_iter()
-                .filter(|n| self.wanted.contains(n) || true)
-                .collect()
-        };
+        // A local build produces every output (Nix builds them all and `done`
+        // restricts the result to the wanted ones).
+        let wanted_outputs = drv.output_names();
         vec![
             Effect::BuildStarted { machine: None },
             Effect::RunLocalBuild(LocalBuildRequest {
