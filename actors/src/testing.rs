@@ -70,6 +70,61 @@ impl TestStore {
         inputs: &[&StorePath],
         env: &[(&str, &str)],
     ) -> StorePath {
+        let (drv, bytes) = self.make_drv(name, outputs, inputs, env);
+        self.store
+            .add_text_to_store(&format!("{name}.drv"), &bytes, &drv.drv_references())
+            .expect("adding drv")
+    }
+
+    /// Writes many derivations and their outputs (all valid) with one registration:
+    /// `specs` are (name, indices of earlier specs used as inputs). Fast setup for
+    /// large graphs.
+    pub fn add_valid_drvs(&self, specs: &[(String, Vec<usize>)]) -> Vec<StorePath> {
+        let sd = self.store.store_dir().clone();
+        let mut paths: Vec<StorePath> = Vec::new();
+        let mut infos = Vec::new();
+        for (name, inputs) in specs {
+            let ins: Vec<&StorePath> = inputs.iter().map(|i| &paths[*i]).collect();
+            let (drv, bytes) = self.make_drv(name, &["out"], &ins, &[]);
+            let refs = drv.drv_references();
+            let p = sd
+                .text_path_of(&format!("{name}.drv"), &bytes, &refs)
+                .expect("drv path");
+            let real = self.store.real_path(&p);
+            std::fs::write(&real, &bytes).expect("writing drv");
+            let mut sink = drover::hash::HashSink::new(drover::hash::HashAlgo::Sha256);
+            drover::nar::dump_bytes(&bytes, &mut sink).expect("hashing");
+            let (h, n) = sink.finish();
+            let mut i = ValidPathInfo::new(p.clone(), h, n);
+            i.references = refs;
+            i.ca = Some(drover::content_address::ContentAddress::Text(
+                drover::hash::HashAlgo::Sha256.digest(&bytes),
+            ));
+            infos.push(i);
+            for o in drv.outputs.values() {
+                let Some(out) = o.path() else { continue };
+                let real = self.store.real_path(out);
+                std::fs::write(&real, name.as_bytes()).expect("writing output");
+                let (h, n) = drover::nar::nar_hash_of_path(&real).expect("hashing output");
+                let mut i = ValidPathInfo::new(out.clone(), h, n);
+                i.deriver = Some(p.clone());
+                infos.push(i);
+            }
+            paths.push(p);
+        }
+        self.store
+            .register_valid_paths(&infos)
+            .expect("registering");
+        paths
+    }
+
+    fn make_drv(
+        &self,
+        name: &str,
+        outputs: &[&str],
+        inputs: &[&StorePath],
+        env: &[(&str, &str)],
+    ) -> (Derivation, Vec<u8>) {
         let sd = self.store.store_dir().clone();
         let mut drv = Derivation {
             system: drover::config::native_system(),
@@ -101,9 +156,7 @@ impl TestStore {
             })
             .expect("output paths");
         let bytes = drv.to_aterm_bytes(&sd);
-        self.store
-            .add_text_to_store(&format!("{name}.drv"), &bytes, &drv.drv_references())
-            .expect("adding drv")
+        (drv, bytes)
     }
 
     /// The path of an output of a derivation.
@@ -394,5 +447,112 @@ impl Handler<ProgressEvent> for ProgressRecorder {
     type Result = ();
     fn handle(&mut self, msg: ProgressEvent, _ctx: &mut Context<Self>) {
         self.events.lock().expect("lock").push(msg);
+    }
+}
+
+/// Runs a [`crate::WorkerCore`] without an actor system: blocking jobs inline, local
+/// builds through a closure, timers at once, hook requests through a closure (only
+/// replies without a job: accepting needs an actor system). Deterministic, for
+/// scheduler tests.
+pub struct SyncDriver<'a> {
+    pub env: crate::goal::JobEnv,
+    /// Decides each local build; `None` leaves it running (never finishes).
+    #[allow(clippy::type_complexity)]
+    pub build:
+        Box<dyn FnMut(&crate::messages::LocalBuildRequest) -> Option<LocalBuildFinished> + 'a>,
+    pub hook: Box<dyn FnMut(&HookTryArgs) -> HookReply + 'a>,
+    /// Derivation names in build start order.
+    pub started: Vec<String>,
+    pub cancelled: Vec<u64>,
+    pub tries: Vec<HookTryArgs>,
+    pub progress: Vec<ProgressEvent>,
+}
+
+/// What a hook request carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookTryArgs {
+    pub am_willing: bool,
+    pub drv_name: String,
+}
+
+impl<'a> SyncDriver<'a> {
+    /// A driver over `store` whose builds succeed (writing the outputs).
+    pub fn new(
+        store: Arc<LocalStore>,
+        settings: Arc<crate::WorkerSettings>,
+        substituters: Vec<Arc<dyn crate::substituter::Substituter>>,
+    ) -> SyncDriver<'a> {
+        let st = store.clone();
+        SyncDriver {
+            env: crate::goal::JobEnv {
+                store,
+                substituters,
+                drv_hashes: Mutex::new(DrvHashCache::new()),
+                settings,
+            },
+            build: Box::new(move |req| {
+                let ok = write_outputs(&st, &req.drv_path, &req.output_paths).is_ok();
+                Some(LocalBuildFinished {
+                    id: 0,
+                    result: if ok {
+                        BuildResult::new(BuildStatus::Built)
+                    } else {
+                        BuildResult::failure(BuildStatus::MiscFailure, "write failed")
+                    },
+                    hash_mismatch: false,
+                    outputs: req.output_paths.clone(),
+                })
+            }),
+            hook: Box::new(|_| HookReply::DeclinePermanently),
+            started: Vec::new(),
+            cancelled: Vec::new(),
+            tries: Vec::new(),
+            progress: Vec::new(),
+        }
+    }
+
+    /// Runs the core until no action is left; returns the outcome when finished.
+    pub fn run(&mut self, core: &mut crate::WorkerCore) -> Option<crate::RealiseOutcome> {
+        use crate::worker::Action;
+        let mut pending: VecDeque<(u64, crate::goal::Event)> = VecDeque::new();
+        loop {
+            for a in core.take_actions() {
+                match a {
+                    Action::Blocking { goal, job } => pending.push_back((goal, job(&self.env))),
+                    Action::RunLocalBuild { goal, request } => {
+                        self.started.push(drv_name(&request.drv_path));
+                        if let Some(mut f) = (self.build)(&request) {
+                            f.id = goal;
+                            pending.push_back((goal, crate::goal::Event::LocalBuildFinished(f)));
+                        }
+                    }
+                    Action::CancelLocalBuild { goal } => self.cancelled.push(goal),
+                    Action::HookTry {
+                        goal,
+                        am_willing,
+                        drv_path,
+                        ..
+                    } => {
+                        let args = HookTryArgs {
+                            am_willing,
+                            drv_name: drv_name(&drv_path),
+                        };
+                        let r = (self.hook)(&args);
+                        self.tries.push(args);
+                        pending.push_back((goal, crate::goal::Event::HookReply(r)));
+                    }
+                    Action::HookBuild { .. } => {}
+                    Action::Timer { goal } => pending.push_back((goal, crate::goal::Event::Wake)),
+                    Action::Progress(p) => self.progress.push(p),
+                }
+            }
+            if core.is_finished() {
+                return Some(core.outcome());
+            }
+            match pending.pop_front() {
+                Some((g, ev)) => core.deliver(g, ev),
+                None => return None,
+            }
+        }
     }
 }

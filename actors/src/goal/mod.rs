@@ -192,3 +192,115 @@ pub struct GoalCtx<'a> {
     pub n_substituters: usize,
     pub store_dir: &'a drover::store_path::StoreDir,
 }
+
+impl std::fmt::Debug for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Effect::Blocking(_) => write!(f, "Blocking"),
+            Effect::WaitFor(r) => write!(f, "WaitFor({r:?})"),
+            Effect::AcquireBuildSlot => write!(f, "AcquireBuildSlot"),
+            Effect::ReleaseBuildSlot => write!(f, "ReleaseBuildSlot"),
+            Effect::AcquireSubstSlot => write!(f, "AcquireSubstSlot"),
+            Effect::ReleaseSubstSlot => write!(f, "ReleaseSubstSlot"),
+            Effect::WaitForAWhile => write!(f, "WaitForAWhile"),
+            Effect::HookTry { am_willing, .. } => write!(f, "HookTry({am_willing})"),
+            Effect::DisableHook => write!(f, "DisableHook"),
+            Effect::HookBuild { .. } => write!(f, "HookBuild"),
+            Effect::RunLocalBuild(r) => write!(f, "RunLocalBuild({})", r.drv_path),
+            Effect::BuildStarted { machine } => write!(f, "BuildStarted({machine:?})"),
+            Effect::SubstitutionStarted { uri } => write!(f, "SubstitutionStarted({uri})"),
+            Effect::SubstitutionStopped => write!(f, "SubstitutionStopped"),
+            Effect::Message(m) => write!(f, "Message({m})"),
+            Effect::Done(o) => write!(f, "Done({:?}, {})", o.exit, o.result),
+            Effect::Fatal(m) => write!(f, "Fatal({m})"),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Drives one goal by hand: blocking jobs run inline against a scratch store.
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::testing::TestStore;
+
+    pub struct Harness {
+        _dir: tempfile::TempDir,
+        pub ts: TestStore,
+        pub env: JobEnv,
+    }
+
+    impl Harness {
+        pub fn new(subs: Vec<Arc<dyn Substituter>>) -> Harness {
+            Self::with(subs, |_| {})
+        }
+
+        pub fn with(
+            subs: Vec<Arc<dyn Substituter>>,
+            tweak: impl FnOnce(&mut WorkerSettings),
+        ) -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let ts = TestStore::open(dir.path());
+            let mut settings = WorkerSettings::from_settings(&ts.settings);
+            settings.substituter_uris = subs.iter().map(|s| s.uri()).collect();
+            tweak(&mut settings);
+            let env = JobEnv {
+                store: ts.store.clone(),
+                substituters: subs,
+                drv_hashes: Mutex::new(DrvHashCache::new()),
+                settings: Arc::new(settings),
+            };
+            Harness { _dir: dir, ts, env }
+        }
+
+        pub fn ctx(&self, hook: bool) -> GoalCtx<'_> {
+            GoalCtx {
+                settings: &self.env.settings,
+                hook_enabled: hook,
+                n_substituters: self.env.substituters.len(),
+                store_dir: self.ts.store.store_dir(),
+            }
+        }
+
+        /// Feeds `ev`, running blocking jobs inline until the goal asks for something
+        /// else; returns those other effects.
+        pub fn drive(
+            &self,
+            mut step: impl FnMut(Event, &GoalCtx) -> Vec<Effect>,
+            ev: Event,
+            hook: bool,
+        ) -> Vec<Effect> {
+            let ctx = self.ctx(hook);
+            let mut out = Vec::new();
+            let mut queue = vec![ev];
+            while let Some(ev) = queue.pop() {
+                for f in step(ev, &ctx) {
+                    match f {
+                        Effect::Blocking(job) => queue.push(job(&self.env)),
+                        other => out.push(other),
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    pub fn outcome(exit: ExitCode) -> GoalOutcome {
+        match exit {
+            ExitCode::Success => GoalOutcome::success(BuildStatus::Built),
+            e => GoalOutcome::failure(e, BuildStatus::NoSubstituters, "x"),
+        }
+    }
+
+    pub fn waitee(request: GoalRequest, exit: ExitCode) -> Event {
+        Event::WaiteeDone(WaiteeResult {
+            request,
+            outcome: outcome(exit),
+        })
+    }
+
+    pub fn show(fx: &[Effect]) -> String {
+        format!("{fx:?}")
+    }
+}

@@ -261,3 +261,168 @@ impl PathSubstitutionGoal {
         self.substituter_failed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::goal::test_support::*;
+    use crate::substituter::{FakeFault, InMemorySubstituter, Substituter};
+
+    fn path(h: &Harness, name: &str) -> StorePath {
+        let sd = h.ts.store.store_dir();
+        sd.parse(&format!("{}/{}-{name}", sd.as_str(), "a".repeat(32)))
+            .unwrap()
+    }
+
+    fn sub(uri: &str) -> Arc<InMemorySubstituter> {
+        Arc::new(InMemorySubstituter::new(uri, 40))
+    }
+
+    #[test]
+    fn already_valid() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("v", &["out"], &[], &[]);
+        let mut g = PathSubstitutionGoal::new(d, false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        assert!(show(&fx).contains("Done(Success, AlreadyValid)"), "{fx:?}");
+        assert!(g.is_done());
+    }
+
+    #[test]
+    fn no_substituters() {
+        let h = Harness::new(vec![]);
+        let p = path(&h, "missing");
+        let mut g = PathSubstitutionGoal::new(p, false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        assert!(
+            show(&fx).contains("Done(NoSubstituters, NoSubstituters : path '"),
+            "{fx:?}"
+        );
+        assert!(show(&fx).contains("is required, but there is no substituter that can build it"));
+    }
+
+    #[test]
+    fn references_first_then_slot_then_copy() {
+        let s = sub("mem://a");
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let dep = path(&h, "dep");
+        let p = {
+            let sd = h.ts.store.store_dir();
+            sd.parse(&format!("{}/{}-top", sd.as_str(), "b".repeat(32)))
+                .unwrap()
+        };
+        s.add_file(dep.clone(), b"dep", Default::default());
+        s.add_file(p.clone(), b"top", [dep.clone(), p.clone()].into());
+        let mut g = PathSubstitutionGoal::new(p.clone(), false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        // Self-references are not waited for.
+        assert_eq!(
+            show(&fx),
+            format!("[WaitFor([Substitution {{ path: {dep:?}, repair: false }}])]")
+        );
+        assert_eq!(g.state_name(), "referencesValid");
+        let req = GoalRequest::Substitution {
+            path: dep.clone(),
+            repair: false,
+        };
+        s.copy_into(&dep, &h.ts.store).unwrap();
+        let fx = h.drive(|e, c| g.handle(e, c), waitee(req, ExitCode::Success), false);
+        assert!(fx.is_empty());
+        let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+        assert_eq!(show(&fx), "[AcquireSubstSlot]");
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        assert_eq!(
+            show(&fx),
+            "[SubstitutionStarted(mem://a), ReleaseSubstSlot, SubstitutionStopped, Done(Success, Substituted)]"
+        );
+        assert!(h.ts.store.is_valid_path(&p).unwrap());
+    }
+
+    #[test]
+    fn failed_reference_gives_incomplete_closure_or_failed() {
+        for (exit, expected) in [
+            (ExitCode::NoSubstituters, "IncompleteClosure"),
+            (ExitCode::IncompleteClosure, "IncompleteClosure"),
+            (ExitCode::Failed, "Failed"),
+        ] {
+            let s = sub("mem://a");
+            let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+            let dep = path(&h, "dep");
+            let p = path(&h, "top");
+            s.add_file(p.clone(), b"top", [dep.clone()].into());
+            let mut g = PathSubstitutionGoal::new(p, false);
+            h.drive(|e, c| g.handle(e, c), Event::Start, false);
+            let req = GoalRequest::Substitution {
+                path: dep,
+                repair: false,
+            };
+            h.drive(|e, c| g.handle(e, c), waitee(req, exit), false);
+            let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+            assert!(
+                show(&fx).contains(&format!(
+                    "Done({expected}, DependencyFailed : some references of path"
+                )),
+                "{fx:?}"
+            );
+        }
+    }
+
+    fn copy_with_fault(fault: FakeFault, fallback: bool) -> (String, bool) {
+        let a = sub("mem://a");
+        let b = sub("mem://b");
+        let h = Harness::with(
+            vec![
+                a.clone() as Arc<dyn Substituter>,
+                b.clone() as Arc<dyn Substituter>,
+            ],
+            |s| s.fallback = fallback,
+        );
+        let p = path(&h, "x");
+        a.add_file(p.clone(), b"x", Default::default());
+        a.set_fault(p.clone(), fault);
+        let mut g = PathSubstitutionGoal::new(p, false);
+        let mut fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        if show(&fx).contains("WaitFor") {
+            fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+            assert_eq!(show(&fx), "[AcquireSubstSlot]");
+            fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        }
+        (show(&fx), g.substituter_failed())
+    }
+
+    #[test]
+    fn gone_nar_is_not_a_failure() {
+        let (fx, failed) = copy_with_fault(FakeFault::Gone, false);
+        assert!(fx.contains("Done(NoSubstituters, NoSubstituters"), "{fx}");
+        assert!(!failed);
+    }
+
+    #[test]
+    fn corrupt_nar_is_a_real_failure() {
+        let (fx, failed) = copy_with_fault(FakeFault::CopyFails, false);
+        assert!(fx.contains("is incomplete"), "{fx}");
+        assert!(fx.contains("Done(Failed, NoSubstituters"), "{fx}");
+        assert!(failed);
+    }
+
+    #[test]
+    fn narinfo_error_aborts_without_fallback_and_is_skipped_with_it() {
+        let (fx, _) = copy_with_fault(FakeFault::QueryFails, false);
+        assert!(fx.starts_with("[Fatal(unable to download narinfo"), "{fx}");
+        let (fx, failed) = copy_with_fault(FakeFault::QueryFails, true);
+        assert!(fx.contains("Done(NoSubstituters, NoSubstituters"), "{fx}");
+        assert!(!failed);
+    }
+
+    #[test]
+    fn repair_substitutes_a_valid_path_again() {
+        let s = sub("mem://a");
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let d = h.ts.add_drv("v", &["out"], &[], &[]);
+        let mut g = PathSubstitutionGoal::new(d, true);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        assert!(show(&fx).contains("Done(NoSubstituters"), "{fx:?}");
+    }
+}
