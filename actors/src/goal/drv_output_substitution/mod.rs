@@ -260,3 +260,148 @@ impl DrvOutputSubstitutionGoal {
         vec![Effect::Fatal(e)]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use drover::hash::HashAlgo;
+    use drover::store_path::StorePath;
+
+    use super::*;
+    use crate::goal::test_support::*;
+    use crate::substituter::{InMemorySubstituter, Substituter};
+
+    fn id(n: &str) -> DrvOutput {
+        DrvOutput {
+            drv_hash: HashAlgo::Sha256.digest(n),
+            output: "out".into(),
+        }
+    }
+
+    fn path(h: &Harness, c: char, name: &str) -> StorePath {
+        let sd = h.ts.store.store_dir();
+        sd.parse(&format!(
+            "{}/{}-{name}",
+            sd.as_str(),
+            c.to_string().repeat(32)
+        ))
+        .unwrap()
+    }
+
+    fn real(
+        id: DrvOutput,
+        out_path: StorePath,
+        deps: BTreeMap<DrvOutput, StorePath>,
+    ) -> Realisation {
+        Realisation {
+            id,
+            out_path,
+            signatures: BTreeSet::new(),
+            dependent_realisations: deps,
+        }
+    }
+
+    #[test]
+    fn no_substituter_has_it() {
+        let h = Harness::new(vec![Arc::new(InMemorySubstituter::new("mem://a", 1))]);
+        let mut g = DrvOutputSubstitutionGoal::new(id("x"), false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        assert_eq!(show(&fx), "[AcquireSubstSlot]");
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        assert_eq!(
+            show(&fx),
+            "[SubstitutionStarted(mem://a), ReleaseSubstSlot, SubstitutionStopped, AcquireSubstSlot]"
+        );
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        assert!(
+            show(&fx).contains("ReleaseSubstSlot, Done(NoSubstituters"),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn fetch_wait_register_and_known_locally() {
+        let s = Arc::new(InMemorySubstituter::new("mem://a", 1));
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let out = path(&h, 'c', "out");
+        let dep_out = path(&h, 'd', "dep");
+        let r = real(id("x"), out.clone(), [(id("dep"), dep_out.clone())].into());
+        s.add_realisation(r);
+        let mut g = DrvOutputSubstitutionGoal::new(id("x"), false);
+        h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        let shown = show(&fx);
+        assert!(shown.contains("WaitFor([DrvOutput"), "{shown}");
+        assert!(shown.contains("Substitution {"), "{shown}");
+        assert_eq!(g.state_name(), "outPathValid");
+        // Make the dependency and output valid, as the waitees would.
+        s.add_file(out.clone(), b"o", Default::default());
+        s.add_file(dep_out.clone(), b"d", Default::default());
+        s.copy_into(&out, &h.ts.store).unwrap();
+        s.copy_into(&dep_out, &h.ts.store).unwrap();
+        h.ts.store
+            .register_realisation(&real(id("dep"), dep_out, BTreeMap::new()))
+            .unwrap();
+        let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+        assert_eq!(show(&fx), "[Done(Success, Substituted)]");
+        assert!(h.ts.store.query_realisation(&id("x")).unwrap().is_some());
+        // Now known locally.
+        let mut g = DrvOutputSubstitutionGoal::new(id("x"), false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        assert_eq!(show(&fx), "[Done(Success, AlreadyValid)]");
+    }
+
+    #[test]
+    fn failed_dependency_does_not_try_the_next_substituter() {
+        let s = Arc::new(InMemorySubstituter::new("mem://a", 1));
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let out = path(&h, 'c', "out");
+        s.add_realisation(real(id("x"), out.clone(), BTreeMap::new()));
+        let mut g = DrvOutputSubstitutionGoal::new(id("x"), false);
+        h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        let req = GoalRequest::Substitution {
+            path: out,
+            repair: false,
+        };
+        h.drive(
+            |e, c| g.handle(e, c),
+            waitee(req, ExitCode::NoSubstituters),
+            false,
+        );
+        let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+        assert!(
+            show(&fx).contains("Done(IncompleteClosure, DependencyFailed"),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn incompatible_dependent_realisation_is_ignored() {
+        let s = Arc::new(InMemorySubstituter::new("mem://a", 1));
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let local = path(&h, 'g', "local");
+        let remote = path(&h, 'f', "remote");
+        s.add_file(local.clone(), b"l", Default::default());
+        s.copy_into(&local, &h.ts.store).unwrap();
+        h.ts.store
+            .register_realisation(&real(id("dep"), local, BTreeMap::new()))
+            .unwrap();
+        s.add_realisation(real(
+            id("x"),
+            path(&h, 'c', "out"),
+            [(id("dep"), remote)].into(),
+        ));
+        let mut g = DrvOutputSubstitutionGoal::new(id("x"), false);
+        h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        let shown = show(&fx);
+        assert!(
+            shown.contains("has an incompatible realisation for"),
+            "{shown}"
+        );
+        assert!(shown.ends_with("AcquireSubstSlot]"), "{shown}");
+    }
+}
