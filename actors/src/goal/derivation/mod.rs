@@ -1389,3 +1389,480 @@ fn run_post_build_hook(hook: &str, drv_path: &str, out_paths: &str) -> Result<()
         None => Err(format!("program '{hook}' failed due to signal")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::goal::test_support::*;
+    use crate::goal::WaiteeResult;
+    use crate::messages::LocalBuildFinished;
+    use crate::substituter::{FakeFault, InMemorySubstituter, Substituter};
+
+    fn all(p: &StorePath) -> DerivationGoal {
+        DerivationGoal::new(p.clone(), OutputsSpec::All, BuildMode::Normal)
+    }
+
+    fn step(h: &Harness, g: &mut DerivationGoal, ev: Event) -> String {
+        show(&h.drive(|e, c| g.handle(e, c), ev, false))
+    }
+
+    fn step_hook(h: &Harness, g: &mut DerivationGoal, ev: Event) -> String {
+        show(&h.drive(|e, c| g.handle(e, c), ev, true))
+    }
+
+    fn built(g: &DerivationGoal, ok: bool) -> Event {
+        Event::LocalBuildFinished(LocalBuildFinished {
+            id: 1,
+            result: if ok {
+                BuildResult::new(BuildStatus::Built)
+            } else {
+                BuildResult::failure(BuildStatus::PermanentFailure, "builder failed")
+            },
+            hash_mismatch: false,
+            outputs: g
+                .drv
+                .as_ref()
+                .map(|d| {
+                    d.outputs
+                        .iter()
+                        .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    #[test]
+    fn already_valid() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        h.ts.make_valid(&d);
+        let mut g = all(&d);
+        let fx = step(&h, &mut g, Event::Start);
+        assert_eq!(fx, "[Done(Success, AlreadyValid)]");
+    }
+
+    #[test]
+    fn missing_drv_is_substituted_first_and_fails_as_missing() {
+        let h = Harness::new(vec![]);
+        let sd = h.ts.store.store_dir();
+        let d = sd
+            .parse(&format!("{}/{}-nope.drv", sd.as_str(), "a".repeat(32)))
+            .unwrap();
+        let mut g = all(&d);
+        let fx = step(&h, &mut g, Event::Start);
+        assert!(fx.starts_with("[WaitFor([Substitution"), "{fx}");
+        assert_eq!(g.state_name(), "getDerivation");
+        let req = GoalRequest::Substitution {
+            path: d.clone(),
+            repair: false,
+        };
+        step(&h, &mut g, waitee(req, ExitCode::NoSubstituters));
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(
+            fx.contains("Done(Failed, MiscFailure : cannot build missing derivation"),
+            "{fx}"
+        );
+    }
+
+    #[test]
+    fn check_and_repair_always_substitute_the_drv_first() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        for mode in [BuildMode::Check, BuildMode::Repair] {
+            let mut g = DerivationGoal::new(d.clone(), OutputsSpec::All, mode);
+            let fx = step(&h, &mut g, Event::Start);
+            assert!(fx.starts_with("[WaitFor([Substitution"), "{fx}");
+        }
+    }
+
+    #[test]
+    fn check_mode_needs_valid_outputs() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = DerivationGoal::new(d, OutputsSpec::All, BuildMode::Check);
+        step(&h, &mut g, Event::Start);
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(fx, "[WaitFor([])]");
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(
+            fx.contains("are not valid, so checking is not possible"),
+            "{fx}"
+        );
+    }
+
+    #[test]
+    fn wanted_output_must_exist() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = DerivationGoal::new(d, OutputsSpec::name("dev"), BuildMode::Normal);
+        let fx = step(&h, &mut g, Event::Start);
+        assert!(fx.contains("does not have wanted outputs 'dev'"), "{fx}");
+    }
+
+    #[test]
+    fn full_local_build_path() {
+        let h = Harness::new(vec![]);
+        let a = h.ts.add_drv("a", &["out"], &[], &[]);
+        let b = h.ts.add_drv("b", &["out"], &[&a], &[]);
+        let mut g = all(&b);
+        // haveDerivation: no substituters → nothing to wait for.
+        assert_eq!(step(&h, &mut g, Event::Start), "[WaitFor([])]");
+        assert_eq!(g.state_name(), "outputsSubstitutionTried");
+        // gaveUpOnSubstitution: the input derivation.
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.starts_with("[WaitFor([Derivation"), "{fx}");
+        assert_eq!(g.state_name(), "gaveUpOnSubstitution");
+        h.ts.make_valid(&a);
+        let mut o = outcome(ExitCode::Success);
+        o.outputs.insert("out".into(), h.ts.output(&a, "out"));
+        let req = GoalRequest::Derivation {
+            drv_path: a.clone(),
+            outputs: OutputsSpec::name("out"),
+            mode: BuildMode::Normal,
+        };
+        step(
+            &h,
+            &mut g,
+            Event::WaiteeDone(WaiteeResult {
+                request: req,
+                outcome: o,
+            }),
+        );
+        // inputsRealised → tryToBuild → no hook → tryLocalBuild wants a slot.
+        assert_eq!(step(&h, &mut g, Event::WaiteesDone), "[AcquireBuildSlot]");
+        assert_eq!(g.state_name(), "tryLocalBuild");
+        assert!(g.input_closure.contains(&h.ts.output(&a, "out")));
+        let fx = step(&h, &mut g, Event::SlotGranted);
+        assert!(
+            fx.starts_with("[BuildStarted(None), RunLocalBuild("),
+            "{fx}"
+        );
+        assert!(g.is_building_locally());
+        crate::testing::write_outputs(
+            &h.ts.store,
+            &b,
+            &[("out".to_string(), h.ts.output(&b, "out"))].into(),
+        )
+        .unwrap();
+        let ev = built(&g, true);
+        let fx = step(&h, &mut g, ev);
+        assert_eq!(fx, "[ReleaseBuildSlot, Done(Success, Built)]");
+        // Lock files are deleted after a successful build.
+        let mut lock =
+            h.ts.store
+                .real_path(&h.ts.output(&b, "out"))
+                .into_os_string();
+        lock.push(".lock");
+        assert!(!std::path::Path::new(&lock).exists());
+    }
+
+    #[test]
+    fn failed_inputs_give_dependency_failed() {
+        let h = Harness::new(vec![]);
+        let a = h.ts.add_drv("a", &["out"], &[], &[]);
+        let a2 = h.ts.add_drv("a2", &["out"], &[], &[]);
+        let b = h.ts.add_drv("b", &["out"], &[&a, &a2], &[]);
+        let mut g = all(&b);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        for d in [&a, &a2] {
+            let req = GoalRequest::Derivation {
+                drv_path: d.clone(),
+                outputs: OutputsSpec::name("out"),
+                mode: BuildMode::Normal,
+            };
+            step(&h, &mut g, waitee(req, ExitCode::Failed));
+        }
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(
+            fx.contains(&format!(
+                "DependencyFailed : 2 dependencies of derivation '{}' failed to build",
+                h.ts.store.store_dir().print(&b)
+            )),
+            "{fx}"
+        );
+    }
+
+    fn subst_harness(fault: Option<FakeFault>, fallback: bool) -> (Harness, StorePath) {
+        let s = Arc::new(InMemorySubstituter::new("mem://a", 1));
+        let h = Harness::with(vec![s.clone() as Arc<dyn Substituter>], |st| {
+            st.fallback = fallback
+        });
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let out = h.ts.output(&d, "out");
+        s.add_file(out.clone(), b"x", Default::default());
+        if let Some(f) = fault {
+            s.set_fault(out, f);
+        }
+        (h, d)
+    }
+
+    #[test]
+    fn outputs_substituted() {
+        let (h, d) = subst_harness(None, false);
+        let mut g = all(&d);
+        let fx = step(&h, &mut g, Event::Start);
+        assert!(fx.starts_with("[WaitFor([Substitution"), "{fx}");
+        let out = h.ts.output(&d, "out");
+        let s = h.env.substituters[0].clone();
+        s.copy_into(&out, &h.ts.store).unwrap();
+        let req = GoalRequest::Substitution {
+            path: out,
+            repair: false,
+        };
+        step(&h, &mut g, waitee(req, ExitCode::Success));
+        assert_eq!(
+            step(&h, &mut g, Event::WaiteesDone),
+            "[Done(Success, Substituted)]"
+        );
+    }
+
+    #[test]
+    fn real_substitution_failure_without_fallback() {
+        let (h, d) = subst_harness(Some(FakeFault::CopyFails), false);
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        let req = GoalRequest::Substitution {
+            path: h.ts.output(&d, "out"),
+            repair: false,
+        };
+        step(&h, &mut g, waitee(req.clone(), ExitCode::Failed));
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(
+            fx.contains("TransientFailure : some substitutes for the outputs of derivation"),
+            "{fx}"
+        );
+        // With --fallback: build instead.
+        let (h, d) = subst_harness(Some(FakeFault::CopyFails), true);
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, waitee(req, ExitCode::Failed));
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(fx, "[WaitFor([])]");
+        assert_eq!(g.state_name(), "gaveUpOnSubstitution");
+    }
+
+    #[test]
+    fn incomplete_closure_retries_substitution_after_inputs() {
+        let (h, d) = subst_harness(None, false);
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        let req = GoalRequest::Substitution {
+            path: h.ts.output(&d, "out"),
+            repair: false,
+        };
+        step(&h, &mut g, waitee(req, ExitCode::IncompleteClosure));
+        assert_eq!(step(&h, &mut g, Event::WaiteesDone), "[WaitFor([])]");
+        // Inputs realised: substitution is tried once more (haveDerivation).
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.starts_with("[WaitFor([Substitution"), "{fx}");
+        assert_eq!(g.state_name(), "outputsSubstitutionTried");
+    }
+
+    #[test]
+    fn added_outputs_restart_have_derivation() {
+        let s = Arc::new(InMemorySubstituter::new("mem://a", 1));
+        let h = Harness::new(vec![s as Arc<dyn Substituter>]);
+        let d = h.ts.add_drv("m", &["out", "dev"], &[], &[]);
+        let mut g = DerivationGoal::new(d.clone(), OutputsSpec::name("out"), BuildMode::Normal);
+        let fx = step(&h, &mut g, Event::Start);
+        assert_eq!(fx.matches("Substitution {").count(), 1, "{fx}");
+        assert!(g.add_wanted_outputs(&OutputsSpec::name("dev")));
+        step(
+            &h,
+            &mut g,
+            waitee(
+                GoalRequest::Substitution {
+                    path: h.ts.output(&d, "out"),
+                    repair: false,
+                },
+                ExitCode::NoSubstituters,
+            ),
+        );
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(
+            fx.matches("Substitution {").count(),
+            2,
+            "restarted for both: {fx}"
+        );
+        // Once building, added outputs do not restart; a done goal refuses.
+        step(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(g.state_name(), "gaveUpOnSubstitution");
+        assert!(g.add_wanted_outputs(&OutputsSpec::All));
+        assert_eq!(g.need_restart, NeedRestart::BuildInProgress);
+    }
+
+    #[test]
+    fn hook_is_asked_without_then_with_a_slot() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        assert_eq!(step_hook(&h, &mut g, Event::WaiteesDone), "[WaitFor([])]");
+        assert_eq!(
+            step_hook(&h, &mut g, Event::WaiteesDone),
+            "[HookTry(false)]"
+        );
+        assert_eq!(
+            step_hook(&h, &mut g, Event::HookReply(HookReply::Decline)),
+            "[AcquireBuildSlot]"
+        );
+        assert_eq!(step_hook(&h, &mut g, Event::SlotGranted), "[HookTry(true)]");
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::DeclinePermanently));
+        assert!(
+            fx.starts_with("[DisableHook, BuildStarted(None), RunLocalBuild("),
+            "{fx}"
+        );
+        let ev = built(&g, false);
+        let fx = step_hook(&h, &mut g, ev);
+        assert_eq!(
+            fx,
+            "[ReleaseBuildSlot, Done(Failed, PermanentFailure : builder failed)]"
+        );
+    }
+
+    #[test]
+    fn hook_postpone_and_garbage() {
+        let h = Harness::with(vec![], |s| s.max_jobs = 0);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(
+            step_hook(&h, &mut g, Event::WaiteesDone),
+            "[HookTry(false)]"
+        );
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::Postpone));
+        assert!(
+            fx.contains("Message(waiting for a machine to build"),
+            "{fx}"
+        );
+        assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
+        assert_eq!(step_hook(&h, &mut g, Event::Wake), "[HookTry(false)]");
+        // max-jobs = 0 and the hook declines: Nix 2.8's run error.
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::Decline));
+        assert!(fx.starts_with("[Fatal(unable to start any build;"), "{fx}");
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        let fx = step_hook(
+            &h,
+            &mut g,
+            Event::HookReply(HookReply::Error("bad hook reply 'x'".into())),
+        );
+        assert_eq!(fx, "[Done(Failed, MiscFailure : bad hook reply 'x')]");
+    }
+
+    #[test]
+    fn prefer_local_build_skips_the_hook() {
+        let h = Harness::new(vec![]);
+        let d =
+            h.ts.add_drv("x", &["out"], &[], &[("preferLocalBuild", "1")]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(
+            step_hook(&h, &mut g, Event::WaiteesDone),
+            "[AcquireBuildSlot]"
+        );
+    }
+
+    #[test]
+    fn lock_contention_waits_and_someone_beats_us() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let out = h.ts.output(&d, "out");
+        let lock = PathLocks::lock(&[h.ts.store.real_path(&out)].into()).unwrap();
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.starts_with("[Message(waiting for lock on"), "{fx}");
+        assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
+        assert_eq!(g.state_name(), "tryToBuild");
+        // Meanwhile the other process builds it.
+        h.ts.make_valid(&d);
+        drop(lock);
+        assert_eq!(
+            step(&h, &mut g, Event::Wake),
+            "[Done(Success, AlreadyValid)]"
+        );
+    }
+
+    #[test]
+    fn invalid_leftovers_are_removed_before_building() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let real = h.ts.store.real_path(&h.ts.output(&d, "out"));
+        std::fs::write(&real, "junk").unwrap();
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(step(&h, &mut g, Event::WaiteesDone), "[AcquireBuildSlot]");
+        step(&h, &mut g, Event::SlotGranted);
+        assert!(!real.exists());
+    }
+
+    #[test]
+    fn post_build_hook_gets_drv_and_out_paths_and_its_failure_aborts() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("rec");
+        let hook = dir.path().join("hook.sh");
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\necho \"$DRV_PATH $OUT_PATHS\" > {}\nexit ${{HOOK_EXIT:-0}}\n",
+                rec.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let hs = hook.display().to_string();
+        let h = Harness::with(vec![], |s| s.post_build_hook = Some(hs.clone()));
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        step(&h, &mut g, Event::WaiteesDone);
+        step(&h, &mut g, Event::SlotGranted);
+        crate::testing::write_outputs(
+            &h.ts.store,
+            &d,
+            &[("out".into(), h.ts.output(&d, "out"))].into(),
+        )
+        .unwrap();
+        let ev = built(&g, true);
+        assert_eq!(
+            step(&h, &mut g, ev),
+            "[ReleaseBuildSlot, Done(Success, Built)]"
+        );
+        let sd = h.ts.store.store_dir();
+        assert_eq!(
+            std::fs::read_to_string(&rec).unwrap().trim(),
+            format!("{} {}", sd.print(&d), sd.print(&h.ts.output(&d, "out")))
+        );
+        // A failing hook is a run error.
+        let bad = dir.path().join("bad.sh");
+        std::fs::write(&bad, "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bs = bad.display().to_string();
+        let h = Harness::with(vec![], |s| s.post_build_hook = Some(bs.clone()));
+        let d = h.ts.add_drv("y", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        step(&h, &mut g, Event::WaiteesDone);
+        step(&h, &mut g, Event::SlotGranted);
+        let ev = built(&g, true);
+        let fx = step(&h, &mut g, ev);
+        assert_eq!(
+            fx,
+            format!("[ReleaseBuildSlot, Fatal(program '{bs}' failed with exit code 3)]")
+        );
+    }
+}
