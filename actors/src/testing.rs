@@ -132,8 +132,21 @@ impl TestStore {
             args: vec!["-c".into(), "true".into()],
             ..Default::default()
         };
+        let floating = env.iter().any(|(k, _)| *k == "__contentAddressed");
         for o in outputs {
-            drv.outputs.insert((*o).into(), DerivationOutput::Deferred);
+            if floating {
+                drv.outputs.insert(
+                    (*o).into(),
+                    DerivationOutput::CAFloating {
+                        method: drover::content_address::ContentAddressMethod::Fixed(
+                            drover::content_address::FileIngestionMethod::Recursive,
+                        ),
+                        algo: drover::hash::HashAlgo::Sha256,
+                    },
+                );
+            } else {
+                drv.outputs.insert((*o).into(), DerivationOutput::Deferred);
+            }
             drv.env.insert((*o).into(), String::new());
         }
         for i in inputs {
@@ -157,6 +170,24 @@ impl TestStore {
             .expect("output paths");
         let bytes = drv.to_aterm_bytes(&sd);
         (drv, bytes)
+    }
+
+    /// Adds a floating content-addressed derivation (`__contentAddressed = true`,
+    /// recursive sha256) with output `out`, depending on the `out` of `inputs`.
+    pub fn add_ca_drv(&self, name: &str, inputs: &[&StorePath]) -> StorePath {
+        let (drv, bytes) = self.make_drv(
+            name,
+            &["out"],
+            inputs,
+            &[
+                ("__contentAddressed", "1"),
+                ("outputHashMode", "recursive"),
+                ("outputHashAlgo", "sha256"),
+            ],
+        );
+        self.store
+            .add_text_to_store(&format!("{name}.drv"), &bytes, &drv.drv_references())
+            .expect("adding drv")
     }
 
     /// The path of an output of a derivation.
@@ -205,6 +236,42 @@ pub fn write_outputs(
         infos.push(i);
     }
     store.register_valid_paths(&infos)
+}
+
+/// Produces every output of a build request: known paths via [`write_outputs`],
+/// floating ones added as content-addressed paths (`fixed:r:sha256`).
+pub fn build_outputs(
+    store: &LocalStore,
+    req: &crate::messages::LocalBuildRequest,
+) -> Result<BTreeMap<String, StorePath>, StoreError> {
+    write_outputs(store, &req.drv_path, &req.output_paths)?;
+    let mut res = req.output_paths.clone();
+    let name = drover::derivation::name_from_drv_path(&req.drv_path)?;
+    for o in req.drv.outputs.keys() {
+        if res.contains_key(o) {
+            continue;
+        }
+        let dir = tempfile_dir(store);
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            context: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let src = dir.join(format!("{}-{o}", req.drv_path.hash_part()));
+        std::fs::write(&src, format!("{name} {o}")).map_err(|source| StoreError::Io {
+            context: "writing",
+            path: src.clone(),
+            source,
+        })?;
+        let p = store.add_path_to_store(&src, &drover::store_path::output_path_name(name, o))?;
+        let _ = std::fs::remove_file(&src);
+        res.insert(o.clone(), p);
+    }
+    Ok(res)
+}
+
+fn tempfile_dir(store: &LocalStore) -> std::path::PathBuf {
+    store.state_dir().join("fake-builds")
 }
 
 /// What the fake builder does with one derivation (by derivation name).
@@ -279,16 +346,13 @@ impl Handler<RunLocalBuild> for FakeBuilder {
         actix::spawn(async move {
             tokio::time::sleep(delay).await;
             let req = msg.request;
-            let drv_path = req.drv_path.clone();
-            let outputs = req.output_paths.clone();
+            let _ = &req;
             let (result, hash_mismatch, outputs) = match outcome {
                 FakeOutcome::Succeed => {
-                    let o2 = outputs.clone();
-                    let r =
-                        tokio::task::spawn_blocking(move || write_outputs(&store, &drv_path, &o2))
-                            .await;
+                    let req2 = req.clone();
+                    let r = tokio::task::spawn_blocking(move || build_outputs(&store, &req2)).await;
                     match r {
-                        Ok(Ok(())) => {
+                        Ok(Ok(outputs)) => {
                             let mut r = BuildResult::new(BuildStatus::Built);
                             r.times_built = 1;
                             (r, false, outputs)
@@ -491,16 +555,15 @@ impl<'a> SyncDriver<'a> {
                 settings,
             },
             build: Box::new(move |req| {
-                let ok = write_outputs(&st, &req.drv_path, &req.output_paths).is_ok();
+                let r = build_outputs(&st, req);
                 Some(LocalBuildFinished {
                     id: 0,
-                    result: if ok {
-                        BuildResult::new(BuildStatus::Built)
-                    } else {
-                        BuildResult::failure(BuildStatus::MiscFailure, "write failed")
+                    result: match &r {
+                        Ok(_) => BuildResult::new(BuildStatus::Built),
+                        Err(e) => BuildResult::failure(BuildStatus::MiscFailure, e.to_string()),
                     },
                     hash_mismatch: false,
-                    outputs: req.output_paths.clone(),
+                    outputs: r.unwrap_or_default(),
                 })
             }),
             hook: Box::new(|_| HookReply::DeclinePermanently),

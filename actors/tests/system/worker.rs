@@ -255,13 +255,16 @@ async fn stop_at_first_failure_cancels_running_builds() {
     let mut s = Setup::new();
     s.fail("bad", BuildStatus::PermanentFailure);
     s.script.push(("slow".into(), FakeOutcome::Hang));
-    let bad = s.drv("bad", &[]);
+    // `bad` waits for `pre`, so `slow` is normally running when `bad` fails.
+    let pre = s.drv("pre", &[]);
+    let bad = s.drv("bad", &[&pre]);
     let slow = s.drv("slow", &[]);
     let r = s
         .realise(vec![built(&slow), built(&bad)], BuildMode::Normal)
         .await;
     assert_eq!(r.outcome.exit_status, 100);
-    assert_eq!(r.builder.cancelled.len(), 1);
+    let slow_started = r.builder.started.iter().any(|n| n == "slow");
+    assert_eq!(r.builder.cancelled.len(), usize::from(slow_started));
     assert_eq!(r.outcome.results[0].result.status, BuildStatus::MiscFailure);
     assert_eq!(
         r.outcome.results[1].result.status,
@@ -639,4 +642,35 @@ async fn output_lock_contention_waits() {
         .progress
         .iter()
         .any(|e| matches!(e, ProgressEvent::Message(m) if m.starts_with("waiting for lock on"))));
+}
+
+#[actix::test]
+async fn floating_ca_and_deferred_derivations_are_resolved() {
+    let s = Setup::new();
+    let a = s.drv("a", &[]);
+    let c = s.ts.add_ca_drv("c", &[&a]);
+    let b = s.drv("b", &[&c]);
+    let r = s.realise(vec![built(&b)], BuildMode::Normal).await;
+    assert_eq!(r.outcome.exit_status, 0, "{:?}", r.outcome.errors);
+    assert_eq!(r.outcome.results[0].result.status, BuildStatus::Built);
+    assert_eq!(r.builder.started, ["a", "c", "b"]);
+    let resolved: Vec<&String> = r
+        .progress
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::Message(m) if m.starts_with("resolved derivation: ") => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resolved.len(), 2, "{resolved:?}");
+    let out = &r.outcome.results[0].result.built_outputs;
+    assert_eq!(out.len(), 1);
+    // The realisations make the second run a no-op.
+    let r2 = s.realise(vec![built(&b)], BuildMode::Normal).await;
+    assert_eq!(r2.outcome.exit_status, 0, "{:?}", r2.outcome.errors);
+    assert!(r2.builder.started.is_empty(), "{:?}", r2.builder.started);
+    assert_eq!(
+        r2.outcome.results[0].result.status,
+        BuildStatus::AlreadyValid
+    );
 }

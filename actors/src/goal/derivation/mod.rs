@@ -1053,15 +1053,11 @@ impl DerivationGoal {
         }
     }
 
+    /// After a successful build: record realisations of the built outputs (with
+    /// `ca-derivations`), then run the post-build hook.
     fn post_build(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
-        let Some(hook) = ctx.settings.post_build_hook.clone() else {
-            self.state = State::PostBuildHook;
-            return self.handle(
-                Event::Drv(Box::new(DrvJobResult::PostBuildHook(Ok(())))),
-                ctx,
-            );
-        };
         self.state = State::PostBuildHook;
+        let hook = ctx.settings.post_build_hook.clone();
         let drv_path = ctx.store_dir.print(&self.drv_path);
         let mut outs: Vec<String> = self
             .built
@@ -1069,8 +1065,34 @@ impl DerivationGoal {
             .map(|p| ctx.store_dir.print(p))
             .collect();
         outs.sort();
-        vec![job(move |_env| {
-            DrvJobResult::PostBuildHook(run_post_build_hook(&hook, &drv_path, &outs.join(" ")))
+        let realisations: Vec<Realisation> = if ctx.settings.ca_derivations {
+            self.built
+                .iter()
+                .filter_map(|(name, p)| {
+                    Some(Realisation {
+                        id: DrvOutput {
+                            drv_hash: self.output_hashes.get(name)?.clone(),
+                            output: name.clone(),
+                        },
+                        out_path: p.clone(),
+                        signatures: BTreeSet::new(),
+                        dependent_realisations: BTreeMap::new(),
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        vec![job(move |env| {
+            for r in &realisations {
+                if let Err(e) = env.store.register_realisation(r) {
+                    return DrvJobResult::PostBuildHook(Err(e.to_string()));
+                }
+            }
+            DrvJobResult::PostBuildHook(match hook {
+                Some(hook) => run_post_build_hook(&hook, &drv_path, &outs.join(" ")),
+                None => Ok(()),
+            })
         })]
     }
 
@@ -1858,6 +1880,7 @@ mod tests {
         step(&h, &mut g, Event::WaiteesDone);
         step(&h, &mut g, Event::WaiteesDone);
         step(&h, &mut g, Event::SlotGranted);
+        h.ts.make_valid(&d);
         let ev = built(&g, true);
         let fx = step(&h, &mut g, ev);
         assert_eq!(
