@@ -82,6 +82,8 @@ pub enum DrvJobResult {
     Locked(Result<LockOutcome, String>),
     PostBuildHook(Result<(), String>),
     RealisationsRegistered(Result<(), String>),
+    /// `repairClosure`: goals for the corrupt or missing paths of the closure.
+    ClosureToRepair(Result<Vec<GoalRequest>, String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +114,8 @@ enum State {
     Resolving,
     AwaitResolved,
     RegisteringResolved,
+    CheckingClosure,
+    AwaitClosureRepaired,
     ComputingInputs,
     Locking,
     WaitingForLock,
@@ -212,6 +216,8 @@ impl DerivationGoal {
             State::CheckingInputSrcs | State::AwaitInputs => "gaveUpOnSubstitution",
             State::Resolving | State::ComputingInputs => "inputsRealised",
             State::AwaitResolved | State::RegisteringResolved => "resolvedFinished",
+            State::CheckingClosure => "repairClosure",
+            State::AwaitClosureRepaired => "closureRepaired",
             State::Locking | State::WaitingForLock | State::AwaitHookReply | State::Postponed => {
                 "tryToBuild"
             }
@@ -396,7 +402,7 @@ impl DerivationGoal {
                         BuildMode::Normal if all => {
                             self.done_success(BuildStatus::Substituted, ctx)
                         }
-                        // Repair of the closure is left to the rebuilt outputs.
+                        BuildMode::Repair if all => self.repair_closure(),
                         BuildMode::Check if !all => self.fatal(format!(
                             "some outputs of '{}' are not valid, so checking is not possible",
                             self.p(ctx)
@@ -588,6 +594,48 @@ impl DerivationGoal {
                 DrvJobResult::RealisationsRegistered(Err(e)) => self.fatal(e),
                 _ => vec![],
             },
+            (State::CheckingClosure, Event::Drv(r)) => match *r {
+                DrvJobResult::ClosureToRepair(Ok(reqs)) if reqs.is_empty() => {
+                    self.done_success(BuildStatus::AlreadyValid, ctx)
+                }
+                DrvJobResult::ClosureToRepair(Ok(reqs)) => {
+                    self.reset_counts();
+                    self.state = State::AwaitClosureRepaired;
+                    let mut fx: Vec<Effect> = reqs
+                        .iter()
+                        .filter_map(|r| match r {
+                            GoalRequest::Derivation { drv_path: p, .. }
+                            | GoalRequest::Substitution { path: p, .. } => Some(p),
+                            GoalRequest::DrvOutput { .. } => None,
+                        })
+                        .map(|p| {
+                            Effect::Message(format!(
+                                "found corrupted or missing path '{}' in the output closure of '{}'",
+                                ctx.store_dir.print(p),
+                                self.p(ctx)
+                            ))
+                        })
+                        .collect();
+                    fx.push(Effect::WaitFor(reqs));
+                    fx
+                }
+                DrvJobResult::ClosureToRepair(Err(e)) => self.fatal(e),
+                _ => vec![],
+            },
+            (State::AwaitClosureRepaired, Event::WaiteeDone(w)) => {
+                self.count_waitee(&w.outcome.exit);
+                vec![]
+            }
+            // closureRepaired
+            (State::AwaitClosureRepaired, Event::WaiteesDone) => {
+                if self.nr_failed > 0 {
+                    return self.fatal(format!(
+                        "some paths in the output closure of derivation '{}' could not be repaired",
+                        self.p(ctx)
+                    ));
+                }
+                self.done_success(BuildStatus::AlreadyValid, ctx)
+            }
             (State::ComputingInputs, Event::Drv(r)) => match *r {
                 DrvJobResult::Inputs(Ok((closure, direct))) => {
                     self.input_closure = closure;
@@ -738,7 +786,10 @@ impl DerivationGoal {
                     )),
                 };
                 match failure {
-                    Some((status, msg)) => {
+                    Some((status, mut msg)) => {
+                        if f.alarm.is_none() && !ctx.settings.log.echo && !f.log.tail.is_empty() {
+                            msg.push_str(&log_tail_suffix(&p, &f.log.tail));
+                        }
                         self.locks = None;
                         fx.extend(self.done_failure(status, msg));
                     }
@@ -929,6 +980,45 @@ impl DerivationGoal {
             .filter(|(_, o)| self.mode == BuildMode::Check || !o.valid)
             .map(|(n, _)| n.clone())
             .collect()
+    }
+
+    /// `repairClosure`: the closure of the wanted outputs (without themselves) is
+    /// checked; corrupt or missing paths are rebuilt from their deriver (repair mode)
+    /// or substituted again.
+    fn repair_closure(&mut self) -> Vec<Effect> {
+        self.state = State::CheckingClosure;
+        let own: Vec<StorePath> = self
+            .outputs
+            .iter()
+            .filter(|(n, _)| self.wanted.contains(n))
+            .filter_map(|(_, o)| o.path.clone())
+            .collect();
+        vec![job(move |env| {
+            let r = (|| {
+                let store = &env.store;
+                let closure = store.compute_closure(&own).map_err(|e| e.to_string())?;
+                let mut reqs = Vec::new();
+                for p in closure.iter().filter(|p| !own.contains(p)) {
+                    if contents_good(store, p)? {
+                        continue;
+                    }
+                    let derivers = store.query_valid_derivers(p).map_err(|e| e.to_string())?;
+                    reqs.push(match derivers.into_iter().next() {
+                        Some(d) => GoalRequest::Derivation {
+                            drv_path: d,
+                            outputs: OutputsSpec::All,
+                            mode: BuildMode::Repair,
+                        },
+                        None => GoalRequest::Substitution {
+                            path: p.clone(),
+                            repair: true,
+                        },
+                    });
+                }
+                Ok(reqs)
+            })();
+            DrvJobResult::ClosureToRepair(r)
+        })]
     }
 
     fn gave_up_on_substitution(&mut self) -> Vec<Effect> {
@@ -1177,6 +1267,19 @@ impl DerivationGoal {
     pub fn started(&self) -> bool {
         self.started
     }
+}
+
+/// What Nix 2.8 appends to `builder for '…' failed …` when the log is not echoed
+/// (`-Q`/`--no-build-output`): the last lines of the log.
+pub fn log_tail_suffix(drv: &str, tail: &[String]) -> String {
+    let mut s = format!(";\nlast {} log lines:\n", tail.len());
+    for l in tail {
+        s.push_str("> ");
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str(&format!("For full logs, run 'nix log {drv}'."));
+    s
 }
 
 /// Nix 2.8's error when max-jobs is 0 and no hook builds.
@@ -1887,5 +1990,58 @@ mod tests {
             fx,
             format!("[ReleaseBuildSlot, Fatal(program '{bs}' failed with exit code 3)]")
         );
+    }
+
+    #[test]
+    fn repair_closure_rebuilds_corrupt_dependencies() {
+        use drover::store::ValidPathInfo;
+        let h = Harness::new(vec![]);
+        let a = h.ts.add_drv("a", &["out"], &[], &[]);
+        let b = h.ts.add_drv("b", &["out"], &[&a], &[]);
+        let (ao, bo) = (h.ts.output(&a, "out"), h.ts.output(&b, "out"));
+        let mut infos = Vec::new();
+        for (p, d, refs) in [(&ao, &a, vec![]), (&bo, &b, vec![ao.clone()])] {
+            let real = h.ts.store.real_path(p);
+            std::fs::write(&real, p.to_string()).unwrap();
+            let (hash, n) = drover::nar::nar_hash_of_path(&real).unwrap();
+            let mut i = ValidPathInfo::new(p.clone(), hash, n);
+            i.deriver = Some(d.clone());
+            i.references = refs.into_iter().collect();
+            infos.push(i);
+        }
+        h.ts.store.register_valid_paths(&infos).unwrap();
+        let mut g = DerivationGoal::new(b.clone(), OutputsSpec::All, BuildMode::Repair);
+        step(&h, &mut g, Event::Start);
+        assert_eq!(step(&h, &mut g, Event::WaiteesDone), "[WaitFor([])]");
+        // Everything intact: nothing to repair.
+        assert_eq!(
+            step(&h, &mut g, Event::WaiteesDone),
+            "[Done(Success, AlreadyValid)]"
+        );
+        // Corrupt a's output: it is rebuilt in repair mode.
+        std::fs::write(h.ts.store.real_path(&ao), "corrupt").unwrap();
+        let mut g = DerivationGoal::new(b.clone(), OutputsSpec::All, BuildMode::Repair);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.contains("found corrupted or missing path"), "{fx}");
+        assert!(fx.contains("mode: Repair"), "{fx}");
+        assert_eq!(g.state_name(), "closureRepaired");
+        let req = GoalRequest::Derivation {
+            drv_path: a.clone(),
+            outputs: OutputsSpec::All,
+            mode: BuildMode::Repair,
+        };
+        step(&h, &mut g, waitee(req, ExitCode::Failed));
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.contains("could not be repaired"), "{fx}");
+        // A corrupt own output is not valid in repair mode: it is rebuilt.
+        std::fs::write(h.ts.store.real_path(&bo), "corrupt").unwrap();
+        let mut g = DerivationGoal::new(b, OutputsSpec::All, BuildMode::Repair);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.starts_with("[WaitFor([Derivation"), "{fx}");
+        assert_eq!(g.state_name(), "gaveUpOnSubstitution");
     }
 }
