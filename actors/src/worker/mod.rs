@@ -42,6 +42,8 @@ use crate::messages::{BuildMode, HookBuild, LocalBuildRequest};
 use crate::progress::{Counters, ProgressEvent};
 use slots::Slots;
 
+static NEXT_GOAL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Log settings the Worker passes to hook jobs (`LogConfig`).
 #[derive(Debug, Clone, Default)]
 pub struct LogSettings {
@@ -220,7 +222,6 @@ pub struct WorkerCore {
     hook_enabled: bool,
     goals: HashMap<GoalId, Entry>,
     keys: HashMap<Key, GoalId>,
-    next_id: GoalId,
     queue: VecDeque<(GoalId, Event)>,
     build_slots: Slots,
     subst_slots: Slots,
@@ -254,7 +255,6 @@ impl WorkerCore {
             hook_enabled: hook,
             goals: HashMap::new(),
             keys: HashMap::new(),
-            next_id: 1,
             queue: VecDeque::new(),
             actions: Vec::new(),
             counters: Counters::default(),
@@ -336,8 +336,9 @@ impl WorkerCore {
                 }
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        // Ids are unique in the process, so late replies addressed to a goal of an
+        // earlier run (or another Worker) never reach a goal of this one.
+        let id = NEXT_GOAL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let goal = match req {
             GoalRequest::Derivation {
                 drv_path,
