@@ -2,3 +2,9 @@
 //! substituters against temporary stores.
 
 mod worker;
+
+#[path = "../../../tests/it/nix_env.rs"]
+#[macro_use]
+mod nix_env;
+
+mod interop;
