@@ -528,6 +528,8 @@ pub struct SyncDriver<'a> {
     /// Derivation names in build start order.
     pub started: Vec<String>,
     pub cancelled: Vec<u64>,
+    /// Builds the `build` closure left running: (goal id, derivation name).
+    pub running: Vec<(u64, String)>,
     pub tries: Vec<HookTryArgs>,
     pub progress: Vec<ProgressEvent>,
 }
@@ -569,6 +571,7 @@ impl<'a> SyncDriver<'a> {
             hook: Box::new(|_| HookReply::DeclinePermanently),
             started: Vec::new(),
             cancelled: Vec::new(),
+            running: Vec::new(),
             tries: Vec::new(),
             progress: Vec::new(),
         }
@@ -584,9 +587,13 @@ impl<'a> SyncDriver<'a> {
                     Action::Blocking { goal, job } => pending.push_back((goal, job(&self.env))),
                     Action::RunLocalBuild { goal, request } => {
                         self.started.push(drv_name(&request.drv_path));
-                        if let Some(mut f) = (self.build)(&request) {
-                            f.id = goal;
-                            pending.push_back((goal, crate::goal::Event::LocalBuildFinished(f)));
+                        match (self.build)(&request) {
+                            Some(mut f) => {
+                                f.id = goal;
+                                pending
+                                    .push_back((goal, crate::goal::Event::LocalBuildFinished(f)));
+                            }
+                            None => self.running.push((goal, drv_name(&request.drv_path))),
                         }
                     }
                     Action::CancelLocalBuild { goal } => self.cancelled.push(goal),

@@ -814,3 +814,199 @@ pub fn request_outputs(p: &DerivedPath) -> OutputsSpec {
         DerivedPath::Built { outputs, .. } => outputs.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use drover::build_result::{BuildResult, BuildStatus};
+    use drover::derived_path::{DerivedPath, OutputsSpec};
+    use drover::store_path::StorePath;
+
+    use super::*;
+    use crate::goal::Event;
+    use crate::messages::{BuildMode, LocalBuildFinished};
+    use crate::testing::{SyncDriver, TestStore};
+
+    fn built(p: &StorePath) -> DerivedPath {
+        DerivedPath::Built {
+            drv_path: p.clone(),
+            outputs: OutputsSpec::All,
+        }
+    }
+
+    fn setup(
+        tweak: impl FnOnce(&mut WorkerSettings),
+    ) -> (tempfile::TempDir, TestStore, Arc<WorkerSettings>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ts = TestStore::open(dir.path());
+        let mut s = WorkerSettings::from_settings(&ts.settings);
+        s.max_jobs = 1;
+        tweak(&mut s);
+        (dir, ts, Arc::new(s))
+    }
+
+    fn core(ts: &TestStore, s: &Arc<WorkerSettings>) -> WorkerCore {
+        WorkerCore::new(s.clone(), ts.store.store_dir().clone(), 0, false)
+    }
+
+    #[test]
+    fn critical_path_gets_the_freed_slot() {
+        let (_d, ts, s) = setup(|_| {});
+        let blocker = ts.add_drv("blocker", &["out"], &[], &[]);
+        let lone = ts.add_drv("lone", &["out"], &[], &[]);
+        let c1 = ts.add_drv("c1", &["out"], &[], &[]);
+        let c2 = ts.add_drv("c2", &["out"], &[&c1], &[]);
+        let c3 = ts.add_drv("c3", &["out"], &[&c2], &[]);
+        let st = ts.store.clone();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(move |req| {
+            if req.drv_path.name().starts_with("blocker") {
+                return None;
+            }
+            crate::testing::write_outputs(&st, &req.drv_path, &req.output_paths).unwrap();
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::new(BuildStatus::Built),
+                hash_mismatch: false,
+                outputs: req.output_paths.clone(),
+            })
+        });
+        let mut c = core(&ts, &s);
+        c.start(
+            vec![built(&blocker), built(&lone), built(&c3)],
+            BuildMode::Normal,
+        );
+        assert!(drv.run(&mut c).is_none());
+        assert_eq!(drv.started, ["blocker"]);
+        // Both `lone` (asked first) and `c1` (two goals above it) wait for the slot.
+        let (gid, _) = drv.running.pop().unwrap();
+        crate::testing::write_outputs(
+            &ts.store,
+            &blocker,
+            &[("out".to_string(), ts.output(&blocker, "out"))].into(),
+        )
+        .unwrap();
+        c.deliver(
+            gid,
+            Event::LocalBuildFinished(LocalBuildFinished {
+                id: gid,
+                result: BuildResult::new(BuildStatus::Built),
+                hash_mismatch: false,
+                outputs: [("out".to_string(), ts.output(&blocker, "out"))].into(),
+            }),
+        );
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 0, "{:?}", out.errors);
+        // c1 first; c2 is not waiting yet when c1's slot frees, so `lone` goes next.
+        assert_eq!(drv.started, ["blocker", "c1", "lone", "c2", "c3"]);
+        assert_eq!(
+            c.counters(),
+            crate::progress::Counters {
+                done_builds: 5,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn finished_goals_are_replaced_and_not_rebuilt() {
+        let (_d, ts, s) = setup(|_| {});
+        let a = ts.add_drv("a", &["out"], &[], &[]);
+        let b = ts.add_drv("b", &["out"], &[&a], &[]);
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        let mut c = core(&ts, &s);
+        c.start(vec![built(&a), built(&b)], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 0);
+        assert_eq!(drv.started, ["a", "b"]);
+        assert_eq!(out.results[0].result.status, BuildStatus::Built);
+        assert_eq!(c.goal_count(), 0);
+    }
+
+    #[test]
+    fn keep_going_lets_independent_goals_finish_and_reports_all() {
+        let (_d, ts, s) = setup(|s| s.keep_going = true);
+        let f = ts.add_drv("f", &["out"], &[], &[]);
+        let ok = ts.add_drv("ok", &["out"], &[], &[]);
+        let st = ts.store.clone();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(move |req| {
+            let fail = req.drv_path.name().starts_with("f");
+            if !fail {
+                crate::testing::write_outputs(&st, &req.drv_path, &req.output_paths).unwrap();
+            }
+            Some(LocalBuildFinished {
+                id: 0,
+                result: if fail {
+                    BuildResult::failure(
+                        BuildStatus::PermanentFailure,
+                        "builder for 'f' failed with exit code 1",
+                    )
+                } else {
+                    BuildResult::new(BuildStatus::Built)
+                },
+                hash_mismatch: false,
+                outputs: if fail {
+                    Default::default()
+                } else {
+                    req.output_paths.clone()
+                },
+            })
+        });
+        let mut c = core(&ts, &s);
+        c.start(vec![built(&f), built(&ok)], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 100);
+        assert_eq!(drv.started, ["f", "ok"]);
+        assert_eq!(out.errors, ["builder for 'f' failed with exit code 1"]);
+        // Without keep-going the first failure ends the run before `ok` builds.
+        let (_d, ts, s) = setup(|_| {});
+        let f = ts.add_drv("f", &["out"], &[], &[]);
+        let ok = ts.add_drv("ok", &["out"], &[], &[]);
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(|_| {
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::failure(BuildStatus::TimedOut, "timed out"),
+                hash_mismatch: false,
+                outputs: Default::default(),
+            })
+        });
+        let mut c = core(&ts, &s);
+        c.start(vec![built(&f), built(&ok)], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 101);
+        assert_eq!(drv.started, ["f"]);
+        assert_eq!(out.results[1].result.status, BuildStatus::MiscFailure);
+        assert_eq!(c.counters().expected_builds, 0);
+    }
+
+    #[test]
+    fn several_failed_requests_name_them_all() {
+        let (_d, ts, s) = setup(|s| s.keep_going = true);
+        let f = ts.add_drv("f", &["out"], &[], &[]);
+        let g = ts.add_drv("g", &["out"], &[], &[]);
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(|req| {
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::failure(
+                    BuildStatus::PermanentFailure,
+                    format!("builder for '{}' failed", req.drv_path),
+                ),
+                hash_mismatch: false,
+                outputs: Default::default(),
+            })
+        });
+        let mut c = core(&ts, &s);
+        c.start(vec![built(&f), built(&g)], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        let sd = ts.store.store_dir();
+        assert_eq!(out.errors.len(), 3);
+        assert_eq!(
+            out.errors[2],
+            format!("build of '{}', '{}' failed", sd.print(&f), sd.print(&g))
+        );
+    }
+}

@@ -2044,4 +2044,52 @@ mod tests {
         assert!(fx.starts_with("[WaitFor([Derivation"), "{fx}");
         assert_eq!(g.state_name(), "gaveUpOnSubstitution");
     }
+
+    #[test]
+    fn hook_alarms_and_timeouts() {
+        use crate::messages::{HookFinished, LogAlarm, LogSummary};
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let cases = [
+            (
+                Some(LogAlarm::Timeout(std::time::Duration::from_secs(2))),
+                None,
+                "TimedOut : building of '",
+                "!*' from .drv file timed out after 2 seconds",
+            ),
+            (
+                Some(LogAlarm::Silent(std::time::Duration::from_secs(2))),
+                None,
+                "TimedOut : building of '",
+                "timed out after 2 seconds of silence",
+            ),
+            (
+                Some(LogAlarm::LogLimit(1000)),
+                None,
+                "LogLimitExceeded : building of",
+                "killed after writing more than 1000 bytes of log output",
+            ),
+            (
+                None,
+                Some(101),
+                "TimedOut : builder for",
+                "failed with exit code 101",
+            ),
+        ];
+        for (alarm, exit_code, a, b) in cases {
+            let mut g = all(&d);
+            g.state = State::BuildingRemotely;
+            let fx = step(
+                &h,
+                &mut g,
+                Event::HookFinished(HookFinished {
+                    id: 1,
+                    exit_code,
+                    log: LogSummary::default(),
+                    alarm,
+                }),
+            );
+            assert!(fx.contains(a) && fx.contains(b), "{fx}");
+        }
+    }
 }
