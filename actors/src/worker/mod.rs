@@ -624,7 +624,10 @@ impl WorkerCore {
         }
         if outcome.exit != ExitCode::Success {
             self.any_failed = true;
-            if !entry.top_level && !outcome.result.error_msg.is_empty() {
+            // Nix logs the errors of derivation goals other goals wait for
+            // (substitution goals only log at debug level).
+            let is_drv = matches!(entry.goal, Goal::Drv(_));
+            if is_drv && !entry.top_level && !outcome.result.error_msg.is_empty() {
                 self.actions
                     .push(Action::Progress(ProgressEvent::Message(format!(
                         "error: {}",

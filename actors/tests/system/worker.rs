@@ -674,3 +674,45 @@ async fn floating_ca_and_deferred_derivations_are_resolved() {
         BuildStatus::AlreadyValid
     );
 }
+
+#[actix::test]
+async fn repair_mode_without_substituters_rebuilds_corrupt_outputs() {
+    let s = Setup::new();
+    let x = s.drv("x", &[]);
+    s.ts.make_valid(&x);
+    let r = s.realise(vec![built(&x)], BuildMode::Repair).await;
+    assert_eq!(r.outcome.exit_status, 0, "{:?}", r.outcome.errors);
+    assert_eq!(
+        r.outcome.results[0].result.status,
+        BuildStatus::AlreadyValid
+    );
+    assert!(r.builder.started.is_empty());
+    std::fs::write(s.ts.store.real_path(&s.ts.output(&x, "out")), "corrupt").unwrap();
+    let r = s.realise(vec![built(&x)], BuildMode::Repair).await;
+    assert_eq!(r.builder.started, ["x"]);
+    assert!(r.progress.iter().any(|e| matches!(
+        e,
+        ProgressEvent::BuildStarted {
+            verb: "repairing outputs of",
+            ..
+        }
+    )));
+}
+
+#[actix::test]
+async fn dependency_errors_are_reported_as_messages() {
+    let mut s = Setup::new();
+    s.fail("a", BuildStatus::PermanentFailure);
+    let a = s.drv("a", &[]);
+    let b = s.drv("b", &[&a]);
+    let r = s.realise(vec![built(&b)], BuildMode::Normal).await;
+    let msgs: Vec<&String> = r
+        .progress
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::Message(m) if m.starts_with("error: ") => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(msgs, ["error: builder for 'a' failed with exit code 1"]);
+}

@@ -865,9 +865,10 @@ impl DerivationGoal {
 
     fn wait_for_drv(&mut self) -> Vec<Effect> {
         self.state = State::AwaitDrvSubstitution;
+        // Nix substitutes the `.drv` itself without repair, in every mode.
         vec![Effect::WaitFor(vec![GoalRequest::Substitution {
             path: self.drv_path.clone(),
-            repair: self.mode == BuildMode::Repair,
+            repair: false,
         }])]
     }
 
