@@ -716,3 +716,16 @@ async fn dependency_errors_are_reported_as_messages() {
         .collect();
     assert_eq!(msgs, ["error: builder for 'a' failed with exit code 1"]);
 }
+
+#[actix::test]
+async fn results_carry_build_times() {
+    let s = Setup::new();
+    let x = s.drv("x", &[]);
+    let r = s.realise(vec![built(&x)], BuildMode::Normal).await;
+    let res = &r.outcome.results[0].result;
+    assert_eq!(res.times_built, 1);
+    assert!(
+        res.start_time > 0 && res.stop_time >= res.start_time,
+        "{res:?}"
+    );
+}

@@ -157,6 +157,8 @@ pub struct DerivationGoal {
     check_mismatch: bool,
     waiting_message_shown: bool,
     started: bool,
+    /// When the build started (Unix seconds), for the result.
+    start_time: i64,
 }
 
 impl DerivationGoal {
@@ -187,6 +189,7 @@ impl DerivationGoal {
             check_mismatch: false,
             waiting_message_shown: false,
             started: false,
+            start_time: 0,
         }
     }
 
@@ -681,6 +684,7 @@ impl DerivationGoal {
                 HookReply::Accept { machine, job } => {
                     self.state = State::BuildingRemotely;
                     self.started = true;
+                    self.start_time = now();
                     let missing = self.missing_outputs();
                     vec![
                         Effect::BuildStarted {
@@ -1113,6 +1117,7 @@ impl DerivationGoal {
         }
         self.state = State::BuildingLocally;
         self.started = true;
+        self.start_time = now();
         let output_paths = drv
             .outputs
             .iter()
@@ -1187,28 +1192,27 @@ impl DerivationGoal {
         })]
     }
 
+    /// `done` with the builder's result (its times and build count win when set).
     fn finish_with(&mut self, mut r: BuildResult, ctx: &GoalCtx) -> Vec<Effect> {
-        if r.success() {
-            let status = r.status;
-            let times = r.times_built.max(1);
-            let (start, stop) = (r.start_time, r.stop_time);
-            let mut fx = self.done_success(status, ctx);
-            if let Some(Effect::Done(o)) = fx.last_mut() {
-                o.result.times_built = times;
-                o.result.start_time = start;
-                o.result.stop_time = stop;
-            }
-            fx
+        let mut fx = if r.success() {
+            self.done_success(r.status, ctx)
         } else {
             let msg = std::mem::take(&mut r.error_msg);
-            let mut fx = self.done_failure(r.status, msg);
-            if let Some(Effect::Done(o)) = fx.last_mut() {
+            self.done_failure(r.status, msg)
+        };
+        if let Some(Effect::Done(o)) = fx.last_mut() {
+            if r.times_built > 0 {
                 o.result.times_built = r.times_built;
+            }
+            if r.start_time != 0 {
                 o.result.start_time = r.start_time;
+            }
+            if r.stop_time != 0 {
                 o.result.stop_time = r.stop_time;
             }
-            fx
+            o.result.is_non_deterministic = r.is_non_deterministic;
         }
+        fx
     }
 
     fn done_success(&mut self, status: BuildStatus, _ctx: &GoalCtx) -> Vec<Effect> {
@@ -1241,6 +1245,7 @@ impl DerivationGoal {
         }
         o.outputs = paths;
         o.hash_mismatch = self.hash_mismatch;
+        self.stamp(&mut o.result);
         o.check_mismatch = self.check_mismatch;
         vec![Effect::Done(o)]
     }
@@ -1251,6 +1256,7 @@ impl DerivationGoal {
         let mut fx = self.release_slot();
         let mut o = GoalOutcome::failure(ExitCode::Failed, status, msg);
         o.hash_mismatch = self.hash_mismatch;
+        self.stamp(&mut o.result);
         o.check_mismatch = self.check_mismatch;
         fx.push(Effect::Done(o));
         fx
@@ -1262,6 +1268,19 @@ impl DerivationGoal {
         let mut fx = self.release_slot();
         fx.push(Effect::Fatal(msg));
         fx
+    }
+
+    /// Start and stop times (and one build) on the result of a goal that built.
+    fn stamp(&self, r: &mut BuildResult) {
+        if self.started {
+            if r.start_time == 0 {
+                r.start_time = self.start_time;
+            }
+            if r.stop_time == 0 {
+                r.stop_time = now();
+            }
+            r.times_built = r.times_built.max(1);
+        }
     }
 
     /// Whether the build really started (for the running-builds counter).
@@ -1285,6 +1304,13 @@ pub fn log_tail_suffix(drv: &str, tail: &[String]) -> String {
 
 /// Nix 2.8's error when max-jobs is 0 and no hook builds.
 pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\n       https://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
 
 fn job(f: impl FnOnce(&JobEnv) -> DrvJobResult + Send + 'static) -> Effect {
     Effect::Blocking(Box::new(move |env: &JobEnv| Event::Drv(Box::new(f(env)))))
