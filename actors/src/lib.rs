@@ -13,6 +13,21 @@
 //! outputs restricted to the request's outputs), `nix-store --realise`'s exit status
 //! and the error messages Nix would print.
 //!
+//! Wiring the real actors: the LocalBuilder's address gives both `local_builder`
+//! (`addr.clone().recipient()`) and `cancel_local_build` (`addr.recipient()`); the hook
+//! pool's address gives `hook` (leave it `None` when `build-hook` is empty); the
+//! LogCollector is not the Worker's business (the LocalBuilder and the hook pool get a
+//! [`messages::StartLogCollector`]; the Worker only fills the [`messages::LogConfig`] of
+//! hook jobs from [`WorkerSettings::log`]). Substituters are
+//! `Arc<dyn `[`substituter::Substituter`]`>`s, tried in order of priority.
+//! [`progress::ProgressEvent`]s (counters, `building '…'`, messages such as dependency
+//! errors and `resolved derivation: …`) go to the optional `progress` recipient.
+//!
+//! Goals are plain state machines ([`goal`]) driven by the Worker's state machine
+//! ([`WorkerCore`]); [`Worker`] is the thin actor around both, running blocking store
+//! work on the blocking pool ([`store_executor`]). [`testing`] has fakes for every
+//! injected actor and a synchronous driver for deterministic scheduler tests.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use drover::derived_path::DerivedPath;
