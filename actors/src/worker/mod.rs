@@ -42,6 +42,9 @@ use crate::messages::{BuildMode, HookBuild, LocalBuildRequest};
 use crate::progress::{Counters, ProgressEvent};
 use slots::Slots;
 
+/// How far a priority raise travels down the goal graph.
+pub const MAX_PRIORITY_PROPAGATION: usize = 64;
+
 static NEXT_GOAL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Log settings the Worker passes to hook jobs (`LogConfig`).
@@ -550,9 +553,11 @@ impl WorkerCore {
     }
 
     /// Raises the priority of a goal and its dependencies (the critical path above).
+    /// Propagation stops [`MAX_PRIORITY_PROPAGATION`] levels down, so graphs found
+    /// bottom-up (every goal requested at top level) cost O(n) rather than O(n²).
     fn bump_priority(&mut self, goal: GoalId, prio: u64) {
-        let mut stack = vec![(goal, prio)];
-        while let Some((g, p)) = stack.pop() {
+        let mut stack = vec![(goal, prio, 0usize)];
+        while let Some((g, p, depth)) = stack.pop() {
             let Some(e) = self.goals.get_mut(&g) else {
                 continue;
             };
@@ -560,7 +565,9 @@ impl WorkerCore {
                 continue;
             }
             e.priority = p;
-            stack.extend(e.waitees.keys().map(|&d| (d, p + 1)));
+            if depth < MAX_PRIORITY_PROPAGATION {
+                stack.extend(e.waitees.keys().map(|&d| (d, p + 1, depth + 1)));
+            }
         }
     }
 
