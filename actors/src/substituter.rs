@@ -54,6 +54,10 @@ pub trait Substituter: Send + Sync {
     fn uri(&self) -> String;
     /// Lower is tried first (cache.nixos.org is 40).
     fn priority(&self) -> u64;
+    /// Whether its paths are accepted without signatures (`?trusted=1`).
+    fn is_trusted(&self) -> bool {
+        false
+    }
     /// The narinfo of `path`, or `None` when it has no substitute.
     fn query_path_info(
         &self,
@@ -89,6 +93,8 @@ pub enum FakeFault {
 pub struct InMemorySubstituter {
     pub uri: String,
     pub priority: u64,
+    /// Accept its paths without signatures (true from [`InMemorySubstituter::new`]).
+    pub trusted: bool,
     paths: Mutex<BTreeMap<StorePath, FakeEntry>>,
     realisations: Mutex<BTreeMap<DrvOutput, Realisation>>,
     faults: Mutex<HashMap<StorePath, FakeFault>>,
@@ -103,6 +109,7 @@ impl InMemorySubstituter {
         InMemorySubstituter {
             uri: uri.to_owned(),
             priority,
+            trusted: true,
             ..Default::default()
         }
     }
@@ -138,6 +145,13 @@ impl InMemorySubstituter {
             .insert(r.id.clone(), r);
     }
 
+    /// Adds a signature to a served path's info.
+    pub fn add_signature(&self, path: &StorePath, sig: String) {
+        if let Some(e) = self.paths.lock().expect("lock").get_mut(path) {
+            e.info.sigs.insert(sig);
+        }
+    }
+
     pub fn set_fault(&self, path: StorePath, fault: FakeFault) {
         self.faults.lock().expect("lock").insert(path, fault);
     }
@@ -158,6 +172,10 @@ impl Substituter for InMemorySubstituter {
 
     fn priority(&self) -> u64 {
         self.priority
+    }
+
+    fn is_trusted(&self) -> bool {
+        self.trusted
     }
 
     fn query_path_info(

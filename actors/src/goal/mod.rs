@@ -244,6 +244,7 @@ pub(crate) mod test_support {
             let ts = TestStore::open(dir.path());
             let mut settings = WorkerSettings::from_settings(&ts.settings);
             settings.substituter_uris = subs.iter().map(|s| s.uri()).collect();
+            settings.substituter_trusted = subs.iter().map(|s| s.is_trusted()).collect();
             tweak(&mut settings);
             let env = JobEnv {
                 store: ts.store.clone(),

@@ -60,6 +60,7 @@ impl Worker {
         cfg.substituters.sort_by_key(|s| s.priority());
         let mut settings = cfg.settings.clone();
         settings.substituter_uris = cfg.substituters.iter().map(|s| s.uri()).collect();
+        settings.substituter_trusted = cfg.substituters.iter().map(|s| s.is_trusted()).collect();
         let settings = Arc::new(settings);
         let env = Arc::new(JobEnv {
             store: cfg.store.clone(),

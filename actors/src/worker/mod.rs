@@ -81,6 +81,12 @@ pub struct WorkerSettings {
     pub substitute: bool,
     /// The URIs of the substituters, in the order tried (filled by the Worker).
     pub substituter_uris: Vec<String>,
+    /// Which of them are trusted without signatures (filled by the Worker).
+    pub substituter_trusted: Vec<bool>,
+    /// `require-sigs`.
+    pub require_sigs: bool,
+    /// `trusted-public-keys`.
+    pub trusted_public_keys: drover::signature::PublicKeys,
     pub log: LogSettings,
 }
 
@@ -100,6 +106,9 @@ impl Default for WorkerSettings {
             ca_derivations: false,
             substitute: true,
             substituter_uris: Vec::new(),
+            substituter_trusted: Vec::new(),
+            require_sigs: true,
+            trusted_public_keys: Default::default(),
             log: LogSettings::default(),
         }
     }
@@ -128,6 +137,18 @@ impl WorkerSettings {
             ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
             substitute: s.get("substitute").map(|v| v != "false").unwrap_or(true),
             substituter_uris: Vec::new(),
+            substituter_trusted: Vec::new(),
+            require_sigs: s.require_sigs(),
+            trusted_public_keys: {
+                let mut keys = drover::signature::PublicKeys::new();
+                for k in s.trusted_public_keys() {
+                    match drover::signature::PublicKey::parse(&k) {
+                        Ok(k) => keys.insert(k),
+                        Err(e) => log::warn!("ignoring trusted public key '{k}': {e}"),
+                    }
+                }
+                keys
+            },
             log: LogSettings {
                 log_dir: s.log_dir().to_owned(),
                 compress: s.compress_build_log(),

@@ -125,6 +125,15 @@ impl PathSubstitutionGoal {
                         fx.extend(self.try_next(ctx));
                         return fx;
                     }
+                    if self.untrusted(&info, ctx) {
+                        let mut fx = vec![Effect::Message(format!(
+                            "warning: ignoring substitute for '{}' from '{}', as it's not signed by any of the keys in 'trusted-public-keys'",
+                            ctx.store_dir.print(&self.path),
+                            Self::uri(ctx, self.current_sub.unwrap_or(0))
+                        ))];
+                        fx.extend(self.try_next(ctx));
+                        return fx;
+                    }
                     self.state = State::AwaitReferences;
                     let refs = info
                         .references
@@ -206,6 +215,30 @@ impl PathSubstitutionGoal {
             }
             _ => vec![],
         }
+    }
+
+    /// Nix's `pathInfoIsUntrusted` for an untrusted substituter: signatures are
+    /// required, the path is not content-addressed, and no signature is valid.
+    fn untrusted(&self, info: &SubstitutablePathInfo, ctx: &GoalCtx) -> bool {
+        let i = self.current_sub.unwrap_or(0);
+        let s = ctx.settings;
+        if s.substituter_trusted.get(i).copied().unwrap_or(false)
+            || !s.require_sigs
+            || info.ca.is_some()
+        {
+            return false;
+        }
+        let fp = drover::narinfo::fingerprint_path(
+            ctx.store_dir,
+            &info.path,
+            &info.nar_hash,
+            info.nar_size,
+            &info.references,
+        );
+        !matches!(
+            s.trusted_public_keys.count_valid(fp.as_bytes(), &info.sigs),
+            Ok(n) if n > 0
+        )
     }
 
     fn uri(ctx: &GoalCtx, _i: usize) -> String {
@@ -424,5 +457,46 @@ mod tests {
         let mut g = PathSubstitutionGoal::new(d, true);
         let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
         assert!(show(&fx).contains("Done(NoSubstituters"), "{fx:?}");
+    }
+
+    #[test]
+    fn unsigned_substitutes_from_untrusted_caches_are_ignored() {
+        use drover::signature::SecretKey;
+        let key = SecretKey::generate("test-1").unwrap();
+        let pk = key.to_public_key();
+        let run = |sign: bool| {
+            let mut s = InMemorySubstituter::new("mem://untrusted", 40);
+            s.trusted = false;
+            let s = Arc::new(s);
+            let h = Harness::with(vec![s.clone() as Arc<dyn Substituter>], |st| {
+                st.require_sigs = true;
+                st.trusted_public_keys.insert(pk.clone());
+            });
+            let p = path(&h, "x");
+            s.add_file(p.clone(), b"x", Default::default());
+            if sign {
+                let info = s.query_path_info(&p).unwrap().unwrap();
+                let fp = drover::narinfo::fingerprint_path(
+                    h.ts.store.store_dir(),
+                    &p,
+                    &info.nar_hash,
+                    info.nar_size,
+                    &info.references,
+                );
+                s.add_signature(&p, key.sign(fp.as_bytes()));
+            }
+            let mut g = PathSubstitutionGoal::new(p, false);
+            let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+            (show(&fx), g.substituter_failed())
+        };
+        let (fx, failed) = run(false);
+        assert!(
+            fx.contains("as it's not signed by any of the keys in 'trusted-public-keys'"),
+            "{fx}"
+        );
+        assert!(fx.contains("Done(NoSubstituters"), "{fx}");
+        assert!(!failed);
+        let (fx, _) = run(true);
+        assert_eq!(fx, "[WaitFor([])]");
     }
 }
