@@ -24,6 +24,12 @@ pub struct Counters {
     pub running_substitutions: u64,
     pub done_substitutions: u64,
     pub failed_substitutions: u64,
+    /// NAR bytes of the substitutions being tried / done (`expectedNarSize`).
+    pub expected_nar_size: u64,
+    pub done_nar_size: u64,
+    /// Download bytes (narinfo `FileSize`) of the substitutions being tried / done.
+    pub expected_download_size: u64,
+    pub done_download_size: u64,
 }
 
 /// What happens during a run.

@@ -177,6 +177,12 @@ pub enum Effect {
         uri: String,
     },
     SubstitutionStopped,
+    /// The substituter being tried has the path with these sizes (replaces the sizes
+    /// of an earlier attempt in the expected-size counters).
+    SubstitutionSizes {
+        nar_size: u64,
+        download_size: u64,
+    },
     /// A message to show the user.
     Message(String),
     Done(GoalOutcome),
@@ -210,6 +216,9 @@ impl std::fmt::Debug for Effect {
             Effect::BuildStarted { machine } => write!(f, "BuildStarted({machine:?})"),
             Effect::SubstitutionStarted { uri } => write!(f, "SubstitutionStarted({uri})"),
             Effect::SubstitutionStopped => write!(f, "SubstitutionStopped"),
+            Effect::SubstitutionSizes { nar_size, .. } => {
+                write!(f, "SubstitutionSizes({nar_size})")
+            }
             Effect::Message(m) => write!(f, "Message({m})"),
             Effect::Done(o) => write!(f, "Done({:?}, {})", o.exit, o.result),
             Effect::Fatal(m) => write!(f, "Fatal({m})"),

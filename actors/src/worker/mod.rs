@@ -236,6 +236,8 @@ struct Entry {
     /// Length of the longest chain of goals waiting on this one.
     priority: u64,
     substituting: bool,
+    /// (NAR size, download size) counted as expected for this goal.
+    sizes: (u64, u64),
 }
 
 /// The Worker's state machine.
@@ -390,6 +392,7 @@ impl WorkerCore {
                 top_level: false,
                 priority: 0,
                 substituting: false,
+                sizes: (0, 0),
             },
         );
         self.keys.insert(key, id);
@@ -539,6 +542,17 @@ impl WorkerCore {
                     }
                 }
             }
+            Effect::SubstitutionSizes {
+                nar_size,
+                download_size,
+            } => {
+                if let Some(e) = self.goals.get_mut(&id) {
+                    let c = &mut self.counters;
+                    c.expected_nar_size = c.expected_nar_size - e.sizes.0 + nar_size;
+                    c.expected_download_size = c.expected_download_size - e.sizes.1 + download_size;
+                    e.sizes = (nar_size, download_size);
+                }
+            }
             Effect::Message(m) => self
                 .actions
                 .push(Action::Progress(ProgressEvent::Message(m))),
@@ -606,6 +620,12 @@ impl WorkerCore {
         let status = outcome.result.status;
         if entry.substituting {
             self.counters.running_substitutions -= 1;
+        }
+        self.counters.expected_nar_size -= entry.sizes.0;
+        self.counters.expected_download_size -= entry.sizes.1;
+        if outcome.exit == ExitCode::Success {
+            self.counters.done_nar_size += entry.sizes.0;
+            self.counters.done_download_size += entry.sizes.1;
         }
         match &entry.goal {
             Goal::Drv(g) => {
@@ -730,6 +750,8 @@ impl WorkerCore {
         if entry.substituting {
             self.counters.running_substitutions -= 1;
         }
+        self.counters.expected_nar_size -= entry.sizes.0;
+        self.counters.expected_download_size -= entry.sizes.1;
         if let Some(next) = self.subst_slots.release(id) {
             self.queue.push_back((next, Event::SlotGranted));
         }

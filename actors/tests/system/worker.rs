@@ -400,6 +400,8 @@ async fn substitution_instead_of_building() {
     let c = last_counters(&r);
     assert_eq!(c.done_substitutions, 1);
     assert_eq!((c.expected_substitutions, c.running_substitutions), (0, 0));
+    assert_eq!((c.expected_nar_size, c.expected_download_size), (0, 0));
+    assert_eq!((c.done_nar_size, c.done_download_size), (120, 5));
 }
 
 #[actix::test]

@@ -135,6 +135,10 @@ impl PathSubstitutionGoal {
                         return fx;
                     }
                     self.state = State::AwaitReferences;
+                    let sizes = Effect::SubstitutionSizes {
+                        nar_size: info.nar_size,
+                        download_size: info.download_size.unwrap_or(0),
+                    };
                     let refs = info
                         .references
                         .iter()
@@ -144,7 +148,7 @@ impl PathSubstitutionGoal {
                             repair: false,
                         })
                         .collect();
-                    vec![Effect::WaitFor(refs)]
+                    vec![sizes, Effect::WaitFor(refs)]
                 }
             },
             (State::AwaitReferences, Event::WaiteeDone(w)) => {
@@ -353,7 +357,7 @@ mod tests {
         // Self-references are not waited for.
         assert_eq!(
             show(&fx),
-            format!("[WaitFor([Substitution {{ path: {dep:?}, repair: false }}])]")
+            format!("[SubstitutionSizes(120), WaitFor([Substitution {{ path: {dep:?}, repair: false }}])]")
         );
         assert_eq!(g.state_name(), "referencesValid");
         let req = GoalRequest::Substitution {
@@ -497,6 +501,6 @@ mod tests {
         assert!(fx.contains("Done(NoSubstituters"), "{fx}");
         assert!(!failed);
         let (fx, _) = run(true);
-        assert_eq!(fx, "[WaitFor([])]");
+        assert_eq!(fx, "[SubstitutionSizes(120), WaitFor([])]");
     }
 }
