@@ -12,6 +12,7 @@ pub mod build_result;
 pub mod config;
 pub mod content_address;
 pub mod derivation;
+pub mod derived_path;
 pub mod hash;
 pub mod hook_protocol;
 pub mod nar;

@@ -1,0 +1,316 @@
+//! Goals: the plain state machines the Worker drives.
+//!
+//! A goal never performs an effect itself. Each step takes an [`Event`] and returns
+//! [`Effect`]s: blocking store work as a [`Job`] (run by the store executor off the
+//! arbiter), requests for dependency goals ([`Effect::WaitFor`], which only the Worker
+//! creates and deduplicates), slot requests, timers, hook and builder messages, and
+//! finally [`Effect::Done`] with a [`GoalOutcome`]. So every state is unit-testable by
+//! feeding events, and goals talk to each other only through the Worker.
+//!
+//! * [`derivation::DerivationGoal`]: key = `.drv` path;
+//! * [`path_substitution::PathSubstitutionGoal`]: key = store path;
+//! * [`drv_output_substitution::DrvOutputSubstitutionGoal`]: key = `DrvOutput`.
+
+pub mod derivation;
+pub mod drv_output_substitution;
+pub mod path_substitution;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use drover::build_result::{BuildResult, BuildStatus};
+use drover::derivation::DrvHashCache;
+use drover::derived_path::OutputsSpec;
+use drover::realisation::DrvOutput;
+use drover::store::LocalStore;
+use drover::store_path::{StorePath, StorePathSet};
+
+use crate::messages::{
+    BuildMode, HookBuild, HookFinished, HookReply, LocalBuildFinished, LocalBuildRequest,
+};
+use crate::substituter::Substituter;
+use crate::worker::WorkerSettings;
+
+/// The Worker's handle of a goal (also the id of its local build and hook job).
+pub type GoalId = u64;
+
+/// How a goal ended, for its waiters (Nix's `ExitCode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitCode {
+    Success,
+    Failed,
+    /// No substituter had the path (not a real failure).
+    NoSubstituters,
+    /// Some reference could not be substituted.
+    IncompleteClosure,
+}
+
+/// What a finished goal reports.
+#[derive(Debug, Clone)]
+pub struct GoalOutcome {
+    pub exit: ExitCode,
+    pub result: BuildResult,
+    /// Output name → path (derivation goals, on success).
+    pub outputs: BTreeMap<String, StorePath>,
+    /// A fixed-output hash mismatch was seen (exit bit 0x02).
+    pub hash_mismatch: bool,
+    /// `--check` found a difference (exit bit 0x08).
+    pub check_mismatch: bool,
+}
+
+impl GoalOutcome {
+    pub fn success(status: BuildStatus) -> GoalOutcome {
+        GoalOutcome {
+            exit: ExitCode::Success,
+            result: BuildResult::new(status),
+            outputs: BTreeMap::new(),
+            hash_mismatch: false,
+            check_mismatch: false,
+        }
+    }
+
+    pub fn failure(exit: ExitCode, status: BuildStatus, msg: impl Into<String>) -> GoalOutcome {
+        GoalOutcome {
+            exit,
+            result: BuildResult::failure(status, msg),
+            outputs: BTreeMap::new(),
+            hash_mismatch: false,
+            check_mismatch: false,
+        }
+    }
+}
+
+/// A dependency a goal asks the Worker for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GoalRequest {
+    Derivation {
+        drv_path: StorePath,
+        outputs: OutputsSpec,
+        mode: BuildMode,
+    },
+    Substitution {
+        path: StorePath,
+        repair: bool,
+    },
+    DrvOutput {
+        id: DrvOutput,
+        repair: bool,
+    },
+}
+
+/// A finished dependency, as its waiter sees it.
+#[derive(Debug, Clone)]
+pub struct WaiteeResult {
+    pub request: GoalRequest,
+    pub outcome: GoalOutcome,
+}
+
+/// What blocking jobs get: the store, the substituters, shared caches.
+pub struct JobEnv {
+    pub store: Arc<LocalStore>,
+    pub substituters: Vec<Arc<dyn Substituter>>,
+    pub drv_hashes: Mutex<DrvHashCache>,
+    pub settings: Arc<WorkerSettings>,
+}
+
+/// Blocking work returning the event it produces.
+pub type Job = Box<dyn FnOnce(&JobEnv) -> Event + Send>;
+
+/// An input to a goal.
+pub enum Event {
+    /// First work (the Worker delivers it on a later turn, never inline).
+    Start,
+    /// One dependency finished.
+    WaiteeDone(WaiteeResult),
+    /// All dependencies finished, or one failed and keep-going is off.
+    WaiteesDone,
+    /// A slot asked for with [`Effect::AcquireBuildSlot`]/[`Effect::AcquireSubstSlot`].
+    SlotGranted,
+    /// The poll interval has passed ([`Effect::WaitForAWhile`]).
+    Wake,
+    /// The result of a derivation goal's blocking job.
+    Drv(Box<derivation::DrvJobResult>),
+    /// The result of a path substitution goal's blocking job.
+    Subst(path_substitution::SubstJobResult),
+    /// The result of a drv-output substitution goal's blocking job.
+    DrvOut(drv_output_substitution::DrvOutJobResult),
+    HookReply(HookReply),
+    LocalBuildFinished(LocalBuildFinished),
+    HookFinished(HookFinished),
+}
+
+/// What a goal asks the Worker to do.
+pub enum Effect {
+    Blocking(Job),
+    /// Create (or reuse) these goals and report when they finish. An empty list
+    /// answers [`Event::WaiteesDone`] at once.
+    WaitFor(Vec<GoalRequest>),
+    AcquireBuildSlot,
+    ReleaseBuildSlot,
+    AcquireSubstSlot,
+    ReleaseSubstSlot,
+    /// Wake me after the poll interval.
+    WaitForAWhile,
+    /// Ask the hook; the answer comes as [`Event::HookReply`].
+    HookTry {
+        am_willing: bool,
+        system: String,
+        drv_path: StorePath,
+        required_features: BTreeSet<String>,
+    },
+    /// The hook declined permanently: never ask again in this run.
+    DisableHook,
+    /// Send the accepted hook job its work.
+    HookBuild {
+        job: actix::Recipient<HookBuild>,
+        drv_path: StorePath,
+        inputs: StorePathSet,
+        missing_outputs: BTreeSet<String>,
+    },
+    RunLocalBuild(LocalBuildRequest),
+    /// The build really started (progress: running builds).
+    BuildStarted {
+        machine: Option<String>,
+    },
+    /// A download started/finished (progress: running substitutions).
+    SubstitutionStarted {
+        uri: String,
+    },
+    SubstitutionStopped,
+    /// The substituter being tried has the path with these sizes (replaces the sizes
+    /// of an earlier attempt in the expected-size counters).
+    SubstitutionSizes {
+        nar_size: u64,
+        download_size: u64,
+    },
+    /// A message to show the user.
+    Message(String),
+    Done(GoalOutcome),
+    /// An error that aborts the whole run (exit 1), as a thrown non-build `Error` in Nix.
+    Fatal(String),
+}
+
+/// What a goal may read from the Worker when it steps.
+pub struct GoalCtx<'a> {
+    pub settings: &'a WorkerSettings,
+    /// Whether a hook is configured and has not declined permanently.
+    pub hook_enabled: bool,
+    pub n_substituters: usize,
+    pub store_dir: &'a drover::store_path::StoreDir,
+}
+
+impl std::fmt::Debug for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Effect::Blocking(_) => write!(f, "Blocking"),
+            Effect::WaitFor(r) => write!(f, "WaitFor({r:?})"),
+            Effect::AcquireBuildSlot => write!(f, "AcquireBuildSlot"),
+            Effect::ReleaseBuildSlot => write!(f, "ReleaseBuildSlot"),
+            Effect::AcquireSubstSlot => write!(f, "AcquireSubstSlot"),
+            Effect::ReleaseSubstSlot => write!(f, "ReleaseSubstSlot"),
+            Effect::WaitForAWhile => write!(f, "WaitForAWhile"),
+            Effect::HookTry { am_willing, .. } => write!(f, "HookTry({am_willing})"),
+            Effect::DisableHook => write!(f, "DisableHook"),
+            Effect::HookBuild { .. } => write!(f, "HookBuild"),
+            Effect::RunLocalBuild(r) => write!(f, "RunLocalBuild({})", r.drv_path),
+            Effect::BuildStarted { machine } => write!(f, "BuildStarted({machine:?})"),
+            Effect::SubstitutionStarted { uri } => write!(f, "SubstitutionStarted({uri})"),
+            Effect::SubstitutionStopped => write!(f, "SubstitutionStopped"),
+            Effect::SubstitutionSizes { nar_size, .. } => {
+                write!(f, "SubstitutionSizes({nar_size})")
+            }
+            Effect::Message(m) => write!(f, "Message({m})"),
+            Effect::Done(o) => write!(f, "Done({:?}, {})", o.exit, o.result),
+            Effect::Fatal(m) => write!(f, "Fatal({m})"),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Drives one goal by hand: blocking jobs run inline against a scratch store.
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::testing::TestStore;
+
+    pub struct Harness {
+        _dir: tempfile::TempDir,
+        pub ts: TestStore,
+        pub env: JobEnv,
+    }
+
+    impl Harness {
+        pub fn new(subs: Vec<Arc<dyn Substituter>>) -> Harness {
+            Self::with(subs, |_| {})
+        }
+
+        pub fn with(
+            subs: Vec<Arc<dyn Substituter>>,
+            tweak: impl FnOnce(&mut WorkerSettings),
+        ) -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let ts = TestStore::open(dir.path());
+            let mut settings = WorkerSettings::from_settings(&ts.settings);
+            settings.substituter_uris = subs.iter().map(|s| s.uri()).collect();
+            settings.substituter_trusted = subs.iter().map(|s| s.is_trusted()).collect();
+            tweak(&mut settings);
+            let env = JobEnv {
+                store: ts.store.clone(),
+                substituters: subs,
+                drv_hashes: Mutex::new(DrvHashCache::new()),
+                settings: Arc::new(settings),
+            };
+            Harness { _dir: dir, ts, env }
+        }
+
+        pub fn ctx(&self, hook: bool) -> GoalCtx<'_> {
+            GoalCtx {
+                settings: &self.env.settings,
+                hook_enabled: hook,
+                n_substituters: self.env.substituters.len(),
+                store_dir: self.ts.store.store_dir(),
+            }
+        }
+
+        /// Feeds `ev`, running blocking jobs inline until the goal asks for something
+        /// else; returns those other effects.
+        pub fn drive(
+            &self,
+            mut step: impl FnMut(Event, &GoalCtx) -> Vec<Effect>,
+            ev: Event,
+            hook: bool,
+        ) -> Vec<Effect> {
+            let ctx = self.ctx(hook);
+            let mut out = Vec::new();
+            let mut queue = vec![ev];
+            while let Some(ev) = queue.pop() {
+                for f in step(ev, &ctx) {
+                    match f {
+                        Effect::Blocking(job) => queue.push(job(&self.env)),
+                        other => out.push(other),
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    pub fn outcome(exit: ExitCode) -> GoalOutcome {
+        match exit {
+            ExitCode::Success => GoalOutcome::success(BuildStatus::Built),
+            e => GoalOutcome::failure(e, BuildStatus::NoSubstituters, "x"),
+        }
+    }
+
+    pub fn waitee(request: GoalRequest, exit: ExitCode) -> Event {
+        Event::WaiteeDone(WaiteeResult {
+            request,
+            outcome: outcome(exit),
+        })
+    }
+
+    pub fn show(fx: &[Effect]) -> String {
+        format!("{fx:?}")
+    }
+}

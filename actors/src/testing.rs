@@ -1,0 +1,628 @@
+//! Fakes for tests of the actor system (and of code built on it): a temporary store
+//! with a derivation factory, a fake LocalBuilder answering [`RunLocalBuild`] with
+//! scripted outcomes (really writing and registering the outputs, so validity checks
+//! pass), a fake hook pool answering [`HookTry`] with scripted replies and fake
+//! [`HookBuild`] jobs, and a progress recorder.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use drover::build_result::{BuildResult, BuildStatus};
+use drover::config::{Env, Settings};
+use drover::derivation::{Derivation, DerivationOutput, DrvHashCache};
+use drover::store::{LocalStore, StoreError, ValidPathInfo};
+use drover::store_path::StorePath;
+
+use crate::messages::{
+    CancelLocalBuild, HookBuild, HookFinished, HookReply, HookTry, LocalBuildFinished, LogSummary,
+    RunLocalBuild,
+};
+use crate::progress::ProgressEvent;
+
+/// A scratch store under a directory the caller owns (e.g. a `tempfile::TempDir`).
+pub struct TestStore {
+    pub store: Arc<LocalStore>,
+    pub settings: Settings,
+    hashes: Mutex<DrvHashCache>,
+}
+
+impl TestStore {
+    /// Opens a store at `<dir>/store` with state in `<dir>/var/nix`, CA derivations
+    /// enabled and no build users.
+    pub fn open(dir: &Path) -> TestStore {
+        let mut env = Env::new();
+        env.insert(
+            "NIX_STORE_DIR".into(),
+            dir.join("store").display().to_string(),
+        );
+        env.insert(
+            "NIX_STATE_DIR".into(),
+            dir.join("var/nix").display().to_string(),
+        );
+        env.insert(
+            "NIX_LOG_DIR".into(),
+            dir.join("var/log").display().to_string(),
+        );
+        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
+        env.insert("NIX_USER_CONF_FILES".into(), String::new());
+        env.insert(
+            "NIX_CONFIG".into(),
+            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
+        );
+        let settings = Settings::load(&env, &[]).expect("test settings");
+        let store = Arc::new(LocalStore::open(&settings).expect("test store"));
+        TestStore {
+            store,
+            settings,
+            hashes: Mutex::new(DrvHashCache::new()),
+        }
+    }
+
+    /// Adds an input-addressed derivation `name` with outputs `outputs`, depending on
+    /// the `out` output of each of `inputs`, with extra environment entries.
+    pub fn add_drv(
+        &self,
+        name: &str,
+        outputs: &[&str],
+        inputs: &[&StorePath],
+        env: &[(&str, &str)],
+    ) -> StorePath {
+        let (drv, bytes) = self.make_drv(name, outputs, inputs, env);
+        self.store
+            .add_text_to_store(&format!("{name}.drv"), &bytes, &drv.drv_references())
+            .expect("adding drv")
+    }
+
+    /// Writes many derivations and their outputs (all valid) with one registration:
+    /// `specs` are (name, indices of earlier specs used as inputs). Fast setup for
+    /// large graphs.
+    pub fn add_valid_drvs(&self, specs: &[(String, Vec<usize>)]) -> Vec<StorePath> {
+        let sd = self.store.store_dir().clone();
+        let mut paths: Vec<StorePath> = Vec::new();
+        let mut infos = Vec::new();
+        for (name, inputs) in specs {
+            let ins: Vec<&StorePath> = inputs.iter().map(|i| &paths[*i]).collect();
+            let (drv, bytes) = self.make_drv(name, &["out"], &ins, &[]);
+            let refs = drv.drv_references();
+            let p = sd
+                .text_path_of(&format!("{name}.drv"), &bytes, &refs)
+                .expect("drv path");
+            let real = self.store.real_path(&p);
+            std::fs::write(&real, &bytes).expect("writing drv");
+            let mut sink = drover::hash::HashSink::new(drover::hash::HashAlgo::Sha256);
+            drover::nar::dump_bytes(&bytes, &mut sink).expect("hashing");
+            let (h, n) = sink.finish();
+            let mut i = ValidPathInfo::new(p.clone(), h, n);
+            i.references = refs;
+            i.ca = Some(drover::content_address::ContentAddress::Text(
+                drover::hash::HashAlgo::Sha256.digest(&bytes),
+            ));
+            infos.push(i);
+            for o in drv.outputs.values() {
+                let Some(out) = o.path() else { continue };
+                let real = self.store.real_path(out);
+                std::fs::write(&real, name.as_bytes()).expect("writing output");
+                let (h, n) = drover::nar::nar_hash_of_path(&real).expect("hashing output");
+                let mut i = ValidPathInfo::new(out.clone(), h, n);
+                i.deriver = Some(p.clone());
+                infos.push(i);
+            }
+            paths.push(p);
+        }
+        self.store
+            .register_valid_paths(&infos)
+            .expect("registering");
+        paths
+    }
+
+    fn make_drv(
+        &self,
+        name: &str,
+        outputs: &[&str],
+        inputs: &[&StorePath],
+        env: &[(&str, &str)],
+    ) -> (Derivation, Vec<u8>) {
+        let sd = self.store.store_dir().clone();
+        let mut drv = Derivation {
+            system: drover::config::native_system(),
+            builder: "/bin/sh".into(),
+            args: vec!["-c".into(), "true".into()],
+            ..Default::default()
+        };
+        let floating = env.iter().any(|(k, _)| *k == "__contentAddressed");
+        for o in outputs {
+            if floating {
+                drv.outputs.insert(
+                    (*o).into(),
+                    DerivationOutput::CAFloating {
+                        method: drover::content_address::ContentAddressMethod::Fixed(
+                            drover::content_address::FileIngestionMethod::Recursive,
+                        ),
+                        algo: drover::hash::HashAlgo::Sha256,
+                    },
+                );
+            } else {
+                drv.outputs.insert((*o).into(), DerivationOutput::Deferred);
+            }
+            drv.env.insert((*o).into(), String::new());
+        }
+        for i in inputs {
+            drv.input_drvs
+                .entry((*i).clone())
+                .or_default()
+                .insert("out".into());
+        }
+        drv.env.insert("name".into(), name.into());
+        drv.env.insert("system".into(), drv.system.clone());
+        drv.env.insert("builder".into(), "/bin/sh".into());
+        for (k, v) in env {
+            drv.env.insert((*k).into(), (*v).into());
+        }
+        let mut cache = self.hashes.lock().expect("lock");
+        let store = &self.store;
+        let drv = drv
+            .with_output_paths::<_, StoreError>(&sd, name, |p| {
+                cache.hash_of(&sd, p, |q| store.read_derivation(q).map(Arc::new))
+            })
+            .expect("output paths");
+        let bytes = drv.to_aterm_bytes(&sd);
+        (drv, bytes)
+    }
+
+    /// Adds a floating content-addressed derivation (`__contentAddressed = true`,
+    /// recursive sha256) with output `out`, depending on the `out` of `inputs`.
+    pub fn add_ca_drv(&self, name: &str, inputs: &[&StorePath]) -> StorePath {
+        let (drv, bytes) = self.make_drv(
+            name,
+            &["out"],
+            inputs,
+            &[
+                ("__contentAddressed", "1"),
+                ("outputHashMode", "recursive"),
+                ("outputHashAlgo", "sha256"),
+            ],
+        );
+        self.store
+            .add_text_to_store(&format!("{name}.drv"), &bytes, &drv.drv_references())
+            .expect("adding drv")
+    }
+
+    /// The path of an output of a derivation.
+    pub fn output(&self, drv: &StorePath, output: &str) -> StorePath {
+        let d = self.store.read_derivation(drv).expect("drv");
+        d.outputs[output].path().expect("static output").clone()
+    }
+
+    /// Makes all outputs of `drv` valid (as if built earlier).
+    pub fn make_valid(&self, drv: &StorePath) {
+        let d = self.store.read_derivation(drv).expect("drv");
+        let outputs: BTreeMap<String, StorePath> = d
+            .outputs
+            .iter()
+            .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
+            .collect();
+        write_outputs(&self.store, drv, &outputs).expect("writing outputs");
+    }
+}
+
+/// Writes each output as a small file and registers it (as a builder would).
+pub fn write_outputs(
+    store: &LocalStore,
+    drv: &StorePath,
+    outputs: &BTreeMap<String, StorePath>,
+) -> Result<(), StoreError> {
+    let mut infos = Vec::new();
+    for p in outputs.values() {
+        if store.is_valid_path(p)? {
+            continue;
+        }
+        let real = store.real_path(p);
+        std::fs::write(&real, drv.to_string()).map_err(|source| StoreError::Io {
+            context: "writing",
+            path: real.clone(),
+            source,
+        })?;
+        let (h, n) = drover::nar::nar_hash_of_path(&real).map_err(|e| StoreError::Io {
+            context: "hashing",
+            path: real.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut i = ValidPathInfo::new(p.clone(), h, n);
+        i.deriver = Some(drv.clone());
+        i.ultimate = true;
+        infos.push(i);
+    }
+    store.register_valid_paths(&infos)
+}
+
+/// Produces every output of a build request: known paths via [`write_outputs`],
+/// floating ones added as content-addressed paths (`fixed:r:sha256`).
+pub fn build_outputs(
+    store: &LocalStore,
+    req: &crate::messages::LocalBuildRequest,
+) -> Result<BTreeMap<String, StorePath>, StoreError> {
+    write_outputs(store, &req.drv_path, &req.output_paths)?;
+    let mut res = req.output_paths.clone();
+    let name = drover::derivation::name_from_drv_path(&req.drv_path)?;
+    for o in req.drv.outputs.keys() {
+        if res.contains_key(o) {
+            continue;
+        }
+        let dir = tempfile_dir(store);
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            context: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let src = dir.join(format!("{}-{o}", req.drv_path.hash_part()));
+        std::fs::write(&src, format!("{name} {o}")).map_err(|source| StoreError::Io {
+            context: "writing",
+            path: src.clone(),
+            source,
+        })?;
+        let p = store.add_path_to_store(&src, &drover::store_path::output_path_name(name, o))?;
+        let _ = std::fs::remove_file(&src);
+        res.insert(o.clone(), p);
+    }
+    Ok(res)
+}
+
+fn tempfile_dir(store: &LocalStore) -> std::path::PathBuf {
+    store.state_dir().join("fake-builds")
+}
+
+/// What the fake builder does with one derivation (by derivation name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeOutcome {
+    Succeed,
+    Fail(BuildStatus, String),
+    /// A fixed-output hash mismatch (OutputRejected + the hash-mismatch flag).
+    HashMismatch,
+    /// Never answers (until cancelled).
+    Hang,
+}
+
+/// What the fake builder saw.
+#[derive(Debug, Default, Clone)]
+pub struct BuilderLog {
+    /// Derivation names in the order their builds started.
+    pub started: Vec<String>,
+    pub cancelled: Vec<u64>,
+    pub running: usize,
+    pub max_running: usize,
+}
+
+/// A LocalBuilder stand-in.
+pub struct FakeBuilder {
+    pub store: Arc<LocalStore>,
+    pub script: HashMap<String, FakeOutcome>,
+    pub delay: Duration,
+    pub log: Arc<Mutex<BuilderLog>>,
+}
+
+impl FakeBuilder {
+    pub fn new(store: Arc<LocalStore>) -> FakeBuilder {
+        FakeBuilder {
+            store,
+            script: HashMap::new(),
+            delay: Duration::from_millis(0),
+            log: Arc::default(),
+        }
+    }
+}
+
+impl Actor for FakeBuilder {
+    type Context = Context<Self>;
+}
+
+fn drv_name(p: &StorePath) -> String {
+    p.name().trim_end_matches(".drv").to_owned()
+}
+
+impl Handler<RunLocalBuild> for FakeBuilder {
+    type Result = ();
+    fn handle(&mut self, msg: RunLocalBuild, _ctx: &mut Context<Self>) {
+        let name = drv_name(&msg.request.drv_path);
+        let outcome = self
+            .script
+            .get(&name)
+            .cloned()
+            .unwrap_or(FakeOutcome::Succeed);
+        {
+            let mut l = self.log.lock().expect("lock");
+            l.started.push(name);
+            l.running += 1;
+            l.max_running = l.max_running.max(l.running);
+        }
+        if outcome == FakeOutcome::Hang {
+            return;
+        }
+        let store = self.store.clone();
+        let log = self.log.clone();
+        let delay = self.delay;
+        actix::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let req = msg.request;
+            let _ = &req;
+            let (result, hash_mismatch, outputs) = match outcome {
+                FakeOutcome::Succeed => {
+                    let req2 = req.clone();
+                    let r = tokio::task::spawn_blocking(move || build_outputs(&store, &req2)).await;
+                    match r {
+                        Ok(Ok(outputs)) => {
+                            let mut r = BuildResult::new(BuildStatus::Built);
+                            r.times_built = 1;
+                            (r, false, outputs)
+                        }
+                        _ => (
+                            BuildResult::failure(BuildStatus::MiscFailure, "fake write failed"),
+                            false,
+                            BTreeMap::new(),
+                        ),
+                    }
+                }
+                FakeOutcome::Fail(s, m) => (BuildResult::failure(s, m), false, BTreeMap::new()),
+                FakeOutcome::HashMismatch => (
+                    BuildResult::failure(BuildStatus::OutputRejected, "hash mismatch"),
+                    true,
+                    BTreeMap::new(),
+                ),
+                FakeOutcome::Hang => unreachable!("returned above"),
+            };
+            log.lock().expect("lock").running -= 1;
+            msg.reply_to.do_send(LocalBuildFinished {
+                id: msg.id,
+                result,
+                hash_mismatch,
+                outputs,
+            });
+        });
+    }
+}
+
+impl Handler<CancelLocalBuild> for FakeBuilder {
+    type Result = ();
+    fn handle(&mut self, msg: CancelLocalBuild, _ctx: &mut Context<Self>) {
+        let mut l = self.log.lock().expect("lock");
+        l.cancelled.push(msg.id);
+        l.running = l.running.saturating_sub(1);
+    }
+}
+
+/// A scripted hook reply (at the pool level).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeHookReply {
+    Decline,
+    DeclinePermanently,
+    Postpone,
+    /// Accept; the job builds the outputs (if `build`) and exits with `exit_code`
+    /// (None: killed by a signal — the hook died).
+    Accept {
+        exit_code: Option<i32>,
+        build: bool,
+    },
+    /// Something that is not a reply: `bad hook reply '…'`.
+    Garbage(String),
+}
+
+/// A hook pool stand-in: answers each `HookTry` with the next scripted reply (the
+/// last one repeats).
+pub struct FakeHookPool {
+    pub store: Arc<LocalStore>,
+    pub replies: VecDeque<FakeHookReply>,
+    /// (amWilling, derivation name) of every request.
+    pub tries: Arc<Mutex<Vec<(bool, String)>>>,
+}
+
+impl Actor for FakeHookPool {
+    type Context = Context<Self>;
+}
+
+impl Handler<HookTry> for FakeHookPool {
+    type Result = HookReply;
+    fn handle(&mut self, msg: HookTry, _ctx: &mut Context<Self>) -> HookReply {
+        self.tries
+            .lock()
+            .expect("lock")
+            .push((msg.am_willing, drv_name(&msg.drv_path)));
+        let r = if self.replies.len() > 1 {
+            self.replies.pop_front()
+        } else {
+            self.replies.front().cloned()
+        };
+        match r.unwrap_or(FakeHookReply::DeclinePermanently) {
+            FakeHookReply::Decline => HookReply::Decline,
+            FakeHookReply::DeclinePermanently => HookReply::DeclinePermanently,
+            FakeHookReply::Postpone => HookReply::Postpone,
+            FakeHookReply::Garbage(s) => HookReply::Error(format!("bad hook reply '{s}'")),
+            FakeHookReply::Accept { exit_code, build } => {
+                let job = FakeHookJob {
+                    store: self.store.clone(),
+                    drv_path: msg.drv_path,
+                    exit_code,
+                    build,
+                }
+                .start();
+                HookReply::Accept {
+                    machine: "fake-machine".into(),
+                    job: job.recipient(),
+                }
+            }
+        }
+    }
+}
+
+/// The job of an accepted fake hook.
+pub struct FakeHookJob {
+    store: Arc<LocalStore>,
+    drv_path: StorePath,
+    exit_code: Option<i32>,
+    build: bool,
+}
+
+impl Actor for FakeHookJob {
+    type Context = Context<Self>;
+}
+
+impl Handler<HookBuild> for FakeHookJob {
+    type Result = ();
+    fn handle(&mut self, msg: HookBuild, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let drv_path = self.drv_path.clone();
+        let (exit_code, build) = (self.exit_code, self.build);
+        actix::spawn(async move {
+            if build {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let d = store.read_derivation(&drv_path)?;
+                    let outs = d
+                        .outputs
+                        .iter()
+                        .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
+                        .collect();
+                    write_outputs(&store, &drv_path, &outs)
+                })
+                .await;
+            }
+            msg.reply_to.do_send(HookFinished {
+                id: msg.id,
+                exit_code,
+                log: LogSummary::default(),
+                alarm: None,
+            });
+        });
+        ctx.stop();
+    }
+}
+
+/// Records every progress event.
+#[derive(Default)]
+pub struct ProgressRecorder {
+    pub events: Arc<Mutex<Vec<ProgressEvent>>>,
+}
+
+impl Actor for ProgressRecorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<ProgressEvent> for ProgressRecorder {
+    type Result = ();
+    fn handle(&mut self, msg: ProgressEvent, _ctx: &mut Context<Self>) {
+        self.events.lock().expect("lock").push(msg);
+    }
+}
+
+/// Runs a [`crate::WorkerCore`] without an actor system: blocking jobs inline, local
+/// builds through a closure, timers at once, hook requests through a closure (only
+/// replies without a job: accepting needs an actor system). Deterministic, for
+/// scheduler tests.
+pub struct SyncDriver<'a> {
+    pub env: crate::goal::JobEnv,
+    /// Decides each local build; `None` leaves it running (never finishes).
+    #[allow(clippy::type_complexity)]
+    pub build:
+        Box<dyn FnMut(&crate::messages::LocalBuildRequest) -> Option<LocalBuildFinished> + 'a>,
+    pub hook: Box<dyn FnMut(&HookTryArgs) -> HookReply + 'a>,
+    /// Derivation names in build start order.
+    pub started: Vec<String>,
+    pub cancelled: Vec<u64>,
+    /// Builds the `build` closure left running: (goal id, derivation name).
+    pub running: Vec<(u64, String)>,
+    pub tries: Vec<HookTryArgs>,
+    pub progress: Vec<ProgressEvent>,
+}
+
+/// What a hook request carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookTryArgs {
+    pub am_willing: bool,
+    pub drv_name: String,
+}
+
+impl<'a> SyncDriver<'a> {
+    /// A driver over `store` whose builds succeed (writing the outputs).
+    pub fn new(
+        store: Arc<LocalStore>,
+        settings: Arc<crate::WorkerSettings>,
+        substituters: Vec<Arc<dyn crate::substituter::Substituter>>,
+    ) -> SyncDriver<'a> {
+        let st = store.clone();
+        SyncDriver {
+            env: crate::goal::JobEnv {
+                store,
+                substituters,
+                drv_hashes: Mutex::new(DrvHashCache::new()),
+                settings,
+            },
+            build: Box::new(move |req| {
+                let r = build_outputs(&st, req);
+                Some(LocalBuildFinished {
+                    id: 0,
+                    result: match &r {
+                        Ok(_) => BuildResult::new(BuildStatus::Built),
+                        Err(e) => BuildResult::failure(BuildStatus::MiscFailure, e.to_string()),
+                    },
+                    hash_mismatch: false,
+                    outputs: r.unwrap_or_default(),
+                })
+            }),
+            hook: Box::new(|_| HookReply::DeclinePermanently),
+            started: Vec::new(),
+            cancelled: Vec::new(),
+            running: Vec::new(),
+            tries: Vec::new(),
+            progress: Vec::new(),
+        }
+    }
+
+    /// Runs the core until no action is left; returns the outcome when finished.
+    pub fn run(&mut self, core: &mut crate::WorkerCore) -> Option<crate::RealiseOutcome> {
+        use crate::worker::Action;
+        let mut pending: VecDeque<(u64, crate::goal::Event)> = VecDeque::new();
+        loop {
+            for a in core.take_actions() {
+                match a {
+                    Action::Blocking { goal, job } => pending.push_back((goal, job(&self.env))),
+                    Action::RunLocalBuild { goal, request } => {
+                        self.started.push(drv_name(&request.drv_path));
+                        match (self.build)(&request) {
+                            Some(mut f) => {
+                                f.id = goal;
+                                pending
+                                    .push_back((goal, crate::goal::Event::LocalBuildFinished(f)));
+                            }
+                            None => self.running.push((goal, drv_name(&request.drv_path))),
+                        }
+                    }
+                    Action::CancelLocalBuild { goal } => self.cancelled.push(goal),
+                    Action::HookTry {
+                        goal,
+                        am_willing,
+                        drv_path,
+                        ..
+                    } => {
+                        let args = HookTryArgs {
+                            am_willing,
+                            drv_name: drv_name(&drv_path),
+                        };
+                        let r = (self.hook)(&args);
+                        self.tries.push(args);
+                        pending.push_back((goal, crate::goal::Event::HookReply(r)));
+                    }
+                    Action::HookBuild { .. } => {}
+                    Action::Timer { goal } => pending.push_back((goal, crate::goal::Event::Wake)),
+                    Action::Progress(p) => self.progress.push(p),
+                }
+            }
+            if core.is_finished() {
+                return Some(core.outcome());
+            }
+            match pending.pop_front() {
+                Some((g, ev)) => core.deliver(g, ev),
+                None => return None,
+            }
+        }
+    }
+}
