@@ -1,0 +1,394 @@
+//! Local builds: the primitives of Nix 2.8's `LocalDerivationGoal` (without sandbox).
+//!
+//! A local build goes through these steps, each a blocking function here (the actor
+//! side runs them on blocking threads and owns the process):
+//!
+//! 1. [`prepare`]: choose the scratch path of every output ([`outputs::scratch_outputs`]:
+//!    the final path when it can be written directly, else a `rewrite:` fallback path
+//!    plus hash rewriting), delete stale invalid outputs, create the build directory
+//!    ([`dir`]), compute the builder's environment and files ([`env`]), write them,
+//!    and make the builder [`std::process::Command`] attached to a fresh pseudo-terminal
+//!    ([`spawn`]).
+//! 2. The caller spawns the command, reads the pty master until EOF ([`spawn::read_pty`])
+//!    and waits for the exit status (killing the process group on cancel or timeout,
+//!    [`spawn::kill_process_group`]).
+//! 3. [`finish`]: classify the exit status as Nix's `buildDone` does, register the
+//!    outputs ([`outputs::register_outputs`]: canonicalise, scan references, hash,
+//!    verify fixed-output hashes, move content-addressed outputs to their address,
+//!    compare in check mode) and remove or keep the build directory.
+//!
+//! The result is a [`BuildOutcome`]: a [`BuildResult`] with Nix's message, the hash
+//! mismatch flag and the registered output paths.
+
+pub mod dir;
+pub mod env;
+pub mod outputs;
+pub mod spawn;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::build_result::{BuildResult, BuildStatus};
+use crate::config::{Env, Settings};
+use crate::derivation::{name_from_drv_path, Derivation, DerivationError};
+use crate::realisation::{DrvOutput, Realisation};
+use crate::store::{LocalStore, StoreError};
+use crate::store_path::{StorePath, StorePathSet};
+
+pub use dir::BuildDir;
+pub use env::{builder_env, BuilderEnv, EnvError, EnvInputs};
+pub use outputs::{register_outputs, OutputsError, Registered, ScratchOutputs};
+pub use spawn::{builder_command, kill_process_group, read_pty, SpawnError};
+
+/// How a derivation is built (Nix's `BuildMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BuildMode {
+    Normal,
+    /// Rebuild outputs that are missing or corrupt, replacing valid ones.
+    Repair,
+    /// Rebuild valid outputs and compare (`--check`).
+    Check,
+}
+
+/// What to build: the derivation, its outputs and the inputs it may refer to.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// The `.drv` path (for a resolved CA derivation: the resolved one).
+    pub drv_path: StorePath,
+    pub drv: Arc<Derivation>,
+    /// Output name → its final path where statically known (input-addressed, fixed).
+    pub output_paths: BTreeMap<String, StorePath>,
+    /// The closure of all inputs: reference-scanning candidates besides the outputs.
+    pub input_closure: StorePathSet,
+    pub mode: BuildMode,
+    /// Keep the build directory (and `.check` outputs) on failure.
+    pub keep_failed: bool,
+}
+
+/// The settings a local build uses, read once from [`Settings`].
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// `NIX_BUILD_CORES` (`cores`).
+    pub cores: u64,
+    /// Where build directories go (`$TMPDIR`, else `/tmp`).
+    pub build_dir_root: PathBuf,
+    /// `ca-derivations` is enabled: register realisations for every built output.
+    pub ca_derivations: bool,
+    /// The caller's environment, for `impureEnvVars` of fixed-output derivations.
+    pub caller_env: Env,
+}
+
+impl BuildSettings {
+    /// The build settings of `settings`, with the process environment as caller env.
+    pub fn from_settings(settings: &Settings) -> BuildSettings {
+        BuildSettings {
+            cores: settings.cores(),
+            build_dir_root: settings.build_dir().to_owned(),
+            ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
+            caller_env: std::env::vars().collect(),
+        }
+    }
+}
+
+/// A local build could not be set up or finished (not a builder failure: those are
+/// [`BuildOutcome`]s).
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Derivation(#[from] DerivationError),
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Outputs(#[from] OutputsError),
+    #[error("creating build directory in '{path}': {source}")]
+    BuildDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing '{path}': {source}")]
+    WriteFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("home directory '{0}' exists; please remove it to assure purity of builds without sandboxing")]
+    HomeExists(String),
+}
+
+/// A build set up by [`prepare`]: the command to run and what [`finish`] needs.
+#[derive(Debug)]
+pub struct PreparedBuild {
+    pub build_dir: BuildDir,
+    pub scratch: ScratchOutputs,
+    /// The builder process, not yet spawned; its stdout/stderr are the pty slave.
+    pub command: std::process::Command,
+    /// The pty master: read the builder's output from it.
+    pub pty_master: std::os::fd::OwnedFd,
+}
+
+/// Sets up a local build (Nix's `startBuilder` up to the fork).
+pub fn prepare(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+) -> Result<PreparedBuild, BuildError> {
+    if Path::new(env::HOME_DIR).exists() {
+        return Err(BuildError::HomeExists(env::HOME_DIR.into()));
+    }
+    let scratch = outputs::scratch_outputs(store, spec)?;
+    // Outputs about to be (re)built at their final path: remove stale leftovers.
+    for p in scratch.scratch.values() {
+        if scratch.fallback.contains(p) || !store.is_valid_path(p)? {
+            outputs::remove_tree(&store.real_path(p))?;
+        }
+    }
+    let drv_file = spec.drv_path.name().to_owned();
+    let build_dir = BuildDir::create(&settings.build_dir_root, &drv_file).map_err(|source| {
+        BuildError::BuildDir {
+            path: settings.build_dir_root.clone(),
+            source,
+        }
+    })?;
+    let benv = builder_env(&EnvInputs {
+        drv: &spec.drv,
+        store_dir: store.store_dir(),
+        cores: settings.cores,
+        build_top: build_dir.path(),
+        caller_env: &settings.caller_env,
+        scratch_outputs: &scratch.scratch,
+        input_rewrites: &scratch.input_rewrites,
+    })?;
+    for (file, contents) in &benv.files {
+        let p = build_dir.path().join(file);
+        write_new_file(&p, contents).map_err(|source| BuildError::WriteFile { path: p, source })?;
+    }
+    let (command, pty_master) = builder_command(&benv, build_dir.path())?;
+    Ok(PreparedBuild {
+        build_dir,
+        scratch,
+        command,
+        pty_master,
+    })
+}
+
+fn write_new_file(p: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(p)?;
+    f.write_all(contents)
+}
+
+/// Why the builder process ended before registration, when it did not simply exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// `max-silent-time` (seconds).
+    Silence(u64),
+    /// `timeout` (seconds).
+    Timeout(u64),
+    /// `max-build-log-size` (bytes).
+    LogLimit(u64),
+    /// Cancelled by the caller.
+    Cancelled,
+}
+
+/// What a finished local build reports.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    pub result: BuildResult,
+    /// A fixed-output hash mismatch (exit-status bit 2).
+    pub hash_mismatch: bool,
+    /// Output name → registered path (success only).
+    pub outputs: BTreeMap<String, StorePath>,
+    /// The build directory, when it was kept (`keep-failed`): print
+    /// `note: keeping build directory '…'`.
+    pub kept_build_dir: Option<PathBuf>,
+}
+
+/// Nix's `statusToString`: `failed with exit code N`, `failed due to signal N (<name>)`.
+pub fn status_to_string(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("failed with exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        // SAFETY: strsignal returns a pointer to a static or thread-local string.
+        let name = unsafe {
+            let p = nix::libc::strsignal(sig);
+            if p.is_null() {
+                String::from("unknown signal")
+            } else {
+                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        format!("failed due to signal {sig} ({name})")
+    } else {
+        "died abnormally".into()
+    }
+}
+
+/// `building of '<drv>!*' from .drv file` (the name Nix's timeout messages use).
+fn build_name(store: &LocalStore, drv_path: &StorePath) -> String {
+    format!(
+        "building of '{}!*' from .drv file",
+        store.store_dir().print(drv_path)
+    )
+}
+
+/// Finishes a build after the builder exited (Nix's `buildDone`): classifies the exit
+/// status, registers the outputs and cleans up. `killed` says why the caller killed
+/// the builder, if it did. `log_tail` is given back in the error message only by the
+/// caller (the lead formats it); here the message is Nix's first line.
+pub fn finish(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+    prepared: PreparedBuild,
+    status: ExitStatus,
+    killed: Option<KillReason>,
+) -> BuildOutcome {
+    let PreparedBuild {
+        build_dir, scratch, ..
+    } = prepared;
+    let drv_printed = store.store_dir().print(&spec.drv_path);
+    let fail = |status: BuildStatus, msg: String, build_dir: BuildDir, scratch: &ScratchOutputs| {
+        scratch.remove_redirected(store);
+        let kept = build_dir.finish(spec.keep_failed && !spec.drv.is_builtin());
+        BuildOutcome {
+            result: BuildResult::failure(status, msg),
+            hash_mismatch: false,
+            outputs: BTreeMap::new(),
+            kept_build_dir: kept,
+        }
+    };
+    if let Some(k) = killed {
+        let (st, msg) = match k {
+            KillReason::Silence(n) => (
+                BuildStatus::TimedOut,
+                format!(
+                    "{} timed out after {n} seconds of silence",
+                    build_name(store, &spec.drv_path)
+                ),
+            ),
+            KillReason::Timeout(n) => (
+                BuildStatus::TimedOut,
+                format!(
+                    "{} timed out after {n} seconds",
+                    build_name(store, &spec.drv_path)
+                ),
+            ),
+            KillReason::LogLimit(n) => (
+                BuildStatus::LogLimitExceeded,
+                format!(
+                    "{} killed after writing more than {n} bytes of log output",
+                    build_name(store, &spec.drv_path)
+                ),
+            ),
+            KillReason::Cancelled => (
+                BuildStatus::MiscFailure,
+                format!("build of '{drv_printed}' was cancelled"),
+            ),
+        };
+        return fail(st, msg, build_dir, &scratch);
+    }
+    if !status.success() {
+        let sandboxed = spec
+            .drv
+            .derivation_type()
+            .map(|t| t.is_sandboxed())
+            .unwrap_or(true);
+        let st = if sandboxed {
+            BuildStatus::PermanentFailure
+        } else {
+            BuildStatus::TransientFailure
+        };
+        let msg = format!("builder for '{drv_printed}' {}", status_to_string(status));
+        return fail(st, msg, build_dir, &scratch);
+    }
+    let drv_name = match name_from_drv_path(&spec.drv_path) {
+        Ok(n) => n.to_owned(),
+        Err(e) => return fail(BuildStatus::MiscFailure, e.to_string(), build_dir, &scratch),
+    };
+    match register_outputs(store, settings, spec, &drv_name, &scratch) {
+        Ok(reg) => {
+            let kept = build_dir.finish(false);
+            let mut result = BuildResult::new(BuildStatus::Built);
+            result.built_outputs = reg.realisations;
+            BuildOutcome {
+                result,
+                hash_mismatch: false,
+                outputs: reg.outputs,
+                kept_build_dir: kept,
+            }
+        }
+        Err(e) => {
+            let hash_mismatch = e.is_hash_mismatch();
+            let st = e.status();
+            let msg = e.to_string();
+            let mut o = fail(st, msg, build_dir, &scratch);
+            o.hash_mismatch = hash_mismatch;
+            o
+        }
+    }
+}
+
+/// The realisation ids of a derivation's outputs (`DrvOutput{static hash, name}`),
+/// reading input derivations from the store.
+pub fn drv_output_ids(
+    store: &LocalStore,
+    drv: &Derivation,
+) -> Result<BTreeMap<String, DrvOutput>, BuildError> {
+    let mut cache = crate::derivation::DrvHashCache::new();
+    let sd = store.store_dir().clone();
+    let hashes = drv.static_output_hashes(&sd, |p: &StorePath| {
+        cache.hash_of(&sd, p, |q: &StorePath| {
+            store.read_derivation(q).map(Arc::new)
+        })
+    })?;
+    Ok(hashes
+        .into_iter()
+        .map(|(o, h)| {
+            (
+                o.clone(),
+                DrvOutput {
+                    drv_hash: h,
+                    output: o,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Realisations for `outputs` (no signatures, no dependent realisations).
+pub(crate) fn realisations_for(
+    ids: &BTreeMap<String, DrvOutput>,
+    outputs: &BTreeMap<String, StorePath>,
+    only: &BTreeSet<String>,
+) -> BTreeMap<DrvOutput, Realisation> {
+    outputs
+        .iter()
+        .filter(|(n, _)| only.contains(*n))
+        .filter_map(|(n, p)| {
+            let id = ids.get(n)?.clone();
+            Some((
+                id.clone(),
+                Realisation {
+                    id,
+                    out_path: p.clone(),
+                    signatures: BTreeSet::new(),
+                    dependent_realisations: BTreeMap::new(),
+                },
+            ))
+        })
+        .collect()
+}

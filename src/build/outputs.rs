@@ -1,0 +1,648 @@
+//! Output registration after a successful builder (Nix 2.8's `registerOutputs`, no
+//! sandbox), and the scratch paths builders write to.
+//!
+//! **Scratch paths** ([`scratch_outputs`]): an output whose path is unknown (floating
+//! CA) is built at `makeStorePath("rewrite:<drv base name>:name:<out>", sha256 of
+//! zeros, <output path name>)`. A known path that is valid (check mode) or being
+//! repaired is built at `makeStorePath("rewrite:<drv base name>:<path base name>", …)`
+//! and its hash part is rewritten to the scratch one in the builder's inputs. Any
+//! other known path is built in place. Every output's hash placeholder maps to its
+//! scratch path.
+//!
+//! **Registration** ([`register_outputs`]): each output must exist (`builder for '…'
+//! failed to produce output path for output '…' at '…'`) and not be group/world
+//! writable; it is canonicalised and its NAR scanned for the hash parts of the input
+//! closure and all scratch outputs (NAR hash and size in the same pass). Outputs are
+//! processed in dependency order (a cycle is an error); references to other outputs'
+//! scratch paths are rewritten to their final paths. Input-addressed outputs keep
+//! their path. Content-addressed outputs are hashed modulo their scratch hash part
+//! (flat: the file's contents; recursive: the NAR), get the path of that content
+//! address, have self-references rewritten, and are moved there. Fixed outputs are
+//! compared with the declared hash: a mismatch is reported *after* the output is
+//! registered at the path of what it really contains. In check mode nothing new is
+//! registered: the NAR hash is compared with the registered one (`derivation '…' may
+//! not be deterministic: output '…' differs[ from '….check']`). Everything else is
+//! registered in one transaction with `ultimate = 1` and the deriver; with
+//! `ca-derivations` every built output also gets a realisation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::{drv_output_ids, realisations_for, BuildMode, BuildSettings, BuildSpec};
+use crate::build_result::BuildStatus;
+use crate::content_address::{ContentAddress, ContentAddressMethod, FileIngestionMethod};
+use crate::derivation::{hash_placeholder, DerivationOutput};
+use crate::hash::{Hash, HashAlgo};
+use crate::nar::{dump_path, NarWriteError};
+use crate::realisation::{DrvOutput, Realisation};
+use crate::references::{rewrite_path, scan_path, HashModuloSink, ReferencesError};
+use crate::store::{canonicalise_path_meta_data, CanonicaliseError, LocalStore, PathLocks};
+use crate::store::{StoreError, ValidPathInfo};
+use crate::store_path::{output_path_name, StoreDir, StorePath, StorePathSet};
+
+/// Why outputs were rejected or could not be registered.
+#[derive(Debug, Error)]
+pub enum OutputsError {
+    #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
+    NotProduced {
+        drv: String,
+        output: String,
+        path: String,
+    },
+    #[error("suspicious ownership or permission on '{path}' for output '{output}'; rejecting this build output")]
+    Suspicious { path: String, output: String },
+    #[error("output path '{0}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)")]
+    NotFlatFile(String),
+    #[error("cycle detected in build of '{drv}' in the references of output '{output}' from output '{from}'")]
+    Cycle {
+        drv: String,
+        output: String,
+        from: String,
+    },
+    #[error("hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}")]
+    HashMismatch {
+        drv: String,
+        specified: String,
+        got: String,
+        /// Where the output was registered (the path of what it contains).
+        registered: StorePath,
+    },
+    #[error("illegal path references in fixed-output derivation '{0}'")]
+    IllegalReferences(String),
+    #[error("text output '{0}' refers to itself")]
+    TextSelfReference(String),
+    #[error("{}", not_deterministic_msg(.drv, .output, .check))]
+    NotDeterministic {
+        drv: String,
+        output: String,
+        check: Option<String>,
+    },
+    #[error("output '{output}' of '{drv}' is deferred: resolve the derivation before building it")]
+    Deferred { drv: String, output: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Canonicalise(#[from] CanonicaliseError),
+    #[error(transparent)]
+    Nar(#[from] NarWriteError),
+    #[error(transparent)]
+    References(#[from] ReferencesError),
+    #[error("{context} '{path}': {source}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("computing realisation ids: {0}")]
+    RealisationIds(String),
+}
+
+fn not_deterministic_msg(drv: &str, output: &str, check: &Option<String>) -> String {
+    match check {
+        Some(c) => format!(
+            "derivation '{drv}' may not be deterministic: output '{output}' differs from '{c}'"
+        ),
+        None => format!("derivation '{drv}' may not be deterministic: output '{output}' differs"),
+    }
+}
+
+impl OutputsError {
+    /// The build status Nix 2.8's `buildDone` gives this error (the builder succeeded).
+    pub fn status(&self) -> BuildStatus {
+        match self {
+            OutputsError::NotDeterministic { .. } => BuildStatus::NotDeterministic,
+            OutputsError::NotProduced { .. }
+            | OutputsError::Suspicious { .. }
+            | OutputsError::NotFlatFile(_)
+            | OutputsError::Cycle { .. }
+            | OutputsError::HashMismatch { .. }
+            | OutputsError::IllegalReferences(_)
+            | OutputsError::TextSelfReference(_) => BuildStatus::OutputRejected,
+            _ => BuildStatus::MiscFailure,
+        }
+    }
+
+    /// A fixed-output hash mismatch (exit-status bit 2).
+    pub fn is_hash_mismatch(&self) -> bool {
+        matches!(self, OutputsError::HashMismatch { .. })
+    }
+}
+
+fn io_err(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputsError {
+    let path = path.to_owned();
+    move |source| OutputsError::Io {
+        context,
+        path,
+        source,
+    }
+}
+
+/// Where each output is built and the rewrites that send the builder there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScratchOutputs {
+    /// Output name → the path the builder writes.
+    pub scratch: BTreeMap<String, StorePath>,
+    /// Output name → its final path, for outputs built elsewhere (valid or repaired).
+    pub redirected: BTreeMap<String, StorePath>,
+    /// `inputRewrites`: hash placeholders → scratch paths, redirected hash parts →
+    /// scratch hash parts.
+    pub input_rewrites: BTreeMap<String, String>,
+    /// The scratch paths that are not final paths (`rewrite:` fallback paths).
+    pub fallback: StorePathSet,
+}
+
+impl ScratchOutputs {
+    /// Deletes the fallback scratch paths (after a failure or a check).
+    pub fn remove_redirected(&self, store: &LocalStore) {
+        for p in &self.fallback {
+            let _ = remove_tree(&store.real_path(p));
+        }
+    }
+}
+
+/// `makeFallbackPath`: a scratch path from `rewrite:<drv base name>:<what>`.
+fn fallback_path(
+    sd: &StoreDir,
+    drv_path: &StorePath,
+    what: &str,
+    name: &str,
+) -> Result<StorePath, StoreError> {
+    let zero = Hash::new(HashAlgo::Sha256, &[0u8; 32])
+        .map_err(|_| StoreError::InvalidPath(what.into()))?;
+    Ok(sd.make_store_path(&format!("rewrite:{drv_path}:{what}"), &zero, name)?)
+}
+
+/// Chooses the scratch path of every output (see the module docs).
+pub fn scratch_outputs(store: &LocalStore, spec: &BuildSpec) -> Result<ScratchOutputs, StoreError> {
+    let sd = store.store_dir();
+    let drv_name = crate::derivation::name_from_drv_path(&spec.drv_path)?;
+    let mut s = ScratchOutputs::default();
+    for name in spec.drv.outputs.keys() {
+        let known = spec
+            .output_paths
+            .get(name)
+            .or_else(|| spec.drv.outputs[name].path());
+        let scratch = match known {
+            None => {
+                let p = fallback_path(
+                    sd,
+                    &spec.drv_path,
+                    &format!("name:{name}"),
+                    &output_path_name(drv_name, name),
+                )?;
+                s.fallback.insert(p.clone());
+                p
+            }
+            Some(p) => {
+                let present = std::fs::symlink_metadata(store.real_path(p)).is_ok();
+                let valid = present && store.is_valid_path(p)?;
+                if !present || (spec.mode != BuildMode::Repair && !valid) {
+                    p.clone()
+                } else {
+                    let f = fallback_path(sd, &spec.drv_path, p.base_name(), p.name())?;
+                    s.input_rewrites
+                        .insert(p.hash_part().to_owned(), f.hash_part().to_owned());
+                    s.redirected.insert(name.clone(), p.clone());
+                    s.fallback.insert(f.clone());
+                    f
+                }
+            }
+        };
+        s.input_rewrites
+            .insert(hash_placeholder(name), sd.print(&scratch));
+        s.scratch.insert(name.clone(), scratch);
+    }
+    Ok(s)
+}
+
+/// What [`register_outputs`] registered.
+#[derive(Debug, Clone, Default)]
+pub struct Registered {
+    /// Output name → final path (all outputs of the derivation).
+    pub outputs: BTreeMap<String, StorePath>,
+    /// Realisations of the built outputs (for the build result).
+    pub realisations: BTreeMap<DrvOutput, Realisation>,
+    /// The path infos registered (empty in check mode).
+    pub infos: Vec<ValidPathInfo>,
+}
+
+/// Deletes a tree, making directories writable first; a missing path is fine.
+pub(crate) fn remove_tree(p: &Path) -> Result<(), StoreError> {
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StoreError::Io {
+                context: "getting attributes of",
+                path: p.to_owned(),
+                source: e,
+            })
+        }
+    };
+    let io = |context, source| StoreError::Io {
+        context,
+        path: p.to_owned(),
+        source,
+    };
+    if meta.is_dir() {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| io("changing permissions of", e))?;
+        for e in std::fs::read_dir(p).map_err(|e| io("reading directory", e))? {
+            let e = e.map_err(|e| io("reading directory", e))?;
+            remove_tree(&e.path())?;
+        }
+        std::fs::remove_dir(p).map_err(|e| io("removing", e))
+    } else {
+        std::fs::remove_file(p).map_err(|e| io("removing", e))
+    }
+}
+
+fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Rewrites hash parts in the tree at `real` in place (dump, rewrite, restore to a
+/// temporary sibling, swap); returns the NAR hash and size of the result.
+fn rewrite_in_place(
+    real: &Path,
+    rewrites: &BTreeMap<String, String>,
+) -> Result<(Hash, u64), OutputsError> {
+    let tmp = with_suffix(real, ".tmp");
+    remove_tree(&tmp)?;
+    let (summary, _) = rewrite_path(real, &tmp, rewrites.iter())?;
+    remove_tree(real)?;
+    std::fs::rename(&tmp, real).map_err(io_err("renaming", &tmp))?;
+    canonicalise_path_meta_data(real, None)?;
+    Ok((summary.nar_hash, summary.nar_size))
+}
+
+struct Scanned {
+    scratch: StorePath,
+    real: PathBuf,
+    refs: StorePathSet,
+    nar: (Hash, u64),
+}
+
+/// Registers the outputs of a successful build (see the module docs).
+pub fn register_outputs(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+    drv_name: &str,
+    scratch: &ScratchOutputs,
+) -> Result<Registered, OutputsError> {
+    let sd = store.store_dir().clone();
+    let drv = &spec.drv;
+    let drv_printed = sd.print(&spec.drv_path);
+    let mode = spec.mode;
+    let mut referenceable = spec.input_closure.clone();
+    referenceable.extend(scratch.scratch.values().cloned());
+    let owner: BTreeMap<&StorePath, &String> =
+        scratch.scratch.iter().map(|(n, p)| (p, n)).collect();
+
+    let mut finals: BTreeMap<String, StorePath> = BTreeMap::new();
+    let mut output_rewrites: BTreeMap<String, String> = BTreeMap::new();
+    let mut scanned: BTreeMap<String, Scanned> = BTreeMap::new();
+    for (name, out) in &drv.outputs {
+        let scratch_path = scratch.scratch[name].clone();
+        let static_path = spec.output_paths.get(name).or_else(|| out.path()).cloned();
+        let real = store.real_path(&scratch_path);
+        if matches!(mode, BuildMode::Normal) {
+            if let Some(sp) = &static_path {
+                if scratch.redirected.contains_key(name) && store.is_valid_path(sp)? {
+                    // Valid before the build: already registered, used as a leaf.
+                    remove_tree(&real)?;
+                    if sp != &scratch_path {
+                        output_rewrites.insert(
+                            scratch_path.hash_part().to_owned(),
+                            sp.hash_part().to_owned(),
+                        );
+                    }
+                    finals.insert(name.clone(), sp.clone());
+                    continue;
+                }
+            }
+        }
+        let meta = match std::fs::symlink_metadata(&real) {
+            Ok(m) => m,
+            Err(_) => {
+                return Err(OutputsError::NotProduced {
+                    drv: drv_printed,
+                    output: name.clone(),
+                    path: real.display().to_string(),
+                })
+            }
+        };
+        if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o022 != 0 {
+            return Err(OutputsError::Suspicious {
+                path: real.display().to_string(),
+                output: name.clone(),
+            });
+        }
+        canonicalise_path_meta_data(&real, None)?;
+        let r = scan_path(&real, &referenceable)?;
+        scanned.insert(
+            name.clone(),
+            Scanned {
+                scratch: scratch_path,
+                real,
+                refs: r.references,
+                nar: (r.nar_hash, r.nar_size),
+            },
+        );
+    }
+
+    // Dependency order among the outputs being registered.
+    let mut order: Vec<String> = Vec::new();
+    {
+        let mut state: BTreeMap<&str, u8> = BTreeMap::new();
+        fn visit<'a>(
+            n: &'a str,
+            scanned: &'a BTreeMap<String, Scanned>,
+            owner: &BTreeMap<&StorePath, &'a String>,
+            state: &mut BTreeMap<&'a str, u8>,
+            order: &mut Vec<String>,
+            drv: &str,
+        ) -> Result<(), OutputsError> {
+            match state.get(n) {
+                Some(2) => return Ok(()),
+                Some(1) => unreachable!("checked by the caller"),
+                _ => {}
+            }
+            state.insert(n, 1);
+            for r in &scanned[n].refs {
+                let Some(o) = owner.get(r) else { continue };
+                if o.as_str() == n || !scanned.contains_key(o.as_str()) {
+                    continue;
+                }
+                match state.get(o.as_str()) {
+                    Some(1) => {
+                        return Err(OutputsError::Cycle {
+                            drv: drv.to_owned(),
+                            output: o.to_string(),
+                            from: n.to_owned(),
+                        })
+                    }
+                    Some(2) => {}
+                    _ => visit(o, scanned, owner, state, order, drv)?,
+                }
+            }
+            state.insert(n, 2);
+            order.push(n.to_owned());
+            Ok(())
+        }
+        for n in scanned.keys() {
+            visit(n, &scanned, &owner, &mut state, &mut order, &drv_printed)?;
+        }
+    }
+
+    let mut infos: Vec<ValidPathInfo> = Vec::new();
+    let mut delayed: Option<OutputsError> = None;
+    let mut locks: Vec<PathLocks> = Vec::new();
+    let mut to_clean: Vec<PathBuf> = Vec::new();
+    for name in &order {
+        let s = &scanned[name];
+        let mut self_ref = false;
+        let mut refs = StorePathSet::new();
+        for r in &s.refs {
+            if *r == s.scratch {
+                self_ref = true;
+            } else if let Some(o) = owner.get(r) {
+                refs.insert(finals.get(*o).cloned().unwrap_or_else(|| r.clone()));
+            } else {
+                refs.insert(r.clone());
+            }
+        }
+        let (final_path, nar, ca) = match &drv.outputs[name] {
+            DerivationOutput::InputAddressed { path } => {
+                let fin = spec.output_paths.get(name).unwrap_or(path).clone();
+                if fin != s.scratch {
+                    output_rewrites
+                        .insert(s.scratch.hash_part().to_owned(), fin.hash_part().to_owned());
+                }
+                let nar = if output_rewrites.is_empty() {
+                    s.nar.clone()
+                } else {
+                    rewrite_in_place(&s.real, &output_rewrites)?
+                };
+                (fin, nar, None)
+            }
+            DerivationOutput::CAFixed { ca, .. } => {
+                let (fin, nar, got) = content_addressed(
+                    &sd,
+                    drv_name,
+                    name,
+                    s,
+                    &refs,
+                    self_ref,
+                    ca.method(),
+                    ca.hash().algo(),
+                    &mut output_rewrites,
+                )?;
+                if got.hash() != ca.hash() {
+                    delayed = Some(OutputsError::HashMismatch {
+                        drv: drv_printed.clone(),
+                        specified: ca.hash().to_sri(),
+                        got: got.hash().to_sri(),
+                        registered: fin.clone(),
+                    });
+                }
+                if !refs.is_empty() || self_ref {
+                    delayed = Some(OutputsError::IllegalReferences(drv_printed.clone()));
+                }
+                (fin, nar, Some(got))
+            }
+            DerivationOutput::CAFloating { method, algo }
+            | DerivationOutput::Impure { method, algo } => {
+                let (fin, nar, got) = content_addressed(
+                    &sd,
+                    drv_name,
+                    name,
+                    s,
+                    &refs,
+                    self_ref,
+                    *method,
+                    *algo,
+                    &mut output_rewrites,
+                )?;
+                (fin, nar, Some(got))
+            }
+            DerivationOutput::Deferred => {
+                return Err(OutputsError::Deferred {
+                    drv: drv_printed,
+                    output: name.clone(),
+                })
+            }
+        };
+        let final_real = store.real_path(&final_path);
+        let static_path = spec
+            .output_paths
+            .get(name)
+            .or_else(|| drv.outputs[name].path());
+        if static_path != Some(&final_path) {
+            let mut l =
+                PathLocks::lock(&BTreeSet::from([final_real.clone()])).map_err(StoreError::from)?;
+            l.set_deletion(true);
+            locks.push(l);
+        }
+        let mut actual = s.real.clone();
+        if final_real != actual {
+            match mode {
+                BuildMode::Check => {}
+                _ if mode == BuildMode::Normal && store.is_valid_path(&final_path)? => {
+                    // A content-addressed path someone else produced: nothing to move.
+                    to_clean.push(actual.clone());
+                }
+                _ => {
+                    remove_tree(&final_real)?;
+                    std::fs::rename(&actual, &final_real).map_err(io_err("moving", &actual))?;
+                    actual = final_real.clone();
+                }
+            }
+        }
+        finals.insert(name.clone(), final_path.clone());
+        let mut info = ValidPathInfo::new(final_path.clone(), nar.0, nar.1);
+        info.references = refs;
+        if self_ref {
+            info.references.insert(final_path.clone());
+        }
+        info.ca = ca;
+        info.deriver = Some(spec.drv_path.clone());
+        info.ultimate = true;
+
+        if mode == BuildMode::Check {
+            let old = store.query_path_info(&final_path)?;
+            let Some(mut old) = old else {
+                to_clean.push(actual);
+                continue;
+            };
+            if old.nar_hash != info.nar_hash {
+                let printed = final_real.display().to_string();
+                if spec.keep_failed {
+                    let dst = with_suffix(&final_real, ".check");
+                    remove_tree(&dst)?;
+                    std::fs::rename(&actual, &dst).map_err(io_err("moving", &actual))?;
+                    return Err(OutputsError::NotDeterministic {
+                        drv: drv_printed,
+                        output: printed,
+                        check: Some(dst.display().to_string()),
+                    });
+                }
+                let _ = remove_tree(&actual);
+                return Err(OutputsError::NotDeterministic {
+                    drv: drv_printed,
+                    output: printed,
+                    check: None,
+                });
+            }
+            if !old.ultimate {
+                old.ultimate = true;
+                store.register_valid_paths(&[old])?;
+            }
+            if actual != final_real {
+                to_clean.push(actual);
+            }
+            continue;
+        }
+        infos.push(info);
+    }
+    for p in to_clean {
+        remove_tree(&p)?;
+    }
+    if mode != BuildMode::Check {
+        store.register_valid_paths(&infos)?;
+    }
+    drop(locks);
+    let built: BTreeSet<String> = order.iter().cloned().collect();
+    let pure = drv.derivation_type().map(|t| t.is_pure()).unwrap_or(false);
+    let ids = match drv_output_ids(store, drv) {
+        Ok(ids) => ids,
+        Err(e) if settings.ca_derivations && pure => {
+            return Err(OutputsError::RealisationIds(e.to_string()))
+        }
+        Err(_) => BTreeMap::new(),
+    };
+    if settings.ca_derivations && pure && mode != BuildMode::Check {
+        for r in realisations_for(&ids, &finals, &built).values() {
+            store.register_realisation(r)?;
+        }
+    }
+    if let Some(e) = delayed {
+        return Err(e);
+    }
+    let all: BTreeSet<String> = finals.keys().cloned().collect();
+    Ok(Registered {
+        realisations: realisations_for(&ids, &finals, &all),
+        outputs: finals,
+        infos,
+    })
+}
+
+/// Hashes a content-addressed output modulo its scratch hash part, computes its final
+/// path and rewrites self-references in place. Returns the final path, the NAR hash
+/// and size of the rewritten output, and its content address.
+#[allow(clippy::too_many_arguments)]
+fn content_addressed(
+    sd: &StoreDir,
+    drv_name: &str,
+    name: &str,
+    s: &Scanned,
+    refs: &StorePathSet,
+    self_ref: bool,
+    method: ContentAddressMethod,
+    algo: HashAlgo,
+    output_rewrites: &mut BTreeMap<String, String>,
+) -> Result<(StorePath, (Hash, u64), ContentAddress), OutputsError> {
+    let flat = !matches!(
+        method,
+        ContentAddressMethod::Fixed(FileIngestionMethod::Recursive)
+    );
+    if flat {
+        let m =
+            std::fs::symlink_metadata(&s.real).map_err(io_err("getting attributes of", &s.real))?;
+        if !m.file_type().is_file() || m.permissions().mode() & 0o100 != 0 {
+            return Err(OutputsError::NotFlatFile(s.real.display().to_string()));
+        }
+    }
+    let mut nar = s.nar.clone();
+    if !output_rewrites.is_empty() {
+        nar = rewrite_in_place(&s.real, output_rewrites)?;
+    }
+    let old_hash = s.scratch.hash_part().to_owned();
+    let mut sink = HashModuloSink::new(algo, &old_hash)?;
+    if flat {
+        let mut f = std::fs::File::open(&s.real).map_err(io_err("opening", &s.real))?;
+        std::io::copy(&mut f, &mut sink).map_err(io_err("reading", &s.real))?;
+    } else {
+        dump_path(&s.real, &mut sink)?;
+    }
+    let (got, _) = sink.finish();
+    let ca = match method {
+        ContentAddressMethod::Text => {
+            if self_ref {
+                return Err(OutputsError::TextSelfReference(
+                    s.real.display().to_string(),
+                ));
+            }
+            ContentAddress::Text(got)
+        }
+        ContentAddressMethod::Fixed(m) => ContentAddress::Fixed(m, got),
+    };
+    let fin = sd
+        .make_path_from_ca(&output_path_name(drv_name, name), &ca, refs, self_ref)
+        .map_err(StoreError::from)?;
+    if fin != s.scratch {
+        let self_rw: BTreeMap<String, String> =
+            [(old_hash.clone(), fin.hash_part().to_owned())].into();
+        if self_ref {
+            nar = rewrite_in_place(&s.real, &self_rw)?;
+        }
+        output_rewrites.insert(old_hash, fin.hash_part().to_owned());
+    }
+    Ok((fin, nar, ca))
+}
