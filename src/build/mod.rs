@@ -122,15 +122,72 @@ pub enum BuildError {
     HomeExists(String),
 }
 
-/// A build set up by [`prepare`]: the command to run and what [`finish`] needs.
+/// A build set up by [`prepare`]: what [`finish`] needs.
 #[derive(Debug)]
 pub struct PreparedBuild {
     pub build_dir: BuildDir,
     pub scratch: ScratchOutputs,
-    /// The builder process, not yet spawned; its stdout/stderr are the pty slave.
+}
+
+/// The builder process of a prepared build, not yet spawned.
+#[derive(Debug)]
+pub struct BuilderProcess {
+    /// Its stdout/stderr are the pty slave: drop the command once spawned, so the
+    /// master sees EOF when the builder (and everything it started) is gone.
     pub command: std::process::Command,
-    /// The pty master: read the builder's output from it.
+    /// The pty master: read the builder's output from it ([`read_pty`]).
     pub pty_master: std::os::fd::OwnedFd,
+    /// The builder program, for [`exec_failure_log`].
+    pub builder: String,
+}
+
+/// What Nix's forked child prints on the pty when `execve` fails (it then exits 1):
+/// `error: executing '<builder>': <reason>`.
+pub fn exec_failure_log(builder: &str, err: &std::io::Error) -> Vec<u8> {
+    let reason = match err.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
+        None => err.to_string(),
+    };
+    format!("error: executing '{builder}': {reason}\n").into_bytes()
+}
+
+/// The status of a builder that could not be executed (exit code 1, as Nix's child).
+pub fn exec_failure_status() -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    ExitStatus::from_raw(1 << 8)
+}
+
+/// Runs a whole build on this thread (prepare, spawn, read the log into `log`, wait,
+/// finish): for tests and simple callers. No timeouts apply.
+pub fn build_blocking(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+    mut log: impl FnMut(&[u8]),
+) -> Result<BuildOutcome, BuildError> {
+    let (prepared, process) = prepare(store, settings, spec)?;
+    let BuilderProcess {
+        mut command,
+        pty_master,
+        builder,
+    } = process;
+    let status = match command.spawn() {
+        Ok(mut child) => {
+            drop(command);
+            let _ = read_pty(pty_master, &mut log);
+            let status = child.wait().map_err(|source| BuildError::WriteFile {
+                path: builder.clone().into(),
+                source,
+            })?;
+            kill_process_group(child.id());
+            status
+        }
+        Err(e) => {
+            log(&exec_failure_log(&builder, &e));
+            exec_failure_status()
+        }
+    };
+    Ok(finish(store, settings, spec, prepared, status, None))
 }
 
 /// Sets up a local build (Nix's `startBuilder` up to the fork).
@@ -138,7 +195,7 @@ pub fn prepare(
     store: &LocalStore,
     settings: &BuildSettings,
     spec: &BuildSpec,
-) -> Result<PreparedBuild, BuildError> {
+) -> Result<(PreparedBuild, BuilderProcess), BuildError> {
     if Path::new(env::HOME_DIR).exists() {
         return Err(BuildError::HomeExists(env::HOME_DIR.into()));
     }
@@ -170,12 +227,14 @@ pub fn prepare(
         write_new_file(&p, contents).map_err(|source| BuildError::WriteFile { path: p, source })?;
     }
     let (command, pty_master) = builder_command(&benv, build_dir.path())?;
-    Ok(PreparedBuild {
-        build_dir,
-        scratch,
-        command,
-        pty_master,
-    })
+    Ok((
+        PreparedBuild { build_dir, scratch },
+        BuilderProcess {
+            command,
+            pty_master,
+            builder: benv.builder,
+        },
+    ))
 }
 
 fn write_new_file(p: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -257,9 +316,7 @@ pub fn finish(
     status: ExitStatus,
     killed: Option<KillReason>,
 ) -> BuildOutcome {
-    let PreparedBuild {
-        build_dir, scratch, ..
-    } = prepared;
+    let PreparedBuild { build_dir, scratch } = prepared;
     let drv_printed = store.store_dir().print(&spec.drv_path);
     let fail = |status: BuildStatus, msg: String, build_dir: BuildDir, scratch: &ScratchOutputs| {
         scratch.remove_redirected(store);

@@ -70,8 +70,12 @@ pub enum OutputsError {
         /// Where the output was registered (the path of what it contains).
         registered: StorePath,
     },
-    #[error("illegal path references in fixed-output derivation '{0}'")]
-    IllegalReferences(String),
+    #[error("illegal path references in fixed-output derivation '{drv}'")]
+    IllegalReferences {
+        drv: String,
+        /// The hash did not match either (the flag is set all the same).
+        hash_mismatch: bool,
+    },
     #[error("text output '{0}' refers to itself")]
     TextSelfReference(String),
     #[error("{}", not_deterministic_msg(.drv, .output, .check))]
@@ -119,7 +123,7 @@ impl OutputsError {
             | OutputsError::NotFlatFile(_)
             | OutputsError::Cycle { .. }
             | OutputsError::HashMismatch { .. }
-            | OutputsError::IllegalReferences(_)
+            | OutputsError::IllegalReferences { .. }
             | OutputsError::TextSelfReference(_) => BuildStatus::OutputRejected,
             _ => BuildStatus::MiscFailure,
         }
@@ -127,7 +131,14 @@ impl OutputsError {
 
     /// A fixed-output hash mismatch (exit-status bit 2).
     pub fn is_hash_mismatch(&self) -> bool {
-        matches!(self, OutputsError::HashMismatch { .. })
+        matches!(
+            self,
+            OutputsError::HashMismatch { .. }
+                | OutputsError::IllegalReferences {
+                    hash_mismatch: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -452,8 +463,12 @@ pub fn register_outputs(
                         registered: fin.clone(),
                     });
                 }
-                if !refs.is_empty() || self_ref {
-                    delayed = Some(OutputsError::IllegalReferences(drv_printed.clone()));
+                // Self-references are allowed (Nix 2.8 checks the others only).
+                if !refs.is_empty() {
+                    delayed = Some(OutputsError::IllegalReferences {
+                        drv: drv_printed.clone(),
+                        hash_mismatch: delayed.is_some(),
+                    });
                 }
                 (fin, nar, Some(got))
             }
