@@ -3,4 +3,5 @@
 //!
 //! [`messages`] defines the boundaries between the actors; see `docs/ARCHITECTURE.md`.
 
+pub mod local_builder;
 pub mod messages;
