@@ -179,14 +179,32 @@ fn corpus_builds_like_nix() {
     assert_eq!(std::fs::read_dir(root.tmp_dir()).unwrap().count(), 0);
 }
 
+/// A fixed-output derivation dumping its environment (with `impureEnvVars`); the
+/// output depends on the test root, so its declared hash is wrong on purpose: both
+/// tools register it at the path of what it really contains and report the mismatch.
+const ENV_FOD: &str = r#"
+{
+  fod = derivation {
+    name = "env-fod"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/env | /usr/bin/sort > $out" ];
+    impureEnvVars = [ "MY_IMPURE" "UNSET_IMPURE" ];
+    outputHashMode = "recursive"; outputHashAlgo = "sha256";
+    outputHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+  };
+}
+"#;
+
 #[test]
 fn builder_environment_is_nixs() {
     require_nix!();
     let root = TestRoot::new();
     let file = corpus_dir().join("env.nix");
+    let fod_file = root.path().join("env-fod.nix");
+    std::fs::write(&fod_file, ENV_FOD).unwrap();
     let d = drover(&root, &[("MY_IMPURE", "hello")]);
     for attr in ["plain", "structured", "ca", "fod"] {
-        let drv = root.instantiate(&file, Some(attr)).remove(0);
+        let f = if attr == "fod" { &fod_file } else { &file };
+        let drv = root.instantiate(f, Some(attr)).remove(0);
         let nix = root
             .cmd("nix-store")
             .env("MY_IMPURE", "hello")
