@@ -661,3 +661,286 @@ fn content_addressed(
     }
     Ok((fin, nar, ca))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::build::{build_blocking, BuildOutcome};
+    use crate::config::{Env, Settings};
+    use crate::derivation::{json, DerivationError, DrvHash};
+
+    struct T {
+        _dir: tempfile::TempDir,
+        store: LocalStore,
+        bs: BuildSettings,
+    }
+
+    fn setup() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let mut env = Env::new();
+        env.insert("NIX_STORE_DIR".into(), d("store"));
+        env.insert("NIX_STATE_DIR".into(), d("var/nix"));
+        env.insert("NIX_CONF_DIR".into(), d("etc"));
+        env.insert("TMPDIR".into(), d("tmp"));
+        env.insert("NIX_USER_CONF_FILES".into(), String::new());
+        env.insert(
+            "NIX_CONFIG".into(),
+            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
+        );
+        let s = Settings::load(&env, &[]).unwrap();
+        let mut bs = BuildSettings::from_settings(&s);
+        bs.caller_env = Env::new();
+        T {
+            store: LocalStore::open(&s).unwrap(),
+            bs,
+            _dir: dir,
+        }
+    }
+
+    impl T {
+        /// Writes a `/bin/sh -c script` derivation with these outputs (JSON values).
+        fn drv(&self, name: &str, outputs: serde_json::Value, script: &str) -> BuildSpec {
+            let sd = self.store.store_dir().clone();
+            let mut env = serde_json::json!({"name": name, "PATH": "/usr/bin:/bin"});
+            for o in outputs.as_object().unwrap().keys() {
+                env[o] = "".into();
+            }
+            let v = serde_json::json!({
+                "name": name, "outputs": outputs, "inputSrcs": [], "inputDrvs": {},
+                "system": "x86_64-linux", "builder": "/bin/sh", "args": ["-c", script],
+                "env": env,
+            });
+            let none = |_: &StorePath| -> Result<DrvHash, DerivationError> {
+                Err(DerivationError::Cycle("none".into()))
+            };
+            let (drv_path, drv) = json::from_json_with_paths(&v, &sd, none).unwrap();
+            self.store
+                .add_text_to_store(
+                    drv_path.name(),
+                    &drv.to_aterm_bytes(&sd),
+                    &drv.drv_references(),
+                )
+                .unwrap();
+            BuildSpec {
+                drv_path,
+                output_paths: drv
+                    .outputs
+                    .iter()
+                    .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
+                    .collect(),
+                drv: Arc::new(drv),
+                input_closure: StorePathSet::new(),
+                mode: BuildMode::Normal,
+                keep_failed: false,
+            }
+        }
+
+        fn build(&self, spec: &BuildSpec) -> BuildOutcome {
+            build_blocking(&self.store, &self.bs, spec, |_| {}).unwrap()
+        }
+
+        fn info(&self, p: &StorePath) -> ValidPathInfo {
+            self.store.query_path_info(p).unwrap().unwrap()
+        }
+
+        fn read(&self, p: &StorePath) -> String {
+            std::fs::read_to_string(self.store.real_path(p)).unwrap()
+        }
+    }
+
+    fn refs(ps: &[&StorePath]) -> StorePathSet {
+        ps.iter().map(|p| (*p).clone()).collect()
+    }
+
+    #[test]
+    fn input_addressed_outputs_refer_to_each_other() {
+        let t = setup();
+        let spec = t.drv(
+            "multi",
+            serde_json::json!({"out": {}, "dev": {}}),
+            "echo $dev > $out; echo dev > $dev",
+        );
+        let o = t.build(&spec);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{}",
+            o.result.error_msg
+        );
+        let (out, dev) = (&o.outputs["out"], &o.outputs["dev"]);
+        assert_eq!(out, &spec.output_paths["out"]);
+        let i = t.info(out);
+        assert_eq!(i.references, refs(&[dev]));
+        assert_eq!(i.deriver.as_ref(), Some(&spec.drv_path));
+        assert!(i.ultimate && i.ca.is_none());
+        assert_eq!(
+            (i.nar_hash, i.nar_size),
+            crate::nar::nar_hash_of_path(&t.store.real_path(out)).unwrap()
+        );
+        // with ca-derivations, every output gets a realisation
+        assert_eq!(o.result.built_outputs.len(), 2);
+        for r in o.result.built_outputs.values() {
+            assert_eq!(
+                t.store.query_realisation(&r.id).unwrap().unwrap().out_path,
+                r.out_path
+            );
+        }
+    }
+
+    #[test]
+    fn floating_outputs_move_to_their_content_address() {
+        let t = setup();
+        let spec = t.drv(
+            "ca",
+            serde_json::json!({"out": {"hashAlgo": "r:sha256"}, "lib": {"hashAlgo": "r:sha256"}}),
+            "echo \"I am $out, using $lib\" > $out; echo lib > $lib",
+        );
+        let o = t.build(&spec);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{}",
+            o.result.error_msg
+        );
+        let (out, lib) = (&o.outputs["out"], &o.outputs["lib"]);
+        let sd = t.store.store_dir();
+        assert_eq!(
+            t.read(out),
+            format!("I am {}, using {}\n", sd.print(out), sd.print(lib))
+        );
+        let i = t.info(out);
+        assert_eq!(i.references, refs(&[out, lib]));
+        assert!(matches!(
+            i.ca,
+            Some(ContentAddress::Fixed(FileIngestionMethod::Recursive, _))
+        ));
+        assert_eq!(
+            (i.nar_hash.clone(), i.nar_size),
+            crate::nar::nar_hash_of_path(&t.store.real_path(out)).unwrap()
+        );
+        // the lib output is independent: its address is the plain NAR hash
+        let li = t.info(lib);
+        assert_eq!(
+            lib,
+            &sd.make_fixed_output_path(
+                FileIngestionMethod::Recursive,
+                &li.nar_hash,
+                "ca-lib",
+                &StorePathSet::new(),
+                false
+            )
+            .unwrap()
+        );
+        // no scratch paths remain
+        for p in o.outputs.values() {
+            assert!(t.store.real_path(p).exists());
+        }
+        let names: Vec<String> = std::fs::read_dir(sd.as_path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".drv") && !n.starts_with('.'))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn rejected_outputs() {
+        let t = setup();
+        // not produced
+        let spec = t.drv("none", serde_json::json!({"out": {}}), "true");
+        let o = t.build(&spec);
+        assert_eq!(o.result.status, BuildStatus::OutputRejected);
+        assert!(o
+            .result
+            .error_msg
+            .contains("failed to produce output path for output 'out'"));
+        // a cycle between outputs
+        let spec = t.drv(
+            "cycle",
+            serde_json::json!({"out": {}, "dev": {}}),
+            "echo $dev > $out; echo $out > $dev",
+        );
+        let o = t.build(&spec);
+        assert_eq!(o.result.status, BuildStatus::OutputRejected);
+        assert!(
+            o.result.error_msg.starts_with("cycle detected in build of"),
+            "{}",
+            o.result.error_msg
+        );
+        assert!(!t.store.is_valid_path(&spec.output_paths["out"]).unwrap());
+        // a flat fixed output that is a directory
+        let h = HashAlgo::Sha256.digest(b"hello");
+        let spec = t.drv(
+            "flatdir",
+            serde_json::json!({"out": {"hashAlgo": "sha256", "hash": h.encode(crate::hash::Encoding::Base16)}}),
+            "mkdir $out",
+        );
+        let o = t.build(&spec);
+        assert_eq!(o.result.status, BuildStatus::OutputRejected);
+        assert!(o
+            .result
+            .error_msg
+            .contains("should be a non-executable regular file"));
+        // a flat fixed output with the wrong contents: registered where it belongs
+        let spec = t.drv(
+            "wrong",
+            serde_json::json!({"out": {"hashAlgo": "sha256", "hash": h.encode(crate::hash::Encoding::Base16)}}),
+            "printf bye > $out",
+        );
+        let o = t.build(&spec);
+        assert_eq!(o.result.status, BuildStatus::OutputRejected);
+        assert!(o.hash_mismatch);
+        let got = HashAlgo::Sha256.digest(b"bye");
+        assert_eq!(
+            o.result.error_msg,
+            format!(
+                "hash mismatch in fixed-output derivation '{}':\n  specified: {}\n     got:    {}",
+                t.store.store_dir().print(&spec.drv_path),
+                h.to_sri(),
+                got.to_sri()
+            )
+        );
+        let actual = t
+            .store
+            .store_dir()
+            .make_fixed_output_path(
+                FileIngestionMethod::Flat,
+                &got,
+                "wrong",
+                &StorePathSet::new(),
+                false,
+            )
+            .unwrap();
+        assert!(t.store.is_valid_path(&actual).unwrap());
+        assert!(!t.store.is_valid_path(&spec.output_paths["out"]).unwrap());
+    }
+
+    #[test]
+    fn check_mode_compares_and_marks_ultimate() {
+        let t = setup();
+        let mut spec = t.drv("det", serde_json::json!({"out": {}}), "echo same > $out");
+        let o = t.build(&spec);
+        assert_eq!(o.result.status, BuildStatus::Built);
+        let out = spec.output_paths["out"].clone();
+        // pretend it was substituted: not ultimate
+        let mut i = t.info(&out);
+        i.ultimate = false;
+        t.store.register_valid_paths(&[i]).unwrap();
+        spec.mode = BuildMode::Check;
+        let o = t.build(&spec);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{}",
+            o.result.error_msg
+        );
+        assert!(t.info(&out).ultimate);
+        // the scratch path is gone, the output untouched
+        let scratch = scratch_outputs(&t.store, &spec).unwrap();
+        assert!(!t.store.real_path(&scratch.scratch["out"]).exists());
+        assert_eq!(t.read(&out), "same\n");
+    }
+}
