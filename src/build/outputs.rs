@@ -102,6 +102,14 @@ pub enum OutputsError {
     },
     #[error("computing realisation ids: {0}")]
     RealisationIds(String),
+    #[error("output '{output}' is not allowed to refer to the following paths:{}", .paths.iter().map(|p| format!("\n  {p}")).collect::<String>())]
+    NotAllowed { output: String, paths: Vec<String> },
+    #[error("path '{path}' is too large at {size} bytes; limit is {limit} bytes")]
+    TooLarge { path: String, size: u64, limit: u64 },
+    #[error("closure of path '{path}' is too large at {size} bytes; limit is {limit} bytes")]
+    ClosureTooLarge { path: String, size: u64, limit: u64 },
+    #[error("derivation contains an illegal reference specifier '{0}'")]
+    IllegalSpecifier(String),
 }
 
 fn not_deterministic_msg(drv: &str, output: &str, check: &Option<String>) -> String {
@@ -124,7 +132,11 @@ impl OutputsError {
             | OutputsError::Cycle { .. }
             | OutputsError::HashMismatch { .. }
             | OutputsError::IllegalReferences { .. }
-            | OutputsError::TextSelfReference(_) => BuildStatus::OutputRejected,
+            | OutputsError::TextSelfReference(_)
+            | OutputsError::NotAllowed { .. }
+            | OutputsError::TooLarge { .. }
+            | OutputsError::ClosureTooLarge { .. }
+            | OutputsError::IllegalSpecifier(_) => BuildStatus::OutputRejected,
             _ => BuildStatus::MiscFailure,
         }
     }
@@ -570,6 +582,7 @@ pub fn register_outputs(
         remove_tree(&p)?;
     }
     if mode != BuildMode::Check {
+        check_outputs(store, spec, &infos, &finals)?;
         store.register_valid_paths(&infos)?;
     }
     drop(locks);
@@ -596,6 +609,175 @@ pub fn register_outputs(
         outputs: finals,
         infos,
     })
+}
+
+/// The output checks of one output (`allowedReferences`, `outputChecks.<out>`, …).
+#[derive(Debug, Default)]
+struct Checks {
+    ignore_self_refs: bool,
+    max_size: Option<u64>,
+    max_closure_size: Option<u64>,
+    allowed_references: Option<Vec<String>>,
+    allowed_requisites: Option<Vec<String>>,
+    disallowed_references: Option<Vec<String>>,
+    disallowed_requisites: Option<Vec<String>>,
+}
+
+fn checks_of(spec: &BuildSpec, output: &str) -> Result<Checks, OutputsError> {
+    let drv = &spec.drv;
+    let structured = super::env::structured_attrs(drv)
+        .map_err(|e| OutputsError::IllegalSpecifier(format!("__json: {e}")))?;
+    let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+    };
+    match structured {
+        Some(json) => {
+            let Some(c) = json
+                .get("outputChecks")
+                .and_then(|c| c.get(output))
+                .and_then(|c| c.as_object())
+            else {
+                return Ok(Checks::default());
+            };
+            Ok(Checks {
+                ignore_self_refs: c
+                    .get("ignoreSelfRefs")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+                max_size: c.get("maxSize").and_then(|v| v.as_u64()),
+                max_closure_size: c.get("maxClosureSize").and_then(|v| v.as_u64()),
+                allowed_references: c.get("allowedReferences").and_then(strings),
+                allowed_requisites: c.get("allowedRequisites").and_then(strings),
+                disallowed_references: c.get("disallowedReferences").and_then(strings),
+                disallowed_requisites: c.get("disallowedRequisites").and_then(strings),
+            })
+        }
+        None => {
+            let words = |k: &str| {
+                drv.env.get(k).map(|v| {
+                    v.split([' ', '\t', '\n', '\r'])
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+            };
+            Ok(Checks {
+                ignore_self_refs: true,
+                allowed_references: words("allowedReferences"),
+                allowed_requisites: words("allowedRequisites"),
+                disallowed_references: words("disallowedReferences"),
+                disallowed_requisites: words("disallowedRequisites"),
+                ..Checks::default()
+            })
+        }
+    }
+}
+
+/// Nix's `checkOutputs` on the outputs about to be registered.
+fn check_outputs(
+    store: &LocalStore,
+    spec: &BuildSpec,
+    infos: &[ValidPathInfo],
+    finals: &BTreeMap<String, StorePath>,
+) -> Result<(), OutputsError> {
+    let sd = store.store_dir();
+    let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+        infos.iter().map(|i| (&i.path, i)).collect();
+    let closure = |start: &StorePath| -> Result<(StorePathSet, u64), OutputsError> {
+        let mut done = StorePathSet::new();
+        let mut size = 0u64;
+        let mut todo = vec![start.clone()];
+        while let Some(p) = todo.pop() {
+            if !done.insert(p.clone()) {
+                continue;
+            }
+            let (refs, n) = match by_path.get(&p) {
+                Some(i) => (i.references.clone(), i.nar_size),
+                None => {
+                    let i = store
+                        .query_path_info(&p)?
+                        .ok_or_else(|| StoreError::InvalidPath(sd.print(&p)))?;
+                    (i.references, i.nar_size)
+                }
+            };
+            size += n;
+            todo.extend(refs);
+        }
+        Ok((done, size))
+    };
+    let specifiers = |v: &[String]| -> Result<StorePathSet, OutputsError> {
+        let mut set = StorePathSet::new();
+        for s in v {
+            if let Ok(p) = sd.parse(s) {
+                set.insert(p);
+            } else if let Some(p) = finals.get(s) {
+                set.insert(p.clone());
+            } else {
+                return Err(OutputsError::IllegalSpecifier(s.clone()));
+            }
+        }
+        Ok(set)
+    };
+    for (name, path) in finals {
+        let Some(info) = by_path.get(path) else {
+            continue;
+        };
+        let c = checks_of(spec, name)?;
+        let printed = sd.print(path);
+        if let Some(limit) = c.max_size {
+            if info.nar_size > limit {
+                return Err(OutputsError::TooLarge {
+                    path: printed,
+                    size: info.nar_size,
+                    limit,
+                });
+            }
+        }
+        if let Some(limit) = c.max_closure_size {
+            let (_, size) = closure(path)?;
+            if size > limit {
+                return Err(OutputsError::ClosureTooLarge {
+                    path: printed,
+                    size,
+                    limit,
+                });
+            }
+        }
+        let lists = [
+            (&c.allowed_references, true, false),
+            (&c.allowed_requisites, true, true),
+            (&c.disallowed_references, false, false),
+            (&c.disallowed_requisites, false, true),
+        ];
+        for (value, allowed, recursive) in lists {
+            let Some(value) = value else { continue };
+            let spec_set = specifiers(value)?;
+            let mut used = if recursive {
+                closure(path)?.0
+            } else {
+                info.references.clone()
+            };
+            if recursive && c.ignore_self_refs {
+                used.remove(path);
+            }
+            let bad: Vec<String> = used
+                .iter()
+                .filter(|p| spec_set.contains(*p) != allowed)
+                .map(|p| sd.print(p))
+                .collect();
+            if !bad.is_empty() {
+                return Err(OutputsError::NotAllowed {
+                    output: printed,
+                    paths: bad,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hashes a content-addressed output modulo its scratch hash part, computes its final

@@ -274,7 +274,8 @@ fn builder_environment_is_nixs() {
 }
 
 const FAILING: &str = r#"
-let sh = name: script: attrs: derivation ({ inherit name; system = builtins.currentSystem;
+let dep = builtins.toFile "dep" "x";
+  sh = name: script: attrs: derivation ({ inherit name; system = builtins.currentSystem;
   builder = "/bin/sh"; args = ["-c" script]; PATH = "/usr/bin:/bin"; } // attrs);
 in {
   noOutput = sh "no-output" "echo not writing" { };
@@ -283,6 +284,11 @@ in {
     outputHash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; };
   nondet = sh "nondet" "echo $RANDOM$$ > $out" { };
   missingBuilder = derivation { name = "missing-builder"; system = builtins.currentSystem; builder = "/no/such/builder"; };
+  disallowed = sh "disallowed" "echo ${dep} > $out" { disallowedReferences = [ dep ]; };
+  allowedSelf = sh "allowed-self" "echo $out ${dep} > $out" { allowedRequisites = [ dep ]; };
+  allowedNone = sh "allowed-none" "echo $out ${dep} > $out" { allowedReferences = [ ]; };
+  structMax = sh "struct-max" "echo 123456789 > ${builtins.placeholder "out"}" {
+    __structuredAttrs = true; outputChecks.out.maxSize = 10; };
 }
 "#;
 
@@ -344,6 +350,30 @@ fn failures_are_reported_as_nix_does() {
         "error: executing '/no/such/builder': No such file or directory\n"
     );
 
+    // output checks: drover's message is the one Nix prints, and Nix exits 1
+    for attr in ["disallowed", "allowedNone", "structMax"] {
+        let drv = root.instantiate(&file, Some(attr)).remove(0);
+        let (o, _) = d.build(&drv, BuildMode::Normal, false);
+        assert_eq!(o.result.status, BuildStatus::OutputRejected, "{attr}");
+        let nix = root
+            .cmd("nix-store")
+            .args(["--realise", &drv])
+            .output()
+            .unwrap();
+        assert_eq!(nix.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&nix.stderr);
+        let expected = format!("error: {}", o.result.error_msg.replace('\n', "\n       "));
+        assert!(stderr.contains(&expected), "{attr}: {stderr}\n{expected}");
+    }
+    let drv = root.instantiate(&file, Some("allowedSelf")).remove(0);
+    let (o, _) = d.build(&drv, BuildMode::Normal, false);
+    assert_eq!(
+        o.result.status,
+        BuildStatus::Built,
+        "{}",
+        o.result.error_msg
+    );
+
     // --check: a nondeterministic builder
     let drv = root.instantiate(&file, Some("nondet")).remove(0);
     let out = root.realise(&[&drv]).remove(0);
@@ -378,8 +408,17 @@ fn failures_are_reported_as_nix_does() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| !n.ends_with(".lock") && !n.ends_with(".drv") && !n.starts_with('.'))
         .collect();
-    // no scratch paths: only the outputs Nix built (and the failing FOD's nothing)
-    let mut leftovers = leftovers;
-    leftovers.sort();
-    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    // no scratch paths: only outputs (rejected ones stay invalid on disk, as in Nix)
+    let names: Vec<&str> = leftovers.iter().map(|n| &n[33..]).collect();
+    let known = [
+        "allowed-self",
+        "struct-max",
+        "nondet",
+        "simple",
+        "dep",
+        "allowed-none",
+        "disallowed",
+    ];
+    assert!(names.iter().all(|n| known.contains(n)), "{leftovers:?}");
+    assert_eq!(names.len(), known.len(), "{leftovers:?}");
 }
