@@ -118,6 +118,8 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    ExportReferencesGraph(String),
     #[error("home directory '{0}' exists; please remove it to assure purity of builds without sandboxing")]
     HomeExists(String),
 }
@@ -222,7 +224,11 @@ pub fn prepare(
         scratch_outputs: &scratch.scratch,
         input_rewrites: &scratch.input_rewrites,
     })?;
-    for (file, contents) in &benv.files {
+    let mut files = benv.files.clone();
+    if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
+        files.extend(export_references_graph(store, spec)?);
+    }
+    for (file, contents) in &files {
         let p = build_dir.path().join(file);
         write_new_file(&p, contents).map_err(|source| BuildError::WriteFile { path: p, source })?;
     }
@@ -235,6 +241,80 @@ pub fn prepare(
             builder: benv.builder,
         },
     ))
+}
+
+/// `exportReferencesGraph` (without structured attributes): pairs `name path`; each
+/// `name` file gets the closure of `path` (which must be in the input closure; the
+/// outputs of derivations in it are added) in `nix-store --register-validity` form
+/// without hashes or derivers.
+fn export_references_graph(
+    store: &LocalStore,
+    spec: &BuildSpec,
+) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+    let Some(v) = spec.drv.env.get("exportReferencesGraph") else {
+        return Ok(Vec::new());
+    };
+    let sd = store.store_dir();
+    let tokens: Vec<&str> = v
+        .split([' ', '\t', '\n', '\r'])
+        .filter(|t| !t.is_empty())
+        .collect();
+    if tokens.len() % 2 != 0 {
+        return Err(BuildError::ExportReferencesGraph(format!(
+            "odd number of tokens in 'exportReferencesGraph': '{v}'"
+        )));
+    }
+    let mut files = Vec::new();
+    for pair in tokens.chunks(2) {
+        let (name, path) = (pair[0], pair[1]);
+        let ok_name = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !ok_name {
+            return Err(BuildError::ExportReferencesGraph(format!(
+                "invalid file name '{name}' in 'exportReferencesGraph'"
+            )));
+        }
+        let sp = sd.parse_prefix(path).map_err(|_| {
+            BuildError::ExportReferencesGraph(format!(
+                "'exportReferencesGraph' contains a non-store path '{path}'"
+            ))
+        })?;
+        if !spec.input_closure.contains(&sp) {
+            return Err(BuildError::ExportReferencesGraph(format!(
+                "cannot export references of path '{}' because it is not in the input closure of the derivation",
+                sd.print(&sp)
+            )));
+        }
+        let mut closure = store.compute_closure(std::slice::from_ref(&sp))?;
+        for d in closure.clone().iter().filter(|p| p.is_derivation()) {
+            let drv = store.read_derivation(d)?;
+            let outs: Vec<StorePath> = drv
+                .outputs
+                .values()
+                .filter_map(|o| o.path().cloned())
+                .collect();
+            let valid: Vec<StorePath> = store.query_valid_paths(&outs)?.into_iter().collect();
+            closure.extend(store.compute_closure(&valid)?);
+        }
+        let mut text = String::new();
+        for p in &closure {
+            let info = store
+                .query_path_info(p)?
+                .ok_or_else(|| StoreError::InvalidPath(sd.print(p)))?;
+            text.push_str(&format!("{}\n\n{}\n", sd.print(p), info.references.len()));
+            for r in &info.references {
+                text.push_str(&sd.print(r));
+                text.push('\n');
+            }
+        }
+        files.push((name.to_owned(), text.into_bytes()));
+    }
+    Ok(files)
 }
 
 fn write_new_file(p: &Path, contents: &[u8]) -> std::io::Result<()> {

@@ -274,7 +274,7 @@ fn builder_environment_is_nixs() {
 }
 
 const FAILING: &str = r#"
-let dep = builtins.toFile "dep" "x";
+let dep = builtins.toFile "dep" "x"; dep2 = builtins.toFile "dep2" "uses ${dep}";
   sh = name: script: attrs: derivation ({ inherit name; system = builtins.currentSystem;
   builder = "/bin/sh"; args = ["-c" script]; PATH = "/usr/bin:/bin"; } // attrs);
 in {
@@ -287,6 +287,7 @@ in {
   disallowed = sh "disallowed" "echo ${dep} > $out" { disallowedReferences = [ dep ]; };
   allowedSelf = sh "allowed-self" "echo $out ${dep} > $out" { allowedRequisites = [ dep ]; };
   allowedNone = sh "allowed-none" "echo $out ${dep} > $out" { allowedReferences = [ ]; };
+  graph = sh "graph" "cat refs > $out" { exportReferencesGraph = [ "refs" dep2 ]; };
   structMax = sh "struct-max" "echo 123456789 > ${builtins.placeholder "out"}" {
     __structuredAttrs = true; outputChecks.out.maxSize = 10; };
 }
@@ -365,6 +366,21 @@ fn failures_are_reported_as_nix_does() {
         let expected = format!("error: {}", o.result.error_msg.replace('\n', "\n       "));
         assert!(stderr.contains(&expected), "{attr}: {stderr}\n{expected}");
     }
+    // exportReferencesGraph: the same closure file as Nix writes
+    let drv = root.instantiate(&file, Some("graph")).remove(0);
+    let out = root.realise(&[&drv]).remove(0);
+    let nix_graph = std::fs::read_to_string(&out).unwrap();
+    assert!(nix_graph.contains("-dep2\n\n1\n"), "{nix_graph}");
+    root.run("nix-store", &["--delete", &out]);
+    let (o, _) = d.build(&drv, BuildMode::Normal, false);
+    assert_eq!(
+        o.result.status,
+        BuildStatus::Built,
+        "{}",
+        o.result.error_msg
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), nix_graph);
+
     let drv = root.instantiate(&file, Some("allowedSelf")).remove(0);
     let (o, _) = d.build(&drv, BuildMode::Normal, false);
     assert_eq!(
@@ -411,6 +427,8 @@ fn failures_are_reported_as_nix_does() {
     // no scratch paths: only outputs (rejected ones stay invalid on disk, as in Nix)
     let names: Vec<&str> = leftovers.iter().map(|n| &n[33..]).collect();
     let known = [
+        "graph",
+        "dep2",
         "allowed-self",
         "struct-max",
         "nondet",
