@@ -259,7 +259,7 @@ fn export_references_graph(
         .split([' ', '\t', '\n', '\r'])
         .filter(|t| !t.is_empty())
         .collect();
-    if tokens.len() % 2 != 0 {
+    if !tokens.chunks_exact(2).remainder().is_empty() {
         return Err(BuildError::ExportReferencesGraph(format!(
             "odd number of tokens in 'exportReferencesGraph': '{v}'"
         )));
