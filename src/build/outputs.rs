@@ -526,8 +526,16 @@ pub fn register_outputs(
                     to_clean.push(actual.clone());
                 }
                 _ => {
-                    remove_tree(&final_real)?;
+                    // Repair replaces a valid path: move the old one aside first, so
+                    // the final path is never missing (`replaceValidPath`).
+                    let old = with_suffix(&final_real, ".old-drover");
+                    remove_tree(&old)?;
+                    if std::fs::symlink_metadata(&final_real).is_ok() {
+                        std::fs::rename(&final_real, &old)
+                            .map_err(io_err("moving", &final_real))?;
+                    }
                     std::fs::rename(&actual, &final_real).map_err(io_err("moving", &actual))?;
+                    remove_tree(&old)?;
                     actual = final_real.clone();
                 }
             }
@@ -1098,6 +1106,38 @@ mod tests {
             .unwrap();
         assert!(t.store.is_valid_path(&actual).unwrap());
         assert!(!t.store.is_valid_path(&spec.output_paths["out"]).unwrap());
+    }
+
+    #[test]
+    fn repair_replaces_a_corrupt_output() {
+        let t = setup();
+        let mut spec = t.drv(
+            "fix",
+            serde_json::json!({"out": {}}),
+            "echo \"me: $out\" > $out",
+        );
+        assert_eq!(t.build(&spec).result.status, BuildStatus::Built);
+        let out = spec.output_paths["out"].clone();
+        let real = t.store.real_path(&out);
+        let good = t.read(&out);
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&real, b"corrupt").unwrap();
+        spec.mode = BuildMode::Repair;
+        let o = t.build(&spec);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{}",
+            o.result.error_msg
+        );
+        assert_eq!(t.read(&out), good);
+        assert!(good.contains(&t.store.store_dir().print(&out)));
+        let i = t.info(&out);
+        assert_eq!(i.references, refs(&[&out]));
+        assert_eq!(
+            (i.nar_hash, i.nar_size),
+            crate::nar::nar_hash_of_path(&real).unwrap()
+        );
     }
 
     #[test]

@@ -175,7 +175,31 @@ fn corpus_builds_like_nix() {
     assert_eq!(path_info(&root, &nix_outs), nix_info);
     assert_eq!(db_rows(&root), nix_rows);
     root.verify_store();
+    // --check of every (deterministic) derivation passes: scratch outputs are
+    // rewritten back to the final paths before comparing
+    for p in &drvs {
+        let (o, log) = d.build(p, BuildMode::Check, false);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{p}: {} {log}",
+            o.result.error_msg
+        );
+    }
+    assert_eq!(path_info(&root, &nix_outs), nix_info);
     // no build directories or scratch paths are left behind
+    for e in std::fs::read_dir(&root.store_dir).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') || n.ends_with(".lock") {
+            continue;
+        }
+        assert!(
+            d.store
+                .is_valid_path(&d.sp(&format!("{}/{n}", root.store_dir)))
+                .unwrap(),
+            "{n}"
+        );
+    }
     assert_eq!(std::fs::read_dir(root.tmp_dir()).unwrap().count(), 0);
 }
 

@@ -127,6 +127,13 @@ impl Handler<LogAlarm> for AlarmRelay {
     }
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 fn lib_mode(m: BuildMode) -> LibMode {
     match m {
         BuildMode::Normal => LibMode::Normal,
@@ -209,6 +216,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 pty_master,
                 builder,
             } = process;
+            let start_time = unix_now();
             let mut command = tokio::process::Command::from(command);
             let status = match command.spawn() {
                 Ok(mut child) => {
@@ -240,6 +248,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     exec_failure_status()
                 }
             };
+            let stop_time = unix_now();
             let summary: LogSummary = log.eof.send(LogEof).await.unwrap_or_default();
             let killed = me.send(Exited { id }).await.unwrap_or(None);
             let outcome = {
@@ -268,6 +277,8 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                         );
                     }
                     result.times_built = 1;
+                    result.start_time = start_time;
+                    result.stop_time = stop_time;
                     LocalBuildFinished {
                         id,
                         result,

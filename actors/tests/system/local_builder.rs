@@ -212,6 +212,9 @@ async fn builds_forwards_bytes_and_registers() {
         BTreeMap::from([("out".to_string(), out.clone())])
     );
     assert!(h.store.is_valid_path(&out).unwrap());
+    assert_eq!(f.result.times_built, 1);
+    assert!(f.result.start_time > 0 && f.result.stop_time >= f.result.start_time);
+    assert!(f.result.built_outputs.is_empty() || f.result.built_outputs.len() == 1);
     let seen = h.seen.lock().unwrap();
     assert_eq!(seen.bytes, b"partial line\n");
     assert!(seen.eof);
