@@ -124,6 +124,18 @@ pub enum BuildError {
     HomeExists(String),
 }
 
+impl BuildError {
+    /// The status of a build whose set-up failed: Nix 2.8 gives `InputRejected` for
+    /// its `BuildError`s (bad `exportReferencesGraph`), anything else aborts the goal
+    /// (`MiscFailure` here).
+    pub fn status(&self) -> BuildStatus {
+        match self {
+            BuildError::ExportReferencesGraph(_) => BuildStatus::InputRejected,
+            _ => BuildStatus::MiscFailure,
+        }
+    }
+}
+
 /// A build set up by [`prepare`]: what [`finish`] needs.
 #[derive(Debug)]
 pub struct PreparedBuild {

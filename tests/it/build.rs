@@ -222,7 +222,7 @@ const ENV_FOD: &str = r#"
 fn builder_environment_is_nixs() {
     require_nix!();
     let root = TestRoot::new();
-    let file = corpus_dir().join("env.nix");
+    let file = corpus_dir().join("build/env.nix");
     let fod_file = root.path().join("env-fod.nix");
     std::fs::write(&fod_file, ENV_FOD).unwrap();
     let d = drover(&root, &[("MY_IMPURE", "hello")]);

@@ -203,7 +203,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     let _ = log.eof.send(LogEof).await;
                     me.do_send(Exited { id });
                     // startBuilder's errors are InputRejected-class or misc failures.
-                    return failed(id, BuildStatus::MiscFailure, e.to_string());
+                    return failed(id, e.status(), e.to_string());
                 }
                 Err(e) => {
                     let _ = log.eof.send(LogEof).await;
