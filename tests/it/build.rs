@@ -464,3 +464,41 @@ fn failures_are_reported_as_nix_does() {
     assert!(names.iter().all(|n| known.contains(n)), "{leftovers:?}");
     assert_eq!(names.len(), known.len(), "{leftovers:?}");
 }
+
+#[test]
+fn impure_derivations_get_content_addressed_outputs() {
+    require_nix!();
+    let root = TestRoot::new();
+    let d = drover(&root, &[]);
+    for attr in ["impure", "impureFlat"] {
+        let drv = root
+            .instantiate(&corpus_dir().join("impure.nix"), Some(attr))
+            .remove(0);
+        let (o, log) = d.build(&drv, BuildMode::Normal, false);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{attr}: {} {log}",
+            o.result.error_msg
+        );
+        let outs: Vec<String> = o
+            .outputs
+            .values()
+            .map(|p| d.store.store_dir().print(p))
+            .collect();
+        for i in path_info(&root, &outs).as_array().unwrap() {
+            let ca = i["ca"].as_str().unwrap();
+            let expected = if attr == "impure" {
+                "fixed:r:sha256:"
+            } else {
+                "fixed:sha512:"
+            };
+            assert!(ca.starts_with(expected), "{i}");
+        }
+        // impure outputs get no realisations
+        assert!(db_rows(&root)
+            .iter()
+            .all(|r| !(r.starts_with("sha256:") && r.contains("-impure"))));
+    }
+    root.verify_store();
+}
