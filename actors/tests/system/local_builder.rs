@@ -339,3 +339,77 @@ async fn cancel_kills_and_cleans_up() {
         "build dir removed"
     );
 }
+
+/// The actor builds corpus derivations in a Nix test root; Nix accepts the result.
+#[actix::test]
+async fn builds_corpus_derivations_nix_accepts() {
+    require_nix!();
+    let root = crate::nix_env::TestRoot::new();
+    let mut env: Env = root
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    env.insert("NIX_USER_CONF_FILES".into(), String::new());
+    let s = Settings::load(&env, &[]).unwrap();
+    let store = Arc::new(LocalStore::open(&s).unwrap());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let builder = LocalBuilder::new(
+        store.clone(),
+        LocalBuilderConfig::from_settings(&s),
+        start_log(seen.clone()),
+    )
+    .start();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reply = Reply(tx).start().recipient();
+    let corpus = crate::nix_env::corpus_dir().join("corpus.nix");
+    let mut id = 0;
+    for attr in [
+        "multi",
+        "selfRef",
+        "fodRecursive",
+        "caFloatingMulti",
+        "structured",
+    ] {
+        let drv = root.instantiate(&corpus, Some(attr)).remove(0);
+        let drv_path = store.store_dir().parse(&drv).unwrap();
+        let d = Arc::new(store.read_derivation(&drv_path).unwrap());
+        id += 1;
+        builder.do_send(RunLocalBuild {
+            id,
+            request: LocalBuildRequest {
+                drv_path,
+                output_paths: d
+                    .outputs
+                    .iter()
+                    .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
+                    .collect(),
+                wanted_outputs: d.outputs.keys().cloned().collect(),
+                drv: d,
+                input_closure: store.compute_closure(&[]).unwrap(),
+                mode: BuildMode::Normal,
+                keep_failed: false,
+            },
+            reply_to: reply.clone(),
+        });
+        let f = rx.recv().await.unwrap();
+        assert_eq!(
+            f.result.status,
+            BuildStatus::Built,
+            "{attr}: {}",
+            f.result.error_msg
+        );
+        // Nix agrees the outputs are valid and need no build
+        let outs = root.realise(&[&drv]);
+        let mut ours: Vec<String> = f
+            .outputs
+            .values()
+            .map(|p| store.store_dir().print(p))
+            .collect();
+        ours.sort();
+        let mut outs = outs;
+        outs.sort();
+        assert_eq!(ours, outs, "{attr}");
+    }
+    root.verify_store();
+}
