@@ -58,6 +58,9 @@ pub struct EnvInputs<'a> {
     pub scratch_outputs: &'a BTreeMap<String, StorePath>,
     /// `inputRewrites`: placeholder or hash part → replacement.
     pub input_rewrites: &'a BTreeMap<String, String>,
+    /// Attributes added to the structured-attrs JSON (the closures that
+    /// `exportReferencesGraph` asks for); ignored without structured attributes.
+    pub structured_extra: &'a serde_json::Map<String, Value>,
 }
 
 /// The builder's process set-up: environment (rewritten), files to create in the
@@ -275,6 +278,9 @@ pub fn builder_env(i: &EnvInputs<'_>) -> Result<BuilderEnv, EnvError> {
             })
             .collect();
         json.insert("outputs".into(), Value::Object(outputs));
+        for (k, v) in i.structured_extra {
+            json.insert(k.clone(), v.clone());
+        }
         let sh = structured_attrs_sh(&json);
         files.push((".attrs.sh".into(), rw(&sh).into_bytes()));
         let dumped = sorted(&Value::Object(json)).to_string();
@@ -353,6 +359,7 @@ mod tests {
             caller_env: &caller,
             scratch_outputs: &scratch,
             input_rewrites: &rewrites,
+            structured_extra: &serde_json::Map::new(),
         })
         .unwrap()
     }

@@ -227,6 +227,7 @@ pub fn prepare(
             source,
         }
     })?;
+    let structured_extra = structured_export_references_graph(store, spec)?;
     let benv = builder_env(&EnvInputs {
         drv: &spec.drv,
         store_dir: store.store_dir(),
@@ -235,6 +236,7 @@ pub fn prepare(
         caller_env: &settings.caller_env,
         scratch_outputs: &scratch.scratch,
         input_rewrites: &scratch.input_rewrites,
+        structured_extra: &structured_extra,
     })?;
     let mut files = benv.files.clone();
     if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
@@ -296,23 +298,7 @@ fn export_references_graph(
                 "'exportReferencesGraph' contains a non-store path '{path}'"
             ))
         })?;
-        if !spec.input_closure.contains(&sp) {
-            return Err(BuildError::ExportReferencesGraph(format!(
-                "cannot export references of path '{}' because it is not in the input closure of the derivation",
-                sd.print(&sp)
-            )));
-        }
-        let mut closure = store.compute_closure(std::slice::from_ref(&sp))?;
-        for d in closure.clone().iter().filter(|p| p.is_derivation()) {
-            let drv = store.read_derivation(d)?;
-            let outs: Vec<StorePath> = drv
-                .outputs
-                .values()
-                .filter_map(|o| o.path().cloned())
-                .collect();
-            let valid: Vec<StorePath> = store.query_valid_paths(&outs)?.into_iter().collect();
-            closure.extend(store.compute_closure(&valid)?);
-        }
+        let closure = export_references(store, spec, &[sp])?;
         let mut text = String::new();
         for p in &closure {
             let info = store
@@ -327,6 +313,94 @@ fn export_references_graph(
         files.push((name.to_owned(), text.into_bytes()));
     }
     Ok(files)
+}
+
+/// Nix's `exportReferences`: the closure of `paths` (each must be in the input
+/// closure), plus the closures of the valid outputs of derivations in it.
+fn export_references(
+    store: &LocalStore,
+    spec: &BuildSpec,
+    paths: &[StorePath],
+) -> Result<StorePathSet, BuildError> {
+    let sd = store.store_dir();
+    if let Some(p) = paths.iter().find(|p| !spec.input_closure.contains(*p)) {
+        return Err(BuildError::ExportReferencesGraph(format!(
+            "cannot export references of path '{}' because it is not in the input closure of the derivation",
+            sd.print(p)
+        )));
+    }
+    let mut closure = store.compute_closure(paths)?;
+    for d in closure.clone().iter().filter(|p| p.is_derivation()) {
+        let drv = store.read_derivation(d)?;
+        let outs: Vec<StorePath> = drv
+            .outputs
+            .values()
+            .filter_map(|o| o.path().cloned())
+            .collect();
+        let valid: Vec<StorePath> = store.query_valid_paths(&outs)?.into_iter().collect();
+        closure.extend(store.compute_closure(&valid)?);
+    }
+    Ok(closure)
+}
+
+/// `exportReferencesGraph` with structured attributes: an object of name → store
+/// paths; each name gets the closure as Nix's `pathInfoToJSON` (without impure
+/// fields, with `closureSize`, hashes in `sha256:<base32>`), sorted by path.
+fn structured_export_references_graph(
+    store: &LocalStore,
+    spec: &BuildSpec,
+) -> Result<serde_json::Map<String, serde_json::Value>, BuildError> {
+    use serde_json::{json, Map, Value};
+    let mut extra = Map::new();
+    let Some(attrs) = env::structured_attrs(&spec.drv)? else {
+        return Ok(extra);
+    };
+    let Some(Value::Object(graphs)) = attrs.get("exportReferencesGraph") else {
+        return Ok(extra);
+    };
+    let sd = store.store_dir();
+    for (name, paths) in graphs {
+        let mut roots = Vec::new();
+        for p in paths.as_array().into_iter().flatten() {
+            let s = p.as_str().unwrap_or_default();
+            roots.push(sd.parse(s).map_err(|_| {
+                BuildError::ExportReferencesGraph(format!(
+                    "'exportReferencesGraph' contains a non-store path '{s}'"
+                ))
+            })?);
+        }
+        let closure = export_references(store, spec, &roots)?;
+        let mut infos = BTreeMap::new();
+        for p in &closure {
+            let info = store
+                .query_path_info(p)?
+                .ok_or_else(|| StoreError::InvalidPath(sd.print(p)))?;
+            infos.insert(p.clone(), info);
+        }
+        let mut list = Vec::new();
+        for (p, info) in &infos {
+            let mut size = 0u64;
+            for q in store.compute_closure(std::slice::from_ref(p))? {
+                size += match infos.get(&q) {
+                    Some(i) => i.nar_size,
+                    None => store.query_path_info(&q)?.map(|i| i.nar_size).unwrap_or(0),
+                };
+            }
+            let mut o = json!({
+                "closureSize": size,
+                "narHash": info.nar_hash.to_typed_string(crate::hash::Encoding::Base32),
+                "narSize": info.nar_size,
+                "path": sd.print(p),
+                "references": info.references.iter().map(|r| sd.print(r)).collect::<Vec<_>>(),
+            });
+            if let Some(ca) = &info.ca {
+                o["ca"] = ca.to_string().into();
+            }
+            list.push(o);
+        }
+        extra.insert(name.clone(), Value::Array(list));
+    }
+    Ok(extra)
 }
 
 fn write_new_file(p: &Path, contents: &[u8]) -> std::io::Result<()> {

@@ -312,6 +312,8 @@ in {
   allowedSelf = sh "allowed-self" "echo $out ${dep} > $out" { allowedRequisites = [ dep ]; };
   allowedNone = sh "allowed-none" "echo $out ${dep} > $out" { allowedReferences = [ ]; };
   graph = sh "graph" "cat refs > $out" { exportReferencesGraph = [ "refs" dep2 ]; };
+  structuredGraph = sh "structured-graph" "/bin/cat .attrs.json > ${builtins.placeholder "out"}" {
+    __structuredAttrs = true; exportReferencesGraph.refs = [ dep2 ]; };
   structMax = sh "struct-max" "echo 123456789 > ${builtins.placeholder "out"}" {
     __structuredAttrs = true; outputChecks.out.maxSize = 10; };
 }
@@ -405,6 +407,20 @@ fn failures_are_reported_as_nix_does() {
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), nix_graph);
 
+    let drv = root.instantiate(&file, Some("structuredGraph")).remove(0);
+    let out = root.realise(&[&drv]).remove(0);
+    let nix_graph = std::fs::read_to_string(&out).unwrap();
+    assert!(nix_graph.contains("\"closureSize\":"), "{nix_graph}");
+    root.run("nix-store", &["--delete", &out]);
+    let (o, _) = d.build(&drv, BuildMode::Normal, false);
+    assert_eq!(
+        o.result.status,
+        BuildStatus::Built,
+        "{}",
+        o.result.error_msg
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), nix_graph);
+
     let drv = root.instantiate(&file, Some("allowedSelf")).remove(0);
     let (o, _) = d.build(&drv, BuildMode::Normal, false);
     assert_eq!(
@@ -452,6 +468,7 @@ fn failures_are_reported_as_nix_does() {
     let names: Vec<&str> = leftovers.iter().map(|n| &n[33..]).collect();
     let known = [
         "graph",
+        "structured-graph",
         "dep2",
         "allowed-self",
         "struct-max",
