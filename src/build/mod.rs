@@ -155,14 +155,30 @@ pub struct BuilderProcess {
     pub builder: String,
 }
 
-/// What Nix's forked child prints on the pty when `execve` fails (it then exits 1):
-/// `error: executing '<builder>': <reason>`.
+/// What Nix 2.8's forked child writes to the pty when `execve` fails (it then exits
+/// 1): `\1\n` and the serialised error (`Error`, level 0, name `Error`, the message
+/// `executing '<builder>': <reason>` with Nix's magenta highlighting, no position, no
+/// traces), strings as `u64 length, bytes, zero padding to 8`. It is part of the log.
 pub fn exec_failure_log(builder: &str, err: &std::io::Error) -> Vec<u8> {
     let reason = match err.raw_os_error() {
         Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
         None => err.to_string(),
     };
-    format!("error: executing '{builder}': {reason}\n").into_bytes()
+    let msg = format!("executing '\x1b[35;1m{builder}\x1b[0m': \x1b[35;1m{reason}\x1b[0m");
+    let mut out = b"\x01\n".to_vec();
+    let put_u64 = |out: &mut Vec<u8>, n: u64| out.extend_from_slice(&n.to_le_bytes());
+    let put_str = |out: &mut Vec<u8>, s: &[u8]| {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s);
+        out.resize(out.len() + (8 - s.len() % 8) % 8, 0);
+    };
+    put_str(&mut out, b"Error");
+    put_u64(&mut out, 0);
+    put_str(&mut out, b"Error");
+    put_str(&mut out, msg.as_bytes());
+    put_u64(&mut out, 0);
+    put_u64(&mut out, 0);
+    out
 }
 
 /// The status of a builder that could not be executed (exit code 1, as Nix's child).
