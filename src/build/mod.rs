@@ -24,6 +24,7 @@ pub mod dir;
 pub mod env;
 pub mod outputs;
 pub mod spawn;
+pub mod users;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -80,6 +81,10 @@ pub struct BuildSettings {
     pub ca_derivations: bool,
     /// The caller's environment, for `impureEnvVars` of fixed-output derivations.
     pub caller_env: Env,
+    /// `build-users-group`: builds run as a member of it when drover runs as root.
+    pub build_users_group: Option<String>,
+    /// The state dir (`userpool/` holds the build user locks).
+    pub state_dir: PathBuf,
 }
 
 impl BuildSettings {
@@ -90,6 +95,8 @@ impl BuildSettings {
             build_dir_root: settings.build_dir().to_owned(),
             ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
             caller_env: std::env::vars().collect(),
+            build_users_group: settings.build_users_group(),
+            state_dir: settings.state_dir().to_owned(),
         }
     }
 }
@@ -120,6 +127,14 @@ pub enum BuildError {
     },
     #[error("{0}")]
     ExportReferencesGraph(String),
+    #[error(transparent)]
+    User(#[from] users::UserError),
+    /// Every build user is busy: wait and try again (`waiting for a free build user
+    /// ID for '…'`).
+    #[error("waiting for a free build user ID for '{0}'")]
+    AllBuildUsersBusy(String),
+    #[error("changing ownership of '{path}': {source}")]
+    Chown { path: PathBuf, source: nix::Error },
     #[error("home directory '{0}' exists; please remove it to assure purity of builds without sandboxing")]
     HomeExists(String),
 }
@@ -141,6 +156,8 @@ impl BuildError {
 pub struct PreparedBuild {
     pub build_dir: BuildDir,
     pub scratch: ScratchOutputs,
+    /// The build user the builder runs as (held until the build is finished).
+    pub build_user: Option<users::BuildUser>,
 }
 
 /// The builder process of a prepared build, not yet spawned.
@@ -229,6 +246,22 @@ pub fn prepare(
     if Path::new(env::HOME_DIR).exists() {
         return Err(BuildError::HomeExists(env::HOME_DIR.into()));
     }
+    let build_user = if users::use_build_users(settings.build_users_group.as_deref()) {
+        let group = settings.build_users_group.as_deref().unwrap_or_default();
+        match users::acquire(&settings.state_dir, group)? {
+            Some(u) => {
+                users::kill_user(u.uid);
+                Some(u)
+            }
+            None => {
+                return Err(BuildError::AllBuildUsersBusy(
+                    store.store_dir().print(&spec.drv_path),
+                ))
+            }
+        }
+    } else {
+        None
+    };
     let scratch = outputs::scratch_outputs(store, spec)?;
     // Outputs about to be (re)built at their final path: remove stale leftovers.
     for p in scratch.scratch.values() {
@@ -258,13 +291,42 @@ pub fn prepare(
     if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
         files.extend(export_references_graph(store, spec)?);
     }
+    let owner = build_user.as_ref().map(|u| (u.uid, u.gid));
+    let chown = |p: &Path| -> Result<(), BuildError> {
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(
+                p,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|source| BuildError::Chown {
+                path: p.to_owned(),
+                source,
+            })?;
+        }
+        Ok(())
+    };
+    chown(build_dir.path())?;
     for (file, contents) in &files {
         let p = build_dir.path().join(file);
-        write_new_file(&p, contents).map_err(|source| BuildError::WriteFile { path: p, source })?;
+        write_new_file(&p, contents).map_err(|source| BuildError::WriteFile {
+            path: p.clone(),
+            source,
+        })?;
+        chown(&p)?;
     }
-    let (command, pty_master) = builder_command(&benv, build_dir.path())?;
+    let creds = build_user.as_ref().map(|u| spawn::Credentials {
+        uid: u.uid,
+        gid: u.gid,
+        groups: u.groups.clone(),
+    });
+    let (command, pty_master) = builder_command(&benv, build_dir.path(), creds)?;
     Ok((
-        PreparedBuild { build_dir, scratch },
+        PreparedBuild {
+            build_dir,
+            scratch,
+            build_user,
+        },
         BuilderProcess {
             command,
             pty_master,
@@ -498,7 +560,16 @@ pub fn finish(
     status: ExitStatus,
     killed: Option<KillReason>,
 ) -> BuildOutcome {
-    let PreparedBuild { build_dir, scratch } = prepared;
+    let PreparedBuild {
+        build_dir,
+        scratch,
+        build_user,
+    } = prepared;
+    // Nothing of the build user may survive the build (Nix kills it after the build).
+    let build_uid = build_user.as_ref().map(|u| u.uid);
+    if let Some(uid) = build_uid {
+        users::kill_user(uid);
+    }
     let drv_printed = store.store_dir().print(&spec.drv_path);
     let fail = |status: BuildStatus, msg: String, build_dir: BuildDir, scratch: &ScratchOutputs| {
         scratch.remove_redirected(store);
@@ -558,7 +629,7 @@ pub fn finish(
         Ok(n) => n.to_owned(),
         Err(e) => return fail(BuildStatus::MiscFailure, e.to_string(), build_dir, &scratch),
     };
-    match register_outputs(store, settings, spec, &drv_name, &scratch) {
+    match register_outputs(store, settings, spec, &drv_name, &scratch, build_uid) {
         Ok(reg) => {
             let kept = build_dir.finish(false);
             let mut result = BuildResult::new(BuildStatus::Built);

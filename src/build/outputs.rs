@@ -318,6 +318,7 @@ pub fn register_outputs(
     spec: &BuildSpec,
     drv_name: &str,
     scratch: &ScratchOutputs,
+    build_uid: Option<u32>,
 ) -> Result<Registered, OutputsError> {
     let sd = store.store_dir().clone();
     let drv = &spec.drv;
@@ -361,13 +362,18 @@ pub fn register_outputs(
                 })
             }
         };
-        if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o022 != 0 {
+        let wrong_owner = build_uid.is_some_and(|u| {
+            use std::os::unix::fs::MetadataExt;
+            meta.uid() != u
+        });
+        if (!meta.file_type().is_symlink() && meta.permissions().mode() & 0o022 != 0) || wrong_owner
+        {
             return Err(OutputsError::Suspicious {
                 path: real.display().to_string(),
                 output: name.clone(),
             });
         }
-        canonicalise_path_meta_data(&real, None)?;
+        canonicalise_path_meta_data(&real, build_uid)?;
         let r = scan_path(&real, &referenceable)?;
         scanned.insert(
             name.clone(),
@@ -1106,6 +1112,48 @@ mod tests {
             .unwrap();
         assert!(t.store.is_valid_path(&actual).unwrap());
         assert!(!t.store.is_valid_path(&spec.output_paths["out"]).unwrap());
+    }
+
+    #[test]
+    fn builds_run_as_a_build_user_when_root() {
+        let group = "nixbld";
+        if !super::super::users::use_build_users(Some(group))
+            || nix::unistd::Group::from_name(group)
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            eprintln!("SKIPPED: not root or no '{group}' group");
+            return;
+        }
+        let mut t = setup();
+        t.bs.build_users_group = Some(group.into());
+        // the store dir must be writable by the group, as LocalStore::open makes it
+        let sd = t.store.store_dir().as_path().to_owned();
+        let gid = nix::unistd::Group::from_name(group).unwrap().unwrap().gid;
+        nix::unistd::chown(&sd, Some(nix::unistd::Uid::from_raw(0)), Some(gid)).unwrap();
+        std::fs::set_permissions(&sd, std::fs::Permissions::from_mode(0o1775)).unwrap();
+        std::fs::set_permissions(t._dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = t.drv(
+            "as-user",
+            serde_json::json!({"out": {}}),
+            "id -u > $out; id -g >> $out",
+        );
+        let o = t.build(&spec);
+        assert_eq!(
+            o.result.status,
+            BuildStatus::Built,
+            "{}",
+            o.result.error_msg
+        );
+        let out = &o.outputs["out"];
+        let text = t.read(out);
+        let mut ids = text.lines();
+        let uid: u32 = ids.next().unwrap().parse().unwrap();
+        assert_ne!(uid, 0);
+        assert_eq!(ids.next().unwrap(), gid.as_raw().to_string());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(t.store.real_path(out)).unwrap().uid(), 0);
     }
 
     #[test]

@@ -34,11 +34,21 @@ fn set_cloexec(fd: &OwnedFd) -> Result<(), SpawnError> {
     Ok(())
 }
 
+/// Who the builder runs as (a build user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
 /// The builder command and the pty master. Drop the command (or the `Stdio`s it
 /// holds) once spawned, so the master sees EOF when the builder exits.
 pub fn builder_command(
     benv: &BuilderEnv,
     build_top: &Path,
+    user: Option<Credentials>,
 ) -> Result<(Command, OwnedFd), SpawnError> {
     let pty = nix::pty::openpty(None, None).map_err(SpawnError::Pty)?;
     let (master, slave) = (pty.master, pty.slave);
@@ -60,14 +70,25 @@ pub fn builder_command(
         .stdin(Stdio::null())
         .stdout(Stdio::from(slave))
         .stderr(Stdio::from(slave2));
-    // SAFETY: only async-signal-safe calls (setsid, ioctl, umask) between fork and exec.
+    let groups: Vec<nix::libc::gid_t> = user.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
+    let ids = user.as_ref().map(|u| (u.uid, u.gid));
+    // SAFETY: only async-signal-safe calls (setsid, ioctl, umask, setgroups, setgid,
+    // setuid) between fork and exec; `groups` is allocated before the fork.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
             if nix::libc::ioctl(1, nix::libc::TIOCSCTTY as _, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+            if let Some((uid, gid)) = ids {
+                if nix::libc::setgroups(groups.len() as _, groups.as_ptr()) == -1
+                    || nix::libc::setgid(gid) == -1
+                    || nix::libc::setuid(uid) == -1
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -120,7 +141,7 @@ mod tests {
 
     fn run(script: &str) -> (Vec<u8>, std::process::ExitStatus) {
         let dir = tempfile::tempdir().unwrap();
-        let (mut cmd, master) = builder_command(&benv(script), dir.path()).unwrap();
+        let (mut cmd, master) = builder_command(&benv(script), dir.path(), None).unwrap();
         let mut child = cmd.spawn().unwrap();
         drop(cmd);
         let mut out = Vec::new();
@@ -147,7 +168,7 @@ mod tests {
     fn kill_group_kills_grandchildren() {
         let dir = tempfile::tempdir().unwrap();
         let (mut cmd, master) =
-            builder_command(&benv("sleep 100 & sleep 100; echo never"), dir.path()).unwrap();
+            builder_command(&benv("sleep 100 & sleep 100; echo never"), dir.path(), None).unwrap();
         let mut child = cmd.spawn().unwrap();
         drop(cmd);
         let pid = child.id();

@@ -110,6 +110,13 @@ struct Exited {
     id: u64,
 }
 
+/// Whether build `id` was cancelled or alarmed (while waiting for a build user).
+#[derive(Message)]
+#[rtype(result = "bool")]
+struct IsKilled {
+    id: u64,
+}
+
 /// Gives one build's collector a `Recipient<LogAlarm>` that names the build.
 struct AlarmRelay {
     id: u64,
@@ -192,10 +199,20 @@ impl Handler<RunLocalBuild> for LocalBuilder {
         });
         let fut = async move {
             let drv_printed = store.store_dir().print(&spec.drv_path);
-            let prep = {
+            let prep = loop {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
-                tokio::task::spawn_blocking(move || build::prepare(&store, &config.build, &spec))
-                    .await
+                let r = tokio::task::spawn_blocking(move || {
+                    build::prepare(&store, &config.build, &spec)
+                })
+                .await;
+                // All build users busy: wait a while and try again, unless cancelled.
+                if let Ok(Err(build::BuildError::AllBuildUsersBusy(_))) = &r {
+                    if !me.send(IsKilled { id }).await.unwrap_or(true) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                break r;
             };
             let (prepared, process) = match prep {
                 Ok(Ok(p)) => p,
@@ -318,6 +335,13 @@ impl Handler<Spawned> for LocalBuilder {
     type Result = bool;
     fn handle(&mut self, msg: Spawned, _: &mut Context<Self>) -> bool {
         self.state.spawned(msg.id, msg.pid)
+    }
+}
+
+impl Handler<IsKilled> for LocalBuilder {
+    type Result = bool;
+    fn handle(&mut self, msg: IsKilled, _: &mut Context<Self>) -> bool {
+        self.state.get(msg.id).is_none_or(|b| b.kill.is_some())
     }
 }
 
