@@ -3,10 +3,12 @@
 //! A local build goes through these steps, each a blocking function here (the actor
 //! side runs them on blocking threads and owns the process):
 //!
-//! 1. [`prepare`]: choose the scratch path of every output ([`outputs::scratch_outputs`]:
+//! 1. [`prepare`]: take a build user when running as root ([`users`]), choose the
+//!    scratch path of every output ([`outputs::scratch_outputs`]:
 //!    the final path when it can be written directly, else a `rewrite:` fallback path
 //!    plus hash rewriting), delete stale invalid outputs, create the build directory
-//!    ([`dir`]), compute the builder's environment and files ([`env`]), write them,
+//!    ([`dir`]), compute the builder's environment and files ([`mod@env`], plus the
+//!    `exportReferencesGraph` closures), write them,
 //!    and make the builder [`std::process::Command`] attached to a fresh pseudo-terminal
 //!    ([`spawn`]).
 //! 2. The caller spawns the command, reads the pty master until EOF ([`spawn::read_pty`])
@@ -550,8 +552,9 @@ fn build_name(store: &LocalStore, drv_path: &StorePath) -> String {
 
 /// Finishes a build after the builder exited (Nix's `buildDone`): classifies the exit
 /// status, registers the outputs and cleans up. `killed` says why the caller killed
-/// the builder, if it did. `log_tail` is given back in the error message only by the
-/// caller (the lead formats it); here the message is Nix's first line.
+/// the builder, if it did. The message of a builder failure is Nix's first line
+/// (`builder for '…' failed with exit code N`); adding the log tail is the caller's
+/// (`drover_actors::local_builder::failure_message`).
 pub fn finish(
     store: &LocalStore,
     settings: &BuildSettings,
