@@ -69,6 +69,7 @@
 
 pub mod goal;
 pub mod hook;
+pub mod local_builder;
 pub mod log_collector;
 pub mod messages;
 pub mod progress;

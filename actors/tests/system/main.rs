@@ -9,5 +9,6 @@ mod nix_env;
 
 mod hook;
 mod interop;
+mod local_builder;
 mod log_collector;
 mod worker;

@@ -1,0 +1,353 @@
+//! The LocalBuilder actor: thin handlers over [`super::LocalBuilderState`]; the build
+//! itself runs in a future per build, with blocking steps on tokio's blocking pool
+//! and the pty read on a thread of its own, so the arbiter never blocks.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use drover::build::{
+    self, exec_failure_log, exec_failure_status, kill_process_group, read_pty,
+    BuildMode as LibMode, BuildSettings, BuildSpec,
+};
+use drover::build_result::{BuildResult, BuildStatus};
+use drover::config::Settings;
+use drover::store::LocalStore;
+
+use super::{failure_message, LocalBuilderState};
+use crate::messages::{
+    BuildMode, CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof,
+    LogSummary, RunLocalBuild, StartLogCollector,
+};
+
+/// What the LocalBuilder needs besides the store: build settings and the log
+/// settings every build's collector gets.
+#[derive(Debug, Clone)]
+pub struct LocalBuilderConfig {
+    pub build: BuildSettings,
+    /// `NIX_LOG_DIR`.
+    pub log_dir: PathBuf,
+    pub compress_build_log: bool,
+    /// `log-lines`.
+    pub log_lines: usize,
+    /// `max-build-log-size` (0 = unlimited).
+    pub max_build_log_size: u64,
+    pub max_silent_time: Option<Duration>,
+    pub timeout: Option<Duration>,
+    /// Echo builder output (nix-store without `-Q`); without it failure messages
+    /// carry the log tail.
+    pub echo: bool,
+    /// `nix-command` is enabled: failure messages say `nix log`, else `nix-store -l`.
+    pub nix_command: bool,
+}
+
+impl LocalBuilderConfig {
+    /// The configuration from settings (echo on; the CLI turns it off for `-Q`).
+    pub fn from_settings(settings: &Settings) -> LocalBuilderConfig {
+        let secs = |n: i64| (n > 0).then(|| Duration::from_secs(n as u64));
+        LocalBuilderConfig {
+            build: BuildSettings::from_settings(settings),
+            log_dir: settings.log_dir().to_owned(),
+            compress_build_log: settings.compress_build_log(),
+            log_lines: settings.log_lines() as usize,
+            max_build_log_size: settings.max_build_log_size(),
+            max_silent_time: secs(settings.max_silent_time()),
+            timeout: secs(settings.timeout()),
+            echo: true,
+            nix_command: settings.is_experimental_feature_enabled("nix-command"),
+        }
+    }
+}
+
+/// Runs local builds.
+pub struct LocalBuilder {
+    store: Arc<LocalStore>,
+    config: Arc<LocalBuilderConfig>,
+    start_log: StartLogCollector,
+    state: LocalBuilderState,
+}
+
+impl LocalBuilder {
+    pub fn new(
+        store: Arc<LocalStore>,
+        config: LocalBuilderConfig,
+        start_log: StartLogCollector,
+    ) -> LocalBuilder {
+        LocalBuilder {
+            store,
+            config: Arc::new(config),
+            start_log,
+            state: LocalBuilderState::new(),
+        }
+    }
+}
+
+impl Actor for LocalBuilder {
+    type Context = Context<Self>;
+}
+
+/// A log alarm of build `id` (relayed from that build's collector).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BuildAlarm {
+    id: u64,
+    alarm: LogAlarm,
+}
+
+/// The builder of `id` was spawned; answers whether to kill it at once.
+#[derive(Message)]
+#[rtype(result = "bool")]
+struct Spawned {
+    id: u64,
+    pid: u32,
+}
+
+/// The builder of `id` is gone; answers why it was killed, if it was.
+#[derive(Message)]
+#[rtype(result = "Option<build::KillReason>")]
+struct Exited {
+    id: u64,
+}
+
+/// Whether build `id` was cancelled or alarmed (while waiting for a build user).
+#[derive(Message)]
+#[rtype(result = "bool")]
+struct IsKilled {
+    id: u64,
+}
+
+/// Gives one build's collector a `Recipient<LogAlarm>` that names the build.
+struct AlarmRelay {
+    id: u64,
+    to: Recipient<BuildAlarm>,
+}
+
+impl Actor for AlarmRelay {
+    type Context = Context<Self>;
+}
+
+impl Handler<LogAlarm> for AlarmRelay {
+    type Result = ();
+    fn handle(&mut self, alarm: LogAlarm, _: &mut Context<Self>) {
+        self.to.do_send(BuildAlarm { id: self.id, alarm });
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn lib_mode(m: BuildMode) -> LibMode {
+    match m {
+        BuildMode::Normal => LibMode::Normal,
+        BuildMode::Repair => LibMode::Repair,
+        BuildMode::Check => LibMode::Check,
+    }
+}
+
+fn failed(id: u64, status: BuildStatus, msg: String) -> LocalBuildFinished {
+    LocalBuildFinished {
+        id,
+        result: BuildResult::failure(status, msg),
+        hash_mismatch: false,
+        outputs: Default::default(),
+    }
+}
+
+impl Handler<RunLocalBuild> for LocalBuilder {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunLocalBuild, ctx: &mut Context<Self>) {
+        let RunLocalBuild {
+            id,
+            request,
+            reply_to,
+        } = msg;
+        self.state.start(id);
+        let me = ctx.address();
+        let store = self.store.clone();
+        let config = self.config.clone();
+        let relay = AlarmRelay {
+            id,
+            to: me.clone().recipient(),
+        }
+        .start();
+        let log = (self.start_log)(
+            LogConfig {
+                drv_path: request.drv_path.clone(),
+                log_dir: config.log_dir.clone(),
+                compress: config.compress_build_log,
+                tail_lines: config.log_lines,
+                max_log_size: config.max_build_log_size,
+                max_silent_time: config.max_silent_time,
+                timeout: config.timeout,
+                echo: config.echo,
+            },
+            relay.recipient(),
+        );
+        let spec = Arc::new(BuildSpec {
+            drv_path: request.drv_path.clone(),
+            drv: request.drv.clone(),
+            output_paths: request.output_paths.clone(),
+            input_closure: request.input_closure.clone(),
+            mode: lib_mode(request.mode),
+            keep_failed: request.keep_failed,
+        });
+        let fut = async move {
+            let drv_printed = store.store_dir().print(&spec.drv_path);
+            let prep = loop {
+                let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    build::prepare(&store, &config.build, &spec)
+                })
+                .await;
+                // All build users busy: wait a while and try again, unless cancelled.
+                if let Ok(Err(build::BuildError::AllBuildUsersBusy(_))) = &r {
+                    if !me.send(IsKilled { id }).await.unwrap_or(true) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                break r;
+            };
+            let (prepared, process) = match prep {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    let _ = log.eof.send(LogEof).await;
+                    me.do_send(Exited { id });
+                    // startBuilder's errors are InputRejected-class or misc failures.
+                    return failed(id, e.status(), e.to_string());
+                }
+                Err(e) => {
+                    let _ = log.eof.send(LogEof).await;
+                    me.do_send(Exited { id });
+                    return failed(id, BuildStatus::MiscFailure, e.to_string());
+                }
+            };
+            let build::BuilderProcess {
+                command,
+                pty_master,
+                builder,
+            } = process;
+            let start_time = unix_now();
+            let mut command = tokio::process::Command::from(command);
+            let status = match command.spawn() {
+                Ok(mut child) => {
+                    drop(command);
+                    let pid = child.id().unwrap_or(0);
+                    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                    let bytes = log.bytes.clone();
+                    let reader =
+                        std::thread::Builder::new()
+                            .name(format!("pty-{id}"))
+                            .spawn(move || {
+                                let _ =
+                                    read_pty(pty_master, |b| bytes.do_send(LogBytes(b.to_vec())));
+                                let _ = done_tx.send(());
+                            });
+                    if me.send(Spawned { id, pid }).await.unwrap_or(true) {
+                        kill_process_group(pid);
+                    }
+                    if reader.is_ok() {
+                        let _ = done_rx.await;
+                    }
+                    let status = child.wait().await;
+                    kill_process_group(pid);
+                    status.unwrap_or_else(|_| exec_failure_status())
+                }
+                Err(e) => {
+                    drop(command);
+                    log.bytes.do_send(LogBytes(exec_failure_log(&builder, &e)));
+                    exec_failure_status()
+                }
+            };
+            let stop_time = unix_now();
+            let summary: LogSummary = log.eof.send(LogEof).await.unwrap_or_default();
+            let killed = me.send(Exited { id }).await.unwrap_or(None);
+            let outcome = {
+                let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
+                tokio::task::spawn_blocking(move || {
+                    build::finish(&store, &config.build, &spec, prepared, status, killed)
+                })
+                .await
+            };
+            match outcome {
+                Ok(o) => {
+                    if let Some(dir) = &o.kept_build_dir {
+                        eprintln!("note: keeping build directory '{}'", dir.display());
+                    }
+                    let mut result = o.result;
+                    if matches!(
+                        result.status,
+                        BuildStatus::PermanentFailure | BuildStatus::TransientFailure
+                    ) {
+                        result.error_msg = failure_message(
+                            &result.error_msg,
+                            &summary.tail,
+                            config.echo,
+                            config.nix_command,
+                            &drv_printed,
+                        );
+                    }
+                    result.times_built = 1;
+                    result.start_time = start_time;
+                    result.stop_time = stop_time;
+                    LocalBuildFinished {
+                        id,
+                        result,
+                        hash_mismatch: o.hash_mismatch,
+                        outputs: o.outputs,
+                    }
+                }
+                Err(e) => failed(id, BuildStatus::MiscFailure, e.to_string()),
+            }
+        };
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |finished, _act, _ctx| reply_to.do_send(finished)),
+        );
+    }
+}
+
+impl Handler<BuildAlarm> for LocalBuilder {
+    type Result = ();
+    fn handle(&mut self, msg: BuildAlarm, _: &mut Context<Self>) {
+        if let Some(pid) = self.state.alarm(msg.id, msg.alarm) {
+            kill_process_group(pid);
+        }
+    }
+}
+
+impl Handler<CancelLocalBuild> for LocalBuilder {
+    type Result = ();
+    fn handle(&mut self, msg: CancelLocalBuild, _: &mut Context<Self>) {
+        if let Some(pid) = self.state.cancel(msg.id) {
+            kill_process_group(pid);
+        }
+    }
+}
+
+impl Handler<Spawned> for LocalBuilder {
+    type Result = bool;
+    fn handle(&mut self, msg: Spawned, _: &mut Context<Self>) -> bool {
+        self.state.spawned(msg.id, msg.pid)
+    }
+}
+
+impl Handler<IsKilled> for LocalBuilder {
+    type Result = bool;
+    fn handle(&mut self, msg: IsKilled, _: &mut Context<Self>) -> bool {
+        self.state.get(msg.id).is_none_or(|b| b.kill.is_some())
+    }
+}
+
+impl Handler<Exited> for LocalBuilder {
+    type Result = Option<build::KillReason>;
+    fn handle(&mut self, msg: Exited, _: &mut Context<Self>) -> Option<build::KillReason> {
+        self.state.finished(msg.id)
+    }
+}

@@ -1,0 +1,176 @@
+//! The LocalBuilder: runs local builds (`RunLocalBuild`) with the `drover::build`
+//! primitives and answers `LocalBuildFinished`.
+//!
+//! Per build: prepare (scratch outputs, build directory, environment) on a blocking
+//! thread; spawn the builder as a tokio child attached to a fresh pty; a reader thread
+//! forwards the raw pty bytes to the build's LogCollector (`LogBytes`, then `LogEof`
+//! → `LogSummary`); wait for the exit; kill the builder's process group; classify
+//! and register the outputs on a blocking thread (Nix's `buildDone`). A `LogAlarm`
+//! from the collector (silence, timeout, log limit) or a `CancelLocalBuild` kills the
+//! process group; the build then ends as TimedOut, LogLimitExceeded or cancelled.
+//!
+//! [`LocalBuilderState`] is the bookkeeping (which process belongs to which build,
+//! why it was killed), a plain state machine; [`actor::LocalBuilder`] is the thin
+//! actor around it.
+
+pub mod actor;
+
+use std::collections::HashMap;
+
+use drover::build::KillReason;
+
+use crate::messages::LogAlarm;
+
+pub use actor::{LocalBuilder, LocalBuilderConfig};
+
+/// What the LocalBuilder knows about one running build.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BuildState {
+    /// The builder's pid (= its process group) once spawned.
+    pub pid: Option<u32>,
+    /// Why it was (or is to be) killed; the first reason wins.
+    pub kill: Option<KillReason>,
+}
+
+/// The LocalBuilder's bookkeeping, by build id.
+#[derive(Debug, Default)]
+pub struct LocalBuilderState {
+    builds: HashMap<u64, BuildState>,
+}
+
+/// The kill reason of a log alarm.
+pub fn kill_reason(alarm: LogAlarm) -> KillReason {
+    match alarm {
+        LogAlarm::Silent(d) => KillReason::Silence(d.as_secs()),
+        LogAlarm::Timeout(d) => KillReason::Timeout(d.as_secs()),
+        LogAlarm::LogLimit(n) => KillReason::LogLimit(n),
+    }
+}
+
+impl LocalBuilderState {
+    pub fn new() -> LocalBuilderState {
+        LocalBuilderState::default()
+    }
+
+    /// A build was accepted.
+    pub fn start(&mut self, id: u64) {
+        self.builds.insert(id, BuildState::default());
+    }
+
+    pub fn get(&self, id: u64) -> Option<&BuildState> {
+        self.builds.get(&id)
+    }
+
+    pub fn running(&self) -> usize {
+        self.builds.len()
+    }
+
+    /// The builder was spawned; returns true when it must be killed right away (it
+    /// was cancelled or alarmed while being prepared).
+    pub fn spawned(&mut self, id: u64, pid: u32) -> bool {
+        match self.builds.get_mut(&id) {
+            Some(b) => {
+                b.pid = Some(pid);
+                b.kill.is_some()
+            }
+            None => true,
+        }
+    }
+
+    fn kill(&mut self, id: u64, reason: KillReason) -> Option<u32> {
+        let b = self.builds.get_mut(&id)?;
+        if b.kill.is_none() {
+            b.kill = Some(reason);
+        }
+        b.pid
+    }
+
+    /// A log alarm: returns the process group to kill (if spawned).
+    pub fn alarm(&mut self, id: u64, alarm: LogAlarm) -> Option<u32> {
+        self.kill(id, kill_reason(alarm))
+    }
+
+    /// A cancellation: returns the process group to kill (if spawned).
+    pub fn cancel(&mut self, id: u64) -> Option<u32> {
+        self.kill(id, KillReason::Cancelled)
+    }
+
+    /// The build is over: forget it, returning why it was killed, if it was.
+    pub fn finished(&mut self, id: u64) -> Option<KillReason> {
+        self.builds.remove(&id).and_then(|b| b.kill)
+    }
+}
+
+/// Nix's builder-failure message when the build log was not shown as it came
+/// (`-Q`): the first line plus `;`, the last log lines and where the full log is.
+/// With the log echoed (or no tail) the message stays as it is.
+pub fn failure_message(
+    msg: &str,
+    tail: &[String],
+    echoed: bool,
+    nix_command: bool,
+    drv: &str,
+) -> String {
+    if echoed || tail.is_empty() {
+        return msg.to_owned();
+    }
+    let mut s = format!("{msg};\nlast {} log lines:\n", tail.len());
+    for l in tail {
+        s.push_str("> ");
+        s.push_str(l);
+        s.push('\n');
+    }
+    let cmd = if nix_command {
+        "nix log"
+    } else {
+        "nix-store -l"
+    };
+    s.push_str(&format!("For full logs, run '{cmd} {drv}'."));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn alarms_and_cancel_before_and_after_spawn() {
+        let mut s = LocalBuilderState::new();
+        s.start(1);
+        s.start(2);
+        assert_eq!(s.running(), 2);
+        // before the spawn: nothing to kill yet, but the spawn is told to kill
+        assert_eq!(s.cancel(1), None);
+        assert!(s.spawned(1, 100));
+        assert!(!s.spawned(2, 200));
+        assert_eq!(
+            s.alarm(2, LogAlarm::Silent(Duration::from_secs(2))),
+            Some(200)
+        );
+        // the first reason wins
+        assert_eq!(s.alarm(2, LogAlarm::LogLimit(5)), Some(200));
+        assert_eq!(s.finished(2), Some(KillReason::Silence(2)));
+        assert_eq!(s.finished(1), Some(KillReason::Cancelled));
+        assert_eq!(s.running(), 0);
+        // unknown builds
+        assert_eq!(s.cancel(3), None);
+        assert!(s.spawned(3, 1));
+    }
+
+    #[test]
+    fn failure_messages() {
+        let tail = vec!["one".to_string(), "two".to_string()];
+        assert_eq!(
+            failure_message("builder for 'd' failed with exit code 1", &tail, false, true, "d"),
+            "builder for 'd' failed with exit code 1;\nlast 2 log lines:\n> one\n> two\nFor full logs, run 'nix log d'."
+        );
+        assert_eq!(failure_message("m", &tail, true, true, "d"), "m");
+        assert_eq!(failure_message("m", &[], false, false, "d"), "m");
+        assert!(failure_message("m", &tail, false, false, "d").ends_with("run 'nix-store -l d'."));
+        assert_eq!(
+            kill_reason(LogAlarm::Timeout(Duration::from_secs(7))),
+            KillReason::Timeout(7)
+        );
+    }
+}
