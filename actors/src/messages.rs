@@ -27,15 +27,9 @@ use drover::build_result::BuildResult;
 use drover::derivation::Derivation;
 use drover::store_path::{StorePath, StorePathSet};
 
-/// How a derivation goal builds (Nix's `BuildMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BuildMode {
-    Normal,
-    /// Rebuild outputs that are missing or corrupt.
-    Repair,
-    /// Rebuild valid outputs and compare (`--check`).
-    Check,
-}
+/// How a derivation goal builds (Nix's `BuildMode`): the library's definition, which
+/// the local build primitives take too.
+pub use drover::build::BuildMode;
 
 // ---------------------------------------------------------------------------------------
 // Local builds: Worker/DerivationGoal → LocalBuilder

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use drover::build::{
-    self, exec_failure_log, exec_failure_status, kill_process_group, read_pty,
-    BuildMode as LibMode, BuildSettings, BuildSpec,
+    self, exec_failure_log, exec_failure_status, kill_process_group, read_pty, BuildSettings,
+    BuildSpec,
 };
 use drover::build_result::{BuildResult, BuildStatus};
 use drover::config::Settings;
@@ -17,8 +17,8 @@ use drover::store::LocalStore;
 
 use super::{failure_message, LocalBuilderState};
 use crate::messages::{
-    BuildMode, CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof,
-    LogSummary, RunLocalBuild, StartLogCollector,
+    CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof, LogSummary,
+    RunLocalBuild, StartLogCollector,
 };
 
 /// What the LocalBuilder needs besides the store: build settings and the log
@@ -141,14 +141,6 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn lib_mode(m: BuildMode) -> LibMode {
-    match m {
-        BuildMode::Normal => LibMode::Normal,
-        BuildMode::Repair => LibMode::Repair,
-        BuildMode::Check => LibMode::Check,
-    }
-}
-
 fn failed(id: u64, status: BuildStatus, msg: String) -> LocalBuildFinished {
     LocalBuildFinished {
         id,
@@ -194,7 +186,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             drv: request.drv.clone(),
             output_paths: request.output_paths.clone(),
             input_closure: request.input_closure.clone(),
-            mode: lib_mode(request.mode),
+            mode: request.mode,
             keep_failed: request.keep_failed,
         });
         let fut = async move {

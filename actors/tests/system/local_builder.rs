@@ -363,18 +363,16 @@ async fn builds_corpus_derivations_nix_accepts() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let reply = Reply(tx).start().recipient();
     let corpus = crate::nix_env::corpus_dir().join("corpus.nix");
-    let mut id = 0;
-    for attr in [
+    for (id, attr) in (1..).zip([
         "multi",
         "selfRef",
         "fodRecursive",
         "caFloatingMulti",
         "structured",
-    ] {
+    ]) {
         let drv = root.instantiate(&corpus, Some(attr)).remove(0);
         let drv_path = store.store_dir().parse(&drv).unwrap();
         let d = Arc::new(store.read_derivation(&drv_path).unwrap());
-        id += 1;
         builder.do_send(RunLocalBuild {
             id,
             request: LocalBuildRequest {

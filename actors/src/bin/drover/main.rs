@@ -6,12 +6,15 @@
 
 mod args;
 mod derivation;
+mod display;
+mod log;
 mod path_info;
+mod realise;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use drover::config::Settings;
+use drover::config::{Env, Settings};
 use drover::store::LocalStore;
 
 /// drover: realise Nix derivations in a Nix store, as Nix does.
@@ -33,10 +36,16 @@ enum Command {
     Derivation(derivation::Command),
     /// Show what the store knows of store paths (as `nix path-info`).
     PathInfo(path_info::Args),
+    /// Build or fetch derivations' outputs and store paths (as `nix-store --realise`).
+    Realise(realise::Args),
+    /// Print the build log of a derivation or of an output's deriver.
+    Log(log::Args),
 }
 
 /// The settings and the store a command works on.
 pub struct Context {
+    /// The process environment the settings were read from.
+    pub env: Env,
     pub settings: Settings,
 }
 
@@ -46,11 +55,12 @@ impl Context {
             .chunks(2)
             .map(|c| (c[0].clone(), c[1].clone()))
             .collect();
-        let settings = Settings::from_process_env(&pairs)?;
+        let env: Env = std::env::vars().collect();
+        let settings = Settings::load(&env, &pairs)?;
         for w in settings.warnings() {
             eprintln!("warning: {w}");
         }
-        Ok(Context { settings })
+        Ok(Context { env, settings })
     }
 
     /// Opens the local store the settings describe.
@@ -60,10 +70,12 @@ impl Context {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ctx = Context::new(&cli.option)?;
+    let mut ctx = Context::new(&cli.option)?;
     match cli.command {
         Command::Derivation(c) => derivation::run(&ctx, c),
         Command::PathInfo(a) => path_info::run(&ctx, a),
+        Command::Realise(a) => realise::run(&mut ctx, a),
+        Command::Log(a) => log::run(&ctx, a),
     }
 }
 

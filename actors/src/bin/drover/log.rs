@@ -1,0 +1,31 @@
+//! `drover log PATH`: prints the stored build log of a derivation, or of the
+//! derivation that built an output path, as `nix-store --read-log` does.
+
+use std::process::ExitCode;
+
+use drover::build_log::read::read_build_log;
+
+use crate::{args, Context};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A `.drv` path, or an output path whose deriver is known.
+    #[arg(value_name = "PATH")]
+    path: String,
+}
+
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    let store_dir = ctx.settings.store_dir();
+    let path = args::store_path(store_dir, &a.path)?;
+    let store = ctx.open_store()?;
+    let deriver = |p: &drover::store_path::StorePath| {
+        store
+            .query_path_info(p)
+            .ok()
+            .flatten()
+            .and_then(|info| info.deriver)
+    };
+    let mut out = std::io::stdout().lock();
+    read_build_log(ctx.settings.log_dir(), store_dir, &path, deriver, &mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
