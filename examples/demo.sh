@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # drover's first-run demo: builds drover, makes a scratch Nix store in a temporary
 # directory, adds the example derivations of examples/*.drv.json to it (drover
-# computes their output paths and .drv paths exactly as Nix does) and shows what the
-# store then knows. Needs only a Rust toolchain; no Nix installation is touched.
+# computes their output paths and .drv paths exactly as Nix does), builds the graph
+# with `drover realise` and shows what the store then knows. Needs only a Rust
+# toolchain and /bin/sh; no Nix installation is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,16 +32,27 @@ echo "$fetched"
 # greeting depends on both: fill in their paths, which depend on the store dir.
 say drover derivation add - '<' examples/greeting.drv.json
 greeting=$(sed -e "s|@HELLO_DRV@|$hello|; s|@FETCHED_DRV@|$fetched|" \
-    -e "s|@HELLO_OUT@|$(out_of "$hello")|; s|@FETCHED_OUT@|$(out_of "$fetched")|" \
+    -e "s|@HELLO_OUT@|$(out_of "$hello")|g; s|@FETCHED_OUT@|$(out_of "$fetched")|g" \
     examples/greeting.drv.json | drover derivation add -)
 echo "$greeting"
 
-say drover derivation show --recursive "$greeting"
-drover derivation show --recursive "$greeting"
+say drover derivation show "$greeting"
+drover derivation show "$greeting"
 
-say drover path-info --sigs --closure-size --human-readable --recursive "$greeting"
-drover path-info --sigs --closure-size --human-readable --recursive "$greeting"
+say drover realise "$greeting"
+outputs=$(drover realise --plain "$greeting")
+echo "$outputs"
 
-say drover path-info --json "$greeting"
-drover path-info --json "$greeting"
+out=$(echo "$outputs" | grep -v -- '-doc$')
+say cat "$out"
+cat "$out"
+
+say drover log "$greeting"
+drover log "$greeting"
+
+say drover path-info --sigs --closure-size --human-readable --recursive "$out"
+drover path-info --sigs --closure-size --human-readable --recursive "$out"
+
+say drover path-info --json "$out"
+drover path-info --json "$out"
 echo
