@@ -368,6 +368,14 @@ struct ProgressPrinter {
 
 impl Actor for ProgressPrinter {
     type Context = actix::Context<Self>;
+
+    /// The status line shows elapsed times, so it is redrawn every second even when
+    /// nothing happens.
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(std::time::Duration::from_secs(1), |act, _| {
+            act.display.lock().unwrap().redraw();
+        });
+    }
 }
 
 impl Handler<ProgressEvent> for ProgressPrinter {
