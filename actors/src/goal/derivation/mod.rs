@@ -1303,7 +1303,7 @@ pub fn log_tail_suffix(drv: &str, tail: &[String]) -> String {
 }
 
 /// Nix 2.8's error when max-jobs is 0 and no hook builds.
-pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\n       https://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
+pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
 
 fn now() -> i64 {
     std::time::SystemTime::now()
