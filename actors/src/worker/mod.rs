@@ -850,6 +850,8 @@ impl WorkerCore {
                     }
                 }
             }
+            // Nix names them from a string set: sorted.
+            names.sort();
             errors.push(format!("build of {} failed", names.join(", ")));
         }
         RealiseOutcome {
