@@ -508,3 +508,24 @@ fn builder_environment_matches_nix() {
     assert_eq!(ours.stdout, nix.stdout);
     assert_eq!(read(&outs), theirs);
 }
+
+/// A floating CA derivation with one output still valid (`lib`) and one deleted
+/// (`out`): Nix rebuilds it; drover once deadlocked on its own lock of `lib`'s path.
+#[test]
+fn partly_valid_ca_derivation_rebuilds() {
+    require_nix!();
+    let root = TestRoot::new();
+    let corpus = corpus_dir().join("corpus.nix");
+    let drv = root.instantiate(&corpus, Some("caFloatingMulti")).remove(0);
+    let outs = root.realise(&[drv.as_str()]);
+    let out = outs.iter().find(|p| !p.ends_with("-lib")).unwrap();
+    root.run("nix-store", &["--delete", out]);
+    let r = run(root
+        .cmd("timeout")
+        .arg("30")
+        .arg(env!("CARGO_BIN_EXE_drover"))
+        .args(["realise", &drv]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), outs);
+    root.verify_store();
+}
