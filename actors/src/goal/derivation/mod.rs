@@ -518,7 +518,7 @@ impl DerivationGoal {
             (State::Resolving, Event::Drv(r)) => match *r {
                 DrvJobResult::Resolved(Ok(Some(resolved))) => {
                     let msg = format!(
-                        "resolved derivation: '{}' -> '{}'",
+                        "resolved derivation: '{}' -> '{}'...",
                         self.p(ctx),
                         ctx.store_dir.print(&resolved)
                     );
