@@ -120,7 +120,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let store = Arc::new(ctx.open_store()?);
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
 
-    let plan = plan(&store, &requests, mode)?;
+    let plan = plan(&store, &requests)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
@@ -241,9 +241,11 @@ struct Plan {
 }
 
 /// Walks the derivations from the requests: a derivation is built when a wanted
-/// output is not valid (always in check mode), and then its inputs are visited for the
-/// outputs it uses; a missing plain path is unknown (no substituter has it yet).
-fn plan(store: &LocalStore, requests: &[DerivedPath], mode: BuildMode) -> anyhow::Result<Plan> {
+/// output is not valid, and then its inputs are visited for the outputs it uses; a
+/// missing plain path is unknown (no substituter has it yet). As Nix's `queryMissing`,
+/// this ignores `--check`/`--repair`: `nix-store --realise --check` of a valid
+/// output prints no plan.
+fn plan(store: &LocalStore, requests: &[DerivedPath]) -> anyhow::Result<Plan> {
     let mut plan = Plan::default();
     let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
     for r in requests {
@@ -309,7 +311,7 @@ fn plan(store: &LocalStore, requests: &[DerivedPath], mode: BuildMode) -> anyhow
                 }
             }
         }
-        let mut needs_build = mode == BuildMode::Check;
+        let mut needs_build = false;
         for (name, out) in &drv.outputs {
             if wanted.as_ref().is_some_and(|w| !w.contains(name)) {
                 continue;
@@ -319,7 +321,7 @@ fn plan(store: &LocalStore, requests: &[DerivedPath], mode: BuildMode) -> anyhow
                 .or_else(|| realised.get(name))
                 .or_else(|| known.get(name));
             match path {
-                Some(p) if store.is_valid_path(p)? && mode != BuildMode::Repair => {}
+                Some(p) if store.is_valid_path(p)? => {}
                 _ => needs_build = true,
             }
         }
