@@ -192,11 +192,12 @@ fn corpus_realise_matches_nix_in_the_same_root() {
     }
     assert_eq!(our_db, nix_db);
     assert_eq!(logs(&root), nix_logs);
-    for drv in &drvs {
-        let ours = run(drover(&root).args(["log", drv]));
-        let theirs = run(root.cmd("nix-store").args(["--read-log", drv]));
-        assert_eq!(ours.code, theirs.code, "{drv}: {}", ours.stderr);
-        assert_eq!(ours.stdout, theirs.stdout, "{drv}");
+    // Of derivations and of outputs (through their deriver).
+    for p in drvs.iter().chain(&outputs) {
+        let ours = run(drover(&root).args(["log", p]));
+        let theirs = run(root.cmd("nix-store").args(["--read-log", p]));
+        assert_eq!(ours.code, theirs.code, "{p}: {}", ours.stderr);
+        assert_eq!(ours.stdout, theirs.stdout, "{p}");
     }
 
     // Nix has nothing left to build, and the store is consistent.
@@ -301,24 +302,39 @@ fn messages(stderr: &str) -> Vec<&str> {
     v
 }
 
+/// Nix and drover agree on the exit code (`code`) and the messages, which contain
+/// `needle`; also with `-Q` added (then failures carry the log tail), unless the
+/// flags already have it.
 #[track_caller]
 fn assert_same(attrs: &[&str], flags: &[&str], code: i32, needle: &str) {
-    let ((nc, ne), (dc, de)) = compare(attrs, flags, None);
-    assert_eq!(nc, code, "nix: {ne}");
-    assert!(ne.contains(needle), "nix: {ne}");
-    assert_eq!(dc, nc, "drover: {de}\nnix: {ne}");
-    assert_eq!(messages(&de), messages(&ne), "drover: {de}\nnix: {ne}");
-    // One derivation at a time: the whole of stderr is the same.
-    if attrs.len() == 1 {
-        assert_eq!(de, ne);
+    let mut variants = vec![flags.to_vec()];
+    if !flags.contains(&"-Q") {
+        variants.push([&["-Q"], flags].concat());
+    }
+    for flags in variants {
+        let ((nc, ne), (dc, de)) = compare(attrs, &flags, None);
+        assert_eq!(nc, code, "nix: {ne}");
+        assert!(ne.contains(needle), "nix: {ne}");
+        assert_eq!(dc, nc, "drover: {de}\nnix: {ne}");
+        assert_eq!(messages(&de), messages(&ne), "drover: {de}\nnix: {ne}");
+        // One derivation at a time: the whole of stderr is the same.
+        if attrs.len() == 1 {
+            assert_eq!(de, ne, "{flags:?}");
+        }
     }
 }
 
 #[test]
 fn failing_builder() {
     require_nix!();
-    assert_same(&["fails"], &[], 100, "failed with exit code 1\n");
+    assert_same(&["fails"], &[], 100, "failed with exit code 1");
     assert_same(&["fails"], &["-Q"], 100, "last 10 log lines:");
+    assert_same(
+        &["fails"],
+        &["-Q", "--option", "log-lines", "3"],
+        100,
+        "last 3 log lines:",
+    );
     assert_same(&["dependent"], &[], 100, "1 dependencies of derivation");
 }
 
@@ -531,9 +547,12 @@ fn builder_environment_matches_nix() {
     require_nix!();
     let root = TestRoot::new();
     let env_nix = corpus_dir().join("build/env.nix");
-    let drv = root.instantiate(&env_nix, Some("plain")).remove(0);
+    // plain (all attribute types, passAsFile, two outputs), structured attrs, CA.
+    let drvs = root.instantiate(&env_nix, None);
+    assert_eq!(drvs.len(), 3);
+    let args: Vec<&str> = drvs.iter().map(String::as_str).collect();
     let snap = snapshot(&root);
-    let nix = nix_realise(&root, &[drv.as_str()]);
+    let nix = nix_realise(&root, &args);
     assert_eq!(nix.code, 0, "{}", nix.stderr);
     let outs: Vec<String> = nix.stdout.lines().map(str::to_owned).collect();
     let read = |outs: &[String]| -> Vec<String> {
@@ -543,10 +562,14 @@ fn builder_environment_matches_nix() {
     };
     let theirs = read(&outs);
     restore(&root, &snap);
-    let ours = drover_realise(&root, &[drv.as_str()]);
+    let ours = drover_realise(&root, &args);
     assert_eq!(ours.code, 0, "{}", ours.stderr);
     assert_eq!(ours.stdout, nix.stdout);
-    assert_eq!(read(&outs), theirs);
+    let ours = read(&outs);
+    for (o, t) in ours.iter().zip(&theirs) {
+        assert_eq!(o, t);
+    }
+    assert_eq!(ours, theirs);
 }
 
 /// A floating CA derivation with one output still valid (`lib`) and one deleted
