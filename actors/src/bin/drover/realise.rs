@@ -357,12 +357,8 @@ fn print_plan(store_dir: &StoreDir, plan: &Plan, display: &Mutex<Display>) {
         }
     }
     if !plan.unknown.is_empty() {
-        let n = plan.unknown.len();
-        d.line(&if n == 1 {
-            "don't know how to build this path:".to_owned()
-        } else {
-            "don't know how to build these paths:".to_owned()
-        });
+        // Always plural in Nix 2.8, even for one path.
+        d.line("don't know how to build these paths:");
         for p in &plan.unknown {
             d.line(&format!("  {}", store_dir.print(p)));
         }
