@@ -592,3 +592,25 @@ fn partly_valid_ca_derivation_rebuilds() {
     assert_eq!(r.stdout.lines().collect::<Vec<_>>(), outs);
     root.verify_store();
 }
+
+/// Bad arguments: a missing derivation, a path outside the store, a missing file,
+/// a dangling symlink; the same exit code and stderr as Nix.
+#[test]
+fn bad_arguments_match_nix() {
+    require_nix!();
+    let root = TestRoot::new();
+    let dangling = root.path().join("dangling");
+    std::os::unix::fs::symlink("/nonexistent/x", &dangling).unwrap();
+    let missing = format!("{}/00000000000000000000000000000000-x.drv", root.store_dir);
+    for arg in [
+        missing.as_str(),
+        "/tmp",
+        "/nonexistent/foo",
+        dangling.to_str().unwrap(),
+    ] {
+        let nix = nix_realise(&root, &[arg]);
+        let ours = drover_realise(&root, &[arg]);
+        assert_eq!(ours.code, nix.code, "{arg}: {}", ours.stderr);
+        assert_eq!(ours.stderr, nix.stderr, "{arg}");
+    }
+}
