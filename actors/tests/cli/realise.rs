@@ -614,3 +614,24 @@ fn bad_arguments_match_nix() {
         assert_eq!(ours.stderr, nix.stderr, "{arg}");
     }
 }
+
+/// An input-addressed derivation with one of three outputs deleted: both tools
+/// rebuild it and print the same.
+#[test]
+fn partly_valid_input_addressed_derivation_rebuilds() {
+    require_nix!();
+    let root = TestRoot::new();
+    let corpus = corpus_dir().join("corpus.nix");
+    let drv = root.instantiate(&corpus, Some("multi")).remove(0);
+    let outs = root.realise(&[drv.as_str()]);
+    let doc = outs.iter().find(|p| p.ends_with("-doc")).unwrap();
+    root.run("nix-store", &["--delete", doc]);
+    let snap = snapshot(&root);
+    let nix = nix_realise(&root, &[&drv]);
+    restore(&root, &snap);
+    let ours = drover_realise(&root, &[&drv]);
+    assert_eq!(ours.code, nix.code, "{}", ours.stderr);
+    assert_eq!(ours.stdout, nix.stdout);
+    assert_eq!(ours.stderr, nix.stderr);
+    root.verify_store();
+}
