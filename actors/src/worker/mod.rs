@@ -850,6 +850,8 @@ impl WorkerCore {
                     }
                 }
             }
+            // Nix names them from a string set: sorted.
+            names.sort();
             errors.push(format!("build of {} failed", names.join(", ")));
         }
         RealiseOutcome {
@@ -1057,9 +1059,12 @@ mod tests {
         let out = drv.run(&mut c).expect("finished");
         let sd = ts.store.store_dir();
         assert_eq!(out.errors.len(), 3);
+        // In path order, whatever the order of the requests.
+        let mut names = [sd.print(&f), sd.print(&g)];
+        names.sort();
         assert_eq!(
             out.errors[2],
-            format!("build of '{}', '{}' failed", sd.print(&f), sd.print(&g))
+            format!("build of '{}', '{}' failed", names[0], names[1])
         );
     }
 }

@@ -311,7 +311,7 @@ async fn max_jobs_zero_is_a_run_error() {
     let x = s.drv("x", &[]);
     let r = s.realise(vec![built(&x)], BuildMode::Normal).await;
     assert_eq!(r.outcome.exit_status, 1);
-    assert_eq!(r.outcome.errors, ["unable to start any build; either increase '--max-jobs' or enable remote builds.\n       https://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html".to_string()]);
+    assert_eq!(r.outcome.errors, ["unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html".to_string()]);
     assert!(r.builder.started.is_empty());
 }
 

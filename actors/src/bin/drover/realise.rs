@@ -120,7 +120,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let store = Arc::new(ctx.open_store()?);
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
 
-    let plan = plan(&store, &requests, mode)?;
+    let plan = plan(&store, &requests)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
@@ -168,7 +168,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         let mut d = display.lock().unwrap();
         d.finish();
         for e in &outcome.errors {
-            d.line(&format!("error: {e}"));
+            d.line(&error_message(e));
         }
         outcome
     });
@@ -185,6 +185,12 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     out.flush()?;
     eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
     Ok(ExitCode::SUCCESS)
+}
+
+/// An error as Nix logs it: `error: ` and the message, whose further lines (a log
+/// tail, the two hashes of a mismatch) are indented to line up after `error: `.
+fn error_message(msg: &str) -> String {
+    format!("error: {}", msg.replace('\n', "\n       "))
 }
 
 /// `X.drv` means all its outputs; `X.drv!out` / `X.drv^out,dev` some; others are
@@ -210,7 +216,8 @@ fn parse_request(store_dir: &StoreDir, arg: &str) -> anyhow::Result<DerivedPath>
     })
 }
 
-/// The output paths a finished request prints, in output-name order.
+/// The output paths a finished request prints, in store-path order (Nix prints the
+/// path set `realisePath` returns, so a CA derivation's `out` can precede its `lib`).
 fn output_paths(
     store_dir: &StoreDir,
     request: &DerivedPath,
@@ -219,12 +226,9 @@ fn output_paths(
     match request {
         DerivedPath::Opaque(p) => vec![store_dir.print(p)],
         DerivedPath::Built { .. } => {
-            let by_name: BTreeMap<&str, &StorePath> = result
-                .built_outputs
-                .iter()
-                .map(|(id, r)| (id.output.as_str(), &r.out_path))
-                .collect();
-            by_name.values().map(|p| store_dir.print(p)).collect()
+            let paths: BTreeSet<&StorePath> =
+                result.built_outputs.values().map(|r| &r.out_path).collect();
+            paths.into_iter().map(|p| store_dir.print(p)).collect()
         }
     }
 }
@@ -237,9 +241,11 @@ struct Plan {
 }
 
 /// Walks the derivations from the requests: a derivation is built when a wanted
-/// output is not valid (always in check mode), and then its inputs are visited for the
-/// outputs it uses; a missing plain path is unknown (no substituter has it yet).
-fn plan(store: &LocalStore, requests: &[DerivedPath], mode: BuildMode) -> anyhow::Result<Plan> {
+/// output is not valid, and then its inputs are visited for the outputs it uses; a
+/// missing plain path is unknown (no substituter has it yet). As Nix's `queryMissing`,
+/// this ignores `--check`/`--repair`: `nix-store --realise --check` of a valid
+/// output prints no plan.
+fn plan(store: &LocalStore, requests: &[DerivedPath]) -> anyhow::Result<Plan> {
     let mut plan = Plan::default();
     let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
     for r in requests {
@@ -259,6 +265,7 @@ fn plan(store: &LocalStore, requests: &[DerivedPath], mode: BuildMode) -> anyhow
         }
     }
     let mut seen = BTreeSet::new();
+    let mut hashes = drover::derivation::DrvHashCache::new();
     while let Some((drv_path, wanted)) = todo.pop() {
         if !seen.insert((drv_path.clone(), wanted.clone())) || plan.will_build.contains(&drv_path) {
             continue;
@@ -269,14 +276,52 @@ fn plan(store: &LocalStore, requests: &[DerivedPath], mode: BuildMode) -> anyhow
         }
         let drv: Derivation = store.read_derivation(&drv_path)?;
         let known = store.query_derivation_outputs(&drv_path)?;
-        let mut needs_build = mode == BuildMode::Check;
+        // Floating CA outputs are known by their realisations (the unresolved
+        // derivation has no DerivationOutputs rows).
+        let mut realised: BTreeMap<String, StorePath> = BTreeMap::new();
+        if drv.outputs.values().any(|o| o.path().is_none()) {
+            let store_dir = store.store_dir();
+            let read = |q: &StorePath| store.read_derivation(q).map(Arc::new);
+            let inputs_ok = drv.input_drvs.keys().all(|i| {
+                hashes
+                    .hash_of::<_, drover::store::StoreError>(store_dir, i, read)
+                    .is_ok()
+            });
+            let static_hashes = if inputs_ok {
+                let h = &hashes;
+                drv.static_output_hashes(store_dir, |q| {
+                    h.get(q).cloned().ok_or_else(|| {
+                        drover::derivation::DerivationError::MissingInputOutput {
+                            drv: store_dir.print(q),
+                            output: "*".into(),
+                        }
+                    })
+                })
+                .unwrap_or_default()
+            } else {
+                BTreeMap::new()
+            };
+            for (name, h) in static_hashes {
+                let id = drover::realisation::DrvOutput {
+                    drv_hash: h,
+                    output: name.clone(),
+                };
+                if let Some(r) = store.query_realisation(&id)? {
+                    realised.insert(name, r.out_path);
+                }
+            }
+        }
+        let mut needs_build = false;
         for (name, out) in &drv.outputs {
             if wanted.as_ref().is_some_and(|w| !w.contains(name)) {
                 continue;
             }
-            let path = out.path().or_else(|| known.get(name));
+            let path = out
+                .path()
+                .or_else(|| realised.get(name))
+                .or_else(|| known.get(name));
             match path {
-                Some(p) if store.is_valid_path(p)? && mode != BuildMode::Repair => {}
+                Some(p) if store.is_valid_path(p)? => {}
                 _ => needs_build = true,
             }
         }
@@ -312,12 +357,8 @@ fn print_plan(store_dir: &StoreDir, plan: &Plan, display: &Mutex<Display>) {
         }
     }
     if !plan.unknown.is_empty() {
-        let n = plan.unknown.len();
-        d.line(&if n == 1 {
-            "don't know how to build this path:".to_owned()
-        } else {
-            "don't know how to build these paths:".to_owned()
-        });
+        // Always plural in Nix 2.8, even for one path.
+        d.line("don't know how to build these paths:");
         for p in &plan.unknown {
             d.line(&format!("  {}", store_dir.print(p)));
         }
@@ -404,7 +445,10 @@ impl Handler<ProgressEvent> for ProgressPrinter {
             }
             ProgressEvent::BuildFinished { drv_path, .. } => d.build_finished(&drv_path),
             ProgressEvent::SubstitutionFinished { .. } => {}
-            ProgressEvent::Message(m) => d.line(&m),
+            ProgressEvent::Message(m) => match m.strip_prefix("error: ") {
+                Some(e) => d.line(&error_message(e)),
+                None => d.line(&m),
+            },
         }
     }
 }

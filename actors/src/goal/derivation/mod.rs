@@ -518,7 +518,7 @@ impl DerivationGoal {
             (State::Resolving, Event::Drv(r)) => match *r {
                 DrvJobResult::Resolved(Ok(Some(resolved))) => {
                     let msg = format!(
-                        "resolved derivation: '{}' -> '{}'",
+                        "resolved derivation: '{}' -> '{}'...",
                         self.p(ctx),
                         ctx.store_dir.print(&resolved)
                     );
@@ -1053,9 +1053,8 @@ impl DerivationGoal {
         let p = self.drv_path.clone();
         let hashes = self.output_hashes.clone();
         let repair = self.mode == BuildMode::Repair;
-        let known_before = self.outputs.clone();
         vec![job(move |env| {
-            DrvJobResult::Locked(lock_outputs(env, &p, &drv, &hashes, repair, &known_before))
+            DrvJobResult::Locked(lock_outputs(env, &p, &drv, &hashes, repair))
         })]
     }
 
@@ -1303,7 +1302,7 @@ pub fn log_tail_suffix(drv: &str, tail: &[String]) -> String {
 }
 
 /// Nix 2.8's error when max-jobs is 0 and no hook builds.
-pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\n       https://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
+pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -1408,21 +1407,24 @@ pub fn contents_good(store: &LocalStore, p: &StorePath) -> Result<bool, String> 
     }
 }
 
-/// The lock files of the outputs: real paths of known outputs, `<drv>.<output>` for
-/// the others. Locks without waiting; re-checks validity under the lock and removes
-/// invalid leftovers of known outputs.
+/// The lock files of the outputs: real paths of outputs whose path the derivation
+/// fixes, `<drv>.<output>` for the others (floating CA, deferred) — even when a
+/// realisation already names their path, as Nix's `outputsAndOptPaths` does: the
+/// registration of a CA output locks its final path itself, so holding that lock
+/// here would deadlock when one output of a multi-output CA derivation is valid.
+/// Locks without waiting; re-checks validity under the lock and removes invalid
+/// leftovers of known outputs.
 fn lock_outputs(
     env: &JobEnv,
     drv_path: &StorePath,
     drv: &Derivation,
     hashes: &BTreeMap<String, Hash>,
     repair: bool,
-    known: &BTreeMap<String, OutputState>,
 ) -> Result<LockOutcome, String> {
     let store = &env.store;
     let mut lock_paths = BTreeSet::new();
     for (name, o) in &drv.outputs {
-        match o.path().or(known.get(name).and_then(|k| k.path.as_ref())) {
+        match o.path() {
             Some(p) => lock_paths.insert(store.real_path(p)),
             None => {
                 let mut s = store.real_path(drv_path).into_os_string();
