@@ -71,17 +71,32 @@ select 'REF', a.path, b.path from Refs r join ValidPaths a on r.referrer = a.id 
 select 'DO', v.path, d.id, d.path from DerivationOutputs d join ValidPaths v on d.drv = v.id order by 2, 3;
 select 'R', r.drvPath, r.outputName, v.path, r.signatures from Realisations r join ValidPaths v on r.outputPath = v.id order by 2, 3;
 select 'RR', a.drvPath, a.outputName, b.drvPath, b.outputName from RealisationsRefs x join Realisations a on x.referrer = a.id join Realisations b on x.realisationReference = b.id order by 2, 3, 4, 5;";
-    let out = Command::new("sqlite3")
-        .arg(&db)
-        .arg(q)
-        .output()
-        .expect("sqlite3 is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let conn = rusqlite::Connection::open_with_flags(
+        &db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .unwrap();
+    let mut rows = String::new();
+    for query in q.split(';').map(str::trim).filter(|q| !q.is_empty()) {
+        let mut stmt = conn.prepare(query).unwrap();
+        let columns = stmt.column_count();
+        let mut result = stmt.query([]).unwrap();
+        while let Some(row) = result.next().unwrap() {
+            let fields: Vec<String> = (0..columns)
+                .map(|i| match row.get_ref(i).unwrap() {
+                    rusqlite::types::ValueRef::Null => String::new(),
+                    rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                    rusqlite::types::ValueRef::Real(f) => f.to_string(),
+                    rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                        String::from_utf8_lossy(t).into_owned()
+                    }
+                })
+                .collect();
+            rows.push_str(&fields.join("|"));
+            rows.push('\n');
+        }
+    }
+    rows
 }
 
 /// Every stored build log: file name (relative to the log dir) → decompressed text.
