@@ -1,0 +1,237 @@
+//! Real substituters for the goals: binary caches (`file://`, `http(s)://`) through
+//! [`drover::binary_cache::BinaryCache`], built from the `substituters` setting.
+//!
+//! [`substituters_from_settings`] opens every URL of `substituters` (which already
+//! includes `extra-substituters`), as Nix's `getDefaultSubstituters` does: a URL that
+//! cannot be opened (unknown scheme, unreachable, a cache for another store
+//! directory) is skipped with a warning, and the rest are sorted by priority
+//! (stable, so equal priorities keep the order of the setting). Signatures are
+//! checked twice, as in Nix: the goal ignores an untrusted narinfo before
+//! downloading, and [`BinaryCache::copy_into`] refuses it again before registering.
+
+use std::sync::Arc;
+
+use drover::binary_cache::{BinaryCache, BinaryCacheError, HttpOptions, TrustPolicy};
+use drover::config::Settings;
+use drover::realisation::{DrvOutput, Realisation};
+use drover::signature::{PublicKey, PublicKeys};
+use drover::store::LocalStore;
+use drover::store_path::{StoreDir, StorePath};
+
+use crate::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
+
+/// A binary cache as a [`Substituter`].
+#[derive(Debug)]
+pub struct BinaryCacheSubstituter {
+    cache: BinaryCache,
+    policy: TrustPolicy,
+}
+
+impl BinaryCacheSubstituter {
+    pub fn new(cache: BinaryCache, policy: TrustPolicy) -> BinaryCacheSubstituter {
+        BinaryCacheSubstituter { cache, policy }
+    }
+
+    /// Opens the cache at `url` for a store in `store_dir`.
+    pub fn open(
+        url: &str,
+        store_dir: &StoreDir,
+        http: &HttpOptions,
+        policy: TrustPolicy,
+    ) -> Result<BinaryCacheSubstituter, BinaryCacheError> {
+        Ok(BinaryCacheSubstituter::new(
+            BinaryCache::open(url, store_dir, http)?,
+            policy,
+        ))
+    }
+
+    pub fn cache(&self) -> &BinaryCache {
+        &self.cache
+    }
+}
+
+fn failed(e: BinaryCacheError) -> SubstituterError {
+    match e {
+        BinaryCacheError::Gone { path, uri } => SubstituterError::Gone { path, uri },
+        e => SubstituterError::Failed(e.to_string()),
+    }
+}
+
+impl Substituter for BinaryCacheSubstituter {
+    fn uri(&self) -> String {
+        self.cache.uri().to_owned()
+    }
+
+    fn priority(&self) -> u64 {
+        self.cache.priority()
+    }
+
+    fn is_trusted(&self) -> bool {
+        self.cache.is_trusted()
+    }
+
+    fn query_path_info(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<SubstitutablePathInfo>, SubstituterError> {
+        Ok(self
+            .cache
+            .query_narinfo(path)
+            .map_err(failed)?
+            .map(|n| SubstitutablePathInfo {
+                path: n.store_path.clone(),
+                references: n.references.clone(),
+                deriver: n.deriver.clone(),
+                nar_hash: n.nar_hash.clone(),
+                nar_size: n.nar_size,
+                download_size: n.file_size,
+                ca: n.ca.clone(),
+                sigs: n.signatures.clone(),
+            }))
+    }
+
+    fn copy_into(&self, path: &StorePath, store: &LocalStore) -> Result<(), SubstituterError> {
+        self.cache
+            .copy_into(path, store, &self.policy)
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, SubstituterError> {
+        self.cache.query_realisation(id).map_err(failed)
+    }
+}
+
+/// `require-sigs` and `trusted-public-keys` (keys that do not parse are skipped with
+/// a warning).
+pub fn trust_policy_from_settings(settings: &Settings) -> TrustPolicy {
+    let mut keys = PublicKeys::new();
+    for k in settings.trusted_public_keys() {
+        match PublicKey::parse(&k) {
+            Ok(k) => keys.insert(k),
+            Err(e) => log::warn!("ignoring trusted public key '{k}': {e}"),
+        }
+    }
+    TrustPolicy {
+        require_sigs: settings.require_sigs(),
+        keys,
+    }
+}
+
+/// `connect-timeout` (0: the 300 s default), `stalled-download-timeout` and
+/// `download-attempts`.
+pub fn http_options_from_settings(settings: &Settings) -> HttpOptions {
+    let uint = |name: &str| settings.get(name).and_then(|v| v.parse::<u64>().ok());
+    let mut o = HttpOptions::default();
+    if let Some(s) = uint("connect-timeout").filter(|s| *s > 0) {
+        o.connect_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(s) = uint("stalled-download-timeout").filter(|s| *s > 0) {
+        o.stalled_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(n) = uint("download-attempts") {
+        o.attempts = n.clamp(1, u32::MAX as u64) as u32;
+    }
+    o
+}
+
+/// The substituters of `substituters`/`extra-substituters`, sorted by priority
+/// (stable), and a warning for each one that could not be opened. Empty when
+/// `substitute = false`.
+pub fn substituters_from_settings(settings: &Settings) -> (Vec<Arc<dyn Substituter>>, Vec<String>) {
+    let mut subs: Vec<Arc<dyn Substituter>> = Vec::new();
+    let mut warnings = Vec::new();
+    if settings.get("substitute").as_deref() == Some("false") {
+        return (subs, warnings);
+    }
+    let policy = trust_policy_from_settings(settings);
+    let http = http_options_from_settings(settings);
+    let mut seen = std::collections::BTreeSet::new();
+    for url in settings.substituters() {
+        if !seen.insert(url.clone()) {
+            continue;
+        }
+        match BinaryCacheSubstituter::open(&url, settings.store_dir(), &http, policy.clone()) {
+            Ok(s) => subs.push(Arc::new(s)),
+            Err(e) => warnings.push(e.to_string()),
+        }
+    }
+    subs.sort_by_key(|s| s.priority());
+    (subs, warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover::config::Env;
+
+    fn settings(dir: &std::path::Path, conf: &str) -> Settings {
+        let mut env = Env::new();
+        env.insert(
+            "NIX_STORE_DIR".into(),
+            dir.join("store").display().to_string(),
+        );
+        env.insert(
+            "NIX_STATE_DIR".into(),
+            dir.join("var/nix").display().to_string(),
+        );
+        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
+        env.insert("NIX_USER_CONF_FILES".into(), String::new());
+        env.insert("NIX_CONFIG".into(), format!("build-users-group =\n{conf}"));
+        Settings::load(&env, &[]).unwrap()
+    }
+
+    fn cache(dir: &std::path::Path, store_dir: &str, priority: u64) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("nix-cache-info"),
+            format!("StoreDir: {store_dir}\nPriority: {priority}\n"),
+        )
+        .unwrap();
+        format!("file://{}", dir.display())
+    }
+
+    #[test]
+    fn opened_sorted_by_priority_and_bad_ones_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let store_dir = t.path().join("store").display().to_string();
+        let a = cache(&t.path().join("a"), &store_dir, 60);
+        let b = cache(&t.path().join("b"), &store_dir, 20);
+        let c = cache(&t.path().join("c"), "/other/store", 10);
+        let s = settings(
+            t.path(),
+            &format!("substituters = {a} {b}?priority=70 {c}\nextra-substituters = s3://x {b}\n"),
+        );
+        let (subs, warnings) = substituters_from_settings(&s);
+        let uris: Vec<String> = subs.iter().map(|s| s.uri()).collect();
+        assert_eq!(uris, vec![b.clone(), a.clone(), format!("{b}?priority=70")]);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("is for Nix stores with prefix '/other/store'"));
+        assert!(warnings[1].contains("s3://x"));
+    }
+
+    #[test]
+    fn substitute_false_means_none() {
+        let t = tempfile::tempdir().unwrap();
+        let store_dir = t.path().join("store").display().to_string();
+        let a = cache(&t.path().join("a"), &store_dir, 60);
+        let s = settings(
+            t.path(),
+            &format!("substituters = {a}\nsubstitute = false\n"),
+        );
+        assert!(substituters_from_settings(&s).0.is_empty());
+    }
+
+    #[test]
+    fn http_options() {
+        let t = tempfile::tempdir().unwrap();
+        let s = settings(
+            t.path(),
+            "connect-timeout = 7\nstalled-download-timeout = 9\ndownload-attempts = 2\n",
+        );
+        let o = http_options_from_settings(&s);
+        assert_eq!(o.connect_timeout.as_secs(), 7);
+        assert_eq!(o.stalled_timeout.as_secs(), 9);
+        assert_eq!(o.attempts, 2);
+    }
+}
