@@ -10,6 +10,7 @@ mod nix_env;
 
 mod derivation;
 mod path_info;
+mod substitute;
 
 use std::process::{Command, Output};
 
