@@ -421,3 +421,30 @@ fn realisations_are_read_unsigned() {
     let other: DrvOutput = format!("sha256:{}!out", "cd".repeat(32)).parse().unwrap();
     assert!(cache.query_realisation(&other).unwrap().is_none());
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn cache_info_never_panics(s in ".*") {
+            let _ = CacheInfo::parse("u", &s);
+        }
+
+        #[test]
+        fn cache_info_round_trips(dir in "/[a-z]{1,10}(/[a-z]{1,10}){0,3}", prio in any::<u64>(), mass in any::<bool>()) {
+            let text = format!("StoreDir: {dir}\nWantMassQuery: {}\nPriority: {prio}\n", u8::from(mass));
+            let i = CacheInfo::parse("u", &text).unwrap();
+            prop_assert_eq!(i.store_dir.as_deref(), Some(dir.as_str()));
+            prop_assert_eq!(i.priority, Some(prio));
+            prop_assert_eq!(i.want_mass_query, Some(mass));
+        }
+
+        #[test]
+        fn store_url_never_panics(s in ".*") {
+            let u = StoreUrl::parse(&s);
+            prop_assert!(s.starts_with(&u.base));
+        }
+    }
+}
