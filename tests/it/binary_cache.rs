@@ -322,6 +322,8 @@ enum Serve {
     Error500,
     /// Accepts, reads the request, and never answers.
     Hang,
+    /// Serves files, but a NAR's body stops halfway (the connection is closed).
+    TruncateNars,
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving `dir`; returns its base URL and a
@@ -368,17 +370,31 @@ fn answer(conn: TcpStream, dir: &Path, mode: Serve, hits: &AtomicUsize) -> std::
             Serve::Error500 => {
                 conn.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")?;
             }
-            Serve::Files => match std::fs::read(dir.join(target.trim_start_matches('/'))) {
-                Ok(body) => {
-                    write!(
-                        conn,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    )?;
-                    conn.write_all(&body)?;
+            Serve::TruncateNars if target.starts_with("/nar/") => {
+                let body = std::fs::read(dir.join(target.trim_start_matches('/')))?;
+                write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )?;
+                conn.write_all(&body[..body.len() / 2])?;
+                return Ok(());
+            }
+            Serve::Files | Serve::TruncateNars => {
+                match std::fs::read(dir.join(target.trim_start_matches('/'))) {
+                    Ok(body) => {
+                        write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        )?;
+                        conn.write_all(&body)?;
+                    }
+                    Err(_) => {
+                        conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?
+                    }
                 }
-                Err(_) => conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?,
-            },
+            }
         }
     }
 }
@@ -411,6 +427,16 @@ fn substitutes_over_http_and_reports_failing_servers() {
         before,
         "narinfo answered from memory"
     );
+
+    // A download cut off halfway: an error, nothing registered.
+    f.wipe();
+    let store = f.store();
+    let (url, _) = serve(f.cache_dir("none"), Serve::TruncateNars);
+    let cache = BinaryCache::open(&url, &sd, &quick_http()).unwrap();
+    let a = f.path("a");
+    let e = cache.copy_into(&a, &store, &f.policy()).unwrap_err();
+    assert!(matches!(e, BinaryCacheError::Nar { .. }), "{e}");
+    assert_nothing_registered(&store, &a);
 
     // A server that fails: retried, then a clear error naming the URL.
     let (url, hits) = serve(f.cache_dir("zstd"), Serve::Error500);
