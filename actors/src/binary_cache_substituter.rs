@@ -1,5 +1,14 @@
 //! Real substituters for the goals: binary caches (`file://`, `http(s)://`) through
-//! [`drover::binary_cache::BinaryCache`], built from the `substituters` setting.
+//! [`drover::binary_cache::BinaryCache`], and another local store, built from the
+//! `substituters` setting.
+//!
+//! A local store is named as in Nix 2.8: `local?root=/r` or just the path `/r`. It
+//! is a "chroot" store: the same logical store directory as ours, its files under
+//! `/r/nix/store` and its database under `/r/nix/var/nix`. Its URI is `local`
+//! (Nix prints `copying path '…' to 'local'...` for it), its priority 0 unless
+//! `?priority=` says otherwise; paths are copied as a NAR streamed through a pipe
+//! and checked against the source's NAR hash, and need signatures like any
+//! substitute (Nix 2.8's `cannot add path '…' because it lacks a valid signature`).
 //!
 //! [`substituters_from_settings`] opens every URL of `substituters` (which already
 //! includes `extra-substituters`), as Nix's `getDefaultSubstituters` does: a URL that
@@ -11,8 +20,13 @@
 
 use std::sync::Arc;
 
-use drover::binary_cache::{BinaryCache, BinaryCacheError, HttpOptions, TrustPolicy};
+use std::path::{Path, PathBuf};
+
+use drover::binary_cache::{
+    check_trust, BinaryCache, BinaryCacheError, HttpOptions, StoreUrl, TrustPolicy,
+};
 use drover::config::Settings;
+use drover::narinfo::NarInfo;
 use drover::realisation::{DrvOutput, Realisation};
 use drover::signature::{PublicKey, PublicKeys};
 use drover::store::LocalStore;
@@ -102,6 +116,196 @@ impl Substituter for BinaryCacheSubstituter {
     }
 }
 
+/// Another local store (a chroot store rooted at `root`) as a [`Substituter`].
+#[derive(Debug)]
+pub struct LocalStoreSubstituter {
+    root: PathBuf,
+    store: LocalStore,
+    priority: u64,
+    trusted: bool,
+    policy: TrustPolicy,
+}
+
+impl LocalStoreSubstituter {
+    /// Opens the store rooted at `root` for our store directory (`url` gives the
+    /// `priority` and `trusted` parameters).
+    pub fn open(
+        root: &Path,
+        url: &StoreUrl,
+        settings: &Settings,
+        policy: TrustPolicy,
+    ) -> Result<LocalStoreSubstituter, drover::store::StoreError> {
+        let state = root.join("nix/var/nix");
+        let mut env = drover::config::Env::new();
+        env.insert("NIX_STORE_DIR".into(), settings.store_dir().as_str().into());
+        env.insert("NIX_STATE_DIR".into(), state.display().to_string());
+        env.insert(
+            "NIX_LOG_DIR".into(),
+            root.join("nix/var/log/nix").display().to_string(),
+        );
+        env.insert(
+            "NIX_CONF_DIR".into(),
+            root.join("nix/etc").display().to_string(),
+        );
+        env.insert("NIX_USER_CONF_FILES".into(), String::new());
+        env.insert(
+            "NIX_CONFIG".into(),
+            "build-users-group =\nexperimental-features = ca-derivations\n".into(),
+        );
+        let other = Settings::load(&env, &[]).map_err(|e| {
+            drover::store::StoreError::InvalidPath(format!("{}: {e}", root.display()))
+        })?;
+        Ok(LocalStoreSubstituter {
+            root: root.to_owned(),
+            store: LocalStore::open(&other)?,
+            priority: url
+                .params
+                .get("priority")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0),
+            trusted: matches!(
+                url.params.get("trusted").map(String::as_str),
+                Some("1" | "true")
+            ),
+            policy,
+        })
+    }
+
+    /// Where the files of `path` are.
+    fn source(&self, path: &StorePath) -> PathBuf {
+        self.root.join("nix/store").join(path.to_string())
+    }
+}
+
+impl Substituter for LocalStoreSubstituter {
+    fn uri(&self) -> String {
+        "local".into()
+    }
+
+    fn priority(&self) -> u64 {
+        self.priority
+    }
+
+    fn is_trusted(&self) -> bool {
+        self.trusted
+    }
+
+    fn query_path_info(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<SubstitutablePathInfo>, SubstituterError> {
+        let info = self
+            .store
+            .query_path_info(path)
+            .map_err(|e| SubstituterError::Failed(e.to_string()))?;
+        Ok(info.map(|i| SubstitutablePathInfo {
+            path: i.path,
+            references: i.references,
+            deriver: i.deriver,
+            nar_hash: i.nar_hash,
+            nar_size: i.nar_size,
+            download_size: None,
+            ca: i.ca,
+            sigs: i.sigs,
+        }))
+    }
+
+    fn copy_into(&self, path: &StorePath, store: &LocalStore) -> Result<(), SubstituterError> {
+        let sd = store.store_dir();
+        let fail = |e: String| SubstituterError::Failed(e);
+        let mut info = self
+            .store
+            .query_path_info(path)
+            .map_err(|e| fail(e.to_string()))?
+            .ok_or_else(|| SubstituterError::Gone {
+                path: sd.print(path),
+                uri: self.uri(),
+            })?;
+        let as_narinfo = NarInfo {
+            store_path: info.path.clone(),
+            url: String::new(),
+            compression: "none".into(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+            system: None,
+            signatures: info.sigs.clone(),
+            ca: info.ca.clone(),
+        };
+        check_trust(sd, &as_narinfo, self.trusted, &self.policy)
+            .map_err(|e| fail(e.to_string()))?;
+        if store.is_valid_path(path).map_err(|e| fail(e.to_string()))? {
+            return Ok(());
+        }
+        info.registration_time = 0;
+        info.ultimate = false;
+        // The NAR flows through a pipe from a dumping thread into the restore.
+        let (r, w) = nix::unistd::pipe().map_err(|e| fail(format!("creating a pipe: {e}")))?;
+        let src = self.source(path);
+        let dumper = std::thread::spawn(move || {
+            let mut out = std::io::BufWriter::new(std::fs::File::from(w));
+            drover::nar::dump_path(&src, &mut out)
+                .map_err(|e| e.to_string())
+                .and_then(|()| std::io::Write::flush(&mut out).map_err(|e| e.to_string()))
+        });
+        let mut failure: Option<String> = None;
+        let printed = sd.print(path);
+        let r = store.add_object(&info, |tmp| {
+            let check = (|| {
+                let summary = drover::nar::restore(std::fs::File::from(r), tmp)
+                    .map_err(|e| format!("copying '{printed}' from 'local': {e}"))?;
+                if summary.nar_hash != info.nar_hash {
+                    return Err(BinaryCacheError::HashMismatch {
+                        path: printed.clone(),
+                        specified: info
+                            .nar_hash
+                            .to_typed_string(drover::hash::Encoding::Base32),
+                        got: summary
+                            .nar_hash
+                            .to_typed_string(drover::hash::Encoding::Base32),
+                    }
+                    .to_string());
+                }
+                if summary.nar_size != info.nar_size {
+                    return Err(BinaryCacheError::SizeMismatch {
+                        path: printed.clone(),
+                        specified: info.nar_size,
+                        got: summary.nar_size,
+                    }
+                    .to_string());
+                }
+                Ok(())
+            })();
+            check.map_err(|e| {
+                failure = Some(e);
+                drover::store::StoreError::InvalidPath(printed.clone())
+            })
+        });
+        let dumped = dumper
+            .join()
+            .unwrap_or_else(|_| Err("the NAR dumper panicked".into()));
+        if let Some(e) = failure {
+            return Err(match dumped {
+                Err(d) => fail(format!("{e} (reading the source: {d})")),
+                Ok(()) => fail(e),
+            });
+        }
+        // Once the restored NAR matched the source's hash, the dumper's fate (it
+        // may not even have been read when the path became valid meanwhile) does not
+        // matter.
+        r.map_err(|e| fail(e.to_string()))
+    }
+
+    fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, SubstituterError> {
+        self.store
+            .query_realisation(id)
+            .map_err(|e| SubstituterError::Failed(e.to_string()))
+    }
+}
+
 /// `require-sigs` and `trusted-public-keys` (keys that do not parse are skipped with
 /// a warning).
 pub fn trust_policy_from_settings(settings: &Settings) -> TrustPolicy {
@@ -151,9 +355,25 @@ pub fn substituters_from_settings(settings: &Settings) -> (Vec<Arc<dyn Substitut
         if !seen.insert(url.clone()) {
             continue;
         }
-        match BinaryCacheSubstituter::open(&url, settings.store_dir(), &http, policy.clone()) {
-            Ok(s) => subs.push(Arc::new(s)),
-            Err(e) => warnings.push(e.to_string()),
+        let parsed = StoreUrl::parse(&url);
+        let local_root = if parsed.base == "local" {
+            parsed.params.get("root").map(PathBuf::from)
+        } else if parsed.base.starts_with('/') {
+            Some(PathBuf::from(&parsed.base))
+        } else {
+            None
+        };
+        let opened: Result<Arc<dyn Substituter>, String> = match local_root {
+            Some(root) => LocalStoreSubstituter::open(&root, &parsed, settings, policy.clone())
+                .map(|s| Arc::new(s) as Arc<dyn Substituter>)
+                .map_err(|e| e.to_string()),
+            None => BinaryCacheSubstituter::open(&url, settings.store_dir(), &http, policy.clone())
+                .map(|s| Arc::new(s) as Arc<dyn Substituter>)
+                .map_err(|e| e.to_string()),
+        };
+        match opened {
+            Ok(s) => subs.push(s),
+            Err(e) => warnings.push(e),
         }
     }
     subs.sort_by_key(|s| s.priority());

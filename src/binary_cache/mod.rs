@@ -146,7 +146,7 @@ pub enum BinaryCacheError {
         specified: u64,
         got: u64,
     },
-    #[error("cannot add path '{0}' because it lacks a signature by a trusted key")]
+    #[error("cannot add path '{0}' because it lacks a valid signature")]
     Untrusted(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -388,14 +388,7 @@ impl BinaryCache {
         info: &NarInfo,
         policy: &TrustPolicy,
     ) -> Result<(), BinaryCacheError> {
-        if self.is_trusted() || !policy.require_sigs {
-            return Ok(());
-        }
-        let untrusted = || BinaryCacheError::Untrusted(self.store_dir.print(&info.store_path));
-        match info.check_signatures(&self.store_dir, &policy.keys) {
-            Ok(0) | Err(_) => Err(untrusted()),
-            Ok(_) => Ok(()),
-        }
+        check_trust(&self.store_dir, info, self.is_trusted(), policy)
     }
 
     /// Downloads, unpacks, checks and registers `path` in `store` (its references
@@ -504,6 +497,26 @@ impl BinaryCache {
             }
         }
         Ok(())
+    }
+}
+
+/// Nix's check before adding a substitute: refuses `info` unless its source is
+/// `trusted`, signatures are not required, or it has a valid signature by a key of
+/// `policy` or a `CA` that really gives its store path.
+pub fn check_trust(
+    store_dir: &StoreDir,
+    info: &NarInfo,
+    trusted: bool,
+    policy: &TrustPolicy,
+) -> Result<(), BinaryCacheError> {
+    if trusted || !policy.require_sigs {
+        return Ok(());
+    }
+    match info.check_signatures(store_dir, &policy.keys) {
+        Ok(0) | Err(_) => Err(BinaryCacheError::Untrusted(
+            store_dir.print(&info.store_path),
+        )),
+        Ok(_) => Ok(()),
     }
 }
 

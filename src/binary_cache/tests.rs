@@ -268,7 +268,7 @@ fn unsigned_and_untrusted_paths_are_refused() {
     assert_eq!(
         e.to_string(),
         format!(
-            "cannot add path '{}' because it lacks a signature by a trusted key",
+            "cannot add path '{}' because it lacks a valid signature",
             s.store_dir().print(&info.store_path)
         )
     );

@@ -246,7 +246,7 @@ fn refusals_register_nothing() {
         assert_eq!(
             e.to_string(),
             format!(
-                "cannot add path '{}' because it lacks a signature by a trusted key",
+                "cannot add path '{}' because it lacks a valid signature",
                 sd.print(&a)
             )
         );

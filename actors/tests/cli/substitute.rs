@@ -138,3 +138,54 @@ fn realise_substitutes_a_floating_ca_output_through_its_realisation() {
     assert!(!stderr.contains("building '"), "{stderr}");
     root.verify_store();
 }
+
+#[test]
+fn realise_fetches_from_another_local_store() {
+    require_nix!();
+    let root = TestRoot::new();
+    let expr = root.path().join("e.nix");
+    std::fs::write(&expr, EXPR).unwrap();
+    let drv = root.instantiate(&expr, Some("b")).remove(0);
+    let out = root.realise(&[&drv]).remove(0);
+    let other = root.path().join("other");
+    root.run(
+        "nix",
+        &[
+            "copy",
+            "--no-check-sigs",
+            "--to",
+            &format!("local?root={}", other.display()),
+            &out,
+        ],
+    );
+    for url in [
+        other.display().to_string(),
+        format!("local?root={}", other.display()),
+    ] {
+        let store = Path::new(&root.store_dir);
+        assert!(std::process::Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(store)
+            .status()
+            .unwrap()
+            .success());
+        std::fs::remove_dir_all(store).unwrap();
+        std::fs::remove_dir_all(&root.state_dir).unwrap();
+        let drv = root.instantiate(&expr, Some("b")).remove(0);
+        let o = drover(&root)
+            .args(["realise", "--plain", &drv])
+            .args(["--option", "substituters", &url])
+            .args(["--option", "require-sigs", "false"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), out);
+        assert!(
+            stderr.contains(&format!("copying path '{out}' to 'local'...")),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("building '"), "{stderr}");
+        root.verify_store();
+    }
+}

@@ -485,8 +485,10 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 d.build_started(drv_path);
             }
             ProgressEvent::SubstitutionStarted { path, uri } => {
+                // Nix 2.8 words a copy out of another local store as one *to* it.
+                let dir = if uri == "local" { "to" } else { "from" };
                 d.line(&format!(
-                    "copying path '{}' from '{uri}'...",
+                    "copying path '{}' {dir} '{uri}'...",
                     self.store_dir.print(&path)
                 ));
             }
