@@ -454,4 +454,79 @@ mod tests {
         assert_eq!(o.stalled_timeout.as_secs(), 9);
         assert_eq!(o.attempts, 2);
     }
+
+    /// A local store rooted at `dir/other` holding one regular file with `contents`.
+    fn other_store(
+        dir: &std::path::Path,
+        s: &Settings,
+        contents: &[u8],
+    ) -> (LocalStoreSubstituter, StorePath) {
+        let root = dir.join("other");
+        let url = StoreUrl::parse(&format!("local?root={}", root.display()));
+        let sub = LocalStoreSubstituter::open(&root, &url, s, TrustPolicy::default()).unwrap();
+        let path = s
+            .store_dir()
+            .text_path_of("f", contents, &Default::default())
+            .unwrap();
+        std::fs::create_dir_all(root.join("nix/store")).unwrap();
+        std::fs::write(sub.source(&path), contents).unwrap();
+        let mut sink = drover::hash::HashSink::new(drover::hash::HashAlgo::Sha256);
+        drover::nar::dump_bytes(contents, &mut sink).unwrap();
+        let (h, n) = sink.finish();
+        sub.store
+            .register_valid_paths(&[drover::store::ValidPathInfo::new(path.clone(), h, n)])
+            .unwrap();
+        (sub, path)
+    }
+
+    #[test]
+    fn local_store_copies_and_checks_the_nar_hash() {
+        let t = tempfile::tempdir().unwrap();
+        let s = settings(t.path(), "");
+        let ours = LocalStore::open(&s).unwrap();
+        let (sub, path) = other_store(t.path(), &s, b"hello");
+        assert_eq!(sub.uri(), "local");
+        assert_eq!(sub.priority(), 0);
+        assert!(sub.query_path_info(&path).unwrap().is_some());
+        // Corrupted at the source: refused, nothing registered.
+        std::fs::write(sub.source(&path), b"HELLO").unwrap();
+        let e = sub.copy_into(&path, &ours).unwrap_err();
+        assert!(
+            e.to_string().starts_with("hash mismatch importing path"),
+            "{e}"
+        );
+        assert!(!ours.is_valid_path(&path).unwrap());
+        assert!(!ours.real_path(&path).exists());
+        // Intact: copied.
+        std::fs::write(sub.source(&path), b"hello").unwrap();
+        sub.copy_into(&path, &ours).unwrap();
+        assert_eq!(std::fs::read(ours.real_path(&path)).unwrap(), b"hello");
+        // Missing from the source store: gone.
+        let other = s
+            .store_dir()
+            .text_path_of("g", b"x", &Default::default())
+            .unwrap();
+        assert!(matches!(
+            sub.copy_into(&other, &ours),
+            Err(SubstituterError::Gone { .. })
+        ));
+    }
+
+    #[test]
+    fn local_store_requires_signatures() {
+        let t = tempfile::tempdir().unwrap();
+        let s = settings(t.path(), "");
+        let ours = LocalStore::open(&s).unwrap();
+        let (mut sub, path) = other_store(t.path(), &s, b"unsigned");
+        sub.policy.require_sigs = true;
+        let e = sub.copy_into(&path, &ours).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot add path '{}' because it lacks a valid signature",
+                s.store_dir().print(&path)
+            )
+        );
+        assert!(!ours.is_valid_path(&path).unwrap());
+    }
 }
