@@ -153,7 +153,11 @@ impl Transport for HttpTransport {
                         message: format!("HTTP error {code}"),
                     })
                 }
-                Err(ureq::Error::Transport(t)) => t.to_string(),
+                // Not `t.to_string()`: that repeats the URL the error names already.
+                Err(ureq::Error::Transport(t)) => match t.message() {
+                    Some(m) => format!("{}: {m}", t.kind()),
+                    None => t.kind().to_string(),
+                },
             };
             if attempt >= attempts {
                 return Err(BinaryCacheError::Http {
