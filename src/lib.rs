@@ -7,6 +7,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of the code.
 
+pub mod binary_cache;
 pub mod build;
 pub mod build_log;
 pub mod build_result;

@@ -67,6 +67,7 @@
 //! # }
 //! ```
 
+pub mod binary_cache_substituter;
 pub mod goal;
 pub mod hook;
 pub mod local_builder;

@@ -5,6 +5,7 @@
 //! are skipped with a printed reason otherwise, and fail instead when
 //! `DROVER_REQUIRE_NIX=1` (set by `.ci/run`).
 
+mod binary_cache;
 mod build;
 mod build_log;
 mod derivation;

@@ -11,6 +11,7 @@ mod nix_env;
 mod derivation;
 mod path_info;
 mod realise;
+mod substitute;
 
 use std::process::{Command, Output};
 

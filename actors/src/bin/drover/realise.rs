@@ -16,11 +16,13 @@ use drover::derivation::Derivation;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath, StorePathSet};
+use drover_actors::binary_cache_substituter::substituters_from_settings;
 use drover_actors::hook::{HookPool, HookPoolConfig};
 use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
 use drover_actors::log_collector::{starter_with, CollectorOptions};
 use drover_actors::messages::BuildMode;
 use drover_actors::progress::ProgressEvent;
+use drover_actors::substituter::Substituter;
 use drover_actors::{spawn_worker, Realise, RealiseOutcome, WorkerConfig, WorkerSettings};
 
 use crate::display::Display;
@@ -120,7 +122,11 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let store = Arc::new(ctx.open_store()?);
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
 
-    let plan = plan(&store, &requests)?;
+    let (substituters, warnings) = substituters_from_settings(settings);
+    for w in warnings {
+        display.lock().unwrap().line(&format!("warning: {w}"));
+    }
+    let plan = plan(&store, &substituters, &requests)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
@@ -155,7 +161,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             local_builder: builder.clone().recipient(),
             cancel_local_build: builder.recipient(),
             hook,
-            substituters: Vec::new(),
+            substituters,
             settings: worker_settings,
             progress: Some(progress.recipient()),
         });
@@ -233,28 +239,75 @@ fn output_paths(
     }
 }
 
-/// What a run will do, as Nix's `queryMissing` finds it without substituters.
+/// What a run will do, as Nix's `queryMissing` finds it.
 #[derive(Default)]
 struct Plan {
     will_build: StorePathSet,
+    will_substitute: StorePathSet,
     unknown: StorePathSet,
+    /// Sum of the substitutes' `FileSize`s and `NarSize`s.
+    download_size: u64,
+    nar_size: u64,
+}
+
+impl Plan {
+    /// Nix's `doPath`: an invalid path is fetched with its closure when a
+    /// substituter has it, else it is unknown.
+    fn missing_path(
+        &mut self,
+        store: &LocalStore,
+        subs: &[Arc<dyn Substituter>],
+        path: &StorePath,
+    ) -> anyhow::Result<()> {
+        let mut todo = vec![path.clone()];
+        while let Some(p) = todo.pop() {
+            if self.will_substitute.contains(&p)
+                || self.unknown.contains(&p)
+                || store.is_valid_path(&p)?
+            {
+                continue;
+            }
+            match substitutable(subs, &p) {
+                Some(info) => {
+                    self.will_substitute.insert(p.clone());
+                    self.download_size += info.download_size.unwrap_or(0);
+                    self.nar_size += info.nar_size;
+                    todo.extend(info.references.into_iter().filter(|r| *r != p));
+                }
+                None => {
+                    self.unknown.insert(p);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first substituter's info for `path` (errors count as "no substitute").
+fn substitutable(
+    subs: &[Arc<dyn Substituter>],
+    path: &StorePath,
+) -> Option<drover_actors::substituter::SubstitutablePathInfo> {
+    subs.iter()
+        .find_map(|s| s.query_path_info(path).ok().flatten())
 }
 
 /// Walks the derivations from the requests: a derivation is built when a wanted
-/// output is not valid, and then its inputs are visited for the outputs it uses; a
-/// missing plain path is unknown (no substituter has it yet). As Nix's `queryMissing`,
-/// this ignores `--check`/`--repair`: `nix-store --realise --check` of a valid
-/// output prints no plan.
-fn plan(store: &LocalStore, requests: &[DerivedPath]) -> anyhow::Result<Plan> {
+/// output is not valid, and then its inputs are visited for the outputs it uses,
+/// unless every invalid output has a known path and a substitute (then it is
+/// fetched); a missing plain path is fetched when a substituter has it, else
+/// unknown. As Nix's `queryMissing`, this ignores `--check`/`--repair`:
+/// `nix-store --realise --check` of a valid output prints no plan.
+fn plan(
+    store: &LocalStore,
+    subs: &[Arc<dyn Substituter>],
+    requests: &[DerivedPath],
+) -> anyhow::Result<Plan> {
     let mut plan = Plan::default();
     let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
     for r in requests {
         match r {
-            DerivedPath::Opaque(p) => {
-                if !store.is_valid_path(p)? {
-                    plan.unknown.insert(p.clone());
-                }
-            }
+            DerivedPath::Opaque(p) => plan.missing_path(store, subs, p)?,
             DerivedPath::Built { drv_path, outputs } => todo.push((
                 drv_path.clone(),
                 match outputs {
@@ -312,6 +365,8 @@ fn plan(store: &LocalStore, requests: &[DerivedPath]) -> anyhow::Result<Plan> {
             }
         }
         let mut needs_build = false;
+        let mut invalid = Vec::new();
+        let mut all_known = true;
         for (name, out) in &drv.outputs {
             if wanted.as_ref().is_some_and(|w| !w.contains(name)) {
                 continue;
@@ -322,10 +377,27 @@ fn plan(store: &LocalStore, requests: &[DerivedPath]) -> anyhow::Result<Plan> {
                 .or_else(|| known.get(name));
             match path {
                 Some(p) if store.is_valid_path(p)? => {}
-                _ => needs_build = true,
+                Some(p) => {
+                    needs_build = true;
+                    invalid.push(p.clone());
+                }
+                None => {
+                    needs_build = true;
+                    all_known = false;
+                }
             }
         }
         if !needs_build {
+            continue;
+        }
+        // Outputs with known paths that all have substitutes are fetched instead.
+        if all_known
+            && !invalid.is_empty()
+            && invalid.iter().all(|p| substitutable(subs, p).is_some())
+        {
+            for p in &invalid {
+                plan.missing_path(store, subs, p)?;
+            }
             continue;
         }
         plan.will_build.insert(drv_path.clone());
@@ -333,9 +405,7 @@ fn plan(store: &LocalStore, requests: &[DerivedPath]) -> anyhow::Result<Plan> {
             todo.push((input.clone(), Some(outputs.clone())));
         }
         for src in &drv.input_srcs {
-            if !store.is_valid_path(src)? {
-                plan.unknown.insert(src.clone());
-            }
+            plan.missing_path(store, subs, src)?;
         }
     }
     Ok(plan)
@@ -354,6 +424,23 @@ fn print_plan(store_dir: &StoreDir, plan: &Plan, display: &Mutex<Display>) {
         });
         for p in topo_order(store_dir, &plan.will_build) {
             d.line(&format!("  {}", store_dir.print(&p)));
+        }
+    }
+    if !plan.will_substitute.is_empty() {
+        let n = plan.will_substitute.len();
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let sizes = format!(
+            "({:.2} MiB download, {:.2} MiB unpacked)",
+            mib(plan.download_size),
+            mib(plan.nar_size)
+        );
+        d.line(&if n == 1 {
+            format!("this path will be fetched {sizes}:")
+        } else {
+            format!("these {n} paths will be fetched {sizes}:")
+        });
+        for p in &plan.will_substitute {
+            d.line(&format!("  {}", store_dir.print(p)));
         }
     }
     if !plan.unknown.is_empty() {
@@ -438,8 +525,10 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 d.build_started(drv_path);
             }
             ProgressEvent::SubstitutionStarted { path, uri } => {
+                // Nix 2.8 words a copy out of another local store as one *to* it.
+                let dir = if uri == "local" { "to" } else { "from" };
                 d.line(&format!(
-                    "copying path '{}' from '{uri}'...",
+                    "copying path '{}' {dir} '{uri}'...",
                     self.store_dir.print(&path)
                 ));
             }

@@ -1,0 +1,191 @@
+//! `drover realise` fetching from a binary cache that Nix 2.8 wrote, instead of
+//! building.
+
+use std::path::Path;
+
+use crate::drover;
+use crate::nix_env::TestRoot;
+
+/// An input-addressed chain `a` ← `b` and a floating content-addressed `c` on top.
+const EXPR: &str = r#"
+let
+  mk = args: derivation ({ system = builtins.currentSystem; builder = "/bin/sh"; } // args);
+  a = mk { name = "a"; args = ["-c" "echo a > $out"]; };
+  b = mk { name = "b"; inherit a; args = ["-c" "echo $a > $out"]; };
+  c = mk { name = "c"; inherit b; __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; args = ["-c" "echo $b > $out"]; };
+in { inherit a b c; }
+"#;
+
+/// Builds `attr` with Nix, copies it to a signed cache, then empties the store.
+/// Returns the cache URL, the public key and the closure of the output.
+fn cache_then_wipe(root: &TestRoot, attr: &str) -> (String, String, Vec<String>) {
+    let expr = root.path().join("e.nix");
+    std::fs::write(&expr, EXPR).unwrap();
+    let drv = root.instantiate(&expr, Some(attr)).remove(0);
+    let out = root.realise(&[&drv]).remove(0);
+    let closure: Vec<String> = root
+        .run("nix-store", &["-qR", &out])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let (sk, pk) = (root.path().join("sk"), root.path().join("pk"));
+    root.run(
+        "nix-store",
+        &[
+            "--generate-binary-cache-key",
+            "test-1",
+            sk.to_str().unwrap(),
+            pk.to_str().unwrap(),
+        ],
+    );
+    let cache = format!("file://{}", root.path().join("cache").display());
+    root.run(
+        "nix",
+        &[
+            "copy",
+            "--to",
+            &format!("{cache}?secret-key={}", sk.display()),
+            "-f",
+            expr.to_str().unwrap(),
+            attr,
+        ],
+    );
+    let store = Path::new(&root.store_dir);
+    assert!(std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(store)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::remove_dir_all(store).unwrap();
+    std::fs::remove_dir_all(&root.state_dir).unwrap();
+    let pk = std::fs::read_to_string(pk).unwrap().trim().to_owned();
+    (cache, pk, closure)
+}
+
+#[test]
+fn realise_fetches_instead_of_building() {
+    require_nix!();
+    let root = TestRoot::new();
+    let (cache, pk, closure) = cache_then_wipe(&root, "b");
+    let expr = root.path().join("e.nix");
+    let drv = root.instantiate(&expr, Some("b")).remove(0);
+    let out = drover(&root)
+        .args(["realise", "--plain", &drv])
+        .args(["--option", "substituters", &cache])
+        .args(["--option", "trusted-public-keys", &pk])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), closure[1]);
+    assert!(
+        stderr.contains("these 2 paths will be fetched ("),
+        "{stderr}"
+    );
+    for p in &closure {
+        assert!(
+            stderr.contains(&format!("copying path '{p}' from '{cache}'...")),
+            "{stderr}"
+        );
+    }
+    assert!(!stderr.contains("building '"), "{stderr}");
+    root.verify_store();
+}
+
+#[test]
+fn realise_refuses_unsigned_substitutes_and_builds() {
+    require_nix!();
+    let root = TestRoot::new();
+    let (cache, _pk, _) = cache_then_wipe(&root, "b");
+    let expr = root.path().join("e.nix");
+    let drv = root.instantiate(&expr, Some("b")).remove(0);
+    let out = drover(&root)
+        .args(["realise", "--plain", &drv])
+        .args(["--option", "substituters", &cache])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not signed by any of the keys in 'trusted-public-keys'"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("copying path"), "{stderr}");
+    assert!(stderr.contains("building '"), "{stderr}");
+    root.verify_store();
+}
+
+#[test]
+fn realise_substitutes_a_floating_ca_output_through_its_realisation() {
+    require_nix!();
+    let root = TestRoot::new();
+    let (cache, pk, closure) = cache_then_wipe(&root, "c");
+    let expr = root.path().join("e.nix");
+    let drv = root.instantiate(&expr, Some("c")).remove(0);
+    let out = drover(&root)
+        .args(["realise", "--plain", &drv])
+        .args(["--option", "substituters", &cache])
+        .args(["--option", "trusted-public-keys", &pk])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        closure.last().unwrap()
+    );
+    assert!(!stderr.contains("building '"), "{stderr}");
+    root.verify_store();
+}
+
+#[test]
+fn realise_fetches_from_another_local_store() {
+    require_nix!();
+    let root = TestRoot::new();
+    let expr = root.path().join("e.nix");
+    std::fs::write(&expr, EXPR).unwrap();
+    let drv = root.instantiate(&expr, Some("b")).remove(0);
+    let out = root.realise(&[&drv]).remove(0);
+    let other = root.path().join("other");
+    root.run(
+        "nix",
+        &[
+            "copy",
+            "--no-check-sigs",
+            "--to",
+            &format!("local?root={}", other.display()),
+            &out,
+        ],
+    );
+    for url in [
+        other.display().to_string(),
+        format!("local?root={}", other.display()),
+    ] {
+        let store = Path::new(&root.store_dir);
+        assert!(std::process::Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(store)
+            .status()
+            .unwrap()
+            .success());
+        std::fs::remove_dir_all(store).unwrap();
+        std::fs::remove_dir_all(&root.state_dir).unwrap();
+        let drv = root.instantiate(&expr, Some("b")).remove(0);
+        let o = drover(&root)
+            .args(["realise", "--plain", &drv])
+            .args(["--option", "substituters", &url])
+            .args(["--option", "require-sigs", "false"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), out);
+        assert!(
+            stderr.contains(&format!("copying path '{out}' to 'local'...")),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("building '"), "{stderr}");
+        root.verify_store();
+    }
+}

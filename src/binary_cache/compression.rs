@@ -1,0 +1,122 @@
+//! Decompression of NARs by a narinfo's `Compression` field, as a stream.
+//!
+//! Nix 2.8 writes `xz` (the default, `.nar.xz`), `zstd` (`.nar.zst`), `bzip2`
+//! (`.nar.bz2`), `br` (`.nar.br`), `none` (`.nar`) and `gzip` — the latter really
+//! gzip-compressed but named `.nar` (a 2.8 quirk), so the method always comes from
+//! the `Compression` field, never from the file name. Concatenated streams (multi-
+//! member gzip, multi-stream xz/bzip2) are read through.
+
+use std::io::Read;
+
+use super::BinaryCacheError;
+
+/// Buffer size of the brotli decoder.
+const BROTLI_BUF: usize = 64 * 1024;
+
+/// The compression methods Nix knows, by their `Compression` name.
+pub const METHODS: &[&str] = &["none", "xz", "zstd", "bzip2", "br", "gzip"];
+
+/// Wraps `compressed` in a decoder for `method` (empty means `none`).
+pub fn decompressor<'a>(
+    method: &str,
+    compressed: Box<dyn Read + 'a>,
+) -> Result<Box<dyn Read + 'a>, BinaryCacheError> {
+    Ok(match method {
+        "" | "none" => compressed,
+        "xz" => Box::new(liblzma::read::XzDecoder::new_multi_decoder(compressed)),
+        "bzip2" => Box::new(bzip2::read::MultiBzDecoder::new(compressed)),
+        "zstd" => Box::new(zstd::stream::read::Decoder::new(compressed).map_err(|e| {
+            BinaryCacheError::Decompression {
+                method: method.to_owned(),
+                message: e.to_string(),
+            }
+        })?),
+        "br" => Box::new(brotli::Decompressor::new(compressed, BROTLI_BUF)),
+        "gzip" => Box::new(flate2::read::MultiGzDecoder::new(compressed)),
+        other => return Err(BinaryCacheError::UnknownCompression(other.to_owned())),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Compresses `data` with `method`, for tests.
+    pub(crate) fn compress(method: &str, data: &[u8]) -> Vec<u8> {
+        match method {
+            "none" => data.to_vec(),
+            "xz" => {
+                let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "bzip2" => {
+                let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "zstd" => zstd::stream::encode_all(data, 3).unwrap(),
+            "br" => {
+                let mut out = Vec::new();
+                {
+                    let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                    e.write_all(data).unwrap();
+                }
+                out
+            }
+            "gzip" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            m => panic!("no such method {m}"),
+        }
+    }
+
+    fn decompress(method: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        decompressor(method, Box::new(data))
+            .unwrap()
+            .read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn every_method_round_trips() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for m in METHODS {
+            let c = compress(m, &data);
+            assert_eq!(decompress(m, &c).unwrap(), data, "{m}");
+        }
+    }
+
+    #[test]
+    fn truncated_streams_fail() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        for m in METHODS.iter().filter(|m| **m != "none") {
+            let c = compress(m, &data);
+            let cut = &c[..c.len() / 2];
+            match decompress(m, cut) {
+                Err(_) => {}
+                Ok(d) => assert!(d.len() < data.len(), "{m} decompressed a truncated stream"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_method() {
+        let e = decompressor("lz4", Box::new(&b""[..])).err().unwrap();
+        assert_eq!(e.to_string(), "unknown compression method 'lz4'");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for m in METHODS.iter().filter(|m| **m != "none") {
+            assert!(
+                decompress(m, b"definitely not compressed data").is_err(),
+                "{m}"
+            );
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! Binary caches as substituters: reading `nix-cache-info`, narinfos and
+//! realisations, and copying a path into the local store. Blocking; no async runtime.
+//!
+//! A binary cache (written by `nix copy --to file://…`) holds:
+//!
+//! * `nix-cache-info`: `Name: value` lines; `StoreDir` (must equal the local store
+//!   directory, else Nix's `binary cache '…' is for Nix stores with prefix '…', not
+//!   '…'`), `WantMassQuery` (`1`/`0`), `Priority` (lower is tried first; 50 when
+//!   absent). A cache without the file is read with the defaults.
+//! * `<hash part>.narinfo` per path ([`crate::narinfo`]); a missing narinfo means
+//!   "no substitute". Answers, present or absent, are remembered for the life of the
+//!   [`BinaryCache`] value.
+//! * `nar/<file hash>.nar<ext>`: the NAR, compressed as the narinfo's `Compression`
+//!   says ([`compression`]).
+//! * `realisations/<drv hash>!<output>.doi`: the JSON realisation of a
+//!   content-addressed derivation output. Nix 2.8 writes them unsigned and accepts
+//!   them so.
+//!
+//! [`BinaryCache::copy_into`] is one stream: transport → (hashing of the compressed
+//! bytes) → decompression → NAR parse and restore into a temporary store path (the
+//! NAR hash computed while parsing) → checks of `NarHash`, `NarSize` and, when the
+//! narinfo has them, `FileHash`/`FileSize` → only then canonicalise, rename into place
+//! and register ([`LocalStore::add_object`]). A mismatch or a truncated download
+//! registers nothing and leaves nothing behind; memory use does not grow with the
+//! NAR. Under `require-sigs` a path is accepted only with a valid signature by a
+//! trusted key or a `CA` that really gives its store path
+//! ([`NarInfo::check_signatures`]).
+//!
+//! URLs: `file:///dir` and `http(s)://host/path`, each with optional `?name=value&…`
+//! parameters: `priority`, `want-mass-query` and `trusted` (`1`/`true`) override the
+//! cache's own values, as in Nix.
+
+pub mod compression;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::hash::{Encoding, HashAlgo, HashSink};
+use crate::nar::NarReadError;
+use crate::narinfo::{NarInfo, NarInfoError};
+use crate::realisation::{DrvOutput, Realisation, RealisationError};
+use crate::signature::PublicKeys;
+use crate::store::{LocalStore, StoreError, ValidPathInfo};
+use crate::store_path::{StoreDir, StorePath};
+
+pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport};
+
+/// Priority of a cache whose `nix-cache-info` does not give one (Nix's default).
+pub const DEFAULT_PRIORITY: u64 = 50;
+
+/// Largest narinfo, `nix-cache-info` or `.doi` file read (they are small text files).
+const MAX_TEXT_FILE: u64 = 16 * 1024 * 1024;
+
+/// Why a binary cache could not be read or a path could not be copied from it.
+#[derive(Debug, Error)]
+pub enum BinaryCacheError {
+    #[error("don't know how to open Nix store '{0}'")]
+    UnsupportedUrl(String),
+    #[error("unable to download '{url}': {message}")]
+    Http { url: String, message: String },
+    #[error("{context} '{path}': {source}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("reading '{file}' from '{uri}': {source}")]
+    Read {
+        uri: String,
+        file: String,
+        source: io::Error,
+    },
+    #[error("invalid file name '{0}' in binary cache")]
+    BadFileName(String),
+    #[error("binary cache '{uri}' is for Nix stores with prefix '{theirs}', not '{ours}'")]
+    WrongStoreDir {
+        uri: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("invalid line '{line}' in 'nix-cache-info' of '{uri}'")]
+    BadCacheInfo { uri: String, line: String },
+    #[error("invalid narinfo '{file}' in '{uri}': {source}")]
+    NarInfo {
+        uri: String,
+        file: String,
+        source: Box<NarInfoError>,
+    },
+    #[error("narinfo '{file}' in '{uri}' is for '{got}', not '{wanted}'")]
+    WrongPath {
+        uri: String,
+        file: String,
+        wanted: String,
+        got: String,
+    },
+    #[error("invalid realisation '{file}' in '{uri}': {source}")]
+    Realisation {
+        uri: String,
+        file: String,
+        source: RealisationError,
+    },
+    #[error("unknown compression method '{0}'")]
+    UnknownCompression(String),
+    #[error("decompressing with '{method}': {message}")]
+    Decompression { method: String, message: String },
+    #[error("substitute for '{path}' is gone from '{uri}'")]
+    Gone { path: String, uri: String },
+    #[error("NAR for '{path}' fetched from '{uri}' is corrupt or incomplete: {source}")]
+    Nar {
+        path: String,
+        uri: String,
+        source: Box<NarReadError>,
+    },
+    #[error(
+        "hash mismatch importing path '{path}';\n  specified: {specified}\n  got:       {got}"
+    )]
+    HashMismatch {
+        path: String,
+        specified: String,
+        got: String,
+    },
+    #[error(
+        "size mismatch importing path '{path}';\n  specified: {specified}\n  got:       {got}"
+    )]
+    SizeMismatch {
+        path: String,
+        specified: u64,
+        got: u64,
+    },
+    #[error("file hash mismatch of the NAR of '{path}' from '{uri}';\n  specified: {specified}\n  got:       {got}")]
+    FileHashMismatch {
+        path: String,
+        uri: String,
+        specified: String,
+        got: String,
+    },
+    #[error("file size mismatch of the NAR of '{path}' from '{uri}';\n  specified: {specified}\n  got:       {got}")]
+    FileSizeMismatch {
+        path: String,
+        uri: String,
+        specified: u64,
+        got: u64,
+    },
+    #[error("cannot add path '{0}' because it lacks a valid signature")]
+    Untrusted(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The contents of `nix-cache-info`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheInfo {
+    pub store_dir: Option<String>,
+    pub want_mass_query: Option<bool>,
+    pub priority: Option<u64>,
+}
+
+impl CacheInfo {
+    /// Parses `nix-cache-info` text; unknown fields are ignored, as in Nix.
+    pub fn parse(uri: &str, text: &str) -> Result<CacheInfo, BinaryCacheError> {
+        let mut info = CacheInfo::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = || BinaryCacheError::BadCacheInfo {
+                uri: uri.to_owned(),
+                line: line.to_owned(),
+            };
+            let (name, value) = line.split_once(':').ok_or_else(bad)?;
+            let value = value.trim();
+            match name.trim() {
+                "StoreDir" => info.store_dir = Some(value.to_owned()),
+                "WantMassQuery" => info.want_mass_query = Some(value == "1"),
+                "Priority" => info.priority = Some(value.parse().map_err(|_| bad())?),
+                _ => {}
+            }
+        }
+        Ok(info)
+    }
+}
+
+/// What a path must show to be accepted (`require-sigs`, `trusted-public-keys`).
+#[derive(Debug, Clone, Default)]
+pub struct TrustPolicy {
+    pub require_sigs: bool,
+    pub keys: PublicKeys,
+}
+
+/// A store URL split into scheme, rest and `?name=value&…` parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    /// The URL without parameters.
+    pub base: String,
+    pub params: BTreeMap<String, String>,
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> StoreUrl {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let params = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (p.to_owned(), String::new()),
+            })
+            .collect();
+        StoreUrl {
+            base: base.to_owned(),
+            params,
+        }
+    }
+
+    fn bool_param(&self, name: &str) -> Option<bool> {
+        self.params
+            .get(name)
+            .map(|v| matches!(v.as_str(), "1" | "true"))
+    }
+}
+
+/// A binary cache (Nix's `BinaryCacheStore`) read through a [`Transport`].
+pub struct BinaryCache {
+    transport: Box<dyn Transport>,
+    store_dir: StoreDir,
+    info: CacheInfo,
+    url: StoreUrl,
+    /// Narinfos (and their absence) by hash part, for the life of this value.
+    narinfos: Mutex<HashMap<String, Option<Arc<NarInfo>>>>,
+}
+
+impl std::fmt::Debug for BinaryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BinaryCache")
+            .field("uri", &self.uri())
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl BinaryCache {
+    /// Opens the cache at `url` (`file://…`, `http://…`, `https://…`) for a store
+    /// in `store_dir`, reading its `nix-cache-info`.
+    pub fn open(
+        url: &str,
+        store_dir: &StoreDir,
+        http: &HttpOptions,
+    ) -> Result<BinaryCache, BinaryCacheError> {
+        let parsed = StoreUrl::parse(url);
+        let transport: Box<dyn Transport> = if let Some(dir) = parsed.base.strip_prefix("file://") {
+            Box::new(FileTransport::new(url, dir))
+        } else if parsed.base.starts_with("http://") || parsed.base.starts_with("https://") {
+            Box::new(HttpTransport::new(url, &parsed.base, http.clone()))
+        } else {
+            return Err(BinaryCacheError::UnsupportedUrl(url.to_owned()));
+        };
+        BinaryCache::with_transport(transport, store_dir)
+    }
+
+    /// Opens a cache over any transport (its URI's parameters still apply).
+    pub fn with_transport(
+        transport: Box<dyn Transport>,
+        store_dir: &StoreDir,
+    ) -> Result<BinaryCache, BinaryCacheError> {
+        let url = StoreUrl::parse(transport.uri());
+        let info = match read_text(transport.as_ref(), "nix-cache-info")? {
+            Some(text) => CacheInfo::parse(transport.uri(), &text)?,
+            None => CacheInfo::default(),
+        };
+        if let Some(theirs) = &info.store_dir {
+            if theirs != store_dir.as_str() {
+                return Err(BinaryCacheError::WrongStoreDir {
+                    uri: transport.uri().to_owned(),
+                    theirs: theirs.clone(),
+                    ours: store_dir.as_str().to_owned(),
+                });
+            }
+        }
+        Ok(BinaryCache {
+            transport,
+            store_dir: store_dir.clone(),
+            info,
+            url,
+            narinfos: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The URL the cache was opened with.
+    pub fn uri(&self) -> &str {
+        self.transport.uri()
+    }
+
+    pub fn cache_info(&self) -> &CacheInfo {
+        &self.info
+    }
+
+    /// `?priority=` if given, else `Priority` from `nix-cache-info`, else 50.
+    pub fn priority(&self) -> u64 {
+        self.url
+            .params
+            .get("priority")
+            .and_then(|p| p.parse().ok())
+            .or(self.info.priority)
+            .unwrap_or(DEFAULT_PRIORITY)
+    }
+
+    /// `?want-mass-query=` if given, else `WantMassQuery` from `nix-cache-info`.
+    pub fn want_mass_query(&self) -> bool {
+        self.url
+            .bool_param("want-mass-query")
+            .or(self.info.want_mass_query)
+            .unwrap_or(false)
+    }
+
+    /// `?trusted=1`: its paths need no signatures.
+    pub fn is_trusted(&self) -> bool {
+        self.url.bool_param("trusted").unwrap_or(false)
+    }
+
+    /// The narinfo of `path`, or `None` when the cache does not have it.
+    pub fn query_narinfo(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<Arc<NarInfo>>, BinaryCacheError> {
+        let key = path.hash_part().to_owned();
+        if let Some(cached) = self.lock_narinfos().get(&key) {
+            return Ok(cached.clone());
+        }
+        let file = format!("{key}.narinfo");
+        let info = match read_text(self.transport.as_ref(), &file)? {
+            None => None,
+            Some(text) => {
+                let info = NarInfo::parse(&text, &self.store_dir).map_err(|source| {
+                    BinaryCacheError::NarInfo {
+                        uri: self.uri().to_owned(),
+                        file: file.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+                if &info.store_path != path {
+                    return Err(BinaryCacheError::WrongPath {
+                        uri: self.uri().to_owned(),
+                        file,
+                        wanted: self.store_dir.print(path),
+                        got: self.store_dir.print(&info.store_path),
+                    });
+                }
+                Some(Arc::new(info))
+            }
+        };
+        self.lock_narinfos().insert(key, info.clone());
+        Ok(info)
+    }
+
+    fn lock_narinfos(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Arc<NarInfo>>>> {
+        self.narinfos.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The realisation of a content-addressed derivation output (`.doi`), unsigned
+    /// ones included.
+    pub fn query_realisation(
+        &self,
+        id: &DrvOutput,
+    ) -> Result<Option<Realisation>, BinaryCacheError> {
+        let file = format!("realisations/{id}.doi");
+        let Some(text) = read_text(self.transport.as_ref(), &file)? else {
+            return Ok(None);
+        };
+        Realisation::from_json(text.as_bytes())
+            .map(Some)
+            .map_err(|source| BinaryCacheError::Realisation {
+                uri: self.uri().to_owned(),
+                file,
+                source,
+            })
+    }
+
+    /// Refuses `info` unless the cache is trusted, signatures are not required, or it
+    /// has a valid signature by a trusted key or a correct `CA`.
+    pub fn check_trust(
+        &self,
+        info: &NarInfo,
+        policy: &TrustPolicy,
+    ) -> Result<(), BinaryCacheError> {
+        check_trust(&self.store_dir, info, self.is_trusted(), policy)
+    }
+
+    /// Downloads, unpacks, checks and registers `path` in `store` (its references
+    /// must already be valid). Returns what was registered; does nothing but return
+    /// the info when the path is already valid.
+    pub fn copy_into(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        policy: &TrustPolicy,
+    ) -> Result<ValidPathInfo, BinaryCacheError> {
+        let printed = self.store_dir.print(path);
+        let gone = || BinaryCacheError::Gone {
+            path: printed.clone(),
+            uri: self.uri().to_owned(),
+        };
+        let narinfo = self.query_narinfo(path)?.ok_or_else(gone)?;
+        self.check_trust(&narinfo, policy)?;
+        let mut info = ValidPathInfo::new(path.clone(), narinfo.nar_hash.clone(), narinfo.nar_size);
+        info.references = narinfo.references.clone();
+        info.deriver = narinfo.deriver.clone();
+        info.sigs = narinfo.signatures.clone();
+        info.ca = narinfo.ca.clone();
+        if store.is_valid_path(path)? {
+            return Ok(info);
+        }
+        let nar_file = self.transport.get(&narinfo.url)?.ok_or_else(gone)?;
+        let mut failure: Option<BinaryCacheError> = None;
+        let r = store.add_object(&info, |tmp| {
+            self.unpack(&narinfo, nar_file, tmp).map_err(|e| {
+                let placeholder = StoreError::InvalidPath(printed.clone());
+                failure = Some(e);
+                placeholder
+            })
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        r?;
+        Ok(info)
+    }
+
+    /// The streaming part of [`copy_into`](Self::copy_into): restores the NAR to
+    /// `target` and checks it against the narinfo.
+    fn unpack(
+        &self,
+        narinfo: &NarInfo,
+        file: CacheFile,
+        target: &std::path::Path,
+    ) -> Result<(), BinaryCacheError> {
+        let path = self.store_dir.print(&narinfo.store_path);
+        let file_algo = narinfo
+            .file_hash
+            .as_ref()
+            .map_or(HashAlgo::Sha256, |h| h.algo());
+        let mut raw = HashingReader {
+            inner: file,
+            sink: HashSink::new(file_algo),
+        };
+        let summary = {
+            let decoder = compression::decompressor(&narinfo.compression, Box::new(&mut raw))?;
+            crate::nar::restore(decoder, target).map_err(|source| BinaryCacheError::Nar {
+                path: path.clone(),
+                uri: self.uri().to_owned(),
+                source: Box::new(source),
+            })?
+        };
+        if summary.nar_hash.algo() != narinfo.nar_hash.algo()
+            || summary.nar_hash != narinfo.nar_hash
+        {
+            return Err(BinaryCacheError::HashMismatch {
+                path,
+                specified: narinfo.nar_hash.to_typed_string(Encoding::Base32),
+                got: summary.nar_hash.to_typed_string(Encoding::Base32),
+            });
+        }
+        if summary.nar_size != narinfo.nar_size {
+            return Err(BinaryCacheError::SizeMismatch {
+                path,
+                specified: narinfo.nar_size,
+                got: summary.nar_size,
+            });
+        }
+        if narinfo.file_hash.is_some() || narinfo.file_size.is_some() {
+            io::copy(&mut raw, &mut io::sink()).map_err(|source| BinaryCacheError::Read {
+                uri: self.uri().to_owned(),
+                file: narinfo.url.clone(),
+                source,
+            })?;
+            let (file_hash, file_size) = raw.sink.finish();
+            if let Some(want) = narinfo.file_size.filter(|s| *s != file_size) {
+                return Err(BinaryCacheError::FileSizeMismatch {
+                    path,
+                    uri: self.uri().to_owned(),
+                    specified: want,
+                    got: file_size,
+                });
+            }
+            if let Some(want) = narinfo.file_hash.as_ref().filter(|h| **h != file_hash) {
+                return Err(BinaryCacheError::FileHashMismatch {
+                    path,
+                    uri: self.uri().to_owned(),
+                    specified: want.to_typed_string(Encoding::Base32),
+                    got: file_hash.to_typed_string(Encoding::Base32),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Nix's check before adding a substitute: refuses `info` unless its source is
+/// `trusted`, signatures are not required, or it has a valid signature by a key of
+/// `policy` or a `CA` that really gives its store path.
+pub fn check_trust(
+    store_dir: &StoreDir,
+    info: &NarInfo,
+    trusted: bool,
+    policy: &TrustPolicy,
+) -> Result<(), BinaryCacheError> {
+    if trusted || !policy.require_sigs {
+        return Ok(());
+    }
+    match info.check_signatures(store_dir, &policy.keys) {
+        Ok(0) | Err(_) => Err(BinaryCacheError::Untrusted(
+            store_dir.print(&info.store_path),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Hashes and counts what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    sink: HashSink,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sink.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Reads a small text file of the cache, `None` when absent.
+fn read_text(t: &dyn Transport, file: &str) -> Result<Option<String>, BinaryCacheError> {
+    let Some(r) = t.get(file)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    r.take(MAX_TEXT_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(|source| BinaryCacheError::Read {
+            uri: t.uri().to_owned(),
+            file: file.to_owned(),
+            source,
+        })?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| BinaryCacheError::Read {
+            uri: t.uri().to_owned(),
+            file: file.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8"),
+        })
+}
+
+#[cfg(test)]
+mod tests;
