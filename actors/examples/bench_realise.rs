@@ -253,7 +253,7 @@ fn realise(
     drover: &Path,
     jobs: Option<u32>,
     paths: &[String],
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Sample> {
     let mut c = match tool {
         Tool::Drover => {
             let mut c = root.cmd(drover);
@@ -275,9 +275,11 @@ fn realise(
     c.args(paths)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&file)?);
+    let cpu_before = children_cpu();
     let start = Instant::now();
     let status = c.status()?;
     let took = start.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu_before);
     if !status.success() {
         let err = std::fs::read_to_string(&file).unwrap_or_default();
         let tail: Vec<&str> = err.lines().rev().take(20).collect();
@@ -287,7 +289,26 @@ fn realise(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    Ok(took)
+    Ok(Sample { wall: took, cpu })
+}
+
+/// One timed run: wall time, and CPU time (user + system) of the tool and every
+/// process it waited for (the builders).
+#[derive(Clone, Copy)]
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// User + system time of all waited-for children of this process so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// One line of the result table.
@@ -295,19 +316,34 @@ struct Row {
     case: String,
     n: usize,
     tool: Tool,
-    times: Vec<Duration>,
+    times: Vec<Sample>,
 }
 
 impl Row {
     fn median(&self) -> Duration {
-        let mut t = self.times.clone();
-        t.sort();
-        let m = t.len() / 2;
-        if t.len() % 2 == 1 {
-            t[m]
-        } else {
-            (t[m - 1] + t[m]) / 2
-        }
+        median(self.times.iter().map(|s| s.wall).collect())
+    }
+
+    fn cpu_median(&self) -> Duration {
+        median(self.times.iter().map(|s| s.cpu).collect())
+    }
+
+    fn min(&self) -> Duration {
+        self.times.iter().map(|s| s.wall).min().unwrap_or_default()
+    }
+
+    fn max(&self) -> Duration {
+        self.times.iter().map(|s| s.wall).max().unwrap_or_default()
+    }
+}
+
+fn median(mut t: Vec<Duration>) -> Duration {
+    t.sort();
+    let m = t.len() / 2;
+    match t.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => t[m],
+        _ => (t[m - 1] + t[m]) / 2,
     }
 }
 
@@ -317,30 +353,39 @@ fn secs(d: Duration) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<12} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>13}",
-        "case", "N", "tool", "runs", "median", "min", "max", "drover/nix"
+        "{:<10} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10}",
+        "case", "N", "tool", "runs", "median", "min", "max", "drover/nix", "cpu", "cpu d/n"
     );
     for r in rows {
         let nix = rows
             .iter()
-            .find(|o| o.case == r.case && o.tool == Tool::Nix)
-            .map(Row::median);
-        let ratio = match (r.tool, nix) {
-            (Tool::Drover, Some(n)) if !n.is_zero() => {
-                format!("{:.2}", r.median().as_secs_f64() / n.as_secs_f64())
+            .find(|o| o.case == r.case && o.tool == Tool::Nix);
+        let ratio = |a: Duration, b: Duration| {
+            if r.tool == Tool::Drover && !b.is_zero() {
+                format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+            } else {
+                String::new()
             }
-            _ => String::new(),
+        };
+        let (wall_ratio, cpu_ratio) = match nix {
+            Some(n) => (
+                ratio(r.median(), n.median()),
+                ratio(r.cpu_median(), n.cpu_median()),
+            ),
+            None => Default::default(),
         };
         println!(
-            "{:<12} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>13}",
+            "{:<10} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10}",
             r.case,
             r.n,
             r.tool.name(),
             r.times.len(),
             secs(r.median()),
-            secs(*r.times.iter().min().unwrap_or(&Duration::ZERO)),
-            secs(*r.times.iter().max().unwrap_or(&Duration::ZERO)),
-            ratio
+            secs(r.min()),
+            secs(r.max()),
+            wall_ratio,
+            secs(r.cpu_median()),
+            cpu_ratio
         );
     }
 }
@@ -413,7 +458,12 @@ fn main() -> anyhow::Result<()> {
             };
             for tool in order {
                 let d = realise(&root, tool, &drover, None, &targets)?;
-                eprintln!("noop run {run}: {} {}", tool.name(), secs(d));
+                eprintln!(
+                    "noop run {run}: {} {} (cpu {})",
+                    tool.name(),
+                    secs(d.wall),
+                    secs(d.cpu)
+                );
                 times[(tool == Tool::Nix) as usize].push(d);
             }
         }
@@ -458,7 +508,12 @@ fn main() -> anyhow::Result<()> {
                     anyhow::ensure!(drvs.len() == build_n, "instantiated {} drvs", drvs.len());
                     let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
                     let d = realise(&root, tool, &drover, Some(j), &targets)?;
-                    eprintln!("build -j{j} run {run}: {} {}", tool.name(), secs(d));
+                    eprintln!(
+                        "build -j{j} run {run}: {} {} (cpu {})",
+                        tool.name(),
+                        secs(d.wall),
+                        secs(d.cpu)
+                    );
                     times[(tool == Tool::Nix) as usize].push(d);
                     used_roots.push(root);
                 }
