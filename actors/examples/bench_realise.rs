@@ -1,9 +1,10 @@
 //! The realisation benchmark: `drover realise` beside Nix 2.8's `nix-store --realise`
 //! on the same generated derivation DAG.
 //!
-//! The DAG is generated from a fixed seed: derivations are laid out in layers of
-//! [`LAYER_WIDTH`]; each derivation after the first layer depends on one derivation
-//! of the layer just before it and on up to two more of any earlier layer. Builders
+//! The DAG is generated from a fixed seed: derivations are laid out in [`LAYERS`]
+//! layers; each derivation after the first layer depends on one derivation of the
+//! layer just before it and on up to two more of the few layers before, near its own
+//! position (see [`Dag::generate`]). Builders
 //! are `/bin/sh -c "echo <i> <input paths> > $out"`, so every input is a real
 //! dependency (the output references it). The expression is a list of all N
 //! derivations, so `nix-instantiate` writes every `.drv`; the paths realised are the
@@ -31,8 +32,12 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-/// Derivations per layer of the generated DAG.
-const LAYER_WIDTH: usize = 50;
+/// Layers of the generated DAG (its depth).
+const LAYERS: usize = 10;
+/// How many layers back a derivation's inputs may come from.
+const REACH: usize = 3;
+/// How far (in positions) from its own position a derivation's inputs are.
+const WINDOW: usize = 4;
 
 #[derive(Parser, Debug)]
 #[command(about = "Time drover realise beside nix-store --realise on a generated DAG")]
@@ -97,18 +102,29 @@ struct Dag {
 }
 
 impl Dag {
+    /// [`LAYERS`] layers of `ceil(n / LAYERS)` derivations. A derivation at position
+    /// `p` of layer `l > 0` depends on one derivation of layer `l - 1` and on up to
+    /// two more of the [`REACH`] layers before it, each within [`WINDOW`] positions
+    /// of `p` (wrapping around). Input closures stay bounded (a cone of at most
+    /// `LAYERS × (2·WINDOW+1)` paths) as N grows, as in real package sets, so the
+    /// figures measure per-derivation overhead rather than ever larger closures.
     fn generate(n: usize, seed: u64) -> Dag {
         let mut rng = Rng(seed);
+        let width = n.div_ceil(LAYERS).max(1);
         let mut inputs = Vec::with_capacity(n);
+        let near = |rng: &mut Rng, layer: usize, pos: usize| {
+            let offset = rng.below(2 * WINDOW + 1);
+            let p = (pos + width * 2 + offset - WINDOW) % width;
+            (layer * width + p).min(n - 1)
+        };
         for i in 0..n {
-            let layer = i / LAYER_WIDTH;
+            let (layer, pos) = (i / width, i % width);
             let mut deps = Vec::new();
             if layer > 0 {
-                let prev = (layer - 1) * LAYER_WIDTH;
-                deps.push(prev + rng.below(LAYER_WIDTH));
-                let extra = rng.below(3);
-                for _ in 0..extra {
-                    let d = rng.below(layer * LAYER_WIDTH);
+                deps.push(near(&mut rng, layer - 1, pos));
+                for _ in 0..rng.below(3) {
+                    let back = 1 + rng.below(REACH.min(layer));
+                    let d = near(&mut rng, layer - back, pos);
                     if !deps.contains(&d) {
                         deps.push(d);
                     }
