@@ -172,6 +172,10 @@ pub struct BuilderProcess {
     pub pty_master: std::os::fd::OwnedFd,
     /// The builder program, for [`exec_failure_log`].
     pub builder: String,
+    /// The same builder as a `posix_spawn` (no fork of this process), when that
+    /// applies ([`spawn::fast_spawn_plan`]); then spawn this rather than `command`
+    /// and drop `command` afterwards (it holds the pty slave).
+    pub fast: Option<spawn::FastSpawn>,
 }
 
 /// What Nix 2.8's forked child writes to the pty when `execve` fails (it then exits
@@ -219,6 +223,7 @@ pub fn build_blocking(
         mut command,
         pty_master,
         builder,
+        fast: _,
     } = process;
     let status = match command.spawn() {
         Ok(mut child) => {
@@ -322,7 +327,8 @@ pub fn prepare(
         gid: u.gid,
         groups: u.groups.clone(),
     });
-    let (command, pty_master) = builder_command(&benv, build_dir.path(), creds)?;
+    let (command, pty_master) = builder_command(&benv, build_dir.path(), creds.clone())?;
+    let fast = spawn::fast_spawn_plan(&benv, build_dir.path(), creds.as_ref(), &pty_master);
     Ok((
         PreparedBuild {
             build_dir,
@@ -333,6 +339,7 @@ pub fn prepare(
             command,
             pty_master,
             builder: benv.builder,
+            fast,
         },
     ))
 }

@@ -224,13 +224,41 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 command,
                 pty_master,
                 builder,
+                fast,
             } = process;
             let start_time = unix_now();
-            let mut command = tokio::process::Command::from(command);
-            let status = match command.spawn() {
-                Ok(mut child) => {
+            // The builder: posix_spawn when it applies (no copy of this process's
+            // page tables), else the forking Command. Either way the command is
+            // dropped once the builder runs, closing our copy of the pty slave.
+            type Wait = std::pin::Pin<
+                Box<dyn std::future::Future<Output = std::io::Result<std::process::ExitStatus>>>,
+            >;
+            let spawned: std::io::Result<(u32, Wait)> = match fast {
+                Some(fast) => {
+                    let r = fast.spawn();
                     drop(command);
-                    let pid = child.id().unwrap_or(0);
+                    r.map(|pid| {
+                        let wait: Wait = Box::pin(async move {
+                            tokio::task::spawn_blocking(move || build::spawn::wait_pid(pid))
+                                .await
+                                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                        });
+                        (pid, wait)
+                    })
+                }
+                None => {
+                    let mut command = tokio::process::Command::from(command);
+                    let r = command.spawn();
+                    drop(command);
+                    r.map(|mut child| {
+                        let pid = child.id().unwrap_or(0);
+                        let wait: Wait = Box::pin(async move { child.wait().await });
+                        (pid, wait)
+                    })
+                }
+            };
+            let status = match spawned {
+                Ok((pid, wait)) => {
                     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
                     let bytes = log.bytes.clone();
                     let reader =
@@ -247,12 +275,11 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     if reader.is_ok() {
                         let _ = done_rx.await;
                     }
-                    let status = child.wait().await;
+                    let status = wait.await;
                     kill_process_group(pid);
                     status.unwrap_or_else(|_| exec_failure_status())
                 }
                 Err(e) => {
-                    drop(command);
                     log.bytes.do_send(LogBytes(exec_failure_log(&builder, &e)));
                     exec_failure_status()
                 }

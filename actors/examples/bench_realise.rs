@@ -1,0 +1,553 @@
+//! The realisation benchmark: `drover realise` beside Nix 2.8's `nix-store --realise`
+//! on the same generated derivation DAG.
+//!
+//! The DAG is generated from a fixed seed: derivations are laid out in [`LAYERS`]
+//! layers; each derivation after the first layer depends on one derivation of the
+//! layer just before it and on up to two more of the few layers before, near its own
+//! position (see [`Dag::generate`]). Builders
+//! are `/bin/sh -c "echo <i> <input paths> > $out"`, so every input is a real
+//! dependency (the output references it). The expression is a list of all N
+//! derivations, so `nix-instantiate` writes every `.drv`; the paths realised are the
+//! sinks (derivations nothing else depends on).
+//!
+//! Cases:
+//! * `noop`: all N outputs are made valid once (by `drover realise`), then the
+//!   sinks are realised again by each tool, several runs each: nothing to build.
+//! * `build -jJ`: a fresh scratch root per run and tool (instantiated from the same
+//!   expression; only the store dir differs), then the sinks are realised with
+//!   `--max-jobs J`: every derivation is built.
+//!
+//! Runs alternate between the tools so that background load hits both alike. Only
+//! the realise command is timed (process start to exit). Output: one table row per
+//! case and tool with the median, min and max wall time and the drover/Nix ratio of
+//! the medians.
+//!
+//! Run with `cargo build --release -p drover-actors --bin drover && cargo run
+//! --release -p drover-actors --example bench_realise -- [--quick]`; see
+//! `docs/benchmarks.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+/// Layers of the generated DAG (its depth).
+const LAYERS: usize = 10;
+/// How many layers back a derivation's inputs may come from.
+const REACH: usize = 3;
+/// How far (in positions) from its own position a derivation's inputs are.
+const WINDOW: usize = 4;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time drover realise beside nix-store --realise on a generated DAG")]
+struct Opts {
+    /// The drover binary (default: `drover` next to this example's directory, i.e.
+    /// `target/release/drover`).
+    #[arg(long)]
+    drover: Option<PathBuf>,
+    /// Small sizes and fewer runs, for a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Derivations in the no-op DAG (default 10000; 1000 with --quick).
+    #[arg(long)]
+    noop_n: Option<usize>,
+    /// Derivations in the build DAG (default 1000; 100 with --quick).
+    #[arg(long)]
+    build_n: Option<usize>,
+    /// Timed runs per tool in the no-op case (default 5; 2 with --quick).
+    #[arg(long)]
+    noop_runs: Option<usize>,
+    /// Timed runs per tool and job count in the build case (default 3; 1 with --quick).
+    #[arg(long)]
+    build_runs: Option<usize>,
+    /// The `--max-jobs` values of the build case.
+    #[arg(long, value_delimiter = ',', default_values_t = [2u32, 1])]
+    jobs: Vec<u32>,
+    /// The seed of the DAG.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Which cases to run.
+    #[arg(long, value_delimiter = ',', default_values = ["noop", "build"])]
+    cases: Vec<String>,
+    /// Where scratch roots go (default: the system temporary directory). A tmpfs
+    /// such as /dev/shm takes the disk file system out of the figures.
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Keep the scratch roots (their paths are printed).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// splitmix64: a small deterministic generator, so the DAG depends only on the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A generated DAG: the inputs of each derivation (indices of earlier ones).
+struct Dag {
+    inputs: Vec<Vec<usize>>,
+}
+
+impl Dag {
+    /// [`LAYERS`] layers of `ceil(n / LAYERS)` derivations. A derivation at position
+    /// `p` of layer `l > 0` depends on one derivation of layer `l - 1` and on up to
+    /// two more of the [`REACH`] layers before it, each within [`WINDOW`] positions
+    /// of `p` (wrapping around). Input closures stay bounded (a cone of at most
+    /// `LAYERS × (2·WINDOW+1)` paths) as N grows, as in real package sets, so the
+    /// figures measure per-derivation overhead rather than ever larger closures.
+    fn generate(n: usize, seed: u64) -> Dag {
+        let mut rng = Rng(seed);
+        let width = n.div_ceil(LAYERS).max(1);
+        let mut inputs = Vec::with_capacity(n);
+        let near = |rng: &mut Rng, layer: usize, pos: usize| {
+            let offset = rng.below(2 * WINDOW + 1);
+            let p = (pos + width * 2 + offset - WINDOW) % width;
+            (layer * width + p).min(n - 1)
+        };
+        for i in 0..n {
+            let (layer, pos) = (i / width, i % width);
+            let mut deps = Vec::new();
+            if layer > 0 {
+                deps.push(near(&mut rng, layer - 1, pos));
+                for _ in 0..rng.below(3) {
+                    let back = 1 + rng.below(REACH.min(layer));
+                    let d = near(&mut rng, layer - back, pos);
+                    if !deps.contains(&d) {
+                        deps.push(d);
+                    }
+                }
+            }
+            inputs.push(deps);
+        }
+        Dag { inputs }
+    }
+
+    /// Derivations no other derivation depends on.
+    fn sinks(&self) -> Vec<usize> {
+        let mut used = vec![false; self.inputs.len()];
+        for deps in &self.inputs {
+            for &d in deps {
+                used[d] = true;
+            }
+        }
+        (0..self.inputs.len()).filter(|&i| !used[i]).collect()
+    }
+
+    fn edges(&self) -> usize {
+        self.inputs.iter().map(Vec::len).sum()
+    }
+
+    /// The Nix expression: a list of all derivations, in index order.
+    fn expression(&self, seed: u64) -> String {
+        let mut s = String::new();
+        s.push_str("let\n  mk = i: deps: derivation {\n    name = \"bench-${toString i}\";\n    system = builtins.currentSystem;\n    builder = \"/bin/sh\";\n");
+        s.push_str(&format!(
+            "    args = [ \"-c\" \"echo ${{toString i}} {seed} ${{toString deps}} > $out\" ];\n  }};\n"
+        ));
+        for (i, deps) in self.inputs.iter().enumerate() {
+            let deps: Vec<String> = deps.iter().map(|d| format!("d{d}")).collect();
+            s.push_str(&format!("  d{i} = mk {i} [ {} ];\n", deps.join(" ")));
+        }
+        s.push_str("in [\n");
+        for i in 0..self.inputs.len() {
+            s.push_str(&format!("  d{i}\n"));
+        }
+        s.push_str("]\n");
+        s
+    }
+}
+
+/// A scratch Nix root (store, state, logs, `nix.conf`), as the test harness makes.
+struct Root {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Root {
+    fn new(parent: &Path, name: &str, keep: bool) -> anyhow::Result<Root> {
+        let dir = parent.join(name);
+        if dir.exists() {
+            remove_tree(&dir);
+        }
+        std::fs::create_dir_all(dir.join("etc"))?;
+        std::fs::write(
+            dir.join("etc/nix.conf"),
+            "sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command\n",
+        )?;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        Ok(Root { dir, keep })
+    }
+
+    fn store_dir(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
+    fn cmd(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_STORE_DIR", self.store_dir())
+            .env("NIX_STATE_DIR", self.dir.join("var/nix"))
+            .env("NIX_LOG_DIR", self.dir.join("var/log/nix"))
+            .env("NIX_CONF_DIR", self.dir.join("etc"))
+            .env("NIX_REMOTE", "")
+            .env("NIX_PATH", "")
+            .env("TMPDIR", self.dir.join("tmp"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Writes the expression and instantiates it: the `.drv` paths in index order.
+    fn instantiate(&self, expr: &str) -> anyhow::Result<Vec<String>> {
+        let file = self.dir.join("dag.nix");
+        std::fs::write(&file, expr)?;
+        let out = self
+            .cmd(Path::new("nix-instantiate"))
+            .arg(&file)
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "nix-instantiate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept scratch root {}", self.dir.display());
+        } else {
+            remove_tree(&self.dir);
+        }
+    }
+}
+
+/// Removes a scratch root; store paths are read-only, so permissions are fixed first.
+fn remove_tree(dir: &Path) {
+    let _ = Command::new("chmod").arg("-R").arg("u+w").arg(dir).status();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Tool {
+    Drover,
+    Nix,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Drover => "drover",
+            Tool::Nix => "nix-2.8",
+        }
+    }
+}
+
+/// Runs one realisation of `paths` and returns its wall time; fails on a nonzero exit.
+fn realise(
+    root: &Root,
+    tool: Tool,
+    drover: &Path,
+    jobs: Option<u32>,
+    paths: &[String],
+) -> anyhow::Result<Sample> {
+    let mut c = match tool {
+        Tool::Drover => {
+            let mut c = root.cmd(drover);
+            c.arg("realise");
+            c
+        }
+        Tool::Nix => {
+            let mut c = root.cmd(Path::new("nix-store"));
+            c.arg("--realise");
+            c
+        }
+    };
+    if let Some(j) = jobs {
+        c.arg("--max-jobs").arg(j.to_string());
+    }
+    // Builder output goes to the logs only (`-Q` in both tools).
+    c.arg("--no-build-output");
+    let file = root.dir.join("realise.stderr");
+    c.args(paths)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&file)?);
+    let cpu_before = children_cpu();
+    let start = Instant::now();
+    let status = c.status()?;
+    let took = start.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu_before);
+    if !status.success() {
+        let err = std::fs::read_to_string(&file).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(20).collect();
+        anyhow::bail!(
+            "{} realise failed with {status}:\n{}",
+            tool.name(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(Sample { wall: took, cpu })
+}
+
+/// One timed run: wall time, and CPU time (user + system) of the tool and every
+/// process it waited for (the builders).
+#[derive(Clone, Copy)]
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// User + system time of all waited-for children of this process so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One line of the result table.
+struct Row {
+    case: String,
+    n: usize,
+    tool: Tool,
+    times: Vec<Sample>,
+}
+
+impl Row {
+    fn median(&self) -> Duration {
+        median(self.times.iter().map(|s| s.wall).collect())
+    }
+
+    fn cpu_median(&self) -> Duration {
+        median(self.times.iter().map(|s| s.cpu).collect())
+    }
+
+    fn min(&self) -> Duration {
+        self.times.iter().map(|s| s.wall).min().unwrap_or_default()
+    }
+
+    fn max(&self) -> Duration {
+        self.times.iter().map(|s| s.wall).max().unwrap_or_default()
+    }
+}
+
+fn median(mut t: Vec<Duration>) -> Duration {
+    t.sort();
+    let m = t.len() / 2;
+    match t.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => t[m],
+        _ => (t[m - 1] + t[m]) / 2,
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<10} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10}",
+        "case", "N", "tool", "runs", "median", "min", "max", "drover/nix", "cpu", "cpu d/n"
+    );
+    for r in rows {
+        let nix = rows
+            .iter()
+            .find(|o| o.case == r.case && o.tool == Tool::Nix);
+        let ratio = |a: Duration, b: Duration| {
+            if r.tool == Tool::Drover && !b.is_zero() {
+                format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+            } else {
+                String::new()
+            }
+        };
+        let (wall_ratio, cpu_ratio) = match nix {
+            Some(n) => (
+                ratio(r.median(), n.median()),
+                ratio(r.cpu_median(), n.cpu_median()),
+            ),
+            None => Default::default(),
+        };
+        println!(
+            "{:<10} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10}",
+            r.case,
+            r.n,
+            r.tool.name(),
+            r.times.len(),
+            secs(r.median()),
+            secs(r.min()),
+            secs(r.max()),
+            wall_ratio,
+            secs(r.cpu_median()),
+            cpu_ratio
+        );
+    }
+}
+
+fn default_drover() -> anyhow::Result<PathBuf> {
+    // target/release/examples/bench_realise → target/release/drover
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory from {exe:?}"))?;
+    Ok(dir.join("drover"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = Opts::parse();
+    let drover = match &o.drover {
+        Some(p) => p.clone(),
+        None => default_drover()?,
+    };
+    if !drover.is_file() {
+        anyhow::bail!(
+            "no drover binary at {} (build it with `cargo build --release -p drover-actors --bin drover`, or pass --drover)",
+            drover.display()
+        );
+    }
+    let noop_n = o.noop_n.unwrap_or(if o.quick { 1000 } else { 10_000 });
+    let build_n = o.build_n.unwrap_or(if o.quick { 100 } else { 1000 });
+    let noop_runs = o.noop_runs.unwrap_or(if o.quick { 2 } else { 5 }).max(1);
+    let build_runs = o.build_runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
+    let scratch = match &o.scratch {
+        Some(s) => s.clone(),
+        None => std::env::temp_dir().join(format!("drover-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&scratch)?;
+    eprintln!(
+        "drover: {}; scratch: {}",
+        drover.display(),
+        scratch.display()
+    );
+    let mut rows = Vec::new();
+
+    if o.cases.iter().any(|c| c == "noop") {
+        let dag = Dag::generate(noop_n, o.seed);
+        let sinks = dag.sinks();
+        eprintln!(
+            "noop: {noop_n} derivations, {} edges, {} sinks",
+            dag.edges(),
+            sinks.len()
+        );
+        let root = Root::new(&scratch, "noop", o.keep)?;
+        let t = Instant::now();
+        let drvs = root.instantiate(&dag.expression(o.seed))?;
+        anyhow::ensure!(drvs.len() == noop_n, "instantiated {} drvs", drvs.len());
+        eprintln!("noop: instantiated in {}", secs(t.elapsed()));
+        let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
+        let t = Instant::now();
+        realise(&root, Tool::Drover, &drover, Some(2), &targets)?;
+        eprintln!(
+            "noop: built all outputs with drover -j2 in {}",
+            secs(t.elapsed())
+        );
+        let mut times = [Vec::new(), Vec::new()];
+        for run in 0..noop_runs {
+            // Alternate which tool goes first.
+            let order = if run % 2 == 0 {
+                [Tool::Drover, Tool::Nix]
+            } else {
+                [Tool::Nix, Tool::Drover]
+            };
+            for tool in order {
+                let d = realise(&root, tool, &drover, None, &targets)?;
+                eprintln!(
+                    "noop run {run}: {} {} (cpu {})",
+                    tool.name(),
+                    secs(d.wall),
+                    secs(d.cpu)
+                );
+                times[(tool == Tool::Nix) as usize].push(d);
+            }
+        }
+        for (tool, t) in [Tool::Drover, Tool::Nix].into_iter().zip(times) {
+            rows.push(Row {
+                case: "noop".into(),
+                n: noop_n,
+                tool,
+                times: t,
+            });
+        }
+    }
+
+    if o.cases.iter().any(|c| c == "build") {
+        let dag = Dag::generate(build_n, o.seed);
+        let sinks = dag.sinks();
+        let expr = dag.expression(o.seed);
+        eprintln!(
+            "build: {build_n} derivations, {} edges, {} sinks",
+            dag.edges(),
+            sinks.len()
+        );
+        // Roots are removed only after the case: deleting thousands of files right
+        // before the next timed run makes the file system's inode allocation slower
+        // for whichever tool runs next.
+        let mut used_roots = Vec::new();
+        for &j in &o.jobs {
+            let mut times = [Vec::new(), Vec::new()];
+            for run in 0..build_runs {
+                let order = if run % 2 == 0 {
+                    [Tool::Drover, Tool::Nix]
+                } else {
+                    [Tool::Nix, Tool::Drover]
+                };
+                for tool in order {
+                    let root = Root::new(
+                        &scratch,
+                        &format!("build-j{j}-{run}-{}", tool.name()),
+                        o.keep,
+                    )?;
+                    let drvs = root.instantiate(&expr)?;
+                    anyhow::ensure!(drvs.len() == build_n, "instantiated {} drvs", drvs.len());
+                    let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
+                    let d = realise(&root, tool, &drover, Some(j), &targets)?;
+                    eprintln!(
+                        "build -j{j} run {run}: {} {} (cpu {})",
+                        tool.name(),
+                        secs(d.wall),
+                        secs(d.cpu)
+                    );
+                    times[(tool == Tool::Nix) as usize].push(d);
+                    used_roots.push(root);
+                }
+            }
+            for (tool, t) in [Tool::Drover, Tool::Nix].into_iter().zip(times) {
+                rows.push(Row {
+                    case: format!("build -j{j}"),
+                    n: build_n,
+                    tool,
+                    times: t,
+                });
+            }
+        }
+    }
+
+    if !o.keep {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    print_table(&rows);
+    Ok(())
+}
