@@ -437,6 +437,26 @@ impl Settings {
         Ok(s)
     }
 
+    /// Settings for a self-contained store rooted in `dir` — the store at
+    /// `<dir>/store`, state in `<dir>/var/nix`, logs in `<dir>/var/log/nix`, no
+    /// `nix.conf` read from outside, builds as the invoking user — plus the
+    /// `nix.conf` lines in `extra_config`. For tests, examples and scratch stores.
+    pub fn for_root(dir: &Path, extra_config: &str) -> Result<Settings, ConfigError> {
+        let path = |p: &str| dir.join(p).display().to_string();
+        let env: Env = [
+            ("NIX_STORE_DIR", path("store")),
+            ("NIX_STATE_DIR", path("var/nix")),
+            ("NIX_LOG_DIR", path("var/log/nix")),
+            ("NIX_CONF_DIR", path("etc")),
+            ("NIX_USER_CONF_FILES", String::new()),
+            ("NIX_CONFIG", format!("build-users-group =\n{extra_config}")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Settings::load(&env, &[])
+    }
+
     /// [`Settings::load`] with the process environment.
     pub fn from_process_env(options: &[(String, String)]) -> Result<Settings, ConfigError> {
         let env: Env = std::env::vars().collect();

@@ -383,22 +383,9 @@ pub fn substituters_from_settings(settings: &Settings) -> (Vec<Arc<dyn Substitut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover::config::Env;
 
     fn settings(dir: &std::path::Path, conf: &str) -> Settings {
-        let mut env = Env::new();
-        env.insert(
-            "NIX_STORE_DIR".into(),
-            dir.join("store").display().to_string(),
-        );
-        env.insert(
-            "NIX_STATE_DIR".into(),
-            dir.join("var/nix").display().to_string(),
-        );
-        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
-        env.insert("NIX_USER_CONF_FILES".into(), String::new());
-        env.insert("NIX_CONFIG".into(), format!("build-users-group =\n{conf}"));
-        Settings::load(&env, &[]).unwrap()
+        Settings::for_root(dir, conf).unwrap()
     }
 
     fn cache(dir: &std::path::Path, store_dir: &str, priority: u64) -> String {

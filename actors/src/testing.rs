@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use drover::build_result::{BuildResult, BuildStatus};
-use drover::config::{Env, Settings};
+use drover::config::Settings;
 use drover::derivation::{Derivation, DerivationOutput, DrvHashCache};
 use drover::store::{LocalStore, StoreError, ValidPathInfo};
 use drover::store_path::StorePath;
@@ -33,26 +33,8 @@ impl TestStore {
     /// Opens a store at `<dir>/store` with state in `<dir>/var/nix`, CA derivations
     /// enabled and no build users.
     pub fn open(dir: &Path) -> TestStore {
-        let mut env = Env::new();
-        env.insert(
-            "NIX_STORE_DIR".into(),
-            dir.join("store").display().to_string(),
-        );
-        env.insert(
-            "NIX_STATE_DIR".into(),
-            dir.join("var/nix").display().to_string(),
-        );
-        env.insert(
-            "NIX_LOG_DIR".into(),
-            dir.join("var/log").display().to_string(),
-        );
-        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
-        env.insert("NIX_USER_CONF_FILES".into(), String::new());
-        env.insert(
-            "NIX_CONFIG".into(),
-            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
-        );
-        let settings = Settings::load(&env, &[]).expect("test settings");
+        let settings = Settings::for_root(dir, "experimental-features = ca-derivations\n")
+            .expect("test settings");
         let store = Arc::new(LocalStore::open(&settings).expect("test store"));
         TestStore {
             store,

@@ -4,29 +4,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::compression::tests::compress;
 use super::compression::METHODS;
 use super::*;
-use crate::config::{Env, Settings};
+use crate::config::Settings;
 use crate::signature::SecretKey;
 use crate::store_path::StorePathSet;
 
 const SEC: &str = "test-1:Nvn6NRB7SAHVjEvqBqkeFyPFatKtlwQ4gSHv4gtbDZ0uM+PLlZ3Nz2SoWC20BCAHiyjXOUmXx2l8sz/WUZoNtQ==";
 
 fn store(dir: &Path) -> LocalStore {
-    let mut env = Env::new();
-    env.insert(
-        "NIX_STORE_DIR".into(),
-        dir.join("store").display().to_string(),
-    );
-    env.insert(
-        "NIX_STATE_DIR".into(),
-        dir.join("var/nix").display().to_string(),
-    );
-    env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
-    env.insert("NIX_USER_CONF_FILES".into(), String::new());
-    env.insert(
-        "NIX_CONFIG".into(),
-        "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
-    );
-    LocalStore::open(&Settings::load(&env, &[]).unwrap()).unwrap()
+    let settings = Settings::for_root(dir, "experimental-features = ca-derivations\n").unwrap();
+    LocalStore::open(&settings).unwrap()
 }
 
 fn ext(method: &str) -> &'static str {

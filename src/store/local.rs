@@ -942,25 +942,10 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Env;
 
     fn store(dir: &Path) -> LocalStore {
-        let mut env = Env::new();
-        env.insert(
-            "NIX_STORE_DIR".into(),
-            dir.join("store").display().to_string(),
-        );
-        env.insert(
-            "NIX_STATE_DIR".into(),
-            dir.join("var/nix").display().to_string(),
-        );
-        env.insert("NIX_CONF_DIR".into(), dir.join("etc").display().to_string());
-        env.insert("NIX_USER_CONF_FILES".into(), String::new());
-        env.insert(
-            "NIX_CONFIG".into(),
-            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
-        );
-        LocalStore::open(&Settings::load(&env, &[]).unwrap()).unwrap()
+        let settings = Settings::for_root(dir, "experimental-features = ca-derivations\n").unwrap();
+        LocalStore::open(&settings).unwrap()
     }
 
     fn info(s: &LocalStore, name: &str, refs: &[&StorePath]) -> ValidPathInfo {
