@@ -127,7 +127,7 @@ impl PathSubstitutionGoal {
                     }
                     if self.untrusted(&info, ctx) {
                         let mut fx = vec![Effect::Message(format!(
-                            "warning: ignoring substitute for '{}' from '{}', as it's not signed by any of the keys in 'trusted-public-keys'",
+                            "warning: the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
                             ctx.store_dir.print(&self.path),
                             Self::uri(ctx, self.current_sub.unwrap_or(0))
                         ))];
@@ -495,7 +495,7 @@ mod tests {
         };
         let (fx, failed) = run(false);
         assert!(
-            fx.contains("as it's not signed by any of the keys in 'trusted-public-keys'"),
+            fx.contains("' is not signed by any of the keys in 'trusted-public-keys'"),
             "{fx}"
         );
         assert!(fx.contains("Done(NoSubstituters"), "{fx}");

@@ -1,0 +1,513 @@
+//! The substitution benchmark: `drover realise` beside Nix 2.8's `nix-store --realise`
+//! fetching the same paths from the same binary caches.
+//!
+//! Setup (once, with Nix 2.8, in a scratch root `<scratch>/root`):
+//! * `small`: N (default 1000) trivial derivations, `/bin/sh -c "echo <i> > $out"`;
+//! * `big`: M (default 20) derivations of 20 MB each from `/dev/urandom` (builders
+//!   have no `PATH`, so `/usr/bin/head` is named absolutely; the sandbox is off).
+//!
+//! All outputs are built, a signing key is made with `nix-store
+//! --generate-binary-cache-key`, and `nix copy` writes two signed caches, one with
+//! `compression=xz` and one with `compression=zstd`. The caches are then served two
+//! ways: `file://<dir>` and `http://127.0.0.1:<port>/<dir>` from a `python3 -m
+//! http.server` on a free loopback port that this program starts and stops.
+//!
+//! Timed runs: for each case × cache × transport × tool, the scratch root's store and
+//! state are wiped (the store dir must stay the cache's `StoreDir`), `nix.conf` names
+//! the one substituter and its public key, and all the case's output paths are
+//! realised with `--max-jobs 0` (nothing may be built). Runs alternate which tool goes
+//! first. Only the realise command is timed (process start to exit).
+//!
+//! Output: one row per case, transport, compression and tool with the median wall
+//! time, paths/s, NAR MB/s (the narinfos' `NarSize` summed, per second; 1 MB = 10^6
+//! bytes) and the drover/Nix ratio of the medians (below 1: drover is faster).
+//!
+//! Run with `cargo build --release -p drover-actors --bin drover && cargo run
+//! --release -p drover-actors --example bench_substitute -- [--quick]`; see
+//! `docs/benchmarks.md`.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time drover realise beside nix-store --realise substituting from binary caches")]
+struct Opts {
+    /// The drover binary (default: `target/release/drover`, next to this example's
+    /// directory).
+    #[arg(long)]
+    drover: Option<PathBuf>,
+    /// Small sizes and one run, for a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Paths in the `small` case (default 1000; 100 with --quick).
+    #[arg(long)]
+    small_n: Option<usize>,
+    /// Paths in the `big` case (default 20; 3 with --quick).
+    #[arg(long)]
+    big_n: Option<usize>,
+    /// Bytes of each `big` path (default 20000000).
+    #[arg(long, default_value_t = 20_000_000)]
+    big_bytes: u64,
+    /// Timed runs per row (default 3; 1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Which cases to run.
+    #[arg(long, value_delimiter = ',', default_values = ["small", "big"])]
+    cases: Vec<String>,
+    /// Which compressions to run.
+    #[arg(long, value_delimiter = ',', default_values = ["xz", "zstd"])]
+    compressions: Vec<String>,
+    /// Which transports to run.
+    #[arg(long, value_delimiter = ',', default_values = ["file", "http"])]
+    transports: Vec<String>,
+    /// Where the scratch root and caches go (default: the system temporary
+    /// directory).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Keep the scratch directory (its path is printed).
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Tool {
+    Drover,
+    Nix,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Drover => "drover",
+            Tool::Nix => "nix-2.8",
+        }
+    }
+}
+
+/// The scratch Nix root: one store dir for building, the caches and every timed run.
+struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    fn store_dir(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
+    /// Empties the store and state and writes `nix.conf` with `extra` lines.
+    fn reset(&self, extra: &str) -> anyhow::Result<()> {
+        for d in ["store", "var", "tmp"] {
+            remove_tree(&self.dir.join(d));
+        }
+        std::fs::create_dir_all(self.dir.join("etc"))?;
+        std::fs::create_dir_all(self.dir.join("tmp"))?;
+        std::fs::write(
+            self.dir.join("etc/nix.conf"),
+            format!(
+                "sandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n{extra}\n"
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn cmd(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_STORE_DIR", self.store_dir())
+            .env("NIX_STATE_DIR", self.dir.join("var/nix"))
+            .env("NIX_LOG_DIR", self.dir.join("var/log/nix"))
+            .env("NIX_CONF_DIR", self.dir.join("etc"))
+            .env("NIX_REMOTE", "")
+            .env("NIX_PATH", "")
+            .env("TMPDIR", self.dir.join("tmp"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a setup command; its stdout lines, or an error with its stderr.
+    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let out = self
+            .cmd(Path::new(program))
+            .args(args)
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{program} {} failed: {}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+}
+
+/// Removes a tree; store paths are read-only, so permissions are fixed first.
+fn remove_tree(dir: &Path) {
+    if dir.exists() {
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(dir).status();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// One case's paths, built once and then copied to every cache.
+struct Case {
+    name: &'static str,
+    outs: Vec<String>,
+}
+
+fn expression(case: &str, n: usize, big_bytes: u64) -> String {
+    let script = match case {
+        "small" => r#""echo ${toString i} > $out""#.to_owned(),
+        // `i` goes into the script so every derivation (and output) differs.
+        _ => format!(r##""# ${{toString i}}\n/usr/bin/head -c {big_bytes} /dev/urandom > $out""##),
+    };
+    format!(
+        r#"builtins.genList (i: derivation {{
+  name = "{case}-${{toString i}}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" {script} ];
+}}) {n}
+"#
+    )
+}
+
+/// Sums `NarSize` over the narinfos of a cache directory.
+fn nar_bytes(cache: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(cache)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "narinfo") {
+            let text = std::fs::read_to_string(&p)?;
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("NarSize: "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("no NarSize in {}", p.display()))?;
+        }
+    }
+    Ok(total)
+}
+
+/// A `python3 -m http.server` on a free loopback port, serving `dir`; stopped on drop.
+struct HttpServer {
+    child: Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn start(dir: &Path) -> anyhow::Result<HttpServer> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg("--directory")
+            .arg(dir)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut server = HttpServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                let _ = server.child.kill();
+                anyhow::bail!("the HTTP server did not start on port {port}");
+            }
+            if let Some(status) = server.child.try_wait()? {
+                anyhow::bail!("the HTTP server exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Realises `paths` into the emptied root from `url`; the wall time.
+fn realise(
+    root: &Root,
+    tool: Tool,
+    drover: &Path,
+    url: &str,
+    public_key: &str,
+    paths: &[String],
+) -> anyhow::Result<Duration> {
+    root.reset(&format!(
+        "substituters = {url}\ntrusted-public-keys = {public_key}\n"
+    ))?;
+    let mut c = match tool {
+        Tool::Drover => {
+            let mut c = root.cmd(drover);
+            c.arg("realise");
+            c
+        }
+        Tool::Nix => {
+            let mut c = root.cmd(Path::new("nix-store"));
+            c.arg("--realise");
+            c
+        }
+    };
+    let file = root.dir.join("realise.stderr");
+    c.args(["--max-jobs", "0"])
+        .args(paths)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&file)?);
+    let start = Instant::now();
+    let status = c.status()?;
+    let took = start.elapsed();
+    if !status.success() {
+        let err = std::fs::read_to_string(&file).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(20).collect();
+        anyhow::bail!(
+            "{} realise from {url} failed with {status}:\n{}",
+            tool.name(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    // Every path must now be in the store.
+    if let Some(missing) = paths.iter().find(|p| !Path::new(p).exists()) {
+        anyhow::bail!("{} did not realise {missing}", tool.name());
+    }
+    Ok(took)
+}
+
+/// One line of the result table.
+struct Row {
+    case: &'static str,
+    transport: String,
+    compression: String,
+    tool: Tool,
+    paths: usize,
+    nar_bytes: u64,
+    times: Vec<Duration>,
+}
+
+impl Row {
+    fn median(&self) -> Duration {
+        let mut t = self.times.clone();
+        t.sort();
+        let m = t.len() / 2;
+        match t.len() {
+            0 => Duration::ZERO,
+            n if n % 2 == 1 => t[m],
+            _ => (t[m - 1] + t[m]) / 2,
+        }
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<6} {:>5} {:<5} {:<5} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10}",
+        "case",
+        "paths",
+        "trans",
+        "comp",
+        "tool",
+        "runs",
+        "median",
+        "paths/s",
+        "NAR MB/s",
+        "drover/nix"
+    );
+    for r in rows {
+        let secs = r.median().as_secs_f64();
+        let nix = rows.iter().find(|o| {
+            o.case == r.case
+                && o.transport == r.transport
+                && o.compression == r.compression
+                && o.tool == Tool::Nix
+        });
+        let ratio = match nix {
+            Some(n) if r.tool == Tool::Drover && !n.median().is_zero() => {
+                format!("{:.2}", secs / n.median().as_secs_f64())
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<6} {:>5} {:<5} {:<5} {:<8} {:>4} {:>8.3}s {:>9.1} {:>9.2} {:>10}",
+            r.case,
+            r.paths,
+            r.transport,
+            r.compression,
+            r.tool.name(),
+            r.times.len(),
+            secs,
+            r.paths as f64 / secs,
+            r.nar_bytes as f64 / 1e6 / secs,
+            ratio
+        );
+    }
+}
+
+fn default_drover() -> anyhow::Result<PathBuf> {
+    // target/release/examples/bench_substitute → target/release/drover
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory from {exe:?}"))?;
+    Ok(dir.join("drover"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = Opts::parse();
+    let drover = match &o.drover {
+        Some(p) => p.clone(),
+        None => default_drover()?,
+    };
+    if !drover.is_file() {
+        anyhow::bail!(
+            "no drover binary at {} (build it with `cargo build --release -p drover-actors --bin drover`, or pass --drover)",
+            drover.display()
+        );
+    }
+    let small_n = o.small_n.unwrap_or(if o.quick { 100 } else { 1000 });
+    let big_n = o.big_n.unwrap_or(if o.quick { 3 } else { 20 });
+    let runs = o.runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
+    let scratch = match &o.scratch {
+        Some(s) => s.clone(),
+        None => std::env::temp_dir().join(format!("drover-bench-subst-{}", std::process::id())),
+    };
+    remove_tree(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    eprintln!(
+        "drover: {}; scratch: {}",
+        drover.display(),
+        scratch.display()
+    );
+    let root = Root {
+        dir: scratch.join("root"),
+    };
+    root.reset("substituters =")?;
+
+    // Build every case's outputs with Nix.
+    let mut cases = Vec::new();
+    for (name, n) in [("small", small_n), ("big", big_n)] {
+        if !o.cases.iter().any(|c| c == name) {
+            continue;
+        }
+        let t = Instant::now();
+        let file = root.dir.join(format!("{name}.nix"));
+        std::fs::write(&file, expression(name, n, o.big_bytes))?;
+        let drvs = root.run("nix-instantiate", &[file.to_str().unwrap_or_default()])?;
+        anyhow::ensure!(drvs.len() == n, "instantiated {} drvs", drvs.len());
+        let mut args = vec!["--realise", "--max-jobs", "2"];
+        args.extend(drvs.iter().map(String::as_str));
+        let outs = root.run("nix-store", &args)?;
+        anyhow::ensure!(outs.len() == n, "built {} outputs", outs.len());
+        eprintln!(
+            "{name}: built {n} paths in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        cases.push(Case { name, outs });
+    }
+
+    // The signing key and one signed cache per case and compression.
+    let (sk, pk) = (scratch.join("key.sec"), scratch.join("key.pub"));
+    root.run(
+        "nix-store",
+        &[
+            "--generate-binary-cache-key",
+            "bench-1",
+            sk.to_str().unwrap_or_default(),
+            pk.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let public_key = std::fs::read_to_string(&pk)?.trim().to_owned();
+    let caches = scratch.join("caches");
+    for case in &cases {
+        for comp in &o.compressions {
+            let t = Instant::now();
+            let dir = caches.join(format!("{}-{comp}", case.name));
+            // Random data does not compress: single-threaded xz takes minutes on
+            // the big case, so Nix's multi-threaded xz is asked for.
+            let to = format!(
+                "file://{}?compression={comp}&parallel-compression=true&secret-key={}",
+                dir.display(),
+                sk.display()
+            );
+            let mut args = vec!["copy", "--to", to.as_str()];
+            args.extend(case.outs.iter().map(String::as_str));
+            root.run("nix", &args)?;
+            eprintln!(
+                "{}: wrote the {comp} cache in {:.1}s",
+                case.name,
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let server = if o.transports.iter().any(|t| t == "http") {
+        Some(HttpServer::start(&caches)?)
+    } else {
+        None
+    };
+
+    let mut rows = Vec::new();
+    for case in &cases {
+        for comp in &o.compressions {
+            let dir = caches.join(format!("{}-{comp}", case.name));
+            let nar = nar_bytes(&dir)?;
+            for transport in &o.transports {
+                let url = match (transport.as_str(), &server) {
+                    ("file", _) => format!("file://{}", dir.display()),
+                    ("http", Some(s)) => {
+                        format!("http://127.0.0.1:{}/{}-{comp}", s.port, case.name)
+                    }
+                    _ => anyhow::bail!("unknown transport {transport}"),
+                };
+                let mut times = [Vec::new(), Vec::new()];
+                for run in 0..runs {
+                    let order = if run % 2 == 0 {
+                        [Tool::Drover, Tool::Nix]
+                    } else {
+                        [Tool::Nix, Tool::Drover]
+                    };
+                    for tool in order {
+                        let d = realise(&root, tool, &drover, &url, &public_key, &case.outs)?;
+                        eprintln!(
+                            "{} {transport} {comp} run {run}: {} {:.3}s",
+                            case.name,
+                            tool.name(),
+                            d.as_secs_f64()
+                        );
+                        times[(tool == Tool::Nix) as usize].push(d);
+                    }
+                }
+                for (tool, times) in [Tool::Drover, Tool::Nix].into_iter().zip(times) {
+                    rows.push(Row {
+                        case: case.name,
+                        transport: transport.clone(),
+                        compression: comp.clone(),
+                        tool,
+                        paths: case.outs.len(),
+                        nar_bytes: nar,
+                        times,
+                    });
+                }
+            }
+        }
+    }
+    drop(server);
+    if o.keep {
+        eprintln!("kept scratch directory {}", scratch.display());
+    } else {
+        remove_tree(&scratch);
+    }
+    print_table(&rows);
+    Ok(())
+}
