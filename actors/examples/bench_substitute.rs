@@ -434,8 +434,9 @@ fn main() -> anyhow::Result<()> {
         for comp in &o.compressions {
             let t = Instant::now();
             let dir = caches.join(format!("{}-{comp}", case.name));
-            // Random data does not compress: single-threaded xz takes minutes on
-            // the big case, so Nix's multi-threaded xz is asked for.
+            // Random data does not compress and xz of the big case takes minutes.
+            // Nix's multi-threaded xz is asked for, but it made no measurable
+            // difference here (see docs/benchmarks.md).
             let to = format!(
                 "file://{}?compression={comp}&parallel-compression=true&secret-key={}",
                 dir.display(),
