@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod common;
+use common::{drover_binary, remove_tree, Tool};
+
 /// Layers of the generated DAG (its depth).
 const LAYERS: usize = 10;
 /// How many layers back a derivation's inputs may come from.
@@ -241,27 +244,6 @@ impl Drop for Root {
     }
 }
 
-/// Removes a scratch root; store paths are read-only, so permissions are fixed first.
-fn remove_tree(dir: &Path) {
-    let _ = Command::new("chmod").arg("-R").arg("u+w").arg(dir).status();
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Tool {
-    Drover,
-    Nix,
-}
-
-impl Tool {
-    fn name(self) -> &'static str {
-        match self {
-            Tool::Drover => "drover",
-            Tool::Nix => "nix-2.8",
-        }
-    }
-}
-
 /// Runs one realisation of `paths` and returns its wall time; fails on a nonzero exit.
 fn realise(
     root: &Root,
@@ -406,28 +388,9 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn default_drover() -> anyhow::Result<PathBuf> {
-    // target/release/examples/bench_realise → target/release/drover
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory from {exe:?}"))?;
-    Ok(dir.join("drover"))
-}
-
 fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
-    let drover = match &o.drover {
-        Some(p) => p.clone(),
-        None => default_drover()?,
-    };
-    if !drover.is_file() {
-        anyhow::bail!(
-            "no drover binary at {} (build it with `cargo build --release -p drover-actors --bin drover`, or pass --drover)",
-            drover.display()
-        );
-    }
+    let drover = drover_binary(o.drover.as_deref())?;
     let noop_n = o.noop_n.unwrap_or(if o.quick { 1000 } else { 10_000 });
     let build_n = o.build_n.unwrap_or(if o.quick { 100 } else { 1000 });
     let noop_runs = o.noop_runs.unwrap_or(if o.quick { 2 } else { 5 }).max(1);

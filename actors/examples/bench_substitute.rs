@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod common;
+use common::{drover_binary, remove_tree, Tool};
+
 #[derive(Parser, Debug)]
 #[command(about = "Time drover realise beside nix-store --realise substituting from binary caches")]
 struct Opts {
@@ -71,21 +74,6 @@ struct Opts {
     /// Keep the scratch directory (its path is printed).
     #[arg(long)]
     keep: bool,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Tool {
-    Drover,
-    Nix,
-}
-
-impl Tool {
-    fn name(self) -> &'static str {
-        match self {
-            Tool::Drover => "drover",
-            Tool::Nix => "nix-2.8",
-        }
-    }
 }
 
 /// The scratch Nix root: one store dir for building, the caches and every timed run.
@@ -146,14 +134,6 @@ impl Root {
             .map(|l| l.trim().to_owned())
             .filter(|l| !l.is_empty())
             .collect())
-    }
-}
-
-/// Removes a tree; store paths are read-only, so permissions are fixed first.
-fn remove_tree(dir: &Path) {
-    if dir.exists() {
-        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(dir).status();
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -354,28 +334,9 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn default_drover() -> anyhow::Result<PathBuf> {
-    // target/release/examples/bench_substitute → target/release/drover
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory from {exe:?}"))?;
-    Ok(dir.join("drover"))
-}
-
 fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
-    let drover = match &o.drover {
-        Some(p) => p.clone(),
-        None => default_drover()?,
-    };
-    if !drover.is_file() {
-        anyhow::bail!(
-            "no drover binary at {} (build it with `cargo build --release -p drover-actors --bin drover`, or pass --drover)",
-            drover.display()
-        );
-    }
+    let drover = drover_binary(o.drover.as_deref())?;
     let small_n = o.small_n.unwrap_or(if o.quick { 100 } else { 1000 });
     let big_n = o.big_n.unwrap_or(if o.quick { 3 } else { 20 });
     let runs = o.runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
