@@ -45,6 +45,46 @@ pub enum ExitCode {
     IncompleteClosure,
 }
 
+/// How the dependencies a goal waited for ended (Nix's `nrFailed`,
+/// `nrNoSubstituters`, `nrIncompleteClosure`, counted in `waitForGoals`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaiteeCounts {
+    /// Dependencies that did not succeed, for whatever reason.
+    pub failed: u32,
+    /// Of those, paths no substituter had.
+    pub no_substituters: u32,
+    /// Of those, paths whose closure could not be completed.
+    pub incomplete_closure: u32,
+}
+
+impl WaiteeCounts {
+    /// Counts one finished dependency.
+    pub fn count(&mut self, exit: ExitCode) {
+        match exit {
+            ExitCode::Success => {}
+            ExitCode::Failed => self.failed += 1,
+            ExitCode::NoSubstituters => {
+                self.failed += 1;
+                self.no_substituters += 1;
+            }
+            ExitCode::IncompleteClosure => {
+                self.failed += 1;
+                self.incomplete_closure += 1;
+            }
+        }
+    }
+
+    /// How a substitution goal whose dependencies failed ends: with an incomplete
+    /// closure when some of them were merely unavailable, else failed.
+    pub fn substitution_failure(&self) -> ExitCode {
+        if self.no_substituters > 0 || self.incomplete_closure > 0 {
+            ExitCode::IncompleteClosure
+        } else {
+            ExitCode::Failed
+        }
+    }
+}
+
 /// What a finished goal reports.
 #[derive(Debug, Clone)]
 pub struct GoalOutcome {

@@ -37,7 +37,7 @@ use drover::realisation::{DrvOutput, Realisation};
 use drover::store::{LocalStore, PathLocks};
 use drover::store_path::{StorePath, StorePathSet};
 
-use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv};
+use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
 use crate::messages::{BuildMode, HookReply, LocalBuildRequest};
 
 /// One output's state after a validity check.
@@ -141,9 +141,7 @@ pub struct DerivationGoal {
     outputs: BTreeMap<String, OutputState>,
     need_restart: NeedRestart,
     retry_substitution: RetrySubstitution,
-    nr_failed: u32,
-    nr_no_substituters: u32,
-    nr_incomplete_closure: u32,
+    waitees: WaiteeCounts,
     input_drv_outputs: BTreeMap<(StorePath, String), StorePath>,
     input_closure: StorePathSet,
     hook_inputs: StorePathSet,
@@ -174,9 +172,7 @@ impl DerivationGoal {
             outputs: BTreeMap::new(),
             need_restart: NeedRestart::DontNeed,
             retry_substitution: RetrySubstitution::NoNeed,
-            nr_failed: 0,
-            nr_no_substituters: 0,
-            nr_incomplete_closure: 0,
+            waitees: WaiteeCounts::default(),
             input_drv_outputs: BTreeMap::new(),
             input_closure: StorePathSet::new(),
             hook_inputs: StorePathSet::new(),
@@ -285,11 +281,11 @@ impl DerivationGoal {
                 _ => vec![],
             },
             (State::AwaitDrvSubstitution, Event::WaiteeDone(w)) => {
-                self.count_waitee(&w.outcome.exit);
+                self.waitees.count(w.outcome.exit);
                 vec![]
             }
             (State::AwaitDrvSubstitution, Event::WaiteesDone) => {
-                if self.nr_failed > 0 {
+                if self.waitees.failed > 0 {
                     let msg = format!("cannot build missing derivation '{}'", self.p(ctx));
                     return self.done_failure(BuildStatus::MiscFailure, msg);
                 }
@@ -371,20 +367,21 @@ impl DerivationGoal {
                 _ => vec![],
             },
             (State::AwaitOutputsSubstitution, Event::WaiteeDone(w)) => {
-                self.count_waitee(&w.outcome.exit);
+                self.waitees.count(w.outcome.exit);
                 vec![]
             }
             // outputsSubstitutionTried
             (State::AwaitOutputsSubstitution, Event::WaiteesDone) => {
-                if self.nr_failed > 0
-                    && self.nr_failed > self.nr_no_substituters + self.nr_incomplete_closure
+                if self.waitees.failed > 0
+                    && self.waitees.failed
+                        > self.waitees.no_substituters + self.waitees.incomplete_closure
                     && !ctx.settings.fallback
                 {
                     let msg = format!("some substitutes for the outputs of derivation '{}' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", self.p(ctx));
                     return self.done_failure(BuildStatus::TransientFailure, msg);
                 }
-                if self.nr_incomplete_closure > 0
-                    && self.nr_incomplete_closure == self.nr_failed
+                if self.waitees.incomplete_closure > 0
+                    && self.waitees.incomplete_closure == self.waitees.failed
                     && self.retry_substitution == RetrySubstitution::NoNeed
                 {
                     self.retry_substitution = RetrySubstitution::YesNeed;
@@ -454,7 +451,7 @@ impl DerivationGoal {
                 _ => vec![],
             },
             (State::AwaitInputs, Event::WaiteeDone(w)) => {
-                self.count_waitee(&w.outcome.exit);
+                self.waitees.count(w.outcome.exit);
                 if let (GoalRequest::Derivation { drv_path, .. }, ExitCode::Success) =
                     (&w.request, w.outcome.exit)
                 {
@@ -472,10 +469,10 @@ impl DerivationGoal {
             }
             // inputsRealised
             (State::AwaitInputs, Event::WaiteesDone) => {
-                if self.nr_failed > 0 {
+                if self.waitees.failed > 0 {
                     let msg = format!(
                         "{} dependencies of derivation '{}' failed to build",
-                        self.nr_failed,
+                        self.waitees.failed,
                         self.p(ctx)
                     );
                     return self.done_failure(BuildStatus::DependencyFailed, msg);
@@ -541,7 +538,7 @@ impl DerivationGoal {
                 _ => vec![],
             },
             (State::AwaitResolved, Event::WaiteeDone(w)) => {
-                self.count_waitee(&w.outcome.exit);
+                self.waitees.count(w.outcome.exit);
                 self.build_result = Some(w.outcome.result.clone());
                 self.built = w.outcome.outputs.clone();
                 self.hash_mismatch |= w.outcome.hash_mismatch;
@@ -626,12 +623,12 @@ impl DerivationGoal {
                 _ => vec![],
             },
             (State::AwaitClosureRepaired, Event::WaiteeDone(w)) => {
-                self.count_waitee(&w.outcome.exit);
+                self.waitees.count(w.outcome.exit);
                 vec![]
             }
             // closureRepaired
             (State::AwaitClosureRepaired, Event::WaiteesDone) => {
-                if self.nr_failed > 0 {
+                if self.waitees.failed > 0 {
                     return self.fatal(format!(
                         "some paths in the output closure of derivation '{}' could not be repaired",
                         self.p(ctx)
@@ -846,25 +843,8 @@ impl DerivationGoal {
         }
     }
 
-    fn count_waitee(&mut self, exit: &ExitCode) {
-        match exit {
-            ExitCode::Success => {}
-            ExitCode::Failed => self.nr_failed += 1,
-            ExitCode::NoSubstituters => {
-                self.nr_failed += 1;
-                self.nr_no_substituters += 1;
-            }
-            ExitCode::IncompleteClosure => {
-                self.nr_failed += 1;
-                self.nr_incomplete_closure += 1;
-            }
-        }
-    }
-
     fn reset_counts(&mut self) {
-        self.nr_failed = 0;
-        self.nr_no_substituters = 0;
-        self.nr_incomplete_closure = 0;
+        self.waitees = WaiteeCounts::default();
     }
 
     fn wait_for_drv(&mut self) -> Vec<Effect> {

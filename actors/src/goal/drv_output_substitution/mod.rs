@@ -12,7 +12,7 @@
 use drover::build_result::BuildStatus;
 use drover::realisation::{DrvOutput, Realisation};
 
-use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv};
+use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
 use crate::substituter::SubstituterError;
 
 /// Results of this goal's blocking jobs.
@@ -41,9 +41,7 @@ pub struct DrvOutputSubstitutionGoal {
     next_sub: usize,
     substituter_failed: bool,
     realisation: Option<Realisation>,
-    nr_failed: u32,
-    nr_no_substituters: u32,
-    nr_incomplete_closure: u32,
+    waitees: WaiteeCounts,
 }
 
 impl DrvOutputSubstitutionGoal {
@@ -55,9 +53,7 @@ impl DrvOutputSubstitutionGoal {
             next_sub: 0,
             substituter_failed: false,
             realisation: None,
-            nr_failed: 0,
-            nr_no_substituters: 0,
-            nr_incomplete_closure: 0,
+            waitees: WaiteeCounts::default(),
         }
     }
 
@@ -192,27 +188,12 @@ impl DrvOutputSubstitutionGoal {
                 fx
             }
             (State::AwaitDependencies, Event::WaiteeDone(w)) => {
-                match w.outcome.exit {
-                    ExitCode::Success => {}
-                    ExitCode::Failed => self.nr_failed += 1,
-                    ExitCode::NoSubstituters => {
-                        self.nr_failed += 1;
-                        self.nr_no_substituters += 1;
-                    }
-                    ExitCode::IncompleteClosure => {
-                        self.nr_failed += 1;
-                        self.nr_incomplete_closure += 1;
-                    }
-                }
+                self.waitees.count(w.outcome.exit);
                 vec![]
             }
             (State::AwaitDependencies, Event::WaiteesDone) => {
-                if self.nr_failed > 0 {
-                    let exit = if self.nr_no_substituters > 0 || self.nr_incomplete_closure > 0 {
-                        ExitCode::IncompleteClosure
-                    } else {
-                        ExitCode::Failed
-                    };
+                if self.waitees.failed > 0 {
+                    let exit = self.waitees.substitution_failure();
                     return self.finish(GoalOutcome::failure(
                         exit,
                         BuildStatus::DependencyFailed,

@@ -13,7 +13,7 @@
 use drover::build_result::BuildStatus;
 use drover::store_path::StorePath;
 
-use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv};
+use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
 use crate::substituter::{SubstitutablePathInfo, SubstituterError};
 
 /// Results of this goal's blocking jobs.
@@ -43,9 +43,7 @@ pub struct PathSubstitutionGoal {
     next_sub: usize,
     current_sub: Option<usize>,
     substituter_failed: bool,
-    nr_failed: u32,
-    nr_no_substituters: u32,
-    nr_incomplete_closure: u32,
+    waitees: WaiteeCounts,
 }
 
 impl PathSubstitutionGoal {
@@ -57,9 +55,7 @@ impl PathSubstitutionGoal {
             next_sub: 0,
             current_sub: None,
             substituter_failed: false,
-            nr_failed: 0,
-            nr_no_substituters: 0,
-            nr_incomplete_closure: 0,
+            waitees: WaiteeCounts::default(),
         }
     }
 
@@ -152,27 +148,12 @@ impl PathSubstitutionGoal {
                 }
             },
             (State::AwaitReferences, Event::WaiteeDone(w)) => {
-                match w.outcome.exit {
-                    ExitCode::Success => {}
-                    ExitCode::Failed => self.nr_failed += 1,
-                    ExitCode::NoSubstituters => {
-                        self.nr_failed += 1;
-                        self.nr_no_substituters += 1
-                    }
-                    ExitCode::IncompleteClosure => {
-                        self.nr_failed += 1;
-                        self.nr_incomplete_closure += 1
-                    }
-                }
+                self.waitees.count(w.outcome.exit);
                 vec![]
             }
             (State::AwaitReferences, Event::WaiteesDone) => {
-                if self.nr_failed > 0 {
-                    let exit = if self.nr_no_substituters > 0 || self.nr_incomplete_closure > 0 {
-                        ExitCode::IncompleteClosure
-                    } else {
-                        ExitCode::Failed
-                    };
+                if self.waitees.failed > 0 {
+                    let exit = self.waitees.substitution_failure();
                     return self.finish(GoalOutcome::failure(
                         exit,
                         BuildStatus::DependencyFailed,
