@@ -36,6 +36,7 @@ pub mod transport;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -400,6 +401,18 @@ impl BinaryCache {
         store: &LocalStore,
         policy: &TrustPolicy,
     ) -> Result<ValidPathInfo, BinaryCacheError> {
+        self.copy_into_observed(path, store, policy, &TransferProgress::default())
+    }
+
+    /// [`copy_into`](Self::copy_into), counting the bytes downloaded and unpacked
+    /// into `progress` as they pass (for a progress display).
+    pub fn copy_into_observed(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        policy: &TrustPolicy,
+        progress: &TransferProgress,
+    ) -> Result<ValidPathInfo, BinaryCacheError> {
         let printed = self.store_dir.print(path);
         let gone = || BinaryCacheError::Gone {
             path: printed.clone(),
@@ -418,7 +431,7 @@ impl BinaryCache {
         let nar_file = self.transport.get(&narinfo.url)?.ok_or_else(gone)?;
         let mut failure: Option<BinaryCacheError> = None;
         let r = store.add_object(&info, |tmp| {
-            self.unpack(&narinfo, nar_file, tmp).map_err(|e| {
+            self.unpack(&narinfo, nar_file, tmp, progress).map_err(|e| {
                 let placeholder = StoreError::InvalidPath(printed.clone());
                 failure = Some(e);
                 placeholder
@@ -438,6 +451,7 @@ impl BinaryCache {
         narinfo: &NarInfo,
         file: CacheFile,
         target: &std::path::Path,
+        progress: &TransferProgress,
     ) -> Result<(), BinaryCacheError> {
         let path = self.store_dir.print(&narinfo.store_path);
         let file_algo = narinfo
@@ -447,10 +461,15 @@ impl BinaryCache {
         let mut raw = HashingReader {
             inner: file,
             sink: HashSink::new(file_algo),
+            count: &progress.downloaded,
         };
         let summary = {
             let decoder = compression::decompressor(&narinfo.compression, Box::new(&mut raw))?;
-            crate::nar::restore(decoder, target).map_err(|source| BinaryCacheError::Nar {
+            let nar = CountingReader {
+                inner: decoder,
+                count: &progress.unpacked,
+            };
+            crate::nar::restore(nar, target).map_err(|source| BinaryCacheError::Nar {
                 path: path.clone(),
                 uri: self.uri().to_owned(),
                 source: Box::new(source),
@@ -520,16 +539,52 @@ pub fn check_trust(
     }
 }
 
-/// Hashes and counts what passes through it.
-struct HashingReader<R> {
-    inner: R,
-    sink: HashSink,
+/// Live byte counts of one [`BinaryCache::copy_into_observed`]: written by the
+/// copying thread, readable from any other at any time.
+#[derive(Debug, Default)]
+pub struct TransferProgress {
+    downloaded: AtomicU64,
+    unpacked: AtomicU64,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl TransferProgress {
+    /// Bytes of the (compressed) NAR file read from the cache so far.
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the NAR (decompressed) unpacked so far.
+    pub fn unpacked(&self) -> u64 {
+        self.unpacked.load(Ordering::Relaxed)
+    }
+}
+
+/// Hashes and counts what passes through it.
+struct HashingReader<'a, R> {
+    inner: R,
+    sink: HashSink,
+    count: &'a AtomicU64,
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.sink.update(&buf[..n]);
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Counts what passes through it.
+struct CountingReader<'a, R> {
+    inner: R,
+    count: &'a AtomicU64,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }

@@ -134,8 +134,18 @@ fn copies_every_compression_method() {
     assert_eq!(cache.priority(), 30);
     assert!(cache.want_mass_query());
     for info in &infos {
-        let got = cache.copy_into(&info.store_path, &s, &policy()).unwrap();
+        let progress = TransferProgress::default();
+        let got = cache
+            .copy_into_observed(&info.store_path, &s, &policy(), &progress)
+            .unwrap();
         assert_eq!(got.nar_hash, info.nar_hash);
+        assert_eq!(progress.unpacked(), info.nar_size, "{}", info.compression);
+        assert_eq!(
+            Some(progress.downloaded()),
+            info.file_size,
+            "{}",
+            info.compression
+        );
         let real = s.real_path(&info.store_path);
         assert_eq!(
             std::fs::read(&real).unwrap(),
