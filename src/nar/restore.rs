@@ -89,14 +89,23 @@ impl NarSink for RestoreSink {
         if self.buf.len() < BUF_SIZE {
             self.buf.resize(BUF_SIZE, 0);
         }
+        // Whole buffers are written (a decompressor hands out a few KiB per read):
+        // fewer, larger writes.
         let mut written = 0u64;
         loop {
-            let n = contents.read(&mut self.buf)?;
-            if n == 0 {
+            let mut filled = 0;
+            while filled < self.buf.len() {
+                let n = contents.read(&mut self.buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
                 break;
             }
-            io::Write::write_all(&mut f, &self.buf[..n]).map_err(annotate("writing", &p))?;
-            written += n as u64;
+            io::Write::write_all(&mut f, &self.buf[..filled]).map_err(annotate("writing", &p))?;
+            written += filled as u64;
         }
         debug_assert_eq!(written, size);
         Ok(())
