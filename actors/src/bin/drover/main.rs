@@ -9,6 +9,7 @@ mod derivation;
 mod display;
 mod log;
 mod path_info;
+mod plan;
 mod realise;
 
 use std::process::ExitCode;

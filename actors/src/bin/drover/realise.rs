@@ -6,26 +6,24 @@
 //! builder output on stderr, the output paths on stdout one per line, and exits with
 //! Nix's status: 0, 1, or `0x60 | bits` for failed builds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
-use drover::derivation::Derivation;
 use drover::derived_path::{DerivedPath, OutputsSpec};
-use drover::store::LocalStore;
-use drover::store_path::{StoreDir, StorePath, StorePathSet};
+use drover::store_path::{StoreDir, StorePath};
 use drover_actors::binary_cache_substituter::substituters_from_settings;
 use drover_actors::hook::{HookPool, HookPoolConfig};
 use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
 use drover_actors::log_collector::{starter_with, CollectorOptions};
 use drover_actors::messages::BuildMode;
 use drover_actors::progress::ProgressEvent;
-use drover_actors::substituter::Substituter;
 use drover_actors::{spawn_worker, Realise, RealiseOutcome, WorkerConfig, WorkerSettings};
 
 use crate::display::Display;
+use crate::plan::{plan, print_plan};
 use crate::Context;
 
 #[derive(clap::Args)]
@@ -126,7 +124,12 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     for w in warnings {
         display.lock().unwrap().line(&format!("warning: {w}"));
     }
-    let plan = plan(&store, &substituters, &requests)?;
+    let parallel = settings
+        .get("http-connections")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(25);
+    let plan = plan(&store, &substituters, &requests, parallel)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
@@ -237,255 +240,6 @@ fn output_paths(
             paths.into_iter().map(|p| store_dir.print(p)).collect()
         }
     }
-}
-
-/// What a run will do, as Nix's `queryMissing` finds it.
-#[derive(Default)]
-struct Plan {
-    will_build: StorePathSet,
-    will_substitute: StorePathSet,
-    unknown: StorePathSet,
-    /// Sum of the substitutes' `FileSize`s and `NarSize`s.
-    download_size: u64,
-    nar_size: u64,
-}
-
-impl Plan {
-    /// Nix's `doPath`: an invalid path is fetched with its closure when a
-    /// substituter has it, else it is unknown.
-    fn missing_path(
-        &mut self,
-        store: &LocalStore,
-        subs: &[Arc<dyn Substituter>],
-        path: &StorePath,
-    ) -> anyhow::Result<()> {
-        let mut todo = vec![path.clone()];
-        while let Some(p) = todo.pop() {
-            if self.will_substitute.contains(&p)
-                || self.unknown.contains(&p)
-                || store.is_valid_path(&p)?
-            {
-                continue;
-            }
-            match substitutable(subs, &p) {
-                Some(info) => {
-                    self.will_substitute.insert(p.clone());
-                    self.download_size += info.download_size.unwrap_or(0);
-                    self.nar_size += info.nar_size;
-                    todo.extend(info.references.into_iter().filter(|r| *r != p));
-                }
-                None => {
-                    self.unknown.insert(p);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The first substituter's info for `path` (errors count as "no substitute").
-fn substitutable(
-    subs: &[Arc<dyn Substituter>],
-    path: &StorePath,
-) -> Option<drover_actors::substituter::SubstitutablePathInfo> {
-    subs.iter()
-        .find_map(|s| s.query_path_info(path).ok().flatten())
-}
-
-/// Walks the derivations from the requests: a derivation is built when a wanted
-/// output is not valid, and then its inputs are visited for the outputs it uses,
-/// unless every invalid output has a known path and a substitute (then it is
-/// fetched); a missing plain path is fetched when a substituter has it, else
-/// unknown. As Nix's `queryMissing`, this ignores `--check`/`--repair`:
-/// `nix-store --realise --check` of a valid output prints no plan.
-fn plan(
-    store: &LocalStore,
-    subs: &[Arc<dyn Substituter>],
-    requests: &[DerivedPath],
-) -> anyhow::Result<Plan> {
-    let mut plan = Plan::default();
-    let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
-    for r in requests {
-        match r {
-            DerivedPath::Opaque(p) => plan.missing_path(store, subs, p)?,
-            DerivedPath::Built { drv_path, outputs } => todo.push((
-                drv_path.clone(),
-                match outputs {
-                    OutputsSpec::All => None,
-                    OutputsSpec::Names(n) => Some(n.clone()),
-                },
-            )),
-        }
-    }
-    let mut seen = BTreeSet::new();
-    let mut hashes = drover::derivation::DrvHashCache::new();
-    while let Some((drv_path, wanted)) = todo.pop() {
-        if !seen.insert((drv_path.clone(), wanted.clone())) || plan.will_build.contains(&drv_path) {
-            continue;
-        }
-        if !store.is_valid_path(&drv_path)? {
-            plan.unknown.insert(drv_path);
-            continue;
-        }
-        let drv: Derivation = store.read_derivation(&drv_path)?;
-        let known = store.query_derivation_outputs(&drv_path)?;
-        // Floating CA outputs are known by their realisations (the unresolved
-        // derivation has no DerivationOutputs rows).
-        let mut realised: BTreeMap<String, StorePath> = BTreeMap::new();
-        if drv.outputs.values().any(|o| o.path().is_none()) {
-            let store_dir = store.store_dir();
-            let read = |q: &StorePath| store.read_derivation(q).map(Arc::new);
-            let inputs_ok = drv.input_drvs.keys().all(|i| {
-                hashes
-                    .hash_of::<_, drover::store::StoreError>(store_dir, i, read)
-                    .is_ok()
-            });
-            let static_hashes = if inputs_ok {
-                let h = &hashes;
-                drv.static_output_hashes(store_dir, |q| {
-                    h.get(q).cloned().ok_or_else(|| {
-                        drover::derivation::DerivationError::MissingInputOutput {
-                            drv: store_dir.print(q),
-                            output: "*".into(),
-                        }
-                    })
-                })
-                .unwrap_or_default()
-            } else {
-                BTreeMap::new()
-            };
-            for (name, h) in static_hashes {
-                let id = drover::realisation::DrvOutput {
-                    drv_hash: h,
-                    output: name.clone(),
-                };
-                if let Some(r) = store.query_realisation(&id)? {
-                    realised.insert(name, r.out_path);
-                }
-            }
-        }
-        let mut needs_build = false;
-        let mut invalid = Vec::new();
-        let mut all_known = true;
-        for (name, out) in &drv.outputs {
-            if wanted.as_ref().is_some_and(|w| !w.contains(name)) {
-                continue;
-            }
-            let path = out
-                .path()
-                .or_else(|| realised.get(name))
-                .or_else(|| known.get(name));
-            match path {
-                Some(p) if store.is_valid_path(p)? => {}
-                Some(p) => {
-                    needs_build = true;
-                    invalid.push(p.clone());
-                }
-                None => {
-                    needs_build = true;
-                    all_known = false;
-                }
-            }
-        }
-        if !needs_build {
-            continue;
-        }
-        // Outputs with known paths that all have substitutes are fetched instead.
-        if all_known
-            && !invalid.is_empty()
-            && invalid.iter().all(|p| substitutable(subs, p).is_some())
-        {
-            for p in &invalid {
-                plan.missing_path(store, subs, p)?;
-            }
-            continue;
-        }
-        plan.will_build.insert(drv_path.clone());
-        for (input, outputs) in &drv.input_drvs {
-            todo.push((input.clone(), Some(outputs.clone())));
-        }
-        for src in &drv.input_srcs {
-            plan.missing_path(store, subs, src)?;
-        }
-    }
-    Ok(plan)
-}
-
-/// Nix's `printMissing` for builds: `this derivation will be built:` /
-/// `these N derivations will be built:`, then the paths, dependencies first.
-fn print_plan(store_dir: &StoreDir, plan: &Plan, display: &Mutex<Display>) {
-    let mut d = display.lock().unwrap();
-    if !plan.will_build.is_empty() {
-        let n = plan.will_build.len();
-        d.line(&if n == 1 {
-            "this derivation will be built:".to_owned()
-        } else {
-            format!("these {n} derivations will be built:")
-        });
-        for p in topo_order(store_dir, &plan.will_build) {
-            d.line(&format!("  {}", store_dir.print(&p)));
-        }
-    }
-    if !plan.will_substitute.is_empty() {
-        let n = plan.will_substitute.len();
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        let sizes = format!(
-            "({:.2} MiB download, {:.2} MiB unpacked)",
-            mib(plan.download_size),
-            mib(plan.nar_size)
-        );
-        d.line(&if n == 1 {
-            format!("this path will be fetched {sizes}:")
-        } else {
-            format!("these {n} paths will be fetched {sizes}:")
-        });
-        for p in &plan.will_substitute {
-            d.line(&format!("  {}", store_dir.print(p)));
-        }
-    }
-    if !plan.unknown.is_empty() {
-        // Always plural in Nix 2.8, even for one path.
-        d.line("don't know how to build these paths:");
-        for p in &plan.unknown {
-            d.line(&format!("  {}", store_dir.print(p)));
-        }
-    }
-}
-
-/// The order Nix prints derivations in: a depth-first post-order over the
-/// derivations' references (their input derivations), starting from each in path
-/// order, so every derivation comes after the ones it depends on.
-fn topo_order(store_dir: &StoreDir, items: &StorePathSet) -> Vec<StorePath> {
-    fn visit(
-        p: &StorePath,
-        items: &StorePathSet,
-        inputs: &dyn Fn(&StorePath) -> StorePathSet,
-        done: &mut BTreeSet<StorePath>,
-        out: &mut Vec<StorePath>,
-    ) {
-        if !done.insert(p.clone()) {
-            return;
-        }
-        for i in inputs(p) {
-            if &i != p && items.contains(&i) {
-                visit(&i, items, inputs, done, out);
-            }
-        }
-        out.push(p.clone());
-    }
-    let inputs = |p: &StorePath| -> StorePathSet {
-        std::fs::read(store_dir.print(p))
-            .ok()
-            .and_then(|b| Derivation::from_aterm_bytes(&b, store_dir).ok())
-            .map(|d| d.input_drvs.keys().cloned().collect())
-            .unwrap_or_default()
-    };
-    let mut done = BTreeSet::new();
-    let mut out = Vec::new();
-    for p in items {
-        visit(p, items, &inputs, &mut done, &mut out);
-    }
-    out
 }
 
 /// Prints the Worker's progress events as Nix prints them, through the display.
