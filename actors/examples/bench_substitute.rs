@@ -88,7 +88,7 @@ impl Root {
 
     /// Empties the store and state and writes `nix.conf` with `extra` lines.
     fn reset(&self, extra: &str) -> anyhow::Result<()> {
-        for d in ["store", "var", "tmp"] {
+        for d in ["store", "var", "tmp", "cache-home"] {
             remove_tree(&self.dir.join(d));
         }
         std::fs::create_dir_all(self.dir.join("etc"))?;
@@ -111,6 +111,9 @@ impl Root {
             .env("NIX_REMOTE", "")
             .env("NIX_PATH", "")
             .env("TMPDIR", self.dir.join("tmp"))
+            // Nix remembers HTTP caches' narinfos in $XDG_CACHE_HOME/nix: a fresh one
+            // per run, so every run starts cold (as the first one would).
+            .env("XDG_CACHE_HOME", self.dir.join("cache-home"))
             .stdin(Stdio::null());
         c
     }
