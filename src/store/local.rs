@@ -812,23 +812,56 @@ impl LocalStore {
         info: &ValidPathInfo,
         write: impl FnOnce(&Path) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.add_object_with(info, false, write)
+    }
+
+    /// [`add_object`](Self::add_object), and with `repair` also when the path is
+    /// already valid (Nix's `addToStore` with `RepairFlag`): the new copy is written
+    /// and checked beside the old one, which is then swapped out and deleted, so a
+    /// failed repair leaves the old copy as it was.
+    pub fn add_object_with(
+        &self,
+        info: &ValidPathInfo,
+        repair: bool,
+        write: impl FnOnce(&Path) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         self.add_temp_root(&info.path)?;
-        if self.is_valid_path(&info.path)? {
+        if !repair && self.is_valid_path(&info.path)? {
             return Ok(());
         }
         let real = self.real_path(&info.path);
         let mut locks = PathLocks::lock(&BTreeSet::from([real.clone()]))?;
-        if self.is_valid_path(&info.path)? {
+        let valid = self.is_valid_path(&info.path)?;
+        if valid && !repair {
             return Ok(());
         }
-        remove_tree(&real)?;
+        if !valid {
+            remove_tree(&real)?;
+        }
         let tmp = self.temp_path_for(&info.path)?;
         self.add_temp_root(&tmp)?;
         let tmp_real = self.real_path(&tmp);
         let r = (|| {
             write(&tmp_real)?;
             canonicalise_path_meta_data(&tmp_real, None)?;
-            std::fs::rename(&tmp_real, &real).map_err(StoreError::io("renaming into place", &real))
+            if valid {
+                // Move the old copy aside first: a directory cannot be renamed
+                // over a non-empty one.
+                let old = self.real_path(&self.temp_path_for(&info.path)?);
+                match std::fs::rename(&real, &old) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io("moving aside", &real)(e)),
+                }
+                if let Err(e) = std::fs::rename(&tmp_real, &real) {
+                    let _ = std::fs::rename(&old, &real);
+                    return Err(StoreError::io("renaming into place", &real)(e));
+                }
+                remove_tree(&old)
+            } else {
+                std::fs::rename(&tmp_real, &real)
+                    .map_err(StoreError::io("renaming into place", &real))
+            }
         })();
         if let Err(e) = r {
             let _ = remove_tree(&tmp_real);
@@ -956,6 +989,38 @@ mod tests {
         let mut i = ValidPathInfo::new(p, HashAlgo::Sha256.digest(name), 8);
         i.references = refs.iter().map(|r| (*r).clone()).collect();
         i
+    }
+
+    #[test]
+    fn repair_replaces_a_valid_object_and_a_failed_repair_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let i = info(&s, "repaired", &[]);
+        let real = s.real_path(&i.path);
+        let write = |text: &'static str| {
+            move |tmp: &Path| std::fs::write(tmp, text).map_err(StoreError::io("writing", tmp))
+        };
+        s.add_object(&i, write("good")).unwrap();
+        // Without repair a valid path is left alone.
+        s.add_object(&i, write("other")).unwrap();
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "good");
+        // A failed repair leaves the old copy in place.
+        let fail = |tmp: &Path| -> Result<(), StoreError> {
+            std::fs::write(tmp, "half").unwrap();
+            Err(StoreError::InvalidPath("broken".into()))
+        };
+        assert!(s.add_object_with(&i, true, fail).is_err());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "good");
+        // A repair replaces it.
+        s.add_object_with(&i, true, write("fixed")).unwrap();
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "fixed");
+        assert!(s.is_valid_path(&i.path).unwrap());
+        let left: Vec<_> = std::fs::read_dir(s.store_dir().as_path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("drover-tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
