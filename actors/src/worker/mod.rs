@@ -519,7 +519,7 @@ impl WorkerCore {
                         }));
                 }
             }
-            Effect::SubstitutionStarted { uri } => {
+            Effect::SubstitutionStarted { uri, transfer } => {
                 if let Some(e) = self.goals.get_mut(&id) {
                     if !e.substituting {
                         e.substituting = true;
@@ -530,6 +530,7 @@ impl WorkerCore {
                             .push(Action::Progress(ProgressEvent::SubstitutionStarted {
                                 path: g.path.clone(),
                                 uri,
+                                transfer: transfer.unwrap_or_default(),
                             }));
                     }
                 }
@@ -961,6 +962,73 @@ mod tests {
                 done_builds: 5,
                 ..Default::default()
             }
+        );
+    }
+
+    #[test]
+    fn substitutions_forward_their_live_transfers() {
+        use crate::progress::ProgressEvent;
+        use crate::substituter::{InMemorySubstituter, Substituter};
+        let (_d, ts, s) = setup(|s| {
+            s.substituter_uris = vec!["mem://a".into()];
+            s.substituter_trusted = vec![true];
+        });
+        let sub = Arc::new(InMemorySubstituter::new("mem://a", 40));
+        let sd = ts.store.store_dir().clone();
+        let dep = sd
+            .parse(&format!("{}/{}-dep", sd.as_str(), "a".repeat(32)))
+            .unwrap();
+        let top = sd
+            .parse(&format!("{}/{}-top", sd.as_str(), "b".repeat(32)))
+            .unwrap();
+        sub.add_file(dep.clone(), &[1u8; 3000], Default::default());
+        sub.add_file(top.clone(), &[2u8; 7000], [dep.clone()].into());
+        let mut drv = SyncDriver::new(
+            ts.store.clone(),
+            s.clone(),
+            vec![sub.clone() as Arc<dyn Substituter>],
+        );
+        let mut c = WorkerCore::new(s.clone(), sd.clone(), 1, false);
+        c.start(vec![DerivedPath::Opaque(top.clone())], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 0, "{:?}", out.errors);
+        let mut started = Vec::new();
+        let mut finished = Vec::new();
+        for ev in &drv.progress {
+            match ev {
+                ProgressEvent::SubstitutionStarted {
+                    path,
+                    uri,
+                    transfer,
+                } => {
+                    assert_eq!(uri, "mem://a");
+                    started.push((path.clone(), transfer.clone()));
+                }
+                ProgressEvent::SubstitutionFinished { path, .. } => finished.push(path.clone()),
+                _ => {}
+            }
+        }
+        assert_eq!(finished, [dep.clone(), top.clone()]);
+        let mut nar = 0;
+        let mut download = 0;
+        for (path, transfer) in &started {
+            let info = sub.query_path_info(path).unwrap().unwrap();
+            // The job the goal ran counted into the very Arc the event carries.
+            assert_eq!(transfer.unpacked(), info.nar_size);
+            assert_eq!(Some(transfer.downloaded()), info.download_size);
+            nar += info.nar_size;
+            download += info.download_size.unwrap();
+        }
+        assert_eq!(started.len(), 2);
+        let counters = c.counters();
+        assert_eq!(counters.done_substitutions, 2);
+        assert_eq!(
+            (counters.done_nar_size, counters.done_download_size),
+            (nar, download)
+        );
+        assert_eq!(
+            (counters.expected_nar_size, counters.expected_download_size),
+            (0, 0)
         );
     }
 
