@@ -17,6 +17,9 @@
 //!   `CancelLocalBuild`). Goals nobody waits for any more are cancelled.
 //! * Build order: goals waiting for a slot are served by the length of the chain of
 //!   goals that wait on them (the critical path above them), then in request order.
+//! * Progress: the counters go out once per batch of changes; a path substitution's
+//!   live byte counts ([`crate::progress::Transfer`]) travel with its
+//!   `SubstitutionStarted` event rather than as counter updates.
 
 pub mod actor;
 pub mod slots;

@@ -7,11 +7,12 @@
 //! [`status_line`], a pure function of the counters. Elsewhere (a pipe, a CI log) it
 //! prints exactly what `nix-store --realise` prints, and nothing else.
 //!
-//! Redraws are rate-limited: events (counters, lines of output) redraw at most once
-//! per [`MIN_REDRAW_INTERVAL`], and the CLI calls [`Display::tick`] on a timer
-//! ([`TICK_INTERVAL`]) so the line stays current (elapsed time, bytes in flight) and
-//! reappears after skipped redraws. A flood of events therefore costs no terminal
-//! output beyond a few lines a second.
+//! Redraws are rate-limited: events (counters, builds and copies starting) redraw
+//! at most once per [`MIN_REDRAW_INTERVAL`], and the CLI calls [`Display::tick`] on
+//! a timer ([`TICK_INTERVAL`]) so the line stays current (elapsed time, bytes in
+//! flight) and shows what skipped redraws left out. A flood of progress events
+//! therefore costs no terminal output beyond a few lines a second. Output lines put
+//! the status line back below them at once, as Nix's progress bar does.
 
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Write};
@@ -261,7 +262,11 @@ impl Write for Display {
             self.out.write_all(buf)?;
         }
         self.mid_line = buf.last() != Some(&b'\n');
-        self.redraw();
+        // The line went above the status line, which comes back at once (as in
+        // Nix): only redraws for events wait for the interval.
+        if self.live {
+            self.draw();
+        }
         Ok(buf.len())
     }
 
@@ -430,6 +435,20 @@ mod tests {
         d.tick();
         d.finish();
         assert_eq!(out.text(), "copying path 'x' from 'y'...\npartial");
+    }
+
+    #[test]
+    fn output_lines_put_the_status_line_back_below_them() {
+        let out = Shared::default();
+        let mut d = Display::to(Box::new(out.clone()), true);
+        d.tick();
+        d.line("one");
+        d.line("two");
+        assert_eq!(
+            out.text(),
+            "\x1b[2m[0/0 built, 0s]\x1b[0m\r\x1b[Kone\n\x1b[2m[0/0 built, 0s]\x1b[0m\
+             \r\x1b[Ktwo\n\x1b[2m[0/0 built, 0s]\x1b[0m"
+        );
     }
 
     #[test]
