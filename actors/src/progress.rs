@@ -73,6 +73,9 @@ pub enum ProgressEvent {
         path: StorePath,
         status: BuildStatus,
     },
+    /// A path substitution goal was cancelled while copying (the run ended, or
+    /// nobody waits for it any more): its transfer no longer counts.
+    SubstitutionCancelled { path: StorePath },
     /// A message Nix would print (warnings, dependency errors, resolution notes).
     Message(String),
 }

@@ -772,7 +772,16 @@ impl WorkerCore {
                     self.actions.push(Action::CancelLocalBuild { goal: id });
                 }
             }
-            Goal::Subst(_) => self.counters.expected_substitutions -= 1,
+            Goal::Subst(g) => {
+                self.counters.expected_substitutions -= 1;
+                if entry.substituting {
+                    // Its copy job may still run, but no longer counts.
+                    self.actions
+                        .push(Action::Progress(ProgressEvent::SubstitutionCancelled {
+                            path: g.path.clone(),
+                        }));
+                }
+            }
             Goal::DrvOut(_) => {}
         }
         for dep in entry.waitees.keys() {
@@ -1033,6 +1042,92 @@ mod tests {
             (counters.expected_nar_size, counters.expected_download_size),
             (0, 0)
         );
+    }
+
+    #[test]
+    fn a_cancelled_copy_is_announced() {
+        use crate::progress::ProgressEvent;
+        use crate::substituter::{InMemorySubstituter, Substituter};
+        let (_d, ts, s) = setup(|s| {
+            s.substituter_uris = vec!["mem://a".into()];
+            s.substituter_trusted = vec![true];
+        });
+        let sub = Arc::new(InMemorySubstituter::new("mem://a", 40));
+        let sd = ts.store.store_dir().clone();
+        let ok = sd
+            .parse(&format!("{}/{}-ok", sd.as_str(), "a".repeat(32)))
+            .unwrap();
+        sub.add_file(ok.clone(), b"ok", Default::default());
+        let fails = ts.add_drv("fails", &["out"], &[], &[]);
+        let drv = SyncDriver::new(
+            ts.store.clone(),
+            s.clone(),
+            vec![sub.clone() as Arc<dyn Substituter>],
+        );
+        let mut c = WorkerCore::new(s.clone(), sd.clone(), 1, false);
+        c.start(
+            vec![DerivedPath::Opaque(ok.clone()), built(&fails)],
+            BuildMode::Normal,
+        );
+        // Runs every job but the copy, which stays in flight until the failed
+        // build ends the run (no keep-going).
+        let mut progress = Vec::new();
+        let mut copying = false;
+        while !c.is_finished() {
+            let mut next = Vec::new();
+            for a in c.take_actions() {
+                match a {
+                    Action::Progress(ev) => {
+                        copying |= matches!(ev, ProgressEvent::SubstitutionStarted { .. });
+                        progress.push(ev);
+                    }
+                    Action::Blocking { goal, job } => {
+                        if std::mem::take(&mut copying) {
+                            continue;
+                        }
+                        next.push((goal, job(&drv.env)));
+                    }
+                    Action::RunLocalBuild { goal, .. } => next.push((
+                        goal,
+                        Event::LocalBuildFinished(LocalBuildFinished {
+                            id: goal,
+                            result: BuildResult::failure(BuildStatus::PermanentFailure, "no"),
+                            hash_mismatch: false,
+                            outputs: Default::default(),
+                        }),
+                    )),
+                    _ => {}
+                }
+            }
+            assert!(!next.is_empty(), "stuck: {progress:?}");
+            for (g, ev) in next {
+                c.deliver(g, ev);
+            }
+        }
+        assert_ne!(c.outcome().exit_status, 0);
+        for a in c.take_actions() {
+            if let Action::Progress(ev) = a {
+                progress.push(ev);
+            }
+        }
+        let names: Vec<String> = progress
+            .iter()
+            .filter_map(|e| match e {
+                ProgressEvent::SubstitutionFinished { path, .. } if *path != ok => None,
+                ProgressEvent::SubstitutionStarted { path, .. } => Some(format!("started {path}")),
+                ProgressEvent::SubstitutionFinished { path, .. } => {
+                    Some(format!("finished {path}"))
+                }
+                ProgressEvent::SubstitutionCancelled { path } => Some(format!("cancelled {path}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [format!("started {ok}"), format!("cancelled {ok}")],
+            "{progress:?}"
+        );
+        assert_eq!(c.counters().running_substitutions, 0);
     }
 
     #[test]

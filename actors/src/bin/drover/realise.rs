@@ -540,7 +540,8 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 d.substitution_started(path, transfer);
             }
             ProgressEvent::BuildFinished { drv_path, .. } => d.build_finished(&drv_path),
-            ProgressEvent::SubstitutionFinished { path, .. } => d.substitution_finished(&path),
+            ProgressEvent::SubstitutionFinished { path, .. }
+            | ProgressEvent::SubstitutionCancelled { path } => d.substitution_finished(&path),
             ProgressEvent::Message(m) => match m.strip_prefix("error: ") {
                 Some(e) => d.line(&error_message(e)),
                 None => d.line(&m),
