@@ -14,7 +14,8 @@
 //! `Arc` between the job that copies (it adds the bytes downloaded and unpacked as
 //! they pass) and [`ProgressEvent::SubstitutionStarted`], so a display reads the live
 //! counts whenever it redraws. When the substitution finishes its sizes move into
-//! `done_nar_size`/`done_download_size` and the transfer is dropped.
+//! `done_nar_size`/`done_download_size` and the display drops the transfer (also
+//! on [`ProgressEvent::SubstitutionCancelled`], for a copy cancelled in flight).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
