@@ -17,6 +17,11 @@
 //! (stable, so equal priorities keep the order of the setting). Signatures are
 //! checked twice, as in Nix: the goal ignores an untrusted narinfo before
 //! downloading, and [`BinaryCache::copy_into`] refuses it again before registering.
+//!
+//! Both count a copy's bytes into its [`Transfer`]: a binary cache the compressed
+//! bytes downloaded and the NAR bytes unpacked (`FileSize` and `NarSize` once
+//! done); a local store only the NAR bytes unpacked, as it has nothing to download
+//! (its paths have no `FileSize`, as in Nix, where such a copy has no file transfer).
 
 use std::sync::Arc;
 
@@ -32,6 +37,7 @@ use drover::signature::{PublicKey, PublicKeys};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath};
 
+use crate::progress::{CountingReader, Transfer};
 use crate::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
 
 /// A binary cache as a [`Substituter`].
@@ -104,9 +110,14 @@ impl Substituter for BinaryCacheSubstituter {
             }))
     }
 
-    fn copy_into(&self, path: &StorePath, store: &LocalStore) -> Result<(), SubstituterError> {
+    fn copy_into(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        progress: &Transfer,
+    ) -> Result<(), SubstituterError> {
         self.cache
-            .copy_into(path, store, &self.policy)
+            .copy_into_observed(path, store, &self.policy, progress.binary_cache())
             .map(|_| ())
             .map_err(failed)
     }
@@ -210,7 +221,12 @@ impl Substituter for LocalStoreSubstituter {
         }))
     }
 
-    fn copy_into(&self, path: &StorePath, store: &LocalStore) -> Result<(), SubstituterError> {
+    fn copy_into(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        progress: &Transfer,
+    ) -> Result<(), SubstituterError> {
         let sd = store.store_dir();
         let fail = |e: String| SubstituterError::Failed(e);
         let mut info = self
@@ -255,7 +271,13 @@ impl Substituter for LocalStoreSubstituter {
         let printed = sd.print(path);
         let r = store.add_object(&info, |tmp| {
             let check = (|| {
-                let summary = drover::nar::restore(std::fs::File::from(r), tmp)
+                let nar = CountingReader {
+                    inner: std::fs::File::from(r),
+                    transfer: progress,
+                    downloaded: false,
+                    unpacked: true,
+                };
+                let summary = drover::nar::restore(nar, tmp)
                     .map_err(|e| format!("copying '{printed}' from 'local': {e}"))?;
                 if summary.nar_hash != info.nar_hash {
                     return Err(BinaryCacheError::HashMismatch {
@@ -477,7 +499,9 @@ mod tests {
         assert!(sub.query_path_info(&path).unwrap().is_some());
         // Corrupted at the source: refused, nothing registered.
         std::fs::write(sub.source(&path), b"HELLO").unwrap();
-        let e = sub.copy_into(&path, &ours).unwrap_err();
+        let e = sub
+            .copy_into(&path, &ours, &Transfer::default())
+            .unwrap_err();
         assert!(
             e.to_string().starts_with("hash mismatch importing path"),
             "{e}"
@@ -486,15 +510,20 @@ mod tests {
         assert!(!ours.real_path(&path).exists());
         // Intact: copied.
         std::fs::write(sub.source(&path), b"hello").unwrap();
-        sub.copy_into(&path, &ours).unwrap();
+        let progress = Transfer::default();
+        sub.copy_into(&path, &ours, &progress).unwrap();
         assert_eq!(std::fs::read(ours.real_path(&path)).unwrap(), b"hello");
+        // Every NAR byte counted as unpacked; nothing downloaded (no FileSize).
+        let info = sub.query_path_info(&path).unwrap().unwrap();
+        assert_eq!(progress.unpacked(), info.nar_size);
+        assert_eq!(progress.downloaded(), info.download_size.unwrap_or(0));
         // Missing from the source store: gone.
         let other = s
             .store_dir()
             .text_path_of("g", b"x", &Default::default())
             .unwrap();
         assert!(matches!(
-            sub.copy_into(&other, &ours),
+            sub.copy_into(&other, &ours, &Transfer::default()),
             Err(SubstituterError::Gone { .. })
         ));
     }
@@ -506,7 +535,9 @@ mod tests {
         let ours = LocalStore::open(&s).unwrap();
         let (mut sub, path) = other_store(t.path(), &s, b"unsigned");
         sub.policy.require_sigs = true;
-        let e = sub.copy_into(&path, &ours).unwrap_err();
+        let e = sub
+            .copy_into(&path, &ours, &Transfer::default())
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -515,5 +546,71 @@ mod tests {
             )
         );
         assert!(!ours.is_valid_path(&path).unwrap());
+    }
+
+    /// A `file://` cache in `dir/cache` serving one bzip2-compressed regular file.
+    fn bzip2_cache(dir: &std::path::Path, s: &Settings, contents: &[u8]) -> (String, NarInfo) {
+        use drover::hash::{Encoding, HashAlgo};
+        let sd = s.store_dir();
+        let url = cache(&dir.join("cache"), sd.as_str(), 30);
+        let mut nar = Vec::new();
+        drover::nar::dump_bytes(contents, &mut nar).unwrap();
+        let mut file = Vec::new();
+        {
+            let mut enc = bzip2::write::BzEncoder::new(&mut file, bzip2::Compression::best());
+            std::io::Write::write_all(&mut enc, &nar).unwrap();
+            enc.finish().unwrap();
+        }
+        let file_hash = HashAlgo::Sha256.digest(&file);
+        let nar_url = format!("nar/{}.nar.bz2", file_hash.encode(Encoding::Base32));
+        std::fs::create_dir_all(dir.join("cache/nar")).unwrap();
+        std::fs::write(dir.join("cache").join(&nar_url), &file).unwrap();
+        let info = NarInfo {
+            store_path: sd.text_path_of("f", contents, &Default::default()).unwrap(),
+            url: nar_url,
+            compression: "bzip2".into(),
+            file_hash: Some(file_hash),
+            file_size: Some(file.len() as u64),
+            nar_hash: HashAlgo::Sha256.digest(&nar),
+            nar_size: nar.len() as u64,
+            references: Default::default(),
+            deriver: None,
+            system: None,
+            signatures: Default::default(),
+            ca: None,
+        };
+        std::fs::write(
+            dir.join("cache")
+                .join(format!("{}.narinfo", info.store_path.hash_part())),
+            info.to_string(sd),
+        )
+        .unwrap();
+        (url, info)
+    }
+
+    #[test]
+    fn binary_cache_copy_counts_file_size_downloaded_and_nar_size_unpacked() {
+        let t = tempfile::tempdir().unwrap();
+        let s = settings(t.path(), "");
+        let ours = LocalStore::open(&s).unwrap();
+        // Compressible but not trivially: the file and the NAR differ in size.
+        let contents: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (url, narinfo) = bzip2_cache(t.path(), &s, &contents);
+        let sub = BinaryCacheSubstituter::open(
+            &url,
+            s.store_dir(),
+            &HttpOptions::default(),
+            TrustPolicy::default(),
+        )
+        .unwrap();
+        let info = sub.query_path_info(&narinfo.store_path).unwrap().unwrap();
+        assert_eq!(info.download_size, narinfo.file_size);
+        let progress = Transfer::default();
+        sub.copy_into(&narinfo.store_path, &ours, &progress)
+            .unwrap();
+        assert!(ours.is_valid_path(&narinfo.store_path).unwrap());
+        assert_eq!(Some(progress.downloaded()), narinfo.file_size);
+        assert_eq!(progress.unpacked(), narinfo.nar_size);
+        assert_ne!(progress.downloaded(), progress.unpacked());
     }
 }

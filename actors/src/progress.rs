@@ -8,8 +8,20 @@
 //! counts only `Built`; *failed* counts failures except `DependencyFailed`. A path
 //! substitution is expected from creation until done, running while it downloads,
 //! done on success and failed only when some substituter really failed.
+//!
+//! Bytes of a copy in flight are not counted in [`Counters`] (that would take a
+//! message per chunk): each copy has a [`Transfer`] of atomics, shared through an
+//! `Arc` between the job that copies (it adds the bytes downloaded and unpacked as
+//! they pass) and [`ProgressEvent::SubstitutionStarted`], so a display reads the live
+//! counts whenever it redraws. When the substitution finishes its sizes move into
+//! `done_nar_size`/`done_download_size` and the display drops the transfer (also
+//! on [`ProgressEvent::SubstitutionCancelled`], for a copy cancelled in flight).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
+use drover::binary_cache::TransferProgress;
 use drover::build_result::BuildStatus;
 use drover::store_path::StorePath;
 
@@ -46,7 +58,12 @@ pub enum ProgressEvent {
         verb: &'static str,
     },
     /// A substitution started downloading: `copying path '<path>' from '<uri>'`.
-    SubstitutionStarted { path: StorePath, uri: String },
+    /// `transfer` counts its bytes while it runs (a new one for each attempt).
+    SubstitutionStarted {
+        path: StorePath,
+        uri: String,
+        transfer: Arc<Transfer>,
+    },
     /// A derivation goal finished.
     BuildFinished {
         drv_path: StorePath,
@@ -57,6 +74,109 @@ pub enum ProgressEvent {
         path: StorePath,
         status: BuildStatus,
     },
+    /// A path substitution goal was cancelled while copying (the run ended, or
+    /// nobody waits for it any more): its transfer no longer counts.
+    SubstitutionCancelled { path: StorePath },
     /// A message Nix would print (warnings, dependency errors, resolution notes).
     Message(String),
+}
+
+/// Live byte counts of one copy from a substituter: bumped by the copying thread,
+/// read by any other at any time (relaxed atomics: the counts are for display).
+///
+/// Binary caches count into [`Transfer::binary_cache`] (what
+/// [`drover::binary_cache::BinaryCache::copy_into_observed`] takes); other
+/// substituters count with [`Transfer::add_downloaded`]/[`Transfer::add_unpacked`].
+/// The readers sum both.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    cache: TransferProgress,
+    downloaded: AtomicU64,
+    unpacked: AtomicU64,
+}
+
+impl Transfer {
+    /// Bytes of the (compressed) file read from the substituter so far: the
+    /// narinfo's `FileSize` once a binary cache copy is complete; substituters
+    /// without a file to download (another local store) leave it at 0.
+    pub fn downloaded(&self) -> u64 {
+        self.cache.downloaded() + self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the NAR unpacked so far (`NarSize` once complete).
+    pub fn unpacked(&self) -> u64 {
+        self.cache.unpacked() + self.unpacked.load(Ordering::Relaxed)
+    }
+
+    pub fn add_downloaded(&self, n: u64) {
+        self.downloaded.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_unpacked(&self, n: u64) {
+        self.unpacked.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters a binary cache copy writes into.
+    pub fn binary_cache(&self) -> &TransferProgress {
+        &self.cache
+    }
+}
+
+/// A transfer is equal only to itself: its counts change while it runs, so two
+/// [`ProgressEvent`]s are equal when they share the same live transfer.
+impl PartialEq for Transfer {
+    fn eq(&self, other: &Transfer) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Transfer {}
+
+/// A reader that counts the bytes passing through it into a [`Transfer`], as
+/// downloaded and/or unpacked bytes.
+pub struct CountingReader<'a, R> {
+    pub inner: R,
+    pub transfer: &'a Transfer,
+    pub downloaded: bool,
+    pub unpacked: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if self.downloaded {
+            self.transfer.add_downloaded(n as u64);
+        }
+        if self.unpacked {
+            self.transfer.add_unpacked(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_sums_both_counters_and_equals_only_itself() {
+        let t = Transfer::default();
+        t.add_downloaded(3);
+        t.add_unpacked(5);
+        t.add_unpacked(1);
+        assert_eq!((t.downloaded(), t.unpacked()), (3, 6));
+        let mut r = CountingReader {
+            inner: &b"hello"[..],
+            transfer: &t,
+            downloaded: false,
+            unpacked: true,
+        };
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut out).unwrap();
+        assert_eq!((t.downloaded(), t.unpacked()), (3, 11));
+        assert_eq!(t, t);
+        assert_ne!(t, Transfer::default());
+        let a = Arc::new(Transfer::default());
+        assert_eq!(a, a.clone());
+    }
 }

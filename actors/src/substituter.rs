@@ -6,12 +6,17 @@
 //! realisation it has for a content-addressed derivation output. All methods block;
 //! goals call them through the store executor, never on an arbiter thread.
 //!
+//! A copy counts the bytes it downloads and unpacks into the [`Transfer`] it is
+//! handed, as they pass, so a progress display can show a copy in flight.
+//!
 //! Substituters are tried in order of [`Substituter::priority`] (lower first, stable),
 //! as Nix's `getDefaultSubstituters` sorts them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
+
+use crate::progress::Transfer;
 
 use drover::content_address::ContentAddress;
 use drover::hash::Hash;
@@ -63,8 +68,14 @@ pub trait Substituter: Send + Sync {
         &self,
         path: &StorePath,
     ) -> Result<Option<SubstitutablePathInfo>, SubstituterError>;
-    /// Copies `path` into `store` and registers it (its references must be valid).
-    fn copy_into(&self, path: &StorePath, store: &LocalStore) -> Result<(), SubstituterError>;
+    /// Copies `path` into `store` and registers it (its references must be valid),
+    /// counting the bytes downloaded and unpacked into `progress`.
+    fn copy_into(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        progress: &Transfer,
+    ) -> Result<(), SubstituterError>;
     /// The realisation of a content-addressed derivation output.
     fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, SubstituterError>;
 }
@@ -196,7 +207,14 @@ impl Substituter for InMemorySubstituter {
             .map(|e| e.info.clone()))
     }
 
-    fn copy_into(&self, path: &StorePath, store: &LocalStore) -> Result<(), SubstituterError> {
+    /// Counts the file's length as downloaded and its NAR size as unpacked (the
+    /// `FileSize` and `NarSize` it serves).
+    fn copy_into(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        progress: &Transfer,
+    ) -> Result<(), SubstituterError> {
         match self.fault(path) {
             Some(FakeFault::CopyFails) => {
                 return Err(SubstituterError::Failed(format!(
@@ -240,6 +258,8 @@ impl Substituter for InMemorySubstituter {
                 })
             })
             .map_err(|e| SubstituterError::Failed(e.to_string()))?;
+        progress.add_downloaded(entry.contents.len() as u64);
+        progress.add_unpacked(entry.info.nar_size);
         self.copied.lock().expect("lock").push(path.clone());
         Ok(())
     }

@@ -212,9 +212,12 @@ pub enum Effect {
     BuildStarted {
         machine: Option<String>,
     },
-    /// A download started/finished (progress: running substitutions).
+    /// A download started/finished (progress: running substitutions). A path
+    /// substitution hands over the [`Transfer`](crate::progress::Transfer) its copy
+    /// job counts bytes into, for the progress display.
     SubstitutionStarted {
         uri: String,
+        transfer: Option<std::sync::Arc<crate::progress::Transfer>>,
     },
     SubstitutionStopped,
     /// The substituter being tried has the path with these sizes (replaces the sizes
@@ -254,7 +257,7 @@ impl std::fmt::Debug for Effect {
             Effect::HookBuild { .. } => write!(f, "HookBuild"),
             Effect::RunLocalBuild(r) => write!(f, "RunLocalBuild({})", r.drv_path),
             Effect::BuildStarted { machine } => write!(f, "BuildStarted({machine:?})"),
-            Effect::SubstitutionStarted { uri } => write!(f, "SubstitutionStarted({uri})"),
+            Effect::SubstitutionStarted { uri, .. } => write!(f, "SubstitutionStarted({uri})"),
             Effect::SubstitutionStopped => write!(f, "SubstitutionStopped"),
             Effect::SubstitutionSizes { nar_size, .. } => {
                 write!(f, "SubstitutionSizes({nar_size})")

@@ -17,6 +17,9 @@
 //!   `CancelLocalBuild`). Goals nobody waits for any more are cancelled.
 //! * Build order: goals waiting for a slot are served by the length of the chain of
 //!   goals that wait on them (the critical path above them), then in request order.
+//! * Progress: the counters go out once per batch of changes; a path substitution's
+//!   live byte counts ([`crate::progress::Transfer`]) travel with its
+//!   `SubstitutionStarted` event rather than as counter updates.
 
 pub mod actor;
 pub mod slots;
@@ -519,7 +522,7 @@ impl WorkerCore {
                         }));
                 }
             }
-            Effect::SubstitutionStarted { uri } => {
+            Effect::SubstitutionStarted { uri, transfer } => {
                 if let Some(e) = self.goals.get_mut(&id) {
                     if !e.substituting {
                         e.substituting = true;
@@ -530,6 +533,7 @@ impl WorkerCore {
                             .push(Action::Progress(ProgressEvent::SubstitutionStarted {
                                 path: g.path.clone(),
                                 uri,
+                                transfer: transfer.unwrap_or_default(),
                             }));
                     }
                 }
@@ -768,7 +772,16 @@ impl WorkerCore {
                     self.actions.push(Action::CancelLocalBuild { goal: id });
                 }
             }
-            Goal::Subst(_) => self.counters.expected_substitutions -= 1,
+            Goal::Subst(g) => {
+                self.counters.expected_substitutions -= 1;
+                if entry.substituting {
+                    // Its copy job may still run, but no longer counts.
+                    self.actions
+                        .push(Action::Progress(ProgressEvent::SubstitutionCancelled {
+                            path: g.path.clone(),
+                        }));
+                }
+            }
             Goal::DrvOut(_) => {}
         }
         for dep in entry.waitees.keys() {
@@ -962,6 +975,159 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn substitutions_forward_their_live_transfers() {
+        use crate::progress::ProgressEvent;
+        use crate::substituter::{InMemorySubstituter, Substituter};
+        let (_d, ts, s) = setup(|s| {
+            s.substituter_uris = vec!["mem://a".into()];
+            s.substituter_trusted = vec![true];
+        });
+        let sub = Arc::new(InMemorySubstituter::new("mem://a", 40));
+        let sd = ts.store.store_dir().clone();
+        let dep = sd
+            .parse(&format!("{}/{}-dep", sd.as_str(), "a".repeat(32)))
+            .unwrap();
+        let top = sd
+            .parse(&format!("{}/{}-top", sd.as_str(), "b".repeat(32)))
+            .unwrap();
+        sub.add_file(dep.clone(), &[1u8; 3000], Default::default());
+        sub.add_file(top.clone(), &[2u8; 7000], [dep.clone()].into());
+        let mut drv = SyncDriver::new(
+            ts.store.clone(),
+            s.clone(),
+            vec![sub.clone() as Arc<dyn Substituter>],
+        );
+        let mut c = WorkerCore::new(s.clone(), sd.clone(), 1, false);
+        c.start(vec![DerivedPath::Opaque(top.clone())], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 0, "{:?}", out.errors);
+        let mut started = Vec::new();
+        let mut finished = Vec::new();
+        for ev in &drv.progress {
+            match ev {
+                ProgressEvent::SubstitutionStarted {
+                    path,
+                    uri,
+                    transfer,
+                } => {
+                    assert_eq!(uri, "mem://a");
+                    started.push((path.clone(), transfer.clone()));
+                }
+                ProgressEvent::SubstitutionFinished { path, .. } => finished.push(path.clone()),
+                _ => {}
+            }
+        }
+        assert_eq!(finished, [dep.clone(), top.clone()]);
+        let mut nar = 0;
+        let mut download = 0;
+        for (path, transfer) in &started {
+            let info = sub.query_path_info(path).unwrap().unwrap();
+            // The job the goal ran counted into the very Arc the event carries.
+            assert_eq!(transfer.unpacked(), info.nar_size);
+            assert_eq!(Some(transfer.downloaded()), info.download_size);
+            nar += info.nar_size;
+            download += info.download_size.unwrap();
+        }
+        assert_eq!(started.len(), 2);
+        let counters = c.counters();
+        assert_eq!(counters.done_substitutions, 2);
+        assert_eq!(
+            (counters.done_nar_size, counters.done_download_size),
+            (nar, download)
+        );
+        assert_eq!(
+            (counters.expected_nar_size, counters.expected_download_size),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn a_cancelled_copy_is_announced() {
+        use crate::progress::ProgressEvent;
+        use crate::substituter::{InMemorySubstituter, Substituter};
+        let (_d, ts, s) = setup(|s| {
+            s.substituter_uris = vec!["mem://a".into()];
+            s.substituter_trusted = vec![true];
+        });
+        let sub = Arc::new(InMemorySubstituter::new("mem://a", 40));
+        let sd = ts.store.store_dir().clone();
+        let ok = sd
+            .parse(&format!("{}/{}-ok", sd.as_str(), "a".repeat(32)))
+            .unwrap();
+        sub.add_file(ok.clone(), b"ok", Default::default());
+        let fails = ts.add_drv("fails", &["out"], &[], &[]);
+        let drv = SyncDriver::new(
+            ts.store.clone(),
+            s.clone(),
+            vec![sub.clone() as Arc<dyn Substituter>],
+        );
+        let mut c = WorkerCore::new(s.clone(), sd.clone(), 1, false);
+        c.start(
+            vec![DerivedPath::Opaque(ok.clone()), built(&fails)],
+            BuildMode::Normal,
+        );
+        // Runs every job but the copy, which stays in flight until the failed
+        // build ends the run (no keep-going).
+        let mut progress = Vec::new();
+        let mut copying = false;
+        while !c.is_finished() {
+            let mut next = Vec::new();
+            for a in c.take_actions() {
+                match a {
+                    Action::Progress(ev) => {
+                        copying |= matches!(ev, ProgressEvent::SubstitutionStarted { .. });
+                        progress.push(ev);
+                    }
+                    Action::Blocking { goal, job } => {
+                        if std::mem::take(&mut copying) {
+                            continue;
+                        }
+                        next.push((goal, job(&drv.env)));
+                    }
+                    Action::RunLocalBuild { goal, .. } => next.push((
+                        goal,
+                        Event::LocalBuildFinished(LocalBuildFinished {
+                            id: goal,
+                            result: BuildResult::failure(BuildStatus::PermanentFailure, "no"),
+                            hash_mismatch: false,
+                            outputs: Default::default(),
+                        }),
+                    )),
+                    _ => {}
+                }
+            }
+            assert!(!next.is_empty(), "stuck: {progress:?}");
+            for (g, ev) in next {
+                c.deliver(g, ev);
+            }
+        }
+        assert_ne!(c.outcome().exit_status, 0);
+        for a in c.take_actions() {
+            if let Action::Progress(ev) = a {
+                progress.push(ev);
+            }
+        }
+        let names: Vec<String> = progress
+            .iter()
+            .filter_map(|e| match e {
+                ProgressEvent::SubstitutionFinished { path, .. } if *path != ok => None,
+                ProgressEvent::SubstitutionStarted { path, .. } => Some(format!("started {path}")),
+                ProgressEvent::SubstitutionFinished { path, .. } => {
+                    Some(format!("finished {path}"))
+                }
+                ProgressEvent::SubstitutionCancelled { path } => Some(format!("cancelled {path}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [format!("started {ok}"), format!("cancelled {ok}")],
+            "{progress:?}"
+        );
+        assert_eq!(c.counters().running_substitutions, 0);
     }
 
     #[test]

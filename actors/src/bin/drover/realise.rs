@@ -242,7 +242,8 @@ fn output_paths(
     }
 }
 
-/// Prints the Worker's progress events as Nix prints them, through the display.
+/// Prints the Worker's progress events as Nix prints them, through the display,
+/// and keeps its status line current (counters, running builds, live transfers).
 struct ProgressPrinter {
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
@@ -251,11 +252,12 @@ struct ProgressPrinter {
 impl Actor for ProgressPrinter {
     type Context = actix::Context<Self>;
 
-    /// The status line shows elapsed times, so it is redrawn every second even when
-    /// nothing happens.
+    /// The status line shows elapsed times and the bytes of copies in flight, so it
+    /// is redrawn on a timer even when no event comes (events only redraw when the
+    /// last draw is old enough: see `display`).
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(std::time::Duration::from_secs(1), |act, _| {
-            act.display.lock().unwrap().redraw();
+        ctx.run_interval(crate::display::TICK_INTERVAL, |act, _| {
+            act.display.lock().unwrap().tick();
         });
     }
 }
@@ -278,16 +280,22 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 ));
                 d.build_started(drv_path);
             }
-            ProgressEvent::SubstitutionStarted { path, uri } => {
+            ProgressEvent::SubstitutionStarted {
+                path,
+                uri,
+                transfer,
+            } => {
                 // Nix 2.8 words a copy out of another local store as one *to* it.
                 let dir = if uri == "local" { "to" } else { "from" };
                 d.line(&format!(
                     "copying path '{}' {dir} '{uri}'...",
                     self.store_dir.print(&path)
                 ));
+                d.substitution_started(path, transfer);
             }
             ProgressEvent::BuildFinished { drv_path, .. } => d.build_finished(&drv_path),
-            ProgressEvent::SubstitutionFinished { .. } => {}
+            ProgressEvent::SubstitutionFinished { path, .. }
+            | ProgressEvent::SubstitutionCancelled { path } => d.substitution_finished(&path),
             ProgressEvent::Message(m) => match m.strip_prefix("error: ") {
                 Some(e) => d.line(&error_message(e)),
                 None => d.line(&m),

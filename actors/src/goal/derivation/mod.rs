@@ -1743,7 +1743,7 @@ mod tests {
         assert!(fx.starts_with("[WaitFor([Substitution"), "{fx}");
         let out = h.ts.output(&d, "out");
         let s = h.env.substituters[0].clone();
-        s.copy_into(&out, &h.ts.store).unwrap();
+        s.copy_into(&out, &h.ts.store, &Default::default()).unwrap();
         let req = GoalRequest::Substitution {
             path: out,
             repair: false,

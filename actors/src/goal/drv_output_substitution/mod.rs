@@ -121,6 +121,7 @@ impl DrvOutputSubstitutionGoal {
                             .get(i)
                             .cloned()
                             .unwrap_or_default(),
+                        transfer: None,
                     },
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
                         let Some(sub) = env.substituters.get(i) else {
@@ -320,8 +321,9 @@ mod tests {
         // Make the dependency and output valid, as the waitees would.
         s.add_file(out.clone(), b"o", Default::default());
         s.add_file(dep_out.clone(), b"d", Default::default());
-        s.copy_into(&out, &h.ts.store).unwrap();
-        s.copy_into(&dep_out, &h.ts.store).unwrap();
+        s.copy_into(&out, &h.ts.store, &Default::default()).unwrap();
+        s.copy_into(&dep_out, &h.ts.store, &Default::default())
+            .unwrap();
         h.ts.store
             .register_realisation(&real(id("dep"), dep_out, BTreeMap::new()))
             .unwrap();
@@ -366,7 +368,8 @@ mod tests {
         let local = path(&h, 'g', "local");
         let remote = path(&h, 'f', "remote");
         s.add_file(local.clone(), b"l", Default::default());
-        s.copy_into(&local, &h.ts.store).unwrap();
+        s.copy_into(&local, &h.ts.store, &Default::default())
+            .unwrap();
         h.ts.store
             .register_realisation(&real(id("dep"), local, BTreeMap::new()))
             .unwrap();

@@ -9,11 +9,18 @@
 //! substitute) → `tryToRun` (take a substitution slot, copy) → `finished` (release the
 //! slot; a gone NAR tries the next substituter without counting as a failure, another
 //! error marks the substituter failed and tries the next; success → Substituted).
+//!
+//! The copy job counts its bytes into a [`Transfer`] that
+//! [`Effect::SubstitutionStarted`] hands to the Worker as well, so the progress
+//! display reads the bytes of a copy in flight without a message per chunk.
+
+use std::sync::Arc;
 
 use drover::build_result::BuildStatus;
 use drover::store_path::StorePath;
 
 use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
+use crate::progress::Transfer;
 use crate::substituter::{SubstitutablePathInfo, SubstituterError};
 
 /// Results of this goal's blocking jobs.
@@ -171,11 +178,18 @@ impl PathSubstitutionGoal {
                 let i = self.current_sub.unwrap_or(0);
                 let path = self.path.clone();
                 let uri = Self::uri(ctx, i);
+                // Shared by the copy job (it counts bytes in) and the progress
+                // display (it reads them); a new one for each attempt.
+                let transfer = Arc::new(Transfer::default());
+                let counts = transfer.clone();
                 vec![
-                    Effect::SubstitutionStarted { uri },
+                    Effect::SubstitutionStarted {
+                        uri,
+                        transfer: Some(transfer),
+                    },
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
                         let r = match env.substituters.get(i) {
-                            Some(s) => s.copy_into(&path, &env.store),
+                            Some(s) => s.copy_into(&path, &env.store, &counts),
                             None => Err(SubstituterError::Failed("no such substituter".into())),
                         };
                         Event::Subst(SubstJobResult::Copied(r))
@@ -345,7 +359,8 @@ mod tests {
             path: dep.clone(),
             repair: false,
         };
-        s.copy_into(&dep, &h.ts.store).unwrap();
+        s.copy_into(&dep, &h.ts.store, &Transfer::default())
+            .unwrap();
         let fx = h.drive(|e, c| g.handle(e, c), waitee(req, ExitCode::Success), false);
         assert!(fx.is_empty());
         let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
@@ -356,6 +371,49 @@ mod tests {
             "[SubstitutionStarted(mem://a), ReleaseSubstSlot, SubstitutionStopped, Done(Success, Substituted)]"
         );
         assert!(h.ts.store.is_valid_path(&p).unwrap());
+    }
+
+    #[test]
+    fn the_copy_counts_into_the_transfer_it_announces() {
+        let s = sub("mem://a");
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let p = path(&h, "x");
+        let contents = vec![7u8; 5000];
+        s.add_file(p.clone(), &contents, Default::default());
+        let info = s.query_path_info(&p).unwrap().unwrap();
+        let mut g = PathSubstitutionGoal::new(p.clone(), false);
+        h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+        let ctx = h.ctx(false);
+        let mut fx = g.handle(Event::SlotGranted, &ctx).into_iter();
+        let Some(Effect::SubstitutionStarted {
+            uri,
+            transfer: Some(transfer),
+        }) = fx.next()
+        else {
+            panic!("no transfer announced");
+        };
+        assert_eq!(uri, "mem://a");
+        let Some(Effect::Blocking(job)) = fx.next() else {
+            panic!("no copy job");
+        };
+        // Nothing copied before the job runs; the job counts into the same Arc.
+        assert_eq!((transfer.downloaded(), transfer.unpacked()), (0, 0));
+        let ev = job(&h.env);
+        assert_eq!(transfer.downloaded(), info.download_size.unwrap());
+        assert_eq!(transfer.unpacked(), info.nar_size);
+        let fx = g.handle(ev, &ctx);
+        assert!(show(&fx).contains("Done(Success, Substituted)"), "{fx:?}");
+        // A second attempt (another goal, a retry) gets a fresh transfer.
+        let mut g2 = PathSubstitutionGoal::new(p, true);
+        h.drive(|e, c| g2.handle(e, c), Event::Start, false);
+        h.drive(|e, c| g2.handle(e, c), Event::WaiteesDone, false);
+        match g2.handle(Event::SlotGranted, &ctx).into_iter().next() {
+            Some(Effect::SubstitutionStarted {
+                transfer: Some(t), ..
+            }) => assert!(!Arc::ptr_eq(&t, &transfer)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
