@@ -823,24 +823,30 @@ impl WorkerCore {
             };
         }
         let mut errors = Vec::new();
-        let failed: Vec<&GoalOutcome> = self
-            .failed_top
-            .iter()
-            .filter_map(|id| self.top_results.get(id))
-            .collect();
-        let exit_status = if failed.is_empty() {
+        let exit_status = if self.failed_top.is_empty() {
             0
         } else {
             self.flags.failing_exit_status()
         };
-        if failed.len() == 1 && !failed[0].result.error_msg.is_empty() {
-            errors.push(failed[0].result.error_msg.clone());
-        } else if !failed.is_empty() {
-            for f in &failed {
-                if !f.result.error_msg.is_empty() {
-                    errors.push(f.result.error_msg.clone());
-                }
-            }
+        // Nix's `buildPaths` rethrows only derivation goals' errors (`Goal::ex`); a
+        // failed substitution goal is merely named in `build of … failed`.
+        let is_drv_goal = |id: &GoalId| {
+            self.top
+                .iter()
+                .any(|(p, i)| i == id && matches!(p, DerivedPath::Built { .. }))
+        };
+        let ex: Vec<&str> = self
+            .failed_top
+            .iter()
+            .filter(|id| is_drv_goal(id))
+            .filter_map(|id| self.top_results.get(id))
+            .map(|o| o.result.error_msg.as_str())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if self.failed_top.len() == 1 && ex.len() == 1 {
+            errors.push(ex[0].to_owned());
+        } else if !self.failed_top.is_empty() {
+            errors.extend(ex.iter().map(|m| (*m).to_owned()));
             let mut names: Vec<String> = Vec::new();
             for (path, id) in &self.top {
                 if self.failed_top.contains(id) {

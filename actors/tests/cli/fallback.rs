@@ -1,0 +1,466 @@
+//! `drover realise` against `nix-store --realise` (Nix 2.8) when substitutes are
+//! broken or missing, with and without `--fallback`.
+//!
+//! Each test writes a signed cache of the chain `a` ← `b` with Nix (see
+//! `substitute::cache_then_wipe`), empties the store but for the `.drv`s and
+//! snapshots it. Then for each tool in turn: the store and the cache are put back as
+//! they were, the cache is damaged the same way, the tool realises `b.drv` (or `b`'s
+//! output path), and the exit status, stdout, stderr and the valid paths afterwards
+//! are recorded. Both must agree byte for byte, except for the few differences named
+//! in [`KnownDifference`] (each a documented divergence of drover from Nix 2.8).
+//!
+//! What Nix 2.8 does (and drover with it):
+//! * A NAR file missing from the cache (narinfo still there) is `SubstituteGone`:
+//!   `error: file 'nar/….nar.xz' does not exist in binary cache` (a local cache; an
+//!   HTTP cache adds `'<uri>'`), not counted as a failure, so the derivation is built
+//!   even without `--fallback`.
+//! * A NAR that arrives but is wrong (hash mismatch, truncated, HTTP 500) is a real
+//!   failure: without `--fallback` exit 1 with `some substitutes for the outputs of
+//!   derivation '…' failed …; try '--fallback' to build derivation from source`; with
+//!   it the derivation is built.
+//! * A missing narinfo in the middle of a closure is an incomplete closure: the
+//!   holes are built, the rest substituted.
+//! * Realising an output path (no derivation) can never build: exit 1 with
+//!   `error: build of '<path>' failed`, `--fallback` or not.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+
+use crate::drover;
+use crate::nix_env::TestRoot;
+use crate::realise::{restore, run, sh, snapshot, Run};
+use crate::substitute::cache_then_wipe;
+
+/// A signed cache of `a` ← `b` and a store holding only the derivations.
+struct Fixture {
+    root: TestRoot,
+    /// `b.drv`.
+    drv: String,
+    /// The outputs of `a` and `b`.
+    out_a: String,
+    out_b: String,
+    /// `file://` URL of the cache directory.
+    file_url: String,
+    pk: String,
+    snap: PathBuf,
+    /// An untouched copy of the cache.
+    pristine: PathBuf,
+}
+
+/// What one tool did.
+struct Outcome {
+    run: Run,
+    /// Valid paths afterwards, sorted.
+    valid: Vec<String>,
+}
+
+/// A way the cache is broken before a run.
+type Damage<'a> = &'a dyn Fn(&Fixture);
+
+impl Fixture {
+    fn new() -> Fixture {
+        let root = TestRoot::new();
+        let (file_url, pk, closure) = cache_then_wipe(&root, "b");
+        let drv = root
+            .instantiate(&root.path().join("e.nix"), Some("b"))
+            .remove(0);
+        let snap = snapshot(&root);
+        let pristine = root.path().join("cache.orig");
+        sh(&format!(
+            "cp -a {} {}",
+            root.path().join("cache").display(),
+            pristine.display()
+        ));
+        // `nix-store -qR` lists references first.
+        let [out_a, out_b]: [String; 2] = closure.try_into().unwrap();
+        Fixture {
+            root,
+            drv,
+            out_a,
+            out_b,
+            file_url,
+            pk,
+            snap,
+            pristine,
+        }
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.root.path().join("cache")
+    }
+
+    /// The narinfo of a store path in the cache.
+    fn narinfo(&self, path: &str) -> PathBuf {
+        let base = Path::new(path).file_name().unwrap().to_str().unwrap();
+        self.cache_dir().join(format!("{}.narinfo", &base[..32]))
+    }
+
+    /// The NAR file (relative to the cache) the narinfo of `path` names.
+    fn nar_url(&self, path: &str) -> String {
+        let info = std::fs::read_to_string(self.narinfo(path)).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned()
+    }
+
+    fn nar(&self, path: &str) -> PathBuf {
+        self.cache_dir().join(self.nar_url(path))
+    }
+
+    /// Puts the store and the cache back, breaks the cache with `damage`, and
+    /// realises `target` with one tool (`ours`: drover) from the cache at `url`.
+    fn realise(
+        &self,
+        ours: bool,
+        url: &str,
+        flags: &[&str],
+        target: &str,
+        damage: Damage,
+    ) -> Outcome {
+        let root = &self.root;
+        restore(root, &self.snap);
+        let (cache, xdg) = (self.cache_dir(), root.path().join("xdg"));
+        sh(&format!(
+            "rm -rf {c} {x} && cp -a {p} {c}",
+            c = cache.display(),
+            x = xdg.display(),
+            p = self.pristine.display()
+        ));
+        damage(self);
+        let mut cmd = if ours {
+            let mut c = drover(root);
+            c.arg("realise");
+            c
+        } else {
+            let mut c = root.cmd("nix-store");
+            c.arg("--realise");
+            c
+        };
+        // Nix keeps narinfos of HTTP caches in `~/.cache/nix`: one per run.
+        cmd.env("XDG_CACHE_HOME", &xdg)
+            .args(["--option", "substituters", url])
+            .args(["--option", "trusted-public-keys", &self.pk])
+            // Nix's HTTP retries: one, after a short random pause.
+            .args(["--option", "download-attempts", "2"])
+            .args(flags)
+            .arg(target);
+        let run = run(&mut cmd);
+        root.verify_store();
+        Outcome {
+            run,
+            valid: valid_paths(root),
+        }
+    }
+
+    /// Both tools with the same flags and damage: the same exit status (`code`),
+    /// stdout, stderr (after `known`) and valid paths. Returns Nix's stderr.
+    #[track_caller]
+    fn assert_same(
+        &self,
+        url: &str,
+        flags: &[&str],
+        target: &str,
+        damage: Damage,
+        code: i32,
+        known: &[KnownDifference],
+    ) -> String {
+        let nix = self.realise(false, url, flags, target, damage);
+        let ours = self.realise(true, url, flags, target, damage);
+        let (n, o) = (&nix.run, &ours.run);
+        assert_eq!(n.code, code, "nix {flags:?}:\n{}", n.stderr);
+        assert_eq!(o.code, n.code, "drover {flags:?}:\n{}", o.stderr);
+        assert_eq!(o.stdout, n.stdout, "{flags:?}");
+        assert_eq!(
+            normalise(&o.stderr, known),
+            normalise(&n.stderr, known),
+            "{flags:?}\ndrover:\n{}\nnix:\n{}",
+            o.stderr,
+            n.stderr
+        );
+        assert_eq!(ours.valid, nix.valid, "{flags:?}");
+        nix.run.stderr
+    }
+}
+
+/// `ValidPaths` of the root's database, sorted.
+fn valid_paths(root: &TestRoot) -> Vec<String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        root.state_dir.join("db/db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut stmt = conn
+        .prepare("select path from ValidPaths order by path")
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// Where drover's stderr still differs from Nix 2.8's (see the report in each
+/// variant); the lines concerned are replaced by a placeholder in both.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KnownDifference {
+    /// Nix decompresses through libarchive and prints its words (`Failed to open
+    /// archive (Lzma library error:  No progress is possible)`); drover says `NAR for
+    /// '…' fetched from '…' is corrupt or incomplete: …`.
+    DecompressionMessage,
+    /// Over HTTP Nix prints curl's status text (`HTTP error 500 ('Internal Server
+    /// Error')`) and a `warning: error: unable to download …; retrying in N ms` line
+    /// per retry; with `--fallback` it also disables the cache for 60 s after the
+    /// failure (`disabling binary cache '…' for 60 seconds`, then `error: substituter
+    /// '…' is disabled` on the next attempt). drover says `HTTP error 500 (after 2
+    /// attempts)` each time and prints no retry or disabling lines.
+    HttpFailure,
+}
+
+fn normalise(stderr: &str, known: &[KnownDifference]) -> String {
+    let mut out = String::new();
+    for l in stderr.lines() {
+        let line = if known.contains(&KnownDifference::DecompressionMessage)
+            && (l.starts_with("error: Failed to open archive (")
+                || (l.starts_with("error: NAR for '") && l.contains("is corrupt or incomplete")))
+        {
+            "error: <corrupt NAR>"
+        } else if known.contains(&KnownDifference::HttpFailure)
+            && (l.starts_with("warning: error: unable to download '")
+                || l.starts_with("disabling binary cache '"))
+        {
+            continue;
+        } else if known.contains(&KnownDifference::HttpFailure)
+            && (l.starts_with("error: unable to download '")
+                || (l.starts_with("error: substituter '") && l.ends_with("' is disabled")))
+        {
+            "error: <download failed>"
+        } else {
+            l
+        };
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+fn no_damage(_: &Fixture) {}
+
+fn delete_nar_of_a(fx: &Fixture) {
+    std::fs::remove_file(fx.nar(&fx.out_a)).unwrap();
+}
+
+fn delete_narinfo_of_a(fx: &Fixture) {
+    std::fs::remove_file(fx.narinfo(&fx.out_a)).unwrap();
+}
+
+/// `a`'s NAR with one byte of its file changed, compressed again (same size, so
+/// only `NarHash` tells).
+fn change_nar_of_a(fx: &Fixture) {
+    let f = fx.nar(&fx.out_a);
+    let mut nar = Vec::new();
+    xz_decode(&f, &mut nar);
+    let i = nar.windows(2).rposition(|w| w == b"a\n").unwrap();
+    nar[i] = b'b';
+    xz_encode(&nar, &f);
+}
+
+/// `a`'s NAR file cut in half.
+fn truncate_nar_of_a(fx: &Fixture) {
+    let f = fx.nar(&fx.out_a);
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+/// `xz -dc` (the test crate has no xz library).
+fn xz_decode(file: &Path, into: &mut Vec<u8>) {
+    let out = std::process::Command::new("xz")
+        .arg("-dc")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    *into = out.stdout;
+}
+
+fn xz_encode(data: &[u8], file: &Path) {
+    let mut child = std::process::Command::new("xz")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    std::fs::write(file, out.stdout).unwrap();
+}
+
+fn lines_with<'a>(stderr: &'a str, needle: &str) -> Vec<&'a str> {
+    stderr.lines().filter(|l| l.contains(needle)).collect()
+}
+
+const REFUSAL: &str = "try '--fallback' to build derivation from source";
+
+/// A gone NAR is as if there were no substitute: both tools build `a` and fetch
+/// `b`, with or without `--fallback`.
+#[test]
+fn gone_nar_is_built_instead() {
+    require_nix!();
+    let fx = Fixture::new();
+    let url = fx.file_url.clone();
+    for flags in [&[][..], &["--fallback"]] {
+        let nix = fx.assert_same(&url, flags, &fx.drv, &delete_nar_of_a, 0, &[]);
+        let gone = format!(
+            "error: file '{}' does not exist in binary cache",
+            fx.nar_url(&fx.out_a)
+        );
+        assert_eq!(lines_with(&nix, "does not exist"), [&gone, &gone], "{nix}");
+        assert_eq!(lines_with(&nix, "building '").len(), 1, "{nix}");
+    }
+}
+
+/// A NAR whose contents do not match `NarHash`: without `--fallback` both refuse to
+/// build (exit 1); with it both build.
+#[test]
+fn corrupt_nar_needs_fallback() {
+    require_nix!();
+    let fx = Fixture::new();
+    let url = fx.file_url.clone();
+    let nix = fx.assert_same(&url, &[], &fx.drv, &change_nar_of_a, 1, &[]);
+    assert!(nix.contains(&format!(
+        "error: hash mismatch importing path '{}';",
+        fx.out_a
+    )));
+    assert_eq!(lines_with(&nix, REFUSAL).len(), 1, "{nix}");
+    let nix = fx.assert_same(&url, &["--fallback"], &fx.drv, &change_nar_of_a, 0, &[]);
+    assert_eq!(lines_with(&nix, "building '").len(), 2, "{nix}");
+
+    let known = [KnownDifference::DecompressionMessage];
+    let nix = fx.assert_same(&url, &[], &fx.drv, &truncate_nar_of_a, 1, &known);
+    assert_eq!(lines_with(&nix, REFUSAL).len(), 1, "{nix}");
+    fx.assert_same(
+        &url,
+        &["--fallback"],
+        &fx.drv,
+        &truncate_nar_of_a,
+        0,
+        &known,
+    );
+}
+
+/// A narinfo missing from the middle of the closure: `a` is built, `b` fetched.
+#[test]
+fn incomplete_closure_builds_the_hole() {
+    require_nix!();
+    let fx = Fixture::new();
+    let url = fx.file_url.clone();
+    for flags in [&[][..], &["--fallback"]] {
+        let nix = fx.assert_same(&url, flags, &fx.drv, &delete_narinfo_of_a, 0, &[]);
+        assert!(
+            nix.contains("don't know how to build these paths:"),
+            "{nix}"
+        );
+        assert!(
+            nix.contains(&format!("copying path '{}' from", fx.out_b)),
+            "{nix}"
+        );
+    }
+}
+
+/// Realising `b`'s output path itself: there is nothing to build from, so every
+/// broken substitute fails the same way, `--fallback` or not.
+#[test]
+fn output_path_cannot_fall_back() {
+    require_nix!();
+    let fx = Fixture::new();
+    let url = fx.file_url.clone();
+    let failed = format!("error: build of '{}' failed", fx.out_b);
+    let cases: [(Damage, i32); 4] = [
+        (&no_damage, 0),
+        (&delete_nar_of_a, 1),
+        (&delete_narinfo_of_a, 1),
+        (&change_nar_of_a, 1),
+    ];
+    for (damage, code) in cases {
+        for flags in [&[][..], &["--fallback"]] {
+            let nix = fx.assert_same(&url, flags, &fx.out_b, damage, code, &[]);
+            if code != 0 {
+                assert_eq!(lines_with(&nix, "error: build of"), [&failed], "{nix}");
+            }
+        }
+    }
+}
+
+/// The cache over HTTP answering 500 for NARs: a real failure, as a corrupt NAR.
+#[test]
+fn http_500_needs_fallback() {
+    require_nix!();
+    let fx = Fixture::new();
+    let url = serve_failing_nars(fx.cache_dir());
+    let known = [KnownDifference::HttpFailure];
+    let nix = fx.assert_same(&url, &[], &fx.drv, &no_damage, 1, &known);
+    let nar = format!("{url}/{}", fx.nar_url(&fx.out_a));
+    assert!(
+        nix.contains(&format!(
+            "error: unable to download '{nar}': HTTP error 500"
+        )),
+        "{nix}"
+    );
+    assert_eq!(lines_with(&nix, REFUSAL).len(), 1, "{nix}");
+    let nix = fx.assert_same(&url, &["--fallback"], &fx.drv, &no_damage, 0, &known);
+    assert_eq!(lines_with(&nix, "building '").len(), 2, "{nix}");
+    // A 404 is gone, and the message names the cache: `a` is built; `b`'s NAR
+    // still fails, after that.
+    let nix = fx.assert_same(&url, &[], &fx.drv, &delete_nar_of_a, 1, &known);
+    let gone = format!(
+        "error: file '{}' does not exist in binary cache '{url}'",
+        fx.nar_url(&fx.out_a)
+    );
+    assert_eq!(lines_with(&nix, "does not exist"), [&gone, &gone], "{nix}");
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 serving `dir`, except that every NAR that
+/// exists gets `500 Internal Server Error`; returns its base URL.
+fn serve_failing_nars(dir: PathBuf) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || answer(conn, &dir));
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+fn answer(conn: TcpStream, dir: &Path) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut conn = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or("GET").to_owned();
+        let target = words.next().unwrap_or("/").to_owned();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+                break;
+            }
+        }
+        let (status, body) = match std::fs::read(dir.join(target.trim_start_matches('/'))) {
+            Ok(_) if target.starts_with("/nar/") => ("500 Internal Server Error", Vec::new()),
+            Ok(body) => ("200 OK", body),
+            Err(_) => ("404 Not Found", Vec::new()),
+        };
+        write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )?;
+        if method != "HEAD" {
+            conn.write_all(&body)?;
+        }
+    }
+}
