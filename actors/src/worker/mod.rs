@@ -1043,6 +1043,63 @@ mod tests {
         assert_eq!(c.counters().expected_builds, 0);
     }
 
+    /// Nix 2.8's `buildPaths` rethrows only derivation goals' errors: a failed path
+    /// request is named in `build of … failed`, its own message stays in the result;
+    /// beside a failed derivation, only the derivation's message is printed.
+    #[test]
+    fn failed_path_requests_are_only_named() {
+        let (_d, ts, s) = setup(|s| s.keep_going = true);
+        let sd = ts.store.store_dir().clone();
+        let missing = sd
+            .parse(&format!(
+                "{}/cccccccccccccccccccccccccccccccc-missing",
+                sd.as_str()
+            ))
+            .unwrap();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        let mut c = core(&ts, &s);
+        c.start(
+            vec![DerivedPath::Opaque(missing.clone())],
+            BuildMode::Normal,
+        );
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 1);
+        assert_eq!(
+            out.errors,
+            [format!("build of '{}' failed", sd.print(&missing))]
+        );
+        assert!(out.results[0]
+            .result
+            .error_msg
+            .ends_with("is required, but there is no substituter that can build it"));
+
+        let f = ts.add_drv("f", &["out"], &[], &[]);
+        drv.build = Box::new(|req| {
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::failure(
+                    BuildStatus::PermanentFailure,
+                    format!("builder for '{}' failed", req.drv_path),
+                ),
+                hash_mismatch: false,
+                outputs: Default::default(),
+            })
+        });
+        let mut c = core(&ts, &s);
+        c.start(
+            vec![DerivedPath::Opaque(missing.clone()), built(&f)],
+            BuildMode::Normal,
+        );
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
+        assert!(
+            out.errors[0].starts_with("builder for '"),
+            "{:?}",
+            out.errors
+        );
+        assert!(out.errors[1].starts_with("build of '"), "{:?}", out.errors);
+    }
+
     #[test]
     fn several_failed_requests_name_them_all() {
         let (_d, ts, s) = setup(|s| s.keep_going = true);

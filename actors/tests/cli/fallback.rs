@@ -22,6 +22,8 @@
 //!   holes are built, the rest substituted.
 //! * Realising an output path (no derivation) can never build: exit 1 with
 //!   `error: build of '<path>' failed`, `--fallback` or not.
+//! * A floating content-addressed output whose realisation or NAR is missing is
+//!   built after resolving its derivation; a broken NAR needs `--fallback`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -40,6 +42,8 @@ struct Fixture {
     /// The outputs of `a` and `b`.
     out_a: String,
     out_b: String,
+    /// The output of the fixture's attribute (`b`, or `c` on top of `b`).
+    out_top: String,
     /// `file://` URL of the cache directory.
     file_url: String,
     pk: String,
@@ -59,11 +63,13 @@ struct Outcome {
 type Damage<'a> = &'a dyn Fn(&Fixture);
 
 impl Fixture {
-    fn new() -> Fixture {
+    /// The cache holds the closure of `attr`'s output (`b`, or the floating
+    /// content-addressed `c` on top of `b`).
+    fn new(attr: &str) -> Fixture {
         let root = TestRoot::new();
-        let (file_url, pk, closure) = cache_then_wipe(&root, "b");
+        let (file_url, pk, closure) = cache_then_wipe(&root, attr);
         let drv = root
-            .instantiate(&root.path().join("e.nix"), Some("b"))
+            .instantiate(&root.path().join("e.nix"), Some(attr))
             .remove(0);
         let snap = snapshot(&root);
         let pristine = root.path().join("cache.orig");
@@ -73,12 +79,14 @@ impl Fixture {
             pristine.display()
         ));
         // `nix-store -qR` lists references first.
-        let [out_a, out_b]: [String; 2] = closure.try_into().unwrap();
+        let (out_a, out_b) = (closure[0].clone(), closure[1].clone());
+        let out_top = closure.last().unwrap().clone();
         Fixture {
             root,
             drv,
             out_a,
             out_b,
+            out_top,
             file_url,
             pk,
             snap,
@@ -244,8 +252,12 @@ fn normalise(stderr: &str, known: &[KnownDifference]) -> String {
 
 fn no_damage(_: &Fixture) {}
 
+fn delete_nar(fx: &Fixture, path: &str) {
+    std::fs::remove_file(fx.nar(path)).unwrap();
+}
+
 fn delete_nar_of_a(fx: &Fixture) {
-    std::fs::remove_file(fx.nar(&fx.out_a)).unwrap();
+    delete_nar(fx, &fx.out_a);
 }
 
 fn delete_narinfo_of_a(fx: &Fixture) {
@@ -263,11 +275,15 @@ fn change_nar_of_a(fx: &Fixture) {
     xz_encode(&nar, &f);
 }
 
-/// `a`'s NAR file cut in half.
-fn truncate_nar_of_a(fx: &Fixture) {
-    let f = fx.nar(&fx.out_a);
+/// A NAR file cut in half.
+fn truncate_nar(fx: &Fixture, path: &str) {
+    let f = fx.nar(path);
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+fn truncate_nar_of_a(fx: &Fixture) {
+    truncate_nar(fx, &fx.out_a);
 }
 
 /// `xz -dc` (the test crate has no xz library).
@@ -305,7 +321,7 @@ const REFUSAL: &str = "try '--fallback' to build derivation from source";
 #[test]
 fn gone_nar_is_built_instead() {
     require_nix!();
-    let fx = Fixture::new();
+    let fx = Fixture::new("b");
     let url = fx.file_url.clone();
     for flags in [&[][..], &["--fallback"]] {
         let nix = fx.assert_same(&url, flags, &fx.drv, &delete_nar_of_a, 0, &[]);
@@ -323,7 +339,7 @@ fn gone_nar_is_built_instead() {
 #[test]
 fn corrupt_nar_needs_fallback() {
     require_nix!();
-    let fx = Fixture::new();
+    let fx = Fixture::new("b");
     let url = fx.file_url.clone();
     let nix = fx.assert_same(&url, &[], &fx.drv, &change_nar_of_a, 1, &[]);
     assert!(nix.contains(&format!(
@@ -351,7 +367,7 @@ fn corrupt_nar_needs_fallback() {
 #[test]
 fn incomplete_closure_builds_the_hole() {
     require_nix!();
-    let fx = Fixture::new();
+    let fx = Fixture::new("b");
     let url = fx.file_url.clone();
     for flags in [&[][..], &["--fallback"]] {
         let nix = fx.assert_same(&url, flags, &fx.drv, &delete_narinfo_of_a, 0, &[]);
@@ -371,7 +387,7 @@ fn incomplete_closure_builds_the_hole() {
 #[test]
 fn output_path_cannot_fall_back() {
     require_nix!();
-    let fx = Fixture::new();
+    let fx = Fixture::new("b");
     let url = fx.file_url.clone();
     let failed = format!("error: build of '{}' failed", fx.out_b);
     let cases: [(Damage, i32); 4] = [
@@ -394,7 +410,7 @@ fn output_path_cannot_fall_back() {
 #[test]
 fn http_500_needs_fallback() {
     require_nix!();
-    let fx = Fixture::new();
+    let fx = Fixture::new("b");
     let url = serve_failing_nars(fx.cache_dir());
     let known = [KnownDifference::HttpFailure];
     let nix = fx.assert_same(&url, &[], &fx.drv, &no_damage, 1, &known);
@@ -462,5 +478,33 @@ fn answer(conn: TcpStream, dir: &Path) -> std::io::Result<()> {
         if method != "HEAD" {
             conn.write_all(&body)?;
         }
+    }
+}
+
+/// A floating content-addressed `c` on top of `b`: substituted through its
+/// realisation; when that or its NAR is missing or broken, both tools build it (after
+/// resolving), and a hole deeper in the closure is built as for input-addressed
+/// paths.
+#[test]
+fn floating_ca_output_falls_back_as_nix_does() {
+    require_nix!();
+    let fx = Fixture::new("c");
+    let url = fx.file_url.clone();
+    let gone_top = |fx: &Fixture| delete_nar(fx, &fx.out_top);
+    let no_realisations = |fx: &Fixture| {
+        let dir = fx.cache_dir().join("realisations");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+    };
+    let truncated_top = |fx: &Fixture| truncate_nar(fx, &fx.out_top);
+    let known = [KnownDifference::DecompressionMessage];
+    for flags in [&[][..], &["--fallback"]] {
+        for damage in [&gone_top as Damage, &no_realisations, &delete_nar_of_a] {
+            let nix = fx.assert_same(&url, flags, &fx.drv, damage, 0, &[]);
+            assert_eq!(lines_with(&nix, "building '").len(), 1, "{nix}");
+        }
+        let code = if flags.is_empty() { 1 } else { 0 };
+        let nix = fx.assert_same(&url, flags, &fx.drv, &truncated_top, code, &known);
+        assert_eq!(lines_with(&nix, REFUSAL).len(), code as usize, "{nix}");
     }
 }

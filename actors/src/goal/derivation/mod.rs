@@ -1770,6 +1770,11 @@ mod tests {
             fx.contains("TransientFailure : some substitutes for the outputs of derivation"),
             "{fx}"
         );
+        // Nix's error printer chomps the trailing space its format string has.
+        assert!(
+            fx.contains("try '--fallback' to build derivation from source)"),
+            "{fx}"
+        );
         // With --fallback: build instead.
         let (h, d) = subst_harness(Some(FakeFault::CopyFails), true);
         let mut g = all(&d);
