@@ -28,6 +28,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::drover;
 use crate::nix_env::TestRoot;
@@ -411,7 +412,7 @@ fn output_path_cannot_fall_back() {
 fn http_500_needs_fallback() {
     require_nix!();
     let fx = Fixture::new("b");
-    let url = serve_failing_nars(fx.cache_dir());
+    let url = serve(fx.cache_dir(), |t| t.starts_with("/nar/"));
     let known = [KnownDifference::HttpFailure];
     let nix = fx.assert_same(&url, &[], &fx.drv, &no_damage, 1, &known);
     let nar = format!("{url}/{}", fx.nar_url(&fx.out_a));
@@ -434,21 +435,25 @@ fn http_500_needs_fallback() {
     assert_eq!(lines_with(&nix, "does not exist"), [&gone, &gone], "{nix}");
 }
 
-/// A tiny HTTP/1.1 server on 127.0.0.1 serving `dir`, except that every NAR that
-/// exists gets `500 Internal Server Error`; returns its base URL.
-fn serve_failing_nars(dir: PathBuf) -> String {
+/// Which requests (`/nar/….nar.xz`) the server answers with a 500.
+type Fails = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 serving `dir`, except that every file that
+/// exists and `fails` gets `500 Internal Server Error`; returns its base URL.
+fn serve(dir: PathBuf, fails: impl Fn(&str) -> bool + Send + Sync + 'static) -> String {
+    let fails: Fails = Arc::new(fails);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
-            let dir = dir.clone();
-            std::thread::spawn(move || answer(conn, &dir));
+            let (dir, fails) = (dir.clone(), fails.clone());
+            std::thread::spawn(move || answer(conn, &dir, &fails));
         }
     });
     format!("http://127.0.0.1:{port}")
 }
 
-fn answer(conn: TcpStream, dir: &Path) -> std::io::Result<()> {
+fn answer(conn: TcpStream, dir: &Path, fails: &Fails) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut conn = conn;
     loop {
@@ -466,7 +471,7 @@ fn answer(conn: TcpStream, dir: &Path) -> std::io::Result<()> {
             }
         }
         let (status, body) = match std::fs::read(dir.join(target.trim_start_matches('/'))) {
-            Ok(_) if target.starts_with("/nar/") => ("500 Internal Server Error", Vec::new()),
+            Ok(_) if fails(&target) => ("500 Internal Server Error", Vec::new()),
             Ok(body) => ("200 OK", body),
             Err(_) => ("404 Not Found", Vec::new()),
         };
@@ -507,4 +512,28 @@ fn floating_ca_output_falls_back_as_nix_does() {
         let nix = fx.assert_same(&url, flags, &fx.drv, &truncated_top, code, &known);
         assert_eq!(lines_with(&nix, REFUSAL).len(), code as usize, "{nix}");
     }
+}
+
+/// A narinfo the HTTP cache answers with 500: without `--fallback` the plan cannot
+/// be made and both stop before anything is done (exit 1). (With `--fallback` Nix 2.8
+/// logs the error, disables the cache and then aborts with an uncaught
+/// `SubstituterDisabled`, exit 134; drover builds what has no substitute.)
+#[test]
+fn http_500_for_a_narinfo_is_fatal() {
+    require_nix!();
+    let fx = Fixture::new("b");
+    let a = fx.narinfo(&fx.out_a);
+    let a_name = a.file_name().unwrap().to_str().unwrap().to_owned();
+    let failing = format!("/{a_name}");
+    let url = serve(fx.cache_dir(), move |t| t == failing);
+    let known = [KnownDifference::HttpFailure];
+    let nix = fx.assert_same(&url, &[], &fx.drv, &no_damage, 1, &known);
+    let a_url = format!("{url}/{a_name}");
+    assert!(
+        nix.contains(&format!(
+            "error: unable to download '{a_url}': HTTP error 500"
+        )),
+        "{nix}"
+    );
+    assert!(!nix.contains("will be fetched"), "{nix}");
 }

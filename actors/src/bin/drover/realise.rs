@@ -22,7 +22,7 @@ use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
 use drover_actors::log_collector::{starter_with, CollectorOptions};
 use drover_actors::messages::BuildMode;
 use drover_actors::progress::ProgressEvent;
-use drover_actors::substituter::Substituter;
+use drover_actors::substituter::{Substituter, SubstituterError};
 use drover_actors::{spawn_worker, Realise, RealiseOutcome, WorkerConfig, WorkerSettings};
 
 use crate::display::Display;
@@ -126,7 +126,8 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     for w in warnings {
         display.lock().unwrap().line(&format!("warning: {w}"));
     }
-    let plan = plan(&store, &substituters, &requests)?;
+    let fallback = settings.fallback();
+    let plan = plan(&store, &substituters, &requests, fallback)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
@@ -248,6 +249,8 @@ struct Plan {
     /// Sum of the substitutes' `FileSize`s and `NarSize`s.
     download_size: u64,
     nar_size: u64,
+    /// `--fallback`: a substituter's error means "no substitute" (else it is fatal).
+    fallback: bool,
 }
 
 impl Plan {
@@ -267,7 +270,7 @@ impl Plan {
             {
                 continue;
             }
-            match substitutable(subs, &p) {
+            match substitutable(subs, &p, self.fallback)? {
                 Some(info) => {
                     self.will_substitute.insert(p.clone());
                     self.download_size += info.download_size.unwrap_or(0);
@@ -283,13 +286,24 @@ impl Plan {
     }
 }
 
-/// The first substituter's info for `path` (errors count as "no substitute").
+/// The first substituter's info for `path`. As Nix's `querySubstitutablePathInfos`,
+/// a disabled substituter is skipped, and another error (an unreachable cache) is
+/// fatal unless `fallback` (Nix 2.8 then logs it and goes on; it aborts later, in
+/// its goal, on the disabled cache).
 fn substitutable(
     subs: &[Arc<dyn Substituter>],
     path: &StorePath,
-) -> Option<drover_actors::substituter::SubstitutablePathInfo> {
-    subs.iter()
-        .find_map(|s| s.query_path_info(path).ok().flatten())
+    fallback: bool,
+) -> anyhow::Result<Option<drover_actors::substituter::SubstitutablePathInfo>> {
+    for s in subs {
+        match s.query_path_info(path) {
+            Ok(Some(info)) => return Ok(Some(info)),
+            Ok(None) | Err(SubstituterError::Disabled(_)) => {}
+            Err(_) if fallback => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
 }
 
 /// Walks the derivations from the requests: a derivation is built when a wanted
@@ -302,8 +316,12 @@ fn plan(
     store: &LocalStore,
     subs: &[Arc<dyn Substituter>],
     requests: &[DerivedPath],
+    fallback: bool,
 ) -> anyhow::Result<Plan> {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        fallback,
+        ..Plan::default()
+    };
     let mut todo: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
     for r in requests {
         match r {
@@ -391,10 +409,11 @@ fn plan(
             continue;
         }
         // Outputs with known paths that all have substitutes are fetched instead.
-        if all_known
-            && !invalid.is_empty()
-            && invalid.iter().all(|p| substitutable(subs, p).is_some())
-        {
+        let mut all_substitutable = !invalid.is_empty();
+        for p in &invalid {
+            all_substitutable = all_substitutable && substitutable(subs, p, fallback)?.is_some();
+        }
+        if all_known && all_substitutable {
             for p in &invalid {
                 plan.missing_path(store, subs, p)?;
             }
