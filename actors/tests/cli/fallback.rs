@@ -265,6 +265,10 @@ fn delete_narinfo_of_a(fx: &Fixture) {
     std::fs::remove_file(fx.narinfo(&fx.out_a)).unwrap();
 }
 
+fn delete_narinfo_of_b(fx: &Fixture) {
+    std::fs::remove_file(fx.narinfo(&fx.out_b)).unwrap();
+}
+
 /// `a`'s NAR with one byte of its file changed, compressed again (same size, so
 /// only `NarHash` tells).
 fn change_nar_of_a(fx: &Fixture) {
@@ -380,6 +384,13 @@ fn incomplete_closure_builds_the_hole() {
             nix.contains(&format!("copying path '{}' from", fx.out_b)),
             "{nix}"
         );
+        // The top has no substitute: it is built, its input fetched.
+        let nix = fx.assert_same(&url, flags, &fx.drv, &delete_narinfo_of_b, 0, &[]);
+        assert!(
+            nix.contains(&format!("copying path '{}' from", fx.out_a)),
+            "{nix}"
+        );
+        assert_eq!(lines_with(&nix, "building '").len(), 1, "{nix}");
     }
 }
 
@@ -391,10 +402,11 @@ fn output_path_cannot_fall_back() {
     let fx = Fixture::new("b");
     let url = fx.file_url.clone();
     let failed = format!("error: build of '{}' failed", fx.out_b);
-    let cases: [(Damage, i32); 4] = [
+    let cases: [(Damage, i32); 5] = [
         (&no_damage, 0),
         (&delete_nar_of_a, 1),
         (&delete_narinfo_of_a, 1),
+        (&delete_narinfo_of_b, 1),
         (&change_nar_of_a, 1),
     ];
     for (damage, code) in cases {
@@ -536,4 +548,27 @@ fn http_500_for_a_narinfo_is_fatal() {
         "{nix}"
     );
     assert!(!nix.contains("will be fetched"), "{nix}");
+}
+
+/// Two caches, the first broken, the second intact: a gone or missing substitute
+/// falls through to the second; so does a broken NAR, but the failure is remembered
+/// (Nix's `substituterFailed`) only when no cache succeeds.
+#[test]
+fn second_cache_takes_over() {
+    require_nix!();
+    let fx = Fixture::new("b");
+    let both = format!("{} file://{}", fx.file_url, fx.pristine.display());
+    let cases: [(Damage, i32); 4] = [
+        (&delete_nar_of_a, 0),
+        (&delete_narinfo_of_a, 0),
+        (&change_nar_of_a, 0),
+        (&truncate_nar_of_a, 0),
+    ];
+    let known = [KnownDifference::DecompressionMessage];
+    for (damage, code) in cases {
+        for flags in [&[][..], &["--fallback"]] {
+            let nix = fx.assert_same(&both, flags, &fx.drv, damage, code, &known);
+            assert!(!nix.contains("building '"), "{nix}");
+        }
+    }
 }
