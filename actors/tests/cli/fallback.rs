@@ -222,6 +222,12 @@ enum KnownDifference {
     /// '…' is disabled` on the next attempt). drover says `HTTP error 500 (after 2
     /// attempts)` each time and prints no retry or disabling lines.
     HttpFailure,
+    /// A `.doi` that is not JSON: Nix prints the JSON library's exception as is,
+    /// without `error: ` (`[json.exception.parse_error.101] parse error at line 1,
+    /// column 1: syntax error while parsing value - invalid literal; last read:
+    /// 'g'`); drover says `error: invalid realisation '<file>' in '<uri>': invalid
+    /// realisation JSON: expected value at line 1 column 1`.
+    RealisationJson,
 }
 
 fn normalise(stderr: &str, known: &[KnownDifference]) -> String {
@@ -232,6 +238,11 @@ fn normalise(stderr: &str, known: &[KnownDifference]) -> String {
                 || (l.starts_with("error: NAR for '") && l.contains("is corrupt or incomplete")))
         {
             "error: <corrupt NAR>"
+        } else if known.contains(&KnownDifference::RealisationJson)
+            && (l.starts_with("[json.exception.")
+                || l.starts_with("error: invalid realisation 'realisations/"))
+        {
+            "error: <invalid realisation>"
         } else if known.contains(&KnownDifference::HttpFailure)
             && (l.starts_with("warning: error: unable to download '")
                 || l.starts_with("disabling binary cache '"))
@@ -499,9 +510,9 @@ fn answer(conn: TcpStream, dir: &Path, fails: &Fails) -> std::io::Result<()> {
 }
 
 /// A floating content-addressed `c` on top of `b`: substituted through its
-/// realisation; when that or its NAR is missing or broken, both tools build it (after
-/// resolving), and a hole deeper in the closure is built as for input-addressed
-/// paths.
+/// realisation; when that or its NAR is missing, both tools build it (after
+/// resolving); a broken NAR or realisation needs `--fallback`; a hole deeper in the
+/// closure is built as for input-addressed paths.
 #[test]
 fn floating_ca_output_falls_back_as_nix_does() {
     require_nix!();
@@ -514,15 +525,25 @@ fn floating_ca_output_falls_back_as_nix_does() {
         std::fs::create_dir(&dir).unwrap();
     };
     let truncated_top = |fx: &Fixture| truncate_nar(fx, &fx.out_top);
-    let known = [KnownDifference::DecompressionMessage];
+    let bad_realisations = |fx: &Fixture| {
+        for e in std::fs::read_dir(fx.cache_dir().join("realisations")).unwrap() {
+            std::fs::write(e.unwrap().path(), "garbage").unwrap();
+        }
+    };
+    let known = [
+        KnownDifference::DecompressionMessage,
+        KnownDifference::RealisationJson,
+    ];
     for flags in [&[][..], &["--fallback"]] {
         for damage in [&gone_top as Damage, &no_realisations, &delete_nar_of_a] {
             let nix = fx.assert_same(&url, flags, &fx.drv, damage, 0, &[]);
             assert_eq!(lines_with(&nix, "building '").len(), 1, "{nix}");
         }
         let code = if flags.is_empty() { 1 } else { 0 };
-        let nix = fx.assert_same(&url, flags, &fx.drv, &truncated_top, code, &known);
-        assert_eq!(lines_with(&nix, REFUSAL).len(), code as usize, "{nix}");
+        for damage in [&truncated_top as Damage, &bad_realisations] {
+            let nix = fx.assert_same(&url, flags, &fx.drv, damage, code, &known);
+            assert_eq!(lines_with(&nix, REFUSAL).len(), code as usize, "{nix}");
+        }
     }
 }
 
