@@ -71,9 +71,10 @@ impl BinaryCacheSubstituter {
 }
 
 fn failed(e: BinaryCacheError) -> SubstituterError {
+    let message = e.to_string();
     match e {
-        BinaryCacheError::Gone { path, uri } => SubstituterError::Gone { path, uri },
-        e => SubstituterError::Failed(e.to_string()),
+        BinaryCacheError::Gone { path, .. } => SubstituterError::Gone { path, message },
+        _ => SubstituterError::Failed(message),
     }
 }
 
@@ -235,7 +236,8 @@ impl Substituter for LocalStoreSubstituter {
             .map_err(|e| fail(e.to_string()))?
             .ok_or_else(|| SubstituterError::Gone {
                 path: sd.print(path),
-                uri: self.uri(),
+                // What Nix's `queryPathInfo` says of a path the other store lacks.
+                message: format!("path '{}' is not valid", sd.print(path)),
             })?;
         let as_narinfo = NarInfo {
             store_path: info.path.clone(),

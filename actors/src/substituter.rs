@@ -43,8 +43,10 @@ pub struct SubstitutablePathInfo {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SubstituterError {
     /// The narinfo exists but the NAR is gone (`SubstituteGone`): not a real failure.
-    #[error("substitute for '{path}' is gone from '{uri}'")]
-    Gone { path: String, uri: String },
+    /// `message` is what Nix prints, e.g. `file 'nar/….nar.xz' does not exist in
+    /// binary cache`.
+    #[error("{message}")]
+    Gone { path: String, message: String },
     /// The substituter is disabled (e.g. unreachable and marked so).
     #[error("substituter '{0}' is disabled")]
     Disabled(String),
@@ -226,7 +228,11 @@ impl Substituter for InMemorySubstituter {
             Some(FakeFault::Gone) => {
                 return Err(SubstituterError::Gone {
                     path: store.store_dir().print(path),
-                    uri: self.uri.clone(),
+                    message: format!(
+                        "file 'nar/{}.nar' does not exist in binary cache '{}'",
+                        path.hash_part(),
+                        self.uri
+                    ),
                 })
             }
             _ => {}
@@ -239,7 +245,11 @@ impl Substituter for InMemorySubstituter {
             .cloned()
             .ok_or_else(|| SubstituterError::Gone {
                 path: store.store_dir().print(path),
-                uri: self.uri.clone(),
+                message: format!(
+                    "file '{}.narinfo' does not exist in binary cache '{}'",
+                    path.hash_part(),
+                    self.uri
+                ),
             })?;
         let _ = &self.scratch;
         let mut info = ValidPathInfo::new(path.clone(), entry.info.nar_hash, entry.info.nar_size);

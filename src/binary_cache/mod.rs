@@ -109,8 +109,18 @@ pub enum BinaryCacheError {
     UnknownCompression(String),
     #[error("decompressing with '{method}': {message}")]
     Decompression { method: String, message: String },
-    #[error("substitute for '{path}' is gone from '{uri}'")]
-    Gone { path: String, uri: String },
+    /// A file the narinfo of `path` names (or the narinfo itself) is missing: Nix's
+    /// `NoSuchBinaryCacheFile`, turned into `SubstituteGone` (as if there were no
+    /// substitute). Nix 2.8 names the cache only when it is not a local directory.
+    #[error(
+        "file '{file}' does not exist in binary cache{}",
+        gone_cache_suffix(uri)
+    )]
+    Gone {
+        path: String,
+        file: String,
+        uri: String,
+    },
     #[error("NAR for '{path}' fetched from '{uri}' is corrupt or incomplete: {source}")]
     Nar {
         path: String,
@@ -414,11 +424,14 @@ impl BinaryCache {
         progress: &TransferProgress,
     ) -> Result<ValidPathInfo, BinaryCacheError> {
         let printed = self.store_dir.print(path);
-        let gone = || BinaryCacheError::Gone {
+        let gone = |file: &str| BinaryCacheError::Gone {
             path: printed.clone(),
+            file: file.to_owned(),
             uri: self.uri().to_owned(),
         };
-        let narinfo = self.query_narinfo(path)?.ok_or_else(gone)?;
+        let narinfo = self
+            .query_narinfo(path)?
+            .ok_or_else(|| gone(&format!("{}.narinfo", path.hash_part())))?;
         self.check_trust(&narinfo, policy)?;
         let mut info = ValidPathInfo::new(path.clone(), narinfo.nar_hash.clone(), narinfo.nar_size);
         info.references = narinfo.references.clone();
@@ -428,7 +441,10 @@ impl BinaryCache {
         if store.is_valid_path(path)? {
             return Ok(info);
         }
-        let nar_file = self.transport.get(&narinfo.url)?.ok_or_else(gone)?;
+        let nar_file = self
+            .transport
+            .get(&narinfo.url)?
+            .ok_or_else(|| gone(&narinfo.url))?;
         let mut failure: Option<BinaryCacheError> = None;
         let r = store.add_object(&info, |tmp| {
             self.unpack(&narinfo, nar_file, tmp, progress).map_err(|e| {
@@ -590,6 +606,16 @@ impl<R: Read> Read for CountingReader<'_, R> {
 }
 
 /// Reads a small text file of the cache, `None` when absent.
+/// How a gone file's message names the cache: Nix 2.8's local binary cache says only
+/// "does not exist in binary cache", its HTTP (and S3) caches add `'<uri>'`.
+fn gone_cache_suffix(uri: &str) -> String {
+    if uri.starts_with("file://") {
+        String::new()
+    } else {
+        format!(" '{uri}'")
+    }
+}
+
 fn read_text(t: &dyn Transport, file: &str) -> Result<Option<String>, BinaryCacheError> {
     let Some(r) = t.get(file)? else {
         return Ok(None);

@@ -344,10 +344,28 @@ fn missing_nar_is_gone() {
     let info = fc.add("gone", b"g", "xz");
     std::fs::remove_file(fc.dir.join(&info.url)).unwrap();
     let cache = BinaryCache::open(&fc.url(), s.store_dir(), &HttpOptions::default()).unwrap();
-    assert!(matches!(
-        cache.copy_into(&info.store_path, &s, &policy()),
-        Err(BinaryCacheError::Gone { .. })
-    ));
+    let err = cache
+        .copy_into(&info.store_path, &s, &policy())
+        .unwrap_err();
+    assert!(matches!(err, BinaryCacheError::Gone { .. }), "{err}");
+    // Nix 2.8's words for a local binary cache (no URI).
+    assert_eq!(
+        err.to_string(),
+        format!("file '{}' does not exist in binary cache", info.url)
+    );
+}
+
+#[test]
+fn gone_over_http_names_the_cache() {
+    let e = BinaryCacheError::Gone {
+        path: "/nix/store/x".into(),
+        file: "nar/abc.nar.xz".into(),
+        uri: "http://127.0.0.1:1".into(),
+    };
+    assert_eq!(
+        e.to_string(),
+        "file 'nar/abc.nar.xz' does not exist in binary cache 'http://127.0.0.1:1'"
+    );
 }
 
 #[test]

@@ -836,24 +836,30 @@ impl WorkerCore {
             };
         }
         let mut errors = Vec::new();
-        let failed: Vec<&GoalOutcome> = self
-            .failed_top
-            .iter()
-            .filter_map(|id| self.top_results.get(id))
-            .collect();
-        let exit_status = if failed.is_empty() {
+        let exit_status = if self.failed_top.is_empty() {
             0
         } else {
             self.flags.failing_exit_status()
         };
-        if failed.len() == 1 && !failed[0].result.error_msg.is_empty() {
-            errors.push(failed[0].result.error_msg.clone());
-        } else if !failed.is_empty() {
-            for f in &failed {
-                if !f.result.error_msg.is_empty() {
-                    errors.push(f.result.error_msg.clone());
-                }
-            }
+        // Nix's `buildPaths` rethrows only derivation goals' errors (`Goal::ex`); a
+        // failed substitution goal is merely named in `build of … failed`.
+        let is_drv_goal = |id: &GoalId| {
+            self.top
+                .iter()
+                .any(|(p, i)| i == id && matches!(p, DerivedPath::Built { .. }))
+        };
+        let ex: Vec<&str> = self
+            .failed_top
+            .iter()
+            .filter(|id| is_drv_goal(id))
+            .filter_map(|id| self.top_results.get(id))
+            .map(|o| o.result.error_msg.as_str())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if self.failed_top.len() == 1 && ex.len() == 1 {
+            errors.push(ex[0].to_owned());
+        } else if !self.failed_top.is_empty() {
+            errors.extend(ex.iter().map(|m| (*m).to_owned()));
             let mut names: Vec<String> = Vec::new();
             for (path, id) in &self.top {
                 if self.failed_top.contains(id) {
@@ -1201,6 +1207,63 @@ mod tests {
         assert_eq!(drv.started, ["f"]);
         assert_eq!(out.results[1].result.status, BuildStatus::MiscFailure);
         assert_eq!(c.counters().expected_builds, 0);
+    }
+
+    /// Nix 2.8's `buildPaths` rethrows only derivation goals' errors: a failed path
+    /// request is named in `build of … failed`, its own message stays in the result;
+    /// beside a failed derivation, only the derivation's message is printed.
+    #[test]
+    fn failed_path_requests_are_only_named() {
+        let (_d, ts, s) = setup(|s| s.keep_going = true);
+        let sd = ts.store.store_dir().clone();
+        let missing = sd
+            .parse(&format!(
+                "{}/cccccccccccccccccccccccccccccccc-missing",
+                sd.as_str()
+            ))
+            .unwrap();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        let mut c = core(&ts, &s);
+        c.start(
+            vec![DerivedPath::Opaque(missing.clone())],
+            BuildMode::Normal,
+        );
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 1);
+        assert_eq!(
+            out.errors,
+            [format!("build of '{}' failed", sd.print(&missing))]
+        );
+        assert!(out.results[0]
+            .result
+            .error_msg
+            .ends_with("is required, but there is no substituter that can build it"));
+
+        let f = ts.add_drv("f", &["out"], &[], &[]);
+        drv.build = Box::new(|req| {
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::failure(
+                    BuildStatus::PermanentFailure,
+                    format!("builder for '{}' failed", req.drv_path),
+                ),
+                hash_mismatch: false,
+                outputs: Default::default(),
+            })
+        });
+        let mut c = core(&ts, &s);
+        c.start(
+            vec![DerivedPath::Opaque(missing.clone()), built(&f)],
+            BuildMode::Normal,
+        );
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.errors.len(), 2, "{:?}", out.errors);
+        assert!(
+            out.errors[0].starts_with("builder for '"),
+            "{:?}",
+            out.errors
+        );
+        assert!(out.errors[1].starts_with("build of '"), "{:?}", out.errors);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod nix_env;
 
 mod derivation;
+mod fallback;
 mod path_info;
 mod progress;
 mod realise;

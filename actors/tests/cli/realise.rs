@@ -15,13 +15,13 @@ use crate::nix_env::{corpus_dir, TestRoot};
 use crate::{corpus_drvs, drover};
 
 /// Exit code, stdout and stderr of a command.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
-fn run(cmd: &mut Command) -> Run {
+pub(crate) fn run(cmd: &mut Command) -> Run {
     let out: Output = cmd.output().unwrap();
     Run {
         code: out.status.code().unwrap_or(-1),
@@ -38,13 +38,13 @@ fn drover_realise(root: &TestRoot, args: &[&str]) -> Run {
     run(drover(root).arg("realise").args(args))
 }
 
-fn sh(cmd: &str) {
+pub(crate) fn sh(cmd: &str) {
     let ok = Command::new("/bin/sh").args(["-c", cmd]).status().unwrap();
     assert!(ok.success(), "{cmd}");
 }
 
 /// Copies the root's store and state into `<root>/snapshot`.
-fn snapshot(root: &TestRoot) -> PathBuf {
+pub(crate) fn snapshot(root: &TestRoot) -> PathBuf {
     let snap = root.path().join("snapshot");
     let r = root.path().display();
     sh(&format!(
@@ -55,7 +55,7 @@ fn snapshot(root: &TestRoot) -> PathBuf {
 }
 
 /// Puts the snapshot back: the store, DB and logs as they were.
-fn restore(root: &TestRoot, snap: &Path) {
+pub(crate) fn restore(root: &TestRoot, snap: &Path) {
     let r = root.path().display();
     sh(&format!(
         "chmod -R u+w {r}/store && rm -rf {r}/store {r}/var && cp -a {s}/store {s}/var {r}/",

@@ -18,7 +18,7 @@ in { inherit a b c; }
 
 /// Builds `attr` with Nix, copies it to a signed cache, then empties the store.
 /// Returns the cache URL, the public key and the closure of the output.
-fn cache_then_wipe(root: &TestRoot, attr: &str) -> (String, String, Vec<String>) {
+pub(crate) fn cache_then_wipe(root: &TestRoot, attr: &str) -> (String, String, Vec<String>) {
     let expr = root.path().join("e.nix");
     std::fs::write(&expr, EXPR).unwrap();
     let drv = root.instantiate(&expr, Some(attr)).remove(0);

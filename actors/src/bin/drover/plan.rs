@@ -17,7 +17,7 @@ use drover::derivation::Derivation;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath, StorePathSet};
-use drover_actors::substituter::{SubstitutablePathInfo, Substituter};
+use drover_actors::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
 
 use crate::display::Display;
 
@@ -32,13 +32,17 @@ pub struct Plan {
     pub nar_size: u64,
 }
 
+/// What the substituters said of a path: the first one's info, none, or an error.
+type Answer = Result<Option<SubstitutablePathInfo>, SubstituterError>;
+
 /// The substituters and what they answered so far.
 struct Oracle<'a> {
     subs: &'a [Arc<dyn Substituter>],
     /// Threads asking at once.
     parallel: usize,
-    /// The first substituter's info per path (errors count as "no substitute").
-    known: HashMap<StorePath, Option<SubstitutablePathInfo>>,
+    /// `--fallback`: a substituter's error means "no substitute" (else it is fatal).
+    fallback: bool,
+    known: HashMap<StorePath, Answer>,
 }
 
 impl Oracle<'_> {
@@ -52,15 +56,15 @@ impl Oracle<'_> {
             .collect();
         if todo.is_empty() || self.subs.is_empty() {
             for p in todo {
-                self.known.insert(p, None);
+                self.known.insert(p, Ok(None));
             }
             return;
         }
-        let subs = self.subs;
+        let (subs, fallback) = (self.subs, self.fallback);
         if todo.len() == 1 || self.parallel <= 1 {
             for p in todo {
-                let info = first_substitute(subs, &p);
-                self.known.insert(p, info);
+                let answer = first_substitute(subs, &p, self.fallback);
+                self.known.insert(p, answer);
             }
             return;
         }
@@ -73,11 +77,11 @@ impl Oracle<'_> {
                     let Some(p) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
                         break;
                     };
-                    let info = first_substitute(subs, &p);
+                    let answer = first_substitute(subs, &p, fallback);
                     answers
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((p, info));
+                        .push((p, answer));
                 });
             }
         });
@@ -85,21 +89,34 @@ impl Oracle<'_> {
         self.known.extend(answers);
     }
 
-    fn get(&mut self, path: &StorePath) -> Option<SubstitutablePathInfo> {
+    /// The answer for `path` (asked now if it was not prefetched). An error is
+    /// returned only here, for a path whose substitutability decides something.
+    fn get(&mut self, path: &StorePath) -> anyhow::Result<Option<SubstitutablePathInfo>> {
         if !self.known.contains_key(path) {
             self.prefetch([path.clone()]);
         }
-        self.known.get(path).cloned().flatten()
+        match self.known.get(path) {
+            Some(Ok(info)) => Ok(info.clone()),
+            Some(Err(e)) => Err(e.clone().into()),
+            None => Ok(None),
+        }
     }
 }
 
-/// The first substituter's info for `path` (errors count as "no substitute").
-fn first_substitute(
-    subs: &[Arc<dyn Substituter>],
-    path: &StorePath,
-) -> Option<SubstitutablePathInfo> {
-    subs.iter()
-        .find_map(|s| s.query_path_info(path).ok().flatten())
+/// The first substituter's info for `path`. As Nix's `querySubstitutablePathInfos`,
+/// a disabled substituter is skipped, and another error (an unreachable cache) is
+/// fatal unless `fallback` (Nix 2.8 then logs it and goes on; it aborts later, in
+/// its goal, on the disabled cache).
+fn first_substitute(subs: &[Arc<dyn Substituter>], path: &StorePath, fallback: bool) -> Answer {
+    for s in subs {
+        match s.query_path_info(path) {
+            Ok(Some(info)) => return Ok(Some(info)),
+            Ok(None) | Err(SubstituterError::Disabled(_)) => {}
+            Err(_) if fallback => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 impl Plan {
@@ -131,7 +148,7 @@ impl Plan {
                 if self.will_substitute.contains(&p) || self.unknown.contains(&p) {
                     continue;
                 }
-                match oracle.get(&p) {
+                match oracle.get(&p)? {
                     Some(info) => {
                         self.download_size += info.download_size.unwrap_or(0);
                         self.nar_size += info.nar_size;
@@ -165,17 +182,20 @@ struct Visit {
 /// fetched); a missing plain path is fetched when a substituter has it, else
 /// unknown. As Nix's `queryMissing`, this ignores `--check`/`--repair`:
 /// `nix-store --realise --check` of a valid output prints no plan. `parallel`
-/// bounds the narinfo queries in flight (`http-connections`).
+/// bounds the narinfo queries in flight (`http-connections`); without `fallback` a
+/// substituter's error is fatal.
 pub fn plan(
     store: &LocalStore,
     subs: &[Arc<dyn Substituter>],
     requests: &[DerivedPath],
     parallel: usize,
+    fallback: bool,
 ) -> anyhow::Result<Plan> {
     let mut plan = Plan::default();
     let mut oracle = Oracle {
         subs,
         parallel,
+        fallback,
         known: HashMap::new(),
     };
     let mut level: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
@@ -225,10 +245,11 @@ pub fn plan(
                 continue;
             }
             // Outputs with known paths that all have substitutes are fetched instead.
-            if v.all_known
-                && !v.invalid.is_empty()
-                && v.invalid.iter().all(|p| oracle.get(p).is_some())
-            {
+            let mut all_substitutable = !v.invalid.is_empty();
+            for p in &v.invalid {
+                all_substitutable = all_substitutable && oracle.get(p)?.is_some();
+            }
+            if v.all_known && all_substitutable {
                 fetch.extend(v.invalid);
                 continue;
             }

@@ -129,7 +129,13 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
         .unwrap_or(25);
-    let plan = plan(&store, &substituters, &requests, parallel)?;
+    let plan = plan(
+        &store,
+        &substituters,
+        &requests,
+        parallel,
+        settings.fallback(),
+    )?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);

@@ -377,7 +377,7 @@ impl DerivationGoal {
                         > self.waitees.no_substituters + self.waitees.incomplete_closure
                     && !ctx.settings.fallback
                 {
-                    let msg = format!("some substitutes for the outputs of derivation '{}' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", self.p(ctx));
+                    let msg = format!("some substitutes for the outputs of derivation '{}' failed (usually happens due to networking issues); try '--fallback' to build derivation from source", self.p(ctx));
                     return self.done_failure(BuildStatus::TransientFailure, msg);
                 }
                 if self.waitees.incomplete_closure > 0
@@ -1768,6 +1768,11 @@ mod tests {
         let fx = step(&h, &mut g, Event::WaiteesDone);
         assert!(
             fx.contains("TransientFailure : some substitutes for the outputs of derivation"),
+            "{fx}"
+        );
+        // Nix's error printer chomps the trailing space its format string has.
+        assert!(
+            fx.contains("try '--fallback' to build derivation from source)"),
             "{fx}"
         );
         // With --fallback: build instead.
