@@ -34,7 +34,7 @@ use drover::config::Settings;
 use drover::narinfo::NarInfo;
 use drover::realisation::{DrvOutput, Realisation};
 use drover::signature::{PublicKey, PublicKeys};
-use drover::store::LocalStore;
+use drover::store::{LocalStore, RepairFlag};
 use drover::store_path::{StoreDir, StorePath};
 
 use crate::progress::{CountingReader, Transfer};
@@ -115,10 +115,11 @@ impl Substituter for BinaryCacheSubstituter {
         &self,
         path: &StorePath,
         store: &LocalStore,
+        repair: RepairFlag,
         progress: &Transfer,
     ) -> Result<(), SubstituterError> {
         self.cache
-            .copy_into_observed(path, store, &self.policy, progress.binary_cache())
+            .copy_into_observed(path, store, &self.policy, repair, progress.binary_cache())
             .map(|_| ())
             .map_err(failed)
     }
@@ -226,6 +227,7 @@ impl Substituter for LocalStoreSubstituter {
         &self,
         path: &StorePath,
         store: &LocalStore,
+        repair: RepairFlag,
         progress: &Transfer,
     ) -> Result<(), SubstituterError> {
         let sd = store.store_dir();
@@ -255,7 +257,9 @@ impl Substituter for LocalStoreSubstituter {
         };
         check_trust(sd, &as_narinfo, self.trusted, &self.policy)
             .map_err(|e| fail(e.to_string()))?;
-        if store.is_valid_path(path).map_err(|e| fail(e.to_string()))? {
+        if repair == RepairFlag::NoRepair
+            && store.is_valid_path(path).map_err(|e| fail(e.to_string()))?
+        {
             return Ok(());
         }
         info.registration_time = 0;
@@ -271,7 +275,7 @@ impl Substituter for LocalStoreSubstituter {
         });
         let mut failure: Option<String> = None;
         let printed = sd.print(path);
-        let r = store.add_object(&info, |tmp| {
+        let r = store.add_object_with(&info, repair, |tmp| {
             let check = (|| {
                 let nar = CountingReader {
                     inner: std::fs::File::from(r),
@@ -502,7 +506,7 @@ mod tests {
         // Corrupted at the source: refused, nothing registered.
         std::fs::write(sub.source(&path), b"HELLO").unwrap();
         let e = sub
-            .copy_into(&path, &ours, &Transfer::default())
+            .copy_into(&path, &ours, RepairFlag::NoRepair, &Transfer::default())
             .unwrap_err();
         assert!(
             e.to_string().starts_with("hash mismatch importing path"),
@@ -513,7 +517,8 @@ mod tests {
         // Intact: copied.
         std::fs::write(sub.source(&path), b"hello").unwrap();
         let progress = Transfer::default();
-        sub.copy_into(&path, &ours, &progress).unwrap();
+        sub.copy_into(&path, &ours, RepairFlag::NoRepair, &progress)
+            .unwrap();
         assert_eq!(std::fs::read(ours.real_path(&path)).unwrap(), b"hello");
         // Every NAR byte counted as unpacked; nothing downloaded (no FileSize).
         let info = sub.query_path_info(&path).unwrap().unwrap();
@@ -525,7 +530,7 @@ mod tests {
             .text_path_of("g", b"x", &Default::default())
             .unwrap();
         assert!(matches!(
-            sub.copy_into(&other, &ours, &Transfer::default()),
+            sub.copy_into(&other, &ours, RepairFlag::NoRepair, &Transfer::default()),
             Err(SubstituterError::Gone { .. })
         ));
     }
@@ -538,7 +543,7 @@ mod tests {
         let (mut sub, path) = other_store(t.path(), &s, b"unsigned");
         sub.policy.require_sigs = true;
         let e = sub
-            .copy_into(&path, &ours, &Transfer::default())
+            .copy_into(&path, &ours, RepairFlag::NoRepair, &Transfer::default())
             .unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -608,7 +613,7 @@ mod tests {
         let info = sub.query_path_info(&narinfo.store_path).unwrap().unwrap();
         assert_eq!(info.download_size, narinfo.file_size);
         let progress = Transfer::default();
-        sub.copy_into(&narinfo.store_path, &ours, &progress)
+        sub.copy_into(&narinfo.store_path, &ours, RepairFlag::NoRepair, &progress)
             .unwrap();
         assert!(ours.is_valid_path(&narinfo.store_path).unwrap());
         assert_eq!(Some(progress.downloaded()), narinfo.file_size);

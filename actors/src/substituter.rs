@@ -21,7 +21,7 @@ use crate::progress::Transfer;
 use drover::content_address::ContentAddress;
 use drover::hash::Hash;
 use drover::realisation::{DrvOutput, Realisation};
-use drover::store::{LocalStore, ValidPathInfo};
+use drover::store::{LocalStore, RepairFlag, ValidPathInfo};
 use drover::store_path::{StorePath, StorePathSet};
 use thiserror::Error;
 
@@ -71,11 +71,13 @@ pub trait Substituter: Send + Sync {
         path: &StorePath,
     ) -> Result<Option<SubstitutablePathInfo>, SubstituterError>;
     /// Copies `path` into `store` and registers it (its references must be valid),
-    /// counting the bytes downloaded and unpacked into `progress`.
+    /// counting the bytes downloaded and unpacked into `progress`. A valid path is
+    /// left alone unless `repair` asks for a fresh copy over it.
     fn copy_into(
         &self,
         path: &StorePath,
         store: &LocalStore,
+        repair: RepairFlag,
         progress: &Transfer,
     ) -> Result<(), SubstituterError>;
     /// The realisation of a content-addressed derivation output.
@@ -215,6 +217,7 @@ impl Substituter for InMemorySubstituter {
         &self,
         path: &StorePath,
         store: &LocalStore,
+        repair: RepairFlag,
         progress: &Transfer,
     ) -> Result<(), SubstituterError> {
         match self.fault(path) {
@@ -258,7 +261,7 @@ impl Substituter for InMemorySubstituter {
         info.ca = entry.info.ca.clone();
         info.sigs = entry.info.sigs.clone();
         store
-            .add_object(&info, |tmp| {
+            .add_object_with(&info, repair, |tmp| {
                 std::fs::write(tmp, &entry.contents).map_err(|source| {
                     drover::store::StoreError::Io {
                         context: "writing",

@@ -537,6 +537,7 @@ impl<'a> SyncDriver<'a> {
                 substituters,
                 drv_hashes: Mutex::new(DrvHashCache::new()),
                 settings,
+                contents: Default::default(),
             },
             build: Box::new(move |req| {
                 let r = build_outputs(&st, req);

@@ -46,7 +46,7 @@ use crate::nar::NarReadError;
 use crate::narinfo::{NarInfo, NarInfoError};
 use crate::realisation::{DrvOutput, Realisation, RealisationError};
 use crate::signature::PublicKeys;
-use crate::store::{LocalStore, StoreError, ValidPathInfo};
+use crate::store::{LocalStore, RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{StoreDir, StorePath};
 
 pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport};
@@ -411,16 +411,25 @@ impl BinaryCache {
         store: &LocalStore,
         policy: &TrustPolicy,
     ) -> Result<ValidPathInfo, BinaryCacheError> {
-        self.copy_into_observed(path, store, policy, &TransferProgress::default())
+        self.copy_into_observed(
+            path,
+            store,
+            policy,
+            RepairFlag::NoRepair,
+            &TransferProgress::default(),
+        )
     }
 
     /// [`copy_into`](Self::copy_into), counting the bytes downloaded and unpacked
-    /// into `progress` as they pass (for a progress display).
+    /// into `progress` as they pass (for a progress display). With
+    /// [`RepairFlag::Repair`] a valid path is fetched again and replaces the old copy
+    /// (`--repair`).
     pub fn copy_into_observed(
         &self,
         path: &StorePath,
         store: &LocalStore,
         policy: &TrustPolicy,
+        repair: RepairFlag,
         progress: &TransferProgress,
     ) -> Result<ValidPathInfo, BinaryCacheError> {
         let printed = self.store_dir.print(path);
@@ -438,7 +447,7 @@ impl BinaryCache {
         info.deriver = narinfo.deriver.clone();
         info.sigs = narinfo.signatures.clone();
         info.ca = narinfo.ca.clone();
-        if store.is_valid_path(path)? {
+        if repair == RepairFlag::NoRepair && store.is_valid_path(path)? {
             return Ok(info);
         }
         let nar_file = self
@@ -446,7 +455,7 @@ impl BinaryCache {
             .get(&narinfo.url)?
             .ok_or_else(|| gone(&narinfo.url))?;
         let mut failure: Option<BinaryCacheError> = None;
-        let r = store.add_object(&info, |tmp| {
+        let r = store.add_object_with(&info, repair, |tmp| {
             self.unpack(&narinfo, nar_file, tmp, progress).map_err(|e| {
                 let placeholder = StoreError::InvalidPath(printed.clone());
                 failure = Some(e);

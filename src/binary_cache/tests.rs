@@ -136,7 +136,13 @@ fn copies_every_compression_method() {
     for info in &infos {
         let progress = TransferProgress::default();
         let got = cache
-            .copy_into_observed(&info.store_path, &s, &policy(), &progress)
+            .copy_into_observed(
+                &info.store_path,
+                &s,
+                &policy(),
+                RepairFlag::NoRepair,
+                &progress,
+            )
             .unwrap();
         assert_eq!(got.nar_hash, info.nar_hash);
         assert_eq!(progress.unpacked(), info.nar_size, "{}", info.compression);
@@ -157,6 +163,37 @@ fn copies_every_compression_method() {
         assert_eq!(registered.nar_hash, info.nar_hash);
         assert_eq!(registered.sigs, info.signatures);
     }
+    no_temp_left(&s);
+}
+
+#[test]
+fn repair_fetches_a_valid_but_corrupted_path_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fc = FakeCache::new(t.path(), s.store_dir());
+    let info = fc.add("repaired", b"the real contents", "xz");
+    let cache = BinaryCache::open(&fc.url(), s.store_dir(), &HttpOptions::default()).unwrap();
+    cache.copy_into(&info.store_path, &s, &policy()).unwrap();
+    let real = s.real_path(&info.store_path);
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&real, b"corrupted").unwrap();
+    // Without repair a valid path is not fetched again.
+    cache.copy_into(&info.store_path, &s, &policy()).unwrap();
+    assert_eq!(std::fs::read(&real).unwrap(), b"corrupted");
+    let progress = TransferProgress::default();
+    cache
+        .copy_into_observed(
+            &info.store_path,
+            &s,
+            &policy(),
+            RepairFlag::Repair,
+            &progress,
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(&real).unwrap(), b"the real contents");
+    assert_eq!(progress.unpacked(), info.nar_size);
+    assert!(s.is_valid_path(&info.store_path).unwrap());
     no_temp_left(&s);
 }
 

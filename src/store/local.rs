@@ -44,6 +44,15 @@ const BATCH: usize = 10_000;
 /// A row of `DerivationOutputs`: (derivation, output name, output path).
 pub type DerivationOutputRow = (StorePath, String, StorePath);
 
+/// Whether a write may replace a path that is already valid (Nix's `RepairFlag`):
+/// `--repair` re-substitutes or rebuilds corrupted paths over their old copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RepairFlag {
+    #[default]
+    NoRepair,
+    Repair,
+}
+
 /// The local Nix store. Methods are blocking; the value can be shared between threads.
 #[derive(Debug)]
 pub struct LocalStore {
@@ -812,19 +821,20 @@ impl LocalStore {
         info: &ValidPathInfo,
         write: impl FnOnce(&Path) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.add_object_with(info, false, write)
+        self.add_object_with(info, RepairFlag::NoRepair, write)
     }
 
-    /// [`add_object`](Self::add_object), and with `repair` also when the path is
-    /// already valid (Nix's `addToStore` with `RepairFlag`): the new copy is written
-    /// and checked beside the old one, which is then swapped out and deleted, so a
-    /// failed repair leaves the old copy as it was.
+    /// [`add_object`](Self::add_object), and with [`RepairFlag::Repair`] also when
+    /// the path is already valid (Nix's `addToStore` with `repair`): the new copy is
+    /// written and checked beside the old one, which is then swapped out and
+    /// deleted, so a failed repair leaves the old copy as it was.
     pub fn add_object_with(
         &self,
         info: &ValidPathInfo,
-        repair: bool,
+        repair: RepairFlag,
         write: impl FnOnce(&Path) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        let repair = repair == RepairFlag::Repair;
         self.add_temp_root(&info.path)?;
         if !repair && self.is_valid_path(&info.path)? {
             return Ok(());
@@ -1009,10 +1019,11 @@ mod tests {
             std::fs::write(tmp, "half").unwrap();
             Err(StoreError::InvalidPath("broken".into()))
         };
-        assert!(s.add_object_with(&i, true, fail).is_err());
+        assert!(s.add_object_with(&i, RepairFlag::Repair, fail).is_err());
         assert_eq!(std::fs::read_to_string(&real).unwrap(), "good");
         // A repair replaces it.
-        s.add_object_with(&i, true, write("fixed")).unwrap();
+        s.add_object_with(&i, RepairFlag::Repair, write("fixed"))
+            .unwrap();
         assert_eq!(std::fs::read_to_string(&real).unwrap(), "fixed");
         assert!(s.is_valid_path(&i.path).unwrap());
         let left: Vec<_> = std::fs::read_dir(s.store_dir().as_path())

@@ -15,7 +15,7 @@ pub mod derivation;
 pub mod drv_output_substitution;
 pub mod path_substitution;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use drover::build_result::{BuildResult, BuildStatus};
@@ -145,12 +145,61 @@ pub struct WaiteeResult {
     pub outcome: GoalOutcome,
 }
 
+/// Contents checks of `--repair` (Nix's `pathContentsGood`): whether a path's
+/// contents still match its registered NAR hash. Nix reports a check once per path
+/// and run (`checking path '…'...`, then `path '…' is corrupted or missing!` when
+/// bad); so does this. Unlike Nix's cache, the answer itself is not remembered: a
+/// path rebuilt or fetched again in the run is hashed again rather than trusted.
+#[derive(Debug, Default)]
+pub struct PathContents {
+    reported: Mutex<HashSet<StorePath>>,
+    notices: Mutex<Vec<String>>,
+}
+
+impl PathContents {
+    /// Whether `p` exists and its contents match its registered NAR hash.
+    pub fn good(&self, store: &LocalStore, p: &StorePath) -> Result<bool, String> {
+        let first = lock(&self.reported).insert(p.clone());
+        let printed = store.store_dir().print(p);
+        if first {
+            self.notice(format!("checking path '{printed}'..."));
+        }
+        let good = match store.query_path_info(p).map_err(|e| e.to_string())? {
+            None => false,
+            Some(info) => {
+                let real = store.real_path(p);
+                std::fs::symlink_metadata(&real).is_ok()
+                    && drover::nar::nar_hash_of_path(&real).is_ok_and(|(h, _)| h == info.nar_hash)
+            }
+        };
+        if first && !good {
+            self.notice(format!("path '{printed}' is corrupted or missing!"));
+        }
+        Ok(good)
+    }
+
+    /// The messages of the checks since the last call, for the progress display.
+    pub fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.notices))
+    }
+
+    fn notice(&self, m: String) {
+        lock(&self.notices).push(m);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What blocking jobs get: the store, the substituters, shared caches.
 pub struct JobEnv {
     pub store: Arc<LocalStore>,
     pub substituters: Vec<Arc<dyn Substituter>>,
     pub drv_hashes: Mutex<DrvHashCache>,
     pub settings: Arc<WorkerSettings>,
+    /// Contents checks of `--repair`.
+    pub contents: PathContents,
 }
 
 /// Blocking work returning the event it produces.
@@ -303,6 +352,7 @@ pub(crate) mod test_support {
                 substituters: subs,
                 drv_hashes: Mutex::new(DrvHashCache::new()),
                 settings: Arc::new(settings),
+                contents: Default::default(),
             };
             Harness { _dir: dir, ts, env }
         }
@@ -355,5 +405,45 @@ pub(crate) mod test_support {
 
     pub fn show(fx: &[Effect]) -> String {
         format!("{fx:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestStore;
+
+    #[test]
+    fn contents_checks_are_reported_once_and_always_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ts = TestStore::open(dir.path());
+        let p = ts
+            .store
+            .add_text_to_store("checked", b"contents", &Default::default())
+            .unwrap();
+        let printed = ts.store.store_dir().print(&p);
+        let real = ts.store.real_path(&p);
+        let c = PathContents::default();
+        assert!(c.good(&ts.store, &p).unwrap());
+        assert_eq!(c.take_notices(), [format!("checking path '{printed}'...")]);
+        // Corrupted later in the run: found bad, but not reported again.
+        std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        std::fs::write(&real, b"other").unwrap();
+        assert!(!c.good(&ts.store, &p).unwrap());
+        assert!(c.take_notices().is_empty());
+        // A fresh checker reports both lines.
+        let fresh = PathContents::default();
+        assert!(!fresh.good(&ts.store, &p).unwrap());
+        assert_eq!(
+            fresh.take_notices(),
+            [
+                format!("checking path '{printed}'..."),
+                format!("path '{printed}' is corrupted or missing!")
+            ]
+        );
+        // Repaired: good again, rehashed rather than remembered.
+        std::fs::write(&real, b"contents").unwrap();
+        assert!(fresh.good(&ts.store, &p).unwrap());
     }
 }

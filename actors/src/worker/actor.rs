@@ -67,6 +67,7 @@ impl Worker {
             substituters: cfg.substituters.clone(),
             drv_hashes: Mutex::new(Default::default()),
             settings: settings.clone(),
+            contents: Default::default(),
         });
         Worker {
             executor: StoreExecutor::new(env),
@@ -108,6 +109,12 @@ impl Worker {
             Action::Blocking { goal, job } => {
                 let fut = self.executor.run(job);
                 ctx.spawn(fut.into_actor(self).map(move |ev, act, ctx| {
+                    // What the job had to say comes before what its result causes.
+                    if let Some(p) = &act.cfg.progress {
+                        for m in act.executor.env().contents.take_notices() {
+                            p.do_send(ProgressEvent::Message(m));
+                        }
+                    }
                     act.deliver(goal, ev, ctx);
                 }));
             }

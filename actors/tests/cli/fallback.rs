@@ -24,6 +24,9 @@
 //!   `error: build of '<path>' failed`, `--fallback` or not.
 //! * A floating content-addressed output whose realisation or NAR is missing is
 //!   built after resolving its derivation; a broken NAR needs `--fallback`.
+//! * `--repair` of valid but corrupted outputs: each is checked (`checking path
+//!   '…'...`, `path '…' is corrupted or missing!`) and fetched again over the old
+//!   copy.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -591,5 +594,41 @@ fn second_cache_takes_over() {
             let nix = fx.assert_same(&both, flags, &fx.drv, damage, code, &known);
             assert!(!nix.contains("building '"), "{nix}");
         }
+    }
+}
+
+/// The outputs substituted, then corrupted in the store: `--repair` reports and
+/// fetches them again, in the closure too, exactly as Nix does.
+#[test]
+fn repair_fetches_corrupted_outputs_again() {
+    require_nix!();
+    let fx = Fixture::new("b");
+    let url = fx.file_url.clone();
+    let substitute_then_corrupt = |fx: &Fixture| {
+        let mut c = fx.root.cmd("nix-store");
+        c.args(["--realise", &fx.drv])
+            .args(["--option", "substituters", &fx.file_url])
+            .args(["--option", "trusted-public-keys", &fx.pk]);
+        assert_eq!(run(&mut c).code, 0);
+        for out in [&fx.out_a, &fx.out_b] {
+            sh(&format!("chmod u+w {out} && echo corrupted > {out}"));
+        }
+    };
+    let nix = fx.assert_same(
+        &url,
+        &["--repair"],
+        &fx.drv,
+        &substitute_then_corrupt,
+        0,
+        &[],
+    );
+    for out in [&fx.out_a, &fx.out_b] {
+        assert_eq!(
+            lines_with(&nix, &format!("path '{out}' is corrupted or missing!")).len(),
+            1,
+            "{nix}"
+        );
+        // (`realise` also ran `nix-store --verify --check-contents`.)
+        assert_ne!(std::fs::read_to_string(out).unwrap(), "corrupted\n");
     }
 }

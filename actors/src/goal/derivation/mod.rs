@@ -83,7 +83,8 @@ pub enum DrvJobResult {
     PostBuildHook(Result<(), String>),
     RealisationsRegistered(Result<(), String>),
     /// `repairClosure`: goals for the corrupt or missing paths of the closure.
-    ClosureToRepair(Result<Vec<GoalRequest>, String>),
+    /// Each corrupt or missing path of the closure and the goal that repairs it.
+    ClosureToRepair(Result<Vec<(StorePath, GoalRequest)>, String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -603,12 +604,7 @@ impl DerivationGoal {
                     self.state = State::AwaitClosureRepaired;
                     let mut fx: Vec<Effect> = reqs
                         .iter()
-                        .filter_map(|r| match r {
-                            GoalRequest::Derivation { drv_path: p, .. }
-                            | GoalRequest::Substitution { path: p, .. } => Some(p),
-                            GoalRequest::DrvOutput { .. } => None,
-                        })
-                        .map(|p| {
+                        .map(|(p, _)| {
                             Effect::Message(format!(
                                 "found corrupted or missing path '{}' in the output closure of '{}'",
                                 ctx.store_dir.print(p),
@@ -616,7 +612,7 @@ impl DerivationGoal {
                             ))
                         })
                         .collect();
-                    fx.push(Effect::WaitFor(reqs));
+                    fx.push(Effect::WaitFor(reqs.into_iter().map(|(_, r)| r).collect()));
                     fx
                 }
                 DrvJobResult::ClosureToRepair(Err(e)) => self.fatal(e),
@@ -917,17 +913,7 @@ impl DerivationGoal {
         let hashes = self.output_hashes.clone();
         let repair = self.mode == BuildMode::Repair;
         vec![job(move |env| {
-            DrvJobResult::Validity(
-                purpose,
-                check_validity(
-                    &env.store,
-                    &p,
-                    &drv,
-                    &hashes,
-                    repair,
-                    env.settings.ca_derivations,
-                ),
-            )
+            DrvJobResult::Validity(purpose, check_validity(env, &p, &drv, &hashes, repair))
         })]
     }
 
@@ -984,11 +970,11 @@ impl DerivationGoal {
                 let closure = store.compute_closure(&own).map_err(|e| e.to_string())?;
                 let mut reqs = Vec::new();
                 for p in closure.iter().filter(|p| !own.contains(p)) {
-                    if contents_good(store, p)? {
+                    if env.contents.good(store, p)? {
                         continue;
                     }
                     let derivers = store.query_valid_derivers(p).map_err(|e| e.to_string())?;
-                    reqs.push(match derivers.into_iter().next() {
+                    let req = match derivers.into_iter().next() {
                         Some(d) => GoalRequest::Derivation {
                             drv_path: d,
                             outputs: OutputsSpec::All,
@@ -998,7 +984,8 @@ impl DerivationGoal {
                             path: p.clone(),
                             repair: true,
                         },
-                    });
+                    };
+                    reqs.push((p.clone(), req));
                 }
                 Ok(reqs)
             })();
@@ -1306,13 +1293,13 @@ pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
 /// Nix's `checkPathValidity`: each output's known path and whether it is valid (in
 /// repair mode: whether its contents match the registered NAR hash).
 pub fn check_validity(
-    store: &LocalStore,
+    env: &JobEnv,
     drv_path: &StorePath,
     drv: &Derivation,
     hashes: &BTreeMap<String, Hash>,
     repair: bool,
-    ca: bool,
 ) -> Result<BTreeMap<String, OutputState>, String> {
+    let (store, ca) = (&*env.store, env.settings.ca_derivations);
     let e = |e: drover::store::StoreError| e.to_string();
     let mut db_outputs: Option<BTreeMap<String, StorePath>> = None;
     let mut res = BTreeMap::new();
@@ -1341,7 +1328,7 @@ pub fn check_validity(
             Some(p) => {
                 let v = store.is_valid_path(p).map_err(e)?;
                 if v && repair {
-                    contents_good(store, p)?
+                    env.contents.good(store, p)?
                 } else {
                     v
                 }
@@ -1370,21 +1357,6 @@ pub fn check_validity(
         res.insert(name.clone(), OutputState { path, valid });
     }
     Ok(res)
-}
-
-/// Nix's `pathContentsGood`: the NAR hash of the path equals the registered one.
-pub fn contents_good(store: &LocalStore, p: &StorePath) -> Result<bool, String> {
-    let Some(info) = store.query_path_info(p).map_err(|e| e.to_string())? else {
-        return Ok(false);
-    };
-    let real = store.real_path(p);
-    if std::fs::symlink_metadata(&real).is_err() {
-        return Ok(false);
-    }
-    match drover::nar::nar_hash_of_path(&real) {
-        Ok((h, _)) => Ok(h == info.nar_hash),
-        Err(_) => Ok(false),
-    }
 }
 
 /// The lock files of the outputs: real paths of outputs whose path the derivation
@@ -1417,14 +1389,7 @@ fn lock_outputs(
         Ok(l) => l,
         Err(busy) => return Ok(LockOutcome::Busy(busy)),
     };
-    let outputs = check_validity(
-        store,
-        drv_path,
-        drv,
-        hashes,
-        repair,
-        env.settings.ca_derivations,
-    )?;
+    let outputs = check_validity(env, drv_path, drv, hashes, repair)?;
     for o in outputs.values() {
         if let (Some(p), false) = (&o.path, o.valid) {
             if !store.is_valid_path(p).map_err(|e| e.to_string())? {
@@ -1743,7 +1708,8 @@ mod tests {
         assert!(fx.starts_with("[WaitFor([Substitution"), "{fx}");
         let out = h.ts.output(&d, "out");
         let s = h.env.substituters[0].clone();
-        s.copy_into(&out, &h.ts.store, &Default::default()).unwrap();
+        s.copy_into(&out, &h.ts.store, Default::default(), &Default::default())
+            .unwrap();
         let req = GoalRequest::Substitution {
             path: out,
             repair: false,

@@ -321,9 +321,15 @@ mod tests {
         // Make the dependency and output valid, as the waitees would.
         s.add_file(out.clone(), b"o", Default::default());
         s.add_file(dep_out.clone(), b"d", Default::default());
-        s.copy_into(&out, &h.ts.store, &Default::default()).unwrap();
-        s.copy_into(&dep_out, &h.ts.store, &Default::default())
+        s.copy_into(&out, &h.ts.store, Default::default(), &Default::default())
             .unwrap();
+        s.copy_into(
+            &dep_out,
+            &h.ts.store,
+            Default::default(),
+            &Default::default(),
+        )
+        .unwrap();
         h.ts.store
             .register_realisation(&real(id("dep"), dep_out, BTreeMap::new()))
             .unwrap();
@@ -368,7 +374,7 @@ mod tests {
         let local = path(&h, 'g', "local");
         let remote = path(&h, 'f', "remote");
         s.add_file(local.clone(), b"l", Default::default());
-        s.copy_into(&local, &h.ts.store, &Default::default())
+        s.copy_into(&local, &h.ts.store, Default::default(), &Default::default())
             .unwrap();
         h.ts.store
             .register_realisation(&real(id("dep"), local, BTreeMap::new()))

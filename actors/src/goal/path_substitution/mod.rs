@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 use drover::build_result::BuildStatus;
+use drover::store::RepairFlag;
 use drover::store_path::StorePath;
 
 use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
@@ -182,6 +183,11 @@ impl PathSubstitutionGoal {
                 // display (it reads them); a new one for each attempt.
                 let transfer = Arc::new(Transfer::default());
                 let counts = transfer.clone();
+                let repair = if self.repair {
+                    RepairFlag::Repair
+                } else {
+                    RepairFlag::NoRepair
+                };
                 vec![
                     Effect::SubstitutionStarted {
                         uri,
@@ -189,7 +195,7 @@ impl PathSubstitutionGoal {
                     },
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
                         let r = match env.substituters.get(i) {
-                            Some(s) => s.copy_into(&path, &env.store, &counts),
+                            Some(s) => s.copy_into(&path, &env.store, repair, &counts),
                             None => Err(SubstituterError::Failed("no such substituter".into())),
                         };
                         Event::Subst(SubstJobResult::Copied(r))
@@ -359,8 +365,13 @@ mod tests {
             path: dep.clone(),
             repair: false,
         };
-        s.copy_into(&dep, &h.ts.store, &Transfer::default())
-            .unwrap();
+        s.copy_into(
+            &dep,
+            &h.ts.store,
+            RepairFlag::NoRepair,
+            &Transfer::default(),
+        )
+        .unwrap();
         let fx = h.drive(|e, c| g.handle(e, c), waitee(req, ExitCode::Success), false);
         assert!(fx.is_empty());
         let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
