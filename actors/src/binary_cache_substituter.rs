@@ -74,6 +74,7 @@ fn failed(e: BinaryCacheError) -> SubstituterError {
     let message = e.to_string();
     match e {
         BinaryCacheError::Gone { path, .. } => SubstituterError::Gone { path, message },
+        BinaryCacheError::Disabled(uri) => SubstituterError::Disabled(uri),
         _ => SubstituterError::Failed(message),
     }
 }
@@ -364,6 +365,8 @@ pub fn http_options_from_settings(settings: &Settings) -> HttpOptions {
     if let Some(n) = uint("download-attempts") {
         o.attempts = n.clamp(1, u32::MAX as u64) as u32;
     }
+    // Nix leaves a failing cache alone for a minute only when it may build instead.
+    o.disable_on_failure = settings.fallback();
     o
 }
 

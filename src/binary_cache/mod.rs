@@ -49,7 +49,7 @@ use crate::signature::PublicKeys;
 use crate::store::{LocalStore, RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{StoreDir, StorePath};
 
-pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport};
+pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport, NOTICE};
 
 /// Priority of a cache whose `nix-cache-info` does not give one (Nix's default).
 pub const DEFAULT_PRIORITY: u64 = 50;
@@ -64,6 +64,10 @@ pub enum BinaryCacheError {
     UnsupportedUrl(String),
     #[error("unable to download '{url}': {message}")]
     Http { url: String, message: String },
+    /// The cache failed a moment ago and is left alone for a while (Nix's
+    /// `SubstituterDisabled`).
+    #[error("substituter '{0}' is disabled")]
+    Disabled(String),
     #[error("{context} '{path}': {source}")]
     Io {
         context: &'static str,

@@ -405,6 +405,7 @@ fn quick_http() -> HttpOptions {
         stalled_timeout: Duration::from_secs(1),
         attempts: 3,
         initial_backoff: Duration::from_millis(10),
+        disable_on_failure: false,
     }
 }
 
@@ -443,9 +444,29 @@ fn substitutes_over_http_and_reports_failing_servers() {
     let e = BinaryCache::open(&url, &sd, &quick_http()).unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("unable to download '{url}/nix-cache-info': HTTP error 500 (after 3 attempts)")
+        format!(
+            "unable to download '{url}/nix-cache-info': HTTP error 500 ('Internal Server Error')"
+        )
     );
     assert_eq!(hits.load(Ordering::SeqCst), 3);
+
+    // With `--fallback` a failing cache is left alone for a minute afterwards.
+    let mut o = quick_http();
+    o.disable_on_failure = true;
+    use drover::binary_cache::Transport;
+    let t = drover::binary_cache::HttpTransport::new(url.clone(), &url, o);
+    assert!(matches!(
+        t.get("x.narinfo"),
+        Err(BinaryCacheError::Http { .. })
+    ));
+    assert_eq!(hits.load(Ordering::SeqCst), 6);
+    let e = t.get("y.narinfo").err().unwrap();
+    assert_eq!(e.to_string(), format!("substituter '{url}' is disabled"));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        6,
+        "a disabled cache is not asked"
+    );
 
     // A server that hangs: the stalled-transfer timeout ends it.
     let (url, _) = serve(f.cache_dir("zstd"), Serve::Hang);

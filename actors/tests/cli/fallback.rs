@@ -218,12 +218,9 @@ enum KnownDifference {
     /// archive (Lzma library error:  No progress is possible)`); drover says `NAR for
     /// '…' fetched from '…' is corrupt or incomplete: …`.
     DecompressionMessage,
-    /// Over HTTP Nix prints curl's status text (`HTTP error 500 ('Internal Server
-    /// Error')`) and a `warning: error: unable to download …; retrying in N ms` line
-    /// per retry; with `--fallback` it also disables the cache for 60 s after the
-    /// failure (`disabling binary cache '…' for 60 seconds`, then `error: substituter
-    /// '…' is disabled` on the next attempt). drover says `HTTP error 500 (after 2
-    /// attempts)` each time and prints no retry or disabling lines.
+    /// Over HTTP both tools announce each retry after a random pause (`warning:
+    /// error: unable to download '…': HTTP error 500 ('Internal Server Error');
+    /// retrying in 293 ms`): the number of milliseconds differs.
     HttpFailure,
     /// A `.doi` that is not JSON: Nix prints the JSON library's exception as is,
     /// without `error: ` (`[json.exception.parse_error.101] parse error at line 1,
@@ -235,6 +232,7 @@ enum KnownDifference {
 
 fn normalise(stderr: &str, known: &[KnownDifference]) -> String {
     let mut out = String::new();
+    let mut retry;
     for l in stderr.lines() {
         let line = if known.contains(&KnownDifference::DecompressionMessage)
             && (l.starts_with("error: Failed to open archive (")
@@ -247,15 +245,14 @@ fn normalise(stderr: &str, known: &[KnownDifference]) -> String {
         {
             "error: <invalid realisation>"
         } else if known.contains(&KnownDifference::HttpFailure)
-            && (l.starts_with("warning: error: unable to download '")
-                || l.starts_with("disabling binary cache '"))
+            && l.starts_with("warning: error: unable to download '")
+            && l.ends_with(" ms")
         {
-            continue;
-        } else if known.contains(&KnownDifference::HttpFailure)
-            && (l.starts_with("error: unable to download '")
-                || (l.starts_with("error: substituter '") && l.ends_with("' is disabled")))
-        {
-            "error: <download failed>"
+            retry = match l.rfind("; retrying in ") {
+                Some(i) => format!("{}; retrying in <N> ms", &l[..i]),
+                None => l.to_owned(),
+            };
+            &retry
         } else {
             l
         };

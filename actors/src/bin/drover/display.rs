@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drover::store_path::StorePath;
@@ -101,6 +101,23 @@ pub fn status_line(
         }
     }
     s
+}
+
+/// The display of the running command, once it has one (see [`notice`]).
+static SHARED: std::sync::OnceLock<Arc<Mutex<Display>>> = std::sync::OnceLock::new();
+
+/// Makes `d` the display [`notice`] writes through.
+pub fn share(d: &Arc<Mutex<Display>>) {
+    let _ = SHARED.set(d.clone());
+}
+
+/// Prints a line Nix prints (from any thread): through the shared display, so the
+/// status line stays intact, or straight to stderr before there is one.
+pub fn notice(line: &str) {
+    match SHARED.get() {
+        Some(d) => d.lock().unwrap_or_else(|e| e.into_inner()).line(line),
+        None => eprintln!("{line}"),
+    }
 }
 
 /// Shared stderr with an optional live status line.

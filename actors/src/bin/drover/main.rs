@@ -80,11 +80,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `RUST_LOG`-filtered logging (errors only by default), except the lines Nix
+/// prints verbatim about caches (`log` target [`drover::binary_cache::NOTICE`]):
+/// those are always shown, as they are, through the display.
+struct CliLogger {
+    inner: env_logger::Logger,
+}
+
+impl ::log::Log for CliLogger {
+    fn enabled(&self, m: &::log::Metadata) -> bool {
+        m.target() == drover::binary_cache::NOTICE || self.inner.enabled(m)
+    }
+
+    fn log(&self, r: &::log::Record) {
+        if r.target() == drover::binary_cache::NOTICE {
+            display::notice(&r.args().to_string());
+        } else {
+            self.inner.log(r);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
-        .format_target(false)
-        .format_timestamp(None)
-        .init();
+    let inner =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
+            .format_target(false)
+            .format_timestamp(None)
+            .build();
+    ::log::set_max_level(inner.filter().max(::log::LevelFilter::Warn));
+    let _ = ::log::set_boxed_logger(Box::new(CliLogger { inner }));
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -119,6 +119,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     };
     let store = Arc::new(ctx.open_store()?);
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
+    crate::display::share(&display);
 
     let (substituters, warnings) = substituters_from_settings(settings);
     for w in warnings {
