@@ -153,6 +153,23 @@ impl Default for NarInfoCacheTtl {
     }
 }
 
+impl NarInfoCacheTtl {
+    /// `narinfo-cache-positive-ttl` and `narinfo-cache-negative-ttl` of `settings`
+    /// (a value that is not a number keeps the default).
+    pub fn from_settings(settings: &crate::config::Settings) -> NarInfoCacheTtl {
+        let get = |name: &str, default: u64| {
+            settings
+                .get(name)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(default)
+        };
+        NarInfoCacheTtl {
+            positive: get("narinfo-cache-positive-ttl", DEFAULT_POSITIVE_TTL),
+            negative: get("narinfo-cache-negative-ttl", DEFAULT_NEGATIVE_TTL),
+        }
+    }
+}
+
 /// What the disk cache knows of something (Nix's `oValid`, `oInvalid`, `oUnknown`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<T> {
@@ -1046,6 +1063,28 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn ttls_from_settings() {
+        let t = tempfile::tempdir().unwrap();
+        let s = crate::config::Settings::for_root(t.path(), "").unwrap();
+        assert_eq!(
+            NarInfoCacheTtl::from_settings(&s),
+            NarInfoCacheTtl::default()
+        );
+        let s = crate::config::Settings::for_root(
+            t.path(),
+            "narinfo-cache-positive-ttl = 60\nnarinfo-cache-negative-ttl = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            NarInfoCacheTtl::from_settings(&s),
+            NarInfoCacheTtl {
+                positive: 60,
+                negative: 0
+            }
+        );
     }
 
     #[test]
