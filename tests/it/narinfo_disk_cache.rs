@@ -14,6 +14,7 @@ use drover::binary_cache::{
 };
 use drover::config::{Env, Settings};
 use drover::narinfo::NarInfo;
+use drover::realisation::{DrvOutput, Realisation};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath};
 
@@ -25,7 +26,9 @@ let
   mk = args: derivation ({ system = builtins.currentSystem; builder = "/bin/sh"; } // args);
   a = mk { name = "a"; args = ["-c" "echo a > $out"]; };
   b = mk { name = "b"; inherit a; args = ["-c" "echo $a > $out"]; };
-in { inherit a b; }
+  c = mk { name = "c"; inherit b; __contentAddressed = true; outputHashMode = "recursive";
+           outputHashAlgo = "sha256"; args = ["-c" "echo $b > $out"]; };
+in { inherit a b c; }
 "#;
 
 /// What the test server answers.
@@ -118,12 +121,15 @@ fn answer(
     }
 }
 
-/// A root whose outputs `a` ← `b` were built by Nix and copied to `<root>/cache`,
-/// after which the store was emptied; the cache is served over HTTP.
+/// A root whose outputs `a` ← `b` ← `c` (floating content-addressed) were built by
+/// Nix and copied to `<root>/cache`, after which the store was emptied; the cache is
+/// served over HTTP.
 struct Fixture {
     root: TestRoot,
+    expr: PathBuf,
     a: String,
     b: String,
+    c: String,
     /// A path no cache has.
     missing: String,
     server: Server,
@@ -134,23 +140,31 @@ impl Fixture {
         let root = TestRoot::new();
         let expr = root.path().join("e.nix");
         std::fs::write(&expr, EXPR).unwrap();
-        let drv = root.instantiate(&expr, Some("b")).remove(0);
-        let b = root.realise(&[&drv]).remove(0);
-        let a = root
-            .run("nix-store", &["-qR", &b])
-            .lines()
-            .find(|l| l.ends_with("-a"))
-            .unwrap()
-            .to_owned();
+        let drv = root.instantiate(&expr, Some("c")).remove(0);
+        let c = root.realise(&[&drv]).remove(0);
+        let closure = root.run("nix-store", &["-qR", &c]);
+        let find = |name: &str| {
+            closure
+                .lines()
+                .find(|l| l.ends_with(name))
+                .unwrap()
+                .to_owned()
+        };
+        let (a, b) = (find("-a"), find("-b"));
         let cache = root.path().join("cache");
         let url = format!("file://{}", cache.display());
-        root.run("nix", &["copy", "--to", &url, &b]);
+        root.run(
+            "nix",
+            &["copy", "--to", &url, "-f", expr.to_str().unwrap(), "c"],
+        );
         let missing = format!("{}/{}-missing", root.store_dir, "0".repeat(32));
         let server = Server::start(cache);
         let f = Fixture {
             root,
+            expr,
             a,
             b,
+            c,
             missing,
             server,
         };
@@ -535,4 +549,99 @@ fn expired_negative_entries_are_asked_again() {
             .all(|r| r.ends_with(&format!(" /{hash_part}.narinfo"))),
         "{asked:?}"
     );
+}
+
+impl Fixture {
+    /// `c`'s derivation, written again into the (wiped) store.
+    fn c_drv(&self) -> String {
+        self.root.instantiate(&self.expr, Some("c")).remove(0)
+    }
+
+    /// The realisations in the cache (`b`'s and `c`'s).
+    fn realisations(&self) -> Vec<Realisation> {
+        std::fs::read_dir(self.root.path().join("cache/realisations"))
+            .unwrap()
+            .map(|e| Realisation::from_json(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+            .collect()
+    }
+}
+
+/// The `content` of the `Realisations` row of `id`.
+fn realisation_row(db: &Path, id: &DrvOutput) -> String {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "select content from Realisations where outputId = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn realisations_are_shared_both_ways() {
+    require_nix!();
+    let f = Fixture::new();
+    let all = f.realisations();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let c = all.iter().find(|r| r.out_path == f.path(&f.c)).unwrap();
+    assert!(!c.dependent_realisations.is_empty(), "c's depends on b's");
+
+    // Nix substitutes `c` from its derivation: it asks for the realisations first
+    // (`c`'s, then `b`'s, on which it depends).
+    let drv = f.c_drv();
+    let out = f.nix("nix", "nix-store", &["--realise", &drv]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), f.c);
+    let asked = f.server.requests();
+    assert!(
+        asked.iter().any(|r| r.contains("/realisations/")),
+        "{asked:?}"
+    );
+
+    // drover answers from Nix's row, asking nothing.
+    f.server.set(FAIL_ALL);
+    let from_nix = f.drover("nix");
+    for r in &all {
+        assert_eq!(from_nix.query_realisation(&r.id).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(f.server.requests(), Vec::<String>::new());
+
+    // drover's own rows hold the same JSON.
+    f.server.set(SERVE);
+    let own = f.drover("drover");
+    for r in &all {
+        assert_eq!(own.query_realisation(&r.id).unwrap().as_ref(), Some(r));
+        assert_eq!(
+            realisation_row(&f.db("drover"), &r.id),
+            realisation_row(&f.db("nix"), &r.id)
+        );
+    }
+    for p in [&f.a, &f.b, &f.c] {
+        own.query_narinfo(&f.path(p)).unwrap().unwrap();
+    }
+    f.server.requests();
+
+    // Nix substitutes `c` again, with drover's rows: only NARs are downloaded.
+    f.wipe();
+    let drv = f.c_drv();
+    f.server.set(FAIL_METADATA);
+    let out = f.nix("drover", "nix-store", &["--realise", &drv]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), f.c);
+    let asked = f.server.requests();
+    assert!(!asked.is_empty());
+    assert!(
+        asked.iter().all(|r| r.starts_with("GET /nar/")),
+        "{asked:?}"
+    );
+    f.root.verify_store();
 }
