@@ -1087,6 +1087,50 @@ mod tests {
         );
     }
 
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn column() -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                Just(None),
+                ".{0,40}".prop_map(Some),
+                "[0-9a-z:-]{0,60}".prop_map(Some),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            /// Rows written by anyone: a lookup answers or fails, never panics.
+            #[test]
+            fn arbitrary_rows_never_panic(
+                cols in proptest::collection::vec(column(), 9),
+                sizes in proptest::collection::vec(proptest::option::of(any::<i64>()), 2),
+                content in column(),
+            ) {
+                let t = tempfile::tempdir().unwrap();
+                let (cache, _) = open(t.path(), NarInfoCacheTtl::default());
+                let id = cache.upsert_cache(URI, "/nix/store", false, 0).unwrap().id;
+                cache.lock().conn.execute(
+                    "insert into NARs(cache, hashPart, namePart, url, compression, fileHash, fileSize, narHash, \
+                     narSize, refs, deriver, sigs, ca, timestamp, present) \
+                     values (?1, 'h', ?2, ?3, ?4, ?5, ?11, ?6, ?12, ?7, ?8, ?9, ?10, ?13, 1)",
+                    params![id, cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8],
+                            sizes[0], sizes[1], T0],
+                ).unwrap();
+                let _ = cache.lookup_narinfo(URI, "h");
+                let out: DrvOutput = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad!out"
+                    .parse()
+                    .unwrap();
+                cache.lock().conn.execute(
+                    "insert into Realisations(cache, outputId, content, timestamp) values (?1, ?2, ?3, ?4)",
+                    params![id, out.to_string(), content, T0],
+                ).unwrap();
+                let _ = cache.lookup_realisation(URI, &out);
+            }
+        }
+    }
+
     #[test]
     fn cache_key_strips_parameters_and_slash() {
         assert_eq!(cache_key("https://c.org/x/?priority=1"), "https://c.org/x");

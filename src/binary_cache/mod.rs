@@ -5,8 +5,8 @@
 //!
 //! * `nix-cache-info`: `Name: value` lines; `StoreDir` (must equal the local store
 //!   directory, else Nix's `binary cache '…' is for Nix stores with prefix '…', not
-//!   '…'`), `WantMassQuery` (`1`/`0`), `Priority` (lower is tried first; 50 when
-//!   absent). A cache without the file is read with the defaults.
+//!   '…'`), `WantMassQuery` (`1`/`0`), `Priority` (lower is tried first; 0 when
+//!   absent, Nix 2.8's store default). A cache without the file is read with the defaults.
 //! * `<hash part>.narinfo` per path ([`crate::narinfo`]); a missing narinfo means
 //!   "no substitute". Answers, present or absent, are remembered for the life of the
 //!   [`BinaryCache`] value, and, for HTTP(S) caches, in the on-disk narinfo cache
@@ -62,8 +62,9 @@ use crate::store_path::{StoreDir, StorePath};
 pub use disk_cache::{Lookup, NarInfoCacheTtl, NarInfoDiskCache};
 pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport};
 
-/// Priority of a cache whose `nix-cache-info` does not give one (Nix's default).
-pub const DEFAULT_PRIORITY: u64 = 50;
+/// Priority of a cache whose `nix-cache-info` does not give one: Nix 2.8's store
+/// default, 0 (it is what Nix records in `binary-cache-v6.sqlite` for such a cache).
+pub const DEFAULT_PRIORITY: u64 = 0;
 
 /// Largest narinfo, `nix-cache-info` or `.doi` file read (they are small text files).
 const MAX_TEXT_FILE: u64 = 16 * 1024 * 1024;
@@ -356,14 +357,8 @@ impl BinaryCache {
             }
         }
         cache.info = info;
-        // What Nix records: the effective values, with its own default priority (0).
-        let priority = cache
-            .url
-            .params
-            .get("priority")
-            .and_then(|p| p.parse::<i64>().ok())
-            .or(cache.info.priority.and_then(|p| i64::try_from(p).ok()))
-            .unwrap_or(0);
+        // What Nix records: the effective values.
+        let priority = i64::try_from(cache.priority()).unwrap_or(i64::MAX);
         let wmq = cache.want_mass_query();
         cache.with_disk(|d, key| d.upsert_cache(key, store_dir.as_str(), wmq, priority));
         Ok(cache)
