@@ -28,7 +28,8 @@ use std::sync::Arc;
 use std::path::{Path, PathBuf};
 
 use drover::binary_cache::{
-    check_trust, BinaryCache, BinaryCacheError, HttpOptions, StoreUrl, TrustPolicy,
+    check_trust, BinaryCache, BinaryCacheError, CacheOptions, HttpOptions, NarInfoCacheTtl,
+    NarInfoDiskCache, StoreUrl, TrustPolicy,
 };
 use drover::config::Settings;
 use drover::narinfo::NarInfo;
@@ -373,6 +374,11 @@ pub fn http_options_from_settings(settings: &Settings) -> HttpOptions {
 /// The substituters of `substituters`/`extra-substituters`, sorted by priority
 /// (stable), and a warning for each one that could not be opened. Empty when
 /// `substitute = false`.
+///
+/// HTTP(S) caches share Nix's on-disk narinfo cache
+/// (`$XDG_CACHE_HOME/nix/binary-cache-v6.sqlite`, with `narinfo-cache-positive-ttl`
+/// and `narinfo-cache-negative-ttl`), opened once, when the first such cache is;
+/// if it cannot be opened, a warning says so and the caches work without it.
 pub fn substituters_from_settings(settings: &Settings) -> (Vec<Arc<dyn Substituter>>, Vec<String>) {
     let mut subs: Vec<Arc<dyn Substituter>> = Vec::new();
     let mut warnings = Vec::new();
@@ -380,7 +386,11 @@ pub fn substituters_from_settings(settings: &Settings) -> (Vec<Arc<dyn Substitut
         return (subs, warnings);
     }
     let policy = trust_policy_from_settings(settings);
-    let http = http_options_from_settings(settings);
+    let mut options = CacheOptions {
+        http: http_options_from_settings(settings),
+        disk_cache: None,
+    };
+    let mut disk_tried = false;
     let mut seen = std::collections::BTreeSet::new();
     for url in settings.substituters() {
         if !seen.insert(url.clone()) {
@@ -398,9 +408,27 @@ pub fn substituters_from_settings(settings: &Settings) -> (Vec<Arc<dyn Substitut
             Some(root) => LocalStoreSubstituter::open(&root, &parsed, settings, policy.clone())
                 .map(|s| Arc::new(s) as Arc<dyn Substituter>)
                 .map_err(|e| e.to_string()),
-            None => BinaryCacheSubstituter::open(&url, settings.store_dir(), &http, policy.clone())
-                .map(|s| Arc::new(s) as Arc<dyn Substituter>)
-                .map_err(|e| e.to_string()),
+            None => {
+                if !disk_tried
+                    && (parsed.base.starts_with("http://") || parsed.base.starts_with("https://"))
+                {
+                    disk_tried = true;
+                    let env: drover::config::Env = std::env::vars().collect();
+                    match NarInfoDiskCache::open_default(
+                        &env,
+                        NarInfoCacheTtl::from_settings(settings),
+                    ) {
+                        Ok(d) => options.disk_cache = Some(Arc::new(d)),
+                        Err(e) => warnings.push(format!("not using the narinfo disk cache: {e}")),
+                    }
+                }
+                BinaryCache::open_with(&url, settings.store_dir(), &options)
+                    .map(|c| {
+                        Arc::new(BinaryCacheSubstituter::new(c, policy.clone()))
+                            as Arc<dyn Substituter>
+                    })
+                    .map_err(|e| e.to_string())
+            }
         };
         match opened {
             Ok(s) => subs.push(s),

@@ -5,11 +5,12 @@
 //!
 //! * `nix-cache-info`: `Name: value` lines; `StoreDir` (must equal the local store
 //!   directory, else Nix's `binary cache '…' is for Nix stores with prefix '…', not
-//!   '…'`), `WantMassQuery` (`1`/`0`), `Priority` (lower is tried first; 50 when
-//!   absent). A cache without the file is read with the defaults.
+//!   '…'`), `WantMassQuery` (`1`/`0`), `Priority` (lower is tried first; 0 when
+//!   absent, Nix 2.8's store default). A cache without the file is read with the defaults.
 //! * `<hash part>.narinfo` per path ([`crate::narinfo`]); a missing narinfo means
 //!   "no substitute". Answers, present or absent, are remembered for the life of the
-//!   [`BinaryCache`] value.
+//!   [`BinaryCache`] value, and, for HTTP(S) caches, in the on-disk narinfo cache
+//!   shared with Nix ([`disk_cache`]) when one is given.
 //! * `nar/<file hash>.nar<ext>`: the NAR, compressed as the narinfo's `Compression`
 //!   says ([`compression`]).
 //! * `realisations/<drv hash>!<output>.doi`: the JSON realisation of a
@@ -26,11 +27,20 @@
 //! trusted key or a `CA` that really gives its store path
 //! ([`NarInfo::check_signatures`]).
 //!
+//! With a [`NarInfoDiskCache`] (as Nix 2.8 does for HTTP(S) caches, never for
+//! `file://`): `nix-cache-info` is not fetched while the disk cache has a row for the
+//! URL (its store dir must be ours, else the row is ignored and replaced), narinfos and
+//! realisations are looked up there (after the in-memory map) before the network, and
+//! the network's answers, present or absent, are written there. A disk cache that
+//! fails is reported once (a warning) and then left alone: it never fails a
+//! substitution.
+//!
 //! URLs: `file:///dir` and `http(s)://host/path`, each with optional `?name=value&…`
 //! parameters: `priority`, `want-mass-query` and `trusted` (`1`/`true`) override the
 //! cache's own values, as in Nix.
 
 pub mod compression;
+pub mod disk_cache;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,10 +59,12 @@ use crate::signature::PublicKeys;
 use crate::store::{LocalStore, RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{StoreDir, StorePath};
 
+pub use disk_cache::{Lookup, NarInfoCacheTtl, NarInfoDiskCache};
 pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport, NOTICE};
 
-/// Priority of a cache whose `nix-cache-info` does not give one (Nix's default).
-pub const DEFAULT_PRIORITY: u64 = 50;
+/// Priority of a cache whose `nix-cache-info` does not give one: Nix 2.8's store
+/// default, 0 (it is what Nix records in `binary-cache-v6.sqlite` for such a cache).
+pub const DEFAULT_PRIORITY: u64 = 0;
 
 /// Largest narinfo, `nix-cache-info` or `.doi` file read (they are small text files).
 const MAX_TEXT_FILE: u64 = 16 * 1024 * 1024;
@@ -248,6 +260,17 @@ pub struct BinaryCache {
     url: StoreUrl,
     /// Narinfos (and their absence) by hash part, for the life of this value.
     narinfos: Mutex<HashMap<String, Option<Arc<NarInfo>>>>,
+    /// The shared on-disk cache (HTTP(S) caches only), keyed by `disk_key`.
+    disk: Option<Arc<NarInfoDiskCache>>,
+    disk_key: String,
+}
+
+/// How [`BinaryCache::open_with`] opens a cache.
+#[derive(Debug, Clone, Default)]
+pub struct CacheOptions {
+    pub http: HttpOptions,
+    /// The on-disk narinfo cache; used for HTTP(S) caches only, as in Nix 2.8.
+    pub disk_cache: Option<Arc<NarInfoDiskCache>>,
 }
 
 impl std::fmt::Debug for BinaryCache {
@@ -267,6 +290,23 @@ impl BinaryCache {
         store_dir: &StoreDir,
         http: &HttpOptions,
     ) -> Result<BinaryCache, BinaryCacheError> {
+        BinaryCache::open_with(
+            url,
+            store_dir,
+            &CacheOptions {
+                http: http.clone(),
+                disk_cache: None,
+            },
+        )
+    }
+
+    /// [`open`](Self::open) with options, among them the on-disk narinfo cache.
+    pub fn open_with(
+        url: &str,
+        store_dir: &StoreDir,
+        options: &CacheOptions,
+    ) -> Result<BinaryCache, BinaryCacheError> {
+        let http = &options.http;
         let parsed = StoreUrl::parse(url);
         let transport: Box<dyn Transport> = if let Some(dir) = parsed.base.strip_prefix("file://") {
             Box::new(FileTransport::new(url, dir))
@@ -275,7 +315,7 @@ impl BinaryCache {
         } else {
             return Err(BinaryCacheError::UnsupportedUrl(url.to_owned()));
         };
-        BinaryCache::with_transport(transport, store_dir)
+        BinaryCache::with_transport_and_disk_cache(transport, store_dir, options.disk_cache.clone())
     }
 
     /// Opens a cache over any transport (its URI's parameters still apply).
@@ -283,8 +323,41 @@ impl BinaryCache {
         transport: Box<dyn Transport>,
         store_dir: &StoreDir,
     ) -> Result<BinaryCache, BinaryCacheError> {
+        BinaryCache::with_transport_and_disk_cache(transport, store_dir, None)
+    }
+
+    /// [`with_transport`](Self::with_transport) with an on-disk narinfo cache, used
+    /// when the transport's URI is `http://` or `https://`.
+    pub fn with_transport_and_disk_cache(
+        transport: Box<dyn Transport>,
+        store_dir: &StoreDir,
+        disk: Option<Arc<NarInfoDiskCache>>,
+    ) -> Result<BinaryCache, BinaryCacheError> {
         let url = StoreUrl::parse(transport.uri());
-        let info = match read_text(transport.as_ref(), "nix-cache-info")? {
+        let is_http = url.base.starts_with("http://") || url.base.starts_with("https://");
+        let mut cache = BinaryCache {
+            disk_key: disk_cache::cache_key(&url.base),
+            transport,
+            store_dir: store_dir.clone(),
+            info: CacheInfo::default(),
+            url,
+            narinfos: Mutex::new(HashMap::new()),
+            disk: disk.filter(|d| is_http && !d.is_disabled()),
+        };
+        let remembered = cache
+            .with_disk(|d, key| d.cache_info(key))
+            .flatten()
+            .filter(|row| row.store_dir == store_dir.as_str());
+        if let Some(row) = remembered {
+            cache.info = CacheInfo {
+                store_dir: Some(row.store_dir),
+                want_mass_query: Some(row.want_mass_query),
+                priority: u64::try_from(row.priority).ok(),
+            };
+            return Ok(cache);
+        }
+        let transport = cache.transport.as_ref();
+        let info = match read_text(transport, "nix-cache-info")? {
             Some(text) => CacheInfo::parse(transport.uri(), &text)?,
             None => CacheInfo::default(),
         };
@@ -297,13 +370,30 @@ impl BinaryCache {
                 });
             }
         }
-        Ok(BinaryCache {
-            transport,
-            store_dir: store_dir.clone(),
-            info,
-            url,
-            narinfos: Mutex::new(HashMap::new()),
-        })
+        cache.info = info;
+        // What Nix records: the effective values.
+        let priority = i64::try_from(cache.priority()).unwrap_or(i64::MAX);
+        let wmq = cache.want_mass_query();
+        cache.with_disk(|d, key| d.upsert_cache(key, store_dir.as_str(), wmq, priority));
+        Ok(cache)
+    }
+
+    /// Runs `f` on the disk cache, if there is one and it works; on its first
+    /// failure warns once and stops using it.
+    fn with_disk<T>(
+        &self,
+        f: impl FnOnce(&NarInfoDiskCache, &str) -> Result<T, disk_cache::DiskCacheError>,
+    ) -> Option<T> {
+        let disk = self.disk.as_ref().filter(|d| !d.is_disabled())?;
+        match f(disk, &self.disk_key) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                if disk.disable() {
+                    log::warn!("not using the narinfo disk cache any more: {e}");
+                }
+                None
+            }
+        }
     }
 
     /// The URL the cache was opened with.
@@ -347,6 +437,19 @@ impl BinaryCache {
         if let Some(cached) = self.lock_narinfos().get(&key) {
             return Ok(cached.clone());
         }
+        match self.with_disk(|d, uri| d.lookup_narinfo(uri, &key)) {
+            Some(Lookup::Present(info)) => {
+                // As Nix: a narinfo for another name is no substitute.
+                let info = (&info.store_path == path).then(|| Arc::new(info));
+                self.lock_narinfos().insert(key, info.clone());
+                return Ok(info);
+            }
+            Some(Lookup::Absent) => {
+                self.lock_narinfos().insert(key, None);
+                return Ok(None);
+            }
+            Some(Lookup::Unknown) | None => {}
+        }
         let file = format!("{key}.narinfo");
         let info = match read_text(self.transport.as_ref(), &file)? {
             None => None,
@@ -369,6 +472,7 @@ impl BinaryCache {
                 Some(Arc::new(info))
             }
         };
+        self.with_disk(|d, uri| d.upsert_narinfo(uri, &key, info.as_deref()));
         self.lock_narinfos().insert(key, info.clone());
         Ok(info)
     }
@@ -383,17 +487,30 @@ impl BinaryCache {
         &self,
         id: &DrvOutput,
     ) -> Result<Option<Realisation>, BinaryCacheError> {
+        match self.with_disk(|d, uri| d.lookup_realisation(uri, id)) {
+            Some(Lookup::Present(r)) => return Ok(Some(r)),
+            Some(Lookup::Absent) => return Ok(None),
+            Some(Lookup::Unknown) | None => {}
+        }
         let file = format!("realisations/{id}.doi");
-        let Some(text) = read_text(self.transport.as_ref(), &file)? else {
-            return Ok(None);
+        let realisation = match read_text(self.transport.as_ref(), &file)? {
+            None => None,
+            Some(text) => Some(Realisation::from_json(text.as_bytes()).map_err(|source| {
+                BinaryCacheError::Realisation {
+                    uri: self.uri().to_owned(),
+                    file,
+                    source,
+                }
+            })?),
         };
-        Realisation::from_json(text.as_bytes())
-            .map(Some)
-            .map_err(|source| BinaryCacheError::Realisation {
-                uri: self.uri().to_owned(),
-                file,
-                source,
-            })
+        self.with_disk(|d, uri| d.upsert_realisation(uri, id, realisation.as_ref()));
+        Ok(realisation)
+    }
+
+    /// Whether answers are remembered in an on-disk narinfo cache (an HTTP(S) cache
+    /// opened with a disk cache that still works).
+    pub fn uses_disk_cache(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| !d.is_disabled())
     }
 
     /// Refuses `info` unless the cache is trusted, signatures are not required, or it

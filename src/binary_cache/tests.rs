@@ -1,5 +1,6 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use super::compression::tests::compress;
 use super::compression::METHODS;
@@ -471,6 +472,236 @@ fn realisations_are_read_unsigned() {
     assert_eq!(r.out_path, out);
     let other: DrvOutput = format!("sha256:{}!out", "cd".repeat(32)).parse().unwrap();
     assert!(cache.query_realisation(&other).unwrap().is_none());
+}
+
+/// A cache served from a directory under an `http://` URI, logging every request.
+struct LoggingTransport {
+    inner: FileTransport,
+    log: Arc<Mutex<Vec<String>>>,
+    /// When set, every request fails (a server that is down).
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Transport for LoggingTransport {
+    fn uri(&self) -> &str {
+        self.inner.uri()
+    }
+    fn get(&self, rel: &str) -> Result<Option<CacheFile>, BinaryCacheError> {
+        self.log.lock().unwrap().push(rel.to_owned());
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BinaryCacheError::Http {
+                url: format!("{}/{rel}", self.uri()),
+                message: "server down".into(),
+            });
+        }
+        self.inner.get(rel)
+    }
+}
+
+struct DiskFixture {
+    _t: tempfile::TempDir,
+    s: LocalStore,
+    fc: FakeCache,
+    disk_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    now: Arc<std::sync::atomic::AtomicI64>,
+}
+
+const HTTP_URI: &str = "http://cache.test/sub/";
+
+impl DiskFixture {
+    fn new() -> DiskFixture {
+        let t = tempfile::tempdir().unwrap();
+        let s = store(t.path());
+        let fc = FakeCache::new(t.path(), s.store_dir());
+        DiskFixture {
+            disk_path: t.path().join("binary-cache-v6.sqlite"),
+            _t: t,
+            s,
+            fc,
+            log: Default::default(),
+            down: Default::default(),
+            now: Arc::new(std::sync::atomic::AtomicI64::new(1_700_000_000)),
+        }
+    }
+
+    fn disk(&self) -> Arc<NarInfoDiskCache> {
+        let now = self.now.clone();
+        Arc::new(
+            NarInfoDiskCache::open_with_clock(
+                &self.disk_path,
+                NarInfoCacheTtl::default(),
+                Arc::new(move || now.load(Ordering::SeqCst)),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn open_as(
+        &self,
+        uri: &str,
+        disk: Option<Arc<NarInfoDiskCache>>,
+    ) -> Result<BinaryCache, BinaryCacheError> {
+        BinaryCache::with_transport_and_disk_cache(
+            Box::new(LoggingTransport {
+                inner: FileTransport::new(uri, &self.fc.dir),
+                log: self.log.clone(),
+                down: self.down.clone(),
+            }),
+            self.s.store_dir(),
+            disk,
+        )
+    }
+
+    fn open(&self) -> BinaryCache {
+        self.open_as(HTTP_URI, Some(self.disk())).unwrap()
+    }
+
+    fn requests(&self) -> Vec<String> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn missing(&self) -> StorePath {
+        self.s
+            .store_dir()
+            .make_store_path("output:out", &HashAlgo::Sha256.digest("missing"), "missing")
+            .unwrap()
+    }
+
+    fn realisation(&self, out: &StorePath) -> DrvOutput {
+        let id: DrvOutput = format!("sha256:{}!out", "ab".repeat(32)).parse().unwrap();
+        std::fs::create_dir_all(self.fc.dir.join("realisations")).unwrap();
+        std::fs::write(
+            self.fc.dir.join(format!("realisations/{id}.doi")),
+            format!("{{\"dependentRealisations\":{{}},\"id\":\"{id}\",\"outPath\":\"{out}\",\"signatures\":[]}}"),
+        )
+        .unwrap();
+        id
+    }
+}
+
+#[test]
+fn disk_cache_answers_a_later_run_without_requests() {
+    let f = DiskFixture::new();
+    let info = f.fc.add("cached", b"c", "xz");
+    let missing = f.missing();
+    let id = f.realisation(&info.store_path);
+    let no_id: DrvOutput = format!("sha256:{}!out", "cd".repeat(32)).parse().unwrap();
+
+    let first = f.open();
+    assert!(first.uses_disk_cache());
+    assert_eq!(
+        first.query_narinfo(&info.store_path).unwrap().as_deref(),
+        Some(&info)
+    );
+    assert!(first.query_narinfo(&missing).unwrap().is_none());
+    assert!(first.query_realisation(&id).unwrap().is_some());
+    assert!(first.query_realisation(&no_id).unwrap().is_none());
+    assert_eq!(f.requests().len(), 5);
+    drop(first);
+
+    // A new run: nothing is asked but the NAR itself.
+    f.down.store(true, Ordering::SeqCst);
+    let second = f.open();
+    assert_eq!(second.priority(), 30);
+    assert!(second.want_mass_query());
+    assert_eq!(
+        second.cache_info().store_dir.as_deref(),
+        Some(f.s.store_dir().as_str())
+    );
+    let got = second.query_narinfo(&info.store_path).unwrap().unwrap();
+    assert_eq!(*got, info);
+    assert!(second.query_narinfo(&missing).unwrap().is_none());
+    assert_eq!(
+        second.query_realisation(&id).unwrap().unwrap().out_path,
+        info.store_path
+    );
+    assert!(second.query_realisation(&no_id).unwrap().is_none());
+    assert_eq!(f.requests(), Vec::<String>::new());
+    f.down.store(false, Ordering::SeqCst);
+    second.copy_into(&info.store_path, &f.s, &policy()).unwrap();
+    assert_eq!(f.requests(), vec![info.url.clone()]);
+
+    // The parameters of the URL are not part of the key; they still override.
+    let third = f
+        .open_as("http://cache.test/sub?priority=7", Some(f.disk()))
+        .unwrap();
+    assert_eq!(third.priority(), 7);
+    assert!(third.query_narinfo(&info.store_path).unwrap().is_some());
+    assert_eq!(f.requests(), Vec::<String>::new());
+}
+
+#[test]
+fn expired_negative_entries_are_asked_again() {
+    let f = DiskFixture::new();
+    let missing = f.missing();
+    assert!(f.open().query_narinfo(&missing).unwrap().is_none());
+    f.requests();
+    f.now.fetch_add(3599, Ordering::SeqCst);
+    assert!(f.open().query_narinfo(&missing).unwrap().is_none());
+    assert_eq!(f.requests(), Vec::<String>::new(), "still fresh");
+    f.now.fetch_add(1, Ordering::SeqCst);
+    // Meanwhile the path was pushed to the cache.
+    let info = f.fc.add("missing", b"m", "none");
+    assert_eq!(info.store_path, missing);
+    assert!(f.open().query_narinfo(&missing).unwrap().is_some());
+    assert_eq!(
+        f.requests(),
+        vec![format!("{}.narinfo", missing.hash_part())]
+    );
+}
+
+#[test]
+fn file_caches_do_not_use_the_disk_cache() {
+    let f = DiskFixture::new();
+    let info = f.fc.add("cached", b"c", "none");
+    let disk = f.disk();
+    let cache = f.open_as(&f.fc.url(), Some(disk.clone())).unwrap();
+    assert!(!cache.uses_disk_cache());
+    assert!(cache.query_narinfo(&info.store_path).unwrap().is_some());
+    assert_eq!(disk.cache_info(&f.fc.url()).unwrap(), None);
+}
+
+#[test]
+fn a_row_for_another_store_dir_is_not_used() {
+    let f = DiskFixture::new();
+    let disk = f.disk();
+    disk.upsert_cache(HTTP_URI, "/other/store", true, 5)
+        .unwrap();
+    let cache = f.open_as(HTTP_URI, Some(disk.clone())).unwrap();
+    assert_eq!(f.requests(), vec!["nix-cache-info".to_owned()]);
+    assert_eq!(cache.priority(), 30);
+    let row = disk.cache_info(HTTP_URI).unwrap().unwrap();
+    assert_eq!(row.store_dir, f.s.store_dir().as_str());
+    assert_eq!((row.want_mass_query, row.priority), (true, 30));
+    // A cache for another store dir is still refused (the row is not consulted).
+    std::fs::write(f.fc.dir.join("nix-cache-info"), "StoreDir: /elsewhere\n").unwrap();
+    disk.upsert_cache(HTTP_URI, "/elsewhere", false, 0).unwrap();
+    assert!(matches!(
+        f.open_as(HTTP_URI, Some(disk)),
+        Err(BinaryCacheError::WrongStoreDir { .. })
+    ));
+}
+
+#[test]
+fn a_broken_disk_cache_is_left_alone() {
+    let f = DiskFixture::new();
+    let info = f.fc.add("cached", b"c", "none");
+    let disk = f.disk();
+    let cache = f.open_as(HTTP_URI, Some(disk.clone())).unwrap();
+    // Someone breaks the file under us.
+    rusqlite::Connection::open(&f.disk_path)
+        .unwrap()
+        .execute_batch("drop table NARs")
+        .unwrap();
+    assert!(cache.query_narinfo(&info.store_path).unwrap().is_some());
+    assert!(disk.is_disabled());
+    assert!(!cache.uses_disk_cache());
+    cache.copy_into(&info.store_path, &f.s, &policy()).unwrap();
+    // Later caches do not touch it either.
+    let later = f.open_as(HTTP_URI, Some(disk)).unwrap();
+    assert!(!later.uses_disk_cache());
 }
 
 mod prop {

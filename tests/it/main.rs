@@ -12,5 +12,6 @@ mod derivation;
 mod hook_protocol;
 mod nar;
 mod narinfo;
+mod narinfo_disk_cache;
 mod nix_env;
 mod store;
