@@ -9,8 +9,11 @@
 //! All outputs are built, a signing key is made with `nix-store
 //! --generate-binary-cache-key`, and `nix copy` writes two signed caches, one with
 //! `compression=xz` and one with `compression=zstd`. The caches are then served two
-//! ways: `file://<dir>` and `http://127.0.0.1:<port>/<dir>` from a `python3 -m
-//! http.server` on a free loopback port that this program starts and stops.
+//! ways: `file://<dir>` and `http://127.0.0.1:<port>/<dir>` from an HTTP server on a
+//! free loopback port that this program starts and stops: nginx when it is installed
+//! (one worker, `sendfile`, keep-alive: a server that is never the bottleneck), else
+//! `python3 -m http.server` (HTTP/1.0, one Python thread per connection: with many
+//! parallel downloads it, not the client, sets the pace — the table says which).
 //!
 //! Timed runs: for each case × cache × transport × tool, the scratch root's store and
 //! state are wiped (the store dir must stay the cache's `StoreDir`), `nix.conf` names
@@ -180,25 +183,65 @@ fn nar_bytes(cache: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// A `python3 -m http.server` on a free loopback port, serving `dir`; stopped on drop.
+/// An HTTP server on a free loopback port, serving `dir`; stopped on drop.
 struct HttpServer {
     child: Child,
     port: u16,
+    /// `nginx` or `python3 -m http.server`.
+    name: &'static str,
 }
 
 impl HttpServer {
-    fn start(dir: &Path) -> anyhow::Result<HttpServer> {
+    /// nginx if it is on `PATH` (or in `/usr/sbin`), else Python's server.
+    fn start(dir: &Path, scratch: &Path) -> anyhow::Result<HttpServer> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg("--directory")
-            .arg(dir)
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut server = HttpServer { child, port };
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists());
+        let (child, name) = match nginx {
+            Some(nginx) => {
+                let conf = scratch.join("nginx.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "daemon off;\nuser root;\nworker_processes 1;\npid {pid};\nerror_log {err};\n\
+                         events {{ worker_connections 1024; }}\n\
+                         http {{ access_log off; sendfile on; \
+                         client_body_temp_path {tmp}; proxy_temp_path {tmp}; \
+                         fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp}; \
+                         server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
+                        pid = scratch.join("nginx.pid").display(),
+                        err = scratch.join("nginx.err").display(),
+                        tmp = scratch.display(),
+                        root = dir.display(),
+                    ),
+                )?;
+                let child = Command::new(nginx)
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-e")
+                    .arg(scratch.join("nginx.err"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                (child, "nginx")
+            }
+            None => {
+                let child = Command::new("python3")
+                    .args(["-m", "http.server", "--bind", "127.0.0.1"])
+                    .arg("--directory")
+                    .arg(dir)
+                    .arg(port.to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                (child, "python3 -m http.server")
+            }
+        };
+        let mut server = HttpServer { child, port, name };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
@@ -417,7 +460,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let server = if o.transports.iter().any(|t| t == "http") {
-        Some(HttpServer::start(&caches)?)
+        let s = HttpServer::start(&caches, &scratch)?;
+        eprintln!("HTTP server: {} on port {}", s.name, s.port);
+        Some(s)
     } else {
         None
     };
