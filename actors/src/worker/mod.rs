@@ -14,7 +14,10 @@
 //! * Failure propagation: a waiter gets every finished dependency; without
 //!   keep-going the first `Failed` dependency ends its wait at once. A failed
 //!   top-level goal without keep-going cancels the run (running local builds get
-//!   `CancelLocalBuild`). Goals nobody waits for any more are cancelled.
+//!   `CancelLocalBuild`, running hook builds `CancelHookBuild`). Goals nobody waits
+//!   for any more are cancelled. A goal's `Effect::Fatal` (Nix's errors thrown out of
+//!   a goal, e.g. `bad hook reply '…'`) ends the run at once the same way, with exit
+//!   status 1 and only that error, keep-going or not.
 //! * Build order: goals waiting for a slot are served by the length of the chain of
 //!   goals that wait on them (the critical path above them), then in request order.
 //! * Progress: the counters go out once per batch of changes; a path substitution's
@@ -194,6 +197,10 @@ pub enum Action {
         request: LocalBuildRequest,
     },
     CancelLocalBuild {
+        goal: GoalId,
+    },
+    /// Kill the hook process of the goal's running hook build (`CancelHookBuild`).
+    CancelHookBuild {
         goal: GoalId,
     },
     HookTry {
@@ -771,6 +778,9 @@ impl WorkerCore {
                 if g.is_building_locally() {
                     self.actions.push(Action::CancelLocalBuild { goal: id });
                 }
+                if g.is_building_remotely() {
+                    self.actions.push(Action::CancelHookBuild { goal: id });
+                }
             }
             Goal::Subst(g) => {
                 self.counters.expected_substitutions -= 1;
@@ -792,6 +802,20 @@ impl WorkerCore {
     fn finish(&mut self) {
         if self.finished {
             return;
+        }
+        // Nix's `buildPaths` counts every top-level goal that did not succeed, the
+        // ones still running or waiting when the run stopped included, in
+        // `build of … failed`.
+        let unfinished: Vec<GoalId> = self
+            .top
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| self.pending_top.contains(id) && !self.failed_top.contains(id))
+            .collect();
+        for id in unfinished {
+            if !self.failed_top.contains(&id) {
+                self.failed_top.push(id);
+            }
         }
         let ids: Vec<GoalId> = self.goals.keys().copied().collect();
         for id in ids {

@@ -199,6 +199,11 @@ impl DerivationGoal {
         self.state == State::BuildingLocally
     }
 
+    /// Whether a hook build of this goal is running (to cancel it).
+    pub fn is_building_remotely(&self) -> bool {
+        self.state == State::BuildingRemotely
+    }
+
     /// Whether it holds a build slot.
     pub fn has_slot(&self) -> bool {
         self.have_slot
@@ -711,11 +716,9 @@ impl DerivationGoal {
                     fx.push(Effect::WaitForAWhile);
                     fx
                 }
-                HookReply::Error(msg) => {
-                    let mut fx = self.release_slot();
-                    fx.extend(self.done_failure(BuildStatus::MiscFailure, msg));
-                    fx
-                }
+                // Nix 2.8 throws these (`bad hook reply '…'`, `unexpected EOF reading a
+                // line`, …) out of the goal: the whole run ends with exit 1.
+                HookReply::Error(msg) => self.fatal(msg),
             },
             (State::AwaitBuildSlot, Event::SlotGranted) => {
                 self.have_slot = true;
@@ -801,11 +804,8 @@ impl DerivationGoal {
                 DrvJobResult::Validity(Purpose::AfterHook, Ok(outs)) => {
                     self.outputs = outs;
                     if !self.all_valid() {
-                        self.locks = None;
-                        return self.done_failure(
-                            BuildStatus::MiscFailure,
-                            "some outputs are unexpectedly invalid".into(),
-                        );
+                        // Thrown by Nix 2.8's `assertPathValidity`: ends the whole run.
+                        return self.fatal("some outputs are unexpectedly invalid".into());
                     }
                     self.built = self
                         .outputs
@@ -1860,7 +1860,8 @@ mod tests {
             &mut g,
             Event::HookReply(HookReply::Error("bad hook reply 'x'".into())),
         );
-        assert_eq!(fx, "[Done(Failed, MiscFailure : bad hook reply 'x')]");
+        // Thrown out of the goal in Nix 2.8: the run ends.
+        assert_eq!(fx, "[Fatal(bad hook reply 'x')]");
     }
 
     #[test]
