@@ -694,10 +694,11 @@ async fn cancelled_job_kills_the_hook_and_answers() {
     assert_eq!(fin.exit_code, None, "killed");
     assert_eq!(fin.alarm, None);
     // The log was closed with what the hook wrote.
-    let g = got.lock().unwrap();
-    assert!(g.eof);
-    assert_eq!(g.bytes, b"remote build started\n");
-    drop(g);
+    {
+        let g = got.lock().unwrap();
+        assert!(g.eof);
+        assert_eq!(g.bytes, b"remote build started\n");
+    }
     // The whole process group is gone: the hook and its sleeping child.
     assert!(wait_gone(&pids).await, "still running: {pids:?}");
 }
