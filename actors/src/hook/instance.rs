@@ -248,6 +248,9 @@ impl HookInstance {
         }
         let out = self.builder_out.take();
         let reader_stop = stop.clone();
+        // Also when this future is dropped (the job's actor stopped, the runtime shut
+        // down): the reader thread must not outlive it.
+        let _stop_reader = StopOnDrop(stop.clone());
         let reader = tokio::task::spawn_blocking(move || {
             let Some(fd) = out else { return };
             let mut f = File::from(fd);
@@ -326,6 +329,15 @@ impl StopReading {
         while !self.is_stopped() {
             self.notify.notified().await;
         }
+    }
+}
+
+/// Raises a [`StopReading`] when dropped.
+struct StopOnDrop(StopReading);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
