@@ -10,8 +10,9 @@
 //! * `# decline-permanently` kills the process and every later request is answered
 //!   `DeclinePermanently` without asking. drover also answers `DeclinePermanently`
 //!   when no hook is configured (`build-hook =` empty). *Nix 2.8 differs here*: it
-//!   still tries to `execv("")`, and each build that consults the hook fails with
-//!   `executing ''` and `unexpected EOF reading a line` (exit 1).
+//!   still tries to `execv("")`; the first build that consults the hook prints
+//!   `error: executing '': No such file or directory` and the run ends with
+//!   `error: unexpected EOF reading a line` (exit 1).
 //! * Writing the request fails with a broken pipe (the hook is gone): Nix prints
 //!   `build hook died unexpectedly: <what the hook printed>` and the goal builds
 //!   locally (`Decline`); the next request starts a new process. If the write succeeds
@@ -19,14 +20,21 @@
 //!   once), the answer is the error `unexpected EOF reading a line`, as in Nix 2.8.
 //! * Any reply other than the four words: `bad hook reply '<text>'`. drover then drops
 //!   that process (Nix 2.8 would keep it), so the next request gets a fresh one.
-//!
-//! * Cancellation (keep-going off and another goal failed, or the run aborted):
+//! * Errors (`HookReply::Error`) are not a failed goal: Nix 2.8 throws them out of
+//!   the goal, which ends the whole `nix-store --realise` (exit 1, `error: <text>`
+//!   only, other builds killed), `--keep-going` or not; so does the goal's
+//!   `Effect::Fatal`. (For `unexpected EOF reading a line` Nix 2.8 also prints the
+//!   line `(use '--show-trace' to show detailed location information)`: the error
+//!   carries the trace `while reading the response from the build hook`.)
+//! * Cancellation (keep-going off and another goal failed, or the run ended):
 //!   the Worker sends [`CancelHookBuild`](crate::messages::CancelHookBuild) to the pool,
 //!   which forwards it to its live jobs; the job running that build SIGKILLs the hook's
 //!   process group (as Nix 2.8's `HookInstance` destructor does when the goal is
-//!   dropped), stops waiting for its pipes and answers `HookFinished` with exit code
-//!   `None`.
-//!
+//!   dropped), stops waiting for its pipes once nothing more is buffered (a process
+//!   that left the group may hold them open) and answers `HookFinished` with exit
+//!   code `None`. Nix 2.8 prints nothing for it; like any cancelled top-level goal,
+//!   the request is named in `build of … failed`.
+
 //! The decisions are plain state machines ([`PoolState`], [`JobState`]) so they can be
 //! tested without an actor system; the actors in [`pool`] and [`job`] forward to them
 //! and to the process handling in [`instance`].

@@ -21,9 +21,12 @@
 //! * `tryToBuild` — non-blocking output locks (retry after the poll interval), the
 //!   re-check ("someone beat us to it"), removal of invalid leftovers, then the hook
 //!   (first without a slot, `amWilling=false`; again with a slot, `amWilling=true`)
-//!   or a local build (`RunLocalBuild`), postponing with the poll interval;
-//! * `buildDone` — classification of local and hook results, the post-build hook,
-//!   `done`.
+//!   or a local build (`RunLocalBuild`), postponing with the poll interval; a hook
+//!   error (`bad hook reply '…'`, `unexpected EOF reading a line`) is a run error
+//!   (`Effect::Fatal`), as Nix 2.8 throws it out of the goal;
+//! * `buildDone` — classification of local and hook results (a hook that exits 0
+//!   without the outputs valid: the run error `some outputs are unexpectedly
+//!   invalid`), the post-build hook, `done`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
