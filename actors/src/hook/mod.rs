@@ -34,7 +34,7 @@
 //!   that left the group may hold them open) and answers `HookFinished` with exit
 //!   code `None`. Nix 2.8 prints nothing for it; like any cancelled top-level goal,
 //!   the request is named in `build of … failed`.
-
+//!
 //! The decisions are plain state machines ([`PoolState`], [`JobState`]) so they can be
 //! tested without an actor system; the actors in [`pool`] and [`job`] forward to them
 //! and to the process handling in [`instance`].
