@@ -751,8 +751,10 @@ async fn a_failing_local_build_cancels_the_running_hook_build() {
             "builder for 'bad' failed with exit code 1".into(),
         ),
     );
-    // Give the hook time to start building before `bad` fails.
-    fb.delay = Duration::from_millis(300);
+    // Give the hook time to start building (and record its pids) before `bad`
+    // fails: `pre` and `bad` take 1 s each. (The hook accepts `remote` before `pre`
+    // is even offered: the pool answers one request at a time.)
+    fb.delay = Duration::from_millis(1000);
     let fb = fb.start();
     let mut settings = WorkerSettings::from_settings(&ts.settings);
     settings.max_jobs = 2;
