@@ -12,6 +12,7 @@
 //!     └──────LocalBuildFinished───┘  └────────LogAlarm───────────────┘
 //!   Worker ──HookTry──▶ HookPool ──(HookReply::Accept{job})──▶ Worker
 //!   Worker ──HookBuild──▶ HookJob ──LogBytes──▶ LogCollector;  HookJob ──HookFinished──▶ Worker
+//!   Worker ──CancelHookBuild──▶ HookPool ──(forwards)──▶ HookJob
 //! ```
 //!
 //! Every message is a documented struct with `#[rtype]`; none is sent with a hidden
@@ -216,7 +217,7 @@ pub enum HookReply {
         job: Recipient<HookBuild>,
     },
     /// The hook answered something else (`bad hook reply '…'`) or broke the protocol:
-    /// an error that fails the goal (exit 1).
+    /// an error that ends the whole run (exit 1), as Nix 2.8 throws it out of the goal.
     Error(String),
 }
 
@@ -245,4 +246,18 @@ pub struct HookFinished {
     pub log: LogSummary,
     /// Set when a [`LogAlarm`] ended the job.
     pub alarm: Option<LogAlarm>,
+}
+
+/// Cancels a running hook build (keep-going off and another goal failed, or the run
+/// was aborted): Nix 2.8 drops the goal, and its `HookInstance` destructor SIGKILLs the
+/// hook's process group. Sent by the Worker to the hook pool, which forwards it to its
+/// jobs; the job of build `id` kills the hook's process group, stops waiting for its
+/// pipes and still answers [`HookFinished`] (exit code `None`, as killed by a signal),
+/// which the Worker ignores for a goal it cancelled. Unknown or finished ids are
+/// ignored.
+#[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub struct CancelHookBuild {
+    /// The id the build was started with ([`HookBuild::id`]).
+    pub id: u64,
 }

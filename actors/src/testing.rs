@@ -510,6 +510,8 @@ pub struct SyncDriver<'a> {
     /// Derivation names in build start order.
     pub started: Vec<String>,
     pub cancelled: Vec<u64>,
+    /// Goal ids whose running hook builds were cancelled (`CancelHookBuild`).
+    pub cancelled_hooks: Vec<u64>,
     /// Builds the `build` closure left running: (goal id, derivation name).
     pub running: Vec<(u64, String)>,
     pub tries: Vec<HookTryArgs>,
@@ -554,6 +556,7 @@ impl<'a> SyncDriver<'a> {
             hook: Box::new(|_| HookReply::DeclinePermanently),
             started: Vec::new(),
             cancelled: Vec::new(),
+            cancelled_hooks: Vec::new(),
             running: Vec::new(),
             tries: Vec::new(),
             progress: Vec::new(),
@@ -580,6 +583,7 @@ impl<'a> SyncDriver<'a> {
                         }
                     }
                     Action::CancelLocalBuild { goal } => self.cancelled.push(goal),
+                    Action::CancelHookBuild { goal } => self.cancelled_hooks.push(goal),
                     Action::HookTry {
                         goal,
                         am_willing,

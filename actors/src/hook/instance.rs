@@ -11,7 +11,10 @@
 //! * Dropping the instance SIGKILLs the process group (Nix does the same when done).
 //!
 //! The builder-output pipe is read with blocking reads on a blocking thread: the hook
-//! shares the read side (fd 5), so it must not be switched to non-blocking mode.
+//! shares the read side (fd 5), so it must not be switched to non-blocking mode. The
+//! thread polls with a short timeout so that a [`StopReading`] (the job was cancelled
+//! or alarmed and its process group killed) ends it even when a process that escaped
+//! the group still holds the pipe open; what is already buffered is read first.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -19,6 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,13 +225,15 @@ impl HookInstance {
 
     /// Runs an accepted job: sends `follow_up` (inputs and missing outputs), closes the
     /// request pipe, streams fd 4 to `bytes` and the reply pipe's `@nix` lines to
-    /// `lines` until both end, then kills the process group and returns the exit code (`None`
-    /// when killed by a signal).
+    /// `lines` until both end (or `stop` is raised and nothing more is ready), then
+    /// kills the process group and returns the exit code (`None` when killed by a
+    /// signal).
     pub async fn run_job(
         mut self,
         follow_up: &[u8],
         bytes: Recipient<LogBytes>,
         lines: Recipient<HookStderrLine>,
+        stop: StopReading,
     ) -> Option<i32> {
         if let Some(mut stdin) = self.to_hook.take() {
             let mut all = Vec::new();
@@ -241,11 +247,15 @@ impl HookInstance {
             let _ = stdin.flush().await;
         }
         let out = self.builder_out.take();
+        let reader_stop = stop.clone();
+        // Also when this future is dropped (the job's actor stopped, the runtime shut
+        // down): the reader thread must not outlive it.
+        let _stop_reader = StopOnDrop(stop.clone());
         let reader = tokio::task::spawn_blocking(move || {
             let Some(fd) = out else { return };
             let mut f = File::from(fd);
             let mut buf = [0u8; 4096];
-            loop {
+            while wait_readable(&f, &reader_stop) {
                 match f.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => bytes.do_send(LogBytes(buf[..n].to_vec())),
@@ -256,7 +266,13 @@ impl HookInstance {
         });
         // Nix 2.8 handles only complete `@nix` lines here; other lines (and a last
         // line without `\n`) are dropped, not echoed.
-        while let Ok(Some(l)) = self.read_line().await {
+        loop {
+            let line = tokio::select! {
+                biased;
+                l = self.read_line() => l,
+                _ = stop.stopped() => break,
+            };
+            let Ok(Some(l)) = line else { break };
             if l.starts_with("@nix ") {
                 lines.do_send(HookStderrLine(l));
             } else {
@@ -286,7 +302,76 @@ impl Drop for HookInstance {
     }
 }
 
-/// Kills a hook's process group from elsewhere (an alarm while the job runs).
+/// Tells a running job ([`HookInstance::run_job`]) to stop waiting for the hook's
+/// pipes once nothing more is ready on them: raised after the job's process group was
+/// killed (cancellation, log alarm), so a process that escaped the group and still
+/// holds a pipe cannot keep the job (and the run) waiting.
+#[derive(Debug, Clone, Default)]
+pub struct StopReading {
+    flag: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl StopReading {
+    /// Raises the flag (idempotent).
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Whether [`stop`](Self::stop) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`stop`](Self::stop) was called.
+    async fn stopped(&self) {
+        while !self.is_stopped() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Raises a [`StopReading`] when dropped.
+struct StopOnDrop(StopReading);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// How long the builder-output reader waits for data before looking at its
+/// [`StopReading`] flag again.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until `f` is readable (data, end of file or an error: `read` will not
+/// block) and returns `true`; returns `false` when nothing is ready and `stop` is
+/// raised.
+fn wait_readable(f: &File, stop: &StopReading) -> bool {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, the file is open for the whole call.
+        let n = unsafe { libc::poll(&mut pfd, 1, STOP_POLL.as_millis() as libc::c_int) };
+        if n > 0 {
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // Let `read` report it.
+            return true;
+        }
+        if stop.is_stopped() {
+            return false;
+        }
+    }
+}
+
+/// Kills a hook's process group from elsewhere (an alarm or a cancellation while the
+/// job runs).
 #[derive(Debug, Clone, Copy)]
 pub struct Killer(Pid);
 

@@ -1,13 +1,19 @@
 //! An accepted hook job: answers [`HookBuild`] by sending the hook its inputs and
 //! missing outputs, streaming its output to a fresh log collector until both pipes
-//! end, and reporting [`HookFinished`]. A [`LogAlarm`] from the collector kills the
-//! hook's process group; the job then ends with that alarm.
+//! end, and reporting [`HookFinished`]. A [`LogAlarm`] from the collector, or a
+//! [`CancelHookBuild`] for this build (forwarded by the pool), kills the hook's
+//! process group and stops the wait for its pipes once nothing more is buffered;
+//! the job then ends with that alarm, or, cancelled, with exit code `None` (killed by
+//! a signal) and no alarm. The log collector still gets its `LogEof`, so the log file
+//! is closed with what the hook wrote, as Nix closes it when it drops the goal.
 
 use actix::prelude::*;
 
-use super::instance::{HookInstance, Killer};
+use super::instance::{HookInstance, Killer, StopReading};
 use super::JobState;
-use crate::messages::{HookBuild, HookFinished, LogAlarm, LogEof, StartLogCollector};
+use crate::messages::{
+    CancelHookBuild, HookBuild, HookFinished, LogAlarm, LogEof, StartLogCollector,
+};
 use drover::hook_protocol::encode_accept_follow_up;
 use drover::store_path::StoreDir;
 
@@ -15,6 +21,7 @@ use drover::store_path::StoreDir;
 pub struct HookJob {
     instance: Option<HookInstance>,
     killer: Killer,
+    stop: StopReading,
     store_dir: StoreDir,
     start_log_collector: StartLogCollector,
     state: JobState,
@@ -28,11 +35,18 @@ impl HookJob {
     ) -> HookJob {
         HookJob {
             killer: instance.killer(),
+            stop: StopReading::default(),
             instance: Some(instance),
             store_dir,
             start_log_collector,
             state: JobState::default(),
         }
+    }
+
+    /// Kills the hook's process group and stops waiting for its pipes.
+    fn kill(&self) {
+        self.killer.kill();
+        self.stop.stop();
     }
 }
 
@@ -44,7 +58,7 @@ impl Handler<HookBuild> for HookJob {
     type Result = ();
 
     fn handle(&mut self, msg: HookBuild, ctx: &mut Context<Self>) {
-        let instance = match (self.state.start(), self.instance.take()) {
+        let instance = match (self.state.start(msg.id), self.instance.take()) {
             (true, Some(i)) => i,
             _ => {
                 log::warn!("hook job {} was asked to build twice; ignored", msg.id);
@@ -55,9 +69,15 @@ impl Handler<HookBuild> for HookJob {
         let follow_up = encode_accept_follow_up(&inputs, &msg.missing_outputs);
         let sink = (self.start_log_collector)(msg.log, ctx.address().recipient());
         let HookBuild { id, reply_to, .. } = msg;
+        let stop = self.stop.clone();
         let work = async move {
             let exit_code = instance
-                .run_job(&follow_up, sink.bytes.clone(), sink.hook_stderr.clone())
+                .run_job(
+                    &follow_up,
+                    sink.bytes.clone(),
+                    sink.hook_stderr.clone(),
+                    stop,
+                )
                 .await;
             let log = sink.eof.send(LogEof).await.unwrap_or_default();
             (exit_code, log)
@@ -66,6 +86,13 @@ impl Handler<HookBuild> for HookJob {
             work.into_actor(self)
                 .map(move |(exit_code, log), act, ctx| {
                     let alarm = act.state.finish();
+                    // A cancelled hook may have exited on its own just before the
+                    // signal: it still counts as killed.
+                    let exit_code = if act.state.cancelled() {
+                        None
+                    } else {
+                        exit_code
+                    };
                     reply_to.do_send(HookFinished {
                         id,
                         exit_code,
@@ -83,7 +110,18 @@ impl Handler<LogAlarm> for HookJob {
 
     fn handle(&mut self, alarm: LogAlarm, _ctx: &mut Context<Self>) {
         if self.state.alarm(alarm) {
-            self.killer.kill();
+            self.kill();
+        }
+    }
+}
+
+impl Handler<CancelHookBuild> for HookJob {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelHookBuild, _ctx: &mut Context<Self>) {
+        if self.state.cancel(msg.id) {
+            log::debug!("cancelling hook build {}", msg.id);
+            self.kill();
         }
     }
 }

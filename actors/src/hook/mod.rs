@@ -10,8 +10,9 @@
 //! * `# decline-permanently` kills the process and every later request is answered
 //!   `DeclinePermanently` without asking. drover also answers `DeclinePermanently`
 //!   when no hook is configured (`build-hook =` empty). *Nix 2.8 differs here*: it
-//!   still tries to `execv("")`, and each build that consults the hook fails with
-//!   `executing ''` and `unexpected EOF reading a line` (exit 1).
+//!   still tries to `execv("")`; the first build that consults the hook prints
+//!   `error: executing '': No such file or directory` and the run ends with
+//!   `error: unexpected EOF reading a line` (exit 1).
 //! * Writing the request fails with a broken pipe (the hook is gone): Nix prints
 //!   `build hook died unexpectedly: <what the hook printed>` and the goal builds
 //!   locally (`Decline`); the next request starts a new process. If the write succeeds
@@ -19,6 +20,20 @@
 //!   once), the answer is the error `unexpected EOF reading a line`, as in Nix 2.8.
 //! * Any reply other than the four words: `bad hook reply '<text>'`. drover then drops
 //!   that process (Nix 2.8 would keep it), so the next request gets a fresh one.
+//! * Errors (`HookReply::Error`) are not a failed goal: Nix 2.8 throws them out of
+//!   the goal, which ends the whole `nix-store --realise` (exit 1, `error: <text>`
+//!   only, other builds killed), `--keep-going` or not; so does the goal's
+//!   `Effect::Fatal`. (For `unexpected EOF reading a line` Nix 2.8 also prints the
+//!   line `(use '--show-trace' to show detailed location information)`: the error
+//!   carries the trace `while reading the response from the build hook`.)
+//! * Cancellation (keep-going off and another goal failed, or the run ended):
+//!   the Worker sends [`CancelHookBuild`](crate::messages::CancelHookBuild) to the pool,
+//!   which forwards it to its live jobs; the job running that build SIGKILLs the hook's
+//!   process group (as Nix 2.8's `HookInstance` destructor does when the goal is
+//!   dropped), stops waiting for its pipes once nothing more is buffered (a process
+//!   that left the group may hold them open) and answers `HookFinished` with exit
+//!   code `None`. Nix 2.8 prints nothing for it; like any cancelled top-level goal,
+//!   the request is named in `build of … failed`.
 //!
 //! The decisions are plain state machines ([`PoolState`], [`JobState`]) so they can be
 //! tested without an actor system; the actors in [`pool`] and [`job`] forward to them
@@ -117,28 +132,54 @@ impl<I> PoolState<I> {
     }
 }
 
-/// The accepted job's decisions: it runs once, and the first alarm while it runs
-/// kills the hook.
+/// The accepted job's decisions: it runs once (as build `id`); the first alarm or
+/// cancellation while it runs kills the hook, later ones are ignored.
 #[derive(Debug, Default)]
 pub struct JobState {
-    started: bool,
+    /// The build id, once a `HookBuild` arrived.
+    id: Option<u64>,
     finished: bool,
     alarm: Option<LogAlarm>,
+    cancelled: bool,
 }
 
 impl JobState {
-    /// A `HookBuild` arrived; `false` if the job already ran (the message is ignored).
-    pub fn start(&mut self) -> bool {
-        !std::mem::replace(&mut self.started, true)
+    /// A `HookBuild` for build `id` arrived; `false` if the job already ran (the
+    /// message is ignored).
+    pub fn start(&mut self, id: u64) -> bool {
+        if self.id.is_some() {
+            return false;
+        }
+        self.id = Some(id);
+        true
+    }
+
+    fn running(&self) -> bool {
+        self.id.is_some() && !self.finished && self.alarm.is_none() && !self.cancelled
     }
 
     /// An alarm from the log collector; `true` if the hook must be killed now.
     pub fn alarm(&mut self, alarm: LogAlarm) -> bool {
-        if !self.started || self.finished || self.alarm.is_some() {
+        if !self.running() {
             return false;
         }
         self.alarm = Some(alarm);
         true
+    }
+
+    /// A `CancelHookBuild` for build `id` (the pool forwards every cancellation to
+    /// every job); `true` if this job runs that build and its hook must be killed now.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if self.id != Some(id) || !self.running() {
+            return false;
+        }
+        self.cancelled = true;
+        true
+    }
+
+    /// Whether the job was cancelled.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled
     }
 
     /// The hook exited; the alarm that ended it, if any.
@@ -195,12 +236,41 @@ mod tests {
     fn job_first_alarm_wins() {
         let mut j = JobState::default();
         assert!(!j.alarm(LogAlarm::LogLimit(1)), "not running yet");
-        assert!(j.start());
-        assert!(!j.start());
+        assert!(j.start(1));
+        assert!(!j.start(1));
         let t = LogAlarm::Timeout(Duration::from_secs(1));
         assert!(j.alarm(t));
         assert!(!j.alarm(LogAlarm::LogLimit(1)));
         assert_eq!(j.finish(), Some(t));
         assert!(!j.alarm(t));
+    }
+
+    #[test]
+    fn job_cancel_kills_its_own_build_once() {
+        let mut j = JobState::default();
+        assert!(!j.cancel(5), "not running yet");
+        assert!(j.start(5));
+        assert!(!j.cancel(6), "another build's cancellation");
+        assert!(j.cancel(5));
+        assert!(!j.cancel(5), "already killed");
+        assert!(j.cancelled());
+        assert!(
+            !j.alarm(LogAlarm::LogLimit(1)),
+            "no alarm after a cancellation"
+        );
+        assert_eq!(j.finish(), None);
+    }
+
+    #[test]
+    fn job_no_cancel_after_alarm_or_end() {
+        let mut j = JobState::default();
+        j.start(5);
+        assert!(j.alarm(LogAlarm::LogLimit(1)));
+        assert!(!j.cancel(5), "already killed by the alarm");
+        let mut k = JobState::default();
+        k.start(5);
+        k.finish();
+        assert!(!k.cancel(5));
+        assert!(!k.cancelled());
     }
 }

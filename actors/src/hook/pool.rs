@@ -1,15 +1,18 @@
 //! The hook pool actor: answers [`HookTry`] by asking a build-hook process (see the
-//! [module docs](super) for the rules), one request at a time.
+//! [module docs](super) for the rules), one request at a time, and forwards
+//! [`CancelHookBuild`] to the jobs it started that are still alive (it holds them
+//! weakly: a job nobody holds stops and kills its hook, as before).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use actix::WeakAddr;
 
 use super::instance::{HookInstance, SpawnError};
 use super::job::HookJob;
 use super::{Begin, PoolState, TryOutcome};
-use crate::messages::{HookReply, HookStderrLine, HookTry, StartLogCollector};
+use crate::messages::{CancelHookBuild, HookReply, HookStderrLine, HookTry, StartLogCollector};
 use drover::config::{Env, Settings};
 use drover::hook_protocol::{
     json_message_text, settings_preamble, HookLine, ReplyKind, TryRequest, UNEXPECTED_EOF,
@@ -58,12 +61,35 @@ impl HookPoolConfig {
 pub struct HookPool {
     config: HookPoolConfig,
     state: PoolState<HookInstance>,
+    /// The jobs started for accepted builds (pruned when they are gone). Their build
+    /// ids are only known to them, so a cancellation goes to each.
+    jobs: Vec<WeakAddr<HookJob>>,
 }
 
 impl HookPool {
     pub fn new(config: HookPoolConfig) -> HookPool {
         let state = PoolState::new(config.build_hook.is_some());
-        HookPool { config, state }
+        HookPool {
+            config,
+            state,
+            jobs: Vec::new(),
+        }
+    }
+
+    fn prune_jobs(&mut self) {
+        self.jobs
+            .retain(|j| j.upgrade().is_some_and(|a| a.connected()));
+    }
+}
+
+impl Handler<CancelHookBuild> for HookPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelHookBuild, _ctx: &mut Context<Self>) {
+        self.prune_jobs();
+        for job in self.jobs.iter().filter_map(|j| j.upgrade()) {
+            job.do_send(msg);
+        }
     }
 }
 
@@ -159,6 +185,8 @@ impl Handler<HookTry> for HookPool {
                                 act.config.start_log_collector.clone(),
                             )
                             .start();
+                            act.prune_jobs();
+                            act.jobs.push(job.downgrade());
                             HookReply::Accept {
                                 machine,
                                 job: job.recipient(),

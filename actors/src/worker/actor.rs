@@ -4,7 +4,9 @@
 //! injected `Recipient<RunLocalBuild>`, hook requests to the injected
 //! `Recipient<HookTry>`, timers through `run_later`, progress to the optional
 //! `Recipient<ProgressEvent>`. Replies (`LocalBuildFinished`, `HookFinished`) are
-//! routed to the goal by id.
+//! routed to the goal by id. Cancelled hook builds get `CancelHookBuild` through the
+//! recipient given with [`Worker::with_cancel_hook_build`] (usually the hook pool's
+//! address); without one, a cancelled hook build runs on until its job ends.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,8 +17,8 @@ use drover::store::LocalStore;
 use super::{Action, RealiseOutcome, WorkerCore, WorkerSettings};
 use crate::goal::{Event, GoalId, JobEnv};
 use crate::messages::{
-    BuildMode, CancelLocalBuild, HookBuild, HookFinished, HookReply, HookTry, LocalBuildFinished,
-    LogConfig, RunLocalBuild,
+    BuildMode, CancelHookBuild, CancelLocalBuild, HookBuild, HookFinished, HookReply, HookTry,
+    LocalBuildFinished, LogConfig, RunLocalBuild,
 };
 use crate::progress::ProgressEvent;
 use crate::store_executor::StoreExecutor;
@@ -53,6 +55,7 @@ pub struct Worker {
     settings: Arc<WorkerSettings>,
     core: Option<WorkerCore>,
     reply: Option<tokio::sync::oneshot::Sender<RealiseOutcome>>,
+    cancel_hook_build: Option<Recipient<CancelHookBuild>>,
 }
 
 impl Worker {
@@ -75,7 +78,16 @@ impl Worker {
             cfg,
             core: None,
             reply: None,
+            cancel_hook_build: None,
         }
+    }
+
+    /// Where cancellations of running hook builds go: the hook pool's address (it
+    /// forwards them to its jobs). Kept out of [`WorkerConfig`] so existing
+    /// configurations stay valid.
+    pub fn with_cancel_hook_build(mut self, cancel: Recipient<CancelHookBuild>) -> Worker {
+        self.cancel_hook_build = Some(cancel);
+        self
     }
 
     fn deliver(&mut self, goal: GoalId, ev: Event, ctx: &mut Context<Self>) {
@@ -129,6 +141,11 @@ impl Worker {
                 self.cfg
                     .cancel_local_build
                     .do_send(CancelLocalBuild { id: goal });
+            }
+            Action::CancelHookBuild { goal } => {
+                if let Some(c) = &self.cancel_hook_build {
+                    c.do_send(CancelHookBuild { id: goal });
+                }
             }
             Action::HookTry {
                 goal,

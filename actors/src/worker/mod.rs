@@ -14,7 +14,10 @@
 //! * Failure propagation: a waiter gets every finished dependency; without
 //!   keep-going the first `Failed` dependency ends its wait at once. A failed
 //!   top-level goal without keep-going cancels the run (running local builds get
-//!   `CancelLocalBuild`). Goals nobody waits for any more are cancelled.
+//!   `CancelLocalBuild`, running hook builds `CancelHookBuild`). Goals nobody waits
+//!   for any more are cancelled. A goal's `Effect::Fatal` (Nix's errors thrown out of
+//!   a goal, e.g. `bad hook reply '…'`) ends the run at once the same way, with exit
+//!   status 1 and only that error, keep-going or not.
 //! * Build order: goals waiting for a slot are served by the length of the chain of
 //!   goals that wait on them (the critical path above them), then in request order.
 //! * Progress: the counters go out once per batch of changes; a path substitution's
@@ -194,6 +197,10 @@ pub enum Action {
         request: LocalBuildRequest,
     },
     CancelLocalBuild {
+        goal: GoalId,
+    },
+    /// Kill the hook process of the goal's running hook build (`CancelHookBuild`).
+    CancelHookBuild {
         goal: GoalId,
     },
     HookTry {
@@ -771,6 +778,9 @@ impl WorkerCore {
                 if g.is_building_locally() {
                     self.actions.push(Action::CancelLocalBuild { goal: id });
                 }
+                if g.is_building_remotely() {
+                    self.actions.push(Action::CancelHookBuild { goal: id });
+                }
             }
             Goal::Subst(g) => {
                 self.counters.expected_substitutions -= 1;
@@ -792,6 +802,20 @@ impl WorkerCore {
     fn finish(&mut self) {
         if self.finished {
             return;
+        }
+        // Nix's `buildPaths` counts every top-level goal that did not succeed, the
+        // ones still running or waiting when the run stopped included, in
+        // `build of … failed`.
+        let unfinished: Vec<GoalId> = self
+            .top
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| self.pending_top.contains(id) && !self.failed_top.contains(id))
+            .collect();
+        for id in unfinished {
+            if !self.failed_top.contains(&id) {
+                self.failed_top.push(id);
+            }
         }
         let ids: Vec<GoalId> = self.goals.keys().copied().collect();
         for id in ids {
@@ -1295,5 +1319,148 @@ mod tests {
             out.errors[2],
             format!("build of '{}', '{}' failed", names[0], names[1])
         );
+    }
+
+    use actix::AsyncContext as _;
+
+    /// A hook job that is never run: enough for a goal to be building remotely.
+    struct NoJob;
+    impl actix::Actor for NoJob {
+        type Context = actix::Context<Self>;
+    }
+    impl actix::Handler<crate::messages::HookBuild> for NoJob {
+        type Result = ();
+        fn handle(&mut self, _: crate::messages::HookBuild, _: &mut actix::Context<Self>) {}
+    }
+
+    /// A driver whose hook accepts derivations named `remote*` (their builds never
+    /// end) and declines the others, and whose local builds of `bad*` fail
+    /// permanently (the others succeed).
+    fn hook_driver<'a>(ts: &TestStore, s: &Arc<WorkerSettings>) -> SyncDriver<'a> {
+        let st = ts.store.clone();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.hook = Box::new(|args| {
+            if args.drv_name.starts_with("remote") {
+                let job = actix::Context::<NoJob>::new().address().recipient();
+                crate::messages::HookReply::Accept {
+                    machine: "m".into(),
+                    job,
+                }
+            } else {
+                crate::messages::HookReply::Decline
+            }
+        });
+        drv.build = Box::new(move |req| {
+            if req.drv_path.name().starts_with("bad") {
+                return Some(LocalBuildFinished {
+                    id: 0,
+                    result: BuildResult::failure(
+                        BuildStatus::PermanentFailure,
+                        "builder for 'bad' failed with exit code 1",
+                    ),
+                    hash_mismatch: false,
+                    outputs: Default::default(),
+                });
+            }
+            crate::testing::write_outputs(&st, &req.drv_path, &req.output_paths).unwrap();
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::new(BuildStatus::Built),
+                hash_mismatch: false,
+                outputs: req.output_paths.clone(),
+            })
+        });
+        drv
+    }
+
+    fn hook_core(ts: &TestStore, s: &Arc<WorkerSettings>) -> WorkerCore {
+        WorkerCore::new(s.clone(), ts.store.store_dir().clone(), 0, true)
+    }
+
+    #[test]
+    fn a_failure_without_keep_going_cancels_a_running_hook_build() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 2);
+        let remote = ts.add_drv("remote", &["out"], &[], &[]);
+        // `bad` waits for `pre`, so the hook build is running when `bad` fails.
+        let pre = ts.add_drv("pre", &["out"], &[], &[]);
+        let bad = ts.add_drv("bad", &["out"], &[&pre], &[]);
+        let mut drv = hook_driver(&ts, &s);
+        let mut c = hook_core(&ts, &s);
+        c.start(vec![built(&remote), built(&bad)], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(drv.started, ["pre", "bad"]);
+        assert_eq!(drv.cancelled_hooks.len(), 1, "the hook build is cancelled");
+        assert!(drv.cancelled.is_empty(), "no local build was running");
+        assert_eq!(out.exit_status, 100);
+        // As Nix 2.8: the failure, then every top-level goal that did not succeed.
+        let sd = ts.store.store_dir();
+        let mut names = [
+            format!("'{}'", sd.print(&remote)),
+            format!("'{}'", sd.print(&bad)),
+        ];
+        names.sort();
+        assert_eq!(
+            out.errors,
+            [
+                "builder for 'bad' failed with exit code 1".to_string(),
+                format!("build of {} failed", names.join(", "))
+            ]
+        );
+        assert_eq!(c.counters().running_builds, 0);
+        assert_eq!(c.goal_count(), 0);
+    }
+
+    #[test]
+    fn with_keep_going_the_hook_build_runs_on() {
+        let (_d, ts, s) = setup(|s| {
+            s.max_jobs = 2;
+            s.keep_going = true;
+        });
+        let remote = ts.add_drv("remote", &["out"], &[], &[]);
+        let bad = ts.add_drv("bad", &["out"], &[], &[]);
+        let mut drv = hook_driver(&ts, &s);
+        let mut c = hook_core(&ts, &s);
+        c.start(vec![built(&remote), built(&bad)], BuildMode::Normal);
+        assert!(
+            drv.run(&mut c).is_none(),
+            "still waiting for the hook build"
+        );
+        assert!(drv.cancelled_hooks.is_empty());
+        assert_eq!(c.goal_count(), 1);
+    }
+
+    #[test]
+    fn a_bad_hook_reply_ends_the_run_and_cancels_the_hook_build() {
+        // Even with keep-going: Nix 2.8 throws it out of the goal.
+        let (_d, ts, s) = setup(|s| {
+            s.max_jobs = 2;
+            s.keep_going = true;
+        });
+        let remote = ts.add_drv("remote", &["out"], &[], &[]);
+        let pre = ts.add_drv("pre", &["out"], &[], &[]);
+        let other = ts.add_drv("other", &["out"], &[&pre], &[]);
+        let mut drv = hook_driver(&ts, &s);
+        drv.hook = Box::new(|args| {
+            if args.drv_name.starts_with("remote") {
+                let job = actix::Context::<NoJob>::new().address().recipient();
+                crate::messages::HookReply::Accept {
+                    machine: "m".into(),
+                    job,
+                }
+            } else if args.drv_name.starts_with("other") {
+                crate::messages::HookReply::Error("bad hook reply 'nonsense'".into())
+            } else {
+                crate::messages::HookReply::Decline
+            }
+        });
+        let mut c = hook_core(&ts, &s);
+        c.start(vec![built(&remote), built(&other)], BuildMode::Normal);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(drv.started, ["pre"]);
+        assert_eq!(drv.cancelled_hooks.len(), 1);
+        assert_eq!(out.exit_status, 1);
+        assert_eq!(out.errors, ["bad hook reply 'nonsense'"]);
+        assert_eq!(c.goal_count(), 0);
+        assert_eq!(c.counters().running_builds, 0);
     }
 }

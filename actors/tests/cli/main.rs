@@ -10,6 +10,7 @@ mod nix_env;
 
 mod derivation;
 mod fallback;
+mod hook;
 mod path_info;
 mod progress;
 mod realise;

@@ -12,8 +12,8 @@ use drover::store_path::{StoreDir, StorePath};
 use drover_actors::hook::{HookPool, HookPoolConfig};
 
 use drover_actors::messages::{
-    HookBuild, HookFinished, HookReply, HookStderrLine, HookTry, LogAlarm, LogBytes, LogConfig,
-    LogEof, LogSink, LogSummary, StartLogCollector,
+    CancelHookBuild, HookBuild, HookFinished, HookReply, HookStderrLine, HookTry, LogAlarm,
+    LogBytes, LogConfig, LogEof, LogSink, LogSummary, StartLogCollector,
 };
 
 fn recorder() -> PathBuf {
@@ -530,4 +530,286 @@ async fn pool_sends_what_nix_sends() {
             .to_owned()
     };
     assert_eq!(argv(hook.dir.path()), argv(rec_nix.path()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancellation: Nix 2.8 kills the hook's process group when it drops a goal whose
+// build runs through the hook (keep-going off and another goal failed).
+// ---------------------------------------------------------------------------------------
+
+/// A hook that accepts `.drv` paths containing `$HOOK_ACCEPT` and declines the
+/// others. An accepted build writes a line to fd 4, its pid and its child's to
+/// `$HOOK_DIR/pids`, then waits for a child sleeping `$HOOK_SLEEP` seconds; with
+/// `HOOK_ESCAPE` set, that child first leaves the process group (`setsid`), still
+/// holding the log pipe.
+const MATCHING_HOOK: &str = r##"
+import os, struct, sys, time
+d = os.environ["HOOK_DIR"]
+def rd(n):
+    b = b""
+    while len(b) < n:
+        c = os.read(0, n - len(b))
+        if not c:
+            sys.exit(0)
+        b += c
+    return b
+def num():
+    return struct.unpack("<Q", rd(8))[0]
+def text():
+    n = num(); v = rd(n); rd((8 - n % 8) % 8); return v.decode()
+def strings():
+    return [text() for _ in range(num())]
+def say(l):
+    os.write(2, (l + "\n").encode())
+while num():
+    text(); text()
+while True:
+    if text() != "try":
+        sys.exit(0)
+    num(); text(); drv = text(); strings()
+    if os.environ["HOOK_ACCEPT"] not in drv:
+        say("# decline")
+        continue
+    say("# accept")
+    say("remote-machine")
+    strings(); strings()
+    os.write(4, b"remote build started\n")
+    child = os.fork()
+    if child == 0:
+        if os.environ.get("HOOK_ESCAPE"):
+            os.setsid()
+        time.sleep(float(os.environ.get("HOOK_SLEEP", "30")))
+        os._exit(0)
+    with open(os.path.join(d, "pids.tmp"), "w") as f:
+        f.write("%d %d\n" % (os.getpid(), child))
+    os.rename(os.path.join(d, "pids.tmp"), os.path.join(d, "pids"))
+    os.waitpid(child, 0)
+    sys.exit(0)
+"##;
+
+fn matching_hook(accept: &str, escape: bool) -> Hook {
+    let dir = tempfile::tempdir().unwrap();
+    let py = dir.path().join("hook.py");
+    std::fs::write(&py, MATCHING_HOOK).unwrap();
+    let script = format!(
+        "#!/bin/sh\nexport HOOK_DIR='{}' HOOK_ACCEPT='{accept}' HOOK_SLEEP=30{}\nexec python3 '{}'\n",
+        dir.path().display(),
+        if escape { " HOOK_ESCAPE=1" } else { "" },
+        py.display()
+    );
+    Hook::with_script(dir, &script)
+}
+
+/// The pids the matching hook recorded (hook, child), once it did (at most 10 s).
+async fn recorded_pids(hook: &Hook) -> Vec<i32> {
+    let path = hook.dir.path().join("pids");
+    for _ in 0..200 {
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            return s.split_whitespace().map(|p| p.parse().unwrap()).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the hook did not start building");
+}
+
+/// Whether a process is gone: no such process, or a zombie nobody reaped yet.
+fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // `pid (comm) S …`: the state follows the last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (at most 5 s) until every process in `pids` is gone.
+async fn wait_gone(pids: &[i32]) -> bool {
+    for _ in 0..100 {
+        if pids.iter().all(|p| is_gone(*p)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Kills what a failed test left behind.
+struct KillOnDrop(Vec<i32>);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            // SAFETY: plain kill(2) on a pid this test's hook recorded.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Accepts with the hook, starts the build as id 42 and cancels it through the
+/// pool once the hook is building; returns the HookFinished, how long the
+/// cancellation took, and the hook's recorded pids.
+async fn build_and_cancel(
+    hook: &Hook,
+    got: Arc<Mutex<Collected>>,
+) -> (HookFinished, Duration, Vec<i32>) {
+    let (p, _) = pool(Some(hook.program()), got, None);
+    let HookReply::Accept { job, .. } = ask(&p, "remote").await else {
+        panic!("expected accept");
+    };
+    let slot = Arc::new(Mutex::new(None));
+    let fin = Finished(slot.clone()).start();
+    job.send(HookBuild {
+        id: 42,
+        inputs: Default::default(),
+        missing_outputs: ["out".to_owned()].into(),
+        log: log_config(),
+        reply_to: fin.recipient(),
+    })
+    .await
+    .unwrap();
+    let pids = recorded_pids(hook).await;
+    let _guard = KillOnDrop(pids.clone());
+    // Another build's cancellation is not this job's.
+    p.send(CancelHookBuild { id: 7 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(slot.lock().unwrap().is_none(), "cancelled the wrong build");
+    let start = std::time::Instant::now();
+    p.send(CancelHookBuild { id: 42 }).await.unwrap();
+    for _ in 0..400 {
+        if let Some(f) = slot.lock().unwrap().take() {
+            return (f, start.elapsed(), pids);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no HookFinished after the cancellation");
+}
+
+#[actix::test]
+async fn cancelled_job_kills_the_hook_and_answers() {
+    let hook = matching_hook("-remote.drv", false);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let (fin, took, pids) = build_and_cancel(&hook, got.clone()).await;
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(fin.id, 42);
+    assert_eq!(fin.exit_code, None, "killed");
+    assert_eq!(fin.alarm, None);
+    // The log was closed with what the hook wrote.
+    {
+        let g = got.lock().unwrap();
+        assert!(g.eof);
+        assert_eq!(g.bytes, b"remote build started\n");
+    }
+    // The whole process group is gone: the hook and its sleeping child.
+    assert!(wait_gone(&pids).await, "still running: {pids:?}");
+}
+
+#[actix::test]
+async fn cancelled_job_does_not_wait_for_an_escaped_process() {
+    // The child left the hook's process group and keeps the log pipe open: the job
+    // must still answer at once (the escaped process is the hook's business).
+    let hook = matching_hook("-remote.drv", true);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let (fin, took, pids) = build_and_cancel(&hook, got.clone()).await;
+    let _guard = KillOnDrop(pids.clone());
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(fin.exit_code, None);
+    assert!(got.lock().unwrap().eof);
+    assert!(wait_gone(&pids[..1]).await, "the hook itself is killed");
+}
+
+/// The Worker with the real hook pool and a fake local builder: the hook builds
+/// `remote` (30 s) while the local build of `bad` fails; without keep-going the run
+/// ends at once, as Nix 2.8's, and the hook's processes are killed.
+#[actix::test]
+async fn a_failing_local_build_cancels_the_running_hook_build() {
+    use drover::build_result::BuildStatus;
+    use drover_actors::testing::{FakeBuilder, FakeOutcome, TestStore};
+    use drover_actors::{Realise, Worker, WorkerConfig, WorkerSettings};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ts = TestStore::open(dir.path());
+    let remote = ts.add_drv("remote", &["out"], &[], &[]);
+    // `bad` waits for `pre`, so the hook build is running when `bad` fails.
+    let pre = ts.add_drv("pre", &["out"], &[], &[]);
+    let bad = ts.add_drv("bad", &["out"], &[&pre], &[]);
+    let hook = matching_hook("-remote.drv", false);
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let config = HookPoolConfig {
+        build_hook: Some(hook.program()),
+        verbosity: 3,
+        preamble: Arc::new(encode_settings([("max-jobs", "2")])),
+        store_dir: ts.store.store_dir().clone(),
+        start_log_collector: collector(got.clone(), None),
+        stderr: None,
+    };
+    let pool = HookPool::new(config).start();
+    let mut fb = FakeBuilder::new(ts.store.clone());
+    fb.script.insert(
+        "bad".into(),
+        FakeOutcome::Fail(
+            BuildStatus::PermanentFailure,
+            "builder for 'bad' failed with exit code 1".into(),
+        ),
+    );
+    // Give the hook time to start building (and record its pids) before `bad`
+    // fails: `pre` and `bad` take 1 s each. (The hook accepts `remote` before `pre`
+    // is even offered: the pool answers one request at a time.)
+    fb.delay = Duration::from_millis(1000);
+    let fb = fb.start();
+    let mut settings = WorkerSettings::from_settings(&ts.settings);
+    settings.max_jobs = 2;
+    let w = Worker::new(WorkerConfig {
+        store: ts.store.clone(),
+        local_builder: fb.clone().recipient(),
+        cancel_local_build: fb.recipient(),
+        hook: Some(pool.clone().recipient()),
+        substituters: vec![],
+        settings,
+        progress: None,
+    })
+    .with_cancel_hook_build(pool.recipient())
+    .start();
+    let d = |p: &StorePath| drover::derived_path::DerivedPath::Built {
+        drv_path: p.clone(),
+        outputs: drover::derived_path::OutputsSpec::All,
+    };
+    let start = std::time::Instant::now();
+    let outcome = w
+        .send(Realise {
+            requests: vec![d(&remote), d(&bad)],
+            mode: drover_actors::messages::BuildMode::Normal,
+        })
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    let pids = recorded_pids(&hook).await;
+    let _guard = KillOnDrop(pids.clone());
+    // Nix 2.8: exit 100, the builder's error, then both requests named.
+    assert_eq!(outcome.exit_status, 100, "{:?}", outcome.errors);
+    assert_eq!(outcome.errors.len(), 2, "{:?}", outcome.errors);
+    assert_eq!(
+        outcome.errors[0],
+        "builder for 'bad' failed with exit code 1"
+    );
+    assert!(
+        outcome.errors[1].starts_with("build of '"),
+        "{:?}",
+        outcome.errors
+    );
+    assert!(
+        wait_gone(&pids).await,
+        "the hook is still running: {pids:?}"
+    );
+    // The job closed the log.
+    for _ in 0..100 {
+        if got.lock().unwrap().eof {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(got.lock().unwrap().eof);
 }

@@ -270,9 +270,16 @@ async fn stop_at_first_failure_cancels_running_builds() {
         r.outcome.results[1].result.status,
         BuildStatus::PermanentFailure
     );
+    // Nix 2.8 names every top-level goal that did not succeed, the cancelled
+    // `slow` included (observed: `error: build of '…slow.drv', '…bad.drv' failed`).
+    let mut names = [format!("'{}'", p(&s, &slow)), format!("'{}'", p(&s, &bad))];
+    names.sort();
     assert_eq!(
         r.outcome.errors,
-        ["builder for 'bad' failed with exit code 1".to_string()]
+        [
+            "builder for 'bad' failed with exit code 1".to_string(),
+            format!("build of {} failed", names.join(", "))
+        ]
     );
     let c = last_counters(&r);
     assert_eq!((c.expected_builds, c.running_builds), (0, 0));
@@ -583,19 +590,6 @@ async fn hook_failures() {
             BuildStatus::MiscFailure,
             "failed due to signal",
         ),
-        (
-            FakeHookReply::Accept {
-                exit_code: Some(0),
-                build: false,
-            },
-            BuildStatus::MiscFailure,
-            "some outputs are unexpectedly invalid",
-        ),
-        (
-            FakeHookReply::Garbage("nonsense".into()),
-            BuildStatus::MiscFailure,
-            "bad hook reply 'nonsense'",
-        ),
     ];
     for (reply, status, msg) in cases {
         let mut s = Setup::new();
@@ -611,6 +605,28 @@ async fn hook_failures() {
             1
         };
         assert_eq!(r.outcome.exit_status, expected_exit, "{reply:?}");
+    }
+    // Errors Nix 2.8 throws out of the goal end the whole run: exit 1, that error only.
+    let fatal = [
+        (
+            FakeHookReply::Accept {
+                exit_code: Some(0),
+                build: false,
+            },
+            "some outputs are unexpectedly invalid",
+        ),
+        (
+            FakeHookReply::Garbage("nonsense".into()),
+            "bad hook reply 'nonsense'",
+        ),
+    ];
+    for (reply, msg) in fatal {
+        let mut s = Setup::new();
+        s.hook = Some([reply.clone()].into());
+        let x = s.drv("x", &[]);
+        let r = s.realise(vec![built(&x)], BuildMode::Normal).await;
+        assert_eq!(r.outcome.exit_status, 1, "{reply:?}");
+        assert_eq!(r.outcome.errors, [msg], "{reply:?}");
     }
 }
 

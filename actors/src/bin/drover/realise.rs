@@ -20,7 +20,7 @@ use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
 use drover_actors::log_collector::{starter_with, CollectorOptions};
 use drover_actors::messages::BuildMode;
 use drover_actors::progress::ProgressEvent;
-use drover_actors::{spawn_worker, Realise, RealiseOutcome, WorkerConfig, WorkerSettings};
+use drover_actors::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
 
 use crate::display::Display;
 use crate::plan::{plan, print_plan};
@@ -156,17 +156,16 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         options.stderr = stderr;
         let start_log = starter_with(options);
         let builder = LocalBuilder::new(store.clone(), builder_config, start_log.clone()).start();
-        let hook = settings.build_hook().map(|_| {
-            HookPool::new(HookPoolConfig::from_settings(&settings, &env, 3, start_log))
-                .start()
-                .recipient()
+        let hook_pool = settings.build_hook().map(|_| {
+            HookPool::new(HookPoolConfig::from_settings(&settings, &env, 3, start_log)).start()
         });
+        let hook = hook_pool.clone().map(|p| p.recipient());
         let progress = ProgressPrinter {
             display: display.clone(),
             store_dir: store.store_dir().clone(),
         }
         .start();
-        let worker = spawn_worker(WorkerConfig {
+        let worker = Worker::new(WorkerConfig {
             store: store.clone(),
             local_builder: builder.clone().recipient(),
             cancel_local_build: builder.recipient(),
@@ -175,6 +174,12 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             settings: worker_settings,
             progress: Some(progress.recipient()),
         });
+        // Cancelled hook builds are killed through the pool, which knows its jobs.
+        let worker = match hook_pool {
+            Some(pool) => worker.with_cancel_hook_build(pool.recipient()),
+            None => worker,
+        }
+        .start();
         let outcome = worker.send(Realise { requests, mode }).await;
         let outcome = outcome.unwrap_or_else(|e| RealiseOutcome {
             results: Vec::new(),

@@ -21,9 +21,12 @@
 //! * `tryToBuild` — non-blocking output locks (retry after the poll interval), the
 //!   re-check ("someone beat us to it"), removal of invalid leftovers, then the hook
 //!   (first without a slot, `amWilling=false`; again with a slot, `amWilling=true`)
-//!   or a local build (`RunLocalBuild`), postponing with the poll interval;
-//! * `buildDone` — classification of local and hook results, the post-build hook,
-//!   `done`.
+//!   or a local build (`RunLocalBuild`), postponing with the poll interval; a hook
+//!   error (`bad hook reply '…'`, `unexpected EOF reading a line`) is a run error
+//!   (`Effect::Fatal`), as Nix 2.8 throws it out of the goal;
+//! * `buildDone` — classification of local and hook results (a hook that exits 0
+//!   without the outputs valid: the run error `some outputs are unexpectedly
+//!   invalid`), the post-build hook, `done`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -197,6 +200,11 @@ impl DerivationGoal {
     /// Whether a local build of this goal is running (to cancel it).
     pub fn is_building_locally(&self) -> bool {
         self.state == State::BuildingLocally
+    }
+
+    /// Whether a hook build of this goal is running (to cancel it).
+    pub fn is_building_remotely(&self) -> bool {
+        self.state == State::BuildingRemotely
     }
 
     /// Whether it holds a build slot.
@@ -711,11 +719,9 @@ impl DerivationGoal {
                     fx.push(Effect::WaitForAWhile);
                     fx
                 }
-                HookReply::Error(msg) => {
-                    let mut fx = self.release_slot();
-                    fx.extend(self.done_failure(BuildStatus::MiscFailure, msg));
-                    fx
-                }
+                // Nix 2.8 throws these (`bad hook reply '…'`, `unexpected EOF reading a
+                // line`, …) out of the goal: the whole run ends with exit 1.
+                HookReply::Error(msg) => self.fatal(msg),
             },
             (State::AwaitBuildSlot, Event::SlotGranted) => {
                 self.have_slot = true;
@@ -801,11 +807,8 @@ impl DerivationGoal {
                 DrvJobResult::Validity(Purpose::AfterHook, Ok(outs)) => {
                     self.outputs = outs;
                     if !self.all_valid() {
-                        self.locks = None;
-                        return self.done_failure(
-                            BuildStatus::MiscFailure,
-                            "some outputs are unexpectedly invalid".into(),
-                        );
+                        // Thrown by Nix 2.8's `assertPathValidity`: ends the whole run.
+                        return self.fatal("some outputs are unexpectedly invalid".into());
                     }
                     self.built = self
                         .outputs
@@ -1860,7 +1863,8 @@ mod tests {
             &mut g,
             Event::HookReply(HookReply::Error("bad hook reply 'x'".into())),
         );
-        assert_eq!(fx, "[Done(Failed, MiscFailure : bad hook reply 'x')]");
+        // Thrown out of the goal in Nix 2.8: the run ends.
+        assert_eq!(fx, "[Fatal(bad hook reply 'x')]");
     }
 
     #[test]
