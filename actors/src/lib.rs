@@ -46,6 +46,7 @@
 //!     local_builder: builder,
 //!     cancel_local_build: cancel,
 //!     hook: None,
+//!     cancel_hook_build: None,
 //!     substituters: vec![],
 //!     settings: WorkerSettings::from_settings(settings),
 //!     progress: None,

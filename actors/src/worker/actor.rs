@@ -5,8 +5,8 @@
 //! `Recipient<HookTry>`, timers through `run_later`, progress to the optional
 //! `Recipient<ProgressEvent>`. Replies (`LocalBuildFinished`, `HookFinished`) are
 //! routed to the goal by id. Cancelled hook builds get `CancelHookBuild` through the
-//! recipient given with [`Worker::with_cancel_hook_build`] (usually the hook pool's
-//! address); without one, a cancelled hook build runs on until its job ends.
+//! injected recipient (usually the hook pool's address); without one, a cancelled
+//! hook build runs on until its job ends.
 
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     pub cancel_local_build: Recipient<CancelLocalBuild>,
     /// The hook pool, when a build hook is configured.
     pub hook: Option<Recipient<HookTry>>,
+    /// Usually the same hook pool's address (it forwards the cancel to its job).
+    pub cancel_hook_build: Option<Recipient<CancelHookBuild>>,
     /// Tried in order of priority (stable).
     pub substituters: Vec<Arc<dyn Substituter>>,
     pub settings: WorkerSettings,
@@ -55,7 +57,6 @@ pub struct Worker {
     settings: Arc<WorkerSettings>,
     core: Option<WorkerCore>,
     reply: Option<tokio::sync::oneshot::Sender<RealiseOutcome>>,
-    cancel_hook_build: Option<Recipient<CancelHookBuild>>,
 }
 
 impl Worker {
@@ -78,16 +79,7 @@ impl Worker {
             cfg,
             core: None,
             reply: None,
-            cancel_hook_build: None,
         }
-    }
-
-    /// Where cancellations of running hook builds go: the hook pool's address (it
-    /// forwards them to its jobs). Kept out of [`WorkerConfig`] so existing
-    /// configurations stay valid.
-    pub fn with_cancel_hook_build(mut self, cancel: Recipient<CancelHookBuild>) -> Worker {
-        self.cancel_hook_build = Some(cancel);
-        self
     }
 
     fn deliver(&mut self, goal: GoalId, ev: Event, ctx: &mut Context<Self>) {
@@ -143,7 +135,7 @@ impl Worker {
                     .do_send(CancelLocalBuild { id: goal });
             }
             Action::CancelHookBuild { goal } => {
-                if let Some(c) = &self.cancel_hook_build {
+                if let Some(c) = &self.cfg.cancel_hook_build {
                     c.do_send(CancelHookBuild { id: goal });
                 }
             }

@@ -763,11 +763,11 @@ async fn a_failing_local_build_cancels_the_running_hook_build() {
         local_builder: fb.clone().recipient(),
         cancel_local_build: fb.recipient(),
         hook: Some(pool.clone().recipient()),
+        cancel_hook_build: Some(pool.recipient()),
         substituters: vec![],
         settings,
         progress: None,
     })
-    .with_cancel_hook_build(pool.recipient())
     .start();
     let d = |p: &StorePath| drover::derived_path::DerivedPath::Built {
         drv_path: p.clone(),

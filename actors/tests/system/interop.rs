@@ -50,6 +50,7 @@ async fn nix_sees_what_drover_realised() {
         local_builder: fb.clone().recipient(),
         cancel_local_build: fb.recipient(),
         hook: None,
+        cancel_hook_build: None,
         substituters: vec![],
         settings: WorkerSettings::from_settings(&settings),
         progress: None,

@@ -87,6 +87,7 @@ impl Setup {
             local_builder: fb.clone().recipient(),
             cancel_local_build: fb.recipient(),
             hook,
+            cancel_hook_build: None,
             substituters: self.subs.clone(),
             settings: self.settings.clone(),
             progress: Some(rec.recipient()),

@@ -160,6 +160,8 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             HookPool::new(HookPoolConfig::from_settings(&settings, &env, 3, start_log)).start()
         });
         let hook = hook_pool.clone().map(|p| p.recipient());
+        // Cancelled hook builds are killed through the pool, which knows its jobs.
+        let cancel_hook_build = hook_pool.map(|p| p.recipient());
         let progress = ProgressPrinter {
             display: display.clone(),
             store_dir: store.store_dir().clone(),
@@ -170,15 +172,11 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             local_builder: builder.clone().recipient(),
             cancel_local_build: builder.recipient(),
             hook,
+            cancel_hook_build,
             substituters,
             settings: worker_settings,
             progress: Some(progress.recipient()),
-        });
-        // Cancelled hook builds are killed through the pool, which knows its jobs.
-        let worker = match hook_pool {
-            Some(pool) => worker.with_cancel_hook_build(pool.recipient()),
-            None => worker,
-        }
+        })
         .start();
         let outcome = worker.send(Realise { requests, mode }).await;
         let outcome = outcome.unwrap_or_else(|e| RealiseOutcome {
