@@ -604,9 +604,14 @@ impl BinaryCache {
             .file_hash
             .as_ref()
             .map_or(HashAlgo::Sha256, |h| h.algo());
+        // An uncompressed file is the NAR itself: its hash is the NAR hash computed
+        // anyway (the NAR reader refuses trailing bytes), so it is not hashed twice.
+        let file_is_nar = matches!(narinfo.compression.as_str(), "" | "none")
+            && file_algo == narinfo.nar_hash.algo();
         let mut raw = HashingReader {
             inner: file,
-            sink: HashSink::new(file_algo),
+            sink: (!file_is_nar).then(|| HashSink::new(file_algo)),
+            bytes: 0,
             count: &progress.downloaded,
         };
         let summary = {
@@ -643,7 +648,11 @@ impl BinaryCache {
                 file: narinfo.url.clone(),
                 source,
             })?;
-            let (file_hash, file_size) = raw.sink.finish();
+            let file_size = raw.bytes;
+            let file_hash = match raw.sink {
+                Some(sink) => sink.finish().0,
+                None => summary.nar_hash.clone(),
+            };
             if let Some(want) = narinfo.file_size.filter(|s| *s != file_size) {
                 return Err(BinaryCacheError::FileSizeMismatch {
                     path,
@@ -705,17 +714,21 @@ impl TransferProgress {
     }
 }
 
-/// Hashes and counts what passes through it.
+/// Hashes (when it has a sink) and counts what passes through it.
 struct HashingReader<'a, R> {
     inner: R,
-    sink: HashSink,
+    sink: Option<HashSink>,
+    bytes: u64,
     count: &'a AtomicU64,
 }
 
 impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.sink.update(&buf[..n]);
+        if let Some(sink) = &mut self.sink {
+            sink.update(&buf[..n]);
+        }
+        self.bytes += n as u64;
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }

@@ -270,6 +270,39 @@ fn file_size_mismatch_is_refused() {
     assert!(!s.is_valid_path(&info.store_path).unwrap());
 }
 
+/// A `FileHash` that does not match the file is refused, compressed or not (an
+/// uncompressed file is checked against the NAR hash computed while unpacking).
+#[test]
+fn file_hash_mismatch_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fc = FakeCache::new(t.path(), s.store_dir());
+    let cache = BinaryCache::open(&fc.url(), s.store_dir(), &HttpOptions::default()).unwrap();
+    for method in ["none", "xz"] {
+        let mut info = fc.add(&format!("fh-{method}"), b"data", method);
+        let good = info.file_hash.clone().unwrap();
+        info.file_hash = Some(HashAlgo::Sha256.digest(b"another file"));
+        info.signatures.clear();
+        fc.write_narinfo(&info);
+        let e = cache
+            .copy_into(&info.store_path, &s, &TrustPolicy::default())
+            .unwrap_err();
+        assert!(
+            matches!(e, BinaryCacheError::FileHashMismatch { .. }),
+            "{method}: {e}"
+        );
+        assert!(!s.is_valid_path(&info.store_path).unwrap());
+        // The right one passes.
+        info.file_hash = Some(good);
+        fc.write_narinfo(&info);
+        let fresh = BinaryCache::open(&fc.url(), s.store_dir(), &HttpOptions::default()).unwrap();
+        fresh
+            .copy_into(&info.store_path, &s, &TrustPolicy::default())
+            .unwrap();
+    }
+    no_temp_left(&s);
+}
+
 #[test]
 fn wrong_store_dir_is_refused() {
     let t = tempfile::tempdir().unwrap();
