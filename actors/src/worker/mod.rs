@@ -83,6 +83,8 @@ pub struct WorkerSettings {
     pub post_build_hook: Option<String>,
     /// `experimental-features` contains `ca-derivations`.
     pub ca_derivations: bool,
+    /// `experimental-features` contains `impure-derivations`.
+    pub impure_derivations: bool,
     /// `substitute` (use substituters at all).
     pub substitute: bool,
     /// The URIs of the substituters, in the order tried (filled by the Worker).
@@ -110,6 +112,7 @@ impl Default for WorkerSettings {
             system_features: BTreeSet::new(),
             post_build_hook: None,
             ca_derivations: false,
+            impure_derivations: false,
             substitute: true,
             substituter_uris: Vec::new(),
             substituter_trusted: Vec::new(),
@@ -141,6 +144,7 @@ impl WorkerSettings {
             system_features: s.system_features(),
             post_build_hook: s.post_build_hook(),
             ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
+            impure_derivations: s.is_experimental_feature_enabled("impure-derivations"),
             substitute: s.get("substitute").map(|v| v != "false").unwrap_or(true),
             substituter_uris: Vec::new(),
             substituter_trusted: Vec::new(),

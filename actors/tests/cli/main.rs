@@ -11,6 +11,7 @@ mod nix_env;
 mod derivation;
 mod fallback;
 mod hook;
+mod impure;
 mod path_info;
 mod progress;
 mod realise;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use drover::derivation::Derivation;
+use drover::derivation::{Derivation, DerivationType};
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath, StorePathSet};
@@ -182,20 +182,19 @@ struct Visit {
 /// fetched); a missing plain path is fetched when a substituter has it, else
 /// unknown. As Nix's `queryMissing`, this ignores `--check`/`--repair`:
 /// `nix-store --realise --check` of a valid output prints no plan. `parallel`
-/// bounds the narinfo queries in flight (`http-connections`); without `fallback` a
-/// substituter's error is fatal.
+/// bounds the narinfo queries in flight; without `fallback` a substituter's error is
+/// fatal; a derivation needing a disabled experimental feature is an error.
 pub fn plan(
     store: &LocalStore,
     subs: &[Arc<dyn Substituter>],
     requests: &[DerivedPath],
-    parallel: usize,
-    fallback: bool,
+    options: &PlanOptions,
 ) -> anyhow::Result<Plan> {
     let mut plan = Plan::default();
     let mut oracle = Oracle {
         subs,
-        parallel,
-        fallback,
+        parallel: options.parallel,
+        fallback: options.fallback,
         known: HashMap::new(),
     };
     let mut level: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
@@ -228,7 +227,7 @@ pub fn plan(
                 plan.unknown.insert(drv_path);
                 continue;
             }
-            if let Some(v) = visit(store, &mut hashes, drv_path, wanted.as_ref())? {
+            if let Some(v) = visit(store, &mut hashes, drv_path, wanted.as_ref(), options)? {
                 visits.push(v);
             }
         }
@@ -264,6 +263,25 @@ pub fn plan(
     Ok(plan)
 }
 
+/// What the plan depends on besides the store and the substituters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    /// Narinfo queries in flight at most (`http-connections`).
+    pub parallel: usize,
+    /// `--fallback`: a substituter's error means "no substitute" (else it is fatal).
+    pub fallback: bool,
+    /// The experimental features a derivation may need.
+    pub ca_derivations: bool,
+    pub impure_derivations: bool,
+}
+
+/// Nix's error for a derivation that needs an experimental feature not enabled.
+fn feature_disabled(feature: &str) -> String {
+    format!(
+        "experimental Nix feature '{feature}' is disabled; use '--extra-experimental-features {feature}' to override"
+    )
+}
+
 /// Reads `drv_path` and finds which wanted outputs are invalid; `None` when every
 /// wanted output is valid (nothing to do).
 fn visit(
@@ -271,8 +289,20 @@ fn visit(
     hashes: &mut drover::derivation::DrvHashCache,
     drv_path: StorePath,
     wanted: Option<&BTreeSet<String>>,
+    options: &PlanOptions,
 ) -> anyhow::Result<Option<Visit>> {
     let drv: Derivation = store.read_derivation(&drv_path)?;
+    // As Nix's `queryMissing`, a derivation needing a disabled experimental feature
+    // stops the run before anything is printed.
+    match drv.derivation_type() {
+        Ok(DerivationType::Impure) if !options.impure_derivations => {
+            anyhow::bail!(feature_disabled("impure-derivations"))
+        }
+        Ok(t) if !t.has_known_output_paths() && t.is_pure() && !options.ca_derivations => {
+            anyhow::bail!(feature_disabled("ca-derivations"))
+        }
+        _ => {}
+    }
     let known = store.query_derivation_outputs(&drv_path)?;
     // Floating CA outputs are known by their realisations (the unresolved
     // derivation has no DerivationOutputs rows).

@@ -23,7 +23,7 @@ use drover_actors::progress::ProgressEvent;
 use drover_actors::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
 
 use crate::display::Display;
-use crate::plan::{plan, print_plan};
+use crate::plan::{plan, print_plan, PlanOptions};
 use crate::Context;
 
 #[derive(clap::Args)]
@@ -125,18 +125,17 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     for w in warnings {
         display.lock().unwrap().line(&format!("warning: {w}"));
     }
-    let parallel = settings
-        .get("http-connections")
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(25);
-    let plan = plan(
-        &store,
-        &substituters,
-        &requests,
-        parallel,
-        settings.fallback(),
-    )?;
+    let options = PlanOptions {
+        parallel: settings
+            .get("http-connections")
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(25),
+        fallback: settings.fallback(),
+        ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
+        impure_derivations: settings.is_experimental_feature_enabled("impure-derivations"),
+    };
+    let plan = plan(&store, &substituters, &requests, &options)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);

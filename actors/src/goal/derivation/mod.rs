@@ -307,12 +307,14 @@ impl DerivationGoal {
                         Ok(t) => self.drv_type = Some(t),
                         Err(e) => return self.fatal(e.to_string()),
                     }
-                    if !self.drv_type.is_some_and(|t| t.has_known_output_paths())
+                    if self.drv_type == Some(DerivationType::Impure) {
+                        if !ctx.settings.impure_derivations {
+                            return self.fatal(feature_disabled("impure-derivations"));
+                        }
+                    } else if !self.drv_type.is_some_and(|t| t.has_known_output_paths())
                         && !ctx.settings.ca_derivations
-                        && self.drv_type != Some(DerivationType::Impure)
                     {
-                        return self
-                            .fatal("experimental Nix feature 'ca-derivations' is disabled".into());
+                        return self.fatal(feature_disabled("ca-derivations"));
                     }
                     self.drv = Some(l.drv);
                     self.output_hashes = l.output_hashes;
@@ -504,8 +506,7 @@ impl DerivationGoal {
                 };
                 if resolve && !drv.input_drvs.is_empty() {
                     if !ctx.settings.ca_derivations {
-                        return self
-                            .fatal("experimental Nix feature 'ca-derivations' is disabled".into());
+                        return self.fatal(feature_disabled("ca-derivations"));
                     }
                     self.state = State::Resolving;
                     let known = self.input_drv_outputs.clone();
@@ -1004,7 +1005,29 @@ impl DerivationGoal {
         let Some(drv) = self.drv.clone() else {
             return self.fatal("derivation not loaded".into());
         };
+        // With impure derivations enabled, a pure derivation (fixed-output ones
+        // aside) must not depend on an impure one.
+        let check_impure_inputs = self.drv_type.is_some_and(|t| t.is_pure() && !t.is_fixed());
+        let drv_path = self.drv_path.clone();
         vec![job(move |env| {
+            if check_impure_inputs && env.settings.impure_derivations {
+                let sd = env.store.store_dir();
+                for input in drv.input_drvs.keys() {
+                    let impure = env
+                        .store
+                        .read_derivation(input)
+                        .ok()
+                        .and_then(|d| d.derivation_type().ok())
+                        == Some(DerivationType::Impure);
+                    if impure {
+                        return DrvJobResult::InvalidSrcs(Err(format!(
+                            "pure derivation '{}' depends on impure derivation '{}'",
+                            sd.print(&drv_path),
+                            sd.print(input)
+                        )));
+                    }
+                }
+            }
             let srcs: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
             DrvJobResult::InvalidSrcs(
                 env.store
@@ -1130,24 +1153,28 @@ impl DerivationGoal {
             .map(|p| ctx.store_dir.print(p))
             .collect();
         outs.sort();
-        let realisations: Vec<Realisation> = if ctx.settings.ca_derivations {
-            self.built
-                .iter()
-                .filter_map(|(name, p)| {
-                    Some(Realisation {
-                        id: DrvOutput {
-                            drv_hash: self.output_hashes.get(name)?.clone(),
-                            output: name.clone(),
-                        },
-                        out_path: p.clone(),
-                        signatures: BTreeSet::new(),
-                        dependent_realisations: BTreeMap::new(),
+        // Impure outputs get no realisation: every impure output's hash modulo is
+        // `sha256("impure")`, so one would stand for all of them (Nix 2.8 registers
+        // none either).
+        let realisations: Vec<Realisation> =
+            if ctx.settings.ca_derivations && self.drv_type != Some(DerivationType::Impure) {
+                self.built
+                    .iter()
+                    .filter_map(|(name, p)| {
+                        Some(Realisation {
+                            id: DrvOutput {
+                                drv_hash: self.output_hashes.get(name)?.clone(),
+                                output: name.clone(),
+                            },
+                            out_path: p.clone(),
+                            signatures: BTreeSet::new(),
+                            dependent_realisations: BTreeMap::new(),
+                        })
                     })
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+                    .collect()
+            } else {
+                Vec::new()
+            };
         vec![job(move |env| {
             for r in &realisations {
                 if let Err(e) = env.store.register_realisation(r) {
@@ -1293,6 +1320,13 @@ pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// Nix's error for a derivation that needs an experimental feature not enabled.
+fn feature_disabled(feature: &str) -> String {
+    format!(
+        "experimental Nix feature '{feature}' is disabled; use '--extra-experimental-features {feature}' to override"
+    )
+}
+
 /// Nix's `checkPathValidity`: each output's known path and whether it is valid (in
 /// repair mode: whether its contents match the registered NAR hash).
 pub fn check_validity(
@@ -1303,6 +1337,23 @@ pub fn check_validity(
     repair: bool,
 ) -> Result<BTreeMap<String, OutputState>, String> {
     let (store, ca) = (&*env.store, env.settings.ca_derivations);
+    // An impure derivation has no valid outputs, ever: it is built every time, and
+    // the hash its outputs share (`sha256("impure")`) names no realisation.
+    if matches!(drv.derivation_type(), Ok(DerivationType::Impure)) {
+        return Ok(drv
+            .outputs
+            .keys()
+            .map(|name| {
+                (
+                    name.clone(),
+                    OutputState {
+                        path: None,
+                        valid: false,
+                    },
+                )
+            })
+            .collect());
+    }
     let e = |e: drover::store::StoreError| e.to_string();
     let mut db_outputs: Option<BTreeMap<String, StorePath>> = None;
     let mut res = BTreeMap::new();
