@@ -191,7 +191,6 @@ impl Drop for HttpServer {
 /// Answers the requests of one connection until it is closed.
 fn serve_connection(conn: &TcpStream, s: &Shared) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn);
-
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
@@ -230,6 +229,7 @@ fn serve_connection(conn: &TcpStream, s: &Shared) -> std::io::Result<()> {
         let head = request.method == "HEAD";
         let action = policy(&request);
         let file = || std::fs::read(&request.file).ok();
+        let not_found = || respond(conn, (404, "Not Found"), &[], 0, head, keep_alive);
         let closes = match action {
             Action::Hang => {
                 // Read (and ignore) until the client or the server's drop closes it.
@@ -238,19 +238,19 @@ fn serve_connection(conn: &TcpStream, s: &Shared) -> std::io::Result<()> {
             }
             Action::Serve => match file() {
                 Some(body) => respond(conn, (200, "OK"), &body, body.len(), head, keep_alive)?,
-                None => respond(conn, (404, "Not Found"), &[], 0, head, keep_alive)?,
+                None => not_found()?,
             },
-            Action::NotFound => respond(conn, (404, "Not Found"), &[], 0, head, keep_alive)?,
+            Action::NotFound => not_found()?,
             Action::Status(code, reason) => {
                 respond(conn, (code, reason), &[], 0, head, keep_alive)?
             }
             Action::Truncate(n) => match file() {
                 Some(body) => {
                     let sent = &body[..n.min(body.len())];
-                    respond(conn, (200, "OK"), sent, body.len(), head, false)?;
+                    respond(conn, (200, "OK"), sent, body.len(), head, keep_alive)?;
                     true
                 }
-                None => respond(conn, (404, "Not Found"), &[], 0, head, keep_alive)?,
+                None => not_found()?,
             },
         };
         if closes {
@@ -348,7 +348,7 @@ fn keeps_connections_alive_and_follows_the_policy() {
         out,
         "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n\
          HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n\
-         HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhe"
+         HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe"
     );
     server.set_policy(|_| Action::Serve);
     server.set_keep_alive(false);
