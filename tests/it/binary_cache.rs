@@ -2,11 +2,7 @@
 //! from a directory and over HTTP, into a fresh store that Nix then verifies.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover::binary_cache::{BinaryCache, BinaryCacheError, HttpOptions, TrustPolicy};
@@ -17,6 +13,7 @@ use drover::signature::{PublicKey, PublicKeys};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath};
 
+use crate::http_server::{Action, HttpServer};
 use crate::nix_env::TestRoot;
 use crate::require_nix;
 
@@ -315,90 +312,6 @@ fn refusals_register_nothing() {
     assert!(store.is_valid_path(&a).unwrap());
 }
 
-/// How the test HTTP server answers.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Serve {
-    Files,
-    Error500,
-    /// Accepts, reads the request, and never answers.
-    Hang,
-    /// Serves files, but a NAR's body stops halfway (the connection is closed).
-    TruncateNars,
-}
-
-/// A tiny HTTP/1.1 server on 127.0.0.1 serving `dir`; returns its base URL and a
-/// request counter.
-fn serve(dir: PathBuf, mode: Serve) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let dir = dir.clone();
-            let h = h.clone();
-            std::thread::spawn(move || {
-                let _ = answer(conn, &dir, mode, &h);
-            });
-        }
-    });
-    (format!("http://127.0.0.1:{port}"), hits)
-}
-
-fn answer(conn: TcpStream, dir: &Path, mode: Serve, hits: &AtomicUsize) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-                break;
-            }
-        }
-        hits.fetch_add(1, Ordering::SeqCst);
-        match mode {
-            Serve::Hang => {
-                std::thread::sleep(Duration::from_secs(30));
-                return Ok(());
-            }
-            Serve::Error500 => {
-                conn.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")?;
-            }
-            Serve::TruncateNars if target.starts_with("/nar/") => {
-                let body = std::fs::read(dir.join(target.trim_start_matches('/')))?;
-                write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )?;
-                conn.write_all(&body[..body.len() / 2])?;
-                return Ok(());
-            }
-            Serve::Files | Serve::TruncateNars => {
-                match std::fs::read(dir.join(target.trim_start_matches('/'))) {
-                    Ok(body) => {
-                        write!(
-                            conn,
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                            body.len()
-                        )?;
-                        conn.write_all(&body)?;
-                    }
-                    Err(_) => {
-                        conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn quick_http() -> HttpOptions {
     HttpOptions {
         connect_timeout: Duration::from_secs(5),
@@ -415,32 +328,35 @@ fn substitutes_over_http_and_reports_failing_servers() {
     let f = Fixture::new();
     let sd = f.store_dir();
 
-    let (url, hits) = serve(f.cache_dir("zstd"), Serve::Files);
+    let server = HttpServer::start(f.cache_dir("zstd"));
     let store = f.store();
-    let cache = BinaryCache::open(&url, &sd, &quick_http()).unwrap();
+    let cache = BinaryCache::open(&server.url(), &sd, &quick_http()).unwrap();
     f.substitute_all(&cache, &store);
     drop(store);
     f.root.verify_store();
-    let before = hits.load(Ordering::SeqCst);
+    let before = server.hits();
     assert!(cache.query_narinfo(&f.path("a")).unwrap().is_some());
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        before,
-        "narinfo answered from memory"
-    );
+    assert_eq!(server.hits(), before, "narinfo answered from memory");
 
     // A download cut off halfway: an error, nothing registered.
     f.wipe();
     let store = f.store();
-    let (url, _) = serve(f.cache_dir("none"), Serve::TruncateNars);
-    let cache = BinaryCache::open(&url, &sd, &quick_http()).unwrap();
+    let server = HttpServer::with_policy(f.cache_dir("none"), |r| {
+        if r.path.starts_with("/nar/") {
+            Action::Truncate(r.file_len() / 2)
+        } else {
+            Action::Serve
+        }
+    });
+    let cache = BinaryCache::open(&server.url(), &sd, &quick_http()).unwrap();
     let a = f.path("a");
     let e = cache.copy_into(&a, &store, &f.policy()).unwrap_err();
     assert!(matches!(e, BinaryCacheError::Nar { .. }), "{e}");
     assert_nothing_registered(&store, &a);
 
     // A server that fails: retried, then a clear error naming the URL.
-    let (url, hits) = serve(f.cache_dir("zstd"), Serve::Error500);
+    let server = HttpServer::with_policy(f.cache_dir("zstd"), |_| Action::INTERNAL_SERVER_ERROR);
+    let url = server.url();
     let e = BinaryCache::open(&url, &sd, &quick_http()).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -448,7 +364,7 @@ fn substitutes_over_http_and_reports_failing_servers() {
             "unable to download '{url}/nix-cache-info': HTTP error 500 ('Internal Server Error')"
         )
     );
-    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert_eq!(server.hits(), 3);
 
     // With `--fallback` a failing cache is left alone for a minute afterwards.
     let mut o = quick_http();
@@ -459,17 +375,14 @@ fn substitutes_over_http_and_reports_failing_servers() {
         t.get("x.narinfo"),
         Err(BinaryCacheError::Http { .. })
     ));
-    assert_eq!(hits.load(Ordering::SeqCst), 6);
+    assert_eq!(server.hits(), 6);
     let e = t.get("y.narinfo").err().unwrap();
     assert_eq!(e.to_string(), format!("substituter '{url}' is disabled"));
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        6,
-        "a disabled cache is not asked"
-    );
+    assert_eq!(server.hits(), 6, "a disabled cache is not asked");
 
     // A server that hangs: the stalled-transfer timeout ends it.
-    let (url, _) = serve(f.cache_dir("zstd"), Serve::Hang);
+    let server = HttpServer::with_policy(f.cache_dir("zstd"), |_| Action::Hang);
+    let url = server.url();
     let mut o = quick_http();
     o.attempts = 1;
     let start = Instant::now();

@@ -10,6 +10,7 @@ mod build;
 mod build_log;
 mod derivation;
 mod hook_protocol;
+mod http_server;
 mod nar;
 mod narinfo;
 mod narinfo_disk_cache;

@@ -2,11 +2,8 @@
 //! from rows the other wrote, without asking the HTTP cache again, and both write the
 //! same rows for the same answers.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover::binary_cache::{
@@ -18,6 +15,7 @@ use drover::realisation::{DrvOutput, Realisation};
 use drover::store::LocalStore;
 use drover::store_path::{StoreDir, StorePath};
 
+use crate::http_server::{Action, HttpServer, Request};
 use crate::nix_env::TestRoot;
 use crate::require_nix;
 
@@ -31,94 +29,23 @@ let
 in { inherit a b c; }
 "#;
 
-/// What the test server answers.
-const SERVE: u8 = 0;
 /// 500 for everything but NARs.
-const FAIL_METADATA: u8 = 1;
+fn fail_metadata(r: &Request) -> Action {
+    if r.path.starts_with("/nar/") {
+        Action::Serve
+    } else {
+        Action::INTERNAL_SERVER_ERROR
+    }
+}
+
 /// 500 for everything.
-const FAIL_ALL: u8 = 2;
-
-/// A tiny HTTP/1.1 server on loopback serving a directory, with a request log.
-struct Server {
-    url: String,
-    log: Arc<Mutex<Vec<String>>>,
-    mode: Arc<AtomicU8>,
+fn fail_all(_: &Request) -> Action {
+    Action::INTERNAL_SERVER_ERROR
 }
 
-impl Server {
-    fn start(dir: PathBuf) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let mode = Arc::new(AtomicU8::new(SERVE));
-        let (l, m) = (log.clone(), mode.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (dir, l, m) = (dir.clone(), l.clone(), m.clone());
-                std::thread::spawn(move || {
-                    let _ = answer(conn, &dir, &l, &m);
-                });
-            }
-        });
-        Server { url, log, mode }
-    }
-
-    /// The requests since the last call (`GET /x.narinfo`).
-    fn requests(&self) -> Vec<String> {
-        std::mem::take(&mut *self.log.lock().unwrap())
-    }
-
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, Ordering::SeqCst);
-    }
-}
-
-fn answer(
-    conn: TcpStream,
-    dir: &Path,
-    log: &Mutex<Vec<String>>,
-    mode: &AtomicU8,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut words = line.split_whitespace();
-        let method = words.next().unwrap_or("GET").to_owned();
-        let target = words.next().unwrap_or("/").to_owned();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-                break;
-            }
-        }
-        log.lock().unwrap().push(format!("{method} {target}"));
-        let fail = match mode.load(Ordering::SeqCst) {
-            FAIL_ALL => true,
-            FAIL_METADATA => !target.starts_with("/nar/"),
-            _ => false,
-        };
-        let file = dir.join(target.trim_start_matches('/'));
-        let body = if fail { None } else { std::fs::read(file).ok() };
-        let status = match (&body, fail) {
-            (_, true) => "500 Internal Server Error",
-            (Some(_), _) => "200 OK",
-            (None, _) => "404 Not Found",
-        };
-        let body = body.unwrap_or_default();
-        write!(
-            conn,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )?;
-        if method != "HEAD" {
-            conn.write_all(&body)?;
-        }
-    }
+/// Serves the cache as it is.
+fn serve(_: &Request) -> Action {
+    Action::Serve
 }
 
 /// A root whose outputs `a` ← `b` ← `c` (floating content-addressed) were built by
@@ -132,7 +59,7 @@ struct Fixture {
     c: String,
     /// A path no cache has.
     missing: String,
-    server: Server,
+    server: HttpServer,
 }
 
 impl Fixture {
@@ -158,7 +85,7 @@ impl Fixture {
             &["copy", "--to", &url, "-f", expr.to_str().unwrap(), "c"],
         );
         let missing = format!("{}/{}-missing", root.store_dir, "0".repeat(32));
-        let server = Server::start(cache);
+        let server = HttpServer::start(cache);
         let f = Fixture {
             root,
             expr,
@@ -201,7 +128,7 @@ impl Fixture {
             .cmd(program)
             .env("XDG_CACHE_HOME", self.xdg(xdg))
             .args(args)
-            .args(["--option", "substituters", &self.server.url])
+            .args(["--option", "substituters", &self.server.url()])
             .args(["--option", "require-sigs", "false"])
             .output()
             .unwrap()
@@ -238,7 +165,8 @@ impl Fixture {
             },
             disk_cache: Some(Arc::new(disk)),
         };
-        let cache = BinaryCache::open_with(&self.server.url, &self.store_dir(), &options).unwrap();
+        let cache =
+            BinaryCache::open_with(&self.server.url(), &self.store_dir(), &options).unwrap();
         assert!(cache.uses_disk_cache());
         cache
     }
@@ -344,17 +272,17 @@ fn drover_answers_from_rows_nix_wrote() {
     let out = f.nix(
         "nix",
         "nix",
-        &["path-info", "--store", &f.server.url.clone(), &f.missing],
+        &["path-info", "--store", &f.server.url(), &f.missing],
     );
     assert!(!out.status.success());
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert!(
         asked.iter().any(|r| r.ends_with("nix-cache-info")),
         "{asked:?}"
     );
 
     // drover, with the server failing everything: every answer comes from the file.
-    f.server.set(FAIL_ALL);
+    f.server.set_policy(fail_all);
     let cache = f.drover("nix");
     assert_eq!(
         cache.cache_info().store_dir.as_deref(),
@@ -366,14 +294,14 @@ fn drover_answers_from_rows_nix_wrote() {
     }
     assert!(cache.query_narinfo(&f.path(&f.missing)).unwrap().is_none());
     assert_eq!(
-        f.server.requests(),
+        f.server.take_requests(),
         Vec::<String>::new(),
         "drover asked the cache"
     );
 
     // And substitutes with them: only the NARs are downloaded.
     f.wipe();
-    f.server.set(FAIL_METADATA);
+    f.server.set_policy(fail_metadata);
     let store = f.store();
     for p in [&f.a, &f.b] {
         cache
@@ -381,7 +309,7 @@ fn drover_answers_from_rows_nix_wrote() {
             .unwrap();
     }
     drop(store);
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert_eq!(asked.len(), 2, "{asked:?}");
     assert!(
         asked.iter().all(|r| r.starts_with("GET /nar/")),
@@ -390,7 +318,7 @@ fn drover_answers_from_rows_nix_wrote() {
     f.root.verify_store();
 
     // drover, asking for itself into another file, writes the same rows as Nix.
-    f.server.set(SERVE);
+    f.server.set_policy(serve);
     let own = f.drover("drover");
     for p in [&f.a, &f.b, &f.missing] {
         own.query_narinfo(&f.path(p)).unwrap();
@@ -400,7 +328,7 @@ fn drover_answers_from_rows_nix_wrote() {
     assert_eq!(our_caches, nix_caches);
     assert_eq!(
         nix_caches,
-        vec![format!("{}|{}|0|0", f.server.url, f.root.store_dir)]
+        vec![format!("{}|{}|0|0", f.server.url(), f.root.store_dir)]
     );
     assert_eq!(our_nars, nix_nars);
     assert_eq!(schema(&f.db("drover")), schema(&f.db("nix")));
@@ -417,7 +345,7 @@ fn nix_answers_from_rows_drover_wrote() {
         assert!(cache.query_narinfo(&f.path(p)).unwrap().is_some());
     }
     assert!(cache.query_narinfo(&f.path(&f.missing)).unwrap().is_none());
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert_eq!(
         asked.len(),
         4,
@@ -425,8 +353,8 @@ fn nix_answers_from_rows_drover_wrote() {
     );
 
     // Nix's metadata queries, with the server failing everything.
-    f.server.set(FAIL_ALL);
-    let url = f.server.url.clone();
+    f.server.set_policy(fail_all);
+    let url = f.server.url();
     let out = f.nix(
         "x",
         "nix",
@@ -456,20 +384,20 @@ fn nix_answers_from_rows_drover_wrote() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not valid"), "{stderr}");
     assert_eq!(
-        f.server.requests(),
+        f.server.take_requests(),
         Vec::<String>::new(),
         "Nix asked the cache"
     );
 
     // Nix substitutes with drover's rows: only the NARs are downloaded.
-    f.server.set(FAIL_METADATA);
+    f.server.set_policy(fail_metadata);
     let out = f.nix("x", "nix-store", &["--realise", &f.b]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert_eq!(asked.len(), 2, "{asked:?}");
     assert!(
         asked.iter().all(|r| r.starts_with("GET /nar/")),
@@ -489,11 +417,11 @@ fn expired_negative_entries_are_asked_again() {
         .join(format!("cache/{}.narinfo", f.path(&f.a).hash_part()));
     let hidden = narinfo.with_extension("hidden");
     std::fs::rename(&narinfo, &hidden).unwrap();
-    let url = f.server.url.clone();
+    let url = f.server.url();
     let out = f.nix("n", "nix", &["path-info", "--store", &url, &f.a]);
     assert!(!out.status.success());
     std::fs::rename(&hidden, &narinfo).unwrap();
-    f.server.requests();
+    f.server.take_requests();
 
     // Fresh: drover believes it.
     assert!(f
@@ -501,7 +429,7 @@ fn expired_negative_entries_are_asked_again() {
         .query_narinfo(&f.path(&f.a))
         .unwrap()
         .is_none());
-    assert_eq!(f.server.requests(), Vec::<String>::new());
+    assert_eq!(f.server.take_requests(), Vec::<String>::new());
 
     // An hour and a second old: asked again, and now found (and recorded).
     let conn = rusqlite::Connection::open(f.db("n")).unwrap();
@@ -516,7 +444,7 @@ fn expired_negative_entries_are_asked_again() {
     assert!(cache.query_narinfo(&f.path(&f.a)).unwrap().is_some());
     let hash_part = f.path(&f.a).hash_part().to_owned();
     assert_eq!(
-        f.server.requests(),
+        f.server.take_requests(),
         vec![format!("GET /{hash_part}.narinfo")]
     );
     let present: i64 = conn
@@ -541,7 +469,7 @@ fn expired_negative_entries_are_asked_again() {
         String::from_utf8_lossy(&out.stderr)
     );
     // (`nix path-info` checks validity with a HEAD before it GETs the narinfo.)
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert!(!asked.is_empty());
     assert!(
         asked
@@ -597,22 +525,22 @@ fn realisations_are_shared_both_ways() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), f.c);
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert!(
         asked.iter().any(|r| r.contains("/realisations/")),
         "{asked:?}"
     );
 
     // drover answers from Nix's row, asking nothing.
-    f.server.set(FAIL_ALL);
+    f.server.set_policy(fail_all);
     let from_nix = f.drover("nix");
     for r in &all {
         assert_eq!(from_nix.query_realisation(&r.id).unwrap().as_ref(), Some(r));
     }
-    assert_eq!(f.server.requests(), Vec::<String>::new());
+    assert_eq!(f.server.take_requests(), Vec::<String>::new());
 
     // drover's own rows hold the same JSON.
-    f.server.set(SERVE);
+    f.server.set_policy(serve);
     let own = f.drover("drover");
     for r in &all {
         assert_eq!(own.query_realisation(&r.id).unwrap().as_ref(), Some(r));
@@ -624,12 +552,12 @@ fn realisations_are_shared_both_ways() {
     for p in [&f.a, &f.b, &f.c] {
         own.query_narinfo(&f.path(p)).unwrap().unwrap();
     }
-    f.server.requests();
+    f.server.take_requests();
 
     // Nix substitutes `c` again, with drover's rows: only NARs are downloaded.
     f.wipe();
     let drv = f.c_drv();
-    f.server.set(FAIL_METADATA);
+    f.server.set_policy(fail_metadata);
     let out = f.nix("drover", "nix-store", &["--realise", &drv]);
     assert!(
         out.status.success(),
@@ -637,7 +565,7 @@ fn realisations_are_shared_both_ways() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), f.c);
-    let asked = f.server.requests();
+    let asked = f.server.take_requests();
     assert!(!asked.is_empty());
     assert!(
         asked.iter().all(|r| r.starts_with("GET /nar/")),

@@ -28,12 +28,11 @@
 //!   '…'...`, `path '…' is corrupted or missing!`) and fetched again over the old
 //!   copy.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::drover;
+use crate::http_server::{Action, HttpServer};
 use crate::nix_env::TestRoot;
 use crate::realise::{restore, run, sh, snapshot, Run};
 use crate::substitute::cache_then_wipe;
@@ -435,7 +434,8 @@ fn output_path_cannot_fall_back() {
 fn http_500_needs_fallback() {
     require_nix!();
     let fx = Fixture::new("b");
-    let url = serve(fx.cache_dir(), |t| t.starts_with("/nar/"));
+    let server = serve(fx.cache_dir(), |t| t.starts_with("/nar/"));
+    let url = server.url();
     let known = [KnownDifference::HttpFailure];
     let nix = fx.assert_same(&url, &[], &fx.drv, &no_damage, 1, &known);
     let nar = format!("{url}/{}", fx.nar_url(&fx.out_a));
@@ -458,55 +458,17 @@ fn http_500_needs_fallback() {
     assert_eq!(lines_with(&nix, "does not exist"), [&gone, &gone], "{nix}");
 }
 
-/// Which requests (`/nar/….nar.xz`) the server answers with a 500.
-type Fails = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
-/// A tiny HTTP/1.1 server on 127.0.0.1 serving `dir`, except that every file that
-/// exists and `fails` gets `500 Internal Server Error`; returns its base URL.
-fn serve(dir: PathBuf, fails: impl Fn(&str) -> bool + Send + Sync + 'static) -> String {
-    let fails: Fails = Arc::new(fails);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let (dir, fails) = (dir.clone(), fails.clone());
-            std::thread::spawn(move || answer(conn, &dir, &fails));
+/// Serves the cache in `dir` over HTTP, except that every file that exists and
+/// `fails` (given the request path, `/nar/….nar.xz`) gets `500 Internal Server
+/// Error`; a missing file is still `404`.
+fn serve(dir: PathBuf, fails: impl Fn(&str) -> bool + Send + Sync + 'static) -> HttpServer {
+    HttpServer::with_policy(dir, move |r| {
+        if r.exists() && fails(&r.path) {
+            Action::INTERNAL_SERVER_ERROR
+        } else {
+            Action::Serve
         }
-    });
-    format!("http://127.0.0.1:{port}")
-}
-
-fn answer(conn: TcpStream, dir: &Path, fails: &Fails) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut words = line.split_whitespace();
-        let method = words.next().unwrap_or("GET").to_owned();
-        let target = words.next().unwrap_or("/").to_owned();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-                break;
-            }
-        }
-        let (status, body) = match std::fs::read(dir.join(target.trim_start_matches('/'))) {
-            Ok(_) if fails(&target) => ("500 Internal Server Error", Vec::new()),
-            Ok(body) => ("200 OK", body),
-            Err(_) => ("404 Not Found", Vec::new()),
-        };
-        write!(
-            conn,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )?;
-        if method != "HEAD" {
-            conn.write_all(&body)?;
-        }
-    }
+    })
 }
 
 /// A floating content-addressed `c` on top of `b`: substituted through its
@@ -558,7 +520,8 @@ fn http_500_for_a_narinfo_is_fatal() {
     let a = fx.narinfo(&fx.out_a);
     let a_name = a.file_name().unwrap().to_str().unwrap().to_owned();
     let failing = format!("/{a_name}");
-    let url = serve(fx.cache_dir(), move |t| t == failing);
+    let server = serve(fx.cache_dir(), move |t| t == failing);
+    let url = server.url();
     let known = [KnownDifference::HttpFailure];
     let nix = fx.assert_same(&url, &[], &fx.drv, &no_damage, 1, &known);
     let a_url = format!("{url}/{a_name}");

@@ -8,6 +8,9 @@
 #[macro_use]
 mod nix_env;
 
+#[path = "../../../tests/it/http_server.rs"]
+mod http_server;
+
 mod derivation;
 mod fallback;
 mod hook;

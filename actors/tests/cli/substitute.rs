@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::drover;
+use crate::http_server::HttpServer;
 use crate::nix_env::TestRoot;
 
 /// An input-addressed chain `a` ← `b` and a floating content-addressed `c` on top.
@@ -50,6 +51,13 @@ pub(crate) fn cache_then_wipe(root: &TestRoot, attr: &str) -> (String, String, V
             attr,
         ],
     );
+    wipe_store(root);
+    let pk = std::fs::read_to_string(pk).unwrap().trim().to_owned();
+    (cache, pk, closure)
+}
+
+/// Removes the root's store and its database (not the caches beside them).
+pub(crate) fn wipe_store(root: &TestRoot) {
     let store = Path::new(&root.store_dir);
     assert!(std::process::Command::new("chmod")
         .args(["-R", "u+w"])
@@ -59,8 +67,6 @@ pub(crate) fn cache_then_wipe(root: &TestRoot, attr: &str) -> (String, String, V
         .success());
     std::fs::remove_dir_all(store).unwrap();
     std::fs::remove_dir_all(&root.state_dir).unwrap();
-    let pk = std::fs::read_to_string(pk).unwrap().trim().to_owned();
-    (cache, pk, closure)
 }
 
 #[test]
@@ -165,15 +171,7 @@ fn realise_fetches_from_another_local_store() {
         other.display().to_string(),
         format!("local?root={}", other.display()),
     ] {
-        let store = Path::new(&root.store_dir);
-        assert!(std::process::Command::new("chmod")
-            .args(["-R", "u+w"])
-            .arg(store)
-            .status()
-            .unwrap()
-            .success());
-        std::fs::remove_dir_all(store).unwrap();
-        std::fs::remove_dir_all(&root.state_dir).unwrap();
+        wipe_store(&root);
         let drv = root.instantiate(&expr, Some("b")).remove(0);
         let o = drover(&root)
             .args(["realise", "--plain", &drv])
@@ -191,4 +189,89 @@ fn realise_fetches_from_another_local_store() {
         assert!(!stderr.contains("building '"), "{stderr}");
         root.verify_store();
     }
+}
+
+/// `drover realise` keeps what an HTTP cache answered in Nix 2.8's narinfo disk cache
+/// (`$XDG_CACHE_HOME/nix/binary-cache-v6.sqlite`): after the store is wiped, a second
+/// run asks the cache only for the NARs, no `nix-cache-info` and no narinfo; and it
+/// does the same with the rows `nix-store --realise` wrote.
+#[test]
+fn realise_answers_from_the_narinfo_disk_cache() {
+    require_nix!();
+    let root = TestRoot::new();
+    let (_, pk, closure) = cache_then_wipe(&root, "b");
+    let server = HttpServer::start(root.path().join("cache"));
+    let url = server.url();
+    // `a` and `b`'s outputs: realised from the cache alone.
+    let realise = |mut cmd: std::process::Command, xdg: &Path| {
+        let out = cmd
+            .env("XDG_CACHE_HOME", xdg)
+            .args(["--option", "substituters", &url])
+            .args(["--option", "trusted-public-keys", &pk])
+            .args(&closure)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{cmd:?}:\n{stderr}");
+        assert!(!stderr.contains("building '"), "{stderr}");
+        let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(printed, closure);
+        root.verify_store();
+    };
+    let drover_realise = || {
+        let mut c = drover(&root);
+        c.args(["realise", "--plain"]);
+        c
+    };
+    let nars: Vec<String> = closure
+        .iter()
+        .map(|p| {
+            let hash = &Path::new(p).file_name().unwrap().to_str().unwrap()[..32];
+            let info = root.path().join(format!("cache/{hash}.narinfo"));
+            let info = std::fs::read_to_string(info).unwrap();
+            let nar = info.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+            format!("GET /{nar}")
+        })
+        .collect();
+    let only_nars = |mut asked: Vec<String>| {
+        asked.sort();
+        let mut want = nars.clone();
+        want.sort();
+        assert_eq!(asked, want, "only the NARs, once each");
+    };
+
+    // drover's first run asks for everything and records it.
+    let xdg = root.path().join("xdg-drover");
+    realise(drover_realise(), &xdg);
+    let asked = server.take_requests();
+    assert!(
+        asked.contains(&"GET /nix-cache-info".to_owned()),
+        "{asked:?}"
+    );
+    assert_eq!(
+        asked.iter().filter(|r| r.ends_with(".narinfo")).count(),
+        closure.len(),
+        "{asked:?}"
+    );
+    assert!(xdg.join("nix/binary-cache-v6.sqlite").is_file());
+
+    // Its second run, into an empty store, answers from its own rows.
+    wipe_store(&root);
+    realise(drover_realise(), &xdg);
+    only_nars(server.take_requests());
+
+    // Rows Nix wrote serve as well.
+    let xdg = root.path().join("xdg-nix");
+    wipe_store(&root);
+    let mut nix = root.cmd("nix-store");
+    nix.arg("--realise");
+    realise(nix, &xdg);
+    let asked = server.take_requests();
+    assert!(asked.iter().any(|r| r.ends_with(".narinfo")), "{asked:?}");
+    wipe_store(&root);
+    realise(drover_realise(), &xdg);
+    only_nars(server.take_requests());
 }
