@@ -41,6 +41,12 @@ use crate::store_path::{StoreDir, StorePathError};
 /// Environment variables, as a value.
 pub type Env = BTreeMap<String, String>;
 
+/// Nix's error for a derivation or command that needs an experimental feature the
+/// settings do not enable (e.g. `ca-derivations`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("experimental Nix feature '{0}' is disabled; use '--extra-experimental-features {0}' to override")]
+pub struct MissingExperimentalFeature(pub String);
+
 /// Why settings could not be loaded.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {

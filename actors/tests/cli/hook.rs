@@ -32,58 +32,6 @@ in {
 }
 "#;
 
-/// Accepts `.drv` paths containing `$HOOK_ACCEPT` (answering `$HOOK_REPLY` instead
-/// when set) and declines the others. An accepted build with `HOOK_BUILD=noop` exits
-/// 0 without building; otherwise it records its pid and its child's in
-/// `$HOOK_DIR/pids` and waits for the child, which sleeps 30 s.
-const HOOK: &str = r##"
-import os, struct, sys, time
-d = os.environ["HOOK_DIR"]
-def rd(n):
-    b = b""
-    while len(b) < n:
-        c = os.read(0, n - len(b))
-        if not c:
-            sys.exit(0)
-        b += c
-    return b
-def num():
-    return struct.unpack("<Q", rd(8))[0]
-def text():
-    n = num(); v = rd(n); rd((8 - n % 8) % 8); return v.decode()
-def strings():
-    return [text() for _ in range(num())]
-def say(l):
-    os.write(2, (l + "\n").encode())
-while num():
-    text(); text()
-while True:
-    if text() != "try":
-        sys.exit(0)
-    num(); text(); drv = text(); strings()
-    if os.environ["HOOK_ACCEPT"] not in drv:
-        say("# decline")
-        continue
-    if os.environ.get("HOOK_REPLY"):
-        say(os.environ["HOOK_REPLY"])
-        continue
-    say("# accept")
-    say("remote-machine")
-    strings(); strings()
-    if os.environ.get("HOOK_BUILD") == "noop":
-        sys.exit(0)
-    os.write(4, b"remote build started\n")
-    child = os.fork()
-    if child == 0:
-        time.sleep(30)
-        os._exit(0)
-    with open(os.path.join(d, "pids.tmp"), "w") as f:
-        f.write("%d %d\n" % (os.getpid(), child))
-    os.rename(os.path.join(d, "pids.tmp"), os.path.join(d, "pids"))
-    os.waitpid(child, 0)
-    sys.exit(0)
-"##;
-
 fn sleep_program() -> &'static str {
     ["/bin/sleep", "/usr/bin/sleep"]
         .into_iter()
@@ -91,12 +39,12 @@ fn sleep_program() -> &'static str {
         .expect("no sleep program")
 }
 
-/// Writes the hook (and its wrapper with `vars`) under the root; returns the wrapper.
+/// Writes a wrapper under the root that runs `tests/data/hooks/sleeping.py` (a hook
+/// whose remote builds sleep; see its docstring) with `vars`; returns the wrapper.
 fn write_hook(root: &TestRoot, vars: &[(&str, &str)]) -> PathBuf {
     let dir = root.path().join("hook");
     std::fs::create_dir_all(&dir).unwrap();
-    let py = dir.join("hook.py");
-    std::fs::write(&py, HOOK).unwrap();
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hooks/sleeping.py");
     let mut script = format!("#!/bin/sh\nexport HOOK_DIR='{}'\n", dir.display());
     for (k, v) in vars {
         script.push_str(&format!("export {k}='{v}'\n"));

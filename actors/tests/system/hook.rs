@@ -537,60 +537,11 @@ async fn pool_sends_what_nix_sends() {
 // build runs through the hook (keep-going off and another goal failed).
 // ---------------------------------------------------------------------------------------
 
-/// A hook that accepts `.drv` paths containing `$HOOK_ACCEPT` and declines the
-/// others. An accepted build writes a line to fd 4, its pid and its child's to
-/// `$HOOK_DIR/pids`, then waits for a child sleeping `$HOOK_SLEEP` seconds; with
-/// `HOOK_ESCAPE` set, that child first leaves the process group (`setsid`), still
-/// holding the log pipe.
-const MATCHING_HOOK: &str = r##"
-import os, struct, sys, time
-d = os.environ["HOOK_DIR"]
-def rd(n):
-    b = b""
-    while len(b) < n:
-        c = os.read(0, n - len(b))
-        if not c:
-            sys.exit(0)
-        b += c
-    return b
-def num():
-    return struct.unpack("<Q", rd(8))[0]
-def text():
-    n = num(); v = rd(n); rd((8 - n % 8) % 8); return v.decode()
-def strings():
-    return [text() for _ in range(num())]
-def say(l):
-    os.write(2, (l + "\n").encode())
-while num():
-    text(); text()
-while True:
-    if text() != "try":
-        sys.exit(0)
-    num(); text(); drv = text(); strings()
-    if os.environ["HOOK_ACCEPT"] not in drv:
-        say("# decline")
-        continue
-    say("# accept")
-    say("remote-machine")
-    strings(); strings()
-    os.write(4, b"remote build started\n")
-    child = os.fork()
-    if child == 0:
-        if os.environ.get("HOOK_ESCAPE"):
-            os.setsid()
-        time.sleep(float(os.environ.get("HOOK_SLEEP", "30")))
-        os._exit(0)
-    with open(os.path.join(d, "pids.tmp"), "w") as f:
-        f.write("%d %d\n" % (os.getpid(), child))
-    os.rename(os.path.join(d, "pids.tmp"), os.path.join(d, "pids"))
-    os.waitpid(child, 0)
-    sys.exit(0)
-"##;
-
+/// `tests/data/hooks/sleeping.py` accepting `.drv` paths containing `accept`; its
+/// child sleeps 30 s (in a session of its own with `escape`).
 fn matching_hook(accept: &str, escape: bool) -> Hook {
     let dir = tempfile::tempdir().unwrap();
-    let py = dir.path().join("hook.py");
-    std::fs::write(&py, MATCHING_HOOK).unwrap();
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hooks/sleeping.py");
     let script = format!(
         "#!/bin/sh\nexport HOOK_DIR='{}' HOOK_ACCEPT='{accept}' HOOK_SLEEP=30{}\nexec python3 '{}'\n",
         dir.path().display(),

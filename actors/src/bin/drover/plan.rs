@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use drover::config::MissingExperimentalFeature;
 use drover::derivation::{Derivation, DerivationType};
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store::LocalStore;
@@ -275,13 +276,6 @@ pub struct PlanOptions {
     pub impure_derivations: bool,
 }
 
-/// Nix's error for a derivation that needs an experimental feature not enabled.
-fn feature_disabled(feature: &str) -> String {
-    format!(
-        "experimental Nix feature '{feature}' is disabled; use '--extra-experimental-features {feature}' to override"
-    )
-}
-
 /// Reads `drv_path` and finds which wanted outputs are invalid; `None` when every
 /// wanted output is valid (nothing to do).
 fn visit(
@@ -296,10 +290,10 @@ fn visit(
     // stops the run before anything is printed.
     match drv.derivation_type() {
         Ok(DerivationType::Impure) if !options.impure_derivations => {
-            anyhow::bail!(feature_disabled("impure-derivations"))
+            return Err(MissingExperimentalFeature("impure-derivations".into()).into())
         }
         Ok(t) if !t.has_known_output_paths() && t.is_pure() && !options.ca_derivations => {
-            anyhow::bail!(feature_disabled("ca-derivations"))
+            return Err(MissingExperimentalFeature("ca-derivations".into()).into())
         }
         _ => {}
     }

@@ -33,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use drover::build_result::{BuildResult, BuildStatus};
+use drover::config::MissingExperimentalFeature;
 use drover::derivation::{name_from_drv_path, Derivation, DerivationOutput, DerivationType};
 use drover::derived_path::OutputsSpec;
 use drover::hash::Hash;
@@ -309,12 +310,16 @@ impl DerivationGoal {
                     }
                     if self.drv_type == Some(DerivationType::Impure) {
                         if !ctx.settings.impure_derivations {
-                            return self.fatal(feature_disabled("impure-derivations"));
+                            return self.fatal(
+                                MissingExperimentalFeature("impure-derivations".into()).to_string(),
+                            );
                         }
                     } else if !self.drv_type.is_some_and(|t| t.has_known_output_paths())
                         && !ctx.settings.ca_derivations
                     {
-                        return self.fatal(feature_disabled("ca-derivations"));
+                        return self.fatal(
+                            MissingExperimentalFeature("ca-derivations".into()).to_string(),
+                        );
                     }
                     self.drv = Some(l.drv);
                     self.output_hashes = l.output_hashes;
@@ -506,7 +511,9 @@ impl DerivationGoal {
                 };
                 if resolve && !drv.input_drvs.is_empty() {
                     if !ctx.settings.ca_derivations {
-                        return self.fatal(feature_disabled("ca-derivations"));
+                        return self.fatal(
+                            MissingExperimentalFeature("ca-derivations".into()).to_string(),
+                        );
                     }
                     self.state = State::Resolving;
                     let known = self.input_drv_outputs.clone();
@@ -562,21 +569,7 @@ impl DerivationGoal {
                     return self.done_failure(r.status, String::new());
                 }
                 let pure = self.drv_type.is_some_and(|t| t.is_pure());
-                let realisations: Vec<Realisation> = self
-                    .built
-                    .iter()
-                    .filter_map(|(name, p)| {
-                        Some(Realisation {
-                            id: DrvOutput {
-                                drv_hash: self.output_hashes.get(name)?.clone(),
-                                output: name.clone(),
-                            },
-                            out_path: p.clone(),
-                            signatures: BTreeSet::new(),
-                            dependent_realisations: BTreeMap::new(),
-                        })
-                    })
-                    .collect();
+                let realisations = self.built_realisations();
                 self.state = State::RegisteringResolved;
                 vec![job(move |env| {
                     let mut res = Ok(());
@@ -1141,6 +1134,24 @@ impl DerivationGoal {
         }
     }
 
+    /// The realisations of the built outputs, under their static output hashes.
+    fn built_realisations(&self) -> Vec<Realisation> {
+        self.built
+            .iter()
+            .filter_map(|(name, p)| {
+                Some(Realisation {
+                    id: DrvOutput {
+                        drv_hash: self.output_hashes.get(name)?.clone(),
+                        output: name.clone(),
+                    },
+                    out_path: p.clone(),
+                    signatures: BTreeSet::new(),
+                    dependent_realisations: BTreeMap::new(),
+                })
+            })
+            .collect()
+    }
+
     /// After a successful build: record realisations of the built outputs (with
     /// `ca-derivations`), then run the post-build hook.
     fn post_build(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
@@ -1158,20 +1169,7 @@ impl DerivationGoal {
         // none either).
         let realisations: Vec<Realisation> =
             if ctx.settings.ca_derivations && self.drv_type != Some(DerivationType::Impure) {
-                self.built
-                    .iter()
-                    .filter_map(|(name, p)| {
-                        Some(Realisation {
-                            id: DrvOutput {
-                                drv_hash: self.output_hashes.get(name)?.clone(),
-                                output: name.clone(),
-                            },
-                            out_path: p.clone(),
-                            signatures: BTreeSet::new(),
-                            dependent_realisations: BTreeMap::new(),
-                        })
-                    })
-                    .collect()
+                self.built_realisations()
             } else {
                 Vec::new()
             };
@@ -1318,13 +1316,6 @@ pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
         .get("requiredSystemFeatures")
         .map(|s| s.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default()
-}
-
-/// Nix's error for a derivation that needs an experimental feature not enabled.
-fn feature_disabled(feature: &str) -> String {
-    format!(
-        "experimental Nix feature '{feature}' is disabled; use '--extra-experimental-features {feature}' to override"
-    )
 }
 
 /// Nix's `checkPathValidity`: each output's known path and whether it is valid (in
