@@ -91,19 +91,9 @@ impl Fixture {
         format!("file://{}", self.cache_dir(method).display())
     }
 
-    /// Removes the store and its database: the root is fresh again.
+    /// Removes the store and its database.
     fn wipe(&self) {
-        let store = Path::new(&self.root.store_dir);
-        if store.exists() {
-            let st = std::process::Command::new("chmod")
-                .args(["-R", "u+w"])
-                .arg(store)
-                .status()
-                .unwrap();
-            assert!(st.success());
-            std::fs::remove_dir_all(store).unwrap();
-        }
-        let _ = std::fs::remove_dir_all(&self.root.state_dir);
+        self.root.wipe_store();
     }
 
     fn store(&self) -> LocalStore {

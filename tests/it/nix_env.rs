@@ -148,6 +148,22 @@ impl TestRoot {
 }
 
 impl TestRoot {
+    /// Removes the store (made writable first) and the state directory: the root is
+    /// empty again, as before its first use.
+    pub fn wipe_store(&self) {
+        let store = Path::new(&self.store_dir);
+        if store.exists() {
+            let st = Command::new("chmod")
+                .args(["-R", "u+w"])
+                .arg(store)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::remove_dir_all(store).unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+
     /// `nix-store --verify --check-contents` succeeds and reports nothing beyond its
     /// progress lines (it always prints those).
     #[track_caller]

@@ -51,22 +51,9 @@ pub(crate) fn cache_then_wipe(root: &TestRoot, attr: &str) -> (String, String, V
             attr,
         ],
     );
-    wipe_store(root);
+    root.wipe_store();
     let pk = std::fs::read_to_string(pk).unwrap().trim().to_owned();
     (cache, pk, closure)
-}
-
-/// Removes the root's store and its database (not the caches beside them).
-pub(crate) fn wipe_store(root: &TestRoot) {
-    let store = Path::new(&root.store_dir);
-    assert!(std::process::Command::new("chmod")
-        .args(["-R", "u+w"])
-        .arg(store)
-        .status()
-        .unwrap()
-        .success());
-    std::fs::remove_dir_all(store).unwrap();
-    std::fs::remove_dir_all(&root.state_dir).unwrap();
 }
 
 #[test]
@@ -171,7 +158,7 @@ fn realise_fetches_from_another_local_store() {
         other.display().to_string(),
         format!("local?root={}", other.display()),
     ] {
-        wipe_store(&root);
+        root.wipe_store();
         let drv = root.instantiate(&expr, Some("b")).remove(0);
         let o = drover(&root)
             .args(["realise", "--plain", &drv])
@@ -259,19 +246,19 @@ fn realise_answers_from_the_narinfo_disk_cache() {
     assert!(xdg.join("nix/binary-cache-v6.sqlite").is_file());
 
     // Its second run, into an empty store, answers from its own rows.
-    wipe_store(&root);
+    root.wipe_store();
     realise(drover_realise(), &xdg);
     only_nars(server.take_requests());
 
     // Rows Nix wrote serve as well.
     let xdg = root.path().join("xdg-nix");
-    wipe_store(&root);
+    root.wipe_store();
     let mut nix = root.cmd("nix-store");
     nix.arg("--realise");
     realise(nix, &xdg);
     let asked = server.take_requests();
     assert!(asked.iter().any(|r| r.ends_with(".narinfo")), "{asked:?}");
-    wipe_store(&root);
+    root.wipe_store();
     realise(drover_realise(), &xdg);
     only_nars(server.take_requests());
 }
