@@ -10,7 +10,7 @@
 //! the substituter, so the goals that run afterwards ask nothing twice. Over HTTP
 //! this turns a thousand round trips in a row into a few dozen rounds.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use drover::config::MissingExperimentalFeature;
@@ -133,14 +133,16 @@ impl Plan {
         let mut level = paths;
         while !level.is_empty() {
             let mut todo = Vec::new();
+            let mut queued = HashSet::new();
             for p in level {
                 if self.will_substitute.contains(&p)
                     || self.unknown.contains(&p)
-                    || todo.contains(&p)
+                    || queued.contains(&p)
                     || store.is_valid_path(&p)?
                 {
                     continue;
                 }
+                queued.insert(p.clone());
                 todo.push(p);
             }
             oracle.prefetch(todo.iter().cloned());
