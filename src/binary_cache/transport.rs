@@ -341,10 +341,19 @@ impl Transport for HttpTransport {
                     });
                 }
                 // Not `t.to_string()`: that repeats the URL the error names already.
-                Err(ureq::Error::Transport(t)) => match t.message() {
-                    Some(m) => format!("{}: {m}", t.kind()),
-                    None => t.kind().to_string(),
-                },
+                // The source says why (e.g. the TLS certificate's `UnknownIssuer`).
+                Err(ureq::Error::Transport(t)) => {
+                    let mut m = match t.message() {
+                        Some(m) => format!("{}: {m}", t.kind()),
+                        None => t.kind().to_string(),
+                    };
+                    let mut source = std::error::Error::source(&t);
+                    while let Some(e) = source {
+                        m = format!("{m}: {e}");
+                        source = e.source();
+                    }
+                    m
+                }
             };
             if attempt >= attempts {
                 self.maybe_disable();
