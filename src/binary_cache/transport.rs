@@ -373,3 +373,63 @@ impl Transport for HttpTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netrc_host_is_the_urls_host() {
+        assert_eq!(
+            netrc_host("https://cache.example.org/sub"),
+            Some("cache.example.org")
+        );
+        assert_eq!(netrc_host("http://127.0.0.1:8080"), Some("127.0.0.1"));
+        assert_eq!(netrc_host("https://[::1]:443/x"), Some("::1"));
+        assert_eq!(netrc_host("https://u:p@cache.example.org"), None);
+        assert_eq!(netrc_host("https://"), None);
+    }
+
+    #[test]
+    fn credentials_from_netrc_and_unusable_files_fail_every_request() {
+        let d = tempfile::tempdir().unwrap();
+        let netrc = d.path().join("netrc");
+        std::fs::write(
+            &netrc,
+            "machine cache.example.org login alice password pw\n",
+        )
+        .unwrap();
+        let o = HttpOptions {
+            netrc_file: Some(netrc.clone()),
+            ..HttpOptions::default()
+        };
+        let t = HttpTransport::new("u", "https://cache.example.org", o.clone());
+        assert_eq!(t.authorization.as_deref(), Some("Basic YWxpY2U6cHc="));
+        let t = HttpTransport::new("u", "https://other.org", o);
+        assert_eq!(t.authorization, None);
+
+        std::fs::write(&netrc, "machine \"x\n").unwrap();
+        let o = HttpOptions {
+            netrc_file: Some(netrc.clone()),
+            ..HttpOptions::default()
+        };
+        let e = HttpTransport::new("u", "https://x", o).get("nix-cache-info");
+        let e = e.err().unwrap().to_string();
+        assert!(e.contains("unterminated quoted string"), "{e}");
+
+        let ca = d.path().join("ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let o = HttpOptions {
+            ca_file: Some(ca.clone()),
+            ..HttpOptions::default()
+        };
+        let e = HttpTransport::new("u", "https://x", o).get("nix-cache-info");
+        assert_eq!(
+            e.err().unwrap().to_string(),
+            format!(
+                "using the CA certificates in '{}': the file holds no usable PEM certificate",
+                ca.display()
+            )
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! Interop: a cache written by Nix 2.8's `nix copy`, served over HTTPS with a
 //! certificate of a private CA (made at test time with `rcgen`), and behind HTTP
 //! Basic authentication. drover refuses the server without the CA file, reaches it
-//! with it, and sends netrc credentials where the server demands them.
+//! with it, and sends netrc credentials where the server demands them; real Nix
+//! 2.8 needs the same `NIX_SSL_CERT_FILE` and `netrc-file` against the same server.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -243,4 +244,76 @@ fn private_ca_and_netrc_credentials() {
     .unwrap();
     let cache = BinaryCache::open(&url, &sd, &no_entry).unwrap();
     substitute(&root, &cache, &closure);
+}
+
+/// Runs `nix-store -r` of `path` with `url` as the only substituter.
+fn nix_realise(
+    root: &TestRoot,
+    url: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+    netrc: &Path,
+) -> std::process::Output {
+    let mut c = root.cmd("nix-store");
+    c.env("XDG_CACHE_HOME", root.path().join("xdg-cache"))
+        .env_remove("NIX_SSL_CERT_FILE")
+        .env_remove("SSL_CERT_FILE");
+    if let Some(f) = ca_file {
+        c.env("NIX_SSL_CERT_FILE", f);
+    }
+    c.args(["-r", path, "--option", "substituters", url])
+        .args(["--option", "require-sigs", "false"])
+        .args(["--option", "download-attempts", "1"])
+        .args(["--option", "netrc-file", netrc.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+/// Real Nix 2.8 against the same kind of server: it too refuses the certificate
+/// without `NIX_SSL_CERT_FILE` (curl error 60), gets nowhere without a netrc entry
+/// (it takes the 401 for a missing `nix-cache-info`: "does not appear to be a
+/// binary cache"), and substitutes with both.
+#[test]
+fn nix_2_8_needs_the_same_ca_file_and_netrc() {
+    require_nix!();
+    let root = TestRoot::new();
+    let closure = fixture(&root);
+    let pki = pki();
+    let ca_file = root.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let url = serve_https(
+        pki.server.clone(),
+        root.path().join("cache"),
+        Some("alice:s3cret"),
+    );
+    let netrc = root.path().join("netrc");
+    let b = closure.last().unwrap();
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    std::fs::write(&netrc, "machine 127.0.0.1 login alice password s3cret\n").unwrap();
+    let out = nix_realise(&root, &url, b, None, &netrc);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!(
+            "warning: unable to download '{url}/nix-cache-info': SSL peer certificate or SSH remote key was not OK (60)"
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&netrc, "").unwrap();
+    let out = nix_realise(&root, &url, b, Some(&ca_file), &netrc);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!(
+            "warning: '{url}' does not appear to be a binary cache"
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&netrc, "machine 127.0.0.1 login alice password s3cret\n").unwrap();
+    let out = nix_realise(&root, &url, b, Some(&ca_file), &netrc);
+    assert!(out.status.success(), "{}", stderr(&out));
+    root.verify_store();
 }
