@@ -115,7 +115,8 @@ pub struct HttpOptions {
     /// `maybeDisable`, which it does only with `--fallback`).
     pub disable_on_failure: bool,
     /// The PEM bundle of CA certificates HTTPS servers are verified against
-    /// (Nix's `NIX_SSL_CERT_FILE`); `None`: the built-in webpki roots.
+    /// (Nix's `NIX_SSL_CERT_FILE`); `None`: the built-in webpki roots. Not read
+    /// for `http://` caches.
     pub ca_file: Option<PathBuf>,
     /// The netrc file with credentials for HTTP Basic authentication (Nix's
     /// `netrc-file`); it need not exist.
@@ -169,7 +170,12 @@ impl HttpTransport {
             .timeout_connect(options.connect_timeout)
             .timeout_read(options.stalled_timeout)
             .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca_file) = &options.ca_file {
+        // Only TLS needs the bundle (curl too reads it only for HTTPS).
+        if let Some(ca_file) = options
+            .ca_file
+            .as_ref()
+            .filter(|_| base.starts_with("https://"))
+        {
             match tls_config(ca_file) {
                 Ok(config) => builder = builder.tls_config(config),
                 Err(message) => {
@@ -423,6 +429,8 @@ mod tests {
             ca_file: Some(ca.clone()),
             ..HttpOptions::default()
         };
+        let plain = HttpTransport::new("u", "http://x", o.clone());
+        assert!(plain.setup_error.is_none(), "http:// needs no CA file");
         let e = HttpTransport::new("u", "https://x", o).get("nix-cache-info");
         assert_eq!(
             e.err().unwrap().to_string(),
