@@ -352,8 +352,35 @@ pub fn trust_policy_from_settings(settings: &Settings) -> TrustPolicy {
     }
 }
 
-/// `connect-timeout` (0: the 300 s default), `stalled-download-timeout` and
-/// `download-attempts`.
+/// The CA bundle Nix 2.8 hands curl: `NIX_SSL_CERT_FILE` if set, else
+/// `SSL_CERT_FILE`; when that is unset or empty, the first of
+/// `/etc/ssl/certs/ca-certificates.crt` and
+/// `/nix/var/nix/profiles/default/etc/ssl/certs/ca-bundle.crt` that exists; else
+/// none. (A set but empty `NIX_SSL_CERT_FILE` hides `SSL_CERT_FILE`, as in Nix.)
+pub fn ca_file_from_env(
+    var: impl Fn(&str) -> Option<String>,
+    exists: impl Fn(&std::path::Path) -> bool,
+) -> Option<std::path::PathBuf> {
+    let named = var("NIX_SSL_CERT_FILE")
+        .or_else(|| var("SSL_CERT_FILE"))
+        .unwrap_or_default();
+    if !named.is_empty() {
+        return Some(named.into());
+    }
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/nix/var/nix/profiles/default/etc/ssl/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .map(std::path::Path::new)
+    .find(|p| exists(p))
+    .map(std::path::Path::to_path_buf)
+}
+
+/// `connect-timeout` (0: the 300 s default), `stalled-download-timeout`,
+/// `download-attempts`, `netrc-file`, and the CA bundle of [`ca_file_from_env`]
+/// (read from the process environment: this is the command's side, not the
+/// library's).
 pub fn http_options_from_settings(settings: &Settings) -> HttpOptions {
     let uint = |name: &str| settings.get(name).and_then(|v| v.parse::<u64>().ok());
     let mut o = HttpOptions::default();
@@ -368,6 +395,11 @@ pub fn http_options_from_settings(settings: &Settings) -> HttpOptions {
     }
     // Nix leaves a failing cache alone for a minute only when it may build instead.
     o.disable_on_failure = settings.fallback();
+    o.netrc_file = settings
+        .get("netrc-file")
+        .filter(|f| !f.is_empty())
+        .map(Into::into);
+    o.ca_file = ca_file_from_env(|v| std::env::var(v).ok(), std::path::Path::exists);
     o
 }
 
@@ -499,6 +531,44 @@ mod tests {
         assert_eq!(o.connect_timeout.as_secs(), 7);
         assert_eq!(o.stalled_timeout.as_secs(), 9);
         assert_eq!(o.attempts, 2);
+
+        let s = settings(t.path(), "netrc-file = /etc/my-netrc\n");
+        let o = http_options_from_settings(&s);
+        assert_eq!(
+            o.netrc_file.as_deref(),
+            Some(std::path::Path::new("/etc/my-netrc"))
+        );
+    }
+
+    #[test]
+    fn ca_file_order_is_nix_2_8s() {
+        use std::path::{Path, PathBuf};
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |v: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, x)| x.to_string())
+            }
+        };
+        let system = |p: &Path| p == Path::new("/etc/ssl/certs/ca-certificates.crt");
+        let none = |_: &Path| false;
+        let both: &[(&str, &str)] = &[("NIX_SSL_CERT_FILE", "/a.pem"), ("SSL_CERT_FILE", "/b.pem")];
+        assert_eq!(
+            ca_file_from_env(env(both), system),
+            Some(PathBuf::from("/a.pem"))
+        );
+        assert_eq!(
+            ca_file_from_env(env(&[("SSL_CERT_FILE", "/b.pem")]), system),
+            Some(PathBuf::from("/b.pem"))
+        );
+        assert_eq!(
+            ca_file_from_env(env(&[]), system),
+            Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt"))
+        );
+        // A set but empty NIX_SSL_CERT_FILE hides SSL_CERT_FILE.
+        let empty: &[(&str, &str)] = &[("NIX_SSL_CERT_FILE", ""), ("SSL_CERT_FILE", "/b.pem")];
+        assert_eq!(ca_file_from_env(env(empty), none), None);
     }
 
     /// A local store rooted at `dir/other` holding one regular file with `contents`.

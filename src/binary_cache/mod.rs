@@ -41,6 +41,7 @@
 
 pub mod compression;
 pub mod disk_cache;
+pub mod netrc;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +61,7 @@ use crate::store::{LocalStore, RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{StoreDir, StorePath};
 
 pub use disk_cache::{Lookup, NarInfoCacheTtl, NarInfoDiskCache};
+pub use netrc::{Credentials, Netrc, NetrcEntry, NetrcError};
 pub use transport::{CacheFile, FileTransport, HttpOptions, HttpTransport, Transport, NOTICE};
 
 /// Priority of a cache whose `nix-cache-info` does not give one: Nix 2.8's store

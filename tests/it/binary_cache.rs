@@ -309,6 +309,7 @@ fn quick_http() -> HttpOptions {
         attempts: 3,
         initial_backoff: Duration::from_millis(10),
         disable_on_failure: false,
+        ..HttpOptions::default()
     }
 }
 

@@ -11,6 +11,7 @@ mod build_log;
 mod derivation;
 mod hook_protocol;
 mod http_server;
+mod https_cache;
 mod nar;
 mod narinfo;
 mod narinfo_disk_cache;
