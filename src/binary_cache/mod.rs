@@ -6,7 +6,9 @@
 //! * `nix-cache-info`: `Name: value` lines; `StoreDir` (must equal the local store
 //!   directory, else Nix's `binary cache '…' is for Nix stores with prefix '…', not
 //!   '…'`), `WantMassQuery` (`1`/`0`), `Priority` (lower is tried first; 0 when
-//!   absent, Nix 2.8's store default). A cache without the file is read with the defaults.
+//!   absent, Nix 2.8's store default). A local cache without the file is read with
+//!   the defaults (Nix would write one); an HTTP(S) one is refused as Nix does: `'…'
+//!   does not appear to be a binary cache`.
 //! * `<hash part>.narinfo` per path ([`crate::narinfo`]); a missing narinfo means
 //!   "no substitute". Answers, present or absent, are remembered for the life of the
 //!   [`BinaryCache`] value, and, for HTTP(S) caches, in the on-disk narinfo cache
@@ -78,6 +80,9 @@ pub enum BinaryCacheError {
     UnsupportedUrl(String),
     #[error("unable to download '{url}': {message}")]
     Http { url: String, message: String },
+    /// An HTTP(S) cache without `nix-cache-info` (or refusing to show it: 401/403).
+    #[error("'{0}' does not appear to be a binary cache")]
+    NotABinaryCache(String),
     /// The cache failed a moment ago and is left alone for a while (Nix's
     /// `SubstituterDisabled`).
     #[error("substituter '{0}' is disabled")]
@@ -361,6 +366,12 @@ impl BinaryCache {
         let transport = cache.transport.as_ref();
         let info = match read_text(transport, "nix-cache-info")? {
             Some(text) => CacheInfo::parse(transport.uri(), &text)?,
+            // Nix would create it in a local cache; over HTTP it cannot.
+            None if is_http => {
+                return Err(BinaryCacheError::NotABinaryCache(
+                    transport.uri().to_owned(),
+                ))
+            }
             None => CacheInfo::default(),
         };
         if let Some(theirs) = &info.store_dir {

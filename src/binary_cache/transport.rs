@@ -3,7 +3,8 @@
 //!
 //! A [`Transport`] opens one file of the cache by its path relative to the cache root
 //! (`nix-cache-info`, `<hash>.narinfo`, `nar/….nar.xz`) and hands back a stream, or
-//! `None` when the file does not exist (HTTP 404/403/410, as Nix treats them). Bodies
+//! `None` when the file does not exist (HTTP 404 and 410, and 401/403/407, which Nix
+//! also takes for "absent": a private cache without credentials looks empty). Bodies
 //! are streamed, never held in memory.
 //!
 //! The HTTP transport keeps one [`ureq::Agent`] (connections are reused), fails a
@@ -335,7 +336,8 @@ impl Transport for HttpTransport {
             }
             let failure = match request.call() {
                 Ok(resp) => return Ok(Some(Box::new(resp.into_reader()))),
-                Err(ureq::Error::Status(404 | 403 | 410, _)) => return Ok(None),
+                // As Nix: "forbidden" (401, 403, 407) counts as absent, like 404/410.
+                Err(ureq::Error::Status(404 | 401 | 403 | 407 | 410, _)) => return Ok(None),
                 Err(ureq::Error::Status(code, resp)) if code >= 500 || code == 429 => {
                     format!("HTTP error {code} ('{}')", resp.status_text())
                 }
