@@ -369,11 +369,11 @@ fn a_hanging_server_stops_on_drop() {
     while server.hits() == 0 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let url = server.url();
     drop(server);
-    // The hanging connection is closed without an answer, and the port is closed.
+    // The hanging connection is closed without an answer. (Whether the port is closed
+    // cannot be checked: another server, of this or a concurrent test process, may
+    // have been given the freed port at once.)
     let mut out = Vec::new();
     c.read_to_end(&mut out).unwrap();
     assert!(out.is_empty());
-    assert!(TcpStream::connect(url.trim_start_matches("http://")).is_err());
 }
