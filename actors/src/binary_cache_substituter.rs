@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::path::{Path, PathBuf};
 
 use drover::binary_cache::{
-    check_trust, BinaryCache, BinaryCacheError, CacheOptions, HttpOptions, NarInfoCacheTtl,
-    NarInfoDiskCache, StoreUrl, TrustPolicy,
+    check_nar, check_trust, BinaryCache, BinaryCacheError, CacheOptions, HttpOptions,
+    NarInfoCacheTtl, NarInfoDiskCache, StoreUrl, TrustPolicy,
 };
 use drover::config::Settings;
 use drover::narinfo::NarInfo;
@@ -287,27 +287,8 @@ impl Substituter for LocalStoreSubstituter {
                 };
                 let summary = drover::nar::restore(nar, tmp)
                     .map_err(|e| format!("copying '{printed}' from 'local': {e}"))?;
-                if summary.nar_hash != info.nar_hash {
-                    return Err(BinaryCacheError::HashMismatch {
-                        path: printed.clone(),
-                        specified: info
-                            .nar_hash
-                            .to_typed_string(drover::hash::Encoding::Base32),
-                        got: summary
-                            .nar_hash
-                            .to_typed_string(drover::hash::Encoding::Base32),
-                    }
-                    .to_string());
-                }
-                if summary.nar_size != info.nar_size {
-                    return Err(BinaryCacheError::SizeMismatch {
-                        path: printed.clone(),
-                        specified: info.nar_size,
-                        got: summary.nar_size,
-                    }
-                    .to_string());
-                }
-                Ok(())
+                check_nar(&printed, &info.nar_hash, info.nar_size, &summary)
+                    .map_err(|e| e.to_string())
             })();
             check.map_err(|e| {
                 failure = Some(e);

@@ -54,8 +54,8 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::hash::{Encoding, HashAlgo, HashSink};
-use crate::nar::NarReadError;
+use crate::hash::{Encoding, Hash, HashAlgo, HashSink};
+use crate::nar::{NarReadError, NarSummary};
 use crate::narinfo::{NarInfo, NarInfoError};
 use crate::realisation::{DrvOutput, Realisation, RealisationError};
 use crate::signature::PublicKeys;
@@ -639,22 +639,7 @@ impl BinaryCache {
                 source: Box::new(source),
             })?
         };
-        if summary.nar_hash.algo() != narinfo.nar_hash.algo()
-            || summary.nar_hash != narinfo.nar_hash
-        {
-            return Err(BinaryCacheError::HashMismatch {
-                path,
-                specified: narinfo.nar_hash.to_typed_string(Encoding::Base32),
-                got: summary.nar_hash.to_typed_string(Encoding::Base32),
-            });
-        }
-        if summary.nar_size != narinfo.nar_size {
-            return Err(BinaryCacheError::SizeMismatch {
-                path,
-                specified: narinfo.nar_size,
-                got: summary.nar_size,
-            });
-        }
+        check_nar(&path, &narinfo.nar_hash, narinfo.nar_size, &summary)?;
         if narinfo.file_hash.is_some() || narinfo.file_size.is_some() {
             io::copy(&mut raw, &mut io::sink()).map_err(|source| BinaryCacheError::Read {
                 uri: self.uri().to_owned(),
@@ -685,6 +670,31 @@ impl BinaryCache {
         }
         Ok(())
     }
+}
+
+/// Nix's check of an imported NAR (`hash mismatch importing path …` / `size mismatch
+/// importing path …`): what was unpacked of `path` against what its source said.
+pub fn check_nar(
+    path: &str,
+    nar_hash: &Hash,
+    nar_size: u64,
+    got: &NarSummary,
+) -> Result<(), BinaryCacheError> {
+    if got.nar_hash != *nar_hash {
+        return Err(BinaryCacheError::HashMismatch {
+            path: path.to_owned(),
+            specified: nar_hash.to_typed_string(Encoding::Base32),
+            got: got.nar_hash.to_typed_string(Encoding::Base32),
+        });
+    }
+    if got.nar_size != nar_size {
+        return Err(BinaryCacheError::SizeMismatch {
+            path: path.to_owned(),
+            specified: nar_size,
+            got: got.nar_size,
+        });
+    }
+    Ok(())
 }
 
 /// Nix's check before adding a substitute: refuses `info` unless its source is
