@@ -17,7 +17,6 @@
 //! `done_nar_size`/`done_download_size` and the display drops the transfer (also
 //! on [`ProgressEvent::SubstitutionCancelled`], for a copy cancelled in flight).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -84,41 +83,38 @@ pub enum ProgressEvent {
 /// Live byte counts of one copy from a substituter: bumped by the copying thread,
 /// read by any other at any time (relaxed atomics: the counts are for display).
 ///
-/// Binary caches count into [`Transfer::binary_cache`] (what
-/// [`drover::binary_cache::BinaryCache::copy_into_observed`] takes); other
-/// substituters count with [`Transfer::add_downloaded`]/[`Transfer::add_unpacked`].
-/// The readers sum both.
+/// The counters are a [`TransferProgress`]: what
+/// [`drover::binary_cache::BinaryCache::copy_into_observed`] counts into (see
+/// [`Transfer::binary_cache`]); other substituters count with
+/// [`Transfer::add_downloaded`]/[`Transfer::add_unpacked`]. It wraps them only to
+/// compare by identity.
 #[derive(Debug, Default)]
-pub struct Transfer {
-    cache: TransferProgress,
-    downloaded: AtomicU64,
-    unpacked: AtomicU64,
-}
+pub struct Transfer(TransferProgress);
 
 impl Transfer {
     /// Bytes of the (compressed) file read from the substituter so far: the
     /// narinfo's `FileSize` once a binary cache copy is complete; substituters
     /// without a file to download (another local store) leave it at 0.
     pub fn downloaded(&self) -> u64 {
-        self.cache.downloaded() + self.downloaded.load(Ordering::Relaxed)
+        self.0.downloaded()
     }
 
     /// Bytes of the NAR unpacked so far (`NarSize` once complete).
     pub fn unpacked(&self) -> u64 {
-        self.cache.unpacked() + self.unpacked.load(Ordering::Relaxed)
+        self.0.unpacked()
     }
 
     pub fn add_downloaded(&self, n: u64) {
-        self.downloaded.fetch_add(n, Ordering::Relaxed);
+        self.0.add_downloaded(n);
     }
 
     pub fn add_unpacked(&self, n: u64) {
-        self.unpacked.fetch_add(n, Ordering::Relaxed);
+        self.0.add_unpacked(n);
     }
 
     /// The counters a binary cache copy writes into.
     pub fn binary_cache(&self) -> &TransferProgress {
-        &self.cache
+        &self.0
     }
 }
 
@@ -159,7 +155,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transfer_sums_both_counters_and_equals_only_itself() {
+    fn transfer_counts_and_equals_only_itself() {
         let t = Transfer::default();
         t.add_downloaded(3);
         t.add_unpacked(5);

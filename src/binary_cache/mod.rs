@@ -735,6 +735,17 @@ impl TransferProgress {
     pub fn unpacked(&self) -> u64 {
         self.unpacked.load(Ordering::Relaxed)
     }
+
+    /// Counts `n` more bytes downloaded (for copies from sources other than a
+    /// [`BinaryCache`]).
+    pub fn add_downloaded(&self, n: u64) {
+        self.downloaded.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` more NAR bytes unpacked.
+    pub fn add_unpacked(&self, n: u64) {
+        self.unpacked.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Hashes (when it has a sink) and counts what passes through it.
