@@ -261,3 +261,159 @@ pub struct CancelHookBuild {
     /// The id the build was started with ([`HookBuild::id`]).
     pub id: u64,
 }
+
+// ---------------------------------------------------------------------------------------
+// The Worker and its goals: Worker → goal
+// ---------------------------------------------------------------------------------------
+//
+// ```text
+//   Worker ──StartGoal / SubGoalDone / AllSubGoalsDone / SlotGranted──▶ GoalActor
+//   Worker ──AddWantedOutputs / CancelGoal──────────────────────────────▶ GoalActor
+//   GoalActor ──RequestSubGoals / AcquireSlot / ReleaseSlot──────────────▶ Worker
+//   GoalActor ──GoalProgress / GoalFinished / GoalFatal / GoalStopped────▶ Worker
+//   GoalActor ──RunLocalBuild──▶ LocalBuilder ──LocalBuildFinished──▶ GoalActor
+//   GoalActor ──HookTry──▶ HookPool;  GoalActor ──HookBuild──▶ HookJob ──HookFinished──▶ GoalActor
+// ```
+//
+// Every goal message to the Worker names the goal (its `GoalId`); a goal's messages
+// reach the Worker in the order it sent them.
+
+pub use crate::goal::host::{Finished, GoalProgressKind, SlotKind};
+pub use crate::goal::{GoalId, GoalRequest, WaiteeResult};
+
+/// Worker → goal: start working (sent once, right after the goal actor is started).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct StartGoal;
+
+/// Worker → goal: one sub-goal it waits for finished. The outcome is shared by all
+/// waiters of that sub-goal.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SubGoalDone(pub WaiteeResult);
+
+/// Worker → goal: every sub-goal it waited for finished (or one failed and
+/// keep-going is off, and the others were abandoned).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct AllSubGoalsDone;
+
+/// Worker → goal: the slot asked for with [`AcquireSlot`] is now the goal's.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SlotGranted;
+
+/// Worker → derivation goal: another goal wants these outputs too (Nix's
+/// `addWantedOutputs`). A goal that has already finished ignores it; the Worker
+/// compares [`Finished::wanted`] with what was asked.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct AddWantedOutputs(pub drover::derived_path::OutputsSpec);
+
+/// Worker → goal: nobody needs the goal any more (or the run ended). A running
+/// build is cancelled and the actor stops without reporting.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct CancelGoal;
+
+// ---------------------------------------------------------------------------------------
+// The Worker and its goals: goal → Worker
+// ---------------------------------------------------------------------------------------
+
+/// Goal → Worker: create (or reuse) these goals and report each as it finishes,
+/// then [`AllSubGoalsDone`]. An empty list is answered with [`AllSubGoalsDone`].
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RequestSubGoals {
+    pub goal: GoalId,
+    pub requests: Vec<GoalRequest>,
+}
+
+/// Goal → Worker: asks for a build or substitution slot; answered with
+/// [`SlotGranted`] when one is free (at once, or when another goal releases one).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct AcquireSlot {
+    pub goal: GoalId,
+    pub kind: SlotKind,
+}
+
+/// Goal → Worker: gives a slot back (a finished goal's slots are released anyway).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReleaseSlot {
+    pub goal: GoalId,
+    pub kind: SlotKind,
+}
+
+/// Goal → Worker: progress to count and show.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct GoalProgress {
+    pub goal: GoalId,
+    pub progress: GoalProgressKind,
+}
+
+/// Goal → Worker: the goal is done, with its outcome (the `BuildResult` in it); the
+/// actor stops.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct GoalFinished {
+    pub goal: GoalId,
+    pub finished: Finished,
+}
+
+/// Goal → Worker: an error that ends the whole run with exit status 1, as an error
+/// Nix throws out of a goal (`bad hook reply '…'`).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct GoalFatal {
+    pub goal: GoalId,
+    pub error: String,
+}
+
+/// Goal → Worker: the goal actor stopped without reporting an end (its actor was
+/// dropped or stopped): the Worker fails the goal, so a run never hangs.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct GoalStopped {
+    pub goal: GoalId,
+}
+
+/// Where goals send what they report: the Worker's recipients, shared by all goals
+/// of a run.
+#[derive(Clone)]
+pub struct WorkerLink {
+    pub request_sub_goals: Recipient<RequestSubGoals>,
+    pub acquire_slot: Recipient<AcquireSlot>,
+    pub release_slot: Recipient<ReleaseSlot>,
+    pub progress: Recipient<GoalProgress>,
+    pub finished: Recipient<GoalFinished>,
+    pub fatal: Recipient<GoalFatal>,
+    pub stopped: Recipient<GoalStopped>,
+}
+
+impl WorkerLink {
+    /// The link to an actor that handles every goal → Worker message.
+    pub fn to<A>(addr: &Addr<A>) -> WorkerLink
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<RequestSubGoals>
+            + Handler<AcquireSlot>
+            + Handler<ReleaseSlot>
+            + Handler<GoalProgress>
+            + Handler<GoalFinished>
+            + Handler<GoalFatal>
+            + Handler<GoalStopped>,
+    {
+        WorkerLink {
+            request_sub_goals: addr.clone().recipient(),
+            acquire_slot: addr.clone().recipient(),
+            release_slot: addr.clone().recipient(),
+            progress: addr.clone().recipient(),
+            finished: addr.clone().recipient(),
+            fatal: addr.clone().recipient(),
+            stopped: addr.clone().recipient(),
+        }
+    }
+}

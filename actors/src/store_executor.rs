@@ -39,10 +39,10 @@ impl StoreExecutor {
         &self.env
     }
 
-    /// Runs `job` off the arbiter once a permit is free; a panicking job becomes an
-    /// empty `Wake` (the goal ignores it) — jobs return errors as values, so this
-    /// does not happen.
-    pub fn run(&self, job: Job) -> impl Future<Output = Event> + 'static {
+    /// Runs `job` off the arbiter once a permit is free. A job that panics gives
+    /// the panic's message as the error (its goal then fails with it): jobs return
+    /// errors as values, so this is a bug, never a hang.
+    pub fn run(&self, job: Job) -> impl Future<Output = Result<Event, String>> + 'static {
         let env = self.env.clone();
         let permits = self.permits.clone();
         async move {
@@ -50,7 +50,10 @@ impl StoreExecutor {
             let _permit = permits.acquire_owned().await.ok();
             tokio::task::spawn_blocking(move || job(&env))
                 .await
-                .unwrap_or(Event::Wake)
+                .map_err(|e| match e.try_into_panic() {
+                    Ok(p) => crate::goal::host::panic_message(&*p),
+                    Err(e) => e.to_string(),
+                })
         }
     }
 }

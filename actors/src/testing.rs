@@ -16,11 +16,14 @@ use drover::derivation::{Derivation, DerivationOutput, DrvHashCache};
 use drover::store::{LocalStore, StoreError, ValidPathInfo};
 use drover::store_path::StorePath;
 
+use crate::goal::host::{AnyGoal, EffectSink, GoalHost, GoalMachine, GoalReport, HookBuildWork};
+use crate::goal::{Event, GoalId, Job};
 use crate::messages::{
     CancelLocalBuild, HookBuild, HookFinished, HookReply, HookTry, LocalBuildFinished, LogSummary,
     RunLocalBuild,
 };
 use crate::progress::ProgressEvent;
+use crate::worker::{Action, ToGoal};
 
 /// A scratch store under a directory the caller owns (e.g. a `tempfile::TempDir`).
 pub struct TestStore {
@@ -496,10 +499,17 @@ impl Handler<ProgressEvent> for ProgressRecorder {
     }
 }
 
-/// Runs a [`crate::WorkerCore`] without an actor system: blocking jobs inline, local
-/// builds through a closure, timers at once, hook requests through a closure (only
-/// replies without a job: accepting needs an actor system). Deterministic, for
-/// scheduler tests.
+/// Runs a [`crate::WorkerCore`] and its goals without an actor system, for
+/// deterministic scheduler tests. Goals are hosted by the same
+/// [`GoalHost`](crate::goal::host::GoalHost) as in the goal actors, so effects are
+/// performed by the same code; only the sink differs: blocking jobs run inline when
+/// their turn comes, local builds go through a closure, timers fire at once, hook
+/// requests through a closure (only replies without a job: accepting needs an actor
+/// system).
+///
+/// Order: messages from the core (and a goal's "later" events) are delivered first,
+/// in order; then the oldest outside event (a job's result, a build's end, a hook
+/// reply, a timer), one at a time.
 pub struct SyncDriver<'a> {
     pub env: crate::goal::JobEnv,
     /// Decides each local build; `None` leaves it running (never finishes).
@@ -507,6 +517,10 @@ pub struct SyncDriver<'a> {
     pub build:
         Box<dyn FnMut(&crate::messages::LocalBuildRequest) -> Option<LocalBuildFinished> + 'a>,
     pub hook: Box<dyn FnMut(&HookTryArgs) -> HookReply + 'a>,
+    /// Whether a blocking job of a goal of this kind ([`GoalMachine::KIND`]) stays
+    /// in flight for ever instead of running (given the progress so far).
+    #[allow(clippy::type_complexity)]
+    pub hold_job: Box<dyn FnMut(&'static str, &[ProgressEvent]) -> bool + 'a>,
     /// Derivation names in build start order.
     pub started: Vec<String>,
     pub cancelled: Vec<u64>,
@@ -516,6 +530,11 @@ pub struct SyncDriver<'a> {
     pub running: Vec<(u64, String)>,
     pub tries: Vec<HookTryArgs>,
     pub progress: Vec<ProgressEvent>,
+    hosts: BTreeMap<GoalId, SyncGoal>,
+    /// Messages from the core and "later" events: delivered before anything else.
+    inbox: VecDeque<(GoalId, Input)>,
+    /// Outside events, one delivered per turn.
+    outside: VecDeque<(GoalId, Input)>,
 }
 
 /// What a hook request carried.
@@ -523,6 +542,86 @@ pub struct SyncDriver<'a> {
 pub struct HookTryArgs {
     pub am_willing: bool,
     pub drv_name: String,
+}
+
+enum SyncGoal {
+    Drv(GoalHost<crate::goal::derivation::DerivationGoal>),
+    Subst(GoalHost<crate::goal::path_substitution::PathSubstitutionGoal>),
+    DrvOut(GoalHost<crate::goal::drv_output_substitution::DrvOutputSubstitutionGoal>),
+}
+
+enum Input {
+    Msg(ToGoal),
+    Event(Event),
+    Job(&'static str, Job),
+}
+
+/// The driver's [`EffectSink`] for one goal's step.
+struct SyncSink<'d, 'a> {
+    goal: GoalId,
+    kind: &'static str,
+    d: &'d mut SyncDriver<'a>,
+    reports: Vec<GoalReport>,
+}
+
+impl EffectSink for SyncSink<'_, '_> {
+    fn blocking(&mut self, job: Job) {
+        self.d
+            .outside
+            .push_back((self.goal, Input::Job(self.kind, job)));
+    }
+
+    fn run_local_build(&mut self, request: crate::messages::LocalBuildRequest) {
+        self.d.started.push(drv_name(&request.drv_path));
+        match (self.d.build)(&request) {
+            Some(mut f) => {
+                f.id = self.goal;
+                self.d
+                    .outside
+                    .push_back((self.goal, Input::Event(Event::LocalBuildFinished(f))));
+            }
+            None => self
+                .d
+                .running
+                .push((self.goal, drv_name(&request.drv_path))),
+        }
+    }
+
+    fn cancel_local_build(&mut self) {
+        self.d.cancelled.push(self.goal);
+    }
+
+    fn hook_try(&mut self, request: HookTry) {
+        let args = HookTryArgs {
+            am_willing: request.am_willing,
+            drv_name: drv_name(&request.drv_path),
+        };
+        let r = (self.d.hook)(&args);
+        self.d.tries.push(args);
+        self.d
+            .outside
+            .push_back((self.goal, Input::Event(Event::HookReply(r))));
+    }
+
+    fn hook_build(&mut self, _job: Recipient<HookBuild>, _work: HookBuildWork) {}
+
+    fn cancel_hook_build(&mut self) {
+        self.d.cancelled_hooks.push(self.goal);
+    }
+
+    fn wake_later(&mut self) {
+        self.d
+            .outside
+            .push_back((self.goal, Input::Event(Event::Wake)));
+    }
+
+    fn later(&mut self, ev: Event) {
+        self.d.inbox.push_back((self.goal, Input::Event(ev)));
+    }
+
+    fn report(&mut self, report: GoalReport) {
+        self.reports.push(report);
+    }
 }
 
 impl<'a> SyncDriver<'a> {
@@ -554,62 +653,130 @@ impl<'a> SyncDriver<'a> {
                 })
             }),
             hook: Box::new(|_| HookReply::DeclinePermanently),
+            hold_job: Box::new(|_, _| false),
             started: Vec::new(),
             cancelled: Vec::new(),
             cancelled_hooks: Vec::new(),
             running: Vec::new(),
             tries: Vec::new(),
             progress: Vec::new(),
+            hosts: BTreeMap::new(),
+            inbox: VecDeque::new(),
+            outside: VecDeque::new(),
         }
     }
 
-    /// Runs the core until no action is left; returns the outcome when finished.
+    /// Hands an outside event (e.g. the end of a build left running) to a goal; it
+    /// is delivered by the next [`SyncDriver::run`].
+    pub fn deliver(&mut self, goal: GoalId, ev: Event) {
+        self.outside.push_back((goal, Input::Event(ev)));
+    }
+
+    /// Runs the core and its goals until nothing is left to do; returns the outcome
+    /// when the run finished, `None` when it waits for something outside.
     pub fn run(&mut self, core: &mut crate::WorkerCore) -> Option<crate::RealiseOutcome> {
-        use crate::worker::Action;
-        let mut pending: VecDeque<(u64, crate::goal::Event)> = VecDeque::new();
         loop {
             for a in core.take_actions() {
                 match a {
-                    Action::Blocking { goal, job } => pending.push_back((goal, job(&self.env))),
-                    Action::RunLocalBuild { goal, request } => {
-                        self.started.push(drv_name(&request.drv_path));
-                        match (self.build)(&request) {
-                            Some(mut f) => {
-                                f.id = goal;
-                                pending
-                                    .push_back((goal, crate::goal::Event::LocalBuildFinished(f)));
-                            }
-                            None => self.running.push((goal, drv_name(&request.drv_path))),
-                        }
-                    }
-                    Action::CancelLocalBuild { goal } => self.cancelled.push(goal),
-                    Action::CancelHookBuild { goal } => self.cancelled_hooks.push(goal),
-                    Action::HookTry {
-                        goal,
-                        am_willing,
-                        drv_path,
-                        ..
-                    } => {
-                        let args = HookTryArgs {
-                            am_willing,
-                            drv_name: drv_name(&drv_path),
+                    Action::Spawn { goal, machine } => {
+                        let env = core.goal_env().clone();
+                        let host = match *machine {
+                            AnyGoal::Drv(g) => SyncGoal::Drv(GoalHost::new(goal, g, env)),
+                            AnyGoal::Subst(g) => SyncGoal::Subst(GoalHost::new(goal, g, env)),
+                            AnyGoal::DrvOut(g) => SyncGoal::DrvOut(GoalHost::new(goal, g, env)),
                         };
-                        let r = (self.hook)(&args);
-                        self.tries.push(args);
-                        pending.push_back((goal, crate::goal::Event::HookReply(r)));
+                        self.hosts.insert(goal, host);
                     }
-                    Action::HookBuild { .. } => {}
-                    Action::Timer { goal } => pending.push_back((goal, crate::goal::Event::Wake)),
+                    Action::ToGoal { goal, msg } => self.inbox.push_back((goal, Input::Msg(msg))),
                     Action::Progress(p) => self.progress.push(p),
                 }
             }
             if core.is_finished() {
+                // The cancels of the end of the run still reach their goals.
+                while let Some((g, input)) = self.inbox.pop_front() {
+                    if matches!(input, Input::Msg(ToGoal::Cancel)) {
+                        self.input(core, g, input);
+                    }
+                }
                 return Some(core.outcome());
             }
-            match pending.pop_front() {
-                Some((g, ev)) => core.deliver(g, ev),
+            let next = self.inbox.pop_front().or_else(|| self.outside.pop_front());
+            match next {
+                Some((g, input)) => self.input(core, g, input),
                 None => return None,
             }
         }
+    }
+
+    fn input(&mut self, core: &mut crate::WorkerCore, goal: GoalId, input: Input) {
+        let Some(mut host) = self.hosts.remove(&goal) else {
+            return;
+        };
+        let input = match input {
+            Input::Job(kind, job) => {
+                if (self.hold_job)(kind, &self.progress) {
+                    self.hosts.insert(goal, host);
+                    return;
+                }
+                Input::Event(job(&self.env))
+            }
+            other => other,
+        };
+        let mut sink = SyncSink {
+            goal,
+            kind: host.kind(),
+            d: self,
+            reports: Vec::new(),
+        };
+        host.input(input, &mut sink);
+        let reports = std::mem::take(&mut sink.reports);
+        if !host.is_finished() {
+            self.hosts.insert(goal, host);
+        }
+        for r in reports {
+            core.report(goal, r);
+        }
+    }
+}
+
+impl SyncGoal {
+    fn kind(&self) -> &'static str {
+        match self {
+            SyncGoal::Drv(_) => crate::goal::derivation::DerivationGoal::KIND,
+            SyncGoal::Subst(_) => crate::goal::path_substitution::PathSubstitutionGoal::KIND,
+            SyncGoal::DrvOut(_) => {
+                crate::goal::drv_output_substitution::DrvOutputSubstitutionGoal::KIND
+            }
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match self {
+            SyncGoal::Drv(h) => h.is_finished(),
+            SyncGoal::Subst(h) => h.is_finished(),
+            SyncGoal::DrvOut(h) => h.is_finished(),
+        }
+    }
+
+    fn input(&mut self, input: Input, sink: &mut SyncSink) {
+        match self {
+            SyncGoal::Drv(h) => feed(h, input, sink),
+            SyncGoal::Subst(h) => feed(h, input, sink),
+            SyncGoal::DrvOut(h) => feed(h, input, sink),
+        }
+    }
+}
+
+/// Delivers one input to a hosted goal, as the goal actor's handlers do.
+fn feed<G: GoalMachine>(h: &mut GoalHost<G>, input: Input, sink: &mut SyncSink) {
+    match input {
+        Input::Msg(ToGoal::Start) => h.step(Event::Start, sink),
+        Input::Msg(ToGoal::SubGoalDone(r)) => h.step(Event::WaiteeDone(r), sink),
+        Input::Msg(ToGoal::AllSubGoalsDone) => h.step(Event::WaiteesDone, sink),
+        Input::Msg(ToGoal::SlotGranted) => h.step(Event::SlotGranted, sink),
+        Input::Msg(ToGoal::AddWantedOutputs(o)) => h.add_wanted_outputs(&o),
+        Input::Msg(ToGoal::Cancel) => h.cancel(sink),
+        Input::Event(ev) => h.step(ev, sink),
+        Input::Job(..) => unreachable!("jobs are run before they reach a goal"),
     }
 }

@@ -11,8 +11,10 @@
 //! * [`path_substitution::PathSubstitutionGoal`]: key = store path;
 //! * [`drv_output_substitution::DrvOutputSubstitutionGoal`]: key = `DrvOutput`.
 
+pub mod actor;
 pub mod derivation;
 pub mod drv_output_substitution;
+pub mod host;
 pub mod path_substitution;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -138,11 +140,13 @@ pub enum GoalRequest {
     },
 }
 
-/// A finished dependency, as its waiter sees it.
+/// A finished dependency, as its waiter sees it. The outcome is shared by every
+/// waiter of the dependency, not copied for each.
 #[derive(Debug, Clone)]
 pub struct WaiteeResult {
+    /// What this waiter asked for.
     pub request: GoalRequest,
-    pub outcome: GoalOutcome,
+    pub outcome: Arc<GoalOutcome>,
 }
 
 /// Contents checks of `--repair` (Nix's `pathContentsGood`): whether a path's
@@ -399,7 +403,7 @@ pub(crate) mod test_support {
     pub fn waitee(request: GoalRequest, exit: ExitCode) -> Event {
         Event::WaiteeDone(WaiteeResult {
             request,
-            outcome: outcome(exit),
+            outcome: Arc::new(outcome(exit)),
         })
     }
 

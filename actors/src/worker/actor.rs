@@ -1,24 +1,32 @@
-//! The thin Worker actor: runs [`WorkerCore`] and performs its actions.
+//! The thin Worker actor: hosts [`WorkerCore`] and one [`GoalActor`] per live goal.
 //!
-//! Blocking jobs go to the store executor (`spawn_blocking`), local builds to the
-//! injected `Recipient<RunLocalBuild>`, hook requests to the injected
-//! `Recipient<HookTry>`, timers through `run_later`, progress to the optional
-//! `Recipient<ProgressEvent>`. Replies (`LocalBuildFinished`, `HookFinished`) are
-//! routed to the goal by id. Cancelled hook builds get `CancelHookBuild` through the
-//! injected recipient (usually the hook pool's address); without one, a cancelled
-//! hook build runs on until its job ends.
+//! The core decides; this actor starts goal actors ([`Action::Spawn`]), delivers the
+//! core's messages to them ([`Action::ToGoal`]), forwards progress to the optional
+//! `Recipient<ProgressEvent>`, and hands every goal → Worker message
+//! ([`RequestSubGoals`], [`AcquireSlot`], [`ReleaseSlot`], [`GoalProgress`],
+//! [`GoalFinished`], [`GoalFatal`], [`GoalStopped`]) to the core. Goals reach the
+//! store executor, the LocalBuilder and the hook pool themselves, through the
+//! [`GoalServices`] injected into each of them, so no goal's future lives in the
+//! Worker's context.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use drover::derived_path::DerivedPath;
 use drover::store::LocalStore;
 
-use super::{Action, RealiseOutcome, WorkerCore, WorkerSettings};
-use crate::goal::{Event, GoalId, JobEnv};
+use super::{Action, RealiseOutcome, ToGoal, WorkerCore, WorkerSettings};
+use crate::goal::actor::{GoalActor, GoalServices};
+use crate::goal::derivation::DerivationGoal;
+use crate::goal::drv_output_substitution::DrvOutputSubstitutionGoal;
+use crate::goal::host::{AnyGoal, GoalMachine, GoalReport};
+use crate::goal::path_substitution::PathSubstitutionGoal;
+use crate::goal::{GoalId, JobEnv};
 use crate::messages::{
-    BuildMode, CancelHookBuild, CancelLocalBuild, HookBuild, HookFinished, HookReply, HookTry,
-    LocalBuildFinished, LogConfig, RunLocalBuild,
+    AcquireSlot, AddWantedOutputs, AllSubGoalsDone, BuildMode, CancelGoal, CancelHookBuild,
+    CancelLocalBuild, GoalFatal, GoalFinished, GoalProgress, GoalStopped, HookTry, ReleaseSlot,
+    RequestSubGoals, RunLocalBuild, SlotGranted, StartGoal, SubGoalDone, WorkerLink,
 };
 use crate::progress::ProgressEvent;
 use crate::store_executor::StoreExecutor;
@@ -27,7 +35,7 @@ use crate::substituter::Substituter;
 /// Everything a Worker needs; every effect is injected.
 pub struct WorkerConfig {
     pub store: Arc<LocalStore>,
-    /// The LocalBuilder (answers [`RunLocalBuild`] with [`LocalBuildFinished`]).
+    /// The LocalBuilder (answers [`RunLocalBuild`] with `LocalBuildFinished`).
     pub local_builder: Recipient<RunLocalBuild>,
     /// Usually the same LocalBuilder's address.
     pub cancel_local_build: Recipient<CancelLocalBuild>,
@@ -49,14 +57,59 @@ pub struct Realise {
     pub mode: BuildMode,
 }
 
+/// The address of a live goal actor, of whichever kind.
+enum GoalAddr {
+    Drv(Addr<GoalActor<DerivationGoal>>),
+    Subst(Addr<GoalActor<PathSubstitutionGoal>>),
+    DrvOut(Addr<GoalActor<DrvOutputSubstitutionGoal>>),
+}
+
+impl GoalAddr {
+    fn start(id: GoalId, machine: AnyGoal, services: &Arc<GoalServices>) -> GoalAddr {
+        let s = services.clone();
+        match machine {
+            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s).start()),
+            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s).start()),
+            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s).start()),
+        }
+    }
+
+    fn send(&self, msg: ToGoal) {
+        match self {
+            GoalAddr::Drv(a) => send_to(a, msg),
+            GoalAddr::Subst(a) => send_to(a, msg),
+            GoalAddr::DrvOut(a) => send_to(a, msg),
+        }
+    }
+}
+
+/// Delivers one of the core's messages as the typed message it stands for.
+fn send_to<G: GoalMachine + Unpin>(a: &Addr<GoalActor<G>>, msg: ToGoal) {
+    match msg {
+        ToGoal::Start => a.do_send(StartGoal),
+        ToGoal::SubGoalDone(r) => a.do_send(SubGoalDone(r)),
+        ToGoal::AllSubGoalsDone => a.do_send(AllSubGoalsDone),
+        ToGoal::SlotGranted => a.do_send(SlotGranted),
+        ToGoal::AddWantedOutputs(o) => a.do_send(AddWantedOutputs(o)),
+        ToGoal::Cancel => a.do_send(CancelGoal),
+    }
+}
+
+/// One realisation in progress.
+struct Run {
+    core: WorkerCore,
+    goals: HashMap<GoalId, GoalAddr>,
+    services: Arc<GoalServices>,
+    reply: tokio::sync::oneshot::Sender<RealiseOutcome>,
+}
+
 /// The Worker actor. One run at a time; each [`Realise`] starts a fresh run (fresh
 /// goals, counters and flags), as Nix makes a new Worker per operation.
 pub struct Worker {
     cfg: WorkerConfig,
     executor: StoreExecutor,
     settings: Arc<WorkerSettings>,
-    core: Option<WorkerCore>,
-    reply: Option<tokio::sync::oneshot::Sender<RealiseOutcome>>,
+    run: Option<Run>,
 }
 
 impl Worker {
@@ -77,140 +130,51 @@ impl Worker {
             executor: StoreExecutor::new(env),
             settings,
             cfg,
-            core: None,
-            reply: None,
+            run: None,
         }
     }
 
-    fn deliver(&mut self, goal: GoalId, ev: Event, ctx: &mut Context<Self>) {
-        if let Some(core) = self.core.as_mut() {
-            core.deliver(goal, ev);
+    /// Hands a goal's report to the core and performs what follows.
+    fn report(&mut self, goal: GoalId, r: GoalReport) {
+        if let Some(run) = self.run.as_mut() {
+            if matches!(r, GoalReport::Finished(_) | GoalReport::Fatal(_)) {
+                run.goals.remove(&goal);
+            }
+            run.core.report(goal, r);
         }
-        self.drain(ctx);
+        self.drain();
     }
 
-    fn drain(&mut self, ctx: &mut Context<Self>) {
-        let Some(core) = self.core.as_mut() else {
+    fn drain(&mut self) {
+        let Some(run) = self.run.as_mut() else {
             return;
         };
-        let actions = core.take_actions();
-        let finished = core.is_finished();
-        for a in actions {
-            self.perform(a, ctx);
-        }
-        if finished {
-            if let Some(core) = self.core.take() {
-                let outcome = core.outcome();
-                if let Some(tx) = self.reply.take() {
-                    let _ = tx.send(outcome);
+        for a in run.core.take_actions() {
+            match a {
+                Action::Spawn { goal, machine } => {
+                    let addr = GoalAddr::start(goal, *machine, &run.services);
+                    run.goals.insert(goal, addr);
                 }
-            }
-        }
-    }
-
-    fn perform(&mut self, a: Action, ctx: &mut Context<Self>) {
-        match a {
-            Action::Blocking { goal, job } => {
-                let fut = self.executor.run(job);
-                ctx.spawn(fut.into_actor(self).map(move |ev, act, ctx| {
-                    // What the job had to say comes before what its result causes.
-                    if let Some(p) = &act.cfg.progress {
-                        for m in act.executor.env().contents.take_notices() {
-                            p.do_send(ProgressEvent::Message(m));
-                        }
+                Action::ToGoal { goal, msg } => {
+                    let cancel = matches!(msg, ToGoal::Cancel);
+                    if let Some(addr) = run.goals.get(&goal) {
+                        addr.send(msg);
                     }
-                    act.deliver(goal, ev, ctx);
-                }));
-            }
-            Action::RunLocalBuild { goal, request } => {
-                self.cfg.local_builder.do_send(RunLocalBuild {
-                    id: goal,
-                    request,
-                    reply_to: ctx.address().recipient(),
-                });
-            }
-            Action::CancelLocalBuild { goal } => {
-                self.cfg
-                    .cancel_local_build
-                    .do_send(CancelLocalBuild { id: goal });
-            }
-            Action::CancelHookBuild { goal } => {
-                if let Some(c) = &self.cfg.cancel_hook_build {
-                    c.do_send(CancelHookBuild { id: goal });
+                    if cancel {
+                        run.goals.remove(&goal);
+                    }
                 }
-            }
-            Action::HookTry {
-                goal,
-                am_willing,
-                system,
-                drv_path,
-                required_features,
-            } => {
-                let Some(hook) = self.cfg.hook.clone() else {
-                    ctx.notify(Deliver(goal, Some(HookReply::DeclinePermanently)));
-                    return;
-                };
-                let fut = hook.send(HookTry {
-                    am_willing,
-                    system,
-                    drv_path,
-                    required_features,
-                });
-                ctx.spawn(fut.into_actor(self).map(move |r, act, ctx| {
-                    // A hook pool that went away counts as declining permanently.
-                    let reply = r.unwrap_or(HookReply::DeclinePermanently);
-                    act.deliver(goal, Event::HookReply(reply), ctx);
-                }));
-            }
-            Action::HookBuild {
-                goal,
-                job,
-                drv_path,
-                inputs,
-                missing_outputs,
-            } => {
-                let l = &self.settings.log;
-                job.do_send(HookBuild {
-                    id: goal,
-                    inputs,
-                    missing_outputs,
-                    log: LogConfig {
-                        drv_path,
-                        log_dir: l.log_dir.clone(),
-                        compress: l.compress,
-                        tail_lines: l.tail_lines,
-                        max_log_size: l.max_log_size,
-                        max_silent_time: l.max_silent_time,
-                        timeout: l.timeout,
-                        echo: l.echo,
-                    },
-                    reply_to: ctx.address().recipient(),
-                });
-            }
-            Action::Timer { goal } => {
-                ctx.run_later(self.settings.poll_interval, move |act, ctx| {
-                    act.deliver(goal, Event::Wake, ctx);
-                });
-            }
-            Action::Progress(ev) => {
-                if let Some(p) = &self.cfg.progress {
-                    p.do_send(ev);
+                Action::Progress(ev) => {
+                    if let Some(p) = &self.cfg.progress {
+                        p.do_send(ev);
+                    }
                 }
             }
         }
-    }
-}
-
-/// Internal: deliver a hook reply on the next turn.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Deliver(GoalId, Option<HookReply>);
-
-impl Handler<Deliver> for Worker {
-    type Result = ();
-    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
-        if let Some(r) = msg.1 {
-            self.deliver(msg.0, Event::HookReply(r), ctx);
+        if run.core.is_finished() {
+            if let Some(run) = self.run.take() {
+                let _ = run.reply.send(run.core.outcome());
+            }
         }
     }
 }
@@ -223,7 +187,7 @@ impl Handler<Realise> for Worker {
     type Result = ResponseFuture<RealiseOutcome>;
 
     fn handle(&mut self, msg: Realise, ctx: &mut Context<Self>) -> Self::Result {
-        if self.core.is_some() {
+        if self.run.is_some() {
             return Box::pin(async {
                 RealiseOutcome {
                     results: Vec::new(),
@@ -233,16 +197,29 @@ impl Handler<Realise> for Worker {
             });
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.reply = Some(tx);
         let mut core = WorkerCore::new(
             self.settings.clone(),
             self.cfg.store.store_dir().clone(),
             self.cfg.substituters.len(),
             self.cfg.hook.is_some(),
         );
+        let services = Arc::new(GoalServices {
+            env: core.goal_env().clone(),
+            executor: self.executor.clone(),
+            local_builder: self.cfg.local_builder.clone(),
+            cancel_local_build: self.cfg.cancel_local_build.clone(),
+            hook: self.cfg.hook.clone(),
+            cancel_hook_build: self.cfg.cancel_hook_build.clone(),
+            worker: WorkerLink::to(&ctx.address()),
+        });
         core.start(msg.requests, msg.mode);
-        self.core = Some(core);
-        self.drain(ctx);
+        self.run = Some(Run {
+            core,
+            goals: HashMap::new(),
+            services,
+            reply: tx,
+        });
+        self.drain();
         Box::pin(async move {
             rx.await.unwrap_or_else(|_| RealiseOutcome {
                 results: Vec::new(),
@@ -253,19 +230,56 @@ impl Handler<Realise> for Worker {
     }
 }
 
-impl Handler<LocalBuildFinished> for Worker {
+impl Handler<RequestSubGoals> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: LocalBuildFinished, ctx: &mut Context<Self>) {
-        let id = msg.id;
-        self.deliver(id, Event::LocalBuildFinished(msg), ctx);
+    fn handle(&mut self, msg: RequestSubGoals, _: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::WaitFor(msg.requests));
     }
 }
 
-impl Handler<HookFinished> for Worker {
+impl Handler<AcquireSlot> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: HookFinished, ctx: &mut Context<Self>) {
-        let id = msg.id;
-        self.deliver(id, Event::HookFinished(msg), ctx);
+    fn handle(&mut self, msg: AcquireSlot, _: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::AcquireSlot(msg.kind));
+    }
+}
+
+impl Handler<ReleaseSlot> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseSlot, _: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::ReleaseSlot(msg.kind));
+    }
+}
+
+impl Handler<GoalProgress> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: GoalProgress, _: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::Progress(msg.progress));
+    }
+}
+
+impl Handler<GoalFinished> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: GoalFinished, _: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::Finished(msg.finished));
+    }
+}
+
+impl Handler<GoalFatal> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: GoalFatal, _: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::Fatal(msg.error));
+    }
+}
+
+impl Handler<GoalStopped> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: GoalStopped, _: &mut Context<Self>) {
+        if let Some(run) = self.run.as_mut() {
+            run.goals.remove(&msg.goal);
+            run.core.goal_stopped(msg.goal);
+        }
+        self.drain();
     }
 }
 

@@ -1,33 +1,40 @@
-//! The Worker: the supervisor of one realisation run (Nix's `Worker`, spec §1).
+//! The Worker: the supervisor of one realisation run (Nix's `Worker`).
 //!
-//! [`WorkerCore`] is the plain state machine: it owns every goal (one per `.drv`
-//! path, store path and `DrvOutput`), the goal graph (waiters and waitees), the build
-//! and substitution [`slots::Slots`], the run's failure flags and progress counters.
-//! Goals return [`Effect`]s; the core handles those between goals itself and turns
-//! the rest into [`Action`]s for its actor ([`actor::Worker`]) to perform: blocking
-//! store jobs, local builds, hook requests, timers and progress events. Results come
-//! back through [`WorkerCore::deliver`].
+//! [`WorkerCore`] is the plain state machine, with no actix types in it: the goal
+//! graph (one goal per `.drv` path, store path and `DrvOutput`; waiters and
+//! waitees), the build and substitution [`slots::Slots`], keep-going and
+//! cancellation, the run's failure flags, progress counters and the outcome. The
+//! goals themselves live in their own actors ([`crate::goal::actor::GoalActor`]);
+//! the core hears from them as [`GoalReport`]s ([`WorkerCore::report`]) and answers
+//! with [`Action`]s its host performs: start a goal, send a goal a message
+//! ([`ToGoal`]), show progress. The host is the Worker actor ([`actor::Worker`]) or,
+//! in scheduler tests, [`crate::testing::SyncDriver`].
 //!
-//! * Dedup: a request for an existing goal reuses it (derivation goals merge wanted
-//!   outputs and restart if they have not started building); a finished goal has left
-//!   the maps, so a new request makes a new goal.
+//! * Dedup: a request for a live goal reuses it; a derivation goal is told of new
+//!   wanted outputs ([`ToGoal::AddWantedOutputs`]). If it finished before it heard of
+//!   them (its report says which outputs it served), the requests it does not cover
+//!   move to a new goal. A finished goal has left the maps, so a new request makes a
+//!   new goal.
 //! * Failure propagation: a waiter gets every finished dependency; without
 //!   keep-going the first `Failed` dependency ends its wait at once. A failed
-//!   top-level goal without keep-going cancels the run (running local builds get
-//!   `CancelLocalBuild`, running hook builds `CancelHookBuild`). Goals nobody waits
-//!   for any more are cancelled. A goal's `Effect::Fatal` (Nix's errors thrown out of
-//!   a goal, e.g. `bad hook reply '…'`) ends the run at once the same way, with exit
-//!   status 1 and only that error, keep-going or not.
+//!   top-level goal without keep-going cancels the run ([`ToGoal::Cancel`] to every
+//!   goal, in id order; a goal cancels its own running build). Goals nobody waits
+//!   for any more are cancelled. A goal's fatal error (Nix's errors thrown out of a
+//!   goal, e.g. `bad hook reply '…'`) ends the run at once the same way, with exit
+//!   status 1 and only that error, keep-going or not. A goal whose actor stopped
+//!   without a result fails ([`WorkerCore::goal_stopped`]).
 //! * Build order: goals waiting for a slot are served by the length of the chain of
 //!   goals that wait on them (the critical path above them), then in request order.
 //! * Progress: the counters go out once per batch of changes; a path substitution's
 //!   live byte counts ([`crate::progress::Transfer`]) travel with its
 //!   `SubstitutionStarted` event rather than as counter updates.
+//! * Determinism: every map whose order matters (goals, waiters, waitees) is
+//!   ordered, so cancellation and `finish` happen in the same order every run.
 
 pub mod actor;
 pub mod slots;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,15 +43,11 @@ use drover::build_result::{BuildResult, BuildStatus, FailureFlags};
 use drover::config::Settings;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::realisation::DrvOutput;
-use drover::store_path::{StoreDir, StorePath, StorePathSet};
+use drover::store_path::{StoreDir, StorePath};
 
-use crate::goal::derivation::DerivationGoal;
-use crate::goal::drv_output_substitution::DrvOutputSubstitutionGoal;
-use crate::goal::path_substitution::PathSubstitutionGoal;
-use crate::goal::{
-    Effect, Event, ExitCode, GoalCtx, GoalId, GoalOutcome, GoalRequest, Job, WaiteeResult,
-};
-use crate::messages::{BuildMode, HookBuild, LocalBuildRequest};
+use crate::goal::host::{AnyGoal, Finished, GoalEnv, GoalProgressKind, GoalReport, SlotKind};
+use crate::goal::{ExitCode, GoalId, GoalOutcome, GoalRequest, WaiteeResult};
+use crate::messages::BuildMode;
 use crate::progress::{Counters, ProgressEvent};
 use slots::Slots;
 
@@ -190,47 +193,58 @@ pub struct RealiseOutcome {
     pub errors: Vec<String>,
 }
 
-/// What the core asks its actor to do.
+/// A message for one goal (the Worker → goal messages of [`crate::messages`]).
+#[derive(Debug)]
+pub enum ToGoal {
+    Start,
+    SubGoalDone(WaiteeResult),
+    AllSubGoalsDone,
+    SlotGranted,
+    AddWantedOutputs(OutputsSpec),
+    /// The goal is no longer needed: its build is cancelled and it stops.
+    Cancel,
+}
+
+/// What the core asks its host (the Worker actor, or the synchronous test driver)
+/// to do.
 pub enum Action {
-    Blocking {
+    /// Start a goal with this state machine (a [`ToGoal::Start`] follows).
+    Spawn {
         goal: GoalId,
-        job: Job,
+        machine: Box<AnyGoal>,
     },
-    RunLocalBuild {
+    /// Deliver a message to a live goal.
+    ToGoal {
         goal: GoalId,
-        request: LocalBuildRequest,
-    },
-    CancelLocalBuild {
-        goal: GoalId,
-    },
-    /// Kill the hook process of the goal's running hook build (`CancelHookBuild`).
-    CancelHookBuild {
-        goal: GoalId,
-    },
-    HookTry {
-        goal: GoalId,
-        am_willing: bool,
-        system: String,
-        drv_path: StorePath,
-        required_features: BTreeSet<String>,
-    },
-    HookBuild {
-        goal: GoalId,
-        job: actix::Recipient<HookBuild>,
-        drv_path: StorePath,
-        inputs: StorePathSet,
-        missing_outputs: BTreeSet<String>,
-    },
-    Timer {
-        goal: GoalId,
+        msg: ToGoal,
     },
     Progress(ProgressEvent),
 }
 
-enum Goal {
-    Drv(DerivationGoal),
-    Subst(PathSubstitutionGoal),
-    DrvOut(DrvOutputSubstitutionGoal),
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Spawn { goal, .. } => write!(f, "Spawn({goal})"),
+            Action::ToGoal { goal, msg } => write!(f, "ToGoal({goal}, {msg:?})"),
+            Action::Progress(p) => write!(f, "Progress({p:?})"),
+        }
+    }
+}
+
+/// What the core knows of a goal's kind (the goal itself lives in its actor).
+enum Info {
+    Drv {
+        drv_path: StorePath,
+        mode: BuildMode,
+        /// The union of the outputs every request asked for.
+        wanted: OutputsSpec,
+        /// The goal reported that its build started.
+        started: bool,
+    },
+    Subst {
+        path: StorePath,
+    },
+    DrvOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -241,11 +255,11 @@ enum Key {
 }
 
 struct Entry {
-    goal: Goal,
+    info: Info,
     key: Key,
-    waiters: HashSet<GoalId>,
+    waiters: BTreeSet<GoalId>,
     /// Pending dependencies → the request that made them.
-    waitees: HashMap<GoalId, GoalRequest>,
+    waitees: BTreeMap<GoalId, GoalRequest>,
     top_level: bool,
     /// Length of the longest chain of goals waiting on this one.
     priority: u64,
@@ -258,11 +272,9 @@ struct Entry {
 pub struct WorkerCore {
     settings: Arc<WorkerSettings>,
     store_dir: StoreDir,
-    n_substituters: usize,
-    hook_enabled: bool,
-    goals: HashMap<GoalId, Entry>,
+    goal_env: Arc<GoalEnv>,
+    goals: BTreeMap<GoalId, Entry>,
     keys: HashMap<Key, GoalId>,
-    queue: VecDeque<(GoalId, Event)>,
     build_slots: Slots,
     subst_slots: Slots,
     actions: Vec<Action>,
@@ -270,8 +282,8 @@ pub struct WorkerCore {
     sent_counters: Counters,
     flags: FailureFlags,
     top: Vec<(DerivedPath, GoalId)>,
-    pending_top: HashSet<GoalId>,
-    top_results: HashMap<GoalId, GoalOutcome>,
+    pending_top: BTreeSet<GoalId>,
+    top_results: HashMap<GoalId, Arc<GoalOutcome>>,
     /// Top-level goals in the order they failed.
     failed_top: Vec<GoalId>,
     fatal: Option<String>,
@@ -280,6 +292,8 @@ pub struct WorkerCore {
 }
 
 impl WorkerCore {
+    /// A core for one run; `n_substituters` and `hook` (a hook is configured) are
+    /// what its goals may read ([`WorkerCore::goal_env`]).
     pub fn new(
         settings: Arc<WorkerSettings>,
         store_dir: StoreDir,
@@ -289,25 +303,33 @@ impl WorkerCore {
         WorkerCore {
             build_slots: Slots::new(settings.max_jobs),
             subst_slots: Slots::new(settings.max_substitution_jobs.max(1)),
+            goal_env: Arc::new(GoalEnv::new(
+                settings.clone(),
+                store_dir.clone(),
+                n_substituters,
+                hook,
+            )),
             settings,
             store_dir,
-            n_substituters,
-            hook_enabled: hook,
-            goals: HashMap::new(),
+            goals: BTreeMap::new(),
             keys: HashMap::new(),
-            queue: VecDeque::new(),
             actions: Vec::new(),
             counters: Counters::default(),
             sent_counters: Counters::default(),
             flags: FailureFlags::default(),
             top: Vec::new(),
-            pending_top: HashSet::new(),
+            pending_top: BTreeSet::new(),
             top_results: HashMap::new(),
             failed_top: Vec::new(),
             fatal: None,
             finished: false,
             any_failed: false,
         }
+    }
+
+    /// What the goals of this run share: settings and the hook's state.
+    pub fn goal_env(&self) -> &Arc<GoalEnv> {
+        &self.goal_env
     }
 
     /// Starts the top-level goals of a run.
@@ -331,13 +353,30 @@ impl WorkerCore {
             self.pending_top.insert(id);
             self.top.push((r, id));
         }
-        self.run();
+        self.settle();
     }
 
-    /// Hands an event to a goal (ignored when the goal is gone) and runs the queue.
-    pub fn deliver(&mut self, goal: GoalId, ev: Event) {
-        self.queue.push_back((goal, ev));
-        self.run();
+    /// Takes what a goal reported (ignored when the goal is gone: cancelled, or of
+    /// another run).
+    pub fn report(&mut self, goal: GoalId, report: GoalReport) {
+        if !self.finished && self.goals.contains_key(&goal) {
+            self.apply(goal, report);
+        }
+        self.settle();
+    }
+
+    /// A goal's actor stopped without reporting an end: the goal fails, so the run
+    /// goes on (or ends) rather than waiting for it for ever.
+    pub fn goal_stopped(&mut self, goal: GoalId) {
+        let msg = "internal error: the goal stopped without a result".to_owned();
+        self.report(
+            goal,
+            GoalReport::Finished(Finished {
+                outcome: GoalOutcome::failure(ExitCode::Failed, BuildStatus::MiscFailure, msg),
+                wanted: None,
+                substituter_failed: false,
+            }),
+        );
     }
 
     pub fn take_actions(&mut self) -> Vec<Action> {
@@ -357,6 +396,10 @@ impl WorkerCore {
         self.goals.len()
     }
 
+    fn send(&mut self, goal: GoalId, msg: ToGoal) {
+        self.actions.push(Action::ToGoal { goal, msg });
+    }
+
     fn make_goal(&mut self, req: GoalRequest) -> GoalId {
         let key = match &req {
             GoalRequest::Derivation { drv_path, .. } => Key::Drv(drv_path.clone()),
@@ -365,44 +408,50 @@ impl WorkerCore {
         };
         if let Some(&id) = self.keys.get(&key) {
             if let Some(e) = self.goals.get_mut(&id) {
-                let reusable = match (&mut e.goal, &req) {
-                    (Goal::Drv(g), GoalRequest::Derivation { outputs, .. }) => {
-                        g.add_wanted_outputs(outputs)
+                // A live goal is reused; a derivation goal is told of new outputs
+                // (if it finishes before it hears of them, `goal_done` sees it).
+                if let (Info::Drv { wanted, .. }, GoalRequest::Derivation { outputs, .. }) =
+                    (&mut e.info, &req)
+                {
+                    if !outputs.is_subset_of(wanted) {
+                        *wanted = wanted.union(outputs);
+                        let outputs = outputs.clone();
+                        self.send(id, ToGoal::AddWantedOutputs(outputs));
                     }
-                    _ => true,
-                };
-                if reusable {
-                    return id;
                 }
+                return id;
             }
         }
         // Ids are unique in the process, so late replies addressed to a goal of an
         // earlier run (or another Worker) never reach a goal of this one.
         let id = NEXT_GOAL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let goal = match req {
+        let info = match &req {
             GoalRequest::Derivation {
                 drv_path,
                 outputs,
                 mode,
             } => {
                 self.counters.expected_builds += 1;
-                Goal::Drv(DerivationGoal::new(drv_path, outputs, mode))
+                Info::Drv {
+                    drv_path: drv_path.clone(),
+                    mode: *mode,
+                    wanted: outputs.clone(),
+                    started: false,
+                }
             }
-            GoalRequest::Substitution { path, repair } => {
+            GoalRequest::Substitution { path, .. } => {
                 self.counters.expected_substitutions += 1;
-                Goal::Subst(PathSubstitutionGoal::new(path, repair))
+                Info::Subst { path: path.clone() }
             }
-            GoalRequest::DrvOutput { id, repair } => {
-                Goal::DrvOut(DrvOutputSubstitutionGoal::new(id, repair))
-            }
+            GoalRequest::DrvOutput { .. } => Info::DrvOut,
         };
         self.goals.insert(
             id,
             Entry {
-                goal,
+                info,
                 key: key.clone(),
-                waiters: HashSet::new(),
-                waitees: HashMap::new(),
+                waiters: BTreeSet::new(),
+                waitees: BTreeMap::new(),
                 top_level: false,
                 priority: 0,
                 substituting: false,
@@ -410,34 +459,17 @@ impl WorkerCore {
             },
         );
         self.keys.insert(key, id);
-        self.queue.push_back((id, Event::Start));
+        self.actions.push(Action::Spawn {
+            goal: id,
+            machine: Box::new(AnyGoal::for_request(req)),
+        });
+        self.send(id, ToGoal::Start);
         id
     }
 
-    fn run(&mut self) {
-        while let Some((id, ev)) = self.queue.pop_front() {
-            if self.finished {
-                self.queue.clear();
-                break;
-            }
-            let ctx = GoalCtx {
-                settings: &self.settings,
-                hook_enabled: self.hook_enabled,
-                n_substituters: self.n_substituters,
-                store_dir: &self.store_dir,
-            };
-            let Some(e) = self.goals.get_mut(&id) else {
-                continue;
-            };
-            let fx = match &mut e.goal {
-                Goal::Drv(g) => g.handle(ev, &ctx),
-                Goal::Subst(g) => g.handle(ev, &ctx),
-                Goal::DrvOut(g) => g.handle(ev, &ctx),
-            };
-            for f in fx {
-                self.apply(id, f);
-            }
-        }
+    /// After a batch of changes: ends the run when nothing is left, and sends the
+    /// counters once.
+    fn settle(&mut self) {
         if !self.finished && self.pending_top.is_empty() {
             self.finish();
         }
@@ -448,134 +480,103 @@ impl WorkerCore {
         }
     }
 
-    fn apply(&mut self, id: GoalId, f: Effect) {
-        if self.finished {
-            return;
+    fn slots(&mut self, kind: SlotKind) -> &mut Slots {
+        match kind {
+            SlotKind::Build => &mut self.build_slots,
+            SlotKind::Substitution => &mut self.subst_slots,
         }
-        match f {
-            Effect::Blocking(job) => self.actions.push(Action::Blocking { goal: id, job }),
-            Effect::WaitFor(reqs) => self.wait_for(id, reqs),
-            Effect::AcquireBuildSlot => {
-                let prio = self.goals.get(&id).map(|e| e.priority).unwrap_or(0);
-                if self.build_slots.acquire(id, prio) {
-                    self.queue.push_back((id, Event::SlotGranted));
+    }
+
+    fn apply(&mut self, id: GoalId, report: GoalReport) {
+        match report {
+            GoalReport::WaitFor(reqs) => self.wait_for(id, reqs),
+            GoalReport::AcquireSlot(kind) => {
+                // Builds are served by the critical path above them; substitutions
+                // in request order.
+                let prio = match kind {
+                    SlotKind::Build => self.goals.get(&id).map(|e| e.priority).unwrap_or(0),
+                    SlotKind::Substitution => 0,
+                };
+                if self.slots(kind).acquire(id, prio) {
+                    self.send(id, ToGoal::SlotGranted);
                 }
             }
-            Effect::ReleaseBuildSlot => {
-                if let Some(next) = self.build_slots.release(id) {
-                    self.queue.push_back((next, Event::SlotGranted));
+            GoalReport::ReleaseSlot(kind) => {
+                if let Some(next) = self.slots(kind).release(id) {
+                    self.send(next, ToGoal::SlotGranted);
                 }
             }
-            Effect::AcquireSubstSlot => {
-                if self.subst_slots.acquire(id, 0) {
-                    self.queue.push_back((id, Event::SlotGranted));
-                }
+            GoalReport::Progress(p) => self.progress(id, p),
+            GoalReport::Finished(f) => self.goal_done(id, f),
+            GoalReport::Fatal(msg) => {
+                self.fatal = Some(msg);
+                self.finish();
             }
-            Effect::ReleaseSubstSlot => {
-                if let Some(next) = self.subst_slots.release(id) {
-                    self.queue.push_back((next, Event::SlotGranted));
-                }
-            }
-            Effect::WaitForAWhile => self.actions.push(Action::Timer { goal: id }),
-            Effect::HookTry {
-                am_willing,
-                system,
-                drv_path,
-                required_features,
-            } => {
-                if self.hook_enabled {
-                    self.actions.push(Action::HookTry {
-                        goal: id,
-                        am_willing,
-                        system,
-                        drv_path,
-                        required_features,
-                    })
-                } else {
-                    self.queue.push_back((
-                        id,
-                        Event::HookReply(crate::messages::HookReply::DeclinePermanently),
-                    ))
-                }
-            }
-            Effect::DisableHook => self.hook_enabled = false,
-            Effect::HookBuild {
-                job,
-                drv_path,
-                inputs,
-                missing_outputs,
-            } => self.actions.push(Action::HookBuild {
-                goal: id,
-                job,
-                drv_path,
-                inputs,
-                missing_outputs,
-            }),
-            Effect::RunLocalBuild(request) => self
-                .actions
-                .push(Action::RunLocalBuild { goal: id, request }),
-            Effect::BuildStarted { machine } => {
-                self.counters.running_builds += 1;
-                if let Some(Entry {
-                    goal: Goal::Drv(g), ..
-                }) = self.goals.get(&id)
+        }
+    }
+
+    fn progress(&mut self, id: GoalId, p: GoalProgressKind) {
+        let Some(e) = self.goals.get_mut(&id) else {
+            return;
+        };
+        match p {
+            GoalProgressKind::BuildStarted { machine } => {
+                if let Info::Drv {
+                    drv_path,
+                    mode,
+                    started,
+                    ..
+                } = &mut e.info
                 {
-                    let verb = match g.mode {
+                    if !*started {
+                        *started = true;
+                        self.counters.running_builds += 1;
+                    }
+                    let verb = match mode {
                         BuildMode::Normal => "building",
                         BuildMode::Repair => "repairing outputs of",
                         BuildMode::Check => "checking outputs of",
                     };
                     self.actions
                         .push(Action::Progress(ProgressEvent::BuildStarted {
-                            drv_path: g.drv_path.clone(),
+                            drv_path: drv_path.clone(),
                             machine,
                             verb,
                         }));
                 }
             }
-            Effect::SubstitutionStarted { uri, transfer } => {
-                if let Some(e) = self.goals.get_mut(&id) {
-                    if !e.substituting {
-                        e.substituting = true;
-                        self.counters.running_substitutions += 1;
-                    }
-                    if let Goal::Subst(g) = &e.goal {
-                        self.actions
-                            .push(Action::Progress(ProgressEvent::SubstitutionStarted {
-                                path: g.path.clone(),
-                                uri,
-                                transfer: transfer.unwrap_or_default(),
-                            }));
-                    }
+            GoalProgressKind::SubstitutionStarted { uri, transfer } => {
+                if !e.substituting {
+                    e.substituting = true;
+                    self.counters.running_substitutions += 1;
+                }
+                if let Info::Subst { path } = &e.info {
+                    self.actions
+                        .push(Action::Progress(ProgressEvent::SubstitutionStarted {
+                            path: path.clone(),
+                            uri,
+                            transfer: transfer.unwrap_or_default(),
+                        }));
                 }
             }
-            Effect::SubstitutionStopped => {
-                if let Some(e) = self.goals.get_mut(&id) {
-                    if e.substituting {
-                        e.substituting = false;
-                        self.counters.running_substitutions -= 1;
-                    }
+            GoalProgressKind::SubstitutionStopped => {
+                if e.substituting {
+                    e.substituting = false;
+                    self.counters.running_substitutions -= 1;
                 }
             }
-            Effect::SubstitutionSizes {
+            GoalProgressKind::SubstitutionSizes {
                 nar_size,
                 download_size,
             } => {
-                if let Some(e) = self.goals.get_mut(&id) {
-                    let c = &mut self.counters;
-                    c.expected_nar_size = c.expected_nar_size - e.sizes.0 + nar_size;
-                    c.expected_download_size = c.expected_download_size - e.sizes.1 + download_size;
-                    e.sizes = (nar_size, download_size);
-                }
+                let c = &mut self.counters;
+                c.expected_nar_size = c.expected_nar_size - e.sizes.0 + nar_size;
+                c.expected_download_size = c.expected_download_size - e.sizes.1 + download_size;
+                e.sizes = (nar_size, download_size);
             }
-            Effect::Message(m) => self
+            GoalProgressKind::Message(m) => self
                 .actions
                 .push(Action::Progress(ProgressEvent::Message(m))),
-            Effect::Done(outcome) => self.goal_done(id, outcome),
-            Effect::Fatal(msg) => {
-                self.fatal = Some(msg);
-                self.finish();
-            }
         }
     }
 
@@ -598,7 +599,7 @@ impl WorkerCore {
             }
         }
         if added == 0 {
-            self.queue.push_back((waiter, Event::WaiteesDone));
+            self.send(waiter, ToGoal::AllSubGoalsDone);
         }
     }
 
@@ -621,13 +622,110 @@ impl WorkerCore {
         }
     }
 
-    fn goal_done(&mut self, id: GoalId, outcome: GoalOutcome) {
+    /// A derivation goal finished before it heard of outputs asked for later (the
+    /// race between "goal finished" and "more outputs wanted"): the requests its
+    /// result does not cover move to a new goal for their outputs, as Nix makes a
+    /// new goal when the old one is gone.
+    fn move_uncovered_requests(&mut self, id: GoalId, served: &OutputsSpec) {
+        let Some(entry) = self.goals.get(&id) else {
+            return;
+        };
+        let Info::Drv {
+            drv_path,
+            mode,
+            wanted,
+            ..
+        } = &entry.info
+        else {
+            return;
+        };
+        if wanted.is_subset_of(served) {
+            return;
+        }
+        let (drv_path, mode) = (drv_path.clone(), *mode);
+        let covered = |outputs: &OutputsSpec| outputs.is_subset_of(served);
+        let moved_waiters: Vec<GoalId> = entry
+            .waiters
+            .iter()
+            .copied()
+            .filter(|w| {
+                self.goals.get(w).and_then(|we| we.waitees.get(&id)).is_some_and(|r| {
+                    matches!(r, GoalRequest::Derivation { outputs, .. } if !covered(outputs))
+                })
+            })
+            .collect();
+        let moved_top: Vec<usize> = (0..self.top.len())
+            .filter(|&i| {
+                self.top[i].1 == id
+                    && matches!(&self.top[i].0, DerivedPath::Built { outputs, .. } if !covered(outputs))
+            })
+            .collect();
+        if moved_waiters.is_empty() && moved_top.is_empty() {
+            return;
+        }
+        let mut outputs = OutputsSpec::Names(Default::default());
+        for w in &moved_waiters {
+            if let Some(GoalRequest::Derivation { outputs: o, .. }) =
+                self.goals.get(w).and_then(|we| we.waitees.get(&id))
+            {
+                outputs = outputs.union(o);
+            }
+        }
+        for &i in &moved_top {
+            outputs = outputs.union(&request_outputs(&self.top[i].0));
+        }
+        // The finished goal no longer answers for its key: a new goal takes it.
+        let key = entry.key.clone();
+        if self.keys.get(&key) == Some(&id) {
+            self.keys.remove(&key);
+        }
+        let new = self.make_goal(GoalRequest::Derivation {
+            drv_path,
+            outputs,
+            mode,
+        });
+        for w in moved_waiters {
+            let req = self.goals.get_mut(&w).and_then(|we| we.waitees.remove(&id));
+            if let Some(e) = self.goals.get_mut(&id) {
+                e.waiters.remove(&w);
+            }
+            if let Some(req) = req {
+                if let Some(we) = self.goals.get_mut(&w) {
+                    we.waitees.insert(new, req);
+                }
+                if let Some(ne) = self.goals.get_mut(&new) {
+                    ne.waiters.insert(w);
+                }
+            }
+        }
+        if !moved_top.is_empty() {
+            for i in moved_top {
+                self.top[i].1 = new;
+            }
+            if let Some(ne) = self.goals.get_mut(&new) {
+                ne.top_level = true;
+            }
+            self.pending_top.insert(new);
+            if !self.top.iter().any(|(_, t)| *t == id) {
+                self.pending_top.remove(&id);
+                if let Some(e) = self.goals.get_mut(&id) {
+                    e.top_level = false;
+                }
+            }
+        }
+    }
+
+    fn goal_done(&mut self, id: GoalId, f: Finished) {
+        if let Some(served) = &f.wanted {
+            self.move_uncovered_requests(id, served);
+        }
         let Some(entry) = self.goals.remove(&id) else {
             return;
         };
         if self.keys.get(&entry.key) == Some(&id) {
             self.keys.remove(&entry.key);
         }
+        let outcome = Arc::new(f.outcome);
         self.flags.record(&outcome.result, outcome.hash_mismatch);
         if outcome.check_mismatch {
             self.flags.check_mismatch = true;
@@ -642,10 +740,18 @@ impl WorkerCore {
             self.counters.done_nar_size += entry.sizes.0;
             self.counters.done_download_size += entry.sizes.1;
         }
-        match &entry.goal {
-            Goal::Drv(g) => {
+        // A finished goal's slots are free (it may hold one if it failed early).
+        for kind in [SlotKind::Build, SlotKind::Substitution] {
+            if let Some(next) = self.slots(kind).release(id) {
+                self.send(next, ToGoal::SlotGranted);
+            }
+        }
+        match &entry.info {
+            Info::Drv {
+                drv_path, started, ..
+            } => {
                 self.counters.expected_builds -= 1;
-                if g.started() {
+                if *started {
                     self.counters.running_builds -= 1;
                 }
                 if status == BuildStatus::Built {
@@ -654,33 +760,28 @@ impl WorkerCore {
                 if !outcome.result.success() && status != BuildStatus::DependencyFailed {
                     self.counters.failed_builds += 1;
                 }
-                if g.has_slot() {
-                    if let Some(next) = self.build_slots.release(id) {
-                        self.queue.push_back((next, Event::SlotGranted));
-                    }
-                }
                 self.actions
                     .push(Action::Progress(ProgressEvent::BuildFinished {
-                        drv_path: g.drv_path.clone(),
+                        drv_path: drv_path.clone(),
                         status,
                     }));
             }
-            Goal::Subst(g) => {
+            Info::Subst { path } => {
                 self.counters.expected_substitutions -= 1;
                 if status == BuildStatus::Substituted {
                     self.counters.done_substitutions += 1;
                 }
-                if outcome.exit == ExitCode::Failed && g.substituter_failed() {
+                if outcome.exit == ExitCode::Failed && f.substituter_failed {
                     self.counters.failed_substitutions += 1;
                 }
                 self.actions
                     .push(Action::Progress(ProgressEvent::SubstitutionFinished {
-                        path: g.path.clone(),
+                        path: path.clone(),
                         status,
                     }));
             }
-            Goal::DrvOut(g) => {
-                if outcome.exit == ExitCode::Failed && g.substituter_failed() {
+            Info::DrvOut => {
+                if outcome.exit == ExitCode::Failed && f.substituter_failed {
                     self.counters.failed_substitutions += 1;
                 }
             }
@@ -689,7 +790,7 @@ impl WorkerCore {
             self.any_failed = true;
             // Nix logs the errors of derivation goals other goals wait for
             // (substitution goals only log at debug level).
-            let is_drv = matches!(entry.goal, Goal::Drv(_));
+            let is_drv = matches!(entry.info, Info::Drv { .. });
             if is_drv && !entry.top_level && !outcome.result.error_msg.is_empty() {
                 self.actions
                     .push(Action::Progress(ProgressEvent::Message(format!(
@@ -703,30 +804,31 @@ impl WorkerCore {
             self.drop_waiter(*dep, id);
         }
         let early_stop = outcome.exit == ExitCode::Failed && !self.settings.keep_going;
-        let mut waiters: Vec<GoalId> = entry.waiters.iter().copied().collect();
-        waiters.sort_unstable();
-        for w in waiters {
+        for w in entry.waiters.iter().copied() {
             let Some(we) = self.goals.get_mut(&w) else {
                 continue;
             };
             let Some(request) = we.waitees.remove(&id) else {
                 continue;
             };
-            self.queue.push_back((
+            let rest: Vec<GoalId> = if we.waitees.is_empty() || !early_stop {
+                Vec::new()
+            } else {
+                std::mem::take(&mut we.waitees).into_keys().collect()
+            };
+            let all_done = we.waitees.is_empty();
+            self.send(
                 w,
-                Event::WaiteeDone(WaiteeResult {
+                ToGoal::SubGoalDone(WaiteeResult {
                     request,
                     outcome: outcome.clone(),
                 }),
-            ));
-            if we.waitees.is_empty() {
-                self.queue.push_back((w, Event::WaiteesDone));
-            } else if early_stop {
-                let rest: Vec<GoalId> = we.waitees.drain().map(|(d, _)| d).collect();
-                self.queue.push_back((w, Event::WaiteesDone));
-                for d in rest {
-                    self.drop_waiter(d, w);
-                }
+            );
+            if all_done {
+                self.send(w, ToGoal::AllSubGoalsDone);
+            }
+            for d in rest {
+                self.drop_waiter(d, w);
             }
         }
         if entry.top_level {
@@ -762,41 +864,35 @@ impl WorkerCore {
         if self.keys.get(&entry.key) == Some(&id) {
             self.keys.remove(&entry.key);
         }
+        self.send(id, ToGoal::Cancel);
         if entry.substituting {
             self.counters.running_substitutions -= 1;
         }
         self.counters.expected_nar_size -= entry.sizes.0;
         self.counters.expected_download_size -= entry.sizes.1;
-        if let Some(next) = self.subst_slots.release(id) {
-            self.queue.push_back((next, Event::SlotGranted));
+        for kind in [SlotKind::Substitution, SlotKind::Build] {
+            if let Some(next) = self.slots(kind).release(id) {
+                self.send(next, ToGoal::SlotGranted);
+            }
         }
-        if let Some(next) = self.build_slots.release(id) {
-            self.queue.push_back((next, Event::SlotGranted));
-        }
-        match &entry.goal {
-            Goal::Drv(g) => {
+        match &entry.info {
+            Info::Drv { started, .. } => {
                 self.counters.expected_builds -= 1;
-                if g.started() && !g.is_done() {
+                if *started {
                     self.counters.running_builds -= 1;
                 }
-                if g.is_building_locally() {
-                    self.actions.push(Action::CancelLocalBuild { goal: id });
-                }
-                if g.is_building_remotely() {
-                    self.actions.push(Action::CancelHookBuild { goal: id });
-                }
             }
-            Goal::Subst(g) => {
+            Info::Subst { path } => {
                 self.counters.expected_substitutions -= 1;
                 if entry.substituting {
                     // Its copy job may still run, but no longer counts.
                     self.actions
                         .push(Action::Progress(ProgressEvent::SubstitutionCancelled {
-                            path: g.path.clone(),
+                            path: path.clone(),
                         }));
                 }
             }
-            Goal::DrvOut(_) => {}
+            Info::DrvOut => {}
         }
         for dep in entry.waitees.keys() {
             self.drop_waiter(*dep, id);
@@ -821,6 +917,9 @@ impl WorkerCore {
                 self.failed_top.push(id);
             }
         }
+        // Nothing undelivered reaches a goal of an ended run: only the cancels.
+        self.actions
+            .retain(|a| !matches!(a, Action::ToGoal { msg, .. } if !matches!(msg, ToGoal::Cancel)));
         let ids: Vec<GoalId> = self.goals.keys().copied().collect();
         for id in ids {
             if let Some(e) = self.goals.get_mut(&id) {
@@ -829,14 +928,12 @@ impl WorkerCore {
             self.cancel(id);
         }
         self.finished = true;
-        self.queue.clear();
         if self.counters != self.sent_counters {
             self.sent_counters = self.counters;
             self.actions
                 .push(Action::Progress(ProgressEvent::Counters(self.counters)));
         }
     }
-
     /// The results of a finished run.
     pub fn outcome(&self) -> RealiseOutcome {
         let mut results = Vec::new();
@@ -989,7 +1086,7 @@ mod tests {
             &[("out".to_string(), ts.output(&blocker, "out"))].into(),
         )
         .unwrap();
-        c.deliver(
+        drv.deliver(
             gid,
             Event::LocalBuildFinished(LocalBuildFinished {
                 id: gid,
@@ -1105,45 +1202,29 @@ mod tests {
         );
         // Runs every job but the copy, which stays in flight until the failed
         // build ends the run (no keep-going).
-        let mut progress = Vec::new();
-        let mut copying = false;
-        while !c.is_finished() {
-            let mut next = Vec::new();
-            for a in c.take_actions() {
-                match a {
-                    Action::Progress(ev) => {
-                        copying |= matches!(ev, ProgressEvent::SubstitutionStarted { .. });
-                        progress.push(ev);
-                    }
-                    Action::Blocking { goal, job } => {
-                        if std::mem::take(&mut copying) {
-                            continue;
-                        }
-                        next.push((goal, job(&drv.env)));
-                    }
-                    Action::RunLocalBuild { goal, .. } => next.push((
-                        goal,
-                        Event::LocalBuildFinished(LocalBuildFinished {
-                            id: goal,
-                            result: BuildResult::failure(BuildStatus::PermanentFailure, "no"),
-                            hash_mismatch: false,
-                            outputs: Default::default(),
-                        }),
-                    )),
-                    _ => {}
-                }
-            }
-            assert!(!next.is_empty(), "stuck: {progress:?}");
-            for (g, ev) in next {
-                c.deliver(g, ev);
-            }
-        }
-        assert_ne!(c.outcome().exit_status, 0);
-        for a in c.take_actions() {
-            if let Action::Progress(ev) = a {
-                progress.push(ev);
-            }
-        }
+        let mut drv = drv;
+        drv.build = Box::new(|_| {
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::failure(BuildStatus::PermanentFailure, "no"),
+                hash_mismatch: false,
+                outputs: Default::default(),
+            })
+        });
+        // The first substitution job after the copy started is the copy.
+        let mut held = false;
+        drv.hold_job = Box::new(move |kind, progress| {
+            let hold = !held
+                && kind == "path substitution"
+                && progress
+                    .iter()
+                    .any(|e| matches!(e, ProgressEvent::SubstitutionStarted { .. }));
+            held |= hold;
+            hold
+        });
+        let out = drv.run(&mut c).expect("finished");
+        assert_ne!(out.exit_status, 0);
+        let progress = std::mem::take(&mut drv.progress);
         let names: Vec<String> = progress
             .iter()
             .filter_map(|e| match e {

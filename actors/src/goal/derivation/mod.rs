@@ -1673,7 +1673,7 @@ mod tests {
             &mut g,
             Event::WaiteeDone(WaiteeResult {
                 request: req,
-                outcome: o,
+                outcome: Arc::new(o),
             }),
         );
         // inputsRealised → tryToBuild → no hook → tryLocalBuild wants a slot.

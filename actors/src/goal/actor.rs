@@ -1,0 +1,277 @@
+//! The goal actor: one actix actor per live goal, a thin shell around a
+//! [`GoalHost`] (the state machine and the shared effect performer).
+//!
+//! `GoalActor<DerivationGoal>`, `GoalActor<PathSubstitutionGoal>` and
+//! `GoalActor<DrvOutputSubstitutionGoal>` are the three goal actors. Each takes the
+//! Worker's messages ([`StartGoal`], [`SubGoalDone`], [`AllSubGoalsDone`],
+//! [`SlotGranted`], [`AddWantedOutputs`], [`CancelGoal`]) and the replies of the
+//! actors it uses itself — the LocalBuilder ([`LocalBuildFinished`]), the hook pool
+//! (the answer to [`HookTry`]) and the hook job ([`HookFinished`]) — and reports to
+//! the Worker through the injected [`WorkerLink`]. Blocking store jobs run on the
+//! store executor and their futures live in the goal's own context, so the Worker's
+//! context never holds one future per waiting goal.
+//!
+//! A goal actor that stops without having reported an end (dropped, its arbiter
+//! stopped) sends [`GoalStopped`]; a panicking step or store job becomes a failed
+//! goal ([`GoalHost`]).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::host::{EffectSink, GoalEnv, GoalHost, GoalMachine, GoalReport, HookBuildWork};
+use super::{Event, GoalId, Job};
+use crate::messages::{
+    AcquireSlot, AddWantedOutputs, AllSubGoalsDone, CancelGoal, CancelHookBuild, CancelLocalBuild,
+    GoalFatal, GoalFinished, GoalProgress, GoalStopped, HookBuild, HookFinished, HookReply,
+    HookTry, LocalBuildFinished, LocalBuildRequest, ReleaseSlot, RequestSubGoals, RunLocalBuild,
+    SlotGranted, StartGoal, SubGoalDone, WorkerLink,
+};
+use crate::store_executor::StoreExecutor;
+
+/// What every goal actor of a run is given: the actors it reaches and the run's
+/// shared goal environment. Injected at construction; tests pass fakes.
+#[derive(Clone)]
+pub struct GoalServices {
+    pub env: Arc<GoalEnv>,
+    pub executor: StoreExecutor,
+    pub local_builder: Recipient<RunLocalBuild>,
+    pub cancel_local_build: Recipient<CancelLocalBuild>,
+    /// The hook pool, when a build hook is configured.
+    pub hook: Option<Recipient<HookTry>>,
+    pub cancel_hook_build: Option<Recipient<CancelHookBuild>>,
+    pub worker: WorkerLink,
+}
+
+/// One live goal.
+pub struct GoalActor<G: GoalMachine> {
+    host: GoalHost<G>,
+    services: Arc<GoalServices>,
+}
+
+impl<G: GoalMachine + Unpin> GoalActor<G> {
+    pub fn new(id: GoalId, goal: G, services: Arc<GoalServices>) -> GoalActor<G> {
+        GoalActor {
+            host: GoalHost::new(id, goal, services.env.clone()),
+            services,
+        }
+    }
+
+    fn step(&mut self, ev: Event, ctx: &mut Context<Self>) {
+        let GoalActor { host, services } = self;
+        let id = host.id;
+        host.step(
+            ev,
+            &mut ActorSink {
+                id,
+                services,
+                ctx: &mut *ctx,
+            },
+        );
+        if host.is_finished() {
+            ctx.stop();
+        }
+    }
+
+    fn on_job(&mut self, ev: Result<Event, String>, ctx: &mut Context<Self>) {
+        // What the job had to say comes before what its result causes.
+        for m in self.services.executor.env().contents.take_notices() {
+            self.services.worker.progress.do_send(GoalProgress {
+                goal: self.host.id,
+                progress: super::host::GoalProgressKind::Message(m),
+            });
+        }
+        match ev {
+            Ok(ev) => self.step(ev, ctx),
+            Err(panic) => {
+                let GoalActor { host, services } = self;
+                let id = host.id;
+                host.job_panicked(
+                    &panic,
+                    &mut ActorSink {
+                        id,
+                        services,
+                        ctx: &mut *ctx,
+                    },
+                );
+                ctx.stop();
+            }
+        }
+    }
+}
+
+/// Performs a goal's own effects from inside its actor.
+struct ActorSink<'a, G: GoalMachine + Unpin> {
+    id: GoalId,
+    services: &'a GoalServices,
+    ctx: &'a mut Context<GoalActor<G>>,
+}
+
+impl<G: GoalMachine + Unpin> EffectSink for ActorSink<'_, G> {
+    fn blocking(&mut self, job: Job) {
+        let fut = self.services.executor.run(job);
+        self.ctx.spawn(
+            actix::fut::wrap_future::<_, GoalActor<G>>(fut).map(|ev, act, ctx| act.on_job(ev, ctx)),
+        );
+    }
+
+    fn run_local_build(&mut self, request: LocalBuildRequest) {
+        self.services.local_builder.do_send(RunLocalBuild {
+            id: self.id,
+            request,
+            reply_to: self.ctx.address().recipient(),
+        });
+    }
+
+    fn cancel_local_build(&mut self) {
+        self.services
+            .cancel_local_build
+            .do_send(CancelLocalBuild { id: self.id });
+    }
+
+    fn hook_try(&mut self, request: HookTry) {
+        let Some(hook) = &self.services.hook else {
+            self.later(Event::HookReply(HookReply::DeclinePermanently));
+            return;
+        };
+        let fut = hook.send(request);
+        self.ctx.spawn(
+            actix::fut::wrap_future::<_, GoalActor<G>>(fut).map(|r, act, ctx| {
+                // A hook pool that went away counts as declining permanently.
+                let reply = r.unwrap_or(HookReply::DeclinePermanently);
+                act.step(Event::HookReply(reply), ctx);
+            }),
+        );
+    }
+
+    fn hook_build(&mut self, job: Recipient<HookBuild>, w: HookBuildWork) {
+        job.do_send(HookBuild {
+            id: w.id,
+            inputs: w.inputs,
+            missing_outputs: w.missing_outputs,
+            log: w.log,
+            reply_to: self.ctx.address().recipient(),
+        });
+    }
+
+    fn cancel_hook_build(&mut self) {
+        if let Some(c) = &self.services.cancel_hook_build {
+            c.do_send(CancelHookBuild { id: self.id });
+        }
+    }
+
+    fn wake_later(&mut self) {
+        let interval = self.services.env.settings.poll_interval;
+        self.ctx
+            .run_later(interval, |act, ctx| act.step(Event::Wake, ctx));
+    }
+
+    fn later(&mut self, ev: Event) {
+        self.ctx.notify(Later(ev));
+    }
+
+    fn report(&mut self, report: GoalReport) {
+        let w = &self.services.worker;
+        let goal = self.id;
+        match report {
+            GoalReport::WaitFor(requests) => w
+                .request_sub_goals
+                .do_send(RequestSubGoals { goal, requests }),
+            GoalReport::AcquireSlot(kind) => w.acquire_slot.do_send(AcquireSlot { goal, kind }),
+            GoalReport::ReleaseSlot(kind) => w.release_slot.do_send(ReleaseSlot { goal, kind }),
+            GoalReport::Progress(progress) => w.progress.do_send(GoalProgress { goal, progress }),
+            GoalReport::Finished(finished) => w.finished.do_send(GoalFinished { goal, finished }),
+            GoalReport::Fatal(error) => w.fatal.do_send(GoalFatal { goal, error }),
+        }
+    }
+}
+
+/// An event for the goal on a later turn.
+struct Later(Event);
+
+impl Message for Later {
+    type Result = ();
+}
+
+impl<G: GoalMachine + Unpin> Actor for GoalActor<G> {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if !self.host.is_finished() {
+            self.services
+                .worker
+                .stopped
+                .do_send(GoalStopped { goal: self.host.id });
+        }
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<Later> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, msg: Later, ctx: &mut Context<Self>) {
+        self.step(msg.0, ctx);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<StartGoal> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, _: StartGoal, ctx: &mut Context<Self>) {
+        self.step(Event::Start, ctx);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<SubGoalDone> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, msg: SubGoalDone, ctx: &mut Context<Self>) {
+        self.step(Event::WaiteeDone(msg.0), ctx);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<AllSubGoalsDone> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, _: AllSubGoalsDone, ctx: &mut Context<Self>) {
+        self.step(Event::WaiteesDone, ctx);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<SlotGranted> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, _: SlotGranted, ctx: &mut Context<Self>) {
+        self.step(Event::SlotGranted, ctx);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<AddWantedOutputs> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, msg: AddWantedOutputs, _: &mut Context<Self>) {
+        self.host.add_wanted_outputs(&msg.0);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<CancelGoal> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, _: CancelGoal, ctx: &mut Context<Self>) {
+        let GoalActor { host, services } = self;
+        let id = host.id;
+        host.cancel(&mut ActorSink {
+            id,
+            services,
+            ctx: &mut *ctx,
+        });
+        ctx.stop();
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<LocalBuildFinished> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, msg: LocalBuildFinished, ctx: &mut Context<Self>) {
+        self.step(Event::LocalBuildFinished(msg), ctx);
+    }
+}
+
+impl<G: GoalMachine + Unpin> Handler<HookFinished> for GoalActor<G> {
+    type Result = ();
+    fn handle(&mut self, msg: HookFinished, ctx: &mut Context<Self>) {
+        self.step(Event::HookFinished(msg), ctx);
+    }
+}
