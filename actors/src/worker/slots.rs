@@ -12,6 +12,8 @@ pub struct Slots {
     capacity: u64,
     holders: HashSet<GoalId>,
     waiting: BinaryHeap<(u64, Reverse<u64>, GoalId)>,
+    /// The goals in `waiting` that still wait.
+    queued: HashSet<GoalId>,
     /// Waiters that went away before being served (skipped lazily).
     gone: HashSet<GoalId>,
     seq: u64,
@@ -42,13 +44,17 @@ impl Slots {
         }
         self.seq += 1;
         self.waiting.push((priority, Reverse(self.seq), goal));
+        self.queued.insert(goal);
         false
     }
 
-    /// Frees the goal's slot (or forgets its wait); returns the one waiter now granted.
+    /// Frees the goal's slot (or forgets its wait; a goal that neither holds nor
+    /// waits for one is no-op); returns the one waiter now granted.
     pub fn release(&mut self, goal: GoalId) -> Option<GoalId> {
         if !self.holders.remove(&goal) {
-            self.gone.insert(goal);
+            if self.queued.remove(&goal) {
+                self.gone.insert(goal);
+            }
             return None;
         }
         self.grant_next()
@@ -62,6 +68,7 @@ impl Slots {
             if self.gone.remove(&g) {
                 continue;
             }
+            self.queued.remove(&g);
             self.holders.insert(g);
             return Some(g);
         }
@@ -99,5 +106,15 @@ mod tests {
         assert_eq!(s.release(1), Some(4));
         let mut z = Slots::new(0);
         assert!(!z.acquire(1, 0));
+    }
+
+    #[test]
+    fn releasing_a_goal_that_never_asked_leaves_nothing_behind() {
+        let mut s = Slots::new(1);
+        for g in 10..1000 {
+            assert_eq!(s.release(g), None);
+        }
+        assert!(s.gone.is_empty() && s.queued.is_empty());
+        assert!(s.acquire(1, 0));
     }
 }
