@@ -780,3 +780,80 @@ fn feed<G: GoalMachine>(h: &mut GoalHost<G>, input: Input, sink: &mut SyncSink) 
         Input::Job(..) => unreachable!("jobs are run before they reach a goal"),
     }
 }
+
+/// A goal → Worker message, as a [`FakeWorker`] passes it on.
+#[derive(Debug)]
+pub enum FromGoal {
+    RequestSubGoals(crate::messages::RequestSubGoals),
+    AcquireSlot(crate::messages::AcquireSlot),
+    ReleaseSlot(crate::messages::ReleaseSlot),
+    Progress(crate::messages::GoalProgress),
+    Finished(crate::messages::GoalFinished),
+    Fatal(crate::messages::GoalFatal),
+    Stopped(crate::messages::GoalStopped),
+}
+
+/// A Worker stand-in for goal actor tests: every message a goal sends it goes to a
+/// channel, so the test sees them in order and answers the goal itself.
+pub struct FakeWorker {
+    pub tx: tokio::sync::mpsc::UnboundedSender<FromGoal>,
+}
+
+impl FakeWorker {
+    /// A started fake Worker, the link goals report to, and the receiving end.
+    pub fn start() -> (
+        Addr<FakeWorker>,
+        crate::messages::WorkerLink,
+        tokio::sync::mpsc::UnboundedReceiver<FromGoal>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let addr = FakeWorker { tx }.start();
+        let link = crate::messages::WorkerLink::to(&addr);
+        (addr, link, rx)
+    }
+}
+
+impl Actor for FakeWorker {
+    type Context = Context<Self>;
+}
+
+macro_rules! fake_worker_handles {
+    ($($msg:ident),*) => {$(
+        impl Handler<crate::messages::$msg> for FakeWorker {
+            type Result = ();
+            fn handle(&mut self, msg: crate::messages::$msg, _: &mut Context<Self>) {
+                let _ = self.tx.send(FromGoal::$msg(msg));
+            }
+        }
+    )*};
+}
+
+fake_worker_handles!(RequestSubGoals, AcquireSlot, ReleaseSlot);
+
+impl Handler<crate::messages::GoalProgress> for FakeWorker {
+    type Result = ();
+    fn handle(&mut self, msg: crate::messages::GoalProgress, _: &mut Context<Self>) {
+        let _ = self.tx.send(FromGoal::Progress(msg));
+    }
+}
+
+impl Handler<crate::messages::GoalFinished> for FakeWorker {
+    type Result = ();
+    fn handle(&mut self, msg: crate::messages::GoalFinished, _: &mut Context<Self>) {
+        let _ = self.tx.send(FromGoal::Finished(msg));
+    }
+}
+
+impl Handler<crate::messages::GoalFatal> for FakeWorker {
+    type Result = ();
+    fn handle(&mut self, msg: crate::messages::GoalFatal, _: &mut Context<Self>) {
+        let _ = self.tx.send(FromGoal::Fatal(msg));
+    }
+}
+
+impl Handler<crate::messages::GoalStopped> for FakeWorker {
+    type Result = ();
+    fn handle(&mut self, msg: crate::messages::GoalStopped, _: &mut Context<Self>) {
+        let _ = self.tx.send(FromGoal::Stopped(msg));
+    }
+}

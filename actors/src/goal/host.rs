@@ -311,7 +311,7 @@ impl<G: GoalMachine> GoalHost<G> {
                 format!(
                     "internal error: the {} goal panicked: {}",
                     G::KIND,
-                    panic_message(&panic)
+                    panic_message(&*panic)
                 ),
                 sink,
             ),

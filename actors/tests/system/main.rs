@@ -7,6 +7,7 @@
 #[macro_use]
 mod nix_env;
 
+mod goal_actor;
 mod hook;
 mod interop;
 mod local_builder;
