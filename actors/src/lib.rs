@@ -74,11 +74,14 @@ pub mod hook;
 pub mod local_builder;
 pub mod log_collector;
 pub mod messages;
+pub mod plan;
 pub mod progress;
 pub mod store_executor;
 pub mod substituter;
+pub mod system;
 pub mod testing;
 pub mod worker;
 
+pub use system::{Events, System, SystemBuilder, SystemError, SystemEvent};
 pub use worker::actor::{spawn_worker, Realise, Worker, WorkerConfig};
 pub use worker::{KeyedBuildResult, RealiseOutcome, WorkerCore, WorkerSettings};

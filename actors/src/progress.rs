@@ -21,8 +21,20 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use drover::binary_cache::TransferProgress;
-use drover::build_result::BuildStatus;
+use drover::build_result::{BuildResult, BuildStatus};
+use drover::realisation::DrvOutput;
 use drover::store_path::StorePath;
+
+/// What a goal is for: the key the Worker deduplicates goals by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GoalKey {
+    /// A derivation goal: the `.drv` path.
+    Derivation(StorePath),
+    /// A path substitution goal: the store path.
+    Substitution(StorePath),
+    /// A drv-output substitution goal: the realisation's id.
+    DrvOutput(DrvOutput),
+}
 
 /// The counters of one run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -78,6 +90,11 @@ pub enum ProgressEvent {
     SubstitutionCancelled { path: StorePath },
     /// A message Nix would print (warnings, dependency errors, resolution notes).
     Message(String),
+    /// A goal was created (only with `WorkerSettings::goal_events`).
+    GoalStarted { goal: GoalKey },
+    /// A goal finished, with its result (only with `WorkerSettings::goal_events`;
+    /// cancelled goals do not finish).
+    GoalFinished { goal: GoalKey, result: BuildResult },
 }
 
 /// Live byte counts of one copy from a substituter: bumped by the copying thread,

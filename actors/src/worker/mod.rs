@@ -42,13 +42,12 @@ use std::time::Duration;
 use drover::build_result::{BuildResult, BuildStatus, FailureFlags};
 use drover::config::Settings;
 use drover::derived_path::{DerivedPath, OutputsSpec};
-use drover::realisation::DrvOutput;
 use drover::store_path::{StoreDir, StorePath};
 
 use crate::goal::host::{AnyGoal, Finished, GoalEnv, GoalProgressKind, GoalReport, SlotKind};
 use crate::goal::{ExitCode, GoalId, GoalOutcome, GoalRequest, WaiteeResult};
 use crate::messages::BuildMode;
-use crate::progress::{Counters, ProgressEvent};
+use crate::progress::{Counters, GoalKey, ProgressEvent};
 use slots::Slots;
 
 /// How far a priority raise travels down the goal graph.
@@ -99,6 +98,9 @@ pub struct WorkerSettings {
     /// `trusted-public-keys`.
     pub trusted_public_keys: drover::signature::PublicKeys,
     pub log: LogSettings,
+    /// Send [`ProgressEvent::GoalStarted`]/[`ProgressEvent::GoalFinished`] for every
+    /// goal (library users' event streams; the CLI does without).
+    pub goal_events: bool,
 }
 
 impl Default for WorkerSettings {
@@ -122,6 +124,7 @@ impl Default for WorkerSettings {
             require_sigs: true,
             trusted_public_keys: Default::default(),
             log: LogSettings::default(),
+            goal_events: false,
         }
     }
 }
@@ -171,6 +174,7 @@ impl WorkerSettings {
                 timeout: secs(s.timeout()),
                 echo: true,
             },
+            goal_events: false,
         }
     }
 }
@@ -247,16 +251,9 @@ enum Info {
     DrvOut,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
-    Drv(StorePath),
-    Subst(StorePath),
-    DrvOut(DrvOutput),
-}
-
 struct Entry {
     info: Info,
-    key: Key,
+    key: GoalKey,
     waiters: BTreeSet<GoalId>,
     /// Pending dependencies → the request that made them.
     waitees: BTreeMap<GoalId, GoalRequest>,
@@ -274,7 +271,7 @@ pub struct WorkerCore {
     store_dir: StoreDir,
     goal_env: Arc<GoalEnv>,
     goals: BTreeMap<GoalId, Entry>,
-    keys: HashMap<Key, GoalId>,
+    keys: HashMap<GoalKey, GoalId>,
     build_slots: Slots,
     subst_slots: Slots,
     actions: Vec<Action>,
@@ -402,9 +399,9 @@ impl WorkerCore {
 
     fn make_goal(&mut self, req: GoalRequest) -> GoalId {
         let key = match &req {
-            GoalRequest::Derivation { drv_path, .. } => Key::Drv(drv_path.clone()),
-            GoalRequest::Substitution { path, .. } => Key::Subst(path.clone()),
-            GoalRequest::DrvOutput { id, .. } => Key::DrvOut(id.clone()),
+            GoalRequest::Derivation { drv_path, .. } => GoalKey::Derivation(drv_path.clone()),
+            GoalRequest::Substitution { path, .. } => GoalKey::Substitution(path.clone()),
+            GoalRequest::DrvOutput { id, .. } => GoalKey::DrvOutput(id.clone()),
         };
         if let Some(&id) = self.keys.get(&key) {
             if let Some(e) = self.goals.get_mut(&id) {
@@ -458,6 +455,12 @@ impl WorkerCore {
                 sizes: (0, 0),
             },
         );
+        if self.settings.goal_events {
+            self.actions
+                .push(Action::Progress(ProgressEvent::GoalStarted {
+                    goal: key.clone(),
+                }));
+        }
         self.keys.insert(key, id);
         self.actions.push(Action::Spawn {
             goal: id,
@@ -726,6 +729,13 @@ impl WorkerCore {
             self.keys.remove(&entry.key);
         }
         let outcome = Arc::new(f.outcome);
+        if self.settings.goal_events {
+            self.actions
+                .push(Action::Progress(ProgressEvent::GoalFinished {
+                    goal: entry.key.clone(),
+                    result: outcome.result.clone(),
+                }));
+        }
         self.flags.record(&outcome.result, outcome.hash_mismatch);
         if outcome.check_mismatch {
             self.flags.check_mismatch = true;

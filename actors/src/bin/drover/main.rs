@@ -9,7 +9,6 @@ mod derivation;
 mod display;
 mod log;
 mod path_info;
-mod plan;
 mod realise;
 
 use std::process::ExitCode;

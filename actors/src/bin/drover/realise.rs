@@ -11,19 +11,13 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use actix::prelude::*;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store_path::{StoreDir, StorePath};
-use drover_actors::binary_cache_substituter::substituters_from_settings;
-use drover_actors::hook::{HookPool, HookPoolConfig};
-use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
-use drover_actors::log_collector::{starter_with, CollectorOptions};
 use drover_actors::messages::BuildMode;
 use drover_actors::progress::ProgressEvent;
-use drover_actors::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
+use drover_actors::{SystemBuilder, SystemEvent};
 
 use crate::display::Display;
-use crate::plan::{plan, print_plan, PlanOptions};
 use crate::Context;
 
 #[derive(clap::Args)]
@@ -117,79 +111,63 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         BuildMode::Normal
     };
-    let store = Arc::new(ctx.open_store()?);
+    let echo = !args.no_build_output;
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
     crate::display::share(&display);
-
-    let (substituters, warnings) = substituters_from_settings(settings);
-    for w in warnings {
-        display.lock().unwrap().line(&format!("warning: {w}"));
-    }
-    let options = PlanOptions {
-        parallel: settings
-            .get("http-connections")
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(25),
-        fallback: settings.fallback(),
-        ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
-        impure_derivations: settings.is_experimental_feature_enabled("impure-derivations"),
-    };
-    let plan = plan(&store, &substituters, &requests, &options)?;
-    print_plan(&store_dir, &plan, &display);
-    if args.dry_run {
-        return Ok(ExitCode::SUCCESS);
-    }
-
-    let echo = !args.no_build_output;
-    let mut builder_config = LocalBuilderConfig::from_settings(settings);
-    builder_config.echo = echo;
-    let mut worker_settings = WorkerSettings::from_settings(settings);
-    worker_settings.log.echo = echo;
-    let env = ctx.env.clone();
-    let settings = settings.clone();
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
+    let builder = SystemBuilder::new(settings)
+        .env(ctx.env.clone())
+        .echo(echo)
+        .stderr(stderr)
+        .goal_events(false)
+        .log_events(false);
 
-    let outcome: RealiseOutcome = actix::System::new().block_on(async move {
-        let mut options = CollectorOptions::new(None);
-        options.stderr = stderr;
-        let start_log = starter_with(options);
-        let builder = LocalBuilder::new(store.clone(), builder_config, start_log.clone()).start();
-        let hook_pool = settings.build_hook().map(|_| {
-            HookPool::new(HookPoolConfig::from_settings(&settings, &env, 3, start_log)).start()
-        });
-        let hook = hook_pool.clone().map(|p| p.recipient());
-        // Cancelled hook builds are killed through the pool, which knows its jobs.
-        let cancel_hook_build = hook_pool.map(|p| p.recipient());
-        let progress = ProgressPrinter {
-            display: display.clone(),
-            store_dir: store.store_dir().clone(),
+    let outcome = actix::System::new().block_on(async move {
+        let (system, mut events) = builder.start()?;
+        for w in system.warnings() {
+            display.lock().unwrap().line(&format!("warning: {w}"));
         }
-        .start();
-        let worker = Worker::new(WorkerConfig {
-            store: store.clone(),
-            local_builder: builder.clone().recipient(),
-            cancel_local_build: builder.recipient(),
-            hook,
-            cancel_hook_build,
-            substituters,
-            settings: worker_settings,
-            progress: Some(progress.recipient()),
-        })
-        .start();
-        let outcome = worker.send(Realise { requests, mode }).await;
-        let outcome = outcome.unwrap_or_else(|e| RealiseOutcome {
-            results: Vec::new(),
-            exit_status: 1,
-            errors: vec![format!("the worker stopped unexpectedly: {e}")],
-        });
+        let plan = system.plan(&requests)?;
+        {
+            let mut d = display.lock().unwrap();
+            for line in drover_actors::plan::describe(system.store().store_dir(), &plan) {
+                d.line(&line);
+            }
+        }
+        if args.dry_run {
+            return Ok::<_, anyhow::Error>(None);
+        }
+        let mut printer = ProgressPrinter {
+            display: display.clone(),
+            store_dir: system.store().store_dir().clone(),
+        };
+        let run = system.realise(requests, mode);
+        tokio::pin!(run);
+        // The status line shows elapsed times and the bytes of copies in flight, so
+        // it is redrawn on a timer even when no event comes (events only redraw when
+        // the last draw is old enough: see `display`).
+        let mut tick = tokio::time::interval(crate::display::TICK_INTERVAL);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                Some(ev) = events.recv() => printer.handle(ev),
+                _ = tick.tick() => display.lock().unwrap().tick(),
+            }
+        };
+        // What happened before the end is shown before it.
+        while let Some(ev) = events.try_recv() {
+            printer.handle(ev);
+        }
         let mut d = display.lock().unwrap();
         d.finish();
         for e in &outcome.errors {
             d.line(&error_message(e));
         }
-        outcome
-    });
+        Ok(Some(outcome))
+    })?;
+    let Some(outcome) = outcome else {
+        return Ok(ExitCode::SUCCESS);
+    };
 
     if outcome.exit_status != 0 {
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
@@ -251,29 +229,19 @@ fn output_paths(
     }
 }
 
-/// Prints the Worker's progress events as Nix prints them, through the display,
-/// and keeps its status line current (counters, running builds, live transfers).
+/// Prints the system's events as Nix prints them, through the display, and keeps
+/// its status line current (counters, running builds, live transfers).
 struct ProgressPrinter {
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
 }
 
-impl Actor for ProgressPrinter {
-    type Context = actix::Context<Self>;
-
-    /// The status line shows elapsed times and the bytes of copies in flight, so it
-    /// is redrawn on a timer even when no event comes (events only redraw when the
-    /// last draw is old enough: see `display`).
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(crate::display::TICK_INTERVAL, |act, _| {
-            act.display.lock().unwrap().tick();
-        });
-    }
-}
-
-impl Handler<ProgressEvent> for ProgressPrinter {
-    type Result = ();
-    fn handle(&mut self, event: ProgressEvent, _: &mut Self::Context) {
+impl ProgressPrinter {
+    fn handle(&mut self, event: SystemEvent) {
+        let SystemEvent::Progress(event) = event else {
+            // Builder output is echoed by the log collectors themselves.
+            return;
+        };
         let mut d = self.display.lock().unwrap();
         match event {
             ProgressEvent::Counters(c) => d.counters(c),
@@ -309,6 +277,7 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 Some(e) => d.line(&error_message(e)),
                 None => d.line(&m),
             },
+            ProgressEvent::GoalStarted { .. } | ProgressEvent::GoalFinished { .. } => {}
         }
     }
 }

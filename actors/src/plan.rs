@@ -1,7 +1,8 @@
-//! What `drover realise` will do before it does it: Nix's `queryMissing` and
-//! `printMissing` (`these N derivations will be built:`, `these N paths will be
-//! fetched (X MiB download, Y MiB unpacked):`, `don't know how to build these
-//! paths:`).
+//! What a realisation will do before it does it: Nix's `queryMissing` ([`plan`])
+//! and `printMissing` ([`describe`]: `these N derivations will be built:`, `these N
+//! paths will be fetched (X MiB download, Y MiB unpacked):`, `don't know how to
+//! build these paths:`). Used by `drover realise` and available to every library
+//! user (through [`crate::System::plan`] or directly).
 //!
 //! The walk is breadth-first, one level at a time: every store path of a level whose
 //! substitutability must be known is asked of the substituters at once, from up to
@@ -16,11 +17,24 @@ use std::sync::{Arc, Mutex};
 use drover::config::MissingExperimentalFeature;
 use drover::derivation::{Derivation, DerivationType};
 use drover::derived_path::{DerivedPath, OutputsSpec};
-use drover::store::LocalStore;
+use drover::store::{LocalStore, StoreError};
 use drover::store_path::{StoreDir, StorePath, StorePathSet};
-use drover_actors::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
+use thiserror::Error;
 
-use crate::display::Display;
+use crate::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
+
+/// Why no plan could be made.
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A substituter failed (without `--fallback`).
+    #[error(transparent)]
+    Substituter(#[from] SubstituterError),
+    /// A derivation needs an experimental feature that is not enabled.
+    #[error(transparent)]
+    MissingFeature(#[from] MissingExperimentalFeature),
+}
 
 /// What a run will do, as Nix's `queryMissing` finds it.
 #[derive(Default)]
@@ -92,7 +106,7 @@ impl Oracle<'_> {
 
     /// The answer for `path` (asked now if it was not prefetched). An error is
     /// returned only here, for a path whose substitutability decides something.
-    fn get(&mut self, path: &StorePath) -> anyhow::Result<Option<SubstitutablePathInfo>> {
+    fn get(&mut self, path: &StorePath) -> Result<Option<SubstitutablePathInfo>, PlanError> {
         if !self.known.contains_key(path) {
             self.prefetch([path.clone()]);
         }
@@ -129,7 +143,7 @@ impl Plan {
         store: &LocalStore,
         oracle: &mut Oracle<'_>,
         paths: Vec<StorePath>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), PlanError> {
         let mut level = paths;
         while !level.is_empty() {
             let mut todo = Vec::new();
@@ -192,7 +206,7 @@ pub fn plan(
     subs: &[Arc<dyn Substituter>],
     requests: &[DerivedPath],
     options: &PlanOptions,
-) -> anyhow::Result<Plan> {
+) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     let mut oracle = Oracle {
         subs,
@@ -286,7 +300,7 @@ fn visit(
     drv_path: StorePath,
     wanted: Option<&BTreeSet<String>>,
     options: &PlanOptions,
-) -> anyhow::Result<Option<Visit>> {
+) -> Result<Option<Visit>, PlanError> {
     let drv: Derivation = store.read_derivation(&drv_path)?;
     // As Nix's `queryMissing`, a derivation needing a disabled experimental feature
     // stops the run before anything is printed.
@@ -366,19 +380,21 @@ fn visit(
     }))
 }
 
-/// Nix's `printMissing` for builds: `this derivation will be built:` /
-/// `these N derivations will be built:`, then the paths, dependencies first.
-pub fn print_plan(store_dir: &StoreDir, plan: &Plan, display: &Mutex<Display>) {
-    let mut d = display.lock().unwrap();
+/// Nix's `printMissing`: the lines it prints before a realisation —
+/// `this derivation will be built:` / `these N derivations will be built:` with the
+/// paths, dependencies first; the paths to fetch with their sizes; the paths
+/// nothing can produce.
+pub fn describe(store_dir: &StoreDir, plan: &Plan) -> Vec<String> {
+    let mut lines = Vec::new();
     if !plan.will_build.is_empty() {
         let n = plan.will_build.len();
-        d.line(&if n == 1 {
+        lines.push(if n == 1 {
             "this derivation will be built:".to_owned()
         } else {
             format!("these {n} derivations will be built:")
         });
         for p in topo_order(store_dir, &plan.will_build) {
-            d.line(&format!("  {}", store_dir.print(&p)));
+            lines.push(format!("  {}", store_dir.print(&p)));
         }
     }
     if !plan.will_substitute.is_empty() {
@@ -389,22 +405,23 @@ pub fn print_plan(store_dir: &StoreDir, plan: &Plan, display: &Mutex<Display>) {
             mib(plan.download_size),
             mib(plan.nar_size)
         );
-        d.line(&if n == 1 {
+        lines.push(if n == 1 {
             format!("this path will be fetched {sizes}:")
         } else {
             format!("these {n} paths will be fetched {sizes}:")
         });
         for p in &plan.will_substitute {
-            d.line(&format!("  {}", store_dir.print(p)));
+            lines.push(format!("  {}", store_dir.print(p)));
         }
     }
     if !plan.unknown.is_empty() {
         // Always plural in Nix 2.8, even for one path.
-        d.line("don't know how to build these paths:");
+        lines.push("don't know how to build these paths:".to_owned());
         for p in &plan.unknown {
-            d.line(&format!("  {}", store_dir.print(p)));
+            lines.push(format!("  {}", store_dir.print(p)));
         }
     }
+    lines
 }
 
 /// The order Nix prints derivations in: a depth-first post-order over the

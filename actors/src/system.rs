@@ -1,0 +1,373 @@
+//! The library entry point: the whole actor system wired from [`Settings`] in one
+//! call, as the `drover` CLI uses it.
+//!
+//! [`System::start`] (or [`SystemBuilder`], to replace any injected actor) opens the
+//! store and starts, on the current actix arbiter: the LocalBuilder, the log
+//! collectors' factory, the hook pool (when `build-hook` is set), the substituters
+//! of `substituters`/`extra-substituters`, and the Worker. It returns a [`System`],
+//! the handle to realise derived paths ([`System::realise`]) and to ask what a
+//! realisation would do ([`System::plan`]), and [`Events`], the typed stream of
+//! what happens ([`SystemEvent`]: goals started and finished with their
+//! `BuildResult`, builds started and finished, each line of their logs,
+//! substitutions started — with their live byte counts — and finished, messages).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use drover::config::Settings;
+//! use drover::derived_path::{DerivedPath, OutputsSpec};
+//! use drover_actors::messages::BuildMode;
+//! use drover_actors::{System, SystemEvent};
+//!
+//! let env = std::env::vars().collect();
+//! let settings = Settings::load(&env, &[])?;
+//! let (system, mut events) = System::start(&settings)?;
+//! let drv = system.store().store_dir().parse("/nix/store/…-hello.drv")?;
+//! actix::spawn(async move {
+//!     while let Some(ev) = events.recv().await {
+//!         if let SystemEvent::Log(line) = ev {
+//!             println!("{line:?}");
+//!         }
+//!     }
+//! });
+//! let outcome = system
+//!     .realise(
+//!         vec![DerivedPath::Built { drv_path: drv, outputs: OutputsSpec::All }],
+//!         BuildMode::Normal,
+//!     )
+//!     .await;
+//! for e in &outcome.errors {
+//!     eprintln!("error: {e}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Everything must run inside an actix `System` (`actix::System::new().block_on`,
+//! `#[actix::main]` or `#[actix::test]`).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use drover::config::{Env, Settings};
+use drover::derived_path::DerivedPath;
+use drover::store::{LocalStore, StoreError};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::binary_cache_substituter::substituters_from_settings;
+use crate::hook::{HookPool, HookPoolConfig};
+use crate::local_builder::{LocalBuilder, LocalBuilderConfig};
+use crate::log_collector::{starter_with, CollectorOptions, StderrSink};
+use crate::messages::{
+    BuildLogEvent, BuildMode, CancelHookBuild, CancelLocalBuild, HookTry, RunLocalBuild,
+};
+use crate::plan::{Plan, PlanError, PlanOptions};
+use crate::progress::ProgressEvent;
+use crate::substituter::Substituter;
+use crate::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
+
+/// Why the system could not start.
+#[derive(Debug, Error)]
+pub enum SystemError {
+    /// The store the settings name could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Something that happened in a run, in the order it happened.
+#[derive(Debug, Clone)]
+pub enum SystemEvent {
+    /// The Worker's progress: counters, goals started and finished (with their
+    /// `BuildResult`), builds and substitutions started and finished (a
+    /// substitution's `Transfer` counts its bytes live), messages Nix would print.
+    Progress(ProgressEvent),
+    /// What a build's log says: each line, phases, `@nix` messages.
+    Log(BuildLogEvent),
+}
+
+/// The receiving end of a system's events. Dropping it is fine: events are then
+/// discarded.
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<SystemEvent>,
+}
+
+impl Events {
+    /// The next event; `None` once the system is gone.
+    pub async fn recv(&mut self) -> Option<SystemEvent> {
+        self.rx.recv().await
+    }
+
+    /// An event already sent, without waiting.
+    pub fn try_recv(&mut self) -> Option<SystemEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// Turns the Worker's and the log collectors' messages into [`SystemEvent`]s.
+struct EventForwarder {
+    tx: mpsc::UnboundedSender<SystemEvent>,
+}
+
+impl Actor for EventForwarder {
+    type Context = Context<Self>;
+}
+
+impl Handler<ProgressEvent> for EventForwarder {
+    type Result = ();
+    fn handle(&mut self, ev: ProgressEvent, _: &mut Context<Self>) {
+        let _ = self.tx.send(SystemEvent::Progress(ev));
+    }
+}
+
+impl Handler<BuildLogEvent> for EventForwarder {
+    type Result = ();
+    fn handle(&mut self, ev: BuildLogEvent, _: &mut Context<Self>) {
+        let _ = self.tx.send(SystemEvent::Log(ev));
+    }
+}
+
+/// [`System::start`] with overrides: any injected actor can be replaced (tests,
+/// embedders with their own builder or hook), and the CLI's choices set.
+pub struct SystemBuilder {
+    settings: Settings,
+    env: Env,
+    echo: bool,
+    stderr: Option<StderrSink>,
+    hook_verbosity: u32,
+    goal_events: bool,
+    log_events: bool,
+    store: Option<Arc<LocalStore>>,
+    substituters: Option<Vec<Arc<dyn Substituter>>>,
+    local_builder: Option<(Recipient<RunLocalBuild>, Recipient<CancelLocalBuild>)>,
+    hook: Option<Option<(Recipient<HookTry>, Recipient<CancelHookBuild>)>>,
+}
+
+impl SystemBuilder {
+    /// The real system for these settings, with no overrides; builder output is
+    /// not echoed (it is in the events and the log files).
+    pub fn new(settings: &Settings) -> SystemBuilder {
+        SystemBuilder {
+            settings: settings.clone(),
+            env: Env::new(),
+            echo: false,
+            stderr: None,
+            hook_verbosity: 3,
+            goal_events: true,
+            log_events: true,
+            store: None,
+            substituters: None,
+            local_builder: None,
+            hook: None,
+        }
+    }
+
+    /// The environment the settings were read from (the hook inherits it).
+    pub fn env(mut self, env: Env) -> SystemBuilder {
+        self.env = env;
+        self
+    }
+
+    /// Echo builder output and hook messages to stderr as `nix-store` does
+    /// (without `-Q`).
+    pub fn echo(mut self, echo: bool) -> SystemBuilder {
+        self.echo = echo;
+        self
+    }
+
+    /// Where echoed output goes (default: the process's stderr).
+    pub fn stderr(mut self, sink: StderrSink) -> SystemBuilder {
+        self.stderr = Some(sink);
+        self
+    }
+
+    /// The verbosity the build hook is given (3 = Nix's default, `-v` adds one).
+    pub fn hook_verbosity(mut self, v: u32) -> SystemBuilder {
+        self.hook_verbosity = v;
+        self
+    }
+
+    /// Whether the events include every goal's start and end (default: yes).
+    pub fn goal_events(mut self, on: bool) -> SystemBuilder {
+        self.goal_events = on;
+        self
+    }
+
+    /// Whether the events include the builds' log lines (default: yes).
+    pub fn log_events(mut self, on: bool) -> SystemBuilder {
+        self.log_events = on;
+        self
+    }
+
+    /// Use this store instead of opening the one the settings name.
+    pub fn store(mut self, store: Arc<LocalStore>) -> SystemBuilder {
+        self.store = Some(store);
+        self
+    }
+
+    /// Use these substituters instead of the settings' `substituters`.
+    pub fn substituters(mut self, subs: Vec<Arc<dyn Substituter>>) -> SystemBuilder {
+        self.substituters = Some(subs);
+        self
+    }
+
+    /// Use this builder instead of a [`LocalBuilder`].
+    pub fn local_builder(
+        mut self,
+        run: Recipient<RunLocalBuild>,
+        cancel: Recipient<CancelLocalBuild>,
+    ) -> SystemBuilder {
+        self.local_builder = Some((run, cancel));
+        self
+    }
+
+    /// Use this hook pool (or none) instead of the settings' `build-hook`.
+    pub fn hook(
+        mut self,
+        hook: Option<(Recipient<HookTry>, Recipient<CancelHookBuild>)>,
+    ) -> SystemBuilder {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Starts the actors on the current arbiter.
+    pub fn start(self) -> Result<(System, Events), SystemError> {
+        let settings = self.settings;
+        let store = match self.store {
+            Some(s) => s,
+            None => Arc::new(LocalStore::open(&settings)?),
+        };
+        let mut warnings = Vec::new();
+        let substituters = match self.substituters {
+            Some(s) => s,
+            None => {
+                let (s, w) = substituters_from_settings(&settings);
+                warnings = w;
+                s
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = EventForwarder { tx }.start();
+        let mut options =
+            CollectorOptions::new(self.log_events.then(|| events.clone().recipient()));
+        if let Some(s) = self.stderr {
+            options.stderr = s;
+        }
+        let start_log = starter_with(options);
+        let (local_builder, cancel_local_build) = match self.local_builder {
+            Some(b) => b,
+            None => {
+                let mut config = LocalBuilderConfig::from_settings(&settings);
+                config.echo = self.echo;
+                let b = LocalBuilder::new(store.clone(), config, start_log.clone()).start();
+                (b.clone().recipient(), b.recipient())
+            }
+        };
+        let hook = match self.hook {
+            Some(h) => h,
+            None => settings.build_hook().map(|_| {
+                let pool = HookPool::new(HookPoolConfig::from_settings(
+                    &settings,
+                    &self.env,
+                    self.hook_verbosity,
+                    start_log,
+                ))
+                .start();
+                // Cancelled hook builds are killed through the pool, which knows
+                // its jobs.
+                (pool.clone().recipient(), pool.recipient())
+            }),
+        };
+        let (hook, cancel_hook_build) = match hook {
+            Some((h, c)) => (Some(h), Some(c)),
+            None => (None, None),
+        };
+        let mut worker_settings = WorkerSettings::from_settings(&settings);
+        worker_settings.log.echo = self.echo;
+        worker_settings.goal_events = self.goal_events;
+        let worker = Worker::new(WorkerConfig {
+            store: store.clone(),
+            local_builder,
+            cancel_local_build,
+            hook,
+            cancel_hook_build,
+            substituters: substituters.clone(),
+            settings: worker_settings,
+            progress: Some(events.recipient()),
+        })
+        .start();
+        Ok((
+            System {
+                worker,
+                store,
+                substituters,
+                settings,
+                warnings,
+            },
+            Events { rx },
+        ))
+    }
+}
+
+/// A running actor system: realise derived paths through it.
+pub struct System {
+    worker: Addr<Worker>,
+    store: Arc<LocalStore>,
+    substituters: Vec<Arc<dyn Substituter>>,
+    settings: Settings,
+    warnings: Vec<String>,
+}
+
+impl System {
+    /// The real system for `settings` (see [`SystemBuilder`] for overrides).
+    pub fn start(settings: &Settings) -> Result<(System, Events), SystemError> {
+        SystemBuilder::new(settings).start()
+    }
+
+    /// The store it works on.
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
+    }
+
+    /// The substituters, in the settings' order.
+    pub fn substituters(&self) -> &[Arc<dyn Substituter>] {
+        &self.substituters
+    }
+
+    /// What the settings asked for that the system does not do (e.g. substituters
+    /// of an unsupported kind), as Nix's `warning:` texts.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Nix's `queryMissing` for these requests: what will be built, fetched, or
+    /// cannot be made. Blocking (store queries and narinfo requests): call it off
+    /// an arbiter or before starting work.
+    pub fn plan(&self, requests: &[DerivedPath]) -> Result<Plan, PlanError> {
+        let s = &self.settings;
+        let options = PlanOptions {
+            parallel: s
+                .get("http-connections")
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(25),
+            fallback: s.fallback(),
+            ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
+            impure_derivations: s.is_experimental_feature_enabled("impure-derivations"),
+        };
+        crate::plan::plan(&self.store, &self.substituters, requests, &options)
+    }
+
+    /// Realises the requests: one result per request, `nix-store --realise`'s exit
+    /// status and the errors Nix would print. One run at a time: a second call
+    /// while one runs answers an error.
+    pub async fn realise(&self, requests: Vec<DerivedPath>, mode: BuildMode) -> RealiseOutcome {
+        self.worker
+            .send(Realise { requests, mode })
+            .await
+            .unwrap_or_else(|e| RealiseOutcome {
+                results: Vec::new(),
+                exit_status: 1,
+                errors: vec![format!("the worker stopped unexpectedly: {e}")],
+            })
+    }
+}
