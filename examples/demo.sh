@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --quiet -p drover-actors --bin drover
+cargo build --quiet -p drover-cli --bin drover
 drover() { "$PWD/target/debug/drover" "$@"; }
 
 root=$(mktemp -d -t drover-demo-XXXXXX)

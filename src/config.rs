@@ -448,7 +448,8 @@ impl Settings {
     /// Settings for a self-contained store rooted in `dir` — the store at
     /// `<dir>/store`, state in `<dir>/var/nix`, logs in `<dir>/var/log/nix`, no
     /// `nix.conf` read from outside, builds as the invoking user — plus the
-    /// `nix.conf` lines in `extra_config`. For tests, examples and scratch stores.
+    /// `nix.conf` lines in `extra_config`. For tests (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub fn for_root(dir: &Path, extra_config: &str) -> Result<Settings, ConfigError> {
         let path = |p: &str| dir.join(p).display().to_string();
         let env: Env = [

@@ -11,18 +11,22 @@
 //! sinks (derivations nothing else depends on).
 //!
 //! Cases:
-//! * `noop`: all N outputs are made valid once (by `drover realise`), then the
-//!   sinks are realised again by each tool, several runs each: nothing to build.
+//! * `noop`: all N outputs are made valid once (written and registered in one
+//!   transaction through the library, as a build would leave them), then the sinks
+//!   are realised by each tool, several runs each: nothing to build. Runs for each
+//!   N of `--noop-n` (default 10,000 and 100,000).
 //! * `build -jJ`: a fresh scratch root per run and tool (instantiated from the same
 //!   expression; only the store dir differs), then the sinks are realised with
 //!   `--max-jobs J`: every derivation is built.
 //!
 //! Runs alternate between the tools so that background load hits both alike. Only
 //! the realise command is timed (process start to exit). Output: one table row per
-//! case and tool with the median, min and max wall time and the drover/Nix ratio of
-//! the medians.
+//! case and tool with the median, min and max wall time, the CPU time, the peak
+//! RSS of the realising process (`wait4`'s `ru_maxrss`) and the drover/Nix ratios of
+//! the medians. `--baseline OLD` adds a third tool, another drover binary (e.g. the
+//! one before a change), timed in the same runs.
 //!
-//! Run with `cargo build --release -p drover-actors --bin drover && cargo run
+//! Run with `cargo build --release -p drover-cli --bin drover && cargo run
 //! --release -p drover-actors --example bench_realise -- [--quick]`; see
 //! `docs/benchmarks.md`.
 
@@ -52,9 +56,12 @@ struct Opts {
     /// Small sizes and fewer runs, for a smoke run.
     #[arg(long)]
     quick: bool,
-    /// Derivations in the no-op DAG (default 10000; 1000 with --quick).
+    /// Another drover binary timed beside the first (e.g. the previous version).
     #[arg(long)]
-    noop_n: Option<usize>,
+    baseline: Option<PathBuf>,
+    /// Derivations in the no-op DAGs (default 10000,100000; 1000 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    noop_n: Vec<usize>,
     /// Derivations in the build DAG (default 1000; 100 with --quick).
     #[arg(long)]
     build_n: Option<usize>,
@@ -247,14 +254,13 @@ impl Drop for Root {
 /// Runs one realisation of `paths` and returns its wall time; fails on a nonzero exit.
 fn realise(
     root: &Root,
-    tool: Tool,
-    drover: &Path,
+    tool: &Bench,
     jobs: Option<u32>,
     paths: &[String],
 ) -> anyhow::Result<Sample> {
-    let mut c = match tool {
+    let mut c = match tool.tool {
         Tool::Drover => {
-            let mut c = root.cmd(drover);
+            let mut c = root.cmd(&tool.drover);
             c.arg("realise");
             c
         }
@@ -273,47 +279,82 @@ fn realise(
     c.args(paths)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&file)?);
-    let cpu_before = children_cpu();
     let start = Instant::now();
-    let status = c.status()?;
+    let child = c.spawn()?;
+    let (status, usage) = wait4(child)?;
     let took = start.elapsed();
-    let cpu = children_cpu().saturating_sub(cpu_before);
     if !status.success() {
         let err = std::fs::read_to_string(&file).unwrap_or_default();
         let tail: Vec<&str> = err.lines().rev().take(20).collect();
         anyhow::bail!(
             "{} realise failed with {status}:\n{}",
-            tool.name(),
+            tool.name,
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    Ok(Sample { wall: took, cpu })
+    Ok(Sample {
+        wall: took,
+        cpu: usage.cpu,
+        rss_kib: usage.max_rss_kib,
+    })
 }
 
-/// One timed run: wall time, and CPU time (user + system) of the tool and every
-/// process it waited for (the builders).
+/// A tool to time: which kind, its display name, and for drover the binary.
+struct Bench {
+    tool: Tool,
+    name: &'static str,
+    drover: PathBuf,
+}
+
+/// One timed run: wall time, CPU time (user + system) of the tool and every
+/// process it waited for (the builders), and the peak RSS of the largest of them
+/// (the tool itself: builders are tiny).
 #[derive(Clone, Copy)]
 struct Sample {
     wall: Duration,
     cpu: Duration,
+    rss_kib: u64,
 }
 
-/// User + system time of all waited-for children of this process so far.
-fn children_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
+/// What `wait4` says of a child: its CPU time (with its own waited-for children)
+/// and peak resident set size.
+struct Usage {
+    cpu: Duration,
+    max_rss_kib: u64,
+}
+
+/// Waits for `child` with `wait4`, which gives that one child's resource usage.
+fn wait4(child: std::process::Child) -> anyhow::Result<(std::process::ExitStatus, Usage)> {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: wait4 only writes the status and the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
-        return Duration::ZERO;
-    }
+    let r = loop {
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break r;
+    };
+    anyhow::ensure!(r == pid, "wait4: {}", std::io::Error::last_os_error());
+    // The child is reaped: `Child` must not wait for it again (dropping it does not).
+    std::mem::forget(child);
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        Usage {
+            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+            max_rss_kib: ru.ru_maxrss as u64,
+        },
+    ))
 }
 
 /// One line of the result table.
 struct Row {
     case: String,
     n: usize,
-    tool: Tool,
+    tool: &'static str,
     times: Vec<Sample>,
 }
 
@@ -324,6 +365,13 @@ impl Row {
 
     fn cpu_median(&self) -> Duration {
         median(self.times.iter().map(|s| s.cpu).collect())
+    }
+
+    /// Median peak RSS in KiB.
+    fn rss_median(&self) -> u64 {
+        let mut r: Vec<u64> = self.times.iter().map(|s| s.rss_kib).collect();
+        r.sort_unstable();
+        r.get(r.len() / 2).copied().unwrap_or(0)
     }
 
     fn min(&self) -> Duration {
@@ -351,47 +399,121 @@ fn secs(d: Duration) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<10} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10}",
-        "case", "N", "tool", "runs", "median", "min", "max", "drover/nix", "cpu", "cpu d/n"
+        "{:<10} {:>6} {:<10} {:>4} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9} {:>8} {:>7}",
+        "case",
+        "N",
+        "tool",
+        "runs",
+        "median",
+        "min",
+        "max",
+        "vs nix",
+        "cpu",
+        "vs nix",
+        "peak RSS",
+        "B/drv",
+        "vs nix"
     );
     for r in rows {
         let nix = rows
             .iter()
-            .find(|o| o.case == r.case && o.tool == Tool::Nix);
-        let ratio = |a: Duration, b: Duration| {
-            if r.tool == Tool::Drover && !b.is_zero() {
-                format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+            .find(|o| o.case == r.case && o.n == r.n && o.tool == Tool::Nix.name());
+        let ratio = |a: f64, b: f64| {
+            if r.tool != Tool::Nix.name() && b > 0.0 {
+                format!("{:.2}", a / b)
             } else {
                 String::new()
             }
         };
-        let (wall_ratio, cpu_ratio) = match nix {
+        let (wall_ratio, cpu_ratio, rss_ratio) = match nix {
             Some(n) => (
-                ratio(r.median(), n.median()),
-                ratio(r.cpu_median(), n.cpu_median()),
+                ratio(r.median().as_secs_f64(), n.median().as_secs_f64()),
+                ratio(r.cpu_median().as_secs_f64(), n.cpu_median().as_secs_f64()),
+                ratio(r.rss_median() as f64, n.rss_median() as f64),
             ),
             None => Default::default(),
         };
         println!(
-            "{:<10} {:>6} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9} {:>10}",
+            "{:<10} {:>6} {:<10} {:>4} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>8}M {:>8} {:>7}",
             r.case,
             r.n,
-            r.tool.name(),
+            r.tool,
             r.times.len(),
             secs(r.median()),
             secs(r.min()),
             secs(r.max()),
             wall_ratio,
             secs(r.cpu_median()),
-            cpu_ratio
+            cpu_ratio,
+            format!("{:.1}", r.rss_median() as f64 / 1024.0),
+            r.rss_median() * 1024 / r.n.max(1) as u64,
+            rss_ratio
         );
     }
+}
+
+/// Makes every output of the `.drv`s valid, as a build of each would leave it
+/// (a small file naming its inputs, with those as references), in one transaction.
+fn make_outputs_valid(root: &Root, drvs: &[String]) -> anyhow::Result<()> {
+    let env: drover::config::Env = [
+        ("NIX_STORE_DIR", root.store_dir()),
+        ("NIX_STATE_DIR", root.dir.join("var/nix")),
+        ("NIX_LOG_DIR", root.dir.join("var/log/nix")),
+        ("NIX_CONF_DIR", root.dir.join("etc")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.display().to_string()))
+    .chain([("NIX_USER_CONF_FILES".to_owned(), String::new())])
+    .collect();
+    let settings = drover::config::Settings::load(&env, &[])?;
+    let store = drover::store::LocalStore::open(&settings)?;
+    let sd = store.store_dir().clone();
+    let mut infos = Vec::new();
+    for d in drvs {
+        let drv_path = sd.parse(d)?;
+        let drv = store.read_derivation(&drv_path)?;
+        let mut refs = drover::store_path::StorePathSet::new();
+        for (input, outputs) in &drv.input_drvs {
+            let input = store.read_derivation(input)?;
+            for o in outputs {
+                if let Some(p) = input.outputs.get(o).and_then(|o| o.path()) {
+                    refs.insert(p.clone());
+                }
+            }
+        }
+        for out in drv.outputs.values() {
+            let Some(p) = out.path() else { continue };
+            let real = store.real_path(p);
+            let text: Vec<String> = refs.iter().map(|r| sd.print(r)).collect();
+            std::fs::write(&real, format!("{}\n", text.join(" ")))?;
+            let (hash, size) = drover::nar::nar_hash_of_path(&real)?;
+            let mut info = drover::store::ValidPathInfo::new(p.clone(), hash, size);
+            info.references = refs.clone();
+            info.deriver = Some(drv_path.clone());
+            infos.push(info);
+        }
+    }
+    store.register_valid_paths(&infos)?;
+    Ok(())
+}
+
+/// The order of the tools in run `run`: rotated, so that each goes first as often.
+fn order(tools: &[Bench], run: usize) -> Vec<&Bench> {
+    (0..tools.len())
+        .map(|i| &tools[(i + run) % tools.len()])
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
     let drover = drover_binary(o.drover.as_deref())?;
-    let noop_n = o.noop_n.unwrap_or(if o.quick { 1000 } else { 10_000 });
+    let noop_ns = if !o.noop_n.is_empty() {
+        o.noop_n.clone()
+    } else if o.quick {
+        vec![1000]
+    } else {
+        vec![10_000, 100_000]
+    };
     let build_n = o.build_n.unwrap_or(if o.quick { 100 } else { 1000 });
     let noop_runs = o.noop_runs.unwrap_or(if o.quick { 2 } else { 5 }).max(1);
     let build_runs = o.build_runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
@@ -405,54 +527,69 @@ fn main() -> anyhow::Result<()> {
         drover.display(),
         scratch.display()
     );
+    let mut tools = vec![
+        Bench {
+            tool: Tool::Drover,
+            name: Tool::Drover.name(),
+            drover: drover.clone(),
+        },
+        Bench {
+            tool: Tool::Nix,
+            name: Tool::Nix.name(),
+            drover: drover.clone(),
+        },
+    ];
+    if let Some(b) = &o.baseline {
+        eprintln!("baseline drover: {}", b.display());
+        tools.push(Bench {
+            tool: Tool::Drover,
+            name: "drover-old",
+            drover: b.clone(),
+        });
+    }
     let mut rows = Vec::new();
 
     if o.cases.iter().any(|c| c == "noop") {
-        let dag = Dag::generate(noop_n, o.seed);
-        let sinks = dag.sinks();
-        eprintln!(
-            "noop: {noop_n} derivations, {} edges, {} sinks",
-            dag.edges(),
-            sinks.len()
-        );
-        let root = Root::new(&scratch, "noop", o.keep)?;
-        let t = Instant::now();
-        let drvs = root.instantiate(&dag.expression(o.seed))?;
-        anyhow::ensure!(drvs.len() == noop_n, "instantiated {} drvs", drvs.len());
-        eprintln!("noop: instantiated in {}", secs(t.elapsed()));
-        let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
-        let t = Instant::now();
-        realise(&root, Tool::Drover, &drover, Some(2), &targets)?;
-        eprintln!(
-            "noop: built all outputs with drover -j2 in {}",
-            secs(t.elapsed())
-        );
-        let mut times = [Vec::new(), Vec::new()];
-        for run in 0..noop_runs {
-            // Alternate which tool goes first.
-            let order = if run % 2 == 0 {
-                [Tool::Drover, Tool::Nix]
-            } else {
-                [Tool::Nix, Tool::Drover]
-            };
-            for tool in order {
-                let d = realise(&root, tool, &drover, None, &targets)?;
-                eprintln!(
-                    "noop run {run}: {} {} (cpu {})",
-                    tool.name(),
-                    secs(d.wall),
-                    secs(d.cpu)
-                );
-                times[(tool == Tool::Nix) as usize].push(d);
+        for &noop_n in &noop_ns {
+            let dag = Dag::generate(noop_n, o.seed);
+            let sinks = dag.sinks();
+            eprintln!(
+                "noop: {noop_n} derivations, {} edges, {} sinks",
+                dag.edges(),
+                sinks.len()
+            );
+            let root = Root::new(&scratch, &format!("noop-{noop_n}"), o.keep)?;
+            let t = Instant::now();
+            let drvs = root.instantiate(&dag.expression(o.seed))?;
+            anyhow::ensure!(drvs.len() == noop_n, "instantiated {} drvs", drvs.len());
+            eprintln!("noop: instantiated in {}", secs(t.elapsed()));
+            let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
+            let t = Instant::now();
+            make_outputs_valid(&root, &drvs)?;
+            eprintln!("noop: made all outputs valid in {}", secs(t.elapsed()));
+            let mut times: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
+            for run in 0..noop_runs {
+                for tool in order(&tools, run) {
+                    let d = realise(&root, tool, None, &targets)?;
+                    eprintln!(
+                        "noop {noop_n} run {run}: {} {} (cpu {}, {} KiB)",
+                        tool.name,
+                        secs(d.wall),
+                        secs(d.cpu),
+                        d.rss_kib
+                    );
+                    let i = tools.iter().position(|t| t.name == tool.name).unwrap_or(0);
+                    times[i].push(d);
+                }
             }
-        }
-        for (tool, t) in [Tool::Drover, Tool::Nix].into_iter().zip(times) {
-            rows.push(Row {
-                case: "noop".into(),
-                n: noop_n,
-                tool,
-                times: t,
-            });
+            for (tool, t) in tools.iter().zip(times) {
+                rows.push(Row {
+                    case: "noop".into(),
+                    n: noop_n,
+                    tool: tool.name,
+                    times: t,
+                });
+            }
         }
     }
 
@@ -470,38 +607,32 @@ fn main() -> anyhow::Result<()> {
         // for whichever tool runs next.
         let mut used_roots = Vec::new();
         for &j in &o.jobs {
-            let mut times = [Vec::new(), Vec::new()];
+            let mut times: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
             for run in 0..build_runs {
-                let order = if run % 2 == 0 {
-                    [Tool::Drover, Tool::Nix]
-                } else {
-                    [Tool::Nix, Tool::Drover]
-                };
-                for tool in order {
-                    let root = Root::new(
-                        &scratch,
-                        &format!("build-j{j}-{run}-{}", tool.name()),
-                        o.keep,
-                    )?;
+                for tool in order(&tools, run) {
+                    let root =
+                        Root::new(&scratch, &format!("build-j{j}-{run}-{}", tool.name), o.keep)?;
                     let drvs = root.instantiate(&expr)?;
                     anyhow::ensure!(drvs.len() == build_n, "instantiated {} drvs", drvs.len());
                     let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
-                    let d = realise(&root, tool, &drover, Some(j), &targets)?;
+                    let d = realise(&root, tool, Some(j), &targets)?;
                     eprintln!(
-                        "build -j{j} run {run}: {} {} (cpu {})",
-                        tool.name(),
+                        "build -j{j} run {run}: {} {} (cpu {}, {} KiB)",
+                        tool.name,
                         secs(d.wall),
-                        secs(d.cpu)
+                        secs(d.cpu),
+                        d.rss_kib
                     );
-                    times[(tool == Tool::Nix) as usize].push(d);
+                    let i = tools.iter().position(|t| t.name == tool.name).unwrap_or(0);
+                    times[i].push(d);
                     used_roots.push(root);
                 }
             }
-            for (tool, t) in [Tool::Drover, Tool::Nix].into_iter().zip(times) {
+            for (tool, t) in tools.iter().zip(times) {
                 rows.push(Row {
                     case: format!("build -j{j}"),
                     n: build_n,
-                    tool,
+                    tool: tool.name,
                     times: t,
                 });
             }

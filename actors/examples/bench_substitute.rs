@@ -25,7 +25,7 @@
 //! time, paths/s, NAR MB/s (the narinfos' `NarSize` summed, per second; 1 MB = 10^6
 //! bytes) and the drover/Nix ratio of the medians (below 1: drover is faster).
 //!
-//! Run with `cargo build --release -p drover-actors --bin drover && cargo run
+//! Run with `cargo build --release -p drover-cli --bin drover && cargo run
 //! --release -p drover-actors --example bench_substitute -- [--quick]`; see
 //! `docs/benchmarks.md`.
 

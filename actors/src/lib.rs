@@ -79,6 +79,7 @@ pub mod progress;
 pub mod store_executor;
 pub mod substituter;
 pub mod system;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod worker;
 

@@ -136,6 +136,7 @@ pub struct SystemBuilder {
     hook_verbosity: u32,
     goal_events: bool,
     log_events: bool,
+    progress: Option<Recipient<ProgressEvent>>,
     store: Option<Arc<LocalStore>>,
     substituters: Option<Vec<Arc<dyn Substituter>>>,
     local_builder: Option<(Recipient<RunLocalBuild>, Recipient<CancelLocalBuild>)>,
@@ -154,6 +155,7 @@ impl SystemBuilder {
             hook_verbosity: 3,
             goal_events: true,
             log_events: true,
+            progress: None,
             store: None,
             substituters: None,
             local_builder: None,
@@ -195,6 +197,15 @@ impl SystemBuilder {
     /// Whether the events include the builds' log lines (default: yes).
     pub fn log_events(mut self, on: bool) -> SystemBuilder {
         self.log_events = on;
+        self
+    }
+
+    /// Send the Worker's progress to this actor instead of the event stream: for a
+    /// display that prints `building '…'` lines in order with the builder output
+    /// the log collectors echo (an actor on the same arbiter is served in order; a
+    /// reader of the stream may be polled late).
+    pub fn progress(mut self, to: Recipient<ProgressEvent>) -> SystemBuilder {
+        self.progress = Some(to);
         self
     }
 
@@ -292,7 +303,7 @@ impl SystemBuilder {
             cancel_hook_build,
             substituters: substituters.clone(),
             settings: worker_settings,
-            progress: Some(events.recipient()),
+            progress: Some(self.progress.unwrap_or_else(|| events.recipient())),
         })
         .start();
         Ok((

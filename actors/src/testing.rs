@@ -1,4 +1,5 @@
-//! Fakes for tests of the actor system (and of code built on it): a temporary store
+//! Fakes for tests of the actor system (feature `testing`; not part of the API of a
+//! normal build) (and of code built on it): a temporary store
 //! with a derivation factory, a fake LocalBuilder answering [`RunLocalBuild`] with
 //! scripted outcomes (really writing and registering the outputs, so validity checks
 //! pass), a fake hook pool answering [`HookTry`] with scripted replies and fake
@@ -855,5 +856,217 @@ impl Handler<crate::messages::GoalStopped> for FakeWorker {
     type Result = ();
     fn handle(&mut self, msg: crate::messages::GoalStopped, _: &mut Context<Self>) {
         let _ = self.tx.send(FromGoal::Stopped(msg));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// An in-memory substituter
+// ---------------------------------------------------------------------------------------
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use drover::realisation::{DrvOutput, Realisation};
+use drover::store::RepairFlag;
+use drover::store_path::StorePathSet;
+
+use crate::progress::Transfer;
+use crate::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
+
+/// One path the in-memory substituter serves: its info and file contents (a regular
+/// file, written as is into the store).
+#[derive(Debug, Clone)]
+pub struct FakeEntry {
+    pub info: SubstitutablePathInfo,
+    pub contents: Vec<u8>,
+}
+
+/// Scripted misbehaviour of the fake for one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeFault {
+    /// `query_path_info` fails.
+    QueryFails,
+    /// `copy_into` fails (a corrupt NAR).
+    CopyFails,
+    /// `copy_into` says the NAR is gone.
+    Gone,
+}
+
+/// An in-memory substituter serving files it holds; for tests and examples.
+#[derive(Default)]
+pub struct InMemorySubstituter {
+    pub uri: String,
+    pub priority: u64,
+    /// Accept its paths without signatures (true from [`InMemorySubstituter::new`]).
+    pub trusted: bool,
+    paths: Mutex<BTreeMap<StorePath, FakeEntry>>,
+    realisations: Mutex<BTreeMap<DrvOutput, Realisation>>,
+    faults: Mutex<HashMap<StorePath, FakeFault>>,
+    /// Every path copied out of it, in order.
+    pub copied: Mutex<Vec<StorePath>>,
+    /// Scratch directory for writing files before adding them.
+    scratch: Mutex<Option<PathBuf>>,
+}
+
+impl InMemorySubstituter {
+    pub fn new(uri: &str, priority: u64) -> InMemorySubstituter {
+        InMemorySubstituter {
+            uri: uri.to_owned(),
+            priority,
+            trusted: true,
+            ..Default::default()
+        }
+    }
+
+    /// Serves a regular file with these contents at `path` (its NAR hash is computed).
+    pub fn add_file(&self, path: StorePath, contents: &[u8], references: StorePathSet) {
+        let mut sink = drover::hash::HashSink::new(drover::hash::HashAlgo::Sha256);
+        drover::nar::dump_bytes(contents, &mut sink).expect("hashing into memory");
+        let (nar_hash, nar_size) = sink.finish();
+        let info = SubstitutablePathInfo {
+            path: path.clone(),
+            references,
+            deriver: None,
+            nar_hash,
+            nar_size,
+            download_size: Some(contents.len() as u64),
+            ca: None,
+            sigs: BTreeSet::new(),
+        };
+        self.paths.lock().expect("lock").insert(
+            path,
+            FakeEntry {
+                info,
+                contents: contents.to_vec(),
+            },
+        );
+    }
+
+    pub fn add_realisation(&self, r: Realisation) {
+        self.realisations
+            .lock()
+            .expect("lock")
+            .insert(r.id.clone(), r);
+    }
+
+    /// Adds a signature to a served path's info.
+    pub fn add_signature(&self, path: &StorePath, sig: String) {
+        if let Some(e) = self.paths.lock().expect("lock").get_mut(path) {
+            e.info.sigs.insert(sig);
+        }
+    }
+
+    pub fn set_fault(&self, path: StorePath, fault: FakeFault) {
+        self.faults.lock().expect("lock").insert(path, fault);
+    }
+
+    fn fault(&self, path: &StorePath) -> Option<FakeFault> {
+        self.faults.lock().expect("lock").get(path).copied()
+    }
+
+    pub fn copied(&self) -> Vec<StorePath> {
+        self.copied.lock().expect("lock").clone()
+    }
+}
+
+impl Substituter for InMemorySubstituter {
+    fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    fn priority(&self) -> u64 {
+        self.priority
+    }
+
+    fn is_trusted(&self) -> bool {
+        self.trusted
+    }
+
+    fn query_path_info(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<SubstitutablePathInfo>, SubstituterError> {
+        if self.fault(path) == Some(FakeFault::QueryFails) {
+            return Err(SubstituterError::Failed(format!(
+                "unable to download narinfo of '{path}' from '{}'",
+                self.uri
+            )));
+        }
+        Ok(self
+            .paths
+            .lock()
+            .expect("lock")
+            .get(path)
+            .map(|e| e.info.clone()))
+    }
+
+    /// Counts the file's length as downloaded and its NAR size as unpacked (the
+    /// `FileSize` and `NarSize` it serves).
+    fn copy_into(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        repair: RepairFlag,
+        progress: &Transfer,
+    ) -> Result<(), SubstituterError> {
+        match self.fault(path) {
+            Some(FakeFault::CopyFails) => {
+                return Err(SubstituterError::Failed(format!(
+                    "NAR for '{}' fetched from '{}' is incomplete",
+                    store.store_dir().print(path),
+                    self.uri
+                )))
+            }
+            Some(FakeFault::Gone) => {
+                return Err(SubstituterError::Gone {
+                    path: store.store_dir().print(path),
+                    message: format!(
+                        "file 'nar/{}.nar' does not exist in binary cache '{}'",
+                        path.hash_part(),
+                        self.uri
+                    ),
+                })
+            }
+            _ => {}
+        }
+        let entry = self
+            .paths
+            .lock()
+            .expect("lock")
+            .get(path)
+            .cloned()
+            .ok_or_else(|| SubstituterError::Gone {
+                path: store.store_dir().print(path),
+                message: format!(
+                    "file '{}.narinfo' does not exist in binary cache '{}'",
+                    path.hash_part(),
+                    self.uri
+                ),
+            })?;
+        let _ = &self.scratch;
+        let mut info = ValidPathInfo::new(path.clone(), entry.info.nar_hash, entry.info.nar_size);
+        info.references = entry.info.references.clone();
+        info.deriver = entry.info.deriver.clone();
+        info.ca = entry.info.ca.clone();
+        info.sigs = entry.info.sigs.clone();
+        store
+            .add_object_with(&info, repair, |tmp| {
+                std::fs::write(tmp, &entry.contents).map_err(|source| {
+                    drover::store::StoreError::Io {
+                        context: "writing",
+                        path: tmp.to_owned(),
+                        source,
+                    }
+                })
+            })
+            .map_err(|e| SubstituterError::Failed(e.to_string()))?;
+        progress.add_downloaded(entry.contents.len() as u64);
+        progress.add_unpacked(entry.info.nar_size);
+        self.copied.lock().expect("lock").push(path.clone());
+        Ok(())
+    }
+
+    fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, SubstituterError> {
+        Ok(self.realisations.lock().expect("lock").get(id).cloned())
     }
 }

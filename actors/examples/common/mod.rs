@@ -35,7 +35,7 @@ pub fn drover_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     };
     if !drover.is_file() {
         anyhow::bail!(
-            "no drover binary at {} (build it with `cargo build --release -p drover-actors --bin drover`, or pass --drover)",
+            "no drover binary at {} (build it with `cargo build --release -p drover-cli --bin drover`, or pass --drover)",
             drover.display()
         );
     }

@@ -11,11 +11,12 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
+use actix::prelude::*;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store_path::{StoreDir, StorePath};
 use drover_actors::messages::BuildMode;
 use drover_actors::progress::ProgressEvent;
-use drover_actors::{SystemBuilder, SystemEvent};
+use drover_actors::SystemBuilder;
 
 use crate::display::Display;
 use crate::Context;
@@ -122,8 +123,14 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         .goal_events(false)
         .log_events(false);
 
+    let printer_store_dir = store_dir.clone();
     let outcome = actix::System::new().block_on(async move {
-        let (system, mut events) = builder.start()?;
+        let printer = ProgressPrinter {
+            display: display.clone(),
+            store_dir: printer_store_dir,
+        }
+        .start();
+        let (system, _events) = builder.progress(printer.recipient()).start()?;
         for w in system.warnings() {
             display.lock().unwrap().line(&format!("warning: {w}"));
         }
@@ -137,27 +144,19 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         if args.dry_run {
             return Ok::<_, anyhow::Error>(None);
         }
-        let mut printer = ProgressPrinter {
-            display: display.clone(),
-            store_dir: system.store().store_dir().clone(),
-        };
-        let run = system.realise(requests, mode);
-        tokio::pin!(run);
         // The status line shows elapsed times and the bytes of copies in flight, so
         // it is redrawn on a timer even when no event comes (events only redraw when
         // the last draw is old enough: see `display`).
-        let mut tick = tokio::time::interval(crate::display::TICK_INTERVAL);
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut run => break outcome,
-                Some(ev) = events.recv() => printer.handle(ev),
-                _ = tick.tick() => display.lock().unwrap().tick(),
+        let ticking = display.clone();
+        let ticker = actix::spawn(async move {
+            let mut interval = tokio::time::interval(crate::display::TICK_INTERVAL);
+            loop {
+                interval.tick().await;
+                ticking.lock().unwrap().tick();
             }
-        };
-        // What happened before the end is shown before it.
-        while let Some(ev) = events.try_recv() {
-            printer.handle(ev);
-        }
+        });
+        let outcome = system.realise(requests, mode).await;
+        ticker.abort();
         let mut d = display.lock().unwrap();
         d.finish();
         for e in &outcome.errors {
@@ -229,19 +228,22 @@ fn output_paths(
     }
 }
 
-/// Prints the system's events as Nix prints them, through the display, and keeps
-/// its status line current (counters, running builds, live transfers).
+/// Prints the Worker's progress events as Nix prints them, through the display,
+/// and keeps its status line current (counters, running builds, live transfers).
+/// An actor on the System's arbiter, so `building '…'` comes before the output the
+/// log collectors echo.
 struct ProgressPrinter {
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
 }
 
-impl ProgressPrinter {
-    fn handle(&mut self, event: SystemEvent) {
-        let SystemEvent::Progress(event) = event else {
-            // Builder output is echoed by the log collectors themselves.
-            return;
-        };
+impl Actor for ProgressPrinter {
+    type Context = actix::Context<Self>;
+}
+
+impl Handler<ProgressEvent> for ProgressPrinter {
+    type Result = ();
+    fn handle(&mut self, event: ProgressEvent, _: &mut Self::Context) {
         let mut d = self.display.lock().unwrap();
         match event {
             ProgressEvent::Counters(c) => d.counters(c),
