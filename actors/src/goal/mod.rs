@@ -13,6 +13,7 @@
 
 pub mod derivation;
 pub mod drv_output_substitution;
+pub mod error;
 pub mod path_substitution;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -158,13 +159,17 @@ pub struct PathContents {
 
 impl PathContents {
     /// Whether `p` exists and its contents match its registered NAR hash.
-    pub fn good(&self, store: &LocalStore, p: &StorePath) -> Result<bool, String> {
+    pub fn good(
+        &self,
+        store: &LocalStore,
+        p: &StorePath,
+    ) -> Result<bool, drover::store::StoreError> {
         let first = lock(&self.reported).insert(p.clone());
         let printed = store.store_dir().print(p);
         if first {
             self.notice(format!("checking path '{printed}'..."));
         }
-        let good = match store.query_path_info(p).map_err(|e| e.to_string())? {
+        let good = match store.query_path_info(p)? {
             None => false,
             Some(info) => {
                 let real = store.real_path(p);
@@ -226,6 +231,25 @@ pub enum Event {
     HookReply(HookReply),
     LocalBuildFinished(LocalBuildFinished),
     HookFinished(HookFinished),
+}
+
+impl Event {
+    /// The variant's name, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Start => "Start",
+            Event::WaiteeDone(_) => "WaiteeDone",
+            Event::WaiteesDone => "WaiteesDone",
+            Event::SlotGranted => "SlotGranted",
+            Event::Wake => "Wake",
+            Event::Drv(_) => "Drv",
+            Event::Subst(_) => "Subst",
+            Event::DrvOut(_) => "DrvOut",
+            Event::HookReply(_) => "HookReply",
+            Event::LocalBuildFinished(_) => "LocalBuildFinished",
+            Event::HookFinished(_) => "HookFinished",
+        }
+    }
 }
 
 /// What a goal asks the Worker to do.

@@ -1,0 +1,318 @@
+//! Trying to build (Nix's `tryToBuild`, `tryBuildHook`, `tryLocalBuild`):
+//! non-blocking output locks (retry after the poll interval), the re-check
+//! ("someone beat us to it"), removal of invalid leftovers, then the hook or a local
+//! build slot. A hook error (`bad hook reply '…'`, `unexpected EOF reading a line`)
+//! is a run error (`Effect::Fatal`), as Nix 2.8 throws it out of the goal.
+
+use super::*;
+
+impl DerivationGoal {
+    /// `tryToBuild`: locks, the hook or a local build slot.
+    pub(super) fn step_try_build(&mut self, ev: Event, ctx: &GoalCtx) -> Vec<Effect> {
+        match (self.state, ev) {
+            // tryToBuild
+            (State::Locking, Event::Drv(r)) => match *r {
+                DrvJobResult::Locked(Ok(LockOutcome::Busy(p))) => {
+                    self.state = State::WaitingForLock;
+                    let mut fx = Vec::new();
+                    if !self.waiting_message_shown {
+                        self.waiting_message_shown = true;
+                        fx.push(Effect::Message(format!(
+                            "waiting for lock on '{}'",
+                            p.display()
+                        )));
+                    }
+                    fx.push(Effect::WaitForAWhile);
+                    fx
+                }
+                DrvJobResult::Locked(Ok(LockOutcome::Locked { mut locks, outputs })) => {
+                    self.waiting_message_shown = false;
+                    self.outputs = outputs;
+                    if self.mode != BuildMode::Check && self.all_valid() {
+                        locks.set_deletion(true);
+                        drop(locks);
+                        let mut fx = self.release_slot();
+                        fx.extend(self.done_success(BuildStatus::AlreadyValid, ctx));
+                        return fx;
+                    }
+                    self.locks = Some(locks);
+                    self.after_locked(ctx)
+                }
+                DrvJobResult::Locked(Err(e)) => self.fatal(e.to_string()),
+                other => self.unexpected_job(other, ctx),
+            },
+            (State::WaitingForLock | State::Postponed, Event::Wake) => self.try_to_build(),
+            (State::AwaitHookReply, Event::HookReply(reply)) => match reply {
+                HookReply::Accept { machine, job } => {
+                    self.state = State::BuildingRemotely;
+                    self.started = true;
+                    self.start_time = now();
+                    let missing = self.missing_outputs();
+                    vec![
+                        Effect::BuildStarted {
+                            machine: Some(machine),
+                        },
+                        Effect::HookBuild {
+                            job,
+                            drv_path: self.drv_path.clone(),
+                            inputs: self.hook_inputs.clone(),
+                            missing_outputs: missing,
+                        },
+                    ]
+                }
+                HookReply::Decline => self.try_local_build(ctx),
+                HookReply::DeclinePermanently => {
+                    let mut fx = vec![Effect::DisableHook];
+                    fx.extend(self.try_local_build(ctx));
+                    fx
+                }
+                HookReply::Postpone => {
+                    self.locks = None;
+                    self.state = State::Postponed;
+                    let mut fx = self.release_slot();
+                    if !self.waiting_message_shown {
+                        self.waiting_message_shown = true;
+                        fx.push(Effect::Message(format!(
+                            "waiting for a machine to build '{}'",
+                            self.p(ctx)
+                        )));
+                    }
+                    fx.push(Effect::WaitForAWhile);
+                    fx
+                }
+                // Nix 2.8 throws these (`bad hook reply '…'`, `unexpected EOF reading a
+                // line`, …) out of the goal: the whole run ends with exit 1.
+                HookReply::Error(msg) => self.fatal(msg),
+            },
+            (State::AwaitBuildSlot, Event::SlotGranted) => {
+                self.have_slot = true;
+                self.try_to_build()
+            }
+            (_, ev) => self.unexpected(&ev, ctx),
+        }
+    }
+
+    pub(super) fn try_to_build(&mut self) -> Vec<Effect> {
+        self.state = State::Locking;
+        let Some(drv) = self.drv.clone() else {
+            return self.not_loaded();
+        };
+        let p = self.drv_path.clone();
+        let hashes = self.output_hashes.clone();
+        let repair = self.mode == BuildMode::Repair;
+        vec![job(move |env| {
+            DrvJobResult::Locked(lock_outputs(env, &p, &drv, &hashes, repair))
+        })]
+    }
+
+    pub(super) fn can_build_locally(&self, ctx: &GoalCtx) -> bool {
+        let Some(drv) = &self.drv else { return false };
+        let s = ctx.settings;
+        (drv.system == s.system || s.extra_platforms.contains(&drv.system) || drv.is_builtin())
+            && required_features(drv).is_subset(&s.system_features)
+    }
+
+    pub(super) fn after_locked(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
+        let Some(drv) = self.drv.clone() else {
+            return self.not_loaded();
+        };
+        let prefer_local = drv.env.get("preferLocalBuild").is_some_and(|v| v == "1");
+        let build_locally = (self.mode != BuildMode::Normal
+            || (prefer_local && self.can_build_locally(ctx)))
+            && ctx.settings.max_jobs != 0;
+        if !build_locally && ctx.hook_enabled && !drv.is_builtin() {
+            self.state = State::AwaitHookReply;
+            let mut features = required_features(&drv);
+            if !self.drv_type.is_some_and(|t| t.has_known_output_paths()) {
+                features.insert("ca-derivations".into());
+            }
+            return vec![Effect::HookTry {
+                am_willing: self.have_slot,
+                system: drv.system.clone(),
+                drv_path: self.drv_path.clone(),
+                required_features: features,
+            }];
+        }
+        self.try_local_build(ctx)
+    }
+
+    pub(super) fn try_local_build(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
+        let Some(drv) = self.drv.clone() else {
+            return self.not_loaded();
+        };
+        if !self.have_slot {
+            if ctx.settings.max_jobs == 0 {
+                return self.fatal(NO_BUILD_SLOTS.into());
+            }
+            self.locks = None;
+            self.state = State::AwaitBuildSlot;
+            return vec![Effect::AcquireBuildSlot];
+        }
+        if !self.can_build_locally(ctx) {
+            let fmt_set =
+                |s: &BTreeSet<String>| s.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+            let msg = format!(
+                "a '{}' with features {{{}}} is required to build '{}', but I am a '{}' with features {{{}}}",
+                drv.system,
+                fmt_set(&required_features(&drv)),
+                self.p(ctx),
+                ctx.settings.system,
+                fmt_set(&ctx.settings.system_features)
+            );
+            return self.fatal(msg);
+        }
+        self.state = State::BuildingLocally;
+        self.started = true;
+        self.start_time = now();
+        let output_paths = drv
+            .outputs
+            .iter()
+            .filter_map(|(n, o)| Some((n.clone(), o.path()?.clone())))
+            .collect();
+        // A local build produces every output (Nix builds them all and `done`
+        // restricts the result to the wanted ones).
+        let wanted_outputs = drv.output_names();
+        vec![
+            Effect::BuildStarted { machine: None },
+            Effect::RunLocalBuild(LocalBuildRequest {
+                drv_path: self.drv_path.clone(),
+                drv,
+                output_paths,
+                wanted_outputs,
+                input_closure: self.input_closure.clone(),
+                mode: self.mode,
+                keep_failed: ctx.settings.keep_failed,
+            }),
+        ]
+    }
+}
+
+/// Nix 2.8's error when max-jobs is 0 and no hook builds.
+pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
+
+/// `requiredSystemFeatures`, split on whitespace.
+pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
+    drv.env
+        .get("requiredSystemFeatures")
+        .map(|s| s.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::goal::derivation::test_util::*;
+
+    #[test]
+    fn hook_is_asked_without_then_with_a_slot() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        assert_eq!(step_hook(&h, &mut g, Event::WaiteesDone), "[WaitFor([])]");
+        assert_eq!(
+            step_hook(&h, &mut g, Event::WaiteesDone),
+            "[HookTry(false)]"
+        );
+        assert_eq!(
+            step_hook(&h, &mut g, Event::HookReply(HookReply::Decline)),
+            "[AcquireBuildSlot]"
+        );
+        assert_eq!(step_hook(&h, &mut g, Event::SlotGranted), "[HookTry(true)]");
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::DeclinePermanently));
+        assert!(
+            fx.starts_with("[DisableHook, BuildStarted(None), RunLocalBuild("),
+            "{fx}"
+        );
+        let ev = built(&g, false);
+        let fx = step_hook(&h, &mut g, ev);
+        assert_eq!(
+            fx,
+            "[ReleaseBuildSlot, Done(Failed, PermanentFailure : builder failed)]"
+        );
+    }
+
+    #[test]
+    fn hook_postpone_and_garbage() {
+        let h = Harness::with(vec![], |s| s.max_jobs = 0);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(
+            step_hook(&h, &mut g, Event::WaiteesDone),
+            "[HookTry(false)]"
+        );
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::Postpone));
+        assert!(
+            fx.contains("Message(waiting for a machine to build"),
+            "{fx}"
+        );
+        assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
+        assert_eq!(step_hook(&h, &mut g, Event::Wake), "[HookTry(false)]");
+        // max-jobs = 0 and the hook declines: Nix 2.8's run error.
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::Decline));
+        assert!(fx.starts_with("[Fatal(unable to start any build;"), "{fx}");
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        let fx = step_hook(
+            &h,
+            &mut g,
+            Event::HookReply(HookReply::Error("bad hook reply 'x'".into())),
+        );
+        // Thrown out of the goal in Nix 2.8: the run ends.
+        assert_eq!(fx, "[Fatal(bad hook reply 'x')]");
+    }
+
+    #[test]
+    fn prefer_local_build_skips_the_hook() {
+        let h = Harness::new(vec![]);
+        let d =
+            h.ts.add_drv("x", &["out"], &[], &[("preferLocalBuild", "1")]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(
+            step_hook(&h, &mut g, Event::WaiteesDone),
+            "[AcquireBuildSlot]"
+        );
+    }
+
+    #[test]
+    fn lock_contention_waits_and_someone_beats_us() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let out = h.ts.output(&d, "out");
+        let lock = PathLocks::lock(&[h.ts.store.real_path(&out)].into()).unwrap();
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        let fx = step(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.starts_with("[Message(waiting for lock on"), "{fx}");
+        assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
+        assert_eq!(g.state_name(), "tryToBuild");
+        // Meanwhile the other process builds it.
+        h.ts.make_valid(&d);
+        drop(lock);
+        assert_eq!(
+            step(&h, &mut g, Event::Wake),
+            "[Done(Success, AlreadyValid)]"
+        );
+    }
+
+    #[test]
+    fn invalid_leftovers_are_removed_before_building() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let real = h.ts.store.real_path(&h.ts.output(&d, "out"));
+        std::fs::write(&real, "junk").unwrap();
+        let mut g = all(&d);
+        step(&h, &mut g, Event::Start);
+        step(&h, &mut g, Event::WaiteesDone);
+        assert_eq!(step(&h, &mut g, Event::WaiteesDone), "[AcquireBuildSlot]");
+        step(&h, &mut g, Event::SlotGranted);
+        assert!(!real.exists());
+    }
+}
