@@ -94,6 +94,24 @@ mod tests {
     use crate::goal::derivation::test_util::*;
 
     #[test]
+    fn output_hashes_that_cannot_be_computed_end_the_run() {
+        let h = Harness::new(vec![]);
+        let a = h.ts.add_drv("a", &["out"], &[], &[]);
+        let b = h.ts.add_drv("b", &["out"], &[&a], &[]);
+        std::fs::remove_file(h.ts.store.real_path(&a)).unwrap();
+        let mut g = all(&b);
+        let fx = step(&h, &mut g, Event::Start);
+        let sd = h.ts.store.store_dir();
+        assert!(
+            fx.starts_with(&format!(
+                "[Fatal(computing the output hashes of '{}': ",
+                sd.print(&b)
+            )),
+            "{fx}"
+        );
+    }
+
+    #[test]
     fn already_valid() {
         let h = Harness::new(vec![]);
         let d = h.ts.add_drv("x", &["out"], &[], &[]);

@@ -379,7 +379,13 @@ impl DerivationGoal {
             what,
         }
         .to_string();
-        self.done_failure(BuildStatus::MiscFailure, msg)
+        let mut fx = Vec::new();
+        if state == State::AwaitBuildSlot && !self.have_slot {
+            // Leave the queue: a slot granted later would be lost.
+            fx.push(Effect::ReleaseBuildSlot);
+        }
+        fx.extend(self.done_failure(BuildStatus::MiscFailure, msg));
+        fx
     }
 
     fn reset_counts(&mut self) {
