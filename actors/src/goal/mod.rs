@@ -313,6 +313,10 @@ pub struct GoalCtx<'a> {
     pub hook_enabled: bool,
     pub n_substituters: usize,
     pub store_dir: &'a drover::store_path::StoreDir,
+    /// Whether fewer local builds run than `max-jobs` allows, so that a build slot
+    /// asked for now is granted at once (Nix's `getNrLocalBuilds() < maxBuildJobs`:
+    /// the hook's `amWilling`, and whether a declined build starts locally).
+    pub build_slot_free: bool,
 }
 
 impl std::fmt::Debug for Effect {
@@ -354,6 +358,8 @@ pub(crate) mod test_support {
         _dir: tempfile::TempDir,
         pub ts: TestStore,
         pub env: JobEnv,
+        /// Every local build slot taken (`GoalCtx::build_slot_free` false).
+        pub slots_busy: std::cell::Cell<bool>,
     }
 
     impl Harness {
@@ -378,7 +384,12 @@ pub(crate) mod test_support {
                 settings: Arc::new(settings),
                 contents: Default::default(),
             };
-            Harness { _dir: dir, ts, env }
+            Harness {
+                _dir: dir,
+                ts,
+                env,
+                slots_busy: Default::default(),
+            }
         }
 
         pub fn ctx(&self, hook: bool) -> GoalCtx<'_> {
@@ -387,6 +398,7 @@ pub(crate) mod test_support {
                 hook_enabled: hook,
                 n_substituters: self.env.substituters.len(),
                 store_dir: self.ts.store.store_dir(),
+                build_slot_free: self.env.settings.max_jobs > 0 && !self.slots_busy.get(),
             }
         }
 

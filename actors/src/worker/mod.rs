@@ -425,6 +425,7 @@ impl WorkerCore {
                 hook_enabled: self.hook_enabled,
                 n_substituters: self.n_substituters,
                 store_dir: &self.store_dir,
+                build_slot_free: (self.build_slots.in_use() as u64) < self.build_slots.capacity(),
             };
             let Some(e) = self.goals.get_mut(&id) else {
                 continue;

@@ -116,7 +116,7 @@ pub(super) fn lock_outputs(
     }
     let locks = match PathLocks::try_lock(&lock_paths)? {
         Ok(l) => l,
-        Err(busy) => return Ok(LockOutcome::Busy(busy)),
+        Err(_) => return Ok(LockOutcome::Busy(lock_paths)),
     };
     let outputs = check_validity(env, drv_path, drv, hashes, repair)?;
     for o in outputs.values() {

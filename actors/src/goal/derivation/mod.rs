@@ -70,7 +70,8 @@ pub struct Loaded {
 
 /// Outcome of the locking step of `tryToBuild`.
 pub enum LockOutcome {
-    Busy(PathBuf),
+    /// Some lock is held elsewhere: all the lock files, for the message.
+    Busy(BTreeSet<PathBuf>),
     Locked {
         locks: PathLocks,
         outputs: BTreeMap<String, OutputState>,
@@ -128,6 +129,9 @@ enum State {
     WaitingForLock,
     AwaitHookReply,
     Postponed,
+    /// A slot was free when asked for; its grant comes next.
+    TakingBuildSlot,
+    /// Waiting for a slot to free up.
     AwaitBuildSlot,
     BuildingLocally,
     BuildingRemotely,
@@ -173,6 +177,7 @@ impl State {
             | State::WaitingForLock
             | State::AwaitHookReply
             | State::Postponed
+            | State::TakingBuildSlot
             | State::AwaitBuildSlot => Phase::TryToBuild,
             State::BuildingLocally
             | State::BuildingRemotely
@@ -297,7 +302,7 @@ impl DerivationGoal {
             State::Locking | State::WaitingForLock | State::AwaitHookReply | State::Postponed => {
                 "tryToBuild"
             }
-            State::AwaitBuildSlot => "tryLocalBuild",
+            State::TakingBuildSlot | State::AwaitBuildSlot => "tryLocalBuild",
             State::BuildingLocally
             | State::BuildingRemotely
             | State::CheckingHookOutputs
@@ -380,7 +385,7 @@ impl DerivationGoal {
         }
         .to_string();
         let mut fx = Vec::new();
-        if state == State::AwaitBuildSlot && !self.have_slot {
+        if matches!(state, State::AwaitBuildSlot | State::TakingBuildSlot) && !self.have_slot {
             // Leave the queue: a slot granted later would be lost.
             fx.push(Effect::ReleaseBuildSlot);
         }

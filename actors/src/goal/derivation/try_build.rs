@@ -12,14 +12,19 @@ impl DerivationGoal {
         match (self.state, ev) {
             // tryToBuild
             (State::Locking, Event::Drv(r)) => match *r {
-                DrvJobResult::Locked(Ok(LockOutcome::Busy(p))) => {
+                DrvJobResult::Locked(Ok(LockOutcome::Busy(lock_files))) => {
                     self.state = State::WaitingForLock;
                     let mut fx = Vec::new();
                     if !self.waiting_message_shown {
                         self.waiting_message_shown = true;
+                        // Nix's activity text, which its logger ends with `...`.
+                        let paths: Vec<String> = lock_files
+                            .iter()
+                            .map(|p| format!("'{}'", p.display()))
+                            .collect();
                         fx.push(Effect::Message(format!(
-                            "waiting for lock on '{}'",
-                            p.display()
+                            "waiting for lock on {}...",
+                            paths.join(", ")
                         )));
                     }
                     fx.push(Effect::WaitForAWhile);
@@ -36,19 +41,22 @@ impl DerivationGoal {
                         return fx;
                     }
                     self.locks = Some(locks);
-                    self.after_locked(ctx)
+                    self.build_locally_or_try_hook(ctx)
                 }
                 DrvJobResult::Locked(Err(e)) => self.fatal(e.to_string()),
                 other => self.unexpected_job(other, ctx),
             },
             (State::WaitingForLock | State::Postponed, Event::Wake) => self.try_to_build(),
+            // The answer to this attempt's one `try` (Nix's `tryBuildHook`).
             (State::AwaitHookReply, Event::HookReply(reply)) => match reply {
                 HookReply::Accept { machine, job } => {
+                    // A hook build takes no local build slot.
+                    let mut fx = self.release_slot();
                     self.state = State::BuildingRemotely;
                     self.started = true;
                     self.start_time = now();
                     let missing = self.missing_outputs();
-                    vec![
+                    fx.extend([
                         Effect::BuildStarted {
                             machine: Some(machine),
                         },
@@ -58,7 +66,8 @@ impl DerivationGoal {
                             inputs: self.hook_inputs.clone(),
                             missing_outputs: missing,
                         },
-                    ]
+                    ]);
+                    fx
                 }
                 HookReply::Decline => self.try_local_build(ctx),
                 HookReply::DeclinePermanently => {
@@ -73,7 +82,7 @@ impl DerivationGoal {
                     if !self.waiting_message_shown {
                         self.waiting_message_shown = true;
                         fx.push(Effect::Message(format!(
-                            "waiting for a machine to build '{}'",
+                            "waiting for a machine to build '{}'...",
                             self.p(ctx)
                         )));
                     }
@@ -84,6 +93,13 @@ impl DerivationGoal {
                 // line`, …) out of the goal: the whole run ends with exit 1.
                 HookReply::Error(msg) => self.fatal(msg),
             },
+            // The slot was free when asked for: build now (`tryLocalBuild`).
+            (State::TakingBuildSlot, Event::SlotGranted) => {
+                self.have_slot = true;
+                self.try_local_build(ctx)
+            }
+            // Woken up after waiting for a slot: a new attempt from `tryToBuild`
+            // (locks, validity, then the hook again, as Nix does).
             (State::AwaitBuildSlot, Event::SlotGranted) => {
                 self.have_slot = true;
                 self.try_to_build()
@@ -112,7 +128,10 @@ impl DerivationGoal {
             && required_features(drv).is_subset(&s.system_features)
     }
 
-    pub(super) fn after_locked(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
+    /// After the locks (`tryToBuild`): check and repair modes and `preferLocalBuild`
+    /// build locally; otherwise the hook is asked once (`tryBuildHook`: `try`,
+    /// `amWilling` = whether a local build slot is free or already held).
+    pub(super) fn build_locally_or_try_hook(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
         let Some(drv) = self.drv.clone() else {
             return self.not_loaded();
         };
@@ -127,7 +146,7 @@ impl DerivationGoal {
                 features.insert("ca-derivations".into());
             }
             return vec![Effect::HookTry {
-                am_willing: self.have_slot,
+                am_willing: self.have_slot || ctx.build_slot_free,
                 system: drv.system.clone(),
                 drv_path: self.drv_path.clone(),
                 required_features: features,
@@ -136,6 +155,8 @@ impl DerivationGoal {
         self.try_local_build(ctx)
     }
 
+    /// `tryLocalBuild`: with a slot, start the build; when a slot is free, take it;
+    /// else wait for one (and start over from `tryToBuild` when woken).
     pub(super) fn try_local_build(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
         let Some(drv) = self.drv.clone() else {
             return self.not_loaded();
@@ -144,8 +165,14 @@ impl DerivationGoal {
             if ctx.settings.max_jobs == 0 {
                 return self.fatal(NO_BUILD_SLOTS.into());
             }
-            self.locks = None;
-            self.state = State::AwaitBuildSlot;
+            if ctx.build_slot_free {
+                // Granted at once: the locks are kept.
+                self.state = State::TakingBuildSlot;
+            } else {
+                // Nix's `waitForBuildSlot`, unlocking the outputs meanwhile.
+                self.locks = None;
+                self.state = State::AwaitBuildSlot;
+            }
             return vec![Effect::AcquireBuildSlot];
         }
         if !self.can_build_locally(ctx) {
@@ -204,12 +231,36 @@ mod tests {
     use crate::goal::derivation::test_util::*;
 
     #[test]
-    fn hook_is_asked_without_then_with_a_slot() {
+    fn one_try_per_attempt_willing_when_a_slot_is_free() {
         let h = Harness::new(vec![]);
         let d = h.ts.add_drv("x", &["out"], &[], &[]);
         let mut g = all(&d);
         step_hook(&h, &mut g, Event::Start);
         assert_eq!(step_hook(&h, &mut g, Event::WaiteesDone), "[WaitFor([])]");
+        assert_eq!(step_hook(&h, &mut g, Event::WaiteesDone), "[HookTry(true)]");
+        // Declined with a slot free: the slot is taken and the build starts, without
+        // asking the hook again.
+        assert_eq!(
+            step_hook(&h, &mut g, Event::HookReply(HookReply::Decline)),
+            "[AcquireBuildSlot]"
+        );
+        assert_eq!(g.state_name(), "tryLocalBuild");
+        assert!(g.locks.is_some(), "the locks are kept for the build");
+        let fx = step_hook(&h, &mut g, Event::SlotGranted);
+        assert!(
+            fx.starts_with("[BuildStarted(None), RunLocalBuild("),
+            "{fx}"
+        );
+    }
+
+    #[test]
+    fn declined_without_a_free_slot_waits_and_asks_again_when_woken() {
+        let h = Harness::new(vec![]);
+        h.slots_busy.set(true);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
         assert_eq!(
             step_hook(&h, &mut g, Event::WaiteesDone),
             "[HookTry(false)]"
@@ -218,6 +269,8 @@ mod tests {
             step_hook(&h, &mut g, Event::HookReply(HookReply::Decline)),
             "[AcquireBuildSlot]"
         );
+        assert!(g.locks.is_none(), "unlocked while waiting for a slot");
+        // Woken with a slot: a new attempt, the hook asked again (willing).
         assert_eq!(step_hook(&h, &mut g, Event::SlotGranted), "[HookTry(true)]");
         let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::DeclinePermanently));
         assert!(
@@ -230,6 +283,31 @@ mod tests {
             fx,
             "[ReleaseBuildSlot, Done(Failed, PermanentFailure : builder failed)]"
         );
+    }
+
+    #[test]
+    fn postponed_waits_and_asks_once_per_wake_up() {
+        let h = Harness::new(vec![]);
+        h.slots_busy.set(true);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        step_hook(&h, &mut g, Event::Start);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        step_hook(&h, &mut g, Event::WaiteesDone);
+        let fx = step_hook(&h, &mut g, Event::HookReply(HookReply::Postpone));
+        assert_eq!(
+            fx,
+            format!(
+                "[Message(waiting for a machine to build '{}'...), WaitForAWhile]",
+                h.ts.store.store_dir().print(&d)
+            )
+        );
+        assert_eq!(step_hook(&h, &mut g, Event::Wake), "[HookTry(false)]");
+        // Shown again for each postponed attempt (Nix's activity ends once locked).
+        assert!(step_hook(&h, &mut g, Event::HookReply(HookReply::Postpone))
+            .starts_with("[Message(waiting for a machine to build"));
+        h.slots_busy.set(false);
+        assert_eq!(step_hook(&h, &mut g, Event::Wake), "[HookTry(true)]");
     }
 
     #[test]
@@ -290,7 +368,13 @@ mod tests {
         step(&h, &mut g, Event::Start);
         step(&h, &mut g, Event::WaiteesDone);
         let fx = step(&h, &mut g, Event::WaiteesDone);
-        assert!(fx.starts_with("[Message(waiting for lock on"), "{fx}");
+        assert!(
+            fx.starts_with(&format!(
+                "[Message(waiting for lock on '{}'...)",
+                h.ts.store.real_path(&out).display()
+            )),
+            "{fx}"
+        );
         assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
         assert_eq!(g.state_name(), "tryToBuild");
         // Meanwhile the other process builds it.
