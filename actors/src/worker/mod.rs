@@ -141,7 +141,7 @@ impl WorkerSettings {
             poll_interval: Duration::from_secs(uint("build-poll-interval", 5)),
             system: s.system(),
             extra_platforms: s.extra_platforms(),
-            system_features: s.system_features(),
+            system_features: crate::goal::derivation::local_system_features(s),
             post_build_hook: s.post_build_hook(),
             ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
             impure_derivations: s.is_experimental_feature_enabled("impure-derivations"),

@@ -14,6 +14,7 @@ mod http_server;
 mod derivation;
 mod fallback;
 mod hook;
+mod hook_try;
 mod impure;
 mod path_info;
 mod progress;

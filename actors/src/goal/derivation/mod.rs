@@ -44,7 +44,7 @@ mod try_build;
 
 pub use finish::log_tail_suffix;
 use jobs::*;
-pub use try_build::{required_features, NO_BUILD_SLOTS};
+pub use try_build::{local_system_features, required_features, NO_BUILD_SLOTS};
 
 /// One output's state after a validity check.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -125,7 +125,9 @@ impl DerivationGoal {
         let Some(drv) = &self.drv else { return false };
         let s = ctx.settings;
         (drv.system == s.system || s.extra_platforms.contains(&drv.system) || drv.is_builtin())
-            && required_features(drv).is_subset(&s.system_features)
+            && self
+                .required_system_features(drv)
+                .is_subset(&s.system_features)
     }
 
     /// After the locks (`tryToBuild`): check and repair modes and `preferLocalBuild`
@@ -141,10 +143,7 @@ impl DerivationGoal {
             && ctx.settings.max_jobs != 0;
         if !build_locally && ctx.hook_enabled && !drv.is_builtin() {
             self.state = State::AwaitHookReply;
-            let mut features = required_features(&drv);
-            if !self.drv_type.is_some_and(|t| t.has_known_output_paths()) {
-                features.insert("ca-derivations".into());
-            }
+            let features = self.required_system_features(&drv);
             return vec![Effect::HookTry {
                 am_willing: self.have_slot || ctx.build_slot_free,
                 system: drv.system.clone(),
@@ -181,7 +180,7 @@ impl DerivationGoal {
             let msg = format!(
                 "a '{}' with features {{{}}} is required to build '{}', but I am a '{}' with features {{{}}}",
                 drv.system,
-                fmt_set(&required_features(&drv)),
+                fmt_set(&self.required_system_features(&drv)),
                 self.p(ctx),
                 ctx.settings.system,
                 fmt_set(&ctx.settings.system_features)
@@ -216,6 +215,31 @@ impl DerivationGoal {
 
 /// Nix 2.8's error when max-jobs is 0 and no hook builds.
 pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
+
+impl DerivationGoal {
+    /// Nix's `getRequiredSystemFeatures`: [`required_features`], plus
+    /// `ca-derivations` when the output paths are not known in advance.
+    fn required_system_features(&self, drv: &Derivation) -> BTreeSet<String> {
+        let mut features = required_features(drv);
+        if !self.drv_type.is_some_and(|t| t.has_known_output_paths()) {
+            features.insert("ca-derivations".into());
+        }
+        features
+    }
+}
+
+/// The features of the local machine (the store's `system-features` in Nix 2.8):
+/// `system-features`, plus `ca-derivations` and `recursive-nix` when those
+/// experimental features are enabled.
+pub fn local_system_features(s: &drover::config::Settings) -> BTreeSet<String> {
+    let mut features = s.system_features();
+    for xp in ["ca-derivations", "recursive-nix"] {
+        if s.is_experimental_feature_enabled(xp) {
+            features.insert(xp.to_owned());
+        }
+    }
+    features
+}
 
 /// `requiredSystemFeatures`, split on whitespace.
 pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
@@ -283,6 +307,17 @@ mod tests {
             fx,
             "[ReleaseBuildSlot, Done(Failed, PermanentFailure : builder failed)]"
         );
+    }
+
+    #[test]
+    fn enabled_experimental_features_are_local_system_features() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = "experimental-features = ca-derivations\nsystem-features = foo\n";
+        let s = drover::config::Settings::for_root(dir.path(), conf).unwrap();
+        let want: BTreeSet<String> = ["ca-derivations", "foo"].map(String::from).into();
+        assert_eq!(local_system_features(&s), want);
+        let s = drover::config::Settings::for_root(dir.path(), "system-features = foo\n").unwrap();
+        assert_eq!(local_system_features(&s), ["foo".to_string()].into());
     }
 
     #[test]
