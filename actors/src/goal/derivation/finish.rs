@@ -5,6 +5,7 @@
 //! runs (its failure is a run error); `done` reports the outcome.
 
 use super::*;
+use drover::build::done::{self, Builder, BuilderExit};
 
 impl DerivationGoal {
     /// `buildDone`, the post-build hook and `done`.
@@ -31,51 +32,29 @@ impl DerivationGoal {
             // buildDone (hook)
             (State::BuildingRemotely, Event::HookFinished(f)) => {
                 let mut fx = self.release_slot();
-                let p = self.p(ctx);
-                let name = self.name(ctx);
-                let failure = match (f.alarm, f.exit_code) {
-                    (Some(crate::messages::LogAlarm::Timeout(d)), _) => Some((
-                        BuildStatus::TimedOut,
-                        format!("{name} timed out after {} seconds", d.as_secs()),
+                // Classified as every build is (`drover::build::done`).
+                let drv = self.p(ctx);
+                let exit = BuilderExit::from_code(f.exit_code);
+                let failure = match f.alarm {
+                    Some(alarm) => Some(done::killed(
+                        crate::local_builder::kill_reason(alarm),
+                        &self.name(ctx),
+                        &drv,
                     )),
-                    (Some(crate::messages::LogAlarm::Silent(d)), _) => Some((
-                        BuildStatus::TimedOut,
-                        format!("{name} timed out after {} seconds of silence", d.as_secs()),
-                    )),
-                    (Some(crate::messages::LogAlarm::LogLimit(n)), _) => Some((
-                        BuildStatus::LogLimitExceeded,
-                        format!("{name} killed after writing more than {n} bytes of log output"),
-                    )),
-                    (None, Some(0)) => None,
-                    (None, Some(101)) => Some((
-                        BuildStatus::TimedOut,
-                        format!("builder for '{p}' failed with exit code 101"),
-                    )),
-                    (None, Some(100)) => {
+                    None if exit.success() => None,
+                    None => {
                         let sandboxed = self.drv_type.is_some_and(|t| t.is_sandboxed());
-                        Some((
-                            if sandboxed {
-                                BuildStatus::PermanentFailure
-                            } else {
-                                BuildStatus::TransientFailure
-                            },
-                            format!("builder for '{p}' failed with exit code 100"),
+                        let tail = (!ctx.settings.log.echo).then_some(&f.log.tail[..]);
+                        Some(done::failed_exit(
+                            &drv,
+                            exit,
+                            Builder::Hook { sandboxed },
+                            tail,
                         ))
                     }
-                    (None, Some(n)) => Some((
-                        BuildStatus::MiscFailure,
-                        format!("builder for '{p}' failed with exit code {n}"),
-                    )),
-                    (None, None) => Some((
-                        BuildStatus::MiscFailure,
-                        format!("builder for '{p}' failed due to signal"),
-                    )),
                 };
                 match failure {
-                    Some((status, mut msg)) => {
-                        if f.alarm.is_none() && !ctx.settings.log.echo && !f.log.tail.is_empty() {
-                            msg.push_str(&log_tail_suffix(&p, &f.log.tail));
-                        }
+                    Some((status, msg)) => {
                         self.locks = None;
                         fx.extend(self.done_failure(status, msg));
                     }
@@ -178,19 +157,6 @@ impl DerivationGoal {
     }
 }
 
-/// What Nix 2.8 appends to `builder for '…' failed …` when the log is not echoed
-/// (`-Q`/`--no-build-output`): the last lines of the log.
-pub fn log_tail_suffix(drv: &str, tail: &[String]) -> String {
-    let mut s = format!(";\nlast {} log lines:\n", tail.len());
-    for l in tail {
-        s.push_str("> ");
-        s.push_str(l);
-        s.push('\n');
-    }
-    s.push_str(&format!("For full logs, run 'nix log {drv}'."));
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +218,69 @@ mod tests {
         assert_eq!(
             fx,
             format!("[ReleaseBuildSlot, Fatal(program '{bs}' failed with exit code 3)]")
+        );
+    }
+
+    #[test]
+    fn the_goal_is_named_by_the_outputs_it_was_made_for() {
+        let h = Harness::new(vec![]);
+        let d = h.ts.add_drv("x", &["out", "dev"], &[], &[]);
+        let mut g = DerivationGoal::new(d.clone(), OutputsSpec::name("out"), BuildMode::Normal);
+        assert!(g.add_wanted_outputs(&OutputsSpec::name("dev")));
+        let ctx = h.ctx(false);
+        let printed = h.ts.store.store_dir().print(&d);
+        assert_eq!(
+            g.name(&ctx),
+            format!("building of '{printed}!out' from .drv file")
+        );
+        g.state = State::BuildingRemotely;
+        let fx = step(
+            &h,
+            &mut g,
+            Event::HookFinished(crate::messages::HookFinished {
+                id: 1,
+                exit_code: None,
+                log: Default::default(),
+                alarm: Some(crate::messages::LogAlarm::Silent(
+                    std::time::Duration::from_secs(3),
+                )),
+            }),
+        );
+        assert!(
+            fx.contains(&format!(
+                "TimedOut : building of '{printed}!out' from .drv file timed out after 3 seconds of silence"
+            )),
+            "{fx}"
+        );
+    }
+
+    #[test]
+    fn a_failed_hook_build_shows_the_log_tail_when_the_log_was_not_echoed() {
+        use crate::messages::{HookFinished, LogSummary};
+        let h = Harness::with(vec![], |s| s.log.echo = false);
+        let d = h.ts.add_drv("x", &["out"], &[], &[]);
+        let mut g = all(&d);
+        g.state = State::BuildingRemotely;
+        let log = LogSummary {
+            tail: vec!["last words".into()],
+            ..Default::default()
+        };
+        let fx = step(
+            &h,
+            &mut g,
+            Event::HookFinished(HookFinished {
+                id: 1,
+                exit_code: Some(1),
+                log,
+                alarm: None,
+            }),
+        );
+        let printed = h.ts.store.store_dir().print(&d);
+        assert!(
+            fx.contains(&format!(
+                "MiscFailure : builder for '{printed}' failed with exit code 1;\nlast 1 log lines:\n> last words\nFor full logs, run 'nix log {printed}'."
+            )),
+            "{fx}"
         );
     }
 

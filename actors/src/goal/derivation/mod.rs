@@ -4,16 +4,16 @@
 //! The goal is a state machine (`State`) whose states are grouped by Nix's phases,
 //! each in a module of its own that handles the events of its states:
 //!
-//! * [`get`] — getting the derivation (`getDerivation`, `loadDerivation`);
-//! * [`substitute`] — substituting the outputs (`haveDerivation`,
+//! * `get.rs` — getting the derivation (`getDerivation`, `loadDerivation`);
+//! * `substitute.rs` — substituting the outputs (`haveDerivation`,
 //!   `outputsSubstitutionTried`, `repairClosure`);
-//! * [`inputs`] — realising the inputs and resolving (`gaveUpOnSubstitution`,
+//! * `inputs.rs` — realising the inputs and resolving (`gaveUpOnSubstitution`,
 //!   `inputsRealised`, `resolvedFinished`);
-//! * [`try_build`] — trying to build: locks, the hook or a local build
+//! * `try_build.rs` — trying to build: locks, the hook or a local build
 //!   (`tryToBuild`, `tryBuildHook`, `tryLocalBuild`);
-//! * [`finish`] — finishing (`buildDone`, the post-build hook, `done`).
+//! * `finish.rs` — finishing (`buildDone`, the post-build hook, `done`).
 //!
-//! The blocking store work of every phase is in [`jobs`]. An event a state has no
+//! The blocking store work of every phase is in `jobs.rs`. An event a state has no
 //! transition for fails the goal with a message naming the state and the event.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +42,6 @@ mod substitute;
 mod test_util;
 mod try_build;
 
-pub use finish::log_tail_suffix;
 use jobs::*;
 pub use try_build::{local_system_features, required_features, NO_BUILD_SLOTS};
 
@@ -143,15 +142,15 @@ enum State {
 /// Nix's phases of a derivation goal, each handled by a module of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// [`get`]: `getDerivation`, `loadDerivation`.
+    /// `get.rs`: `getDerivation`, `loadDerivation`.
     GetDerivation,
-    /// [`substitute`]: `haveDerivation`, `outputsSubstitutionTried`, `repairClosure`.
+    /// `substitute.rs`: `haveDerivation`, `outputsSubstitutionTried`, `repairClosure`.
     Substitute,
-    /// [`inputs`]: `gaveUpOnSubstitution`, `inputsRealised`, `resolvedFinished`.
+    /// `inputs.rs`: `gaveUpOnSubstitution`, `inputsRealised`, `resolvedFinished`.
     Inputs,
-    /// [`try_build`]: `tryToBuild`, `tryBuildHook`, `tryLocalBuild`.
+    /// `try_build.rs`: `tryToBuild`, `tryBuildHook`, `tryLocalBuild`.
     TryToBuild,
-    /// [`finish`]: `buildDone`, the post-build hook.
+    /// `finish.rs`: `buildDone`, the post-build hook.
     Finish,
     Done,
 }
@@ -211,6 +210,9 @@ pub struct DerivationGoal {
     pub drv_path: StorePath,
     pub wanted: OutputsSpec,
     pub mode: BuildMode,
+    /// The outputs wanted at creation, which name the goal in messages (Nix fixes
+    /// the name in the constructor; outputs added later do not change it).
+    initial_wanted: OutputsSpec,
     state: State,
     drv: Option<Arc<Derivation>>,
     drv_type: Option<DerivationType>,
@@ -240,6 +242,7 @@ impl DerivationGoal {
     pub fn new(drv_path: StorePath, wanted: OutputsSpec, mode: BuildMode) -> DerivationGoal {
         DerivationGoal {
             drv_path,
+            initial_wanted: wanted.clone(),
             wanted,
             mode,
             state: State::Init,
@@ -326,12 +329,12 @@ impl DerivationGoal {
         true
     }
 
-    /// `building of '<drv>!<outputs>' from .drv file`, for timeout and log messages.
+    /// `building of '<drv>!<outputs>' from .drv file`, for timeout and log messages
+    /// (the outputs wanted when the goal was made).
     pub fn name(&self, ctx: &GoalCtx) -> String {
-        format!(
-            "building of '{}!{}' from .drv file",
-            ctx.store_dir.print(&self.drv_path),
-            self.wanted
+        drover::build::done::goal_name(
+            &ctx.store_dir.print(&self.drv_path),
+            &self.initial_wanted.to_string(),
         )
     }
 

@@ -3,6 +3,19 @@
 //! ("someone beat us to it"), removal of invalid leftovers, then the hook or a local
 //! build slot. A hook error (`bad hook reply '…'`, `unexpected EOF reading a line`)
 //! is a run error (`Effect::Fatal`), as Nix 2.8 throws it out of the goal.
+//!
+//! As Nix 2.8 does, each attempt asks the hook once, *before* taking a local build
+//! slot: `amWilling` says whether a slot is free ([`GoalCtx::build_slot_free`]) or
+//! already held. After `# decline` a free slot is taken and the build starts; with
+//! none free the goal unlocks, waits for one and starts over from the locks (asking
+//! the hook again). After `# postpone` it unlocks, prints `waiting for a machine to
+//! build '…'...` and asks again after the poll interval.
+//!
+//! How a `try` reaches the hook: [`DerivationGoal::build_locally_or_try_hook`]
+//! returns [`Effect::HookTry`]; the Worker sends it as `messages::HookTry` to the
+//! hook pool (`hook/pool.rs`), which encodes it with
+//! `drover::hook_protocol::TryRequest` and answers the hook's reply as
+//! [`Event::HookReply`], handled below (`AwaitHookReply`).
 
 use super::*;
 
@@ -208,6 +221,7 @@ impl DerivationGoal {
                 input_closure: self.input_closure.clone(),
                 mode: self.mode,
                 keep_failed: ctx.settings.keep_failed,
+                goal_name: self.name(ctx),
             }),
         ]
     }
