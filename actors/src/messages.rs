@@ -55,6 +55,9 @@ pub struct LocalBuildRequest {
     pub mode: BuildMode,
     /// Keep the build directory (and `.check` outputs) on failure: `--keep-failed`.
     pub keep_failed: bool,
+    /// The goal's name in timeout and log-limit messages (`building of
+    /// '<drv>!<outputs>' from .drv file`, `drover::build::done::goal_name`).
+    pub goal_name: String,
 }
 
 /// Asks the LocalBuilder to run one build; the answer comes later as

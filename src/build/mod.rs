@@ -23,6 +23,7 @@
 //! mismatch flag and the registered output paths.
 
 pub mod dir;
+pub mod done;
 pub mod env;
 pub mod outputs;
 pub mod spawn;
@@ -530,38 +531,15 @@ pub struct BuildOutcome {
 
 /// Nix's `statusToString`: `failed with exit code N`, `failed due to signal N (<name>)`.
 pub fn status_to_string(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(code) = status.code() {
-        format!("failed with exit code {code}")
-    } else if let Some(sig) = status.signal() {
-        // SAFETY: strsignal returns a pointer to a static or thread-local string.
-        let name = unsafe {
-            let p = nix::libc::strsignal(sig);
-            if p.is_null() {
-                String::from("unknown signal")
-            } else {
-                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        format!("failed due to signal {sig} ({name})")
-    } else {
-        "died abnormally".into()
-    }
-}
-
-/// `building of '<drv>!*' from .drv file` (the name Nix's timeout messages use).
-fn build_name(store: &LocalStore, drv_path: &StorePath) -> String {
-    format!(
-        "building of '{}!*' from .drv file",
-        store.store_dir().print(drv_path)
-    )
+    done::BuilderExit::from(status).describe()
 }
 
 /// Finishes a build after the builder exited (Nix's `buildDone`): classifies the exit
 /// status, registers the outputs and cleans up. `killed` says why the caller killed
-/// the builder, if it did. The message of a builder failure is Nix's first line
-/// (`builder for '…' failed with exit code N`); adding the log tail is the caller's
-/// (`drover_actors::local_builder::failure_message`).
+/// the builder, if it did. Statuses and messages are [`done`]'s; a kill names the
+/// goal as one for all outputs (`…!*`), and the message of a builder failure is
+/// Nix's first line (`builder for '…' failed with exit code N`): a caller that knows
+/// the goal's outputs and the log's tail completes them with [`done`].
 pub fn finish(
     store: &LocalStore,
     settings: &BuildSettings,
@@ -592,33 +570,8 @@ pub fn finish(
         }
     };
     if let Some(k) = killed {
-        let (st, msg) = match k {
-            KillReason::Silence(n) => (
-                BuildStatus::TimedOut,
-                format!(
-                    "{} timed out after {n} seconds of silence",
-                    build_name(store, &spec.drv_path)
-                ),
-            ),
-            KillReason::Timeout(n) => (
-                BuildStatus::TimedOut,
-                format!(
-                    "{} timed out after {n} seconds",
-                    build_name(store, &spec.drv_path)
-                ),
-            ),
-            KillReason::LogLimit(n) => (
-                BuildStatus::LogLimitExceeded,
-                format!(
-                    "{} killed after writing more than {n} bytes of log output",
-                    build_name(store, &spec.drv_path)
-                ),
-            ),
-            KillReason::Cancelled => (
-                BuildStatus::MiscFailure,
-                format!("build of '{drv_printed}' was cancelled"),
-            ),
-        };
+        let goal = done::goal_name(&drv_printed, "*");
+        let (st, msg) = done::killed(k, &goal, &drv_printed);
         return fail(st, msg, build_dir, &scratch);
     }
     if !status.success() {
@@ -627,12 +580,8 @@ pub fn finish(
             .derivation_type()
             .map(|t| t.is_sandboxed())
             .unwrap_or(true);
-        let st = if sandboxed {
-            BuildStatus::PermanentFailure
-        } else {
-            BuildStatus::TransientFailure
-        };
-        let msg = format!("builder for '{drv_printed}' {}", status_to_string(status));
+        let builder = done::Builder::Local { sandboxed };
+        let (st, msg) = done::failed_exit(&drv_printed, status.into(), builder, None);
         return fail(st, msg, build_dir, &scratch);
     }
     let drv_name = match name_from_drv_path(&spec.drv_path) {

@@ -122,6 +122,9 @@ pub struct GoalEnv {
     /// A hook is configured and has not declined permanently. Any goal may clear it
     /// ([`Effect::DisableHook`]); every goal then stops asking.
     hook_enabled: AtomicBool,
+    /// Fewer local builds hold a slot than `max-jobs` allows (kept current by the
+    /// Worker's core; [`GoalCtx::build_slot_free`]).
+    build_slot_free: AtomicBool,
 }
 
 impl GoalEnv {
@@ -136,7 +139,13 @@ impl GoalEnv {
             store_dir,
             n_substituters,
             hook_enabled: AtomicBool::new(hook),
+            build_slot_free: AtomicBool::new(true),
         }
+    }
+
+    /// Set by the Worker's core whenever its build slots change.
+    pub fn set_build_slot_free(&self, free: bool) {
+        self.build_slot_free.store(free, Ordering::Relaxed);
     }
 
     pub fn hook_enabled(&self) -> bool {
@@ -149,6 +158,7 @@ impl GoalEnv {
             hook_enabled: self.hook_enabled(),
             n_substituters: self.n_substituters,
             store_dir: &self.store_dir,
+            build_slot_free: self.build_slot_free.load(Ordering::Relaxed),
         }
     }
 
@@ -161,8 +171,10 @@ impl GoalEnv {
             compress: l.compress,
             tail_lines: l.tail_lines,
             max_log_size: l.max_log_size,
-            max_silent_time: l.max_silent_time,
-            timeout: l.timeout,
+            // Nix 2.8 does not time hook builds out itself (the hook passes both
+            // limits to the remote); the log limit applies.
+            max_silent_time: None,
+            timeout: None,
             echo: l.echo,
         }
     }

@@ -15,6 +15,7 @@ pub mod actor;
 pub mod derivation;
 pub mod drv_output_substitution;
 pub mod host;
+pub mod error;
 pub mod path_substitution;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -162,13 +163,17 @@ pub struct PathContents {
 
 impl PathContents {
     /// Whether `p` exists and its contents match its registered NAR hash.
-    pub fn good(&self, store: &LocalStore, p: &StorePath) -> Result<bool, String> {
+    pub fn good(
+        &self,
+        store: &LocalStore,
+        p: &StorePath,
+    ) -> Result<bool, drover::store::StoreError> {
         let first = lock(&self.reported).insert(p.clone());
         let printed = store.store_dir().print(p);
         if first {
             self.notice(format!("checking path '{printed}'..."));
         }
-        let good = match store.query_path_info(p).map_err(|e| e.to_string())? {
+        let good = match store.query_path_info(p)? {
             None => false,
             Some(info) => {
                 let real = store.real_path(p);
@@ -232,6 +237,25 @@ pub enum Event {
     HookFinished(HookFinished),
 }
 
+impl Event {
+    /// The variant's name, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Start => "Start",
+            Event::WaiteeDone(_) => "WaiteeDone",
+            Event::WaiteesDone => "WaiteesDone",
+            Event::SlotGranted => "SlotGranted",
+            Event::Wake => "Wake",
+            Event::Drv(_) => "Drv",
+            Event::Subst(_) => "Subst",
+            Event::DrvOut(_) => "DrvOut",
+            Event::HookReply(_) => "HookReply",
+            Event::LocalBuildFinished(_) => "LocalBuildFinished",
+            Event::HookFinished(_) => "HookFinished",
+        }
+    }
+}
+
 /// What a goal asks the Worker to do.
 pub enum Effect {
     Blocking(Job),
@@ -293,6 +317,10 @@ pub struct GoalCtx<'a> {
     pub hook_enabled: bool,
     pub n_substituters: usize,
     pub store_dir: &'a drover::store_path::StoreDir,
+    /// Whether fewer local builds run than `max-jobs` allows, so that a build slot
+    /// asked for now is granted at once (Nix's `getNrLocalBuilds() < maxBuildJobs`:
+    /// the hook's `amWilling`, and whether a declined build starts locally).
+    pub build_slot_free: bool,
 }
 
 impl std::fmt::Debug for Effect {
@@ -334,6 +362,8 @@ pub(crate) mod test_support {
         _dir: tempfile::TempDir,
         pub ts: TestStore,
         pub env: JobEnv,
+        /// Every local build slot taken (`GoalCtx::build_slot_free` false).
+        pub slots_busy: std::cell::Cell<bool>,
     }
 
     impl Harness {
@@ -358,7 +388,12 @@ pub(crate) mod test_support {
                 settings: Arc::new(settings),
                 contents: Default::default(),
             };
-            Harness { _dir: dir, ts, env }
+            Harness {
+                _dir: dir,
+                ts,
+                env,
+                slots_busy: Default::default(),
+            }
         }
 
         pub fn ctx(&self, hook: bool) -> GoalCtx<'_> {
@@ -367,6 +402,7 @@ pub(crate) mod test_support {
                 hook_enabled: hook,
                 n_substituters: self.env.substituters.len(),
                 store_dir: self.ts.store.store_dir(),
+                build_slot_free: self.env.settings.max_jobs > 0 && !self.slots_busy.get(),
             }
         }
 

@@ -15,7 +15,7 @@ use drover::build_result::{BuildResult, BuildStatus};
 use drover::config::Settings;
 use drover::store::LocalStore;
 
-use super::{failure_message, LocalBuilderState};
+use super::LocalBuilderState;
 use crate::messages::{
     CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof, LogSummary,
     RunLocalBuild, StartLogCollector,
@@ -38,8 +38,6 @@ pub struct LocalBuilderConfig {
     /// Echo builder output (nix-store without `-Q`); without it failure messages
     /// carry the log tail.
     pub echo: bool,
-    /// `nix-command` is enabled: failure messages say `nix log`, else `nix-store -l`.
-    pub nix_command: bool,
 }
 
 impl LocalBuilderConfig {
@@ -55,7 +53,6 @@ impl LocalBuilderConfig {
             max_silent_time: secs(settings.max_silent_time()),
             timeout: secs(settings.timeout()),
             echo: true,
-            nix_command: settings.is_experimental_feature_enabled("nix-command"),
         }
     }
 }
@@ -300,17 +297,19 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                         eprintln!("note: keeping build directory '{}'", dir.display());
                     }
                     let mut result = o.result;
-                    if matches!(
-                        result.status,
-                        BuildStatus::PermanentFailure | BuildStatus::TransientFailure
-                    ) {
-                        result.error_msg = failure_message(
-                            &result.error_msg,
-                            &summary.tail,
-                            config.echo,
-                            config.nix_command,
-                            &drv_printed,
-                        );
+                    // `finish` names the goal for all outputs and leaves the log
+                    // tail out: completed here, with `done` as everywhere.
+                    match killed {
+                        Some(k) if k != build::KillReason::Cancelled => {
+                            (result.status, result.error_msg) =
+                                build::done::killed(k, &request.goal_name, &drv_printed);
+                        }
+                        None if !status.success() && !config.echo && !summary.tail.is_empty() => {
+                            result
+                                .error_msg
+                                .push_str(&build::done::log_tail(&drv_printed, &summary.tail));
+                        }
+                        _ => {}
                     }
                     result.times_built = 1;
                     result.start_time = start_time;

@@ -101,34 +101,6 @@ impl LocalBuilderState {
     }
 }
 
-/// Nix's builder-failure message when the build log was not shown as it came
-/// (`-Q`): the first line plus `;`, the last log lines and where the full log is.
-/// With the log echoed (or no tail) the message stays as it is.
-pub fn failure_message(
-    msg: &str,
-    tail: &[String],
-    echoed: bool,
-    nix_command: bool,
-    drv: &str,
-) -> String {
-    if echoed || tail.is_empty() {
-        return msg.to_owned();
-    }
-    let mut s = format!("{msg};\nlast {} log lines:\n", tail.len());
-    for l in tail {
-        s.push_str("> ");
-        s.push_str(l);
-        s.push('\n');
-    }
-    let cmd = if nix_command {
-        "nix log"
-    } else {
-        "nix-store -l"
-    };
-    s.push_str(&format!("For full logs, run '{cmd} {drv}'."));
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,15 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn failure_messages() {
-        let tail = vec!["one".to_string(), "two".to_string()];
-        assert_eq!(
-            failure_message("builder for 'd' failed with exit code 1", &tail, false, true, "d"),
-            "builder for 'd' failed with exit code 1;\nlast 2 log lines:\n> one\n> two\nFor full logs, run 'nix log d'."
-        );
-        assert_eq!(failure_message("m", &tail, true, true, "d"), "m");
-        assert_eq!(failure_message("m", &[], false, false, "d"), "m");
-        assert!(failure_message("m", &tail, false, false, "d").ends_with("run 'nix-store -l d'."));
+    fn kill_reasons() {
         assert_eq!(
             kill_reason(LogAlarm::Timeout(Duration::from_secs(7))),
             KillReason::Timeout(7)

@@ -147,7 +147,7 @@ impl WorkerSettings {
             poll_interval: Duration::from_secs(uint("build-poll-interval", 5)),
             system: s.system(),
             extra_platforms: s.extra_platforms(),
-            system_features: s.system_features(),
+            system_features: crate::goal::derivation::local_system_features(s),
             post_build_hook: s.post_build_hook(),
             ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
             impure_derivations: s.is_experimental_feature_enabled("impure-derivations"),
@@ -476,6 +476,9 @@ impl WorkerCore {
         if !self.finished && self.pending_top.is_empty() {
             self.finish();
         }
+        let slots = &self.build_slots;
+        self.goal_env
+            .set_build_slot_free((slots.in_use() as u64) < slots.capacity());
         if self.counters != self.sent_counters {
             self.sent_counters = self.counters;
             self.actions

@@ -127,6 +127,7 @@ fn request(store: &LocalStore, name: &str, script: &str) -> LocalBuildRequest {
         )
         .unwrap();
     LocalBuildRequest {
+        goal_name: drover::build::done::goal_name(&sd.print(&drv_path), "*"),
         drv_path,
         output_paths: drv
             .outputs
@@ -376,6 +377,7 @@ async fn builds_corpus_derivations_nix_accepts() {
         builder.do_send(RunLocalBuild {
             id,
             request: LocalBuildRequest {
+                goal_name: drover::build::done::goal_name(&drv, "*"),
                 drv_path,
                 output_paths: d
                     .outputs

@@ -11,9 +11,11 @@ mod nix_env;
 #[path = "../../../tests/it/http_server.rs"]
 mod http_server;
 
+mod build_done;
 mod derivation;
 mod fallback;
 mod hook;
+mod hook_try;
 mod impure;
 mod path_info;
 mod progress;

@@ -1,5 +1,6 @@
 //! DrvOutputSubstitutionGoal: find the realisation of a content-addressed derivation
-//! output in a substituter and make it valid locally (spec §4.2).
+//! output in a substituter and make it valid locally (Nix 2.8's
+//! `DrvOutputSubstitutionGoal`, src/libstore/build/drv-output-substitution-goal.cc).
 //!
 //! States: `init` (known locally → success) → `tryNext` (take a substitution slot and
 //! query the next substituter; none left → exit `Failed` if one really failed, else
@@ -12,15 +13,16 @@
 use drover::build_result::BuildStatus;
 use drover::realisation::{DrvOutput, Realisation};
 
+use super::error::GoalError;
 use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
 use crate::substituter::SubstituterError;
 
 /// Results of this goal's blocking jobs.
 pub enum DrvOutJobResult {
-    Known(Result<bool, String>),
+    Known(Result<bool, GoalError>),
     /// The realisation found (if any), and a warning when it conflicts locally.
     Fetched(Result<Option<(Realisation, Option<String>)>, SubstituterError>),
-    Registered(Result<(), String>),
+    Registered(Result<(), GoalError>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,12 +87,12 @@ impl DrvOutputSubstitutionGoal {
                         .store
                         .query_realisation(&id)
                         .map(|r| r.is_some())
-                        .map_err(|e| e.to_string());
+                        .map_err(GoalError::from);
                     Event::DrvOut(DrvOutJobResult::Known(r))
                 }))]
             }
             (State::CheckingLocal, Event::DrvOut(DrvOutJobResult::Known(r))) => match r {
-                Err(e) => self.finish_fatal(e),
+                Err(e) => self.finish_fatal(e.to_string()),
                 Ok(true) => self.finish(GoalOutcome::success(BuildStatus::AlreadyValid)),
                 Ok(false) => self.try_next(),
             },
@@ -207,9 +209,7 @@ impl DrvOutputSubstitutionGoal {
                 };
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
                     Event::DrvOut(DrvOutJobResult::Registered(
-                        env.store
-                            .register_realisation(&r)
-                            .map_err(|e| e.to_string()),
+                        env.store.register_realisation(&r).map_err(GoalError::from),
                     ))
                 }))]
             }
@@ -221,9 +221,32 @@ impl DrvOutputSubstitutionGoal {
                     }
                     self.finish(o)
                 }
-                Err(e) => self.finish_fatal(e),
+                Err(e) => self.finish_fatal(e.to_string()),
             },
-            _ => vec![],
+            (state, ev) => {
+                let msg = GoalError::UnexpectedEvent {
+                    goal: self.id.to_string(),
+                    state: format!("{} ({state:?})", self.state_name()),
+                    what: format!("event {}", ev.kind()),
+                }
+                .to_string();
+                if state == State::Done {
+                    log::error!("{msg}; ignored");
+                    return vec![];
+                }
+                let mut fx = match state {
+                    State::Querying => vec![Effect::ReleaseSubstSlot, Effect::SubstitutionStopped],
+                    // Leave the queue: a slot granted later would be lost.
+                    State::AwaitSlot => vec![Effect::ReleaseSubstSlot],
+                    _ => vec![],
+                };
+                fx.extend(self.finish(GoalOutcome::failure(
+                    ExitCode::Failed,
+                    BuildStatus::MiscFailure,
+                    msg,
+                )));
+                fx
+            }
         }
     }
 

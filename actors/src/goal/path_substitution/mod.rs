@@ -1,5 +1,5 @@
 //! PathSubstitutionGoal: make one store path valid by copying it from a substituter
-//! (Nix's `PathSubstitutionGoal`, spec §4.1).
+//! (Nix 2.8's `PathSubstitutionGoal`, src/libstore/build/substitution-goal.cc).
 //!
 //! States: `init` (already valid → AlreadyValid) → `tryNext` (query the next
 //! substituter's narinfo without a slot; none left → NoSubstituters, exit
@@ -20,13 +20,14 @@ use drover::build_result::BuildStatus;
 use drover::store::RepairFlag;
 use drover::store_path::StorePath;
 
+use super::error::GoalError;
 use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
 use crate::progress::Transfer;
 use crate::substituter::{SubstitutablePathInfo, SubstituterError};
 
 /// Results of this goal's blocking jobs.
 pub enum SubstJobResult {
-    Validity(Result<bool, String>),
+    Validity(Result<bool, GoalError>),
     Info(Result<Option<SubstitutablePathInfo>, SubstituterError>),
     Copied(Result<(), SubstituterError>),
 }
@@ -90,14 +91,11 @@ impl PathSubstitutionGoal {
                 self.state = State::CheckingValidity;
                 let path = self.path.clone();
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-                    let _ = env.store.add_temp_root(&path);
-                    Event::Subst(SubstJobResult::Validity(
-                        env.store.is_valid_path(&path).map_err(|e| e.to_string()),
-                    ))
+                    Event::Subst(SubstJobResult::Validity(check_validity(env, &path)))
                 }))]
             }
             (State::CheckingValidity, Event::Subst(SubstJobResult::Validity(r))) => match r {
-                Err(e) => self.fatal(e),
+                Err(e) => self.fatal(e.to_string()),
                 Ok(true) if !self.repair => {
                     self.finish(GoalOutcome::success(BuildStatus::AlreadyValid))
                 }
@@ -218,7 +216,30 @@ impl PathSubstitutionGoal {
                 }
                 fx
             }
-            _ => vec![],
+            (state, ev) => {
+                let msg = GoalError::UnexpectedEvent {
+                    goal: ctx.store_dir.print(&self.path),
+                    state: format!("{} ({state:?})", self.state_name()),
+                    what: format!("event {}", ev.kind()),
+                }
+                .to_string();
+                if state == State::Done {
+                    log::error!("{msg}; ignored");
+                    return vec![];
+                }
+                let mut fx = match state {
+                    State::Copying => vec![Effect::ReleaseSubstSlot, Effect::SubstitutionStopped],
+                    // Leave the queue: a slot granted later would be lost.
+                    State::AwaitSlot => vec![Effect::ReleaseSubstSlot],
+                    _ => vec![],
+                };
+                fx.extend(self.finish(GoalOutcome::failure(
+                    ExitCode::Failed,
+                    BuildStatus::MiscFailure,
+                    msg,
+                )));
+                fx
+            }
         }
     }
 
@@ -300,6 +321,18 @@ impl PathSubstitutionGoal {
     }
 }
 
+/// `init`: the path made a temporary root first (so a concurrent collector cannot
+/// delete it once found valid or while it is copied), then whether it is valid.
+fn check_validity(env: &JobEnv, path: &StorePath) -> Result<bool, GoalError> {
+    env.store
+        .add_temp_root(path)
+        .map_err(|source| GoalError::TempRoot {
+            path: env.store.store_dir().print(path),
+            source: Box::new(source),
+        })?;
+    Ok(env.store.is_valid_path(path)?)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -316,6 +349,41 @@ mod tests {
 
     fn sub(uri: &str) -> Arc<InMemorySubstituter> {
         Arc::new(InMemorySubstituter::new(uri, 40))
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_made_a_temp_root_ends_the_run() {
+        let h = Harness::new(vec![]);
+        // `temproots` a file: this process's root file cannot be created.
+        let t = h.ts.store.state_dir().join("temproots");
+        let _ = std::fs::remove_dir_all(&t);
+        std::fs::write(&t, "").unwrap();
+        let mut g = PathSubstitutionGoal::new(path(&h, "x"), false);
+        let fx = show(&h.drive(|e, c| g.handle(e, c), Event::Start, false));
+        assert!(
+            fx.starts_with("[Fatal(cannot add temporary root for '"),
+            "{fx}"
+        );
+    }
+
+    #[test]
+    fn an_unexpected_event_fails_the_goal_and_leaves_the_slot_queue() {
+        let s = sub("mem://a");
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let p = path(&h, "x");
+        s.add_file(p.clone(), b"x", Default::default());
+        let mut g = PathSubstitutionGoal::new(p, false);
+        let fx = show(&h.drive(|e, c| g.handle(e, c), Event::Start, false));
+        assert!(fx.ends_with("WaitFor([])]"), "{fx}");
+        let fx = show(&h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false));
+        assert_eq!(fx, "[AcquireSubstSlot]");
+        let fx = show(&h.drive(|e, c| g.handle(e, c), Event::Wake, false));
+        assert!(
+            fx.starts_with(
+                "[ReleaseSubstSlot, Done(Failed, MiscFailure : internal error: the goal for '"
+            ) && fx.contains("in state tryToRun (AwaitSlot) got an unexpected event Wake"),
+            "{fx}"
+        );
     }
 
     #[test]
