@@ -15,6 +15,7 @@ mod derivation;
 mod fallback;
 mod hook;
 mod impure;
+mod log_format;
 mod path_info;
 mod progress;
 mod realise;

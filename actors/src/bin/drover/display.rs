@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use drover::store_path::StorePath;
 use drover_actors::progress::{Counters, Transfer};
 
+use crate::log_format::JsonLogger;
+
 /// Event-driven redraws are at least this far apart.
 pub const MIN_REDRAW_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the CLI calls [`Display::tick`].
@@ -134,6 +136,8 @@ pub struct Display {
     /// The live byte counts of running copies.
     transfers: BTreeMap<StorePath, Arc<Transfer>>,
     started: Instant,
+    /// `--log-format internal-json`: everything is written as `@nix` lines.
+    json: Option<JsonLogger>,
 }
 
 impl Display {
@@ -154,17 +158,44 @@ impl Display {
             running: BTreeMap::new(),
             transfers: BTreeMap::new(),
             started: Instant::now(),
+            json: None,
+        }
+    }
+
+    /// From now on, write Nix's `@nix` JSON lines instead of text (no status line).
+    pub fn set_json(&mut self, logger: JsonLogger) {
+        self.live = false;
+        self.json = Some(logger);
+    }
+
+    /// The JSON logger, with `--log-format internal-json`.
+    pub fn json(&mut self) -> Option<&mut JsonLogger> {
+        self.json.as_mut()
+    }
+
+    /// Writes what the JSON logger made of an event.
+    pub fn emit_json(&mut self, f: impl FnOnce(&mut JsonLogger) -> String) {
+        if let Some(j) = self.json.as_mut() {
+            let s = f(j);
+            if !s.is_empty() {
+                let _ = self.out.write_all(s.as_bytes());
+                let _ = self.out.flush();
+            }
         }
     }
 
     /// Prints a whole message line (Nix's `printMsg`).
     pub fn line(&mut self, s: &str) {
+        if self.json.is_some() {
+            return self.emit_json(|j| j.message(s));
+        }
         let mut buf = s.as_bytes().to_vec();
         buf.push(b'\n');
         let _ = self.write_all(&buf);
     }
 
     pub fn counters(&mut self, c: Counters) {
+        self.emit_json(|j| j.counters(&c));
         self.counters = c;
         self.redraw();
     }
@@ -192,6 +223,7 @@ impl Display {
 
     /// Removes the status line for good (before the final output).
     pub fn finish(&mut self) {
+        self.emit_json(|j| j.worker_finished());
         if self.status_drawn {
             let _ = self.out.write_all(b"\r\x1b[K");
             self.status_drawn = false;
@@ -269,6 +301,10 @@ impl Write for Display {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
+        }
+        if self.json.is_some() {
+            self.emit_json(|j| j.write(buf));
+            return Ok(buf.len());
         }
         if self.status_drawn {
             let mut all = b"\r\x1b[K".to_vec();

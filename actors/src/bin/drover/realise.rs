@@ -18,11 +18,12 @@ use drover_actors::binary_cache_substituter::substituters_from_settings;
 use drover_actors::hook::{HookPool, HookPoolConfig};
 use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
 use drover_actors::log_collector::{starter_with, CollectorOptions};
-use drover_actors::messages::BuildMode;
+use drover_actors::messages::{BuildLogEvent, BuildMode};
 use drover_actors::progress::ProgressEvent;
 use drover_actors::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
 
 use crate::display::Display;
+use crate::log_format::{act, lvl, JsonLogger, LogFormat};
 use crate::plan::{plan, print_plan, PlanOptions};
 use crate::Context;
 
@@ -64,6 +65,10 @@ pub struct Args {
     /// Print plain messages even on a terminal (no status line).
     #[arg(long)]
     plain: bool,
+    /// How to log, as Nix's `--log-format`: `raw`, `raw-with-logs`, `bar`,
+    /// `bar-with-logs` or `internal-json`.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
     /// Derivations (`X.drv`, `X.drv!out,dev`, `X.drv^*`) and store paths.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<String>,
@@ -100,6 +105,7 @@ impl Args {
 }
 
 pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
+    let log_format: Option<LogFormat> = args.log_format.as_deref().map(str::parse).transpose()?;
     for (k, v) in args.as_options() {
         ctx.settings.apply_option(&k, &v);
     }
@@ -118,7 +124,14 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         BuildMode::Normal
     };
     let store = Arc::new(ctx.open_store()?);
-    let display = Arc::new(Mutex::new(Display::new(args.plain)));
+    let plain = args.plain || log_format.is_some_and(|f| !f.bar());
+    let display = Arc::new(Mutex::new(Display::new(plain)));
+    if log_format == Some(LogFormat::InternalJson) {
+        display
+            .lock()
+            .unwrap()
+            .set_json(JsonLogger::new(store_dir.clone()));
+    }
     crate::display::share(&display);
 
     let (substituters, warnings) = substituters_from_settings(settings);
@@ -135,13 +148,27 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
         impure_derivations: settings.is_experimental_feature_enabled("impure-derivations"),
     };
+    display.lock().unwrap().emit_json(|j| {
+        j.instant_activity(
+            lvl::DEBUG,
+            act::UNKNOWN,
+            "querying info about missing paths",
+        )
+    });
     let plan = plan(&store, &substituters, &requests, &options)?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let echo = !args.no_build_output;
+    // `echo`: the log is shown whole (no tail in failures); `print_lines`: the
+    // collector prints it itself (else the log format shows it from the events).
+    let (echo, print_lines) = match log_format {
+        None => (!args.no_build_output, true),
+        // The logger decides, whatever `-Q` says (Nix's `isVerbose()`).
+        Some(f) => (f.shows_logs(), f.echo()),
+    };
+    let log_events = echo && !print_lines;
     let mut builder_config = LocalBuilderConfig::from_settings(settings);
     builder_config.echo = echo;
     let mut worker_settings = WorkerSettings::from_settings(settings);
@@ -150,9 +177,17 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let settings = settings.clone();
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
 
+    let shown = display.clone();
     let outcome: RealiseOutcome = actix::System::new().block_on(async move {
-        let mut options = CollectorOptions::new(None);
+        let progress = ProgressPrinter {
+            display: display.clone(),
+            store_dir: store.store_dir().clone(),
+            name_lines: log_format == Some(LogFormat::BarWithLogs),
+        }
+        .start();
+        let mut options = CollectorOptions::new(log_events.then(|| progress.clone().recipient()));
         options.stderr = stderr;
+        options.print_build_lines = print_lines;
         let start_log = starter_with(options);
         let builder = LocalBuilder::new(store.clone(), builder_config, start_log.clone()).start();
         let hook_pool = settings.build_hook().map(|_| {
@@ -161,11 +196,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         let hook = hook_pool.clone().map(|p| p.recipient());
         // Cancelled hook builds are killed through the pool, which knows its jobs.
         let cancel_hook_build = hook_pool.map(|p| p.recipient());
-        let progress = ProgressPrinter {
-            display: display.clone(),
-            store_dir: store.store_dir().clone(),
-        }
-        .start();
+        display.lock().unwrap().emit_json(|j| j.worker_started());
         let worker = Worker::new(WorkerConfig {
             store: store.clone(),
             local_builder: builder.clone().recipient(),
@@ -201,7 +232,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -256,6 +287,8 @@ fn output_paths(
 struct ProgressPrinter {
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
+    /// `bar-with-logs`: builder lines are printed as `<name>> <line>`.
+    name_lines: bool,
 }
 
 impl Actor for ProgressPrinter {
@@ -282,11 +315,17 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 machine,
                 verb,
             } => {
-                let on = machine.map(|m| format!(" on '{m}'")).unwrap_or_default();
-                d.line(&format!(
-                    "{verb} '{}'{on}...",
-                    self.store_dir.print(&drv_path)
-                ));
+                let on = machine
+                    .as_ref()
+                    .map(|m| format!(" on '{m}'"))
+                    .unwrap_or_default();
+                let text = format!("{verb} '{}'{on}", self.store_dir.print(&drv_path));
+                if d.json().is_some() {
+                    let machine = machine.unwrap_or_default();
+                    d.emit_json(|j| j.build_started(&drv_path, &text, &machine));
+                } else {
+                    d.line(&format!("{text}..."));
+                }
                 d.build_started(drv_path);
             }
             ProgressEvent::SubstitutionStarted {
@@ -296,19 +335,54 @@ impl Handler<ProgressEvent> for ProgressPrinter {
             } => {
                 // Nix 2.8 words a copy out of another local store as one *to* it.
                 let dir = if uri == "local" { "to" } else { "from" };
-                d.line(&format!(
-                    "copying path '{}' {dir} '{uri}'...",
+                let text = format!(
+                    "copying path '{}' {dir} '{uri}'",
                     self.store_dir.print(&path)
-                ));
+                );
+                if d.json().is_some() {
+                    d.emit_json(|j| j.substitution_started(&path, &uri, &text));
+                } else {
+                    d.line(&format!("{text}..."));
+                }
                 d.substitution_started(path, transfer);
             }
-            ProgressEvent::BuildFinished { drv_path, .. } => d.build_finished(&drv_path),
+            ProgressEvent::BuildFinished { drv_path, .. } => {
+                d.emit_json(|j| j.build_finished(&drv_path));
+                d.build_finished(&drv_path)
+            }
             ProgressEvent::SubstitutionFinished { path, .. }
-            | ProgressEvent::SubstitutionCancelled { path } => d.substitution_finished(&path),
+            | ProgressEvent::SubstitutionCancelled { path } => {
+                d.emit_json(|j| j.substitution_finished(&path));
+                d.substitution_finished(&path)
+            }
             ProgressEvent::Message(m) => match m.strip_prefix("error: ") {
                 Some(e) => d.line(&error_message(e)),
                 None => d.line(&m),
             },
+        }
+    }
+}
+
+/// Builder lines and phases, when the log format shows them itself (JSON results,
+/// `bar-with-logs`' `<name>> <line>`).
+impl Handler<BuildLogEvent> for ProgressPrinter {
+    type Result = ();
+    fn handle(&mut self, event: BuildLogEvent, _: &mut Self::Context) {
+        let mut d = self.display.lock().unwrap();
+        match event {
+            BuildLogEvent::Line { drv_path, line } => {
+                if d.json().is_some() {
+                    d.emit_json(|j| j.build_log_line(&drv_path, &line));
+                } else if self.name_lines {
+                    let name = drv_path.name().trim_end_matches(".drv");
+                    d.line(&format!("{name}> {line}"));
+                }
+            }
+            BuildLogEvent::Phase { drv_path, phase } => {
+                d.emit_json(|j| j.build_phase(&drv_path, &phase));
+            }
+            // Printed by the collector already, at their level.
+            BuildLogEvent::Message { .. } => {}
         }
     }
 }
