@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use drover::store_path::StorePath;
 use drover_actors::progress::{Counters, Transfer};
 
-use crate::log_format::JsonLogger;
+use crate::log_format::{AnsiFilter, JsonLogger};
 
 /// Event-driven redraws are at least this far apart.
 pub const MIN_REDRAW_INTERVAL: Duration = Duration::from_millis(100);
@@ -138,12 +138,17 @@ pub struct Display {
     started: Instant,
     /// `--log-format internal-json`: everything is written as `@nix` lines.
     json: Option<JsonLogger>,
+    /// Text goes through Nix's `filterANSIEscapes` (all escapes off a terminal).
+    filter: AnsiFilter,
 }
 
 impl Display {
     /// Live on a terminal, unless `plain` is asked for.
     pub fn new(plain: bool) -> Display {
-        Display::to(Box::new(io::stderr()), !plain && io::stderr().is_terminal())
+        let tty = io::stderr().is_terminal();
+        let mut d = Display::to(Box::new(io::stderr()), !plain && tty);
+        d.filter = AnsiFilter::new(!tty);
+        d
     }
 
     /// A display writing to `out`, with a status line when `live`.
@@ -159,6 +164,7 @@ impl Display {
             transfers: BTreeMap::new(),
             started: Instant::now(),
             json: None,
+            filter: AnsiFilter::new(!live),
         }
     }
 
@@ -306,6 +312,12 @@ impl Write for Display {
             self.emit_json(|j| j.write(buf));
             return Ok(buf.len());
         }
+        let consumed = buf.len();
+        let filtered = self.filter.filter(buf);
+        let buf = &filtered[..];
+        if buf.is_empty() {
+            return Ok(consumed);
+        }
         if self.status_drawn {
             let mut all = b"\r\x1b[K".to_vec();
             all.extend_from_slice(buf);
@@ -320,7 +332,7 @@ impl Write for Display {
         if self.live {
             self.draw();
         }
-        Ok(buf.len())
+        Ok(consumed)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -423,6 +423,82 @@ impl JsonLogger {
     }
 }
 
+/// Nix's `filterANSIEscapes`, which every plain log line goes through: escape
+/// sequences are dropped (on a terminal, colour sequences — CSI ending in `m` —
+/// are kept), tabs become spaces up to the next multiple of 8 columns, `\r` and
+/// `\a` disappear. Streaming: the column carries over between writes and restarts
+/// at each `\n`.
+#[derive(Debug, Default)]
+pub struct AnsiFilter {
+    /// Drop colour sequences too (stderr is not a terminal).
+    pub filter_all: bool,
+    col: usize,
+}
+
+impl AnsiFilter {
+    pub fn new(filter_all: bool) -> AnsiFilter {
+        AnsiFilter { filter_all, col: 0 }
+    }
+
+    pub fn filter(&mut self, input: &[u8]) -> Vec<u8> {
+        let len = input.len();
+        let mut out = Vec::with_capacity(len);
+        let mut i = 0;
+        while i < len {
+            let c = input[i];
+            match c {
+                0x1b => {
+                    let start = i;
+                    i += 1;
+                    let mut last = 0u8;
+                    if i < len && input[i] == b'[' {
+                        i += 1;
+                        while i < len && (0x30..=0x3f).contains(&input[i]) {
+                            i += 1;
+                        }
+                        while i < len && (0x20..=0x2f).contains(&input[i]) {
+                            i += 1;
+                        }
+                        if i < len && (0x40..=0x7e).contains(&input[i]) {
+                            last = input[i];
+                            i += 1;
+                        }
+                    } else if i < len && (0x40..=0x5f).contains(&input[i]) {
+                        i += 1;
+                    }
+                    if !self.filter_all && last == b'm' {
+                        out.extend_from_slice(&input[start..i]);
+                    }
+                }
+                b'\t' => {
+                    i += 1;
+                    out.push(b' ');
+                    self.col += 1;
+                    while !self.col.is_multiple_of(8) {
+                        out.push(b' ');
+                        self.col += 1;
+                    }
+                }
+                b'\r' | 0x07 => i += 1,
+                b'\n' => {
+                    out.push(c);
+                    self.col = 0;
+                    i += 1;
+                }
+                _ => {
+                    out.push(c);
+                    // One column per character, not per UTF-8 byte.
+                    if c & 0xc0 != 0x80 {
+                        self.col += 1;
+                    }
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +510,26 @@ mod tests {
     fn drv() -> StorePath {
         sd().parse(&format!("/nix/store/{}-a.drv", "a".repeat(32)))
             .unwrap()
+    }
+
+    #[test]
+    fn ansi_filter_as_nix_2_8_filters_a_builder_line() {
+        // Observed: `printf 'a\tb\033[1mbold\033[0m\033]0;title\007x\ty'` in a
+        // builder, echoed by nix-store off a terminal and on one.
+        let line = b"a\tb\x1b[1mbold\x1b[0m\x1b]0;title\x07x\ty\nab\tc\x07\n";
+        assert_eq!(
+            AnsiFilter::new(true).filter(line),
+            b"a       bbold0;titlex   y\nab      c\n"
+        );
+        let mut tty = AnsiFilter::new(false);
+        assert_eq!(
+            tty.filter(b"a\tb\x1b[1mbold\x1b[0m\x1b]0;x"),
+            b"a       b\x1b[1mbold\x1b[0m0;x".to_vec()
+        );
+        // The column carries over between writes; UTF-8 counts per character.
+        let mut f = AnsiFilter::new(true);
+        assert_eq!(f.filter("é".as_bytes()), "é".as_bytes());
+        assert_eq!(f.filter(b"\tx\n\ty"), b"       x\n        y");
     }
 
     #[test]
