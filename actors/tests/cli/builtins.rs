@@ -7,6 +7,7 @@
 //! `nix-store --verify --check-contents` after drover's build.
 
 use crate::drover;
+use crate::http_server::Action;
 use crate::nix_env::TestRoot;
 use crate::realise::{restore, run, sh, snapshot, Run};
 
@@ -338,5 +339,39 @@ fn unpack_channel_of_a_tarball() {
                 r.stderr
             );
         }
+    }
+}
+
+#[test]
+fn fetchurl_over_http() {
+    require_nix!();
+    let root = TestRoot::new();
+    let dir = root.path().join("served");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hello.txt"), "hello over http\n").unwrap();
+    let server = crate::http_server::HttpServer::with_policy(&dir, |r| {
+        if r.path.contains("forbidden") {
+            Action::Status(403, "Forbidden")
+        } else {
+            Action::Serve
+        }
+    });
+    let sha256 = hash(
+        &root,
+        &[
+            "--flat",
+            "--type",
+            "sha256",
+            dir.join("hello.txt").to_str().unwrap(),
+        ],
+    );
+    for (name, code) in [("hello.txt", 0), ("missing.txt", 1), ("forbidden.txt", 1)] {
+        let url = format!("{}/{name}", server.url());
+        let drv = fetchurl(
+            &root,
+            &["--argstr", "url", &url, "--argstr", "sha256", &sha256],
+        );
+        let r = assert_same(&root, &[&drv]);
+        assert_eq!(r.code, code, "{name}: {}", r.stderr);
     }
 }

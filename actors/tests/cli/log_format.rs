@@ -8,10 +8,9 @@
 //!   (`resProgress`, `resSetExpected`) are compared as the sequence of distinct states
 //!   of each activity: drover's must occur in Nix's, in order, and end in the same
 //!   state (Nix reports after every goal step, drover after each batch of changes).
-//!   Two activities of Nix's are not drover's and are left out of the comparison:
-//!   the second `querying info about missing paths` (Nix's `Worker::run` queries
-//!   again what `nix-store` has just queried; drover plans once) and
-//!   `actQueryPathInfo` (109, level 4: one per narinfo lookup).
+//!   One activity of Nix's is not drover's and is left out of the comparison: the
+//!   second `querying info about missing paths` (Nix's `Worker::run` queries again
+//!   what `nix-store` has just queried; drover plans once).
 //! * `raw`, `raw-with-logs`, `bar`, `bar-with-logs` off a terminal: stderr equal.
 //! * an unknown format: the same error and exit status.
 //!
@@ -62,7 +61,7 @@ fn comparable(evs: Vec<Value>) -> Vec<Value> {
             let second_query = ty == 0
                 && v["text"] == "querying info about missing paths"
                 && std::mem::replace(&mut queried_missing, true);
-            if ty == 109 || second_query {
+            if second_query {
                 dropped.extend(id);
                 continue;
             }

@@ -30,7 +30,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{attr, BuiltinError, BuiltinLog, BuiltinSettings};
-use crate::binary_cache::{HttpTransport, Transport};
 use crate::hash::{Encoding, Hash, HashAlgo};
 
 /// Runs `builtin:fetchurl` with the derivation's environment.
@@ -175,21 +174,79 @@ fn open(
         return Ok((Box::new(f), Some(meta.len())));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        let (base, rel) = match url.rfind('/') {
-            Some(i) if i > url.find("://").unwrap_or(0) + 2 => (&url[..i], &url[i + 1..]),
-            _ => (url, ""),
-        };
-        let t = HttpTransport::new(url, base, settings.http.clone());
-        return match t.get(rel) {
-            Ok(Some(r)) => Ok((r, None)),
-            Ok(None) => Err("HTTP error 404 ('Not Found')".to_owned()),
-            Err(e) => Err(e.to_string()),
-        };
+        return open_http(url, settings);
     }
     Err(format!(
         "unsupported URL scheme '{}'",
         url.split(':').next().unwrap_or(url)
     ))
+}
+
+/// An HTTP(S) download: the body, and its length when the server says it.
+/// Transient failures (5xx, 429, connection errors) are retried up to
+/// `download-attempts` times in all, with a doubling wait; other statuses fail
+/// with Nix's `HTTP error N ('<reason>')`, followed by the response body when it is
+/// short or HTML (as Nix's `FileTransferError`).
+fn open_http(
+    url: &str,
+    settings: &BuiltinSettings,
+) -> Result<(Box<dyn Read + Send>, Option<u64>), String> {
+    let o = &settings.http;
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(o.connect_timeout)
+        .timeout_read(o.stalled_timeout)
+        .user_agent(concat!("drover/", env!("CARGO_PKG_VERSION")))
+        .build();
+    let authorization = match (
+        &o.netrc_file,
+        crate::binary_cache::transport::netrc_host(url),
+    ) {
+        (Some(file), Some(host)) => crate::binary_cache::Netrc::read(file)
+            .map_err(|e| e.to_string())?
+            .as_ref()
+            .and_then(|n| n.lookup(host))
+            .map(|c| {
+                let pair = format!("{}:{}", c.login, c.password);
+                format!("Basic {}", data_encoding::BASE64.encode(pair.as_bytes()))
+            }),
+        _ => None,
+    };
+    let attempts = o.attempts.max(1);
+    let mut attempt = 1;
+    loop {
+        let mut request = agent.get(url);
+        if let Some(a) = &authorization {
+            request = request.set("Authorization", a);
+        }
+        let (message, transient) = match request.call() {
+            Ok(resp) => {
+                let len = resp.header("Content-Length").and_then(|l| l.parse().ok());
+                return Ok((Box::new(resp.into_reader()), len));
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let reason = resp.status_text().to_owned();
+                let body = resp.into_string().unwrap_or_default();
+                let mut m = format!("HTTP error {code} ('{reason}')");
+                let body = body.trim_end();
+                if !body.is_empty() && (body.len() < 1024 || body.contains("<html>")) {
+                    m = format!("{m}\n\nresponse body:\n\n{body}");
+                }
+                (m, code >= 500 || code == 429)
+            }
+            Err(ureq::Error::Transport(t)) => (t.to_string(), true),
+        };
+        if !transient || attempt >= attempts {
+            return Err(message);
+        }
+        let wait = o.initial_backoff * 2u32.saturating_pow(attempt - 1);
+        log::warn!(
+            target: crate::binary_cache::NOTICE,
+            "warning: error: unable to download '{url}': {message}; retrying in {} ms",
+            wait.as_millis()
+        );
+        std::thread::sleep(wait);
+        attempt += 1;
+    }
 }
 
 fn percent_decode(s: &str) -> String {

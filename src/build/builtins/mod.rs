@@ -220,7 +220,19 @@ pub fn run_builtin(
     match dispatch(builder, env, settings, &mut log) {
         Ok(()) => status(0),
         Err(e) => {
-            log.line(&format!("{ERROR_PREFIX}{e}"));
+            // As Nix shows an error: further lines indented under the message
+            // (empty lines stay empty).
+            let msg = e
+                .to_string()
+                .split('\n')
+                .enumerate()
+                .map(|(i, l)| match (i, l.is_empty()) {
+                    (0, _) | (_, true) => l.to_owned(),
+                    _ => format!("       {l}"),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            log.line(&format!("{ERROR_PREFIX}{msg}"));
             status(1)
         }
     }

@@ -122,6 +122,33 @@ pub fn notice(line: &str) {
     }
 }
 
+/// Runs `f` inside an activity of the shared display's JSON logger (a query of
+/// `--log-format internal-json`: `start` before, `stop` after); without a JSON
+/// logger it only runs `f`.
+pub fn json_activity<T>(
+    level: u64,
+    ty: u64,
+    text: impl FnOnce(&drover::store_path::StoreDir) -> String,
+    fields: impl FnOnce(&drover::store_path::StoreDir) -> Vec<serde_json::Value>,
+    f: impl FnOnce() -> T,
+) -> T {
+    let Some(d) = SHARED.get() else { return f() };
+    let mut id = None;
+    d.lock().unwrap_or_else(|e| e.into_inner()).emit_json(|j| {
+        let sd = j.store_dir().clone();
+        let (i, s) = j.start_activity(level, ty, &text(&sd), fields(&sd));
+        id = Some(i);
+        s
+    });
+    let r = f();
+    if let Some(i) = id {
+        d.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .emit_json(|_| JsonLogger::stop_activity(i));
+    }
+    r
+}
+
 /// Shared stderr with an optional live status line.
 pub struct Display {
     out: Box<dyn Write + Send>,

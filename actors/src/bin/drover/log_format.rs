@@ -40,6 +40,7 @@ pub mod act {
     pub const BUILDS: u64 = 104;
     pub const BUILD: u64 = 105;
     pub const SUBSTITUTE: u64 = 108;
+    pub const QUERY_PATH_INFO: u64 = 109;
 }
 
 /// Nix 2.8's result types (`ResultType`).
@@ -55,6 +56,7 @@ pub mod lvl {
     pub const ERROR: u64 = 0;
     pub const WARN: u64 = 1;
     pub const INFO: u64 = 3;
+    pub const TALKATIVE: u64 = 4;
     pub const DEBUG: u64 = 6;
 }
 
@@ -194,11 +196,23 @@ impl JsonLogger {
         ]))
     }
 
-    /// An activity that starts and stops at once (a query that is over).
-    pub fn instant_activity(&mut self, level: u64, ty: u64, text: &str) -> String {
-        let (id, mut s) = self.start(level, ty, text, Vec::new());
-        s.push_str(&Self::stop(id));
-        s
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    /// Starts an activity the caller stops with [`stop_activity`](Self::stop_activity).
+    pub fn start_activity(
+        &mut self,
+        level: u64,
+        ty: u64,
+        text: &str,
+        fields: Vec<Value>,
+    ) -> (u64, String) {
+        self.start(level, ty, text, fields)
+    }
+
+    pub fn stop_activity(id: u64) -> String {
+        Self::stop(id)
     }
 
     /// The Worker starts: `actRealise`, `actBuilds`, `actCopyPaths`.

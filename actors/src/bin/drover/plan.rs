@@ -21,6 +21,7 @@ use drover::store_path::{StoreDir, StorePath, StorePathSet};
 use drover_actors::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
 
 use crate::display::Display;
+use crate::log_format::{act, lvl};
 
 /// What a run will do, as Nix's `queryMissing` finds it.
 #[derive(Default)]
@@ -110,7 +111,17 @@ impl Oracle<'_> {
 /// its goal, on the disabled cache).
 fn first_substitute(subs: &[Arc<dyn Substituter>], path: &StorePath, fallback: bool) -> Answer {
     for s in subs {
-        match s.query_path_info(path) {
+        // `BinaryCacheStore::queryPathInfoUncached`'s activity.
+        let query = || {
+            crate::display::json_activity(
+                lvl::TALKATIVE,
+                act::QUERY_PATH_INFO,
+                |sd| format!("querying info about '{}' on '{}'", sd.print(path), s.uri()),
+                |sd| vec![sd.print(path).into(), s.uri().into()],
+                || s.query_path_info(path),
+            )
+        };
+        match query() {
             Ok(Some(info)) => return Ok(Some(info)),
             Ok(None) | Err(SubstituterError::Disabled(_)) => {}
             Err(_) if fallback => {}

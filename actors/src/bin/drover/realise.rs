@@ -148,14 +148,13 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
         impure_derivations: settings.is_experimental_feature_enabled("impure-derivations"),
     };
-    display.lock().unwrap().emit_json(|j| {
-        j.instant_activity(
-            lvl::DEBUG,
-            act::UNKNOWN,
-            "querying info about missing paths",
-        )
-    });
-    let plan = plan(&store, &substituters, &requests, &options)?;
+    let plan = crate::display::json_activity(
+        lvl::DEBUG,
+        act::UNKNOWN,
+        |_| "querying info about missing paths".into(),
+        |_| Vec::new(),
+        || plan(&store, &substituters, &requests, &options),
+    )?;
     print_plan(&store_dir, &plan, &display);
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
