@@ -270,3 +270,45 @@ fn plain_formats_off_a_terminal_and_a_bad_format() {
     );
     assert_eq!((nix.code, &nix.stderr), (drover.code, &drover.stderr));
 }
+
+#[test]
+fn internal_json_of_a_builtin_fetchurl() {
+    require_nix!();
+    let root = TestRoot::new();
+    let file = root.path().join("hello.txt");
+    std::fs::write(&file, "hello file\n").unwrap();
+    let sha256 = root
+        .run(
+            "nix-hash",
+            &["--flat", "--type", "sha256", file.to_str().unwrap()],
+        )
+        .trim()
+        .to_owned();
+    for name in ["hello.txt", "missing.txt"] {
+        let url = format!("file://{}/{name}", root.path().display());
+        let drv = root
+            .run(
+                "nix-instantiate",
+                &[
+                    "--expr",
+                    "import <nix/fetchurl.nix>",
+                    "--argstr",
+                    "url",
+                    &url,
+                    "--argstr",
+                    "sha256",
+                    &sha256,
+                ],
+            )
+            .trim()
+            .to_owned();
+        let (nix, drover) = both(&root, &["--log-format", "internal-json", &drv]);
+        // The builtin's download is an activity of its own (type 101) in both.
+        assert!(
+            nix.stderr.contains(r#""level":4,"text":"downloading '"#),
+            "{}",
+            nix.stderr
+        );
+        assert_same_events(&nix, &drover);
+    }
+}

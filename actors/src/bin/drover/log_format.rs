@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
+use drover::build_log::{Field, JsonMessage};
 use drover::store_path::{StoreDir, StorePath};
 use drover_actors::progress::Counters;
 use serde_json::{json, Map, Value};
@@ -145,6 +146,8 @@ pub struct JsonLogger {
     partial: Vec<u8>,
     /// Builds that finished: Nix updates the progress before their activity ends.
     pending_stops: Vec<u64>,
+    /// Activities of builders and hooks (their id) → the id they are shown under.
+    forwarded: BTreeMap<(StorePath, u64), u64>,
 }
 
 impl JsonLogger {
@@ -164,6 +167,7 @@ impl JsonLogger {
             substituting: BTreeMap::new(),
             partial: Vec::new(),
             pending_stops: Vec::new(),
+            forwarded: BTreeMap::new(),
         }
     }
 
@@ -319,6 +323,45 @@ impl JsonLogger {
             self.pending_stops.push(id);
         }
         String::new()
+    }
+
+    /// An activity of the build's builder or hook (`handleJSONLogMessage`): shown
+    /// under an id of this logger's, with the sender's level, type, text, fields
+    /// and results.
+    pub fn forwarded_activity(&mut self, drv: &StorePath, m: &JsonMessage) -> String {
+        let value = |f: &Field| match f {
+            Field::Int(i) => json!(i),
+            Field::String(s) => json!(s),
+        };
+        match m {
+            JsonMessage::Start {
+                id,
+                level,
+                activity_type,
+                text,
+                fields,
+                ..
+            } => {
+                let fields = fields.iter().map(value).collect();
+                let (new, s) = self.start(*level, *activity_type, text, fields);
+                self.forwarded.insert((drv.clone(), *id), new);
+                s
+            }
+            JsonMessage::Result {
+                id,
+                result_type,
+                fields,
+            } => match self.forwarded.get(&(drv.clone(), *id)) {
+                Some(new) => Self::result(*new, *result_type, fields.iter().map(value).collect()),
+                None => String::new(),
+            },
+            JsonMessage::Stop { id } => self
+                .forwarded
+                .remove(&(drv.clone(), *id))
+                .map(Self::stop)
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
     }
 
     /// `PathSubstitutionGoal::tryToRun` (`actSubstitute`, fields `[path, uri]`) and
@@ -606,6 +649,39 @@ mod tests {
 "#
         );
         assert_eq!(s, want);
+    }
+
+    #[test]
+    fn a_builders_file_transfer_is_shown_under_a_new_id() {
+        let mut j = JsonLogger::with_first_id(sd(), 7);
+        let start = JsonMessage::Start {
+            id: 99,
+            level: 4,
+            activity_type: 101,
+            text: "downloading 'file:///x'".into(),
+            parent: 0,
+            fields: vec![Field::String("file:///x".into())],
+        };
+        assert_eq!(
+            j.forwarded_activity(&drv(), &start),
+            "@nix {\"action\":\"start\",\"fields\":[\"file:///x\"],\"id\":7,\"level\":4,\"text\":\"downloading 'file:///x'\",\"type\":101}\n"
+        );
+        let progress = JsonMessage::Result {
+            id: 99,
+            result_type: 105,
+            fields: vec![Field::Int(3), Field::Int(3), Field::Int(0), Field::Int(0)],
+        };
+        assert_eq!(
+            j.forwarded_activity(&drv(), &progress),
+            "@nix {\"action\":\"result\",\"fields\":[3,3,0,0],\"id\":7,\"type\":105}\n"
+        );
+        let stop = JsonMessage::Stop { id: 99 };
+        assert_eq!(
+            j.forwarded_activity(&drv(), &stop),
+            "@nix {\"action\":\"stop\",\"id\":7}\n"
+        );
+        assert_eq!(j.forwarded_activity(&drv(), &stop), "");
+        assert_eq!(j.forwarded_activity(&drv(), &progress), "");
     }
 
     #[test]

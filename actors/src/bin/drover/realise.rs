@@ -380,6 +380,9 @@ impl Handler<BuildLogEvent> for ProgressPrinter {
             BuildLogEvent::Phase { drv_path, phase } => {
                 d.emit_json(|j| j.build_phase(&drv_path, &phase));
             }
+            BuildLogEvent::Activity { drv_path, message } => {
+                d.emit_json(|j| j.forwarded_activity(&drv_path, &message));
+            }
             // Printed by the collector already, at their level.
             BuildLogEvent::Message { .. } => {}
         }
