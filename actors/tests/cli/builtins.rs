@@ -375,3 +375,37 @@ fn fetchurl_over_http() {
         assert_eq!(r.code, code, "{name}: {}", r.stderr);
     }
 }
+
+#[test]
+fn fetchurl_tries_hashed_mirrors_first() {
+    require_nix!();
+    let root = TestRoot::new();
+    let data = b"from the mirror\n";
+    let file = root.path().join("m.txt");
+    std::fs::write(&file, data).unwrap();
+    let base16 = hash(
+        &root,
+        &["--flat", "--type", "sha256", file.to_str().unwrap()],
+    );
+    let dir = root.path().join("mirror/sha256");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::rename(&file, dir.join(&base16)).unwrap();
+    let mirror = format!("file://{}/mirror", root.path().display());
+    // The URL does not exist: only the mirror can give the file.
+    let drv = fetchurl(
+        &root,
+        &[
+            "--argstr",
+            "url",
+            "file:///no-such-dir/m.txt",
+            "--argstr",
+            "sha256",
+            &base16,
+        ],
+    );
+    let r = assert_same(&root, &["--option", "hashed-mirrors", &mirror, &drv]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Without the mirror it fails, in both.
+    let r = assert_same(&root, &[&drv]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}
