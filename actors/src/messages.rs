@@ -185,6 +185,14 @@ pub enum BuildLogEvent {
         level: u64,
         msg: String,
     },
+    /// An activity of the builder (a file transfer) or of the hook that Nix
+    /// accepts: its `start`, its `stop`, or a `result` other than a log line or a
+    /// phase (those are [`Line`](Self::Line)s and [`Phase`](Self::Phase)s). Ids are
+    /// the sender's.
+    Activity {
+        drv_path: StorePath,
+        message: drover::build_log::JsonMessage,
+    },
 }
 
 // ---------------------------------------------------------------------------------------

@@ -48,7 +48,18 @@ pub struct Plan {
 }
 
 /// What the substituters said of a path: the first one's info, none, or an error.
-type Answer = Result<Option<SubstitutablePathInfo>, SubstituterError>;
+pub type QueryAnswer = Result<Option<SubstitutablePathInfo>, SubstituterError>;
+type Answer = QueryAnswer;
+
+/// Sees each narinfo query the plan makes, around it: for a front end that shows
+/// them (the CLI's `--log-format internal-json` reports each as Nix's
+/// `actQueryPathInfo` activity). Called from several threads at once.
+pub trait QueryObserver: Send + Sync {
+    /// Runs `ask` (the query of `path` on the substituter `uri`) and returns its
+    /// answer.
+    fn query(&self, path: &StorePath, uri: &str, ask: &mut dyn FnMut() -> QueryAnswer)
+        -> QueryAnswer;
+}
 
 /// The substituters and what they answered so far.
 struct Oracle<'a> {
@@ -58,6 +69,7 @@ struct Oracle<'a> {
     /// `--fallback`: a substituter's error means "no substitute" (else it is fatal).
     fallback: bool,
     known: HashMap<StorePath, Answer>,
+    observer: Option<&'a dyn QueryObserver>,
 }
 
 impl Oracle<'_> {
@@ -75,10 +87,10 @@ impl Oracle<'_> {
             }
             return;
         }
-        let (subs, fallback) = (self.subs, self.fallback);
+        let (subs, fallback, observer) = (self.subs, self.fallback, self.observer);
         if todo.len() == 1 || self.parallel <= 1 {
             for p in todo {
-                let answer = first_substitute(subs, &p, self.fallback);
+                let answer = first_substitute(subs, &p, fallback, observer);
                 self.known.insert(p, answer);
             }
             return;
@@ -92,7 +104,7 @@ impl Oracle<'_> {
                     let Some(p) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
                         break;
                     };
-                    let answer = first_substitute(subs, &p, fallback);
+                    let answer = first_substitute(subs, &p, fallback, observer);
                     answers
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -122,9 +134,19 @@ impl Oracle<'_> {
 /// a disabled substituter is skipped, and another error (an unreachable cache) is
 /// fatal unless `fallback` (Nix 2.8 then logs it and goes on; it aborts later, in
 /// its goal, on the disabled cache).
-fn first_substitute(subs: &[Arc<dyn Substituter>], path: &StorePath, fallback: bool) -> Answer {
+fn first_substitute(
+    subs: &[Arc<dyn Substituter>],
+    path: &StorePath,
+    fallback: bool,
+    observer: Option<&dyn QueryObserver>,
+) -> Answer {
     for s in subs {
-        match s.query_path_info(path) {
+        let mut ask = || s.query_path_info(path);
+        let answer = match observer {
+            Some(o) => o.query(path, &s.uri(), &mut ask),
+            None => ask(),
+        };
+        match answer {
             Ok(Some(info)) => return Ok(Some(info)),
             Ok(None) | Err(SubstituterError::Disabled(_)) => {}
             Err(_) if fallback => {}
@@ -207,12 +229,24 @@ pub fn plan(
     requests: &[DerivedPath],
     options: &PlanOptions,
 ) -> Result<Plan, PlanError> {
+    plan_observed(store, subs, requests, options, None)
+}
+
+/// [`plan`], with every narinfo query seen by `observer`.
+pub fn plan_observed(
+    store: &LocalStore,
+    subs: &[Arc<dyn Substituter>],
+    requests: &[DerivedPath],
+    options: &PlanOptions,
+    observer: Option<&dyn QueryObserver>,
+) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     let mut oracle = Oracle {
         subs,
         parallel: options.parallel,
         fallback: options.fallback,
         known: HashMap::new(),
+        observer,
     };
     let mut level: Vec<(StorePath, Option<BTreeSet<String>>)> = Vec::new();
     let mut opaque = Vec::new();

@@ -61,7 +61,7 @@ use crate::log_collector::{starter_with, CollectorOptions, StderrSink};
 use crate::messages::{
     BuildLogEvent, BuildMode, CancelHookBuild, CancelLocalBuild, HookTry, RunLocalBuild,
 };
-use crate::plan::{Plan, PlanError, PlanOptions};
+use crate::plan::{Plan, PlanError, PlanOptions, QueryObserver};
 use crate::progress::ProgressEvent;
 use crate::substituter::Substituter;
 use crate::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
@@ -137,6 +137,8 @@ pub struct SystemBuilder {
     goal_events: bool,
     log_events: bool,
     progress: Option<Recipient<ProgressEvent>>,
+    log_events_to: Option<Recipient<BuildLogEvent>>,
+    print_build_lines: bool,
     store: Option<Arc<LocalStore>>,
     substituters: Option<Vec<Arc<dyn Substituter>>>,
     local_builder: Option<(Recipient<RunLocalBuild>, Recipient<CancelLocalBuild>)>,
@@ -156,6 +158,8 @@ impl SystemBuilder {
             goal_events: true,
             log_events: true,
             progress: None,
+            log_events_to: None,
+            print_build_lines: true,
             store: None,
             substituters: None,
             local_builder: None,
@@ -209,6 +213,20 @@ impl SystemBuilder {
         self
     }
 
+    /// Send the builds' log events to this actor instead of the event stream.
+    pub fn log_events_to(mut self, to: Recipient<BuildLogEvent>) -> SystemBuilder {
+        self.log_events_to = Some(to);
+        self
+    }
+
+    /// Whether echoed builder lines are printed by the log collectors themselves
+    /// (default), or left to whoever receives the log events (a front end with its
+    /// own format for them).
+    pub fn print_build_lines(mut self, on: bool) -> SystemBuilder {
+        self.print_build_lines = on;
+        self
+    }
+
     /// Use this store instead of opening the one the settings name.
     pub fn store(mut self, store: Arc<LocalStore>) -> SystemBuilder {
         self.store = Some(store);
@@ -258,8 +276,12 @@ impl SystemBuilder {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let events = EventForwarder { tx }.start();
-        let mut options =
-            CollectorOptions::new(self.log_events.then(|| events.clone().recipient()));
+        let log_events = match self.log_events_to {
+            Some(to) => Some(to),
+            None => self.log_events.then(|| events.clone().recipient()),
+        };
+        let mut options = CollectorOptions::new(log_events);
+        options.print_build_lines = self.print_build_lines;
         if let Some(s) = self.stderr {
             options.stderr = s;
         }
@@ -354,6 +376,15 @@ impl System {
     /// cannot be made. Blocking (store queries and narinfo requests): call it off
     /// an arbiter or before starting work.
     pub fn plan(&self, requests: &[DerivedPath]) -> Result<Plan, PlanError> {
+        self.plan_observed(requests, None)
+    }
+
+    /// [`System::plan`], with every narinfo query seen by `observer`.
+    pub fn plan_observed(
+        &self,
+        requests: &[DerivedPath],
+        observer: Option<&dyn QueryObserver>,
+    ) -> Result<Plan, PlanError> {
         let s = &self.settings;
         let options = PlanOptions {
             parallel: s
@@ -365,7 +396,13 @@ impl System {
             ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
             impure_derivations: s.is_experimental_feature_enabled("impure-derivations"),
         };
-        crate::plan::plan(&self.store, &self.substituters, requests, &options)
+        crate::plan::plan_observed(
+            &self.store,
+            &self.substituters,
+            requests,
+            &options,
+            observer,
+        )
     }
 
     /// Realises the requests: one result per request, `nix-store --realise`'s exit

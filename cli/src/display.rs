@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use drover::store_path::StorePath;
 use drover_actors::progress::{Counters, Transfer};
 
+use crate::log_format::{AnsiFilter, JsonLogger};
+
 /// Event-driven redraws are at least this far apart.
 pub const MIN_REDRAW_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the CLI calls [`Display::tick`].
@@ -120,6 +122,33 @@ pub fn notice(line: &str) {
     }
 }
 
+/// Runs `f` inside an activity of the shared display's JSON logger (a query of
+/// `--log-format internal-json`: `start` before, `stop` after); without a JSON
+/// logger it only runs `f`.
+pub fn json_activity<T>(
+    level: u64,
+    ty: u64,
+    text: impl FnOnce(&drover::store_path::StoreDir) -> String,
+    fields: impl FnOnce(&drover::store_path::StoreDir) -> Vec<serde_json::Value>,
+    f: impl FnOnce() -> T,
+) -> T {
+    let Some(d) = SHARED.get() else { return f() };
+    let mut id = None;
+    d.lock().unwrap_or_else(|e| e.into_inner()).emit_json(|j| {
+        let sd = j.store_dir().clone();
+        let (i, s) = j.start_activity(level, ty, &text(&sd), fields(&sd));
+        id = Some(i);
+        s
+    });
+    let r = f();
+    if let Some(i) = id {
+        d.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .emit_json(|_| JsonLogger::stop_activity(i));
+    }
+    r
+}
+
 /// Shared stderr with an optional live status line.
 pub struct Display {
     out: Box<dyn Write + Send>,
@@ -134,12 +163,19 @@ pub struct Display {
     /// The live byte counts of running copies.
     transfers: BTreeMap<StorePath, Arc<Transfer>>,
     started: Instant,
+    /// `--log-format internal-json`: everything is written as `@nix` lines.
+    json: Option<JsonLogger>,
+    /// Text goes through Nix's `filterANSIEscapes` (all escapes off a terminal).
+    filter: AnsiFilter,
 }
 
 impl Display {
     /// Live on a terminal, unless `plain` is asked for.
     pub fn new(plain: bool) -> Display {
-        Display::to(Box::new(io::stderr()), !plain && io::stderr().is_terminal())
+        let tty = io::stderr().is_terminal();
+        let mut d = Display::to(Box::new(io::stderr()), !plain && tty);
+        d.filter = AnsiFilter::new(!tty);
+        d
     }
 
     /// A display writing to `out`, with a status line when `live`.
@@ -154,17 +190,45 @@ impl Display {
             running: BTreeMap::new(),
             transfers: BTreeMap::new(),
             started: Instant::now(),
+            json: None,
+            filter: AnsiFilter::new(!live),
+        }
+    }
+
+    /// From now on, write Nix's `@nix` JSON lines instead of text (no status line).
+    pub fn set_json(&mut self, logger: JsonLogger) {
+        self.live = false;
+        self.json = Some(logger);
+    }
+
+    /// The JSON logger, with `--log-format internal-json`.
+    pub fn json(&mut self) -> Option<&mut JsonLogger> {
+        self.json.as_mut()
+    }
+
+    /// Writes what the JSON logger made of an event.
+    pub fn emit_json(&mut self, f: impl FnOnce(&mut JsonLogger) -> String) {
+        if let Some(j) = self.json.as_mut() {
+            let s = f(j);
+            if !s.is_empty() {
+                let _ = self.out.write_all(s.as_bytes());
+                let _ = self.out.flush();
+            }
         }
     }
 
     /// Prints a whole message line (Nix's `printMsg`).
     pub fn line(&mut self, s: &str) {
+        if self.json.is_some() {
+            return self.emit_json(|j| j.message(s));
+        }
         let mut buf = s.as_bytes().to_vec();
         buf.push(b'\n');
         let _ = self.write_all(&buf);
     }
 
     pub fn counters(&mut self, c: Counters) {
+        self.emit_json(|j| j.counters(&c));
         self.counters = c;
         self.redraw();
     }
@@ -192,6 +256,7 @@ impl Display {
 
     /// Removes the status line for good (before the final output).
     pub fn finish(&mut self) {
+        self.emit_json(|j| j.worker_finished());
         if self.status_drawn {
             let _ = self.out.write_all(b"\r\x1b[K");
             self.status_drawn = false;
@@ -270,6 +335,16 @@ impl Write for Display {
         if buf.is_empty() {
             return Ok(0);
         }
+        if self.json.is_some() {
+            self.emit_json(|j| j.write(buf));
+            return Ok(buf.len());
+        }
+        let consumed = buf.len();
+        let filtered = self.filter.filter(buf);
+        let buf = &filtered[..];
+        if buf.is_empty() {
+            return Ok(consumed);
+        }
         if self.status_drawn {
             let mut all = b"\r\x1b[K".to_vec();
             all.extend_from_slice(buf);
@@ -284,7 +359,7 @@ impl Write for Display {
         if self.live {
             self.draw();
         }
-        Ok(buf.len())
+        Ok(consumed)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -8,6 +8,7 @@ mod args;
 mod derivation;
 mod display;
 mod log;
+mod log_format;
 mod path_info;
 mod realise;
 

@@ -14,11 +14,14 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store_path::{StoreDir, StorePath};
-use drover_actors::messages::BuildMode;
+use drover::store_path::StorePath as Path;
+use drover_actors::messages::{BuildLogEvent, BuildMode};
+use drover_actors::plan::{QueryAnswer, QueryObserver};
 use drover_actors::progress::ProgressEvent;
 use drover_actors::SystemBuilder;
 
 use crate::display::Display;
+use crate::log_format::{act, lvl, JsonLogger, LogFormat};
 use crate::Context;
 
 #[derive(clap::Args)]
@@ -59,6 +62,10 @@ pub struct Args {
     /// Print plain messages even on a terminal (no status line).
     #[arg(long)]
     plain: bool,
+    /// How to log, as Nix's `--log-format`: `raw`, `raw-with-logs`, `bar`,
+    /// `bar-with-logs` or `internal-json`.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
     /// Derivations (`X.drv`, `X.drv!out,dev`, `X.drv^*`) and store paths.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<String>,
@@ -95,6 +102,7 @@ impl Args {
 }
 
 pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
+    let log_format: Option<LogFormat> = args.log_format.as_deref().map(str::parse).transpose()?;
     for (k, v) in args.as_options() {
         ctx.settings.apply_option(&k, &v);
     }
@@ -112,29 +120,59 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         BuildMode::Normal
     };
-    let echo = !args.no_build_output;
-    let display = Arc::new(Mutex::new(Display::new(args.plain)));
+    let plain = args.plain || log_format.is_some_and(|f| !f.bar());
+    let display = Arc::new(Mutex::new(Display::new(plain)));
+    if log_format == Some(LogFormat::InternalJson) {
+        display
+            .lock()
+            .unwrap()
+            .set_json(JsonLogger::new(store_dir.clone()));
+    }
     crate::display::share(&display);
+
+    // `echo`: the log is shown whole (no tail in failures); `print_lines`: the
+    // collector prints it itself (else the log format shows it from the events).
+    let (echo, print_lines) = match log_format {
+        None => (!args.no_build_output, true),
+        // The logger decides, whatever `-Q` says (Nix's `isVerbose()`).
+        Some(f) => (f.shows_logs(), f.echo()),
+    };
+    let log_events = echo && !print_lines;
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
     let builder = SystemBuilder::new(settings)
         .env(ctx.env.clone())
         .echo(echo)
         .stderr(stderr)
+        .print_build_lines(print_lines)
         .goal_events(false)
         .log_events(false);
 
+    let shown = display.clone();
     let printer_store_dir = store_dir.clone();
     let outcome = actix::System::new().block_on(async move {
-        let printer = ProgressPrinter {
+        // An actor on the system's arbiter, so that `building '…'` comes before the
+        // builder output the log collectors echo.
+        let progress = ProgressPrinter {
             display: display.clone(),
             store_dir: printer_store_dir,
+            name_lines: log_format == Some(LogFormat::BarWithLogs),
         }
         .start();
-        let (system, _events) = builder.progress(printer.recipient()).start()?;
+        let mut builder = builder.progress(progress.clone().recipient());
+        if log_events {
+            builder = builder.log_events_to(progress.recipient());
+        }
+        let (system, _events) = builder.start()?;
         for w in system.warnings() {
             display.lock().unwrap().line(&format!("warning: {w}"));
         }
-        let plan = system.plan(&requests)?;
+        let plan = crate::display::json_activity(
+            lvl::DEBUG,
+            act::UNKNOWN,
+            |_| "querying info about missing paths".into(),
+            |_| Vec::new(),
+            || system.plan_observed(&requests, Some(&QueryActivities)),
+        )?;
         {
             let mut d = display.lock().unwrap();
             for line in drover_actors::plan::describe(system.store().store_dir(), &plan) {
@@ -155,6 +193,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
                 ticking.lock().unwrap().tick();
             }
         });
+        display.lock().unwrap().emit_json(|j| j.worker_started());
         let outcome = system.realise(requests, mode).await;
         ticker.abort();
         let mut d = display.lock().unwrap();
@@ -178,7 +217,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -230,15 +269,36 @@ fn output_paths(
 
 /// Prints the Worker's progress events as Nix prints them, through the display,
 /// and keeps its status line current (counters, running builds, live transfers).
-/// An actor on the System's arbiter, so `building '…'` comes before the output the
-/// log collectors echo.
 struct ProgressPrinter {
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
+    /// `bar-with-logs`: builder lines are printed as `<name>> <line>`.
+    name_lines: bool,
 }
 
 impl Actor for ProgressPrinter {
     type Context = actix::Context<Self>;
+}
+
+/// Each narinfo query of the plan as Nix's `actQueryPathInfo` activity
+/// (`BinaryCacheStore::queryPathInfoUncached`), for `--log-format internal-json`.
+struct QueryActivities;
+
+impl QueryObserver for QueryActivities {
+    fn query(
+        &self,
+        path: &Path,
+        uri: &str,
+        ask: &mut dyn FnMut() -> QueryAnswer,
+    ) -> QueryAnswer {
+        crate::display::json_activity(
+            lvl::TALKATIVE,
+            act::QUERY_PATH_INFO,
+            |sd| format!("querying info about '{}' on '{uri}'", sd.print(path)),
+            |sd| vec![sd.print(path).into(), uri.into()],
+            ask,
+        )
+    }
 }
 
 impl Handler<ProgressEvent> for ProgressPrinter {
@@ -252,11 +312,17 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 machine,
                 verb,
             } => {
-                let on = machine.map(|m| format!(" on '{m}'")).unwrap_or_default();
-                d.line(&format!(
-                    "{verb} '{}'{on}...",
-                    self.store_dir.print(&drv_path)
-                ));
+                let on = machine
+                    .as_ref()
+                    .map(|m| format!(" on '{m}'"))
+                    .unwrap_or_default();
+                let text = format!("{verb} '{}'{on}", self.store_dir.print(&drv_path));
+                if d.json().is_some() {
+                    let machine = machine.unwrap_or_default();
+                    d.emit_json(|j| j.build_started(&drv_path, &text, &machine));
+                } else {
+                    d.line(&format!("{text}..."));
+                }
                 d.build_started(drv_path);
             }
             ProgressEvent::SubstitutionStarted {
@@ -266,20 +332,58 @@ impl Handler<ProgressEvent> for ProgressPrinter {
             } => {
                 // Nix 2.8 words a copy out of another local store as one *to* it.
                 let dir = if uri == "local" { "to" } else { "from" };
-                d.line(&format!(
-                    "copying path '{}' {dir} '{uri}'...",
+                let text = format!(
+                    "copying path '{}' {dir} '{uri}'",
                     self.store_dir.print(&path)
-                ));
+                );
+                if d.json().is_some() {
+                    d.emit_json(|j| j.substitution_started(&path, &uri, &text));
+                } else {
+                    d.line(&format!("{text}..."));
+                }
                 d.substitution_started(path, transfer);
             }
-            ProgressEvent::BuildFinished { drv_path, .. } => d.build_finished(&drv_path),
+            ProgressEvent::BuildFinished { drv_path, .. } => {
+                d.emit_json(|j| j.build_finished(&drv_path));
+                d.build_finished(&drv_path)
+            }
             ProgressEvent::SubstitutionFinished { path, .. }
-            | ProgressEvent::SubstitutionCancelled { path } => d.substitution_finished(&path),
+            | ProgressEvent::SubstitutionCancelled { path } => {
+                d.emit_json(|j| j.substitution_finished(&path));
+                d.substitution_finished(&path)
+            }
             ProgressEvent::Message(m) => match m.strip_prefix("error: ") {
                 Some(e) => d.line(&error_message(e)),
                 None => d.line(&m),
             },
             ProgressEvent::GoalStarted { .. } | ProgressEvent::GoalFinished { .. } => {}
+        }
+    }
+}
+
+/// Builder lines and phases, when the log format shows them itself (JSON results,
+/// `bar-with-logs`' `<name>> <line>`).
+impl Handler<BuildLogEvent> for ProgressPrinter {
+    type Result = ();
+    fn handle(&mut self, event: BuildLogEvent, _: &mut Self::Context) {
+        let mut d = self.display.lock().unwrap();
+        match event {
+            BuildLogEvent::Line { drv_path, line } => {
+                if d.json().is_some() {
+                    d.emit_json(|j| j.build_log_line(&drv_path, &line));
+                } else if self.name_lines {
+                    let name = drv_path.name().trim_end_matches(".drv");
+                    d.line(&format!("{name}> {line}"));
+                }
+            }
+            BuildLogEvent::Phase { drv_path, phase } => {
+                d.emit_json(|j| j.build_phase(&drv_path, &phase));
+            }
+            BuildLogEvent::Activity { drv_path, message } => {
+                d.emit_json(|j| j.forwarded_activity(&drv_path, &message));
+            }
+            // Printed by the collector already, at their level.
+            BuildLogEvent::Message { .. } => {}
         }
     }
 }

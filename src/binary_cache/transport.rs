@@ -294,7 +294,7 @@ fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
 
 /// The host of `base` (`scheme://host[:port]/…`) as netrc names it, or `None`
 /// when the URL carries its own credentials (curl then ignores the netrc file).
-fn netrc_host(base: &str) -> Option<&str> {
+pub(crate) fn netrc_host(base: &str) -> Option<&str> {
     let rest = base.split_once("://").map_or(base, |(_, r)| r);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {

@@ -22,6 +22,7 @@
 //! The result is a [`BuildOutcome`]: a [`BuildResult`] with Nix's message, the hash
 //! mismatch flag and the registered output paths.
 
+pub mod builtins;
 pub mod dir;
 pub mod done;
 pub mod env;
@@ -88,6 +89,8 @@ pub struct BuildSettings {
     pub build_users_group: Option<String>,
     /// The state dir (`userpool/` holds the build user locks).
     pub state_dir: PathBuf,
+    /// What `builtin:` builders need (`hashed-mirrors`, HTTP options).
+    pub builtins: builtins::BuiltinSettings,
 }
 
 impl BuildSettings {
@@ -100,6 +103,7 @@ impl BuildSettings {
             caller_env: std::env::vars().collect(),
             build_users_group: settings.build_users_group(),
             state_dir: settings.state_dir().to_owned(),
+            builtins: builtins::BuiltinSettings::from_settings(settings),
         }
     }
 }
@@ -226,6 +230,12 @@ pub fn build_blocking(
         builder,
         fast: _,
     } = process;
+    if spec.drv.is_builtin() {
+        drop((command, pty_master));
+        let env = builtins::builtin_env(&spec.drv, &prepared.scratch);
+        let status = builtins::run_builtin(&spec.drv.builder, &env, &settings.builtins, &mut log);
+        return Ok(finish(store, settings, spec, prepared, status, None));
+    }
     let status = match command.spawn() {
         Ok(mut child) => {
             drop(command);

@@ -224,61 +224,79 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 fast,
             } = process;
             let start_time = unix_now();
-            // The builder: posix_spawn when it applies (no copy of this process's
-            // page tables), else the forking Command. Either way the command is
-            // dropped once the builder runs, closing our copy of the pty slave.
-            type Wait = std::pin::Pin<
-                Box<dyn std::future::Future<Output = std::io::Result<std::process::ExitStatus>>>,
-            >;
-            let spawned: std::io::Result<(u32, Wait)> = match fast {
-                Some(fast) => {
-                    let r = fast.spawn();
-                    drop(command);
-                    r.map(|pid| {
-                        let wait: Wait = Box::pin(async move {
-                            tokio::task::spawn_blocking(move || build::spawn::wait_pid(pid))
-                                .await
-                                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                        });
-                        (pid, wait)
-                    })
-                }
-                None => {
-                    let mut command = tokio::process::Command::from(command);
-                    let r = command.spawn();
-                    drop(command);
-                    r.map(|mut child| {
-                        let pid = child.id().unwrap_or(0);
-                        let wait: Wait = Box::pin(async move { child.wait().await });
-                        (pid, wait)
-                    })
-                }
-            };
-            let status = match spawned {
-                Ok((pid, wait)) => {
-                    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                    let bytes = log.bytes.clone();
-                    let reader =
-                        std::thread::Builder::new()
-                            .name(format!("pty-{id}"))
-                            .spawn(move || {
+            let status = if spec.drv.is_builtin() {
+                // Run in-process, as Nix runs builtins in its forked child.
+                drop((command, pty_master, fast));
+                let env = build::builtins::builtin_env(&spec.drv, &prepared.scratch);
+                let (bytes, spec, config) = (log.bytes.clone(), spec.clone(), config.clone());
+                tokio::task::spawn_blocking(move || {
+                    build::builtins::run_builtin(
+                        &spec.drv.builder,
+                        &env,
+                        &config.build.builtins,
+                        &mut |b: &[u8]| bytes.do_send(LogBytes(b.to_vec())),
+                    )
+                })
+                .await
+                .unwrap_or_else(|_| exec_failure_status())
+            } else {
+                // The builder: posix_spawn when it applies (no copy of this process's
+                // page tables), else the forking Command. Either way the command is
+                // dropped once the builder runs, closing our copy of the pty slave.
+                type Wait = std::pin::Pin<
+                    Box<
+                        dyn std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
+                    >,
+                >;
+                let spawned: std::io::Result<(u32, Wait)> = match fast {
+                    Some(fast) => {
+                        let r = fast.spawn();
+                        drop(command);
+                        r.map(|pid| {
+                            let wait: Wait = Box::pin(async move {
+                                tokio::task::spawn_blocking(move || build::spawn::wait_pid(pid))
+                                    .await
+                                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                            });
+                            (pid, wait)
+                        })
+                    }
+                    None => {
+                        let mut command = tokio::process::Command::from(command);
+                        let r = command.spawn();
+                        drop(command);
+                        r.map(|mut child| {
+                            let pid = child.id().unwrap_or(0);
+                            let wait: Wait = Box::pin(async move { child.wait().await });
+                            (pid, wait)
+                        })
+                    }
+                };
+                match spawned {
+                    Ok((pid, wait)) => {
+                        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                        let bytes = log.bytes.clone();
+                        let reader = std::thread::Builder::new().name(format!("pty-{id}")).spawn(
+                            move || {
                                 let _ =
                                     read_pty(pty_master, |b| bytes.do_send(LogBytes(b.to_vec())));
                                 let _ = done_tx.send(());
-                            });
-                    if me.send(Spawned { id, pid }).await.unwrap_or(true) {
+                            },
+                        );
+                        if me.send(Spawned { id, pid }).await.unwrap_or(true) {
+                            kill_process_group(pid);
+                        }
+                        if reader.is_ok() {
+                            let _ = done_rx.await;
+                        }
+                        let status = wait.await;
                         kill_process_group(pid);
+                        status.unwrap_or_else(|_| exec_failure_status())
                     }
-                    if reader.is_ok() {
-                        let _ = done_rx.await;
+                    Err(e) => {
+                        log.bytes.do_send(LogBytes(exec_failure_log(&builder, &e)));
+                        exec_failure_status()
                     }
-                    let status = wait.await;
-                    kill_process_group(pid);
-                    status.unwrap_or_else(|_| exec_failure_status())
-                }
-                Err(e) => {
-                    log.bytes.do_send(LogBytes(exec_failure_log(&builder, &e)));
-                    exec_failure_status()
                 }
             };
             let stop_time = unix_now();

@@ -41,6 +41,11 @@ pub struct CollectorOptions {
     pub stderr: StderrSink,
     /// Chunks queued for the writer thread before the collector waits.
     pub queue_chunks: usize,
+    /// Echo builder lines to `stderr` when a build's [`LogConfig::echo`] asks for it.
+    /// `false` when the front end shows them itself from the [`BuildLogEvent`]s
+    /// (`--log-format internal-json`, `bar-with-logs`), so `echo` then only means
+    /// that failures leave out the log tail.
+    pub print_build_lines: bool,
 }
 
 impl CollectorOptions {
@@ -50,6 +55,7 @@ impl CollectorOptions {
             verbosity: DEFAULT_VERBOSITY,
             stderr: Arc::new(Mutex::new(std::io::stderr())),
             queue_chunks: DEFAULT_QUEUE_CHUNKS,
+            print_build_lines: true,
         }
     }
 }
@@ -104,8 +110,10 @@ impl LogCollector {
         alarm: Recipient<LogAlarm>,
         options: CollectorOptions,
     ) -> LogCollector {
+        let mut state_config = config.clone();
+        state_config.echo &= options.print_build_lines;
         let state = CollectorState::new(
-            &config,
+            &state_config,
             options.verbosity,
             options.events.is_some(),
             Instant::now(),

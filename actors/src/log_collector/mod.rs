@@ -276,6 +276,15 @@ impl CollectorState {
 
     /// `handleJSONLogMessage`.
     fn message(&mut self, m: JsonMessage, source: Source, fx: &mut Vec<Effect>) {
+        let listener = self.want_events.then(|| self.drv_path.clone());
+        let forward = |m: &JsonMessage, fx: &mut Vec<Effect>| {
+            if let Some(drv_path) = &listener {
+                fx.push(Effect::Event(BuildLogEvent::Activity {
+                    drv_path: drv_path.clone(),
+                    message: m.clone(),
+                }));
+            }
+        };
         let activities = match source {
             Source::Builder => &mut self.builder_activities,
             Source::Hook => &mut self.hook_activities,
@@ -285,7 +294,7 @@ impl CollectorState {
                 id,
                 activity_type,
                 level,
-                text,
+                ref text,
                 ..
             } => {
                 if source == Source::Hook || activity_type == ACT_FILE_TRANSFER {
@@ -294,26 +303,33 @@ impl CollectorState {
                     if level <= self.verbosity && !text.is_empty() {
                         fx.push(Effect::Stderr(format!("{text}...\n").into_bytes()));
                     }
+                    forward(&m, fx);
                 }
             }
             JsonMessage::Stop { id } => {
-                activities.remove(&id);
+                if activities.remove(&id) {
+                    forward(&m, fx);
+                }
             }
             JsonMessage::Result {
                 id,
                 result_type,
-                fields,
+                ref fields,
             } => {
                 if !activities.contains(&id) {
                     return;
                 }
                 if result_type == RES_BUILD_LOG_LINE {
-                    self.log_line(first_string(&fields), fx);
-                } else if result_type == RES_SET_PHASE && self.want_events {
-                    fx.push(Effect::Event(BuildLogEvent::Phase {
-                        drv_path: self.drv_path.clone(),
-                        phase: first_string(&fields),
-                    }));
+                    self.log_line(first_string(fields), fx);
+                } else if result_type == RES_SET_PHASE {
+                    if self.want_events {
+                        fx.push(Effect::Event(BuildLogEvent::Phase {
+                            drv_path: self.drv_path.clone(),
+                            phase: first_string(fields),
+                        }));
+                    }
+                } else {
+                    forward(&m, fx);
                 }
             }
             JsonMessage::SetPhase { phase } => {

@@ -161,12 +161,26 @@ fn builder_may_only_start_file_transfers() {
         ],
     );
     assert!(tail.is_empty());
+    // The accepted activity is forwarded to the listener, the refused one is not.
     assert_eq!(
         events(&fx),
-        [BuildLogEvent::Line {
-            drv_path: drv(),
-            line: "shown".into()
-        }]
+        [
+            BuildLogEvent::Activity {
+                drv_path: drv(),
+                message: drover::build_log::JsonMessage::Start {
+                    id: 2,
+                    level: 3,
+                    activity_type: 101,
+                    text: String::new(),
+                    parent: 0,
+                    fields: Vec::new(),
+                },
+            },
+            BuildLogEvent::Line {
+                drv_path: drv(),
+                line: "shown".into()
+            }
+        ]
     );
 }
 
@@ -262,6 +276,17 @@ fn hook_lines_are_trusted_json_and_log_lines_reach_the_file() {
     assert_eq!(
         events(&fx),
         [
+            BuildLogEvent::Activity {
+                drv_path: drv(),
+                message: drover::build_log::JsonMessage::Start {
+                    id: 5,
+                    level: 3,
+                    activity_type: 105,
+                    text: "b".into(),
+                    parent: 0,
+                    fields: Vec::new(),
+                },
+            },
             BuildLogEvent::Line {
                 drv_path: drv(),
                 line: "remote line".into()

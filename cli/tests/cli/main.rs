@@ -12,11 +12,13 @@ mod nix_env;
 mod http_server;
 
 mod build_done;
+mod builtins;
 mod derivation;
 mod fallback;
 mod hook;
 mod hook_try;
 mod impure;
+mod log_format;
 mod path_info;
 mod progress;
 mod realise;
