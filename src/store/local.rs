@@ -586,6 +586,58 @@ impl LocalStore {
         })
     }
 
+    /// The dependent realisations of an output of `drv` at `out_path` (Nix's
+    /// `drvOutputReferences`): of the realisations of `drv`'s input derivation
+    /// outputs and everything they depend on, those whose output path `out_path`
+    /// refers to directly. An input output without a realisation is an error.
+    pub fn drv_output_references(
+        &self,
+        drv: &Derivation,
+        out_path: &StorePath,
+    ) -> Result<BTreeMap<DrvOutput, StorePath>, StoreError> {
+        let mut cache = DrvHashCache::new();
+        let sd = self.store_dir.clone();
+        let mut todo: Vec<Realisation> = Vec::new();
+        for (input, outputs) in &drv.input_drvs {
+            let input_drv = self.read_derivation(input)?;
+            let hashes = input_drv.static_output_hashes(&sd, |p: &StorePath| {
+                cache.hash_of(&sd, p, |q: &StorePath| {
+                    self.read_derivation(q).map(Arc::new)
+                })
+            })?;
+            for name in outputs {
+                let unbuilt = || StoreError::UnbuiltInputOutput {
+                    drv: self.print(input),
+                    output: name.clone(),
+                };
+                let id = DrvOutput {
+                    drv_hash: hashes.get(name).ok_or_else(unbuilt)?.clone(),
+                    output: name.clone(),
+                };
+                todo.push(self.query_realisation(&id)?.ok_or_else(unbuilt)?);
+            }
+        }
+        // `Realisation::closure`: follow dependent realisations transitively.
+        let mut closure: BTreeMap<DrvOutput, StorePath> = BTreeMap::new();
+        while let Some(r) = todo.pop() {
+            if closure.insert(r.id.clone(), r.out_path.clone()).is_some() {
+                continue;
+            }
+            for dep in r.dependent_realisations.keys() {
+                if !closure.contains_key(dep) {
+                    let missing = || StoreError::BadDependentRealisation {
+                        id: r.id.to_string(),
+                        dependency: dep.to_string(),
+                    };
+                    todo.push(self.query_realisation(dep)?.ok_or_else(missing)?);
+                }
+            }
+        }
+        let refs = self.query_references(out_path)?;
+        closure.retain(|_, p| refs.contains(p));
+        Ok(closure)
+    }
+
     /// Checks that a claimed content address gives the path (`isContentAddressed`).
     fn check_ca(&self, info: &ValidPathInfo) -> Result<(), StoreError> {
         let Some(ca) = &info.ca else { return Ok(()) };

@@ -11,6 +11,7 @@ mod nix_env;
 #[path = "../../../tests/it/http_server.rs"]
 mod http_server;
 
+mod ca;
 mod derivation;
 mod fallback;
 mod hook;

@@ -569,18 +569,17 @@ impl DerivationGoal {
                     return self.done_failure(r.status, String::new());
                 }
                 let pure = self.drv_type.is_some_and(|t| t.is_pure());
+                let fixed = self.drv_type.is_some_and(|t| t.is_fixed());
                 let realisations = self.built_realisations();
+                let drv = self.drv.clone();
                 self.state = State::RegisteringResolved;
                 vec![job(move |env| {
-                    let mut res = Ok(());
-                    if pure {
-                        for r in &realisations {
-                            if let Err(e) = env.store.register_realisation(r) {
-                                res = Err(e.to_string());
-                                break;
-                            }
+                    let res = match (pure, drv) {
+                        (true, Some(drv)) => {
+                            register_resolved_realisations(&env.store, &drv, fixed, realisations)
                         }
-                    }
+                        _ => Ok(()),
+                    };
                     DrvJobResult::RealisationsRegistered(res)
                 })]
             }
@@ -1532,6 +1531,25 @@ fn run_post_build_hook(hook: &str, drv_path: &str, out_paths: &str) -> Result<()
         Some(n) => Err(format!("program '{hook}' failed with exit code {n}")),
         None => Err(format!("program '{hook}' failed due to signal")),
     }
+}
+
+/// `resolvedFinished`: the realisations of the original derivation's outputs, with
+/// their dependent realisations unless it is fixed-output (`drvOutputReferences`).
+fn register_resolved_realisations(
+    store: &LocalStore,
+    drv: &Derivation,
+    fixed: bool,
+    realisations: Vec<Realisation>,
+) -> Result<(), String> {
+    for mut r in realisations {
+        if !fixed {
+            r.dependent_realisations = store
+                .drv_output_references(drv, &r.out_path)
+                .map_err(|e| e.to_string())?;
+        }
+        store.register_realisation(&r).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,117 @@
+//! Content-addressed derivations and their realisations: `drover realise` against
+//! `nix-store --realise` (Nix 2.8) in the same root (snapshot, Nix builds, restore,
+//! drover builds), comparing DB rows and what `nix copy` writes from each store.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::drover;
+use crate::nix_env::TestRoot;
+use crate::realise::{db_rows, restore, run, snapshot, Run};
+
+/// Floating CA derivations depending on floating CA derivations: `d` refers to
+/// `c` only, `c` to `b`, `b` to `a` (and `d` also has `a` as an input).
+const CHAIN: &str = r#"
+let
+  mk = args: derivation ({
+    system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  } // args);
+  a = mk { name = "a"; args = ["-c" "echo a > $out"]; };
+  b = mk { name = "b"; inherit a; args = ["-c" "echo $a > $out"]; };
+  c = mk { name = "c"; inherit b; args = ["-c" "echo $b > $out"]; };
+  d = mk { name = "d"; inherit a c; args = ["-c" "echo $c > $out"]; };
+in { inherit a b c d; }
+"#;
+
+/// Writes `expr` into the root and instantiates `attr`.
+pub(crate) fn instantiate(root: &TestRoot, expr: &str, attr: &str) -> String {
+    let file = root.path().join("e.nix");
+    std::fs::write(&file, expr).unwrap();
+    root.instantiate(&file, Some(attr)).remove(0)
+}
+
+/// `nix copy --to file://<root>/<name> -f e.nix <attr>`; returns every file of the
+/// cache's `realisations/` directory (name → bytes).
+fn copy_realisations(root: &TestRoot, name: &str, attr: &str) -> BTreeMap<String, Vec<u8>> {
+    let cache = root.path().join(name);
+    let file = root.path().join("e.nix");
+    root.run(
+        "nix",
+        &[
+            "copy",
+            "--to",
+            &format!("file://{}", cache.display()),
+            "-f",
+            file.to_str().unwrap(),
+            attr,
+        ],
+    );
+    files_of(&cache.join("realisations"))
+}
+
+fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The same `realise` by both tools from the same snapshot: (Nix's run, Nix's DB
+/// rows, drover's run, drover's DB rows). The root is left as drover left it;
+/// `between` runs after Nix's build, before the snapshot is restored.
+pub(crate) fn both(
+    root: &TestRoot,
+    args: &[&str],
+    mut between: impl FnMut(&TestRoot),
+) -> (Run, String, Run, String) {
+    let snap = snapshot(root);
+    let nix = run(root.cmd("nix-store").arg("--realise").args(args));
+    let nix_db = db_rows(root);
+    between(root);
+    restore(root, &snap);
+    let ours = run(drover(root).arg("realise").args(args));
+    let our_db = db_rows(root);
+    (nix, nix_db, ours, our_db)
+}
+
+#[test]
+fn ca_chain_records_realisation_refs_and_copies_identical_doi_files() {
+    require_nix!();
+    let root = TestRoot::new();
+    let drv = instantiate(&root, CHAIN, "d");
+    let mut nix_doi = BTreeMap::new();
+    let (nix, nix_db, ours, our_db) = both(&root, &[&drv], |r| {
+        nix_doi = copy_realisations(r, "cache-nix", "d");
+    });
+    assert_eq!(nix.code, 0, "{}", nix.stderr);
+    assert_eq!(ours.code, 0, "{}", ours.stderr);
+    assert_eq!(nix.stdout, ours.stdout);
+    // three links: d → c → b → a, as Nix records them
+    assert_eq!(
+        nix_db.lines().filter(|l| l.starts_with("RR|")).count(),
+        3,
+        "{nix_db}"
+    );
+    assert_eq!(nix_db, our_db);
+    let our_doi = copy_realisations(&root, "cache-drover", "d");
+    // one .doi per output of the closure's (unresolved) derivations, with their
+    // dependentRealisations filled in
+    assert_eq!(nix_doi.len(), 4, "{:?}", nix_doi.keys());
+    assert!(
+        nix_doi
+            .values()
+            .any(|v| !String::from_utf8_lossy(v).contains("\"dependentRealisations\":{}")),
+        "{nix_doi:?}"
+    );
+    assert_eq!(nix_doi, our_doi);
+    root.verify_store();
+}
