@@ -115,3 +115,80 @@ fn ca_chain_records_realisation_refs_and_copies_identical_doi_files() {
     assert_eq!(nix_doi, our_doi);
     root.verify_store();
 }
+
+/// A fixed-output derivation (`printf hello`) and an input-addressed one using it.
+const FOD: &str = r#"
+let mk = args: derivation ({ system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin"; } // args);
+in rec {
+  fod = mk { name = "fod"; args = ["-c" "printf hello > $out"]; outputHashMode = "flat"; outputHashAlgo = "sha256";
+             outputHash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; };
+  ia = mk { name = "ia"; inherit fod; args = ["-c" "cat $fod > $out"]; };
+}
+"#;
+
+/// The `R|…` (Realisations) lines of `db_rows`.
+fn realisation_rows(rows: &str) -> Vec<&str> {
+    rows.lines().filter(|l| l.starts_with("R|")).collect()
+}
+
+#[test]
+fn fixed_output_found_valid_gets_its_realisation() {
+    require_nix!();
+    let root = TestRoot::new();
+    let ia = instantiate(&root, FOD, "ia");
+    // the FOD's output made valid by hand: no realisation yet
+    let hello = root.path().join("fod");
+    std::fs::write(&hello, "hello").unwrap();
+    root.run(
+        "nix-store",
+        &["--add-fixed", "sha256", hello.to_str().unwrap()],
+    );
+    let (nix, nix_db, ours, our_db) = both(&root, &[&ia], |_| {});
+    assert_eq!(
+        (nix.code, ours.code),
+        (0, 0),
+        "{}\n{}",
+        nix.stderr,
+        ours.stderr
+    );
+    assert_eq!(nix.stdout, ours.stdout);
+    // Nix registers the valid FOD output's realisation, and the built one's
+    assert_eq!(realisation_rows(&nix_db).len(), 2, "{nix_db}");
+    assert_eq!(nix_db, our_db);
+    root.verify_store();
+}
+
+#[test]
+fn fixed_output_substituted_gets_its_realisation() {
+    require_nix!();
+    let root = TestRoot::new();
+    let fod = instantiate(&root, FOD, "fod");
+    let out = root.realise(&[&fod]).remove(0);
+    let cache = format!("file://{}", root.path().join("cache").display());
+    root.run("nix", &["copy", "--to", &cache, &out]);
+    root.wipe_store();
+    let ia = instantiate(&root, FOD, "ia");
+    let args = [
+        ia.as_str(),
+        "--option",
+        "substituters",
+        &cache,
+        "--option",
+        "require-sigs",
+        "false",
+    ];
+    let (nix, nix_db, ours, our_db) = both(&root, &args, |_| {});
+    assert_eq!(
+        (nix.code, ours.code),
+        (0, 0),
+        "{}\n{}",
+        nix.stderr,
+        ours.stderr
+    );
+    assert!(nix.stderr.contains("copying path"), "{}", nix.stderr);
+    assert!(ours.stderr.contains("copying path"), "{}", ours.stderr);
+    assert_eq!(nix.stdout, ours.stdout);
+    assert_eq!(realisation_rows(&nix_db).len(), 2, "{nix_db}");
+    assert_eq!(nix_db, our_db);
+    root.verify_store();
+}

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use drover::build_result::{BuildResult, BuildStatus};
 use drover::config::MissingExperimentalFeature;
-use drover::derivation::{name_from_drv_path, Derivation, DerivationOutput, DerivationType};
+use drover::derivation::{name_from_drv_path, Derivation, DerivationType};
 use drover::derived_path::OutputsSpec;
 use drover::hash::Hash;
 use drover::realisation::{DrvOutput, Realisation};
@@ -1379,23 +1379,9 @@ pub fn check_validity(
             }
             None => false,
         };
-        if let (Some(p), true, true, DerivationOutput::InputAddressed { .. }) =
-            (&path, valid, ca, out)
-        {
-            // A valid output without a realisation gets one for its static path.
+        if let (Some(p), true, true) = (&path, valid, ca) {
             if let Some(h) = hashes.get(name) {
-                let id = DrvOutput {
-                    drv_hash: h.clone(),
-                    output: name.clone(),
-                };
-                if store.query_realisation(&id).ok().flatten().is_none() {
-                    let _ = store.register_realisation(&Realisation {
-                        id,
-                        out_path: p.clone(),
-                        signatures: BTreeSet::new(),
-                        dependent_realisations: BTreeMap::new(),
-                    });
-                }
+                register_known_output(store, h, name, p).map_err(e)?;
             }
         }
         res.insert(name.clone(), OutputState { path, valid });
@@ -1531,6 +1517,32 @@ fn run_post_build_hook(hook: &str, drv_path: &str, out_paths: &str) -> Result<()
         Some(n) => Err(format!("program '{hook}' failed with exit code {n}")),
         None => Err(format!("program '{hook}' failed due to signal")),
     }
+}
+
+/// `checkPathValidity` with `ca-derivations`: a valid output whose path is known
+/// (statically, as for input-addressed and fixed outputs, or from the
+/// `DerivationOutputs` table) but that has no realisation gets one, as Nix 2.8
+/// registers it — so outputs built without `ca-derivations`, substituted or added
+/// by hand are recorded too.
+fn register_known_output(
+    store: &LocalStore,
+    drv_hash: &Hash,
+    name: &str,
+    path: &StorePath,
+) -> Result<(), drover::store::StoreError> {
+    let id = DrvOutput {
+        drv_hash: drv_hash.clone(),
+        output: name.to_owned(),
+    };
+    if store.query_realisation(&id)?.is_none() {
+        store.register_realisation(&Realisation {
+            id,
+            out_path: path.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        })?;
+    }
+    Ok(())
 }
 
 /// `resolvedFinished`: the realisations of the original derivation's outputs, with
