@@ -600,6 +600,12 @@ pub fn register_outputs(
         store.register_valid_paths(&infos)?;
     }
     drop(locks);
+    // A fixed-output hash mismatch fails the build only now that the output is
+    // registered under its actual content's path, and before any realisation: the
+    // derivation is not linked to an output it did not promise (as in Nix 2.8).
+    if let Some(e) = delayed {
+        return Err(e);
+    }
     let built: BTreeSet<String> = order.iter().cloned().collect();
     let pure = drv.derivation_type().map(|t| t.is_pure()).unwrap_or(false);
     let ids = match drv_output_ids(store, drv) {
@@ -613,9 +619,6 @@ pub fn register_outputs(
         for r in realisations_for(&ids, &finals, &built).values() {
             store.register_realisation(r)?;
         }
-    }
-    if let Some(e) = delayed {
-        return Err(e);
     }
     let all: BTreeSet<String> = finals.keys().cloned().collect();
     Ok(Registered {
@@ -1112,6 +1115,9 @@ mod tests {
             .unwrap();
         assert!(t.store.is_valid_path(&actual).unwrap());
         assert!(!t.store.is_valid_path(&spec.output_paths["out"]).unwrap());
+        // ... and the derivation gets no realisation for it
+        let ids = drv_output_ids(&t.store, &spec.drv).unwrap();
+        assert_eq!(t.store.query_realisation(&ids["out"]).unwrap(), None);
     }
 
     #[test]

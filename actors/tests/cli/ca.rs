@@ -50,6 +50,7 @@ fn copy_realisations(root: &TestRoot, name: &str, attr: &str) -> BTreeMap<String
     files_of(&cache.join("realisations"))
 }
 
+/// The entries of a directory: name → contents (empty for a directory).
 fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -57,7 +58,7 @@ fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
                 let e = e.unwrap();
                 (
                     e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap(),
+                    std::fs::read(e.path()).unwrap_or_default(),
                 )
             })
             .collect()
@@ -191,4 +192,74 @@ fn fixed_output_substituted_gets_its_realisation() {
     assert_eq!(realisation_rows(&nix_db).len(), 2, "{nix_db}");
     assert_eq!(nix_db, our_db);
     root.verify_store();
+}
+
+/// Fixed-output derivations whose output does not match their hash: flat and
+/// recursive.
+const BAD_FOD: &str = r#"
+let mk = args: derivation ({ system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  outputHashAlgo = "sha256"; outputHash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; } // args);
+in {
+  flat = mk { name = "bad-flat"; args = ["-c" "printf bye > $out"]; outputHashMode = "flat"; };
+  nar = mk { name = "bad-nar"; args = ["-c" "mkdir $out; echo bye > $out/x"]; outputHashMode = "recursive"; };
+}
+"#;
+
+/// Nix registers what a mismatching fixed-output build produced under its actual
+/// content's path, and no realisation for it, with or without `--keep-failed`.
+#[test]
+fn fixed_output_hash_mismatch_registers_the_actual_output_only() {
+    require_nix!();
+    for keep in [false, true] {
+        let root = TestRoot::new();
+        let flat = instantiate(&root, BAD_FOD, "flat");
+        let rec = root
+            .instantiate(&root.path().join("e.nix"), Some("nar"))
+            .remove(0);
+        let mut args = vec![flat.as_str(), rec.as_str(), "--keep-going"];
+        if keep {
+            args.push("--keep-failed");
+        }
+        let mut nix_files = BTreeMap::new();
+        let (nix, nix_db, ours, our_db) = both(&root, &args, |r| {
+            nix_files = files_of(Path::new(&r.store_dir));
+        });
+        // the same store entries (outputs, lock files) are left behind
+        let our_files = files_of(Path::new(&root.store_dir));
+        assert_eq!(
+            nix_files.keys().collect::<Vec<_>>(),
+            our_files.keys().collect::<Vec<_>>()
+        );
+        // 0x60 | hash mismatch | build failure
+        assert_eq!(nix.code, 102, "{}", nix.stderr);
+        assert_eq!(ours.code, 102, "{}", ours.stderr);
+        for drv in [&flat, &rec] {
+            let msg = format!("error: hash mismatch in fixed-output derivation '{drv}':");
+            assert!(nix.stderr.contains(&msg), "{}", nix.stderr);
+            assert!(ours.stderr.contains(&msg), "{}", ours.stderr);
+        }
+        assert_eq!(
+            nix.stderr.contains("note: keeping build directory"),
+            keep,
+            "{}",
+            nix.stderr
+        );
+        assert_eq!(
+            ours.stderr.contains("note: keeping build directory"),
+            keep,
+            "{}",
+            ours.stderr
+        );
+        // the two actual outputs are valid, no realisation names them
+        let outputs = |rows: &str| {
+            rows.lines()
+                .filter(|l| l.starts_with("VP|"))
+                .filter(|l| !l.split('|').nth(1).unwrap().ends_with(".drv"))
+                .count()
+        };
+        assert_eq!(outputs(&nix_db), 2, "{nix_db}");
+        assert!(realisation_rows(&nix_db).is_empty(), "{nix_db}");
+        assert_eq!(nix_db, our_db);
+        root.verify_store();
+    }
 }
