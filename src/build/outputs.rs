@@ -583,6 +583,7 @@ pub fn register_outputs(
             }
             if !old.ultimate {
                 old.ultimate = true;
+                store.sign_path_info(&mut old)?;
                 store.register_valid_paths(&[old])?;
             }
             if actual != final_real {
@@ -590,6 +591,7 @@ pub fn register_outputs(
             }
             continue;
         }
+        store.sign_path_info(&mut info)?;
         infos.push(info);
     }
     for p in to_clean {
@@ -616,7 +618,8 @@ pub fn register_outputs(
         Err(_) => BTreeMap::new(),
     };
     if settings.ca_derivations && pure && mode != BuildMode::Check {
-        for r in realisations_for(&ids, &finals, &built).values() {
+        for r in realisations_for(&ids, &finals, &built).values_mut() {
+            store.sign_realisation(r)?;
             store.register_realisation(r)?;
         }
     }

@@ -35,7 +35,9 @@ use crate::content_address::{ContentAddress, FileIngestionMethod};
 use crate::derivation::{name_from_drv_path, Derivation, DrvHashCache};
 use crate::hash::{Encoding, Hash, HashAlgo};
 use crate::nar;
+use crate::narinfo::fingerprint_path;
 use crate::realisation::{DrvOutput, Realisation};
+use crate::signature::{sign_realisation, SecretKey};
 use crate::store_path::{StoreDir, StorePath, StorePathSet};
 
 /// Most parameters bound in one `in (…)` query.
@@ -60,6 +62,8 @@ pub struct LocalStore {
     state_dir: PathBuf,
     db: Mutex<StoreDb>,
     temp_roots: Mutex<Option<Arc<Mutex<TempRoots>>>>,
+    /// `secret-key-files`, read each time a path is signed (as Nix does).
+    secret_key_files: Vec<PathBuf>,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -119,6 +123,7 @@ impl LocalStore {
             state_dir,
             db: Mutex::new(db),
             temp_roots: Mutex::new(None),
+            secret_key_files: settings.secret_key_files(),
         })
     }
 
@@ -584,6 +589,44 @@ impl LocalStore {
             }
             tx.commit().map_err(StoreError::sql("committing a realisation"))
         })
+    }
+
+    /// The keys of `secret-key-files`, read now.
+    fn secret_keys(&self) -> Result<Vec<SecretKey>, StoreError> {
+        self.secret_key_files
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(f).map_err(StoreError::io("opening file", f))?;
+                SecretKey::parse(&text).map_err(|source| StoreError::BadSecretKey {
+                    path: f.clone(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Nix's `signPathInfo`: adds a signature of the path's fingerprint by every key
+    /// of `secret-key-files` (none when the setting is empty).
+    pub fn sign_path_info(&self, info: &mut ValidPathInfo) -> Result<(), StoreError> {
+        for key in self.secret_keys()? {
+            let fp = fingerprint_path(
+                &self.store_dir,
+                &info.path,
+                &info.nar_hash,
+                info.nar_size,
+                &info.references,
+            );
+            info.sigs.insert(key.sign(fp.as_bytes()));
+        }
+        Ok(())
+    }
+
+    /// Nix's `signRealisation`: signs `r` with every key of `secret-key-files`.
+    pub fn sign_realisation(&self, r: &mut Realisation) -> Result<(), StoreError> {
+        for key in self.secret_keys()? {
+            sign_realisation(r, &key);
+        }
+        Ok(())
     }
 
     /// The dependent realisations of an output of `drv` at `out_path` (Nix's
@@ -1084,6 +1127,59 @@ mod tests {
             .filter(|n| n.contains("drover-tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn paths_and_realisations_are_signed_with_every_secret_key_file() {
+        use crate::signature::PublicKeys;
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, k2) = (
+            SecretKey::from_seed("k1", &[1; 32]).unwrap(),
+            SecretKey::from_seed("k2", &[2; 32]).unwrap(),
+        );
+        let (f1, f2) = (dir.path().join("k1"), dir.path().join("k2"));
+        std::fs::write(&f1, k1.to_key_file()).unwrap();
+        std::fs::write(&f2, k2.to_key_file()).unwrap();
+        let conf = format!(
+            "experimental-features = ca-derivations\nsecret-key-files = {} {}\n",
+            f1.display(),
+            f2.display()
+        );
+        let s = LocalStore::open(&Settings::for_root(dir.path(), &conf).unwrap()).unwrap();
+        let mut i = info(&s, "a", &[]);
+        s.sign_path_info(&mut i).unwrap();
+        assert_eq!(i.sigs.len(), 2);
+        let fp = fingerprint_path(
+            s.store_dir(),
+            &i.path,
+            &i.nar_hash,
+            i.nar_size,
+            &i.references,
+        );
+        let mut keys = PublicKeys::new();
+        keys.insert(k1.to_public_key());
+        keys.insert(k2.to_public_key());
+        for sig in &i.sigs {
+            assert!(keys.verify(fp.as_bytes(), sig).unwrap(), "{sig}");
+        }
+        let mut r = Realisation {
+            id: DrvOutput {
+                drv_hash: HashAlgo::Sha256.digest("drv"),
+                output: "out".into(),
+            },
+            out_path: i.path.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        };
+        s.sign_realisation(&mut r).unwrap();
+        assert_eq!(r.signatures.len(), 2);
+        // a key file that is missing or corrupt is an error naming the file
+        std::fs::write(&f2, "k2:not base64!").unwrap();
+        let err = s.sign_path_info(&mut i).unwrap_err().to_string();
+        assert!(err.contains(&f2.display().to_string()), "{err}");
+        std::fs::remove_file(&f1).unwrap();
+        let err = s.sign_realisation(&mut r).unwrap_err().to_string();
+        assert!(err.contains("opening file"), "{err}");
     }
 
     #[test]

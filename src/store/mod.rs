@@ -89,6 +89,11 @@ pub enum StoreError {
     },
     #[error("unable to register the realisation '{id}' as it depends on the non-existent or different realisation '{dependency}'")]
     BadDependentRealisation { id: String, dependency: String },
+    #[error("secret key file '{path}': {source}")]
+    BadSecretKey {
+        path: PathBuf,
+        source: crate::signature::SignatureError,
+    },
     #[error("output '{output}' of derivation '{drv}' isn't built")]
     UnbuiltInputOutput { drv: String, output: String },
     #[error("the store database has no Realisations table (enable the 'ca-derivations' experimental feature)")]

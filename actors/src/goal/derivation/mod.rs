@@ -1559,6 +1559,7 @@ fn register_resolved_realisations(
                 .drv_output_references(drv, &r.out_path)
                 .map_err(|e| e.to_string())?;
         }
+        store.sign_realisation(&mut r).map_err(|e| e.to_string())?;
         store.register_realisation(&r).map_err(|e| e.to_string())?;
     }
     Ok(())
