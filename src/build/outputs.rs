@@ -40,7 +40,7 @@ use crate::nar::{dump_path, NarWriteError};
 use crate::realisation::{DrvOutput, Realisation};
 use crate::references::{rewrite_path, scan_path, HashModuloSink, ReferencesError};
 use crate::store::{canonicalise_path_meta_data, CanonicaliseError, LocalStore, PathLocks};
-use crate::store::{StoreError, ValidPathInfo};
+use crate::store::{RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{output_path_name, StoreDir, StorePath, StorePathSet};
 
 /// Why outputs were rejected or could not be registered.
@@ -591,6 +591,7 @@ pub fn register_outputs(
             }
             continue;
         }
+        store.optimise_path(&actual, RepairFlag::NoRepair)?;
         store.sign_path_info(&mut info)?;
         infos.push(info);
     }

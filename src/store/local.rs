@@ -64,6 +64,8 @@ pub struct LocalStore {
     temp_roots: Mutex<Option<Arc<Mutex<TempRoots>>>>,
     /// `secret-key-files`, read each time a path is signed (as Nix does).
     secret_key_files: Vec<PathBuf>,
+    /// `auto-optimise-store`.
+    auto_optimise: bool,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -124,6 +126,7 @@ impl LocalStore {
             db: Mutex::new(db),
             temp_roots: Mutex::new(None),
             secret_key_files: settings.secret_key_files(),
+            auto_optimise: settings.auto_optimise_store(),
         })
     }
 
@@ -591,6 +594,19 @@ impl LocalStore {
         })
     }
 
+    /// Nix's `optimisePath`: with `auto-optimise-store`, hard-links the files of the
+    /// tree at `real` (a new path, before it is registered) through `.links`.
+    pub fn optimise_path(&self, real: &Path, repair: RepairFlag) -> Result<(), StoreError> {
+        if self.auto_optimise {
+            super::optimise::optimise_path(
+                self.store_dir.as_path(),
+                real,
+                repair == RepairFlag::Repair,
+            )?;
+        }
+        Ok(())
+    }
+
     /// The keys of `secret-key-files`, read now.
     fn secret_keys(&self) -> Result<Vec<SecretKey>, StoreError> {
         self.secret_key_files
@@ -972,6 +988,14 @@ impl LocalStore {
             let _ = remove_tree(&tmp_real);
             return Err(e);
         }
+        self.optimise_path(
+            &real,
+            if repair {
+                RepairFlag::Repair
+            } else {
+                RepairFlag::NoRepair
+            },
+        )?;
         self.register_valid_paths(std::slice::from_ref(info))?;
         locks.set_deletion(true);
         Ok(())

@@ -9,6 +9,7 @@
 //! * [`locks`]: `<path>.lock` files ([`locks::PathLocks`]).
 //! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`.
 //! * [`canonicalise`]: canonical metadata of store objects.
+//! * [`optimise`]: hard-linking identical files through `.links` (`auto-optimise-store`).
 //! * [`path_info`]: [`path_info::ValidPathInfo`] and its `nix path-info --json` form.
 
 pub mod canonicalise;
@@ -16,6 +17,7 @@ pub mod db;
 pub mod gc_roots;
 pub mod local;
 pub mod locks;
+pub mod optimise;
 pub mod path_info;
 pub mod schema;
 
@@ -107,6 +109,8 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Derivation(#[from] DerivationError),
+    #[error(transparent)]
+    Optimise(#[from] optimise::OptimiseError),
 }
 
 impl StoreError {

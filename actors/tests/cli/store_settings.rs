@@ -96,3 +96,94 @@ fn without_secret_key_files_nothing_is_signed() {
     assert!(!nix_db.contains("example.org"), "{nix_db}");
     assert_eq!(nix_db, our_db);
 }
+
+/// tests/optimise-store.sh: three derivations writing the same file.
+const SAME: &str = r#"
+let mk = name: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = ["-c" "mkdir $out; echo hello > $out/foo; ln -s foo $out/bar; printf flat > $out/flat"]; };
+in { foo1 = mk "foo1"; foo2 = mk "foo2"; foo3 = mk "foo3"; }
+"#;
+
+/// (inode, link count) of a file.
+fn stat(p: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.ino(), m.nlink())
+}
+
+/// Per output: (`foo` is the first output's inode, its link count, the same for `bar`).
+type Shared = Vec<(bool, u64, bool, u64)>;
+
+/// What optimisation left: for each output of `outs`, whether `foo`/`bar` share
+/// the first output's inode and their link counts; and the `.links` entries.
+fn linking(root: &TestRoot, outs: &str) -> (Shared, Vec<String>) {
+    let outs: Vec<&str> = outs.lines().collect();
+    let (foo0, bar0) = (
+        stat(&format!("{}/foo", outs[0])),
+        stat(&format!("{}/bar", outs[0])),
+    );
+    let per = outs
+        .iter()
+        .map(|o| {
+            let (f, b) = (stat(&format!("{o}/foo")), stat(&format!("{o}/bar")));
+            (f.0 == foo0.0, f.1, b.0 == bar0.0, b.1)
+        })
+        .collect();
+    let mut links: Vec<String> = std::fs::read_dir(format!("{}/.links", root.store_dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    links.sort();
+    (per, links)
+}
+
+#[test]
+fn auto_optimise_store_hard_links_identical_files() {
+    require_nix!();
+    let root = TestRoot::new();
+    let foo1 = instantiate(&root, SAME, "foo1");
+    let file = root.path().join("e.nix");
+    let foo2 = root.instantiate(&file, Some("foo2")).remove(0);
+    let foo3 = root.instantiate(&file, Some("foo3")).remove(0);
+    let args = [
+        foo1.as_str(),
+        foo2.as_str(),
+        "--option",
+        "auto-optimise-store",
+        "true",
+    ];
+    let mut nix_linking = None;
+    let (nix, _, ours, _) = both(&root, &args, |r| {
+        let outs = r.run("nix-store", &["-r", &foo1, &foo2]);
+        nix_linking = Some(linking(r, &outs));
+    });
+    assert_eq!(
+        (nix.code, ours.code),
+        (0, 0),
+        "{}\n{}",
+        nix.stderr,
+        ours.stderr
+    );
+    assert_eq!(nix.stdout, ours.stdout);
+    let nix_linking = nix_linking.unwrap();
+    // both `foo`s are one inode with three links (two outputs and `.links`)
+    assert_eq!(nix_linking.0, vec![(true, 3, true, 3), (true, 3, true, 3)]);
+    assert_eq!(nix_linking, linking(&root, &ours.stdout));
+    root.verify_store();
+    // without the setting, a third copy stays on its own
+    let out3 = crate::stdout_of(crate::drover(&root).args(["realise", &foo3]));
+    let all = format!("{}{out3}", ours.stdout);
+    let (per, _) = linking(&root, &all);
+    assert!(!per[2].0, "{per:?}");
+    // Nix's collector finds the layout it expects: with the outputs gone, every
+    // `.links` entry is unused and deleted
+    root.run("nix-store", &["--gc"]);
+    assert_eq!(linking_entries(&root), Vec::<String>::new());
+}
+
+fn linking_entries(root: &TestRoot) -> Vec<String> {
+    std::fs::read_dir(format!("{}/.links", root.store_dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
