@@ -16,6 +16,7 @@ mod derivation;
 mod fallback;
 mod hook;
 mod impure;
+mod incomplete_closure;
 mod path_info;
 mod progress;
 mod realise;
