@@ -55,6 +55,8 @@ pub struct LocalBuildRequest {
     pub mode: BuildMode,
     /// Keep the build directory (and `.check` outputs) on failure: `--keep-failed`.
     pub keep_failed: bool,
+    /// (round, rounds) of a repeated build (`repeat`); (1, 1) for a single build.
+    pub round: (u32, u32),
 }
 
 /// Asks the LocalBuilder to run one build; the answer comes later as

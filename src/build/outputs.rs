@@ -84,6 +84,14 @@ pub enum OutputsError {
         output: String,
         check: Option<String>,
     },
+    /// A round of a repeated build (`repeat`) gave another output than the one before.
+    #[error("{}", differs_msg(.drv, .output, .previous))]
+    DiffersFromPreviousRound {
+        drv: String,
+        output: String,
+        /// The previous round's copy, when kept (`--keep-failed`): `<output>.check`.
+        previous: Option<String>,
+    },
     #[error("output '{output}' of '{drv}' is deferred: resolve the derivation before building it")]
     Deferred { drv: String, output: String },
     #[error(transparent)]
@@ -121,11 +129,19 @@ fn not_deterministic_msg(drv: &str, output: &str, check: &Option<String>) -> Str
     }
 }
 
+fn differs_msg(drv: &str, output: &str, previous: &Option<String>) -> String {
+    match previous {
+        Some(p) => format!("output '{output}' of '{drv}' differs from '{p}' from previous round"),
+        None => format!("output '{output}' of '{drv}' differs from previous round"),
+    }
+}
+
 impl OutputsError {
     /// The build status Nix 2.8's `buildDone` gives this error (the builder succeeded).
     pub fn status(&self) -> BuildStatus {
         match self {
-            OutputsError::NotDeterministic { .. } => BuildStatus::NotDeterministic,
+            OutputsError::NotDeterministic { .. }
+            | OutputsError::DiffersFromPreviousRound { .. } => BuildStatus::NotDeterministic,
             OutputsError::NotProduced { .. }
             | OutputsError::Suspicious { .. }
             | OutputsError::NotFlatFile(_)
@@ -250,6 +266,43 @@ pub struct Registered {
     pub realisations: BTreeMap<DrvOutput, Realisation>,
     /// The path infos registered (empty in check mode).
     pub infos: Vec<ValidPathInfo>,
+    /// After a round of a repeated build that is not the last: the outputs' infos,
+    /// for the next round to compare with (nothing was registered).
+    pub round_infos: BTreeMap<String, ValidPathInfo>,
+}
+
+/// Which round of a repeated build (`repeat`) this is: Nix builds a derivation
+/// `repeat + 1` times (fixed-output ones once) and fails when a round's outputs
+/// differ from the previous round's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRound {
+    /// 1-based.
+    pub current: u32,
+    pub total: u32,
+    /// The previous round's output infos (empty in the first round).
+    pub previous: BTreeMap<String, ValidPathInfo>,
+}
+
+impl Default for BuildRound {
+    fn default() -> BuildRound {
+        BuildRound {
+            current: 1,
+            total: 1,
+            previous: BTreeMap::new(),
+        }
+    }
+}
+
+impl BuildRound {
+    pub fn is_last(&self) -> bool {
+        self.current >= self.total
+    }
+}
+
+/// What Nix compares between rounds (`ValidPathInfo::operator==`): path, NAR hash
+/// and references.
+fn same_output(a: &ValidPathInfo, b: &ValidPathInfo) -> bool {
+    a.path == b.path && a.nar_hash == b.nar_hash && a.references == b.references
 }
 
 /// Deletes a tree, making directories writable first; a missing path is fine.
@@ -591,7 +644,9 @@ pub fn register_outputs(
             }
             continue;
         }
-        store.optimise_path(&actual, RepairFlag::NoRepair)?;
+        if spec.round.is_last() {
+            store.optimise_path(&actual, RepairFlag::NoRepair)?;
+        }
         store.sign_path_info(&mut info)?;
         infos.push(info);
     }
@@ -600,6 +655,16 @@ pub fn register_outputs(
     }
     if mode != BuildMode::Check {
         check_outputs(store, spec, &infos, &finals)?;
+        if spec.round.total > 1 {
+            if let Some(round_infos) = compare_rounds(store, spec, &drv_printed, &infos, &finals)? {
+                drop(locks);
+                return Ok(Registered {
+                    outputs: finals,
+                    round_infos,
+                    ..Registered::default()
+                });
+            }
+        }
         store.register_valid_paths(&infos)?;
     }
     drop(locks);
@@ -629,7 +694,62 @@ pub fn register_outputs(
         realisations: realisations_for(&ids, &finals, &all),
         outputs: finals,
         infos,
+        round_infos: BTreeMap::new(),
     })
+}
+
+/// The round logic of `registerOutputs` for a repeated build: compares this
+/// round's outputs with the previous round's (failing as Nix does when they
+/// differ), moves the first round's outputs aside to `<path>.check` with
+/// `--keep-failed`, and returns the infos when more rounds follow (nothing is then
+/// registered). After the last round the `.check` copies are removed and `None`
+/// says: register.
+fn compare_rounds(
+    store: &LocalStore,
+    spec: &BuildSpec,
+    drv_printed: &str,
+    infos: &[ValidPathInfo],
+    finals: &BTreeMap<String, StorePath>,
+) -> Result<Option<BTreeMap<String, ValidPathInfo>>, OutputsError> {
+    let round = &spec.round;
+    let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+        infos.iter().map(|i| (&i.path, i)).collect();
+    let this: BTreeMap<String, ValidPathInfo> = finals
+        .iter()
+        .filter_map(|(n, p)| Some((n.clone(), (*by_path.get(p)?).clone())))
+        .collect();
+    let real = |p: &StorePath| store.real_path(p);
+    if round.current > 1 {
+        for (name, prev) in &round.previous {
+            if this.get(name).is_some_and(|i| same_output(i, prev)) {
+                continue;
+            }
+            let out = this.get(name).map(|i| &i.path).unwrap_or(&prev.path);
+            let check = with_suffix(&real(out), ".check");
+            let previous = (spec.keep_failed && check.symlink_metadata().is_ok())
+                .then(|| check.display().to_string());
+            return Err(OutputsError::DiffersFromPreviousRound {
+                drv: drv_printed.to_owned(),
+                output: store.store_dir().print(out),
+                previous,
+            });
+        }
+    }
+    if !round.is_last() {
+        if round.current == 1 && spec.keep_failed {
+            for i in infos {
+                let path = real(&i.path);
+                let dst = with_suffix(&path, ".check");
+                remove_tree(&dst)?;
+                std::fs::rename(&path, &dst).map_err(io_err("renaming", &path))?;
+            }
+        }
+        return Ok(Some(this));
+    }
+    for i in infos {
+        remove_tree(&with_suffix(&real(&i.path), ".check"))?;
+    }
+    Ok(None)
 }
 
 /// The output checks of one output (`allowedReferences`, `outputChecks.<out>`, …).
@@ -938,6 +1058,7 @@ mod tests {
                 input_closure: StorePathSet::new(),
                 mode: BuildMode::Normal,
                 keep_failed: false,
+                round: Default::default(),
             }
         }
 

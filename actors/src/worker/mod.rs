@@ -75,6 +75,8 @@ pub struct WorkerSettings {
     pub keep_going: bool,
     pub fallback: bool,
     pub keep_failed: bool,
+    /// `repeat`: how many more times each build runs, to compare its outputs.
+    pub repeat: u64,
     /// `build-poll-interval` (default 5 s).
     pub poll_interval: Duration,
     pub system: String,
@@ -106,6 +108,7 @@ impl Default for WorkerSettings {
             keep_going: false,
             fallback: false,
             keep_failed: false,
+            repeat: 0,
             poll_interval: Duration::from_secs(5),
             system: drover::config::native_system(),
             extra_platforms: BTreeSet::new(),
@@ -138,6 +141,7 @@ impl WorkerSettings {
             keep_going: s.keep_going(),
             fallback: s.fallback(),
             keep_failed: s.keep_failed(),
+            repeat: s.repeat(),
             poll_interval: Duration::from_secs(uint("build-poll-interval", 5)),
             system: s.system(),
             extra_platforms: s.extra_platforms(),
@@ -515,11 +519,14 @@ impl WorkerCore {
                 .actions
                 .push(Action::RunLocalBuild { goal: id, request }),
             Effect::BuildStarted { machine } => {
-                self.counters.running_builds += 1;
                 if let Some(Entry {
                     goal: Goal::Drv(g), ..
                 }) = self.goals.get(&id)
                 {
+                    // a repeated build counts as running once, whatever its round
+                    if g.round().is_none_or(|(round, _)| round == 1) {
+                        self.counters.running_builds += 1;
+                    }
                     let verb = match g.mode {
                         BuildMode::Normal => "building",
                         BuildMode::Repair => "repairing outputs of",
@@ -530,6 +537,7 @@ impl WorkerCore {
                             drv_path: g.drv_path.clone(),
                             machine,
                             verb,
+                            round: g.round().filter(|_| g.mode == BuildMode::Normal),
                         }));
                 }
             }

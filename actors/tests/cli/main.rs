@@ -20,6 +20,7 @@ mod incomplete_closure;
 mod path_info;
 mod progress;
 mod realise;
+mod repeat;
 mod store_settings;
 mod substitute;
 

@@ -49,6 +49,10 @@ pub struct Args {
     /// Keep the build directory of failed builds.
     #[arg(short = 'K', long)]
     keep_failed: bool,
+    /// Build each derivation N more times and fail if the outputs differ
+    /// (the `repeat` setting).
+    #[arg(long, value_name = "N")]
+    repeat: Option<u64>,
     /// Fail builds that run longer than N seconds.
     #[arg(long, value_name = "N")]
     timeout: Option<u64>,
@@ -88,6 +92,9 @@ impl Args {
         }
         if self.keep_failed {
             set("keep-failed", "true".into());
+        }
+        if let Some(n) = self.repeat {
+            set("repeat", n.to_string());
         }
         if let Some(t) = self.timeout {
             set("timeout", t.to_string());
@@ -281,10 +288,14 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 drv_path,
                 machine,
                 verb,
+                round,
             } => {
                 let on = machine.map(|m| format!(" on '{m}'")).unwrap_or_default();
+                let round = round
+                    .map(|(n, m)| format!(" (round {n}/{m})"))
+                    .unwrap_or_default();
                 d.line(&format!(
-                    "{verb} '{}'{on}...",
+                    "{verb} '{}'{round}{on}...",
                     self.store_dir.print(&drv_path)
                 ));
                 d.build_started(drv_path);

@@ -162,6 +162,10 @@ pub struct DerivationGoal {
     started: bool,
     /// When the build started (Unix seconds), for the result.
     start_time: i64,
+    /// The round of a repeated build (`repeat`), 1-based, and how many there are
+    /// (0 until the first build starts).
+    cur_round: u32,
+    nr_rounds: u32,
 }
 
 impl DerivationGoal {
@@ -191,6 +195,8 @@ impl DerivationGoal {
             waiting_message_shown: false,
             started: false,
             start_time: 0,
+            cur_round: 1,
+            nr_rounds: 0,
         }
     }
 
@@ -724,8 +730,18 @@ impl DerivationGoal {
             (State::BuildingLocally, Event::LocalBuildFinished(f)) => {
                 let mut fx = self.release_slot();
                 self.hash_mismatch |= f.hash_mismatch;
-                if f.result.status == BuildStatus::NotDeterministic {
+                // Only `--check` makes a difference a check mismatch (exit bit 8); a
+                // round of `repeat` that differs is a plain failure (exit 1).
+                if f.result.status == BuildStatus::NotDeterministic && self.mode == BuildMode::Check
+                {
                     self.check_mismatch = true;
+                }
+                if f.result.success() && self.cur_round < self.nr_rounds {
+                    // the next round: unlock, and build again from tryToBuild
+                    self.cur_round += 1;
+                    self.locks = None;
+                    fx.extend(self.try_to_build());
+                    return fx;
                 }
                 if f.result.success() {
                     self.built = f.outputs;
@@ -1110,6 +1126,7 @@ impl DerivationGoal {
         // A local build produces every output (Nix builds them all and `done`
         // restricts the result to the wanted ones).
         let wanted_outputs = drv.output_names();
+        self.nr_rounds = repeat_rounds(self.mode, self.drv_type, ctx.settings.repeat);
         vec![
             Effect::BuildStarted { machine: None },
             Effect::RunLocalBuild(LocalBuildRequest {
@@ -1120,8 +1137,15 @@ impl DerivationGoal {
                 input_closure: self.input_closure.clone(),
                 mode: self.mode,
                 keep_failed: ctx.settings.keep_failed,
+                round: (self.cur_round, self.nr_rounds),
             }),
         ]
+    }
+
+    /// `(round, rounds)` while a repeated build (`repeat`) runs its rounds, for
+    /// `building '…' (round N/M)`.
+    pub fn round(&self) -> Option<(u32, u32)> {
+        (self.nr_rounds > 1).then_some((self.cur_round, self.nr_rounds))
     }
 
     fn release_slot(&mut self) -> Vec<Effect> {
@@ -1543,6 +1567,18 @@ fn register_known_output(
         })?;
     }
     Ok(())
+}
+
+/// Nix's `nrRounds`: fixed-output derivations (already verified by their hash) and
+/// `--check` builds run once, other builds `repeat + 1` times.
+fn repeat_rounds(mode: BuildMode, drv_type: Option<DerivationType>, repeat: u64) -> u32 {
+    if mode == BuildMode::Check || drv_type.is_some_and(|t| t.is_fixed()) {
+        1
+    } else {
+        u32::try_from(repeat)
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1)
+    }
 }
 
 /// `resolvedFinished`: the realisations of the original derivation's outputs, with
