@@ -89,6 +89,9 @@ pub struct BuildSettings {
     pub build_users_group: Option<String>,
     /// The state dir (`userpool/` holds the build user locks).
     pub state_dir: PathBuf,
+    /// `enforce-determinism`: a round of `repeat` that differs fails the build
+    /// (else it is reported and the build ends with that round).
+    pub enforce_determinism: bool,
 }
 
 impl BuildSettings {
@@ -101,6 +104,7 @@ impl BuildSettings {
             caller_env: std::env::vars().collect(),
             build_users_group: settings.build_users_group(),
             state_dir: settings.state_dir().to_owned(),
+            enforce_determinism: settings.get("enforce-determinism").as_deref() != Some("false"),
         }
     }
 }
@@ -650,6 +654,7 @@ pub fn finish(
             let kept = build_dir.finish(false);
             let mut result = BuildResult::new(BuildStatus::Built);
             result.built_outputs = reg.realisations;
+            result.is_non_deterministic = reg.non_deterministic;
             BuildOutcome {
                 result,
                 hash_mismatch: false,

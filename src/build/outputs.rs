@@ -269,6 +269,9 @@ pub struct Registered {
     /// After a round of a repeated build that is not the last: the outputs' infos,
     /// for the next round to compare with (nothing was registered).
     pub round_infos: BTreeMap<String, ValidPathInfo>,
+    /// A round differed from the previous one but `enforce-determinism` is off:
+    /// the outputs were registered and no more rounds are wanted.
+    pub non_deterministic: bool,
 }
 
 /// Which round of a repeated build (`repeat`) this is: Nix builds a derivation
@@ -484,6 +487,7 @@ pub fn register_outputs(
     }
 
     let mut infos: Vec<ValidPathInfo> = Vec::new();
+    let mut non_det = false;
     let mut delayed: Option<OutputsError> = None;
     let mut locks: Vec<PathLocks> = Vec::new();
     let mut to_clean: Vec<PathBuf> = Vec::new();
@@ -656,13 +660,16 @@ pub fn register_outputs(
     if mode != BuildMode::Check {
         check_outputs(store, spec, &infos, &finals)?;
         if spec.round.total > 1 {
-            if let Some(round_infos) = compare_rounds(store, spec, &drv_printed, &infos, &finals)? {
-                drop(locks);
-                return Ok(Registered {
-                    outputs: finals,
-                    round_infos,
-                    ..Registered::default()
-                });
+            match compare_rounds(store, settings, spec, &drv_printed, &infos, &finals)? {
+                RoundEnd::More(round_infos) => {
+                    drop(locks);
+                    return Ok(Registered {
+                        outputs: finals,
+                        round_infos,
+                        ..Registered::default()
+                    });
+                }
+                RoundEnd::Last { non_deterministic } => non_det = non_deterministic,
             }
         }
         store.register_valid_paths(&infos)?;
@@ -695,7 +702,17 @@ pub fn register_outputs(
         outputs: finals,
         infos,
         round_infos: BTreeMap::new(),
+        non_deterministic: non_det,
     })
+}
+
+/// How a round of a repeated build ended.
+enum RoundEnd {
+    /// More rounds follow: the infos to compare them with.
+    More(BTreeMap<String, ValidPathInfo>),
+    /// Register the outputs; `non_deterministic`: a round differed (reported, not
+    /// enforced).
+    Last { non_deterministic: bool },
 }
 
 /// The round logic of `registerOutputs` for a repeated build: compares this
@@ -706,11 +723,12 @@ pub fn register_outputs(
 /// says: register.
 fn compare_rounds(
     store: &LocalStore,
+    settings: &BuildSettings,
     spec: &BuildSpec,
     drv_printed: &str,
     infos: &[ValidPathInfo],
     finals: &BTreeMap<String, StorePath>,
-) -> Result<Option<BTreeMap<String, ValidPathInfo>>, OutputsError> {
+) -> Result<RoundEnd, OutputsError> {
     let round = &spec.round;
     let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
         infos.iter().map(|i| (&i.path, i)).collect();
@@ -719,6 +737,7 @@ fn compare_rounds(
         .filter_map(|(n, p)| Some((n.clone(), (*by_path.get(p)?).clone())))
         .collect();
     let real = |p: &StorePath| store.real_path(p);
+    let mut differed = false;
     if round.current > 1 {
         for (name, prev) in &round.previous {
             if this.get(name).is_some_and(|i| same_output(i, prev)) {
@@ -728,14 +747,21 @@ fn compare_rounds(
             let check = with_suffix(&real(out), ".check");
             let previous = (spec.keep_failed && check.symlink_metadata().is_ok())
                 .then(|| check.display().to_string());
-            return Err(OutputsError::DiffersFromPreviousRound {
+            let e = OutputsError::DiffersFromPreviousRound {
                 drv: drv_printed.to_owned(),
                 output: store.store_dir().print(out),
                 previous,
-            });
+            };
+            if settings.enforce_determinism {
+                return Err(e);
+            }
+            // printed as Nix prints it (no `error:` prefix), and the build ends with
+            // this round (Nix: "we know enough")
+            log::warn!(target: crate::binary_cache::NOTICE, "{e}");
+            differed = true;
         }
     }
-    if !round.is_last() {
+    if !round.is_last() && !differed {
         if round.current == 1 && spec.keep_failed {
             for i in infos {
                 let path = real(&i.path);
@@ -744,12 +770,14 @@ fn compare_rounds(
                 std::fs::rename(&path, &dst).map_err(io_err("renaming", &path))?;
             }
         }
-        return Ok(Some(this));
+        return Ok(RoundEnd::More(this));
     }
     for i in infos {
         remove_tree(&with_suffix(&real(&i.path), ".check"))?;
     }
-    Ok(None)
+    Ok(RoundEnd::Last {
+        non_deterministic: differed,
+    })
 }
 
 /// The output checks of one output (`allowedReferences`, `outputChecks.<out>`, …).

@@ -19,6 +19,7 @@ use nix::errno::Errno;
 use thiserror::Error;
 
 use super::canonicalise::{canonicalise_timestamp_and_permissions, CanonicaliseError};
+use crate::binary_cache::NOTICE;
 use crate::hash::Encoding;
 use crate::nar::{nar_hash_of_path, NarWriteError};
 
@@ -98,7 +99,7 @@ impl Drop for MakeReadOnly {
     fn drop(&mut self) {
         if let Some(p) = &self.0 {
             if let Err(e) = canonicalise_timestamp_and_permissions(p) {
-                log::warn!("{e}");
+                log::warn!(target: NOTICE, "warning: {e}");
             }
         }
     }
@@ -142,7 +143,11 @@ impl Optimiser<'_> {
             return Ok(());
         }
         if ft.is_file() && st.mode() & 0o200 != 0 {
-            log::warn!("skipping suspicious writable file '{}'", path.display());
+            log::warn!(
+                target: NOTICE,
+                "warning: skipping suspicious writable file '{}'",
+                path.display()
+            );
             return Ok(());
         }
         if st.nlink() > 1 && self.inodes.contains(&st.ino()) {
@@ -154,8 +159,12 @@ impl Optimiser<'_> {
             let corrupt =
                 ls.size() != st.size() || (self.repair && nar_hash_of_path(&link)?.0 != hash);
             if corrupt {
-                log::warn!("removing corrupted link '{}'", link.display());
-                log::warn!("There may be more corrupted paths.\nYou should run `nix-store --verify --check-contents --repair` to fix them all");
+                log::warn!(
+                    target: NOTICE,
+                    "warning: removing corrupted link '{}'",
+                    link.display()
+                );
+                log::warn!(target: NOTICE, "warning: There may be more corrupted paths.\nYou should run `nix-store --verify --check-contents --repair` to fix them all");
                 std::fs::remove_file(&link).map_err(io_err("removing", &link))?;
             }
         }
@@ -215,7 +224,7 @@ impl Optimiser<'_> {
         }
         if let Err(e) = std::fs::rename(&tmp, path) {
             if std::fs::remove_file(&tmp).is_err() {
-                log::error!("unable to unlink '{}'", tmp.display());
+                log::warn!(target: NOTICE, "error: unable to unlink '{}'", tmp.display());
             }
             if e.raw_os_error() == Some(Errno::EMLINK as i32) {
                 return Ok(());

@@ -736,7 +736,11 @@ impl DerivationGoal {
                 {
                     self.check_mismatch = true;
                 }
-                if f.result.success() && self.cur_round < self.nr_rounds {
+                // (a round that differed without `enforce-determinism` was the last)
+                if f.result.success()
+                    && self.cur_round < self.nr_rounds
+                    && !f.result.is_non_deterministic
+                {
                     // the next round: unlock, and build again from tryToBuild
                     self.cur_round += 1;
                     self.locks = None;
