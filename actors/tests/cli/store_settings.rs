@@ -187,3 +187,51 @@ fn linking_entries(root: &TestRoot) -> Vec<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+/// Substituted paths are optimised too (Nix's `addToStore` calls `optimisePath`).
+#[test]
+fn auto_optimise_store_links_substituted_paths() {
+    require_nix!();
+    let root = TestRoot::new();
+    let foo1 = instantiate(&root, SAME, "foo1");
+    let file = root.path().join("e.nix");
+    let foo2 = root.instantiate(&file, Some("foo2")).remove(0);
+    let outs = root.realise(&[&foo1, &foo2]);
+    let cache = format!("file://{}", root.path().join("cache").display());
+    let mut copy = vec!["copy", "--to", &cache];
+    copy.extend(outs.iter().map(String::as_str));
+    root.run("nix", &copy);
+    root.wipe_store();
+    let foo1 = instantiate(&root, SAME, "foo1");
+    let foo2 = root.instantiate(&file, Some("foo2")).remove(0);
+    let args = [
+        foo1.as_str(),
+        foo2.as_str(),
+        "--option",
+        "substituters",
+        &cache,
+        "--option",
+        "require-sigs",
+        "false",
+        "--option",
+        "auto-optimise-store",
+        "true",
+    ];
+    let mut nix_linking = None;
+    let (nix, nix_db, ours, our_db) = both(&root, &args, |r| {
+        nix_linking = Some(linking(r, &outs.join("\n")));
+    });
+    assert_eq!(
+        (nix.code, ours.code),
+        (0, 0),
+        "{}\n{}",
+        nix.stderr,
+        ours.stderr
+    );
+    assert!(ours.stderr.contains("copying path"), "{}", ours.stderr);
+    let nix_linking = nix_linking.unwrap();
+    assert_eq!(nix_linking.0, vec![(true, 3, true, 3), (true, 3, true, 3)]);
+    assert_eq!(nix_linking, linking(&root, &outs.join("\n")));
+    assert_eq!(nix_db, our_db);
+    root.verify_store();
+}
