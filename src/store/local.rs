@@ -1241,6 +1241,57 @@ mod tests {
     }
 
     #[test]
+    fn drv_output_references_are_the_referenced_input_realisations() {
+        use crate::derivation::json;
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let sd = s.store_dir().clone();
+        let mut cache = DrvHashCache::new();
+        let mut add = |v: serde_json::Value| {
+            let read = |q: &StorePath| s.read_derivation(q).map(Arc::new);
+            let (p, d) = json::from_json_with_paths(&v, &sd, |q: &StorePath| {
+                cache.hash_of::<_, StoreError>(&sd, q, read)
+            })
+            .unwrap();
+            s.add_text_to_store(p.name(), &d.to_aterm_bytes(&sd), &d.drv_references())
+                .unwrap();
+            (p, d)
+        };
+        let (a_path, a) = add(
+            serde_json::json!({"outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},
+            "system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{"name":"a","out":""}}),
+        );
+        let (_, b) = add(serde_json::json!({"outputs":{"out":{}},"inputSrcs":[],
+            "inputDrvs":{sd.print(&a_path): ["out"]},
+            "system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{"name":"b","out":""}}));
+        let a_out = a.outputs["out"].path().unwrap().clone();
+        let mut a_info = info(&s, "a", &[]);
+        a_info.path = a_out.clone();
+        s.register_valid_paths(&[a_info]).unwrap();
+        let uses_a = info(&s, "uses-a", &[&a_out]);
+        let alone = info(&s, "alone", &[]);
+        s.register_valid_paths(&[uses_a.clone(), alone.clone()])
+            .unwrap();
+        // the input's output has no realisation yet
+        let e = s.drv_output_references(&b, &uses_a.path).unwrap_err();
+        assert!(matches!(e, StoreError::UnbuiltInputOutput { .. }), "{e}");
+        let a_id = crate::build::drv_output_ids(&s, &a).unwrap()["out"].clone();
+        s.register_realisation(&Realisation {
+            id: a_id.clone(),
+            out_path: a_out.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(
+            s.drv_output_references(&b, &uses_a.path).unwrap(),
+            BTreeMap::from([(a_id, a_out)])
+        );
+        // an output that does not refer to the input depends on no realisation
+        assert!(s.drv_output_references(&b, &alone.path).unwrap().is_empty());
+    }
+
+    #[test]
     fn register_query_and_close() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
