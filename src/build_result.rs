@@ -205,7 +205,9 @@ impl FailureFlags {
                 self.permanent_failure = true
             }
             BuildStatus::TimedOut => self.timed_out = true,
-            BuildStatus::NotDeterministic => self.check_mismatch = true,
+            // NotDeterministic is a check mismatch only after `--check` (Nix sets
+            // `checkMismatch` there); a differing round of `repeat` is the same
+            // status without the bit. The caller knows which.
             _ => {}
         }
         if hash_mismatch {
@@ -241,9 +243,10 @@ impl FailureFlags {
     }
 }
 
-/// The exit status of `nix-store --realise` for these results, each with whether its
-/// failure was a hash mismatch: 0 when all succeeded, else
-/// [`FailureFlags::failing_exit_status`].
+/// The exit status of `nix-store --realise --check` for these results, each with
+/// whether its failure was a hash mismatch: 0 when all succeeded, else
+/// [`FailureFlags::failing_exit_status`] (NotDeterministic counts as a check
+/// mismatch here).
 pub fn realise_exit_status<'a>(results: impl IntoIterator<Item = (&'a BuildResult, bool)>) -> i32 {
     let mut flags = FailureFlags::default();
     let mut failed = false;
@@ -252,6 +255,9 @@ pub fn realise_exit_status<'a>(results: impl IntoIterator<Item = (&'a BuildResul
             failed = true;
         }
         flags.record(r, hash_mismatch);
+        if r.status == BuildStatus::NotDeterministic {
+            flags.check_mismatch = true;
+        }
     }
     if failed {
         flags.failing_exit_status()
@@ -320,6 +326,17 @@ mod tests {
     fn exit(rs: &[(BuildStatus, bool)]) -> i32 {
         let results: Vec<_> = rs.iter().map(|(s, h)| (BuildResult::new(*s), *h)).collect();
         realise_exit_status(results.iter().map(|(r, h)| (r, *h)))
+    }
+
+    #[test]
+    fn not_deterministic_is_a_check_mismatch_only_when_the_caller_says() {
+        // a differing round of `repeat`: exit 1, as Nix 2.8
+        let mut f = FailureFlags::default();
+        f.record(&BuildResult::new(NotDeterministic), false);
+        assert_eq!(f.failing_exit_status(), 1);
+        // `--check`: the goal sets the bit
+        f.check_mismatch = true;
+        assert_eq!(f.failing_exit_status(), 104);
     }
 
     #[test]

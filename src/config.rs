@@ -963,6 +963,24 @@ impl Settings {
     pub fn gc_reserved_space(&self) -> u64 {
         self.uint("gc-reserved-space")
     }
+
+    /// `secret-key-files`: keys every locally built path and realisation is signed with.
+    pub fn secret_key_files(&self) -> Vec<PathBuf> {
+        self.words("secret-key-files")
+            .into_iter()
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    /// `auto-optimise-store`: hard-link identical files of new paths through `.links`.
+    pub fn auto_optimise_store(&self) -> bool {
+        self.bool("auto-optimise-store")
+    }
+
+    /// `repeat` (`build-repeat`): how many more times each build is run to compare.
+    pub fn repeat(&self) -> u64 {
+        self.uint("repeat")
+    }
 }
 
 #[cfg(test)]

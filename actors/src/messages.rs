@@ -58,6 +58,8 @@ pub struct LocalBuildRequest {
     /// The goal's name in timeout and log-limit messages (`building of
     /// '<drv>!<outputs>' from .drv file`, `drover::build::done::goal_name`).
     pub goal_name: String,
+    /// (round, rounds) of a repeated build (`repeat`); (1, 1) for a single build.
+    pub round: (u32, u32),
 }
 
 /// Asks the LocalBuilder to run one build; the answer comes later as

@@ -67,6 +67,8 @@ pub enum ProgressEvent {
         machine: Option<String>,
         /// `building`, `repairing outputs of` or `checking outputs of`.
         verb: &'static str,
+        /// `(round, rounds)` of a repeated build (`repeat`): ` (round N/M)`.
+        round: Option<(u32, u32)>,
     },
     /// A substitution started downloading: `copying path '<path>' from '<uri>'`.
     /// `transfer` counts its bytes while it runs (a new one for each attempt).

@@ -47,6 +47,10 @@ pub struct Args {
     /// Keep the build directory of failed builds.
     #[arg(short = 'K', long)]
     keep_failed: bool,
+    /// Build each derivation N more times and fail if the outputs differ
+    /// (the `repeat` setting).
+    #[arg(long, value_name = "N")]
+    repeat: Option<u64>,
     /// Fail builds that run longer than N seconds.
     #[arg(long, value_name = "N")]
     timeout: Option<u64>,
@@ -90,6 +94,9 @@ impl Args {
         }
         if self.keep_failed {
             set("keep-failed", "true".into());
+        }
+        if let Some(n) = self.repeat {
+            set("repeat", n.to_string());
         }
         if let Some(t) = self.timeout {
             set("timeout", t.to_string());
@@ -311,12 +318,19 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 drv_path,
                 machine,
                 verb,
+                round,
             } => {
                 let on = machine
                     .as_ref()
                     .map(|m| format!(" on '{m}'"))
                     .unwrap_or_default();
-                let text = format!("{verb} '{}'{on}", self.store_dir.print(&drv_path));
+                let round = round
+                    .map(|(n, m)| format!(" (round {n}/{m})"))
+                    .unwrap_or_default();
+                let text = format!(
+                    "{verb} '{}'{round}{on}",
+                    self.store_dir.print(&drv_path)
+                );
                 if d.json().is_some() {
                     let machine = machine.unwrap_or_default();
                     d.emit_json(|j| j.build_started(&drv_path, &text, &machine));

@@ -41,12 +41,12 @@ use crate::build_result::{BuildResult, BuildStatus};
 use crate::config::{Env, Settings};
 use crate::derivation::{name_from_drv_path, Derivation, DerivationError};
 use crate::realisation::{DrvOutput, Realisation};
-use crate::store::{LocalStore, StoreError};
+use crate::store::{LocalStore, StoreError, ValidPathInfo};
 use crate::store_path::{StorePath, StorePathSet};
 
 pub use dir::BuildDir;
 pub use env::{builder_env, BuilderEnv, EnvError, EnvInputs};
-pub use outputs::{register_outputs, OutputsError, Registered, ScratchOutputs};
+pub use outputs::{register_outputs, BuildRound, OutputsError, Registered, ScratchOutputs};
 pub use spawn::{builder_command, kill_process_group, read_pty, SpawnError};
 
 /// How a derivation is built (Nix's `BuildMode`).
@@ -72,6 +72,8 @@ pub struct BuildSpec {
     pub mode: BuildMode,
     /// Keep the build directory (and `.check` outputs) on failure.
     pub keep_failed: bool,
+    /// The round of a repeated build (`repeat`); one round by default.
+    pub round: outputs::BuildRound,
 }
 
 /// The settings a local build uses, read once from [`Settings`].
@@ -91,6 +93,9 @@ pub struct BuildSettings {
     pub state_dir: PathBuf,
     /// What `builtin:` builders need (`hashed-mirrors`, HTTP options).
     pub builtins: builtins::BuiltinSettings,
+    /// `enforce-determinism`: a round of `repeat` that differs fails the build
+    /// (else it is reported and the build ends with that round).
+    pub enforce_determinism: bool,
 }
 
 impl BuildSettings {
@@ -104,6 +109,7 @@ impl BuildSettings {
             build_users_group: settings.build_users_group(),
             state_dir: settings.state_dir().to_owned(),
             builtins: builtins::BuiltinSettings::from_settings(settings),
+            enforce_determinism: settings.get("enforce-determinism").as_deref() != Some("false"),
         }
     }
 }
@@ -537,6 +543,9 @@ pub struct BuildOutcome {
     /// The build directory, when it was kept (`keep-failed`): print
     /// `note: keeping build directory '…'`.
     pub kept_build_dir: Option<PathBuf>,
+    /// A round of a repeated build that is not the last: the outputs' infos for the
+    /// next round (nothing is registered yet).
+    pub round_infos: BTreeMap<String, ValidPathInfo>,
 }
 
 /// Nix's `statusToString`: `failed with exit code N`, `failed due to signal N (<name>)`.
@@ -577,6 +586,7 @@ pub fn finish(
             hash_mismatch: false,
             outputs: BTreeMap::new(),
             kept_build_dir: kept,
+            round_infos: BTreeMap::new(),
         }
     };
     if let Some(k) = killed {
@@ -603,11 +613,13 @@ pub fn finish(
             let kept = build_dir.finish(false);
             let mut result = BuildResult::new(BuildStatus::Built);
             result.built_outputs = reg.realisations;
+            result.is_non_deterministic = reg.non_deterministic;
             BuildOutcome {
                 result,
                 hash_mismatch: false,
                 outputs: reg.outputs,
                 kept_build_dir: kept,
+                round_infos: reg.round_infos,
             }
         }
         Err(e) => {

@@ -40,7 +40,7 @@ use crate::nar::{dump_path, NarWriteError};
 use crate::realisation::{DrvOutput, Realisation};
 use crate::references::{rewrite_path, scan_path, HashModuloSink, ReferencesError};
 use crate::store::{canonicalise_path_meta_data, CanonicaliseError, LocalStore, PathLocks};
-use crate::store::{StoreError, ValidPathInfo};
+use crate::store::{RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{output_path_name, StoreDir, StorePath, StorePathSet};
 
 /// Why outputs were rejected or could not be registered.
@@ -84,6 +84,14 @@ pub enum OutputsError {
         output: String,
         check: Option<String>,
     },
+    /// A round of a repeated build (`repeat`) gave another output than the one before.
+    #[error("{}", differs_msg(.drv, .output, .previous))]
+    DiffersFromPreviousRound {
+        drv: String,
+        output: String,
+        /// The previous round's copy, when kept (`--keep-failed`): `<output>.check`.
+        previous: Option<String>,
+    },
     #[error("output '{output}' of '{drv}' is deferred: resolve the derivation before building it")]
     Deferred { drv: String, output: String },
     #[error(transparent)]
@@ -121,11 +129,19 @@ fn not_deterministic_msg(drv: &str, output: &str, check: &Option<String>) -> Str
     }
 }
 
+fn differs_msg(drv: &str, output: &str, previous: &Option<String>) -> String {
+    match previous {
+        Some(p) => format!("output '{output}' of '{drv}' differs from '{p}' from previous round"),
+        None => format!("output '{output}' of '{drv}' differs from previous round"),
+    }
+}
+
 impl OutputsError {
     /// The build status Nix 2.8's `buildDone` gives this error (the builder succeeded).
     pub fn status(&self) -> BuildStatus {
         match self {
-            OutputsError::NotDeterministic { .. } => BuildStatus::NotDeterministic,
+            OutputsError::NotDeterministic { .. }
+            | OutputsError::DiffersFromPreviousRound { .. } => BuildStatus::NotDeterministic,
             OutputsError::NotProduced { .. }
             | OutputsError::Suspicious { .. }
             | OutputsError::NotFlatFile(_)
@@ -250,6 +266,46 @@ pub struct Registered {
     pub realisations: BTreeMap<DrvOutput, Realisation>,
     /// The path infos registered (empty in check mode).
     pub infos: Vec<ValidPathInfo>,
+    /// After a round of a repeated build that is not the last: the outputs' infos,
+    /// for the next round to compare with (nothing was registered).
+    pub round_infos: BTreeMap<String, ValidPathInfo>,
+    /// A round differed from the previous one but `enforce-determinism` is off:
+    /// the outputs were registered and no more rounds are wanted.
+    pub non_deterministic: bool,
+}
+
+/// Which round of a repeated build (`repeat`) this is: Nix builds a derivation
+/// `repeat + 1` times (fixed-output ones once) and fails when a round's outputs
+/// differ from the previous round's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRound {
+    /// 1-based.
+    pub current: u32,
+    pub total: u32,
+    /// The previous round's output infos (empty in the first round).
+    pub previous: BTreeMap<String, ValidPathInfo>,
+}
+
+impl Default for BuildRound {
+    fn default() -> BuildRound {
+        BuildRound {
+            current: 1,
+            total: 1,
+            previous: BTreeMap::new(),
+        }
+    }
+}
+
+impl BuildRound {
+    pub fn is_last(&self) -> bool {
+        self.current >= self.total
+    }
+}
+
+/// What Nix compares between rounds (`ValidPathInfo::operator==`): path, NAR hash
+/// and references.
+fn same_output(a: &ValidPathInfo, b: &ValidPathInfo) -> bool {
+    a.path == b.path && a.nar_hash == b.nar_hash && a.references == b.references
 }
 
 /// Deletes a tree, making directories writable first; a missing path is fine.
@@ -431,6 +487,7 @@ pub fn register_outputs(
     }
 
     let mut infos: Vec<ValidPathInfo> = Vec::new();
+    let mut non_det = false;
     let mut delayed: Option<OutputsError> = None;
     let mut locks: Vec<PathLocks> = Vec::new();
     let mut to_clean: Vec<PathBuf> = Vec::new();
@@ -583,6 +640,7 @@ pub fn register_outputs(
             }
             if !old.ultimate {
                 old.ultimate = true;
+                store.sign_path_info(&mut old)?;
                 store.register_valid_paths(&[old])?;
             }
             if actual != final_real {
@@ -590,6 +648,10 @@ pub fn register_outputs(
             }
             continue;
         }
+        if spec.round.is_last() {
+            store.optimise_path(&actual, RepairFlag::NoRepair)?;
+        }
+        store.sign_path_info(&mut info)?;
         infos.push(info);
     }
     for p in to_clean {
@@ -597,9 +659,28 @@ pub fn register_outputs(
     }
     if mode != BuildMode::Check {
         check_outputs(store, spec, &infos, &finals)?;
+        if spec.round.total > 1 {
+            match compare_rounds(store, settings, spec, &drv_printed, &infos, &finals)? {
+                RoundEnd::More(round_infos) => {
+                    drop(locks);
+                    return Ok(Registered {
+                        outputs: finals,
+                        round_infos,
+                        ..Registered::default()
+                    });
+                }
+                RoundEnd::Last { non_deterministic } => non_det = non_deterministic,
+            }
+        }
         store.register_valid_paths(&infos)?;
     }
     drop(locks);
+    // A fixed-output hash mismatch fails the build only now that the output is
+    // registered under its actual content's path, and before any realisation: the
+    // derivation is not linked to an output it did not promise (as in Nix 2.8).
+    if let Some(e) = delayed {
+        return Err(e);
+    }
     let built: BTreeSet<String> = order.iter().cloned().collect();
     let pure = drv.derivation_type().map(|t| t.is_pure()).unwrap_or(false);
     let ids = match drv_output_ids(store, drv) {
@@ -610,18 +691,92 @@ pub fn register_outputs(
         Err(_) => BTreeMap::new(),
     };
     if settings.ca_derivations && pure && mode != BuildMode::Check {
-        for r in realisations_for(&ids, &finals, &built).values() {
+        for r in realisations_for(&ids, &finals, &built).values_mut() {
+            store.sign_realisation(r)?;
             store.register_realisation(r)?;
         }
-    }
-    if let Some(e) = delayed {
-        return Err(e);
     }
     let all: BTreeSet<String> = finals.keys().cloned().collect();
     Ok(Registered {
         realisations: realisations_for(&ids, &finals, &all),
         outputs: finals,
         infos,
+        round_infos: BTreeMap::new(),
+        non_deterministic: non_det,
+    })
+}
+
+/// How a round of a repeated build ended.
+enum RoundEnd {
+    /// More rounds follow: the infos to compare them with.
+    More(BTreeMap<String, ValidPathInfo>),
+    /// Register the outputs; `non_deterministic`: a round differed (reported, not
+    /// enforced).
+    Last { non_deterministic: bool },
+}
+
+/// The round logic of `registerOutputs` for a repeated build: compares this
+/// round's outputs with the previous round's (failing as Nix does when they
+/// differ), moves the first round's outputs aside to `<path>.check` with
+/// `--keep-failed`, and returns the infos when more rounds follow (nothing is then
+/// registered). After the last round the `.check` copies are removed and `None`
+/// says: register.
+fn compare_rounds(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+    drv_printed: &str,
+    infos: &[ValidPathInfo],
+    finals: &BTreeMap<String, StorePath>,
+) -> Result<RoundEnd, OutputsError> {
+    let round = &spec.round;
+    let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+        infos.iter().map(|i| (&i.path, i)).collect();
+    let this: BTreeMap<String, ValidPathInfo> = finals
+        .iter()
+        .filter_map(|(n, p)| Some((n.clone(), (*by_path.get(p)?).clone())))
+        .collect();
+    let real = |p: &StorePath| store.real_path(p);
+    let mut differed = false;
+    if round.current > 1 {
+        for (name, prev) in &round.previous {
+            if this.get(name).is_some_and(|i| same_output(i, prev)) {
+                continue;
+            }
+            let out = this.get(name).map(|i| &i.path).unwrap_or(&prev.path);
+            let check = with_suffix(&real(out), ".check");
+            let previous = (spec.keep_failed && check.symlink_metadata().is_ok())
+                .then(|| check.display().to_string());
+            let e = OutputsError::DiffersFromPreviousRound {
+                drv: drv_printed.to_owned(),
+                output: store.store_dir().print(out),
+                previous,
+            };
+            if settings.enforce_determinism {
+                return Err(e);
+            }
+            // printed as Nix prints it (no `error:` prefix), and the build ends with
+            // this round (Nix: "we know enough")
+            log::warn!(target: crate::binary_cache::NOTICE, "{e}");
+            differed = true;
+        }
+    }
+    if !round.is_last() && !differed {
+        if round.current == 1 && spec.keep_failed {
+            for i in infos {
+                let path = real(&i.path);
+                let dst = with_suffix(&path, ".check");
+                remove_tree(&dst)?;
+                std::fs::rename(&path, &dst).map_err(io_err("renaming", &path))?;
+            }
+        }
+        return Ok(RoundEnd::More(this));
+    }
+    for i in infos {
+        remove_tree(&with_suffix(&real(&i.path), ".check"))?;
+    }
+    Ok(RoundEnd::Last {
+        non_deterministic: differed,
     })
 }
 
@@ -931,6 +1086,7 @@ mod tests {
                 input_closure: StorePathSet::new(),
                 mode: BuildMode::Normal,
                 keep_failed: false,
+                round: Default::default(),
             }
         }
 
@@ -1112,6 +1268,9 @@ mod tests {
             .unwrap();
         assert!(t.store.is_valid_path(&actual).unwrap());
         assert!(!t.store.is_valid_path(&spec.output_paths["out"]).unwrap());
+        // ... and the derivation gets no realisation for it
+        let ids = drv_output_ids(&t.store, &spec.drv).unwrap();
+        assert_eq!(t.store.query_realisation(&ids["out"]).unwrap(), None);
     }
 
     #[test]

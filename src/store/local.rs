@@ -35,7 +35,9 @@ use crate::content_address::{ContentAddress, FileIngestionMethod};
 use crate::derivation::{name_from_drv_path, Derivation, DrvHashCache};
 use crate::hash::{Encoding, Hash, HashAlgo};
 use crate::nar;
+use crate::narinfo::fingerprint_path;
 use crate::realisation::{DrvOutput, Realisation};
+use crate::signature::{sign_realisation, SecretKey};
 use crate::store_path::{StoreDir, StorePath, StorePathSet};
 
 /// Most parameters bound in one `in (…)` query.
@@ -60,6 +62,10 @@ pub struct LocalStore {
     state_dir: PathBuf,
     db: Mutex<StoreDb>,
     temp_roots: Mutex<Option<Arc<Mutex<TempRoots>>>>,
+    /// `secret-key-files`, read each time a path is signed (as Nix does).
+    secret_key_files: Vec<PathBuf>,
+    /// `auto-optimise-store`.
+    auto_optimise: bool,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -119,6 +125,8 @@ impl LocalStore {
             state_dir,
             db: Mutex::new(db),
             temp_roots: Mutex::new(None),
+            secret_key_files: settings.secret_key_files(),
+            auto_optimise: settings.auto_optimise_store(),
         })
     }
 
@@ -586,6 +594,109 @@ impl LocalStore {
         })
     }
 
+    /// Nix's `optimisePath`: with `auto-optimise-store`, hard-links the files of the
+    /// tree at `real` (a new path, before it is registered) through `.links`.
+    pub fn optimise_path(&self, real: &Path, repair: RepairFlag) -> Result<(), StoreError> {
+        if self.auto_optimise {
+            super::optimise::optimise_path(
+                self.store_dir.as_path(),
+                real,
+                repair == RepairFlag::Repair,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The keys of `secret-key-files`, read now.
+    fn secret_keys(&self) -> Result<Vec<SecretKey>, StoreError> {
+        self.secret_key_files
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(f).map_err(StoreError::io("opening file", f))?;
+                SecretKey::parse(&text).map_err(|source| StoreError::BadSecretKey {
+                    path: f.clone(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Nix's `signPathInfo`: adds a signature of the path's fingerprint by every key
+    /// of `secret-key-files` (none when the setting is empty).
+    pub fn sign_path_info(&self, info: &mut ValidPathInfo) -> Result<(), StoreError> {
+        for key in self.secret_keys()? {
+            let fp = fingerprint_path(
+                &self.store_dir,
+                &info.path,
+                &info.nar_hash,
+                info.nar_size,
+                &info.references,
+            );
+            info.sigs.insert(key.sign(fp.as_bytes()));
+        }
+        Ok(())
+    }
+
+    /// Nix's `signRealisation`: signs `r` with every key of `secret-key-files`.
+    pub fn sign_realisation(&self, r: &mut Realisation) -> Result<(), StoreError> {
+        for key in self.secret_keys()? {
+            sign_realisation(r, &key);
+        }
+        Ok(())
+    }
+
+    /// The dependent realisations of an output of `drv` at `out_path` (Nix's
+    /// `drvOutputReferences`): of the realisations of `drv`'s input derivation
+    /// outputs and everything they depend on, those whose output path `out_path`
+    /// refers to directly. An input output without a realisation is an error.
+    pub fn drv_output_references(
+        &self,
+        drv: &Derivation,
+        out_path: &StorePath,
+    ) -> Result<BTreeMap<DrvOutput, StorePath>, StoreError> {
+        let mut cache = DrvHashCache::new();
+        let sd = self.store_dir.clone();
+        let mut todo: Vec<Realisation> = Vec::new();
+        for (input, outputs) in &drv.input_drvs {
+            let input_drv = self.read_derivation(input)?;
+            let hashes = input_drv.static_output_hashes(&sd, |p: &StorePath| {
+                cache.hash_of(&sd, p, |q: &StorePath| {
+                    self.read_derivation(q).map(Arc::new)
+                })
+            })?;
+            for name in outputs {
+                let unbuilt = || StoreError::UnbuiltInputOutput {
+                    drv: self.print(input),
+                    output: name.clone(),
+                };
+                let id = DrvOutput {
+                    drv_hash: hashes.get(name).ok_or_else(unbuilt)?.clone(),
+                    output: name.clone(),
+                };
+                todo.push(self.query_realisation(&id)?.ok_or_else(unbuilt)?);
+            }
+        }
+        // `Realisation::closure`: follow dependent realisations transitively.
+        let mut closure: BTreeMap<DrvOutput, StorePath> = BTreeMap::new();
+        while let Some(r) = todo.pop() {
+            if closure.insert(r.id.clone(), r.out_path.clone()).is_some() {
+                continue;
+            }
+            for dep in r.dependent_realisations.keys() {
+                if !closure.contains_key(dep) {
+                    let missing = || StoreError::BadDependentRealisation {
+                        id: r.id.to_string(),
+                        dependency: dep.to_string(),
+                    };
+                    todo.push(self.query_realisation(dep)?.ok_or_else(missing)?);
+                }
+            }
+        }
+        let refs = self.query_references(out_path)?;
+        closure.retain(|_, p| refs.contains(p));
+        Ok(closure)
+    }
+
     /// Checks that a claimed content address gives the path (`isContentAddressed`).
     fn check_ca(&self, info: &ValidPathInfo) -> Result<(), StoreError> {
         let Some(ca) = &info.ca else { return Ok(()) };
@@ -877,6 +988,14 @@ impl LocalStore {
             let _ = remove_tree(&tmp_real);
             return Err(e);
         }
+        self.optimise_path(
+            &real,
+            if repair {
+                RepairFlag::Repair
+            } else {
+                RepairFlag::NoRepair
+            },
+        )?;
         self.register_valid_paths(std::slice::from_ref(info))?;
         locks.set_deletion(true);
         Ok(())
@@ -1035,6 +1154,59 @@ mod tests {
     }
 
     #[test]
+    fn paths_and_realisations_are_signed_with_every_secret_key_file() {
+        use crate::signature::PublicKeys;
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, k2) = (
+            SecretKey::from_seed("k1", &[1; 32]).unwrap(),
+            SecretKey::from_seed("k2", &[2; 32]).unwrap(),
+        );
+        let (f1, f2) = (dir.path().join("k1"), dir.path().join("k2"));
+        std::fs::write(&f1, k1.to_key_file()).unwrap();
+        std::fs::write(&f2, k2.to_key_file()).unwrap();
+        let conf = format!(
+            "experimental-features = ca-derivations\nsecret-key-files = {} {}\n",
+            f1.display(),
+            f2.display()
+        );
+        let s = LocalStore::open(&Settings::for_root(dir.path(), &conf).unwrap()).unwrap();
+        let mut i = info(&s, "a", &[]);
+        s.sign_path_info(&mut i).unwrap();
+        assert_eq!(i.sigs.len(), 2);
+        let fp = fingerprint_path(
+            s.store_dir(),
+            &i.path,
+            &i.nar_hash,
+            i.nar_size,
+            &i.references,
+        );
+        let mut keys = PublicKeys::new();
+        keys.insert(k1.to_public_key());
+        keys.insert(k2.to_public_key());
+        for sig in &i.sigs {
+            assert!(keys.verify(fp.as_bytes(), sig).unwrap(), "{sig}");
+        }
+        let mut r = Realisation {
+            id: DrvOutput {
+                drv_hash: HashAlgo::Sha256.digest("drv"),
+                output: "out".into(),
+            },
+            out_path: i.path.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        };
+        s.sign_realisation(&mut r).unwrap();
+        assert_eq!(r.signatures.len(), 2);
+        // a key file that is missing or corrupt is an error naming the file
+        std::fs::write(&f2, "k2:not base64!").unwrap();
+        let err = s.sign_path_info(&mut i).unwrap_err().to_string();
+        assert!(err.contains(&f2.display().to_string()), "{err}");
+        std::fs::remove_file(&f1).unwrap();
+        let err = s.sign_realisation(&mut r).unwrap_err().to_string();
+        assert!(err.contains("opening file"), "{err}");
+    }
+
+    #[test]
     fn registering_a_drv_records_its_outputs() {
         use crate::derivation::{json, DerivationError, DrvHash};
         let dir = tempfile::tempdir().unwrap();
@@ -1066,6 +1238,57 @@ mod tests {
             .add_text_to_store("t.drv", tampered.as_bytes(), &drv.drv_references())
             .unwrap_err();
         assert!(matches!(e, StoreError::BadDerivation { .. }), "{e}");
+    }
+
+    #[test]
+    fn drv_output_references_are_the_referenced_input_realisations() {
+        use crate::derivation::json;
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let sd = s.store_dir().clone();
+        let mut cache = DrvHashCache::new();
+        let mut add = |v: serde_json::Value| {
+            let read = |q: &StorePath| s.read_derivation(q).map(Arc::new);
+            let (p, d) = json::from_json_with_paths(&v, &sd, |q: &StorePath| {
+                cache.hash_of::<_, StoreError>(&sd, q, read)
+            })
+            .unwrap();
+            s.add_text_to_store(p.name(), &d.to_aterm_bytes(&sd), &d.drv_references())
+                .unwrap();
+            (p, d)
+        };
+        let (a_path, a) = add(
+            serde_json::json!({"outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},
+            "system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{"name":"a","out":""}}),
+        );
+        let (_, b) = add(serde_json::json!({"outputs":{"out":{}},"inputSrcs":[],
+            "inputDrvs":{sd.print(&a_path): ["out"]},
+            "system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{"name":"b","out":""}}));
+        let a_out = a.outputs["out"].path().unwrap().clone();
+        let mut a_info = info(&s, "a", &[]);
+        a_info.path = a_out.clone();
+        s.register_valid_paths(&[a_info]).unwrap();
+        let uses_a = info(&s, "uses-a", &[&a_out]);
+        let alone = info(&s, "alone", &[]);
+        s.register_valid_paths(&[uses_a.clone(), alone.clone()])
+            .unwrap();
+        // the input's output has no realisation yet
+        let e = s.drv_output_references(&b, &uses_a.path).unwrap_err();
+        assert!(matches!(e, StoreError::UnbuiltInputOutput { .. }), "{e}");
+        let a_id = crate::build::drv_output_ids(&s, &a).unwrap()["out"].clone();
+        s.register_realisation(&Realisation {
+            id: a_id.clone(),
+            out_path: a_out.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(
+            s.drv_output_references(&b, &uses_a.path).unwrap(),
+            BTreeMap::from([(a_id, a_out)])
+        );
+        // an output that does not refer to the input depends on no realisation
+        assert!(s.drv_output_references(&b, &alone.path).unwrap().is_empty());
     }
 
     #[test]

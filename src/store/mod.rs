@@ -9,6 +9,7 @@
 //! * [`locks`]: `<path>.lock` files ([`locks::PathLocks`]).
 //! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`.
 //! * [`canonicalise`]: canonical metadata of store objects.
+//! * [`optimise`]: hard-linking identical files through `.links` (`auto-optimise-store`).
 //! * [`path_info`]: [`path_info::ValidPathInfo`] and its `nix path-info --json` form.
 
 pub mod canonicalise;
@@ -16,6 +17,7 @@ pub mod db;
 pub mod gc_roots;
 pub mod local;
 pub mod locks;
+pub mod optimise;
 pub mod path_info;
 pub mod schema;
 
@@ -89,6 +91,13 @@ pub enum StoreError {
     },
     #[error("unable to register the realisation '{id}' as it depends on the non-existent or different realisation '{dependency}'")]
     BadDependentRealisation { id: String, dependency: String },
+    #[error("secret key file '{path}': {source}")]
+    BadSecretKey {
+        path: PathBuf,
+        source: crate::signature::SignatureError,
+    },
+    #[error("output '{output}' of derivation '{drv}' isn't built")]
+    UnbuiltInputOutput { drv: String, output: String },
     #[error("the store database has no Realisations table (enable the 'ca-derivations' experimental feature)")]
     NoCaSchema,
     #[error("'{0}' is not a regular file, directory or symlink")]
@@ -100,6 +109,8 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Derivation(#[from] DerivationError),
+    #[error(transparent)]
+    Optimise(#[from] optimise::OptimiseError),
 }
 
 impl StoreError {

@@ -68,6 +68,7 @@ impl Drover {
             input_closure: self.store.compute_closure(&inputs).unwrap(),
             mode,
             keep_failed,
+            round: Default::default(),
         };
         let mut log = Vec::new();
         let o = build_blocking(&self.store, &self.bs, &spec, |b| log.extend_from_slice(b)).unwrap();

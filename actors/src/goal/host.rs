@@ -52,6 +52,11 @@ pub trait GoalMachine: Send + 'static {
     fn substituter_failed(&self) -> bool {
         false
     }
+
+    /// The round of a repeated build and how many there are (`repeat`).
+    fn round(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 impl GoalMachine for DerivationGoal {
@@ -64,6 +69,9 @@ impl GoalMachine for DerivationGoal {
     }
     fn wanted(&self) -> Option<OutputsSpec> {
         Some(self.wanted.clone())
+    }
+    fn round(&self) -> Option<(u32, u32)> {
+        DerivationGoal::round(self)
     }
 }
 
@@ -195,6 +203,8 @@ pub enum GoalProgressKind {
     /// The build really started (locally, or on `machine`).
     BuildStarted {
         machine: Option<String>,
+        /// `(round, rounds)` of a repeated build (`repeat`).
+        round: Option<(u32, u32)>,
     },
     /// A download started; its bytes are counted into `transfer`.
     SubstitutionStarted {
@@ -429,9 +439,13 @@ impl<G: GoalMachine> GoalHost<G> {
                 self.running = Running::LocalBuild;
                 sink.run_local_build(request);
             }
-            Effect::BuildStarted { machine } => {
-                progress(sink, GoalProgressKind::BuildStarted { machine })
-            }
+            Effect::BuildStarted { machine } => progress(
+                sink,
+                GoalProgressKind::BuildStarted {
+                    machine,
+                    round: self.goal.round(),
+                },
+            ),
             Effect::SubstitutionStarted { uri, transfer } => progress(
                 sink,
                 GoalProgressKind::SubstitutionStarted { uri, transfer },

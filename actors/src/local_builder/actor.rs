@@ -2,6 +2,7 @@
 //! itself runs in a future per build, with blocking steps on tokio's blocking pool
 //! and the pty read on a thread of its own, so the arbiter never blocks.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use drover::build::{
 };
 use drover::build_result::{BuildResult, BuildStatus};
 use drover::config::Settings;
-use drover::store::LocalStore;
+use drover::store::{LocalStore, ValidPathInfo};
+use drover::store_path::StorePath;
 
 use super::LocalBuilderState;
 use crate::messages::{
@@ -63,6 +65,9 @@ pub struct LocalBuilder {
     config: Arc<LocalBuilderConfig>,
     start_log: StartLogCollector,
     state: LocalBuilderState,
+    /// The output infos of a repeated build's last round, per `.drv`, until the
+    /// next round compares with them.
+    previous_rounds: HashMap<StorePath, BTreeMap<String, ValidPathInfo>>,
 }
 
 impl LocalBuilder {
@@ -76,6 +81,7 @@ impl LocalBuilder {
             config: Arc::new(config),
             start_log,
             state: LocalBuilderState::new(),
+            previous_rounds: HashMap::new(),
         }
     }
 }
@@ -185,7 +191,17 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             input_closure: request.input_closure.clone(),
             mode: request.mode,
             keep_failed: request.keep_failed,
+            round: build::BuildRound {
+                current: request.round.0,
+                total: request.round.1,
+                previous: self
+                    .previous_rounds
+                    .remove(&request.drv_path)
+                    .filter(|_| request.round.0 > 1)
+                    .unwrap_or_default(),
+            },
         });
+        let round_drv = request.drv_path.clone();
         let fut = async move {
             let drv_printed = store.store_dir().print(&spec.drv_path);
             let prep = loop {
@@ -209,12 +225,15 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     let _ = log.eof.send(LogEof).await;
                     me.do_send(Exited { id });
                     // startBuilder's errors are InputRejected-class or misc failures.
-                    return failed(id, e.status(), e.to_string());
+                    return (failed(id, e.status(), e.to_string()), BTreeMap::new());
                 }
                 Err(e) => {
                     let _ = log.eof.send(LogEof).await;
                     me.do_send(Exited { id });
-                    return failed(id, BuildStatus::MiscFailure, e.to_string());
+                    return (
+                        failed(id, BuildStatus::MiscFailure, e.to_string()),
+                        BTreeMap::new(),
+                    );
                 }
             };
             let build::BuilderProcess {
@@ -332,20 +351,28 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     result.times_built = 1;
                     result.start_time = start_time;
                     result.stop_time = stop_time;
-                    LocalBuildFinished {
+                    let finished = LocalBuildFinished {
                         id,
                         result,
                         hash_mismatch: o.hash_mismatch,
                         outputs: o.outputs,
-                    }
+                    };
+                    (finished, o.round_infos)
                 }
-                Err(e) => failed(id, BuildStatus::MiscFailure, e.to_string()),
+                Err(e) => (
+                    failed(id, BuildStatus::MiscFailure, e.to_string()),
+                    BTreeMap::new(),
+                ),
             }
         };
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(move |finished, _act, _ctx| reply_to.do_send(finished)),
-        );
+        ctx.spawn(fut.into_actor(self).map(
+            move |(finished, round_infos), act: &mut LocalBuilder, _ctx| {
+                if !round_infos.is_empty() {
+                    act.previous_rounds.insert(round_drv, round_infos);
+                }
+                reply_to.do_send(finished)
+            },
+        ));
     }
 }
 

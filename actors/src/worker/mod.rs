@@ -77,6 +77,8 @@ pub struct WorkerSettings {
     pub keep_going: bool,
     pub fallback: bool,
     pub keep_failed: bool,
+    /// `repeat`: how many more times each build runs, to compare its outputs.
+    pub repeat: u64,
     /// `build-poll-interval` (default 5 s).
     pub poll_interval: Duration,
     pub system: String,
@@ -111,6 +113,7 @@ impl Default for WorkerSettings {
             keep_going: false,
             fallback: false,
             keep_failed: false,
+            repeat: 0,
             poll_interval: Duration::from_secs(5),
             system: drover::config::native_system(),
             extra_platforms: BTreeSet::new(),
@@ -144,6 +147,7 @@ impl WorkerSettings {
             keep_going: s.keep_going(),
             fallback: s.fallback(),
             keep_failed: s.keep_failed(),
+            repeat: s.repeat(),
             poll_interval: Duration::from_secs(uint("build-poll-interval", 5)),
             system: s.system(),
             extra_platforms: s.extra_platforms(),
@@ -526,7 +530,7 @@ impl WorkerCore {
             return;
         };
         match p {
-            GoalProgressKind::BuildStarted { machine } => {
+            GoalProgressKind::BuildStarted { machine, round } => {
                 if let Info::Drv {
                     drv_path,
                     mode,
@@ -534,6 +538,7 @@ impl WorkerCore {
                     ..
                 } = &mut e.info
                 {
+                    // A repeated build counts as running once, whatever its round.
                     if !*started {
                         *started = true;
                         self.counters.running_builds += 1;
@@ -548,6 +553,7 @@ impl WorkerCore {
                             drv_path: drv_path.clone(),
                             machine,
                             verb,
+                            round: round.filter(|_| *mode == BuildMode::Normal),
                         }));
                 }
             }

@@ -139,6 +139,7 @@ fn request(store: &LocalStore, name: &str, script: &str) -> LocalBuildRequest {
         input_closure: StorePathSet::new(),
         mode: BuildMode::Normal,
         keep_failed: false,
+        round: (1, 1),
     }
 }
 
@@ -389,6 +390,7 @@ async fn builds_corpus_derivations_nix_accepts() {
                 input_closure: store.compute_closure(&[]).unwrap(),
                 mode: BuildMode::Normal,
                 keep_failed: false,
+                round: (1, 1),
             },
             reply_to: reply.clone(),
         });

@@ -13,15 +13,19 @@ mod http_server;
 
 mod build_done;
 mod builtins;
+mod ca;
 mod derivation;
 mod fallback;
 mod hook;
 mod hook_try;
 mod impure;
 mod log_format;
+mod incomplete_closure;
 mod path_info;
 mod progress;
 mod realise;
+mod repeat;
+mod store_settings;
 mod substitute;
 
 use std::process::{Command, Output};

@@ -64,7 +64,7 @@ pub(crate) fn restore(root: &TestRoot, snap: &Path) {
 }
 
 /// The DB rows that must be identical whoever built (ids and times left out).
-fn db_rows(root: &TestRoot) -> String {
+pub(crate) fn db_rows(root: &TestRoot) -> String {
     let db = root.state_dir.join("db/db.sqlite");
     let q = "select 'VP', path, hash, ultimate, deriver, narSize, sigs, ca from ValidPaths order by path;
 select 'REF', a.path, b.path from Refs r join ValidPaths a on r.referrer = a.id join ValidPaths b on r.reference = b.id order by 2, 3;

@@ -15,8 +15,22 @@ impl DerivationGoal {
             (State::BuildingLocally, Event::LocalBuildFinished(f)) => {
                 let mut fx = self.release_slot();
                 self.hash_mismatch |= f.hash_mismatch;
-                if f.result.status == BuildStatus::NotDeterministic {
+                // Only `--check` makes a difference a check mismatch (exit bit 8); a
+                // round of `repeat` that differs is a plain failure (exit 1).
+                if f.result.status == BuildStatus::NotDeterministic && self.mode == BuildMode::Check
+                {
                     self.check_mismatch = true;
+                }
+                // (a round that differed without `enforce-determinism` was the last)
+                if f.result.success()
+                    && self.cur_round < self.nr_rounds
+                    && !f.result.is_non_deterministic
+                {
+                    // The next round: unlock, and build again from tryToBuild.
+                    self.cur_round += 1;
+                    self.locks = None;
+                    fx.extend(self.try_to_build());
+                    return fx;
                 }
                 if f.result.success() {
                     self.built = f.outputs;

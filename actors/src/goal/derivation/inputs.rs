@@ -157,9 +157,16 @@ impl DerivationGoal {
                 } else {
                     Vec::new()
                 };
+                let fixed = self.drv_type.is_some_and(|t| t.is_fixed());
+                let drv = self.drv.clone();
                 self.state = State::RegisteringResolved;
                 vec![job(move |env| {
-                    DrvJobResult::RealisationsRegistered(register_realisations(env, &realisations))
+                    DrvJobResult::RealisationsRegistered(match drv {
+                        Some(drv) => {
+                            register_resolved_realisations(&env.store, &drv, fixed, realisations)
+                        }
+                        None => Ok(()),
+                    })
                 })]
             }
             (State::RegisteringResolved, Event::Drv(r)) => match *r {

@@ -64,23 +64,9 @@ pub fn check_validity(
             }
             None => false,
         };
-        if let (Some(p), true, true, DerivationOutput::InputAddressed { .. }) =
-            (&path, valid, ca, out)
-        {
-            // A valid output without a realisation gets one for its static path.
+        if let (Some(p), true, true) = (&path, valid, ca) {
             if let Some(h) = hashes.get(name) {
-                let id = DrvOutput {
-                    drv_hash: h.clone(),
-                    output: name.clone(),
-                };
-                if store.query_realisation(&id)?.is_none() {
-                    store.register_realisation(&Realisation {
-                        id,
-                        out_path: p.clone(),
-                        signatures: BTreeSet::new(),
-                        dependent_realisations: BTreeMap::new(),
-                    })?;
-                }
+                register_known_output(store, h, name, p)?;
             }
         }
         res.insert(name.clone(), OutputState { path, valid });
@@ -342,6 +328,63 @@ pub(super) fn register_realisations(
 ) -> Result<(), GoalError> {
     for r in realisations {
         env.store.register_realisation(r)?;
+    }
+    Ok(())
+}
+
+/// `checkPathValidity` with `ca-derivations`: a valid output whose path is known
+/// (statically, as for input-addressed and fixed outputs, or from the
+/// `DerivationOutputs` table) but that has no realisation gets one, as Nix 2.8
+/// registers it — so outputs built without `ca-derivations`, substituted or added
+/// by hand are recorded too.
+fn register_known_output(
+    store: &LocalStore,
+    drv_hash: &Hash,
+    name: &str,
+    path: &StorePath,
+) -> Result<(), drover::store::StoreError> {
+    let id = DrvOutput {
+        drv_hash: drv_hash.clone(),
+        output: name.to_owned(),
+    };
+    if store.query_realisation(&id)?.is_none() {
+        store.register_realisation(&Realisation {
+            id,
+            out_path: path.clone(),
+            signatures: BTreeSet::new(),
+            dependent_realisations: BTreeMap::new(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Nix's `nrRounds`: fixed-output derivations (already verified by their hash) and
+/// `--check` builds run once, other builds `repeat + 1` times.
+pub(super) fn repeat_rounds(mode: BuildMode, drv_type: Option<DerivationType>, repeat: u64) -> u32 {
+    if mode == BuildMode::Check || drv_type.is_some_and(|t| t.is_fixed()) {
+        1
+    } else {
+        u32::try_from(repeat)
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1)
+    }
+}
+
+/// `resolvedFinished`: the realisations of the original derivation's outputs, with
+/// their dependent realisations unless it is fixed-output (`drvOutputReferences`),
+/// signed with `secret-key-files`.
+pub(super) fn register_resolved_realisations(
+    store: &LocalStore,
+    drv: &Derivation,
+    fixed: bool,
+    realisations: Vec<Realisation>,
+) -> Result<(), GoalError> {
+    for mut r in realisations {
+        if !fixed {
+            r.dependent_realisations = store.drv_output_references(drv, &r.out_path)?;
+        }
+        store.sign_realisation(&mut r)?;
+        store.register_realisation(&r)?;
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use drover::build_result::{BuildResult, BuildStatus};
 use drover::config::MissingExperimentalFeature;
-use drover::derivation::{name_from_drv_path, Derivation, DerivationOutput, DerivationType};
+use drover::derivation::{name_from_drv_path, Derivation, DerivationType};
 use drover::derived_path::OutputsSpec;
 use drover::hash::Hash;
 use drover::realisation::{DrvOutput, Realisation};
@@ -236,6 +236,10 @@ pub struct DerivationGoal {
     started: bool,
     /// When the build started (Unix seconds), for the result.
     start_time: i64,
+    /// The round of a repeated build (`repeat`), 1-based, and how many there are
+    /// (0 until the first build starts).
+    cur_round: u32,
+    nr_rounds: u32,
 }
 
 impl DerivationGoal {
@@ -266,6 +270,8 @@ impl DerivationGoal {
             waiting_message_shown: false,
             started: false,
             start_time: 0,
+            cur_round: 1,
+            nr_rounds: 0,
         }
     }
 
@@ -519,6 +525,12 @@ impl DerivationGoal {
     /// Whether the build really started (for the running-builds counter).
     pub fn started(&self) -> bool {
         self.started
+    }
+
+    /// `(round, rounds)` while a repeated build (`repeat`) runs its rounds, for
+    /// `building '…' (round N/M)`.
+    pub fn round(&self) -> Option<(u32, u32)> {
+        (self.nr_rounds > 1).then_some((self.cur_round, self.nr_rounds))
     }
 }
 

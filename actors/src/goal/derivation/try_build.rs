@@ -211,6 +211,7 @@ impl DerivationGoal {
         // A local build produces every output (Nix builds them all and `done`
         // restricts the result to the wanted ones).
         let wanted_outputs = drv.output_names();
+        self.nr_rounds = repeat_rounds(self.mode, self.drv_type, ctx.settings.repeat);
         vec![
             Effect::BuildStarted { machine: None },
             Effect::RunLocalBuild(LocalBuildRequest {
@@ -221,6 +222,7 @@ impl DerivationGoal {
                 input_closure: self.input_closure.clone(),
                 mode: self.mode,
                 keep_failed: ctx.settings.keep_failed,
+                round: (self.cur_round, self.nr_rounds),
                 goal_name: self.name(ctx),
             }),
         ]
