@@ -180,8 +180,10 @@ impl Worker {
                         compress: l.compress,
                         tail_lines: l.tail_lines,
                         max_log_size: l.max_log_size,
-                        max_silent_time: l.max_silent_time,
-                        timeout: l.timeout,
+                        // Nix 2.8 does not time hook builds out itself (the hook
+                        // passes both to the remote); the log limit applies.
+                        max_silent_time: None,
+                        timeout: None,
                         echo: l.echo,
                     },
                     reply_to: ctx.address().recipient(),
