@@ -552,18 +552,16 @@ async fn a_hook_declining_everything_with_one_slot_builds_all_locally() {
     .await
     .expect("no hang");
     assert_eq!(r.outcome.exit_status, 0, "{:?}", r.outcome.errors);
-    // Which one goes first depends on which store job ends first.
-    let (first, second) = (&r.builder.started[0], &r.builder.started[1]);
-    assert_ne!(first, second);
-    let mut tries = r.tries.clone();
-    let i = tries.iter().position(|t| t == &(true, first.clone()));
-    tries.remove(i.expect("the first one offered willing"));
-    assert_eq!(
-        tries,
-        [(false, second.clone()), (true, second.clone())],
-        "{:?}",
-        r.tries
-    );
+    // Which one is offered first, and whether the second is offered before the
+    // first takes the slot, depends on which store job ends first (as in Nix).
+    let t = &r.tries;
+    assert!(t.len() == 2 || t.len() == 3, "{t:?}");
+    assert!(t[0].0, "the first offer is willing: {t:?}");
+    assert_ne!(t[0].1, t[1].1, "{t:?}");
+    if t.len() == 3 {
+        // The one that waited for the slot is asked again, willing, when woken.
+        assert_eq!(t[2], (true, t[1].1.clone()), "{t:?}");
+    }
 }
 
 #[actix::test]

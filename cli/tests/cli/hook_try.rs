@@ -61,6 +61,18 @@ struct Scenario<'a> {
     hook: Option<&'a str>,
 }
 
+impl Scenario<'_> {
+    /// Extra environment for the hook.
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        match self.hook {
+            Some(h) if h.ends_with("sleeping-hook") => {
+                vec![("HOOK_ACCEPT", "-x.drv"), ("HOOK_SLEEP", "3")]
+            }
+            _ => vec![],
+        }
+    }
+}
+
 fn run(root: &TestRoot, sc: &Scenario, use_drover: bool) -> (Run, Duration) {
     root.wipe_store();
     let file = root.path().join("try.nix");
@@ -91,7 +103,8 @@ fn run(root: &TestRoot, sc: &Scenario, use_drover: bool) -> (Run, Duration) {
         .args(sc.flags)
         .args(&drvs)
         .env("HOOK_DIR", &rec)
-        .env("HOOK_REPLIES", sc.replies);
+        .env("HOOK_REPLIES", sc.replies)
+        .envs(sc.env());
     let start = Instant::now();
     let out = cmd.output().unwrap();
     let took = start.elapsed();
@@ -355,4 +368,40 @@ fn build_remote_with_no_free_machine_slot_builds_locally_at_once() {
     assert_eq!(drover.lines, nix.lines);
     assert!(nix_took < Duration::from_secs(30), "{nix_took:?}");
     assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+#[test]
+fn hook_builds_are_not_timed_out_locally() {
+    require_nix!();
+    // Nix 2.8 leaves `max-silent-time` and `timeout` of a hook build to the remote
+    // side: a silent 3 s remote build outlives `max-silent-time = 1` (and then, as
+    // the scripted hook builds nothing, the outputs are unexpectedly invalid).
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hooks/sleeping.py");
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("sleeping-hook");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec python3 '{}'\n", py.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let hook = wrapper.display().to_string();
+    let sc = Scenario {
+        attrs: &["x"],
+        flags: &["-j1", "--option", "max-silent-time", "1"],
+        replies: "",
+        hook: Some(&hook),
+    };
+    let [(nix, _), (drover, _)] = both(&sc);
+    assert_eq!(nix.code, 1, "{nix:?}");
+    assert_eq!(
+        nix.lines.last().map(String::as_str),
+        Some("error: some outputs are unexpectedly invalid"),
+        "{nix:?}"
+    );
+    assert_eq!((drover.code, &drover.lines), (nix.code, &nix.lines));
 }

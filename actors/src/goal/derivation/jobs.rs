@@ -168,7 +168,7 @@ pub(super) fn input_paths(
                 Some(p) => p.clone(),
                 None => {
                     if map.is_none() {
-                        map = Some(store.query_derivation_outputs(d).unwrap_or_default());
+                        map = Some(store.query_derivation_outputs(d)?);
                     }
                     map.as_ref()
                         .and_then(|m| m.get(o).cloned())
