@@ -929,8 +929,18 @@ impl Settings {
         self.get("system").unwrap_or_else(native_system)
     }
 
+    /// The local store's system features, as Nix 2.8's `StoreConfig` computes
+    /// them: the `system-features` setting, plus `ca-derivations` and
+    /// `recursive-nix` when those experimental features are enabled (the hook is
+    /// still sent the setting itself, without them).
     pub fn system_features(&self) -> BTreeSet<String> {
-        self.words("system-features").into_iter().collect()
+        let mut f: BTreeSet<String> = self.words("system-features").into_iter().collect();
+        for xp in ["ca-derivations", "recursive-nix"] {
+            if self.is_experimental_feature_enabled(xp) {
+                f.insert(xp.to_owned());
+            }
+        }
+        f
     }
 
     pub fn extra_platforms(&self) -> BTreeSet<String> {
@@ -1009,7 +1019,27 @@ mod tests {
         assert!(s.fsync_metadata());
         assert!(!s.keep_failed());
         assert!(s.system_features().contains("big-parallel"));
+        assert!(!s.system_features().contains("ca-derivations"));
         assert_eq!(s.system(), native_system());
+    }
+
+    #[test]
+    fn experimental_features_add_local_system_features() {
+        let env: Env = [("NIX_CONF_DIR".to_owned(), "/nonexistent".to_owned())].into();
+        let opts = [
+            (
+                "experimental-features".to_owned(),
+                "ca-derivations recursive-nix".to_owned(),
+            ),
+            ("system-features".to_owned(), "kvm".to_owned()),
+        ];
+        let s = Settings::load(&env, &opts).unwrap();
+        assert_eq!(
+            s.system_features().into_iter().collect::<Vec<_>>(),
+            vec!["ca-derivations", "kvm", "recursive-nix"]
+        );
+        // The setting itself (what the hook is sent) is unchanged.
+        assert_eq!(s.get("system-features").as_deref(), Some("kvm"));
     }
 
     #[test]

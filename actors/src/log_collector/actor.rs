@@ -41,6 +41,10 @@ pub struct CollectorOptions {
     pub stderr: StderrSink,
     /// Chunks queued for the writer thread before the collector waits.
     pub queue_chunks: usize,
+    /// Keep colour sequences in what is printed (Nix's `shouldANSI`: stderr is a
+    /// terminal); otherwise every escape sequence is removed. Either way, printed
+    /// text passes Nix's `filterANSIEscapes` (`drover::build_log::ansi`).
+    pub ansi: bool,
 }
 
 impl CollectorOptions {
@@ -50,6 +54,7 @@ impl CollectorOptions {
             verbosity: DEFAULT_VERBOSITY,
             stderr: Arc::new(Mutex::new(std::io::stderr())),
             queue_chunks: DEFAULT_QUEUE_CHUNKS,
+            ansi: drover::build_log::ansi::should_ansi(),
         }
     }
 }
@@ -122,8 +127,9 @@ impl LogCollector {
     }
 
     fn print(&self, bytes: &[u8]) {
+        let bytes = drover::build_log::ansi::filter_ansi_escapes(bytes, !self.options.ansi);
         if let Ok(mut w) = self.options.stderr.lock() {
-            let _ = w.write_all(bytes);
+            let _ = w.write_all(&bytes);
             let _ = w.flush();
         }
     }

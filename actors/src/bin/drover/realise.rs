@@ -147,16 +147,21 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let mut worker_settings = WorkerSettings::from_settings(settings);
     worker_settings.log.echo = echo;
     let env = ctx.env.clone();
+    let verbosity = ctx.verbosity;
     let settings = settings.clone();
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
 
     let outcome: RealiseOutcome = actix::System::new().block_on(async move {
         let mut options = CollectorOptions::new(None);
         options.stderr = stderr;
+        options.verbosity = u64::from(verbosity);
         let start_log = starter_with(options);
         let builder = LocalBuilder::new(store.clone(), builder_config, start_log.clone()).start();
         let hook_pool = settings.build_hook().map(|_| {
-            HookPool::new(HookPoolConfig::from_settings(&settings, &env, 3, start_log)).start()
+            HookPool::new(HookPoolConfig::from_settings(
+                &settings, &env, verbosity, start_log,
+            ))
+            .start()
         });
         let hook = hook_pool.clone().map(|p| p.recipient());
         // Cancelled hook builds are killed through the pool, which knows its jobs.
@@ -208,7 +213,13 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
 /// An error as Nix logs it: `error: ` and the message, whose further lines (a log
 /// tail, the two hashes of a mismatch) are indented to line up after `error: `.
 fn error_message(msg: &str) -> String {
-    format!("error: {}", msg.replace('\n', "\n       "))
+    // Nix prints the `--show-trace` hint of an error with a trace on its own line.
+    let hint = format!("\n{}", drover::hook_protocol::SHOW_TRACE_HINT);
+    let (msg, hint) = match msg.strip_suffix(hint.as_str()) {
+        Some(m) => (m, hint.as_str()),
+        None => (msg, ""),
+    };
+    format!("error: {}{hint}", msg.replace('\n', "\n       "))
 }
 
 /// `X.drv` means all its outputs; `X.drv!out` / `X.drv^out,dev` some; others are
