@@ -14,6 +14,7 @@ mod http_server;
 mod derivation;
 mod fallback;
 mod hook;
+mod hook_process;
 mod impure;
 mod path_info;
 mod progress;

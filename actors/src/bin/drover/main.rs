@@ -58,6 +58,8 @@ enum Command {
 /// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
 /// (the default), `lvlTalkative` 4, `lvlChatty` 5, `lvlDebug` 6, `lvlVomit` 7.
 pub const LVL_INFO: u32 = 3;
+/// `lvlWarn`: warnings are printed from here on.
+pub const LVL_WARN: u32 = 1;
 
 impl Cli {
     /// The verbosity as Nix computes it from `-v`, `--quiet` and `--debug`: info,
@@ -102,7 +104,7 @@ impl Context {
             .collect();
         let env: Env = std::env::vars().collect();
         let settings = Settings::load(&env, &pairs)?;
-        for w in settings.warnings() {
+        for w in settings.warnings().iter().filter(|_| verbosity >= LVL_WARN) {
             eprintln!("warning: {w}");
         }
         Ok(Context {

@@ -136,7 +136,12 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         impure_derivations: settings.is_experimental_feature_enabled("impure-derivations"),
     };
     let plan = plan(&store, &substituters, &requests, &options)?;
-    print_plan(&store_dir, &plan, &display);
+    // Nix prints the plan, `building …` and `copying path …` at `lvlInfo`, warnings
+    // at `lvlWarn`: `--quiet` hides them.
+    let verbosity = ctx.verbosity;
+    if verbosity >= crate::LVL_INFO {
+        print_plan(&store_dir, &plan, &display);
+    }
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);
     }
@@ -147,7 +152,6 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let mut worker_settings = WorkerSettings::from_settings(settings);
     worker_settings.log.echo = echo;
     let env = ctx.env.clone();
-    let verbosity = ctx.verbosity;
     let settings = settings.clone();
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
 
@@ -167,6 +171,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         // Cancelled hook builds are killed through the pool, which knows its jobs.
         let cancel_hook_build = hook_pool.map(|p| p.recipient());
         let progress = ProgressPrinter {
+            verbosity,
             display: display.clone(),
             store_dir: store.store_dir().clone(),
         }
@@ -206,7 +211,9 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    if verbosity >= crate::LVL_WARN {
+        eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -265,6 +272,7 @@ fn output_paths(
 /// Prints the Worker's progress events as Nix prints them, through the display,
 /// and keeps its status line current (counters, running builds, live transfers).
 struct ProgressPrinter {
+    verbosity: u32,
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
 }
@@ -294,10 +302,12 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 verb,
             } => {
                 let on = machine.map(|m| format!(" on '{m}'")).unwrap_or_default();
-                d.line(&format!(
-                    "{verb} '{}'{on}...",
-                    self.store_dir.print(&drv_path)
-                ));
+                if self.verbosity >= crate::LVL_INFO {
+                    d.line(&format!(
+                        "{verb} '{}'{on}...",
+                        self.store_dir.print(&drv_path)
+                    ));
+                }
                 d.build_started(drv_path);
             }
             ProgressEvent::SubstitutionStarted {
@@ -307,10 +317,12 @@ impl Handler<ProgressEvent> for ProgressPrinter {
             } => {
                 // Nix 2.8 words a copy out of another local store as one *to* it.
                 let dir = if uri == "local" { "to" } else { "from" };
-                d.line(&format!(
-                    "copying path '{}' {dir} '{uri}'...",
-                    self.store_dir.print(&path)
-                ));
+                if self.verbosity >= crate::LVL_INFO {
+                    d.line(&format!(
+                        "copying path '{}' {dir} '{uri}'...",
+                        self.store_dir.print(&path)
+                    ));
+                }
                 d.substitution_started(path, transfer);
             }
             ProgressEvent::BuildFinished { drv_path, .. } => d.build_finished(&drv_path),
