@@ -19,6 +19,7 @@ mod impure;
 mod path_info;
 mod progress;
 mod realise;
+mod remote;
 mod substitute;
 
 use std::process::{Command, Output};
