@@ -847,3 +847,61 @@ async fn hook_exiting_at_once_is_unexpected_eof() {
         assert_eq!(stderr.lock().unwrap().lines, ["gone at once"]);
     }
 }
+
+/// A running hook build whose actor system ends (the CLI returning from a
+/// cancelled run, or a library user dropping it): the job's future is dropped and
+/// the hook's whole process group is killed, with nothing waited for.
+#[test]
+fn running_job_dies_with_the_system() {
+    let hook = matching_hook("-remote.drv", false);
+    let h = &hook;
+    let pids = actix::System::new().block_on(async move {
+        let (p, _) = pool(Some(h.program()), Default::default(), None);
+        let HookReply::Accept { job, .. } = ask(&p, "remote").await else {
+            panic!("expected accept");
+        };
+        let fin = Finished(Arc::new(Mutex::new(None))).start();
+        job.send(HookBuild {
+            id: 1,
+            inputs: Default::default(),
+            missing_outputs: ["out".to_owned()].into(),
+            log: log_config(),
+            reply_to: fin.recipient(),
+        })
+        .await
+        .unwrap();
+        recorded_pids(h).await
+    });
+    let _guard = KillOnDrop(pids.clone());
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        pids.iter().all(|p| is_gone(*p))
+    });
+    assert!(gone, "still running after the system ended: {pids:?}");
+}
+
+/// A hook that never answers a `try`: when the system ends with the request in
+/// flight, the hook and its child are killed.
+#[test]
+fn hook_asked_in_flight_dies_with_the_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "#!/bin/sh\nsleep 300 &\necho $$ $! > '{}/pids'\nwait\n",
+        dir.path().display()
+    );
+    let hook = Hook::with_script(dir, &script);
+    let program = hook.program();
+    actix::System::new().block_on(async move {
+        let (p, _) = pool(Some(program), Default::default(), None);
+        // The reply never comes: give up on it after a while.
+        let asked = tokio::time::timeout(Duration::from_secs(1), ask(&p, "a")).await;
+        assert!(asked.is_err(), "the hook answered");
+    });
+    let pids = both_pids(&hook);
+    let _guard = KillOnDrop(pids.clone());
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        pids.iter().all(|p| is_gone(*p))
+    });
+    assert!(gone, "still running after the system ended: {pids:?}");
+}
