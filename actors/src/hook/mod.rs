@@ -15,9 +15,16 @@
 //!   `error: unexpected EOF reading a line` (exit 1).
 //! * Writing the request fails with a broken pipe (the hook is gone): Nix prints
 //!   `build hook died unexpectedly: <what the hook printed>` and the goal builds
-//!   locally (`Decline`); the next request starts a new process. If the write succeeds
-//!   but the reply pipe ends before a line (the usual case for a hook that exits at
-//!   once), the answer is the error `unexpected EOF reading a line`, as in Nix 2.8.
+//!   locally (`Decline`); the next request starts a new process. That only happens
+//!   to a hook that answered before: Nix writes a new hook's preamble and first
+//!   request before the hook can have exited, so a hook that exits at once gives
+//!   the error `unexpected EOF reading a line` (with Nix's `--show-trace` hint),
+//!   exit 1. drover writes a little later, and reads a broken pipe on a *new* hook
+//!   the same way: the hook's lines, then the end of its reply pipe.
+//! * The hook's argument is the run's verbosity (3 = info, `-v` adds one). Lines it
+//!   writes while answering are printed as Nix prints them ([`try_line_output`]);
+//!   from verbosity 6 (`-vvv`) on, Nix's own `starting build hook '…'`, `hook reply
+//!   is '…'` and `killing process N` (when the hook is dropped) are printed too.
 //! * Any reply other than the four words: `bad hook reply '<text>'`. drover then drops
 //!   that process (Nix 2.8 would keep it), so the next request gets a fresh one.
 //! * Errors (`HookReply::Error`) are not a failed goal: Nix 2.8 throws them out of

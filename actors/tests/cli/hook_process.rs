@@ -17,6 +17,11 @@ const EXPR: &str = r#"
     name = "a"; system = builtins.currentSystem; builder = "/bin/sh";
     args = ["-c" "echo hi; echo a > $out"];
   };
+  # Colours, tabs, an OSC title and BEL in the builder's output.
+  esc = derivation {
+    name = "esc"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = ["-c" "printf 'x\\033[31mred\\033[0m\\ta\\tb\\033]0;t\\007\\n'; echo c > $out"];
+  };
   ca = derivation {
     name = "ca"; system = builtins.currentSystem; builder = "/bin/sh";
     args = ["-c" "echo ca > $out"];
@@ -255,4 +260,21 @@ fn is_gone(pid: i32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
+}
+
+/// Nix's logger filters what it prints (`filterANSIEscapes`): on a stderr that is
+/// not a terminal, escape sequences go, tabs become spaces to the next multiple of
+/// 8, BEL and `\r` go. Builder lines (and the hook's messages) are printed the same
+/// by drover; the log file keeps the bytes as written.
+#[test]
+fn printed_lines_are_filtered_as_nix_filters_them() {
+    require_nix!();
+    let (nix, nix_root) = realise(false, "esc", &[], &no_setup);
+    let (drv, _) = realise(true, "esc", &[], &no_setup);
+    assert_eq!(nix.code, 0, "{nix:?}");
+    assert!(nix.stderr.contains("\nxred    a       b0;t\n"), "{nix:?}");
+    assert_eq!(drv, nix);
+    let drvs = nix_root.instantiate(&nix_root.path().join("hook-process.nix"), Some("esc"));
+    let log = nix_root.run("nix-store", &["--read-log", &drvs[0]]);
+    assert!(log.contains("\x1b[31m"), "{log:?}");
 }
