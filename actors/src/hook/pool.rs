@@ -181,6 +181,10 @@ impl Handler<HookTry> for HookPool {
                     TryOutcome::Accept { .. } => act.debug("hook reply is 'accept'".into()),
                     TryOutcome::Died(_) | TryOutcome::Error(_) => {}
                 }
+                if let TryOutcome::Died(text) = &outcome {
+                    let msg = format!("error: build hook died unexpectedly: {text}");
+                    echo(&act.config.stderr, filter_ansi_text(&msg, !act.ansi));
+                }
                 let pid = instance.pid();
                 let accepted = act.state.finish(&outcome, instance);
                 // Nix drops the hook after these (`worker.hook = 0`): `killing process`.
@@ -196,11 +200,7 @@ impl Handler<HookTry> for HookPool {
                     TryOutcome::Reply(ReplyKind::DeclinePermanently) => {
                         HookReply::DeclinePermanently
                     }
-                    TryOutcome::Died(text) => {
-                        let msg = format!("error: build hook died unexpectedly: {text}");
-                        echo(&act.config.stderr, filter_ansi_text(&msg, !act.ansi));
-                        HookReply::Decline
-                    }
+                    TryOutcome::Died(_) => HookReply::Decline,
                     TryOutcome::Error(e) => HookReply::Error(e),
                     TryOutcome::Accept { machine } => match accepted {
                         Some(instance) => {
