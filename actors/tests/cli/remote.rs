@@ -149,18 +149,12 @@ impl Rig {
             );
             std::fs::write(m.join("session.sh"), session).unwrap();
             sh(&format!("chmod 755 {}/session.sh", m.display()));
-            let port = free_port(&addr);
-            std::fs::write(
-                m.join("sshd_config"),
-                format!(
-                    "Port {port}\nListenAddress {addr}\nHostKey {m}/host_key\nPidFile none\n\
-                     UsePAM no\nPermitRootLogin prohibit-password\n\
-                     AuthorizedKeysFile {m}/authorized_keys\nStrictModes no\nPermitTTY no\n\
-                     MaxStartups 100:30:200\nForceCommand {m}/session.sh\n",
-                    m = m.display()
-                ),
-            )
-            .unwrap();
+            let (process, port) = launch(root, &m, &addr);
+            rig.machines.push(Machine {
+                name: name.to_string(),
+                dir: m.clone(),
+                process,
+            });
             let host_pub = std::fs::read_to_string(m.join("host_key.pub")).unwrap();
             let mut parts = host_pub.split_whitespace();
             let (kt, kb) = (parts.next().unwrap(), parts.next().unwrap());
@@ -175,51 +169,6 @@ impl Rig {
                 "ssh://{name} x86_64-linux {}/id_ed25519 1 1 {features} -\n",
                 d.display()
             ));
-            // The namespace: a private /run for sshd's privilege separation
-            // directory, the machine's store over the local store dir, sshd as
-            // its pid 1 (when it ends, everything in the namespace ends).
-            let inner = format!(
-                "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && \
-                 mount --bind '{m}/store' '{store}' && exec {SSHD} -D -e -f '{m}/sshd_config'",
-                m = m.display(),
-                store = root.store_dir
-            );
-            let log = std::fs::File::create(m.join("sshd.log")).unwrap();
-            let process = Command::new("setsid")
-                .args([
-                    "unshare",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "--pid",
-                    "--fork",
-                    "--kill-child",
-                    "--mount-proc",
-                    "/bin/sh",
-                    "-c",
-                    &inner,
-                ])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            rig.machines.push(Machine {
-                name: name.to_string(),
-                dir: m.clone(),
-                process,
-            });
-            // Up when it accepts connections.
-            let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
-            let start = Instant::now();
-            while TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_err() {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "machine {name} did not start: {}",
-                    std::fs::read_to_string(m.join("sshd.log")).unwrap_or_default()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
         }
         std::fs::write(d.join("ssh_config"), ssh_config).unwrap();
         std::fs::write(d.join("known_hosts"), known_hosts).unwrap();
@@ -234,6 +183,77 @@ impl Rig {
     fn machines_file(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("machines")).unwrap()
     }
+}
+
+/// Starts machine `m`'s sshd on `addr` in its namespace and waits until it accepts
+/// connections; returns the `unshare` process and the port. A port probed free can
+/// be taken by someone else before sshd binds it: then sshd exits and another port
+/// is tried.
+fn launch(root: &TestRoot, m: &Path, addr: &str) -> (Child, u16) {
+    for _attempt in 0..5 {
+        let port = free_port(addr);
+        std::fs::write(
+            m.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress {addr}\nHostKey {m}/host_key\nPidFile none\n\
+                 UsePAM no\nPermitRootLogin prohibit-password\n\
+                 AuthorizedKeysFile {m}/authorized_keys\nStrictModes no\nPermitTTY no\n\
+                 MaxStartups 100:30:200\nForceCommand {m}/session.sh\n",
+                m = m.display()
+            ),
+        )
+        .unwrap();
+        // The namespace: a private /run for sshd's privilege separation directory,
+        // the machine's store over the local store dir, sshd as its pid 1 (when it
+        // ends, everything in the namespace ends).
+        let inner = format!(
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && \
+             mount --bind '{m}/store' '{store}' && exec {SSHD} -D -e -f '{m}/sshd_config'",
+            m = m.display(),
+            store = root.store_dir
+        );
+        let log = std::fs::File::create(m.join("sshd.log")).unwrap();
+        let mut process = Command::new("setsid")
+            .args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "/bin/sh",
+                "-c",
+                &inner,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sa: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let start = Instant::now();
+        loop {
+            if TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_ok() {
+                return (process, port);
+            }
+            if process.try_wait().unwrap().is_some() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = process.kill();
+                let _ = process.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!(
+        "machine {} did not start: {}",
+        m.display(),
+        std::fs::read_to_string(m.join("sshd.log")).unwrap_or_default()
+    );
 }
 
 impl Drop for Rig {
