@@ -182,7 +182,8 @@ impl Handler<HookTry> for HookPool {
                     TryOutcome::Died(_) | TryOutcome::Error(_) => {}
                 }
                 if let TryOutcome::Died(text) = &outcome {
-                    let msg = format!("error: build hook died unexpectedly: {text}");
+                    // `printError`: at error level, without an `error:` prefix.
+                    let msg = format!("build hook died unexpectedly: {text}");
                     echo(&act.config.stderr, filter_ansi_text(&msg, !act.ansi));
                 }
                 let pid = instance.pid();

@@ -439,7 +439,7 @@ async fn broken_pipe_declines_and_restarts() {
     wait_for_lines(&stderr_got, 2).await;
     let lines = stderr_got.lock().unwrap().lines.clone();
     assert!(
-        lines.contains(&"error: build hook died unexpectedly: dying words".to_owned()),
+        lines.contains(&"build hook died unexpectedly: dying words".to_owned()),
         "{lines:?}"
     );
     // The dead process is replaced by a new one.
