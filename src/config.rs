@@ -878,6 +878,36 @@ impl Settings {
         self.get("builders").unwrap_or_default()
     }
 
+    /// The machine lines of `builders` as Nix 2.8's `getMachines` expands them:
+    /// split on newlines and `;`, trimmed, `#` comments removed, `@FILE` replaced by
+    /// the lines of that file (a missing or unreadable file gives none; includes
+    /// nest at most 10 deep). Nix's worker only asks whether there are any: with
+    /// `max-jobs = 0` and none, `either increase '--max-jobs' or enable remote
+    /// builds`, else `remote machines may not have all required system features`.
+    pub fn builder_lines(&self) -> Vec<String> {
+        fn expand(text: &str, depth: u32, out: &mut Vec<String>) {
+            for line in text.split(['\n', ';']) {
+                let line = line.trim();
+                let line = line.split('#').next().unwrap_or_default().trim_end();
+                if line.is_empty() {
+                    continue;
+                }
+                match line.strip_prefix('@') {
+                    Some(path) if depth < 10 => {
+                        if let Ok(t) = std::fs::read_to_string(path.trim()) {
+                            expand(&t, depth + 1, out);
+                        }
+                    }
+                    Some(_) => {}
+                    None => out.push(line.to_owned()),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        expand(&self.builders(), 0, &mut out);
+        out
+    }
+
     pub fn keep_going(&self) -> bool {
         self.bool("keep-going")
     }
@@ -930,8 +960,18 @@ impl Settings {
         self.get("system").unwrap_or_else(native_system)
     }
 
+    /// The local store's system features, as Nix 2.8's `StoreConfig` computes
+    /// them: the `system-features` setting, plus `ca-derivations` and
+    /// `recursive-nix` when those experimental features are enabled (the hook is
+    /// still sent the setting itself, without them).
     pub fn system_features(&self) -> BTreeSet<String> {
-        self.words("system-features").into_iter().collect()
+        let mut f: BTreeSet<String> = self.words("system-features").into_iter().collect();
+        for xp in ["ca-derivations", "recursive-nix"] {
+            if self.is_experimental_feature_enabled(xp) {
+                f.insert(xp.to_owned());
+            }
+        }
+        f
     }
 
     pub fn extra_platforms(&self) -> BTreeSet<String> {
@@ -1028,7 +1068,59 @@ mod tests {
         assert!(s.fsync_metadata());
         assert!(!s.keep_failed());
         assert!(s.system_features().contains("big-parallel"));
+        assert!(!s.system_features().contains("ca-derivations"));
         assert_eq!(s.system(), native_system());
+    }
+
+    #[test]
+    fn builder_lines_expand_files_as_nix_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("machines");
+        std::fs::write(
+            &f,
+            "# comment\nssh://m1 x86_64-linux - 1 1 fa - # trailing\n\n@/nonexistent\n",
+        )
+        .unwrap();
+        let env: Env = [("NIX_CONF_DIR".to_owned(), dir.path().display().to_string())].into();
+        let s = Settings::load(&env, &[]).unwrap();
+        // The default, `@$NIX_CONF_DIR/machines`.
+        assert_eq!(s.builder_lines(), ["ssh://m1 x86_64-linux - 1 1 fa -"]);
+        let opts = [(
+            "builders".to_owned(),
+            format!(" ssh://m0 ; @{} ;; @/missing/file", f.display()),
+        )];
+        let s = Settings::load(&env, &opts).unwrap();
+        assert_eq!(
+            s.builder_lines(),
+            ["ssh://m0", "ssh://m1 x86_64-linux - 1 1 fa -"]
+        );
+        let none = [("builders".to_owned(), "@/missing/file".to_owned())];
+        assert!(Settings::load(&env, &none)
+            .unwrap()
+            .builder_lines()
+            .is_empty());
+        // An include of itself ends.
+        std::fs::write(&f, format!("@{}\n", f.display())).unwrap();
+        assert!(Settings::load(&env, &opts).unwrap().builder_lines() == ["ssh://m0"]);
+    }
+
+    #[test]
+    fn experimental_features_add_local_system_features() {
+        let env: Env = [("NIX_CONF_DIR".to_owned(), "/nonexistent".to_owned())].into();
+        let opts = [
+            (
+                "experimental-features".to_owned(),
+                "ca-derivations recursive-nix".to_owned(),
+            ),
+            ("system-features".to_owned(), "kvm".to_owned()),
+        ];
+        let s = Settings::load(&env, &opts).unwrap();
+        assert_eq!(
+            s.system_features().into_iter().collect::<Vec<_>>(),
+            vec!["ca-derivations", "kvm", "recursive-nix"]
+        );
+        // The setting itself (what the hook is sent) is unchanged.
+        assert_eq!(s.get("system-features").as_deref(), Some("kvm"));
     }
 
     #[test]

@@ -631,6 +631,29 @@ pub fn json_message_text(line: &str) -> Option<String> {
 /// The message Nix 2.8 gives when the hook's reply pipe ends before a full line.
 pub const UNEXPECTED_EOF: &str = "unexpected EOF reading a line";
 
+/// The line Nix prints after an error that carries a trace, without
+/// `--show-trace` (Nix 2.8 adds a trace to errors reading the hook's reply or
+/// machine name: `while reading the response from the build hook`).
+pub const SHOW_TRACE_HINT: &str = "(use '--show-trace' to show detailed location information)";
+
+/// [`UNEXPECTED_EOF`] as the run's error: the message, a newline, then
+/// [`SHOW_TRACE_HINT`], which Nix prints on a line of its own, not indented.
+pub fn unexpected_eof() -> String {
+    format!("{UNEXPECTED_EOF}\n{SHOW_TRACE_HINT}")
+}
+
+impl std::fmt::Display for ReplyKind {
+    /// The reply word (`accept`, `decline`, `decline-permanently`, `postpone`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplyKind::Accept => "accept",
+            ReplyKind::Decline => "decline",
+            ReplyKind::DeclinePermanently => "decline-permanently",
+            ReplyKind::Postpone => "postpone",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -133,7 +133,7 @@ pub struct SystemBuilder {
     env: Env,
     echo: bool,
     stderr: Option<StderrSink>,
-    hook_verbosity: u32,
+    verbosity: u32,
     goal_events: bool,
     log_events: bool,
     progress: Option<Recipient<ProgressEvent>>,
@@ -154,7 +154,7 @@ impl SystemBuilder {
             env: Env::new(),
             echo: false,
             stderr: None,
-            hook_verbosity: 3,
+            verbosity: 3,
             goal_events: true,
             log_events: true,
             progress: None,
@@ -186,9 +186,11 @@ impl SystemBuilder {
         self
     }
 
-    /// The verbosity the build hook is given (3 = Nix's default, `-v` adds one).
-    pub fn hook_verbosity(mut self, v: u32) -> SystemBuilder {
-        self.hook_verbosity = v;
+    /// Nix's verbosity (3 = info, the default; `-v` adds one, `--quiet` takes one):
+    /// what the log collectors print of `@nix` messages and what the build hook is
+    /// given.
+    pub fn verbosity(mut self, v: u32) -> SystemBuilder {
+        self.verbosity = v;
         self
     }
 
@@ -282,6 +284,7 @@ impl SystemBuilder {
         };
         let mut options = CollectorOptions::new(log_events);
         options.print_build_lines = self.print_build_lines;
+        options.verbosity = u64::from(self.verbosity);
         if let Some(s) = self.stderr {
             options.stderr = s;
         }
@@ -301,7 +304,7 @@ impl SystemBuilder {
                 let pool = HookPool::new(HookPoolConfig::from_settings(
                     &settings,
                     &self.env,
-                    self.hook_verbosity,
+                    self.verbosity,
                     start_log,
                 ))
                 .start();

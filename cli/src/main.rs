@@ -26,6 +26,18 @@ struct Cli {
     #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"])]
     option: Vec<String>,
 
+    /// Increase the logging verbosity level (repeatable: `-vvv`), as Nix's `-v`.
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Decrease the logging verbosity level (repeatable), as Nix's `--quiet`.
+    #[arg(long = "quiet", global = true, action = clap::ArgAction::Count)]
+    quiet: u8,
+
+    /// Set the logging verbosity level to 'debug' (then `-v` adds to it).
+    #[arg(long = "debug", global = true)]
+    debug: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -43,25 +55,63 @@ enum Command {
     Log(log::Args),
 }
 
+/// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
+/// (the default), `lvlTalkative` 4, `lvlChatty` 5, `lvlDebug` 6, `lvlVomit` 7.
+pub const LVL_INFO: u32 = 3;
+/// `lvlWarn`: warnings are printed from here on.
+pub const LVL_WARN: u32 = 1;
+
+impl Cli {
+    /// The verbosity as Nix computes it from `-v`, `--quiet` and `--debug`: info,
+    /// or debug with `--debug`; one more per `-v`, one less per `--quiet` down to
+    /// `lvlError`. (Nix applies the flags in the order given, so `-v --debug` is
+    /// debug there and debug + 1 here.)
+    fn verbosity(&self) -> u32 {
+        let base = if self.debug { 6 } else { LVL_INFO };
+        (base + u32::from(self.verbose)).saturating_sub(u32::from(self.quiet))
+    }
+}
+
+/// The `log` filter for drover's own diagnostics at a Nix verbosity: errors only
+/// up to info (the default: Nix prints its own messages, not drover's), warnings at
+/// talkative (`-v`), info at chatty, debug at debug, trace at vomit.
+fn log_filter(verbosity: u32) -> ::log::LevelFilter {
+    use ::log::LevelFilter;
+    match verbosity {
+        0..=3 => LevelFilter::Error,
+        4 => LevelFilter::Warn,
+        5 => LevelFilter::Info,
+        6 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    }
+}
+
 /// The settings and the store a command works on.
 pub struct Context {
     /// The process environment the settings were read from.
     pub env: Env,
     pub settings: Settings,
+    /// Nix's verbosity level ([`LVL_INFO`] by default; `-v` adds one): given to the
+    /// build hook and the log collectors.
+    pub verbosity: u32,
 }
 
 impl Context {
-    fn new(options: &[String]) -> anyhow::Result<Context> {
+    fn new(options: &[String], verbosity: u32) -> anyhow::Result<Context> {
         let pairs: Vec<(String, String)> = options
             .chunks(2)
             .map(|c| (c[0].clone(), c[1].clone()))
             .collect();
         let env: Env = std::env::vars().collect();
         let settings = Settings::load(&env, &pairs)?;
-        for w in settings.warnings() {
+        for w in settings.warnings().iter().filter(|_| verbosity >= LVL_WARN) {
             eprintln!("warning: {w}");
         }
-        Ok(Context { env, settings })
+        Ok(Context {
+            env,
+            settings,
+            verbosity,
+        })
     }
 
     /// Opens the local store the settings describe.
@@ -71,7 +121,7 @@ impl Context {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut ctx = Context::new(&cli.option)?;
+    let mut ctx = Context::new(&cli.option, cli.verbosity())?;
     match cli.command {
         Command::Derivation(c) => derivation::run(&ctx, c),
         Command::PathInfo(a) => path_info::run(&ctx, a),
@@ -106,14 +156,16 @@ impl ::log::Log for CliLogger {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `RUST_LOG`, when set, overrides what the verbosity flags select.
+    let default_filter = log_filter(cli.verbosity()).to_string().to_lowercase();
     let inner =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
             .format_target(false)
             .format_timestamp(None)
             .build();
     ::log::set_max_level(inner.filter().max(::log::LevelFilter::Warn));
     let _ = ::log::set_boxed_logger(Box::new(CliLogger { inner }));
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -121,5 +173,34 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verbosity(args: &[&str]) -> u32 {
+        let mut argv = vec!["drover"];
+        argv.extend(args);
+        argv.extend(["realise", "/x"]);
+        Cli::try_parse_from(argv).unwrap().verbosity()
+    }
+
+    #[test]
+    fn verbosity_flags_count_as_in_nix() {
+        assert_eq!(verbosity(&[]), 3);
+        assert_eq!(verbosity(&["-v"]), 4);
+        assert_eq!(verbosity(&["-vvvv"]), 7);
+        assert_eq!(verbosity(&["-v", "--verbose", "-vv"]), 7);
+        assert_eq!(verbosity(&["--quiet"]), 2);
+        assert_eq!(verbosity(&["--quiet", "--quiet", "--quiet", "--quiet"]), 0);
+        assert_eq!(verbosity(&["--debug"]), 6);
+        assert_eq!(verbosity(&["-v", "--quiet"]), 3);
+        // After the subcommand too.
+        let cli = Cli::try_parse_from(["drover", "realise", "-vv", "/x"]).unwrap();
+        assert_eq!(cli.verbosity(), 5);
+        assert_eq!(log_filter(3), ::log::LevelFilter::Error);
+        assert_eq!(log_filter(6), ::log::LevelFilter::Debug);
     }
 }

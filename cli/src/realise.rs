@@ -145,12 +145,16 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         Some(f) => (f.shows_logs(), f.echo()),
     };
     let log_events = echo && !print_lines;
+    // Nix prints the plan, `building …` and `copying path …` at `lvlInfo`, warnings
+    // at `lvlWarn`: `--quiet` hides them.
+    let verbosity = ctx.verbosity;
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
     let builder = SystemBuilder::new(settings)
         .env(ctx.env.clone())
         .echo(echo)
         .stderr(stderr)
         .print_build_lines(print_lines)
+        .verbosity(verbosity)
         .goal_events(false)
         .log_events(false);
 
@@ -160,6 +164,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         // An actor on the system's arbiter, so that `building '…'` comes before the
         // builder output the log collectors echo.
         let progress = ProgressPrinter {
+            verbosity,
             display: display.clone(),
             store_dir: printer_store_dir,
             name_lines: log_format == Some(LogFormat::BarWithLogs),
@@ -180,7 +185,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             |_| Vec::new(),
             || system.plan_observed(&requests, Some(&QueryActivities)),
         )?;
-        {
+        if verbosity >= crate::LVL_INFO {
             let mut d = display.lock().unwrap();
             for line in drover_actors::plan::describe(system.store().store_dir(), &plan) {
                 d.line(&line);
@@ -224,14 +229,22 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    if verbosity >= crate::LVL_WARN {
+        shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// An error as Nix logs it: `error: ` and the message, whose further lines (a log
 /// tail, the two hashes of a mismatch) are indented to line up after `error: `.
 fn error_message(msg: &str) -> String {
-    format!("error: {}", msg.replace('\n', "\n       "))
+    // Nix prints the `--show-trace` hint of an error with a trace on its own line.
+    let hint = format!("\n{}", drover::hook_protocol::SHOW_TRACE_HINT);
+    let (msg, hint) = match msg.strip_suffix(hint.as_str()) {
+        Some(m) => (m, hint.as_str()),
+        None => (msg, ""),
+    };
+    format!("error: {}{hint}", msg.replace('\n', "\n       "))
 }
 
 /// `X.drv` means all its outputs; `X.drv!out` / `X.drv^out,dev` some; others are
@@ -277,6 +290,7 @@ fn output_paths(
 /// Prints the Worker's progress events as Nix prints them, through the display,
 /// and keeps its status line current (counters, running builds, live transfers).
 struct ProgressPrinter {
+    verbosity: u32,
     display: Arc<Mutex<Display>>,
     store_dir: StoreDir,
     /// `bar-with-logs`: builder lines are printed as `<name>> <line>`.
@@ -334,7 +348,7 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 if d.json().is_some() {
                     let machine = machine.unwrap_or_default();
                     d.emit_json(|j| j.build_started(&drv_path, &text, &machine));
-                } else {
+                } else if self.verbosity >= crate::LVL_INFO {
                     d.line(&format!("{text}..."));
                 }
                 d.build_started(drv_path);
@@ -352,7 +366,7 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 );
                 if d.json().is_some() {
                     d.emit_json(|j| j.substitution_started(&path, &uri, &text));
-                } else {
+                } else if self.verbosity >= crate::LVL_INFO {
                     d.line(&format!("{text}..."));
                 }
                 d.substitution_started(path, transfer);

@@ -12,7 +12,8 @@
 //!   104 set phase, 105 progress, …);
 //! * `{"action":"setPhase","phase":S}` (nixpkgs' stdenv prints these itself).
 //!
-//! Fields are unsigned integers or strings. The prefix must be exactly `@nix ` at the
+//! Fields are unsigned integers or strings; a message without `fields` (Nix's logger
+//! leaves out an empty list) has none. The prefix must be exactly `@nix ` at the
 //! start of the line. Any other action is accepted and ignored, as Nix does.
 //!
 //! Errors, with Nix's wording: text after `@nix ` that is not JSON is
@@ -176,14 +177,17 @@ fn fields(obj: &Map<String, Value>) -> Result<Vec<Field>, String> {
                 other => Err(format!("unsupported JSON type of field {other}")),
             })
             .collect(),
+        // Nix's JSON logger leaves `fields` out when there are none (build-remote's
+        // `copying 0 paths` activity has none), and Nix reads a missing or null
+        // `fields` as no fields.
+        None | Some(Value::Null) => Ok(Vec::new()),
         Some(other) => Err(format!("field 'fields' must be an array, but is {other}")),
-        None => Err("field 'fields' is missing".to_owned()),
     }
 }
 
 impl JsonMessage {
     /// The message as an `@nix ` line (without the newline), as Nix's JSON logger
-    /// writes it.
+    /// writes it (an empty `fields` is left out).
     pub fn to_line(&self) -> String {
         use serde_json::json;
         let fields = |f: &[Field]| -> Vec<Value> {
@@ -194,7 +198,7 @@ impl JsonMessage {
                 })
                 .collect()
         };
-        let v = match self {
+        let mut v = match self {
             JsonMessage::Start {
                 id,
                 level,
@@ -214,6 +218,13 @@ impl JsonMessage {
             JsonMessage::Msg { level, msg } => json!({"action": "msg", "level": level, "msg": msg}),
             JsonMessage::Other { action } => json!({ "action": action }),
         };
+        if let Some(o) = v.as_object_mut() {
+            if o.get("fields")
+                .is_some_and(|f| f.as_array().is_some_and(Vec::is_empty))
+            {
+                o.remove("fields");
+            }
+        }
         format!("@nix {v}")
     }
 }
@@ -283,6 +294,42 @@ mod tests {
         );
     }
 
+    /// Lines Nix 2.8's `build-remote` writes (`copying 0 paths`, `copying path`):
+    /// its JSON logger leaves out an empty `fields`.
+    #[test]
+    fn missing_or_null_fields_are_empty() {
+        assert_eq!(
+            parse(
+                r#"@nix {"action":"start","id":1,"level":3,"text":"copying 0 paths","type":103}"#
+            ),
+            Some(Ok(JsonMessage::Start {
+                id: 1,
+                level: 3,
+                activity_type: 103,
+                text: "copying 0 paths".into(),
+                parent: 0,
+                fields: vec![]
+            }))
+        );
+        assert_eq!(
+            parse(r#"@nix {"action":"result","id":1,"type":105,"fields":null}"#),
+            Some(Ok(JsonMessage::Result {
+                id: 1,
+                result_type: 105,
+                fields: vec![]
+            }))
+        );
+        let res = JsonMessage::Result {
+            id: 2,
+            result_type: 105,
+            fields: vec![],
+        };
+        assert_eq!(
+            res.to_line(),
+            r#"@nix {"action":"result","id":2,"type":105}"#
+        );
+    }
+
     #[test]
     fn bad_json_is_reported_with_nix_wording() {
         let e = parse("@nix {bad json").unwrap().unwrap_err();
@@ -307,6 +354,7 @@ mod tests {
             r#"@nix {"action":"start","id":1,"level":0,"type":101,"text":"dl","parent":0,"fields":[1.5]}"#,
             r#"@nix {"action":"result","id":1,"type":101,"fields":[-1]}"#,
             r#"@nix {"level":1}"#,
+            r#"@nix {"action":"result","id":1,"type":101,"fields":"x"}"#,
         ] {
             let e = parse(s).unwrap().unwrap_err();
             assert!(matches!(e, JsonMessageError::Unhandled { .. }), "{s}");

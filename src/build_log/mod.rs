@@ -11,11 +11,14 @@
 //!   is left out of the tail; any other line goes into the tail of the last `log-lines`
 //!   lines ([`tail`]) shown when the build fails, and is echoed by `nix-store`.
 //!
+//! What is echoed to stderr passes [`ansi`]'s filter first, as in Nix.
+//!
 //! [`read`] finds and decompresses a stored log, as `nix-store --read-log` does.
 //!
 //! Nothing here knows about actors or async runtimes; the compressing writer runs on
 //! its own thread fed by a bounded channel ([`file::LogFileWriter`]).
 
+pub mod ansi;
 pub mod file;
 pub mod json;
 pub mod lines;

@@ -36,7 +36,7 @@ use tokio::process::{Child, ChildStdin};
 
 use super::TryOutcome;
 use crate::messages::{HookStderrLine, LogBytes};
-use drover::hook_protocol::{classify_line, parse_reply, HookLine, ReplyKind, UNEXPECTED_EOF};
+use drover::hook_protocol::{classify_line, parse_reply, unexpected_eof, HookLine, ReplyKind};
 
 /// Why a hook process could not be started.
 #[derive(Debug, Error)]
@@ -178,6 +178,7 @@ impl HookInstance {
         on_line: &mut (dyn FnMut(HookLine) + Send),
     ) -> TryOutcome {
         let mut bytes = Vec::new();
+        let first_request = self.preamble.is_some();
         if let Some(p) = self.preamble.take() {
             bytes.extend_from_slice(&p);
         }
@@ -189,8 +190,15 @@ impl HookInstance {
             Ok(()) => stdin.flush().await,
             Err(e) => Err(e),
         };
+        // A hook that exits at once: Nix 2.8 writes the preamble and the first
+        // request right after the fork, before such a hook is gone, so the write
+        // succeeds and the reply is end of file (`unexpected EOF reading a line`).
+        // drover's write comes later; on a fresh hook a broken pipe is read as Nix
+        // reads it: what the hook printed, then the end of its reply pipe.
         if let Err(e) = written {
-            if e.kind() == io::ErrorKind::BrokenPipe {
+            if e.kind() == io::ErrorKind::BrokenPipe && first_request {
+                log::debug!("the build hook exited before reading its first request");
+            } else if e.kind() == io::ErrorKind::BrokenPipe {
                 let mut rest = Vec::new();
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
@@ -199,13 +207,14 @@ impl HookInstance {
                 .await;
                 let text = String::from_utf8_lossy(&rest);
                 return TryOutcome::Died(text.trim_end_matches('\n').to_owned());
+            } else {
+                return TryOutcome::Error(format!("writing to the build hook: {e}"));
             }
-            return TryOutcome::Error(format!("writing to the build hook: {e}"));
         }
         loop {
             let line = match self.read_line().await {
                 Ok(Some(l)) => l,
-                Ok(None) | Err(_) => return TryOutcome::Error(UNEXPECTED_EOF.into()),
+                Ok(None) | Err(_) => return TryOutcome::Error(unexpected_eof()),
             };
             match classify_line(&line) {
                 HookLine::Reply(r) => match parse_reply(&r) {
@@ -213,7 +222,7 @@ impl HookInstance {
                     Ok(ReplyKind::Accept) => {
                         return match self.read_line().await {
                             Ok(Some(machine)) => TryOutcome::Accept { machine },
-                            _ => TryOutcome::Error(UNEXPECTED_EOF.into()),
+                            _ => TryOutcome::Error(unexpected_eof()),
                         }
                     }
                     Ok(kind) => return TryOutcome::Reply(kind),

@@ -15,9 +15,16 @@
 //!   `error: unexpected EOF reading a line` (exit 1).
 //! * Writing the request fails with a broken pipe (the hook is gone): Nix prints
 //!   `build hook died unexpectedly: <what the hook printed>` and the goal builds
-//!   locally (`Decline`); the next request starts a new process. If the write succeeds
-//!   but the reply pipe ends before a line (the usual case for a hook that exits at
-//!   once), the answer is the error `unexpected EOF reading a line`, as in Nix 2.8.
+//!   locally (`Decline`); the next request starts a new process. That only happens
+//!   to a hook that answered before: Nix writes a new hook's preamble and first
+//!   request before the hook can have exited, so a hook that exits at once gives
+//!   the error `unexpected EOF reading a line` (with Nix's `--show-trace` hint),
+//!   exit 1. drover writes a little later, and reads a broken pipe on a *new* hook
+//!   the same way: the hook's lines, then the end of its reply pipe.
+//! * The hook's argument is the run's verbosity (3 = info, `-v` adds one). Lines it
+//!   writes while answering are printed as Nix prints them ([`try_line_output`]);
+//!   from verbosity 6 (`-vvv`) on, Nix's own `starting build hook '…'`, `hook reply
+//!   is '…'` and `killing process N` (when the hook is dropped) are printed too.
 //! * Any reply other than the four words: `bad hook reply '<text>'`. drover then drops
 //!   that process (Nix 2.8 would keep it), so the next request gets a fresh one.
 //! * Errors (`HookReply::Error`) are not a failed goal: Nix 2.8 throws them out of
@@ -48,7 +55,47 @@ pub use job::HookJob;
 pub use pool::{HookPool, HookPoolConfig};
 
 use crate::messages::LogAlarm;
-use drover::hook_protocol::ReplyKind;
+use drover::build_log::ansi::filter_ansi_text;
+use drover::build_log::{parse_json_message, JsonMessage, JsonMessageError};
+use drover::hook_protocol::{HookLine, ReplyKind};
+
+/// Nix's verbosity `lvlDebug`: from here on (`-vvv`), Nix prints its debug lines
+/// about the hook (`starting build hook '…'`, `hook reply is '…'`, `killing process
+/// N`) and the hook's own debug messages.
+pub const LVL_DEBUG: u32 = 6;
+
+/// What Nix 2.8 prints for a line the hook writes while answering a `try`
+/// (`tryBuildHook`): a line that is not an `@nix` message, verbatim; an `@nix` `msg`
+/// at most as verbose as `verbosity`, and an activity's `text...`, through Nix's
+/// logger (escape sequences filtered, colours kept only when `ansi`); other `@nix`
+/// messages nothing. `@nix` text that is not JSON gives Nix's complaint and then the
+/// line itself; JSON of the wrong shape a warning (Nix 2.8 aborts the run there;
+/// later versions warn, as drover's log collector does). Replies print nothing.
+pub fn try_line_output(line: &HookLine, verbosity: u32, ansi: bool) -> Vec<String> {
+    let filter = |s: &str| filter_ansi_text(s, !ansi);
+    match line {
+        HookLine::Reply(_) => Vec::new(),
+        HookLine::Other(l) => vec![l.clone()],
+        HookLine::Json(l) => match parse_json_message(l.as_bytes()) {
+            None => vec![l.clone()],
+            Some(Err(e @ JsonMessageError::BadJson { .. })) => {
+                vec![filter(&e.to_string()), l.clone()]
+            }
+            Some(Err(e @ JsonMessageError::Unhandled { .. })) => {
+                vec![filter(&format!("warning: {e}"))]
+            }
+            Some(Ok(JsonMessage::Msg { level, msg })) if level <= u64::from(verbosity) => {
+                vec![filter(&msg)]
+            }
+            Some(Ok(JsonMessage::Start { level, text, .. }))
+                if level <= u64::from(verbosity) && !text.is_empty() =>
+            {
+                vec![filter(&format!("{text}..."))]
+            }
+            Some(Ok(_)) => Vec::new(),
+        },
+    }
+}
 
 /// What one `try` exchange with a hook process ended with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +147,11 @@ impl<I> PoolState<I> {
     /// Whether an idle instance is kept for the next request.
     pub fn has_idle(&self) -> bool {
         self.idle.is_some()
+    }
+
+    /// Drops the idle instance (which kills its process group).
+    pub fn clear_idle(&mut self) {
+        self.idle = None;
     }
 
     /// Starts a request.
@@ -193,6 +245,47 @@ impl JobState {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn json(s: &str) -> HookLine {
+        HookLine::Json(s.to_owned())
+    }
+
+    /// What build-remote writes while it answers, and what Nix 2.8 prints of it.
+    #[test]
+    fn try_lines_are_printed_as_nix_prints_them() {
+        let debug = json(r#"@nix {"action":"msg","level":6,"msg":"got 0 remote builders"}"#);
+        assert!(try_line_output(&debug, 3, false).is_empty());
+        assert!(try_line_output(&debug, 5, false).is_empty());
+        assert_eq!(
+            try_line_output(&debug, LVL_DEBUG, false),
+            ["got 0 remote builders"]
+        );
+        let coloured = json(
+            r#"@nix {"action":"msg","level":0,"msg":"\u001b[31;1merror:\u001b[0m cannot build on 'ssh://m1'"}"#,
+        );
+        assert_eq!(
+            try_line_output(&coloured, 3, false),
+            ["error: cannot build on 'ssh://m1'"]
+        );
+        assert_eq!(
+            try_line_output(&coloured, 3, true),
+            ["\u{1b}[31;1merror:\u{1b}[0m cannot build on 'ssh://m1'"]
+        );
+        let start =
+            json(r#"@nix {"action":"start","id":1,"level":3,"type":103,"text":"copying 0 paths"}"#);
+        assert_eq!(try_line_output(&start, 3, false), ["copying 0 paths..."]);
+        assert!(try_line_output(&start, 2, false).is_empty());
+        let plain = HookLine::Other("\u{1b}[1mplain\tline".into());
+        assert_eq!(try_line_output(&plain, 0, false), ["\u{1b}[1mplain\tline"]);
+        assert!(try_line_output(&HookLine::Reply("decline".into()), 7, false).is_empty());
+        let bad = json("@nix {oops");
+        let out = try_line_output(&bad, 3, false);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].starts_with("bad JSON log message from builder: "));
+        assert_eq!(out[1], "@nix {oops");
+        let stop = json(r#"@nix {"action":"stop","id":1}"#);
+        assert!(try_line_output(&stop, 7, false).is_empty());
+    }
 
     #[test]
     fn pool_reuses_until_accept() {

@@ -11,12 +11,11 @@ use actix::WeakAddr;
 
 use super::instance::{HookInstance, SpawnError};
 use super::job::HookJob;
-use super::{Begin, PoolState, TryOutcome};
+use super::{try_line_output, Begin, PoolState, TryOutcome, LVL_DEBUG};
 use crate::messages::{CancelHookBuild, HookReply, HookStderrLine, HookTry, StartLogCollector};
+use drover::build_log::ansi::filter_ansi_text;
 use drover::config::{Env, Settings};
-use drover::hook_protocol::{
-    json_message_text, settings_preamble, HookLine, ReplyKind, TryRequest, UNEXPECTED_EOF,
-};
+use drover::hook_protocol::{settings_preamble, unexpected_eof, HookLine, ReplyKind, TryRequest};
 use drover::store_path::StoreDir;
 
 /// How the pool starts hooks and where their output goes.
@@ -32,9 +31,9 @@ pub struct HookPoolConfig {
     pub store_dir: StoreDir,
     /// Starts the log collector of an accepted job.
     pub start_log_collector: StartLogCollector,
-    /// Where lines the hook prints while answering a `try` go (`@nix` lines and
-    /// others); `None` prints them to stderr as Nix does (the `msg` of `@nix` msg
-    /// lines, other lines verbatim).
+    /// Where what Nix prints while a hook answers a `try` goes (see
+    /// [`try_line_output`]; and, from verbosity [`LVL_DEBUG`] on, Nix's debug lines
+    /// about the hook); `None`: the process's stderr.
     pub stderr: Option<Recipient<HookStderrLine>>,
 }
 
@@ -64,6 +63,8 @@ pub struct HookPool {
     /// The jobs started for accepted builds (pruned when they are gone). Their build
     /// ids are only known to them, so a cancellation goes to each.
     jobs: Vec<WeakAddr<HookJob>>,
+    /// Whether printed messages keep their colours (stderr is a terminal).
+    ansi: bool,
 }
 
 impl HookPool {
@@ -73,6 +74,14 @@ impl HookPool {
             config,
             state,
             jobs: Vec::new(),
+            ansi: drover::build_log::ansi::should_ansi(),
+        }
+    }
+
+    /// Prints one of Nix's debug lines about the hook, at verbosity [`LVL_DEBUG`].
+    fn debug(&self, text: String) {
+        if self.config.verbosity >= LVL_DEBUG {
+            echo(&self.config.stderr, text);
         }
     }
 
@@ -95,23 +104,21 @@ impl Handler<CancelHookBuild> for HookPool {
 
 impl Actor for HookPool {
     type Context = Context<Self>;
+
+    /// The idle hook kept for later requests is killed with the pool (also when the
+    /// pool is dropped without stopping: dropping a [`HookInstance`] kills its
+    /// process group).
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.state.clear_idle();
+    }
 }
 
-fn echo(stderr: &Option<Recipient<HookStderrLine>>, line: HookLine) {
-    let text = match line {
-        HookLine::Json(l) | HookLine::Other(l) | HookLine::Reply(l) => l,
-    };
+/// Prints one line as Nix prints it (already filtered): to the `stderr` recipient,
+/// or to the process's stderr.
+fn echo(stderr: &Option<Recipient<HookStderrLine>>, text: String) {
     match stderr {
         Some(r) => r.do_send(HookStderrLine(text)),
-        None => {
-            if text.starts_with("@nix ") {
-                if let Some(msg) = json_message_text(&text) {
-                    eprintln!("{msg}");
-                }
-            } else {
-                eprintln!("{text}");
-            }
-        }
+        None => eprintln!("{text}"),
     }
 }
 
@@ -126,6 +133,7 @@ impl Handler<HookTry> for HookPool {
             Begin::Use(i) => i,
             Begin::Spawn => {
                 let program = self.config.build_hook.clone().unwrap_or_default();
+                self.debug(format!("starting build hook '{}'", program.display()));
                 match HookInstance::spawn(
                     &program,
                     self.config.verbosity,
@@ -134,9 +142,9 @@ impl Handler<HookTry> for HookPool {
                     Ok(i) => i,
                     Err(e @ SpawnError::Exec { .. }) => {
                         // Nix's forked child prints this, then the parent reads EOF.
-                        echo(&self.config.stderr, HookLine::Other(format!("error: {e}")));
+                        echo(&self.config.stderr, format!("error: {e}"));
                         return AtomicResponse::new(Box::pin(fut::ready(HookReply::Error(
-                            UNEXPECTED_EOF.into(),
+                            unexpected_eof(),
                         ))));
                     }
                     Err(e) => {
@@ -155,27 +163,45 @@ impl Handler<HookTry> for HookPool {
         }
         .encode();
         let stderr = self.config.stderr.clone();
+        let (verbosity, ansi) = (self.config.verbosity, self.ansi);
         let work = async move {
             let mut instance = instance;
-            let mut on_line = |l: HookLine| echo(&stderr, l);
+            let mut on_line = |l: HookLine| {
+                for text in try_line_output(&l, verbosity, ansi) {
+                    echo(&stderr, text);
+                }
+            };
             let outcome = instance.try_build(&request, &mut on_line).await;
             (outcome, instance)
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
             |(outcome, instance), act, _ctx| {
-                log::debug!("hook reply is {outcome:?}");
+                match &outcome {
+                    TryOutcome::Reply(kind) => act.debug(format!("hook reply is '{kind}'")),
+                    TryOutcome::Accept { .. } => act.debug("hook reply is 'accept'".into()),
+                    TryOutcome::Died(_) | TryOutcome::Error(_) => {}
+                }
+                if let TryOutcome::Died(text) = &outcome {
+                    // `printError`: at error level, without an `error:` prefix.
+                    let msg = format!("build hook died unexpectedly: {text}");
+                    echo(&act.config.stderr, filter_ansi_text(&msg, !act.ansi));
+                }
+                let pid = instance.pid();
                 let accepted = act.state.finish(&outcome, instance);
+                // Nix drops the hook after these (`worker.hook = 0`): `killing process`.
+                if matches!(
+                    outcome,
+                    TryOutcome::Reply(ReplyKind::DeclinePermanently) | TryOutcome::Died(_)
+                ) {
+                    act.debug(format!("killing process {pid}"));
+                }
                 match outcome {
                     TryOutcome::Reply(ReplyKind::Decline) => HookReply::Decline,
                     TryOutcome::Reply(ReplyKind::Postpone) => HookReply::Postpone,
                     TryOutcome::Reply(ReplyKind::DeclinePermanently) => {
                         HookReply::DeclinePermanently
                     }
-                    TryOutcome::Died(text) => {
-                        let msg = format!("error: build hook died unexpectedly: {text}");
-                        echo(&act.config.stderr, HookLine::Other(msg));
-                        HookReply::Decline
-                    }
+                    TryOutcome::Died(_) => HookReply::Decline,
                     TryOutcome::Error(e) => HookReply::Error(e),
                     TryOutcome::Accept { machine } => match accepted {
                         Some(instance) => {

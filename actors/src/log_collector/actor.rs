@@ -46,6 +46,10 @@ pub struct CollectorOptions {
     /// (`--log-format internal-json`, `bar-with-logs`), so `echo` then only means
     /// that failures leave out the log tail.
     pub print_build_lines: bool,
+    /// Keep colour sequences in what is printed (Nix's `shouldANSI`: stderr is a
+    /// terminal); otherwise every escape sequence is removed. Either way, printed
+    /// text passes Nix's `filterANSIEscapes` (`drover::build_log::ansi`).
+    pub ansi: bool,
 }
 
 impl CollectorOptions {
@@ -56,6 +60,7 @@ impl CollectorOptions {
             stderr: Arc::new(Mutex::new(std::io::stderr())),
             queue_chunks: DEFAULT_QUEUE_CHUNKS,
             print_build_lines: true,
+            ansi: drover::build_log::ansi::should_ansi(),
         }
     }
 }
@@ -130,8 +135,9 @@ impl LogCollector {
     }
 
     fn print(&self, bytes: &[u8]) {
+        let bytes = drover::build_log::ansi::filter_ansi_escapes(bytes, !self.options.ansi);
         if let Ok(mut w) = self.options.stderr.lock() {
-            let _ = w.write_all(bytes);
+            let _ = w.write_all(&bytes);
             let _ = w.flush();
         }
     }

@@ -85,6 +85,9 @@ pub struct WorkerSettings {
     pub extra_platforms: BTreeSet<String>,
     pub system_features: BTreeSet<String>,
     pub post_build_hook: Option<String>,
+    /// `builders` names machines (Nix's `getMachines()` is not empty): chooses the
+    /// error when `max-jobs = 0` leaves nothing to run.
+    pub remote_builders: bool,
     /// `experimental-features` contains `ca-derivations`.
     pub ca_derivations: bool,
     /// `experimental-features` contains `impure-derivations`.
@@ -119,6 +122,7 @@ impl Default for WorkerSettings {
             extra_platforms: BTreeSet::new(),
             system_features: BTreeSet::new(),
             post_build_hook: None,
+            remote_builders: false,
             ca_derivations: false,
             impure_derivations: false,
             substitute: true,
@@ -153,6 +157,7 @@ impl WorkerSettings {
             extra_platforms: s.extra_platforms(),
             system_features: crate::goal::derivation::local_system_features(s),
             post_build_hook: s.post_build_hook(),
+            remote_builders: !s.builder_lines().is_empty(),
             ca_derivations: s.is_experimental_feature_enabled("ca-derivations"),
             impure_derivations: s.is_experimental_feature_enabled("impure-derivations"),
             substitute: s.get("substitute").map(|v| v != "false").unwrap_or(true),

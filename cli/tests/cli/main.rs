@@ -18,6 +18,7 @@ mod derivation;
 mod fallback;
 mod hook;
 mod hook_try;
+mod hook_process;
 mod impure;
 mod log_format;
 mod incomplete_closure;
@@ -26,6 +27,7 @@ mod progress;
 mod realise;
 mod repeat;
 mod store_settings;
+mod remote;
 mod substitute;
 
 use std::process::{Command, Output};

@@ -175,7 +175,12 @@ impl DerivationGoal {
         };
         if !self.have_slot {
             if ctx.settings.max_jobs == 0 {
-                return self.fatal(NO_BUILD_SLOTS.into());
+                let msg = if ctx.settings.remote_builders {
+                    NO_MATCHING_MACHINES
+                } else {
+                    NO_BUILD_SLOTS
+                };
+                return self.fatal(msg.into());
             }
             if ctx.build_slot_free {
                 // Granted at once: the locks are kept.
@@ -231,6 +236,8 @@ impl DerivationGoal {
 
 /// Nix 2.8's error when max-jobs is 0 and no hook builds.
 pub const NO_BUILD_SLOTS: &str = "unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
+/// Nix 2.8's error instead of [`NO_BUILD_SLOTS`] when `builders` names machines.
+pub const NO_MATCHING_MACHINES: &str = "unable to start any build; remote machines may not have all required system features.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html";
 
 impl DerivationGoal {
     /// Nix's `getRequiredSystemFeatures`: [`required_features`], plus
