@@ -16,6 +16,7 @@ use drover::config::Settings;
 use drover::store::LocalStore;
 
 use super::{failure_message, LocalBuilderState};
+use crate::log_collector::forward;
 use crate::messages::{
     CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof, LogSummary,
     RunLocalBuild, StartLogCollector,
@@ -259,24 +260,28 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             };
             let status = match spawned {
                 Ok((pid, wait)) => {
-                    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                    let bytes = log.bytes.clone();
-                    let reader =
+                    // The pty is read on a thread of its own; its chunks reach the
+                    // collector with back-pressure (`forward`), so a flooding
+                    // builder blocks on its pty instead of filling our memory.
+                    let (chunks, forwarder) = forward::channel(log.bytes.clone());
+                    let _reader =
                         std::thread::Builder::new()
                             .name(format!("pty-{id}"))
                             .spawn(move || {
-                                let _ =
-                                    read_pty(pty_master, |b| bytes.do_send(LogBytes(b.to_vec())));
-                                let _ = done_tx.send(());
+                                let _ = read_pty(pty_master, |b| {
+                                    chunks.send(b);
+                                });
                             });
                     if me.send(Spawned { id, pid }).await.unwrap_or(true) {
                         kill_process_group(pid);
                     }
-                    if reader.is_ok() {
-                        let _ = done_rx.await;
-                    }
-                    let status = wait.await;
+                    // As Nix: the build is over at EOF on the pty, i.e. once every
+                    // process holding it (background children included) has closed
+                    // it; then what is left of the process group is killed and the
+                    // builder reaped.
+                    forwarder.await;
                     kill_process_group(pid);
+                    let status = wait.await;
                     status.unwrap_or_else(|_| exec_failure_status())
                 }
                 Err(e) => {
