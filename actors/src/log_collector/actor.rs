@@ -21,6 +21,7 @@ use actix::prelude::*;
 use drover::build_log::file::{TryWriteError, DEFAULT_QUEUE_CHUNKS};
 use drover::build_log::{LogFile, LogFileWriter};
 
+use super::forward::READ_CHUNK;
 use super::{CollectorState, Effect, DEFAULT_VERBOSITY};
 use crate::messages::{
     BuildLogEvent, HookStderrLine, LogAlarm, LogBytes, LogConfig, LogEof, LogSink, LogSummary,
@@ -245,7 +246,29 @@ impl Handler<LogBytes> for LogCollector {
 
     fn handle(&mut self, LogBytes(data): LogBytes, ctx: &mut Context<Self>) {
         let mut fx = Vec::new();
-        self.state.bytes(data, Instant::now(), &mut fx);
+        let now = Instant::now();
+        if data.len() <= READ_CHUNK {
+            self.state.bytes(data, now, &mut fx);
+        } else {
+            // A batch of reads (`forward`): counted against the log limit read by
+            // read, as Nix does, so the cut falls where it would.
+            // The pieces logged go to the writer as one chunk: a handler queues at
+            // most one chunk, so a chunk waiting for room is never overtaken.
+            let mut file = Vec::new();
+            for piece in data.chunks(READ_CHUNK) {
+                let mut piece_fx = Vec::new();
+                self.state.bytes(piece.to_vec(), now, &mut piece_fx);
+                for e in piece_fx {
+                    match e {
+                        Effect::File(b) => file.extend_from_slice(&b),
+                        e => fx.push(e),
+                    }
+                }
+            }
+            if !file.is_empty() {
+                fx.push(Effect::File(file));
+            }
+        }
         self.apply(fx, ctx);
     }
 }
