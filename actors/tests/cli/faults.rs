@@ -194,3 +194,166 @@ fn flooding_builder_memory_is_bounded_and_log_complete() {
         rss[0]
     );
 }
+
+const MULTI: &str = r#"derivation {
+  name = "multi"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  outputs = [ "out" "dev" ];
+  args = [ "-c" "echo out > $out; echo dev > $dev" ];
+}"#;
+
+/// `nix-store --realise SYMLINK!dev` where SYMLINK is a root made by
+/// `nix-instantiate --add-root` (tests/nix-build.sh): `!outputs` is split off,
+/// then the link is followed. Both tools print the same paths, exit the same.
+#[test]
+fn symlink_with_outputs_is_followed() {
+    require_nix!();
+    for arg in [
+        "drvlink!dev",
+        "drvlink",
+        "drvlink!out,dev",
+        "drvlink!",
+        "drvlink!nonexist",
+    ] {
+        let mut seen = Vec::new();
+        for use_drover in [false, true] {
+            let root = TestRoot::new();
+            let file = root.path().join("multi.nix");
+            std::fs::write(&file, MULTI).unwrap();
+            let link = root.path().join("drvlink");
+            root.run(
+                "nix-instantiate",
+                &["--add-root", link.to_str().unwrap(), file.to_str().unwrap()],
+            );
+            let r = realise(
+                &root,
+                use_drover,
+                &[root.path().join(arg).to_str().unwrap()],
+            );
+            let errors: Vec<String> = r
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with("error:"))
+                .map(|l| normalise(&root, l))
+                .collect();
+            // Sorted: paths print in store-path order, and the roots' hashes differ.
+            let mut paths: Vec<String> = r.stdout.lines().map(|l| normalise(&root, l)).collect();
+            paths.sort();
+            seen.push((r.code, paths, errors));
+        }
+        assert_eq!(seen[1], seen[0], "{arg}: drover, nix");
+    }
+}
+
+/// Usage errors: Nix's message, a pointer to `--help`, exit status 1 (clap's
+/// default was 2); `-j abc` is refused as Nix refuses it.
+#[test]
+fn usage_errors_match_nix() {
+    require_nix!();
+    let root = TestRoot::new();
+    let file = root.path().join("multi.nix");
+    std::fs::write(&file, MULTI).unwrap();
+    let drv = root.run("nix-instantiate", &[file.to_str().unwrap()]);
+    let drv = drv.trim();
+    for args in [
+        vec!["-j", "abc", drv],
+        vec!["--max-jobs", "-1", drv],
+        vec!["--bogus", drv],
+    ] {
+        let nix = realise(&root, false, &args);
+        let ours = realise(&root, true, &args);
+        assert_eq!(nix.code, 1, "{args:?}: {}", nix.stderr);
+        assert_eq!(ours.code, nix.code, "{args:?}: {}", ours.stderr);
+        let first = |s: &str| s.lines().next().unwrap_or_default().to_owned();
+        assert_eq!(first(&ours.stderr), first(&nix.stderr), "{args:?}");
+        assert_eq!(
+            ours.stderr.lines().nth(1),
+            Some("Try 'drover --help' for more information."),
+            "{args:?}"
+        );
+        assert_eq!(ours.stdout, "");
+    }
+    // Refused before anything is built.
+    assert!(!root.path().join("var/log/nix/drvs").exists());
+}
+
+/// `--option` with a name Nix does not know, and with a value it refuses: the same
+/// warnings as nix-store 2.8 (`warning: unknown setting 'max-log-size'`,
+/// `warning: error: configuration setting 'max-jobs' …`), in the same order, and
+/// the build goes on.
+#[test]
+fn option_warnings_match_nix() {
+    require_nix!();
+    // (No unknown name in nix.conf: Nix's default build hook is `nix` itself,
+    // which reads nix.conf again and prints those a second time.)
+    let root = TestRoot::new();
+    let file = root.path().join("multi.nix");
+    std::fs::write(&file, MULTI).unwrap();
+    let drv = root.run("nix-instantiate", &[file.to_str().unwrap()]);
+    let drv = drv.trim();
+    for args in [
+        vec!["--option", "max-log-size", "1000000", drv],
+        vec![
+            "--option",
+            "aaa-unknown",
+            "1",
+            "--option",
+            "max-log-size",
+            "1",
+            drv,
+        ],
+        vec!["--option", "keep-going", "maybe", drv],
+    ] {
+        let nix = realise(&root, false, &args);
+        let ours = realise(&root, true, &args);
+        assert_eq!(nix.code, 0, "{}", nix.stderr);
+        assert_eq!(ours.code, 0, "{}", ours.stderr);
+        let warnings = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| l.starts_with("warning:") && !l.contains("--add-root"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert!(warnings(&nix.stderr)
+            .iter()
+            .any(|w| w.contains("unknown setting") || w.contains("error:")));
+        assert_eq!(warnings(&ours.stderr), warnings(&nix.stderr), "{args:?}");
+    }
+}
+
+/// A failing run's error names each cause once (an error that prints its source
+/// in its own message used to show it twice, with Rust's `(os error N)`).
+#[test]
+fn error_causes_are_printed_once() {
+    require_nix!();
+    let root = TestRoot::new();
+    let file = root.path().join("multi.nix");
+    std::fs::write(&file, MULTI).unwrap();
+    let drv = root.run("nix-instantiate", &[file.to_str().unwrap()]);
+    let drv = drv.trim();
+    // A state dir that cannot be created (under /proc).
+    let ours = run(drover(&root)
+        .env("NIX_STATE_DIR", "/proc/drover-test/x")
+        .args(["realise", drv]));
+    let nix = run(root
+        .cmd("nix-store")
+        .env("NIX_STATE_DIR", "/proc/drover-test/x")
+        .args(["--realise", drv]));
+    assert_eq!(nix.code, 1);
+    assert_eq!(ours.code, nix.code, "{}", ours.stderr);
+    let line = ours
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap();
+    assert_eq!(
+        line.matches("No such file or directory").count(),
+        1,
+        "{line}"
+    );
+    assert!(!line.contains("os error"), "{line}");
+    assert!(
+        nix.stderr.ends_with(": No such file or directory\n"),
+        "{}",
+        nix.stderr
+    );
+}

@@ -29,7 +29,7 @@ use crate::Context;
 #[derive(clap::Args)]
 pub struct Args {
     /// Run at most N local builds at once (`auto`: one per CPU).
-    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
+    #[arg(short = 'j', long = "max-jobs", value_name = "N", value_parser = crate::args::max_jobs, allow_hyphen_values = true)]
     max_jobs: Option<String>,
     /// Tell builders to use at most N cores (NIX_BUILD_CORES; 0 = all).
     #[arg(long, value_name = "N")]
@@ -223,15 +223,7 @@ fn parse_request(store_dir: &StoreDir, arg: &str) -> anyhow::Result<DerivedPath>
             p => p,
         });
     }
-    let path = crate::args::store_path(store_dir, arg)?;
-    Ok(if path.is_derivation() {
-        DerivedPath::Built {
-            drv_path: path,
-            outputs: OutputsSpec::All,
-        }
-    } else {
-        DerivedPath::Opaque(path)
-    })
+    crate::args::derived_path(store_dir, arg)
 }
 
 /// The output paths a finished request prints, in store-path order (Nix prints the
