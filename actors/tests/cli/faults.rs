@@ -357,3 +357,44 @@ fn error_causes_are_printed_once() {
         nix.stderr
     );
 }
+
+/// The `post-build-hook`'s stdout and stderr (tests/post-hook.sh): never on stdout,
+/// which carries only the output paths; on stderr as Nix 2.8 shows them,
+/// `running post-build-hook '…'...` and `post-build-hook: <line>` (with `-Q` only
+/// the first). (Nix 2.8 passes an empty `OUT_PATHS`, a bug of its `buildDone`;
+/// drover passes the paths, so the hook here does not print them.)
+#[test]
+fn post_build_hook_output_goes_to_stderr() {
+    require_nix!();
+    for flags in [vec![], vec!["-Q"]] {
+        let mut seen = Vec::new();
+        for use_drover in [false, true] {
+            let root = TestRoot::new();
+            let hook = root.path().join("hook.sh");
+            std::fs::write(
+                &hook,
+                "#!/bin/sh\necho \"hook stdout $DRV_PATH\"\necho 'hook stderr' >&2\nprintf partial\n",
+            )
+            .unwrap();
+            std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let drv = instantiate(&root, "multi.nix", MULTI, &[]);
+            let mut args = flags.clone();
+            args.extend(["--option", "post-build-hook", hook.to_str().unwrap(), &drv]);
+            let r = realise(&root, use_drover, &args);
+            let mut paths: Vec<String> = r.stdout.lines().map(|l| normalise(&root, l)).collect();
+            paths.sort();
+            let mut stderr: Vec<String> = r.stderr.lines().map(|l| normalise(&root, l)).collect();
+            // The last line (the `--add-root` warning) and stdout interleave
+            // differently; the order of everything else must be the same.
+            stderr.sort_by_key(|l| l.contains("--add-root"));
+            seen.push((r.code, paths, stderr));
+        }
+        assert_eq!(seen[0].0, 0, "{:?}", seen[0]);
+        assert!(seen[0]
+            .2
+            .iter()
+            .any(|l| l.starts_with("running post-build-hook '")));
+        assert_eq!(seen[1], seen[0], "{flags:?}: drover, nix");
+    }
+}

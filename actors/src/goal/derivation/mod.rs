@@ -1157,6 +1157,7 @@ impl DerivationGoal {
     fn post_build(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
         self.state = State::PostBuildHook;
         let hook = ctx.settings.post_build_hook.clone();
+        let print_logs = ctx.settings.log.echo;
         let drv_path = ctx.store_dir.print(&self.drv_path);
         let mut outs: Vec<String> = self
             .built
@@ -1180,7 +1181,7 @@ impl DerivationGoal {
                 }
             }
             DrvJobResult::PostBuildHook(match hook {
-                Some(hook) => run_post_build_hook(&hook, &drv_path, &outs.join(" ")),
+                Some(hook) => run_post_build_hook(&hook, &drv_path, &outs.join(" "), print_logs),
                 None => Ok(()),
             })
         })]
@@ -1520,18 +1521,14 @@ fn input_paths(
 
 /// Runs `post-build-hook` with `DRV_PATH` and `OUT_PATHS`; a failure is an error that
 /// aborts the run (Nix's `ExecError`), the outputs staying registered.
-fn run_post_build_hook(hook: &str, drv_path: &str, out_paths: &str) -> Result<(), String> {
-    let status = std::process::Command::new(hook)
-        .env("DRV_PATH", drv_path)
-        .env("OUT_PATHS", out_paths)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .map_err(|e| format!("executing '{hook}': {e}"))?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(n) => Err(format!("program '{hook}' failed with exit code {n}")),
-        None => Err(format!("program '{hook}' failed due to signal")),
-    }
+fn run_post_build_hook(
+    hook: &str,
+    drv_path: &str,
+    out_paths: &str,
+    print_logs: bool,
+) -> Result<(), String> {
+    crate::local_builder::post_build_hook::run(hook, drv_path, out_paths, print_logs)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
