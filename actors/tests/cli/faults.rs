@@ -398,3 +398,102 @@ fn post_build_hook_output_goes_to_stderr() {
         assert_eq!(seen[1], seen[0], "{flags:?}: drover, nix");
     }
 }
+
+const REJECTED: &str = r#"let
+  dep = derivation {
+    name = "dep"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out/sub; echo x > $out/sub/f" ];
+  };
+in derivation {
+  name = "rejected"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  disallowedReferences = [ dep ];
+  args = [ "-c" "mkdir -p $out/a/b; echo ${dep} > $out/a/b/ref; chmod -w $out/a" ];
+}"#;
+
+/// Runs `program args` as an unprivileged user: as `nobody` (through `setpriv`)
+/// when we are root, else as ourselves. `None` when that is impossible.
+fn unprivileged(root: &TestRoot, program: &str) -> Option<Command> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(root.cmd(program));
+    }
+    let ok = Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        return None;
+    }
+    let mut c = root.cmd("setpriv");
+    c.args([
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        program,
+    ]);
+    // A home of its own (Nix looks at `~/.nix-defexpr`).
+    c.env("HOME", root.path());
+    Some(c)
+}
+
+/// An output rejected by the output checks (`disallowedReferences`; its builder
+/// left a read-only directory) stays in the store unregistered, with both tools;
+/// building the derivation again, as a user who is not root, must fail the same
+/// way again, not with `Permission denied` on the leftover (tests/check-reqs.sh):
+/// Nix deletes paths after making their directories writable.
+#[test]
+fn rejected_output_is_deleted_by_an_unprivileged_rebuild() {
+    require_nix!();
+    let mut seen = Vec::new();
+    for use_drover in [false, true] {
+        let root = TestRoot::new();
+        let drv = instantiate(&root, "reqs.nix", REJECTED, &[]);
+        let st = Command::new("chown")
+            .args(["-R", "nobody:nogroup"])
+            .arg(root.path())
+            .status()
+            .unwrap();
+        if !st.success() && unsafe { libc::geteuid() } == 0 {
+            panic!("chown failed");
+        }
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let program = if use_drover {
+                env!("CARGO_BIN_EXE_drover")
+            } else {
+                "nix-store"
+            };
+            let Some(mut cmd) = unprivileged(&root, program) else {
+                if std::env::var_os("DROVER_REQUIRE_NIX").is_some_and(|v| v != "0") {
+                    panic!("cannot run as an unprivileged user (no setpriv)");
+                }
+                eprintln!(
+                    "SKIPPED rejected_output_is_deleted_by_an_unprivileged_rebuild: no setpriv"
+                );
+                return;
+            };
+            cmd.arg(if use_drover { "realise" } else { "--realise" })
+                .arg(&drv);
+            let r = run(&mut cmd);
+            let errors: Vec<String> = r
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with("error:") || l.starts_with("         "))
+                .map(|l| normalise(&root, l))
+                .collect();
+            runs.push((r.code, errors));
+        }
+        let _ = Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(root.path())
+            .status();
+        seen.push(runs);
+    }
+    assert_eq!(seen[0][0].0, 1, "{:?}", seen[0]);
+    assert!(
+        seen[0][1].1[0].contains("is not allowed to refer to"),
+        "{:?}",
+        seen[0]
+    );
+    assert_eq!(seen[1], seen[0], "drover, nix");
+}

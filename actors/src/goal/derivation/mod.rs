@@ -1439,15 +1439,9 @@ fn lock_outputs(
     for o in outputs.values() {
         if let (Some(p), false) = (&o.path, o.valid) {
             if !store.is_valid_path(p).map_err(|e| e.to_string())? {
-                let real = store.real_path(p);
-                if let Ok(m) = std::fs::symlink_metadata(&real) {
-                    let r = if m.is_dir() {
-                        std::fs::remove_dir_all(&real)
-                    } else {
-                        std::fs::remove_file(&real)
-                    };
-                    r.map_err(|e| format!("deleting '{}': {e}", real.display()))?;
-                }
+                // A leftover (an output the checks rejected, say) is read-only:
+                // delete it as Nix does, making its directories writable first.
+                drover::build::delete_path(&store.real_path(p)).map_err(|e| e.to_string())?;
             }
         }
     }
