@@ -292,6 +292,21 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let stop_time = unix_now();
             let summary: LogSummary = log.eof.send(LogEof).await.unwrap_or_default();
             let killed = me.send(Exited { id }).await.unwrap_or(None);
+            if let Some(e) = summary.log_error {
+                // Nix fails a build whose log cannot be written (a full disk):
+                // nothing is registered; the scratch outputs stay invalid.
+                drop(prepared);
+                return failed(id, BuildStatus::MiscFailure, e);
+            }
+            // Nix's heuristic when a builder fails: with less than 8 MiB free on the
+            // store's or the build directory's file system, the failure may be
+            // the full disk's, so it is not a permanent one.
+            let disk_full = !status.success()
+                && killed.is_none()
+                && super::disk_nearly_full(&[
+                    std::path::PathBuf::from(store.store_dir().as_str()),
+                    config.build.build_dir_root.clone(),
+                ]);
             let outcome = {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
                 tokio::task::spawn_blocking(move || {
@@ -305,6 +320,10 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                         eprintln!("note: keeping build directory '{}'", dir.display());
                     }
                     let mut result = o.result;
+                    let disk_full = disk_full && result.status == BuildStatus::PermanentFailure;
+                    if disk_full {
+                        result.status = BuildStatus::TransientFailure;
+                    }
                     if matches!(
                         result.status,
                         BuildStatus::PermanentFailure | BuildStatus::TransientFailure
@@ -316,6 +335,10 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                             config.nix_command,
                             &drv_printed,
                         );
+                    }
+                    if disk_full {
+                        // After the log tail, as Nix appends it.
+                        result.error_msg.push_str(super::DISK_FULL_NOTE);
                     }
                     result.times_built = 1;
                     result.start_time = start_time;

@@ -10,7 +10,8 @@
 //!
 //! A `LogConfig` whose `log_dir` is empty writes no log file (`keep-build-log = false`).
 //! A log file that cannot be created or written is reported on stderr (as a Nix
-//! `error:` line) and the build goes on without it (`LogSummary::log_file` is None).
+//! `error:` line) at once and in `LogSummary::log_error` (`log_file` is None): the
+//! owner fails the build, as Nix does (its `openLogFile` and log sink throw).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -94,8 +95,9 @@ pub struct LogCollector {
     alarm: Recipient<LogAlarm>,
     options: CollectorOptions,
     writer: Option<LogFileWriter>,
-    /// Set once the log file failed: no more writing, no file in the summary.
-    file_failed: bool,
+    /// Set once the log file failed: no more writing, no file in the summary,
+    /// the error in it.
+    file_failed: Option<String>,
     timer: Option<SpawnHandle>,
 }
 
@@ -117,7 +119,7 @@ impl LogCollector {
             alarm,
             options,
             writer: None,
-            file_failed: false,
+            file_failed: None,
             timer: None,
         }
     }
@@ -130,9 +132,10 @@ impl LogCollector {
     }
 
     fn fail_file(&mut self, e: impl std::fmt::Display) {
-        if !self.file_failed {
-            self.file_failed = true;
-            self.print(format!("error: {e}\n").as_bytes());
+        if self.file_failed.is_none() {
+            let msg = e.to_string();
+            self.print(format!("error: {msg}\n").as_bytes());
+            self.file_failed = Some(msg);
         }
         self.writer = None;
     }
@@ -316,7 +319,12 @@ impl Handler<LogEof> for LogCollector {
             LogSummary {
                 tail,
                 bytes,
-                log_file: if act.file_failed { None } else { log_file },
+                log_file: if act.file_failed.is_some() {
+                    None
+                } else {
+                    log_file
+                },
+                log_error: act.file_failed.clone(),
             }
         }))
     }

@@ -497,3 +497,139 @@ fn rejected_output_is_deleted_by_an_unprivileged_rebuild() {
     );
     assert_eq!(seen[1], seen[0], "drover, nix");
 }
+
+/// Whether tmpfs mounts can be made (root); when not, prints why the test is
+/// skipped, or panics under `DROVER_REQUIRE_NIX=1`.
+fn can_mount(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("DROVER_REQUIRE_NIX").is_some_and(|v| v != "0") {
+        panic!("{test}: needs root to mount a small tmpfs");
+    }
+    eprintln!("SKIPPED {test}: needs root to mount a small tmpfs");
+    false
+}
+
+/// Mounts a tmpfs of `size` on `dir` (keeping what `dir` held); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let keep = dir.with_extension("kept");
+        std::fs::create_dir_all(dir).unwrap();
+        crate::realise::sh(&format!(
+            "cp -a {d} {k}",
+            d = dir.display(),
+            k = keep.display()
+        ));
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount");
+        crate::realise::sh(&format!(
+            "cp -a {k}/. {d}/",
+            d = dir.display(),
+            k = keep.display()
+        ));
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+const FILL: &str = r#"derivation {
+  name = "fill"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = [ "-c" "mkdir $out; head -c 20000000 /dev/zero > $out/big" ];
+}"#;
+
+const BIG_LOG: &str = r#"derivation {
+  name = "biglog"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = [ "-c" "head -c 3000000 /dev/urandom | base64; mkdir $out" ];
+}"#;
+
+/// A builder failing because the store's file system is full: Nix 2.8 exits 1 (a
+/// transient failure, not 100) and adds `note: build failure may have been caused
+/// by lack of free disk space`, after the log tail with `-Q`.
+#[test]
+fn full_store_disk_is_a_transient_failure_with_nix_note() {
+    require_nix!();
+    if !can_mount("full_store_disk_is_a_transient_failure_with_nix_note") {
+        return;
+    }
+    for flags in [vec![], vec!["-Q"]] {
+        let mut seen = Vec::new();
+        for use_drover in [false, true] {
+            let root = TestRoot::new();
+            let drv = instantiate(&root, "fill.nix", FILL, &[]);
+            let _fs = Tmpfs::mount(Path::new(&root.store_dir), "4m");
+            let mut args = flags.clone();
+            args.push(&drv);
+            let r = realise(&root, use_drover, &args);
+            let errors: Vec<String> = r
+                .stderr
+                .lines()
+                .skip_while(|l| !l.starts_with("error:"))
+                .map(|l| normalise(&root, l))
+                .collect();
+            seen.push((r.code, errors));
+        }
+        assert_eq!(seen[0].0, 1, "{:?}", seen[0]);
+        assert!(
+            seen[0]
+                .1
+                .last()
+                .unwrap()
+                .ends_with("note: build failure may have been caused by lack of free disk space"),
+            "{:?}",
+            seen[0]
+        );
+        assert_eq!(seen[1], seen[0], "{flags:?}: drover, nix");
+    }
+}
+
+/// The log directory's file system full: Nix 2.8 does not register the output
+/// (it even aborts: `terminate called after throwing … writing to file: No space
+/// left on device`, status 134); drover fails the build with exit status 1 and an
+/// error naming the log file, and registers nothing either.
+#[test]
+fn full_log_disk_fails_the_build() {
+    require_nix!();
+    if !can_mount("full_log_disk_fails_the_build") {
+        return;
+    }
+    let mut valid = Vec::new();
+    for use_drover in [false, true] {
+        let root = TestRoot::new();
+        let drv = instantiate(&root, "big.nix", BIG_LOG, &[]);
+        let _fs = Tmpfs::mount(&root.log_dir, "256k");
+        let r = realise(&root, use_drover, &["-Q", &drv]);
+        let out = root.run("nix-store", &["-q", "--outputs", &drv]);
+        let check = root
+            .cmd("nix-store")
+            .args(["--check-validity", out.trim()])
+            .output()
+            .unwrap();
+        valid.push(check.status.success());
+        if use_drover {
+            assert_eq!(r.code, 1, "{}", r.stderr);
+            assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+            assert_eq!(r.stdout, "");
+        } else {
+            assert_ne!(r.code, 0, "{}", r.stderr);
+            assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+        }
+    }
+    assert_eq!(
+        valid,
+        vec![false, false],
+        "valid after the run (nix, drover)"
+    );
+}
