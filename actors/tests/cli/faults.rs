@@ -633,3 +633,36 @@ fn full_log_disk_fails_the_build() {
         "valid after the run (nix, drover)"
     );
 }
+
+const TINY: &str = r#"derivation {
+  name = "tiny"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = [ "-c" "echo building tiny; echo out > $out" ];
+}"#;
+
+/// stdout and stderr in one stream, as a user sees them: the `--add-root` warning
+/// comes once, before the first output path (Nix's `realisePath`), and
+/// `nix-store --realise` without arguments prints nothing and succeeds.
+#[test]
+fn interleaved_output_and_no_arguments_match_nix() {
+    require_nix!();
+    let mut seen = Vec::new();
+    for use_drover in [false, true] {
+        let root = TestRoot::new();
+        let drv = instantiate(&root, "tiny.nix", TINY, &[]);
+        let tool = if use_drover {
+            format!("{} realise", env!("CARGO_BIN_EXE_drover"))
+        } else {
+            "nix-store --realise".to_owned()
+        };
+        let mut outputs = Vec::new();
+        for args in ["", &format!("{drv} {drv}")] {
+            let r = run(root
+                .cmd("/bin/sh")
+                .args(["-c", &format!("{tool} {args} 2>&1")]));
+            outputs.push((r.code, normalise(&root, &r.stdout)));
+        }
+        seen.push(outputs);
+    }
+    assert_eq!(seen[0][0], (0, String::new()));
+    assert_eq!(seen[1], seen[0], "drover, nix");
+}

@@ -65,7 +65,8 @@ pub struct Args {
     #[arg(long)]
     plain: bool,
     /// Derivations (`X.drv`, `X.drv!out,dev`, `X.drv^*`) and store paths.
-    #[arg(required = true, value_name = "PATH")]
+    /// (None: nothing to do, as `nix-store --realise` without arguments.)
+    #[arg(value_name = "PATH")]
     paths: Vec<String>,
 }
 
@@ -194,6 +195,10 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     if outcome.exit_status != 0 {
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
     }
+    // Nix warns once, before the first output path it prints (none: no warning).
+    if !outcome.results.is_empty() {
+        eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    }
     let mut out = std::io::stdout().lock();
     for r in &outcome.results {
         for p in output_paths(&store_dir, &r.path, &r.result) {
@@ -201,7 +206,6 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
     Ok(ExitCode::SUCCESS)
 }
 
