@@ -292,11 +292,16 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let stop_time = unix_now();
             let summary: LogSummary = log.eof.send(LogEof).await.unwrap_or_default();
             let killed = me.send(Exited { id }).await.unwrap_or(None);
-            if let Some(e) = summary.log_error {
+            if summary.log_error.is_some() {
                 // Nix fails a build whose log cannot be written (a full disk):
-                // nothing is registered; the scratch outputs stay invalid.
+                // nothing is registered; the scratch outputs stay invalid. The
+                // collector printed the cause when it happened.
                 drop(prepared);
-                return failed(id, BuildStatus::MiscFailure, e);
+                return failed(
+                    id,
+                    BuildStatus::MiscFailure,
+                    format!("the build log of '{drv_printed}' could not be written"),
+                );
             }
             // Nix's heuristic when a builder fails: with less than 8 MiB free on the
             // store's or the build directory's file system, the failure may be
