@@ -26,10 +26,10 @@
 //! assignments override earlier ones. Names may be aliases (`build-max-jobs`).
 //!
 //! Every setting Nix 2.8 knows is accepted (values of those drover reads are checked
-//! when set, as Nix does); an unknown name in a configuration file is remembered and
-//! reported as `unknown setting 'NAME'` by [`Settings::warnings`] (Nix prints these
-//! as warnings); one given with `--option` is ignored silently, as `nix-store` 2.8
-//! does.
+//! when set, as Nix does); an unknown name, in a configuration file or given with
+//! `--option`, is remembered and reported as `unknown setting 'NAME'` by
+//! [`Settings::warnings`] (Nix prints these as warnings, `nix-store --option
+//! max-log-size 1` included).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -386,6 +386,32 @@ fn cpu_count() -> u64 {
 
 const MAX_INCLUDE_DEPTH: usize = 32;
 
+/// The warning Nix 2.8 prints for an `--option` it could not set: the text of its
+/// usage error, `error: ` included.
+fn option_warning(e: &ConfigError) -> String {
+    match e {
+        ConfigError::InvalidValue {
+            name,
+            value,
+            expected,
+            ..
+        } => {
+            let msg = match *expected {
+                "'auto' or an integer" => {
+                    format!("configuration setting '{name}' should be 'auto' or an integer")
+                }
+                "a Boolean" => format!("Boolean setting '{name}' has invalid value '{value}'"),
+                "'true', 'false' or 'relaxed'" => {
+                    format!("option '{name}' has invalid value '{value}'")
+                }
+                _ => format!("setting '{name}' has invalid value '{value}'"),
+            };
+            format!("error: {msg}")
+        }
+        e => e.to_string(),
+    }
+}
+
 impl Settings {
     /// Settings with the directories from `env` and nothing set (no files read).
     pub fn defaults(env: &Env) -> Result<Settings, ConfigError> {
@@ -560,7 +586,8 @@ impl Settings {
     }
 
     /// Applies `--option NAME VALUE`: like a configuration line, except that an
-    /// invalid value only gives a warning (as in Nix).
+    /// invalid value only gives a warning (as in Nix, which words it as the usage
+    /// error it caught: `warning: error: setting 'cores' has invalid value 'x'`).
     pub fn apply_option(&mut self, name: &str, value: &str) {
         if let Err(e) = self.set_at(
             name,
@@ -570,7 +597,7 @@ impl Settings {
                 line: 0,
             },
         ) {
-            self.immediate_warnings.push(e.to_string());
+            self.immediate_warnings.push(option_warning(&e));
         }
     }
 
@@ -600,11 +627,9 @@ impl Settings {
                     (def, true)
                 }
                 _ => {
-                    // `nix-store --option` ignores an unknown name silently (2.8 warns
-                    // only about the ones of its configuration files).
-                    if origin.file != "--option" {
-                        self.unknown.insert(name.to_owned(), value.to_owned());
-                    }
+                    // Unknown names of `--option` are warned about too, as
+                    // `nix-store` 2.8 does (`warning: unknown setting 'NAME'`).
+                    self.unknown.insert(name.to_owned(), value.to_owned());
                     return Ok(false);
                 }
             },
@@ -1209,9 +1234,33 @@ mod tests {
             s.system_features().into_iter().collect::<Vec<_>>(),
             vec!["big", "kvm"]
         );
-        // Unknown names given with `--option` are ignored without a word, as by
-        // `nix-store`.
-        assert_eq!(s.warnings(), vec!["unknown setting 'foo-bar'".to_string()]);
+        // Unknown names given with `--option` are warned about as those of the
+        // files, sorted by name, as `nix-store` 2.8 prints them.
+        assert_eq!(
+            s.warnings(),
+            vec![
+                "unknown setting 'foo-bar'".to_string(),
+                "unknown setting 'other-unknown'".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_option_values_warn_in_nix_words() {
+        let mut s = Settings::defaults(&Env::new()).unwrap();
+        s.apply_option("max-jobs", "abc");
+        s.apply_option("keep-going", "maybe");
+        s.apply_option("cores", "x");
+        s.apply_option("max-log-size", "1000000");
+        assert_eq!(
+            s.warnings(),
+            vec![
+                "error: configuration setting 'max-jobs' should be 'auto' or an integer",
+                "error: Boolean setting 'keep-going' has invalid value 'maybe'",
+                "error: setting 'cores' has invalid value 'x'",
+                "unknown setting 'max-log-size'",
+            ]
+        );
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub struct LogSummary {
     pub bytes: u64,
     /// Where the log was written, if it was.
     pub log_file: Option<PathBuf>,
+    /// Why the log file could not be created or written (a full disk, say): Nix
+    /// fails the build then.
+    pub log_error: Option<String>,
 }
 
 /// Something the log collector noticed that ends the build: the owner of the

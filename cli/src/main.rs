@@ -1,6 +1,7 @@
 //! The `drover` command line: argument parsing and dispatch, one module per command.
 //!
-//! Errors are printed as Nix prints them (`error: …` on stderr) and exit with status 1;
+//! Errors are printed as Nix prints them (`error: …` on stderr, each cause once) and
+//! exit with status 1, usage errors too (with a pointer to `--help`, as Nix);
 //! `warning: …` lines from the settings (unknown `nix.conf` settings) come first, as
 //! Nix prints them. This binary is the only place that uses `anyhow`.
 
@@ -156,7 +157,10 @@ impl ::log::Log for CliLogger {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     // `RUST_LOG`, when set, overrides what the verbosity flags select.
     let default_filter = log_filter(cli.verbosity()).to_string().to_lowercase();
     let inner =
@@ -169,11 +173,89 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // Nix's form: `error: <message>`, the causes on the same line.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// Nix's form of an error: the message, then each cause not already part of the
+/// text before it, on the same line. (Errors that print their source in their own
+/// message, as `thiserror`'s `{source}` does, would otherwise show it twice.) An
+/// OS error reads as `strerror` words it, without Rust's ` (os error N)`.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = strip_os_error(&cause.to_string());
+        if text.is_empty() {
+            text = c;
+        } else if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+/// Removes every ` (os error N)` from a message.
+fn strip_os_error(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(" (os error ") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + " (os error ".len()..];
+        match tail.find(')') {
+            Some(j) if tail[..j].bytes().all(|b| b.is_ascii_digit()) => rest = &tail[j + 1..],
+            _ => {
+                out.push_str(" (os error ");
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A command line clap refuses: as Nix's `UsageError`s, `error: <what>` and a
+/// pointer to `--help`, exit status 1 (help and version requests print and exit 0).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(1);
+        }
+        _ => {}
+    }
+    let context = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let what = match e.kind() {
+        // The check's own words (`-j abc`: Nix's message about `max-jobs`).
+        ErrorKind::ValueValidation => std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| first_line(&e)),
+        ErrorKind::UnknownArgument => match context(ContextKind::InvalidArg) {
+            Some(a) if a.starts_with('-') => format!("unknown flag '{a}'"),
+            Some(a) => format!("unexpected argument '{a}'"),
+            None => first_line(&e),
+        },
+        _ => first_line(&e),
+    };
+    eprintln!("error: {what}\nTry 'drover --help' for more information.");
+    ExitCode::from(1)
+}
+
+/// The first line of clap's message, without its `error: `.
+fn first_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let line = rendered.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 #[cfg(test)]
@@ -202,5 +284,37 @@ mod tests {
         assert_eq!(cli.verbosity(), 5);
         assert_eq!(log_filter(3), ::log::LevelFilter::Error);
         assert_eq!(log_filter(6), ::log::LevelFilter::Debug);
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("creating directory '/x': {source}")]
+    struct Doubled {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_are_printed_once_and_as_strerror() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(Doubled { source: io });
+        assert_eq!(
+            error_message(&e),
+            "creating directory '/x': No such file or directory"
+        );
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(13)).context("opening 'f'");
+        assert_eq!(error_message(&e), "opening 'f': Permission denied");
+        assert_eq!(strip_os_error("a (os error x) b"), "a (os error x) b");
+    }
+
+    #[test]
+    fn usage_errors_are_nix_like() {
+        let e = Cli::try_parse_from(["drover", "realise", "-j", "abc", "x"])
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        assert_eq!(
+            std::error::Error::source(&e).unwrap().to_string(),
+            "configuration setting 'max-jobs' should be 'auto' or an integer"
+        );
+        assert!(Cli::try_parse_from(["drover", "realise", "-j", "2", "x"]).is_ok());
     }
 }

@@ -27,7 +27,7 @@ use crate::Context;
 #[derive(clap::Args)]
 pub struct Args {
     /// Run at most N local builds at once (`auto`: one per CPU).
-    #[arg(short = 'j', long = "max-jobs", value_name = "N")]
+    #[arg(short = 'j', long = "max-jobs", value_name = "N", value_parser = crate::args::max_jobs, allow_hyphen_values = true)]
     max_jobs: Option<String>,
     /// Tell builders to use at most N cores (NIX_BUILD_CORES; 0 = all).
     #[arg(long, value_name = "N")]
@@ -71,7 +71,8 @@ pub struct Args {
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
     /// Derivations (`X.drv`, `X.drv!out,dev`, `X.drv^*`) and store paths.
-    #[arg(required = true, value_name = "PATH")]
+    /// (None: nothing to do, as `nix-store --realise` without arguments.)
+    #[arg(value_name = "PATH")]
     paths: Vec<String>,
 }
 
@@ -222,6 +223,10 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     if outcome.exit_status != 0 {
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
     }
+    // Nix warns once, before the first output path it prints (none: no warning).
+    if !outcome.results.is_empty() && verbosity >= crate::LVL_WARN {
+        shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    }
     let mut out = std::io::stdout().lock();
     for r in &outcome.results {
         for p in output_paths(&store_dir, &r.path, &r.result) {
@@ -229,9 +234,6 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    if verbosity >= crate::LVL_WARN {
-        shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
-    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -259,15 +261,7 @@ fn parse_request(store_dir: &StoreDir, arg: &str) -> anyhow::Result<DerivedPath>
             p => p,
         });
     }
-    let path = crate::args::store_path(store_dir, arg)?;
-    Ok(if path.is_derivation() {
-        DerivedPath::Built {
-            drv_path: path,
-            outputs: OutputsSpec::All,
-        }
-    } else {
-        DerivedPath::Opaque(path)
-    })
+    crate::args::derived_path(store_dir, arg)
 }
 
 /// The output paths a finished request prints, in store-path order (Nix prints the

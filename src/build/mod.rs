@@ -49,6 +49,14 @@ pub use env::{builder_env, BuilderEnv, EnvError, EnvInputs};
 pub use outputs::{register_outputs, BuildRound, OutputsError, Registered, ScratchOutputs};
 pub use spawn::{builder_command, kill_process_group, read_pty, SpawnError};
 
+/// Deletes a file or tree as Nix's `deletePath` does: directories are made
+/// writable (and searchable) before their entries are removed, so a read-only
+/// output (canonicalised, or `chmod -w` by its builder) can be deleted by a user
+/// who is not root. A missing path is fine.
+pub fn delete_path(path: &Path) -> Result<(), StoreError> {
+    outputs::remove_tree(path)
+}
+
 /// How a derivation is built (Nix's `BuildMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BuildMode {

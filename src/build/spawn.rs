@@ -2,9 +2,12 @@
 //! sandbox: environment cleared and replaced, `argv[0]` = base name of the builder,
 //! cwd = the build directory, umask 0022, stdin `/dev/null`, stdout and stderr the
 //! slave side of a fresh pseudo-terminal in raw mode (no `\n` → `\r\n`), the builder a
-//! session leader (`setsid`) with the pty as controlling terminal. The caller reads
-//! the master ([`read_pty`]; `EIO` once every slave is closed means EOF) and kills the
-//! whole process group on cancel or timeout ([`kill_process_group`]).
+//! session leader (`setsid`) WITHOUT a controlling terminal, as in Nix (`O_NOCTTY`):
+//! were the pty its controlling terminal, the kernel would hang up the session when
+//! the builder exits and kill the background children Nix lets finish. The caller
+//! reads the master ([`read_pty`]; `EIO` once every slave is closed means EOF: every
+//! process holding the pty is done) and then kills the whole process group
+//! ([`kill_process_group`]), as on cancel or timeout.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -72,14 +75,11 @@ pub fn builder_command(
         .stderr(Stdio::from(slave2));
     let groups: Vec<nix::libc::gid_t> = user.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
     let ids = user.as_ref().map(|u| (u.uid, u.gid));
-    // SAFETY: only async-signal-safe calls (setsid, ioctl, umask, setgroups, setgid,
+    // SAFETY: only async-signal-safe calls (setsid, umask, setgroups, setgid,
     // setuid) between fork and exec; `groups` is allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
-            if nix::libc::ioctl(1, nix::libc::TIOCSCTTY as _, 0) == -1 {
-                return Err(io::Error::last_os_error());
-            }
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             if let Some((uid, gid)) = ids {
                 if nix::libc::setgroups(groups.len() as _, groups.as_ptr()) == -1
@@ -101,9 +101,8 @@ pub fn builder_command(
 /// (`CLONE_VM | CLONE_VFORK`), so nothing of the parent is copied; a `fork` copies
 /// the page tables of the whole (multi-threaded, goal-laden) drover process, which
 /// made starting builders the largest cost of big builds. Same set-up as the
-/// `pre_exec` path: `POSIX_SPAWN_SETSID`, then opening the pty slave by path makes
-/// it the controlling terminal (a session leader without one opening a terminal
-/// without `O_NOCTTY`), stdin `/dev/null`, stdout and stderr the slave, cwd the
+/// `pre_exec` path: `POSIX_SPAWN_SETSID`, the pty slave opened by path with
+/// `O_NOCTTY` (so not the controlling terminal), stdin `/dev/null`, stdout and stderr the slave, cwd the
 /// build dir, signal mask and dispositions reset. Only used when the process umask
 /// is already 0022 (`posix_spawn` cannot set it) and no build user is involved.
 #[derive(Debug)]
@@ -225,7 +224,7 @@ impl FastSpawn {
                     &mut fa,
                     1,
                     self.slave.as_ptr(),
-                    libc::O_RDWR,
+                    libc::O_RDWR | libc::O_NOCTTY,
                     0,
                 ))?;
                 check(libc::posix_spawn_file_actions_adddup2(&mut fa, 1, 2))?;
@@ -376,6 +375,32 @@ mod tests {
             groups: vec![],
         };
         assert!(fast_spawn_plan(&benv("true"), dir.path(), Some(&user), &master).is_none());
+    }
+
+    #[test]
+    fn no_controlling_terminal_so_background_children_outlive_the_builder() {
+        // Both ways of starting: the builder has no controlling terminal (field 7 of
+        // /proc/PID/stat is 0), and its background child, still holding the pty,
+        // writes after the builder has exited; EOF comes only after that.
+        let dir = tempfile::tempdir().unwrap();
+        let script = "cut -d' ' -f7 /proc/$$/stat; (sleep 1; echo late) & exit 0";
+        let (mut cmd, master) = builder_command(&benv(script), dir.path(), None).unwrap();
+        let mut child = cmd.spawn().unwrap();
+        drop(cmd);
+        let mut out = Vec::new();
+        read_pty(master, |b| out.extend_from_slice(b)).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        assert_eq!(String::from_utf8(out).unwrap(), "0\nlate\n");
+        if process_umask() == Some(0o022) {
+            let (cmd, master) = builder_command(&benv(script), dir.path(), None).unwrap();
+            let plan = fast_spawn_plan(&benv(script), dir.path(), None, &master).unwrap();
+            let pid = plan.spawn().unwrap();
+            drop(cmd);
+            let mut out = Vec::new();
+            read_pty(master, |b| out.extend_from_slice(b)).unwrap();
+            assert_eq!(wait_pid(pid).unwrap().code(), Some(0));
+            assert_eq!(String::from_utf8(out).unwrap(), "0\nlate\n");
+        }
     }
 
     #[test]

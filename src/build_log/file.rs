@@ -34,22 +34,32 @@ pub const DRVS_LOG_DIR: &str = "drvs";
 /// How many chunks a [`LogFileWriter`] queues before senders wait.
 pub const DEFAULT_QUEUE_CHUNKS: usize = 64;
 
+/// An OS error in `strerror`'s words, as Nix prints it (without Rust's
+/// ` (os error N)`).
+fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_owned(),
+        _ => s,
+    }
+}
+
 /// Errors writing a log file.
 #[derive(Debug, thiserror::Error)]
 pub enum LogFileError {
-    #[error("creating log file '{}': {source}", path.display())]
+    #[error("creating log file '{}': {}", path.display(), strerror(source))]
     Create {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("writing log file '{}': {source}", path.display())]
+    #[error("writing log file '{}': {}", path.display(), strerror(source))]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("the writer thread of log file '{}' stopped", path.display())]
     WriterGone { path: PathBuf },
-    #[error("cannot start the writer thread of log file '{}': {source}", path.display())]
+    #[error("cannot start the writer thread of log file '{}': {}", path.display(), strerror(source))]
     Spawn {
         path: PathBuf,
         source: std::io::Error,
@@ -296,6 +306,15 @@ fn write_chunks(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn os_errors_read_as_strerror() {
+        let e = LogFileError::Write {
+            path: "/l/x.bz2".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(e.to_string(), "writing log file '/l/x.bz2': No space left on device");
+    }
     use super::*;
     use std::io::Read;
 

@@ -53,23 +53,10 @@ pub enum GoalError {
         output: String,
         input: String,
     },
-    /// An invalid leftover of an output could not be deleted before the build.
-    #[error("deleting '{path}': {source}")]
-    DeleteLeftover {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The post-build hook could not be started.
-    #[error("executing '{hook}': {source}")]
-    PostBuildHookExec {
-        hook: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The post-build hook failed (Nix's `ExecError`: `program '…' failed with …`).
-    #[error("program '{hook}' {status}")]
-    PostBuildHookFailed { hook: String, status: String },
+    /// The post-build hook could not be started or failed (Nix's `ExecError`:
+    /// `program '…' failed with …`).
+    #[error(transparent)]
+    PostBuildHook(#[from] crate::local_builder::post_build_hook::PostBuildHookError),
     /// A state needing the loaded derivation ran without it (a bug).
     #[error("internal error: derivation '{0}' is not loaded")]
     NotLoaded(String),

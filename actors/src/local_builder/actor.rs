@@ -18,6 +18,7 @@ use drover::store::{LocalStore, ValidPathInfo};
 use drover::store_path::StorePath;
 
 use super::LocalBuilderState;
+use crate::log_collector::forward;
 use crate::messages::{
     CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof, LogSummary,
     RunLocalBuild, StartLogCollector,
@@ -293,23 +294,27 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 };
                 match spawned {
                     Ok((pid, wait)) => {
-                        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                        let bytes = log.bytes.clone();
-                        let reader = std::thread::Builder::new().name(format!("pty-{id}")).spawn(
+                        // The pty is read on a thread of its own; its chunks reach the
+                        // collector with back-pressure (`forward`), so a flooding
+                        // builder blocks on its pty instead of filling our memory.
+                        let (chunks, forwarder) = forward::channel(log.bytes.clone());
+                        let _reader = std::thread::Builder::new().name(format!("pty-{id}")).spawn(
                             move || {
-                                let _ =
-                                    read_pty(pty_master, |b| bytes.do_send(LogBytes(b.to_vec())));
-                                let _ = done_tx.send(());
+                                let _ = read_pty(pty_master, |b| {
+                                    chunks.send(b);
+                                });
                             },
                         );
                         if me.send(Spawned { id, pid }).await.unwrap_or(true) {
                             kill_process_group(pid);
                         }
-                        if reader.is_ok() {
-                            let _ = done_rx.await;
-                        }
-                        let status = wait.await;
+                        // As Nix: the build is over at EOF on the pty, i.e. once every
+                        // process holding it (background children included) has
+                        // closed it; then what is left of the process group is killed
+                        // and the builder reaped.
+                        forwarder.await;
                         kill_process_group(pid);
+                        let status = wait.await;
                         status.unwrap_or_else(|_| exec_failure_status())
                     }
                     Err(e) => {
@@ -321,6 +326,29 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let stop_time = unix_now();
             let summary: LogSummary = log.eof.send(LogEof).await.unwrap_or_default();
             let killed = me.send(Exited { id }).await.unwrap_or(None);
+            if summary.log_error.is_some() {
+                // Nix fails a build whose log cannot be written (a full disk):
+                // nothing is registered; the scratch outputs stay invalid. The
+                // collector printed the cause when it happened.
+                drop(prepared);
+                return (
+                    failed(
+                        id,
+                        BuildStatus::MiscFailure,
+                        format!("the build log of '{drv_printed}' could not be written"),
+                    ),
+                    BTreeMap::new(),
+                );
+            }
+            // Nix's heuristic when a builder fails: with less than 8 MiB free on the
+            // store's or the build directory's file system, the failure may be
+            // the full disk's, so it is not a permanent one.
+            let disk_full = !status.success()
+                && killed.is_none()
+                && super::disk_nearly_full(&[
+                    std::path::PathBuf::from(store.store_dir().as_str()),
+                    config.build.build_dir_root.clone(),
+                ]);
             let outcome = {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
                 tokio::task::spawn_blocking(move || {
@@ -334,6 +362,10 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                         eprintln!("note: keeping build directory '{}'", dir.display());
                     }
                     let mut result = o.result;
+                    let disk_full = disk_full && result.status == BuildStatus::PermanentFailure;
+                    if disk_full {
+                        result.status = BuildStatus::TransientFailure;
+                    }
                     // `finish` names the goal for all outputs and leaves the log
                     // tail out: completed here, with `done` as everywhere.
                     match killed {
@@ -347,6 +379,10 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                                 .push_str(&build::done::log_tail(&drv_printed, &summary.tail));
                         }
                         _ => {}
+                    }
+                    if disk_full {
+                        // After the log tail, as Nix appends it.
+                        result.error_msg.push_str(super::DISK_FULL_NOTE);
                     }
                     result.times_built = 1;
                     result.start_time = start_time;

@@ -14,6 +14,7 @@
 //! actor around it.
 
 pub mod actor;
+pub mod post_build_hook;
 
 use std::collections::HashMap;
 
@@ -101,6 +102,24 @@ impl LocalBuilderState {
     }
 }
 
+/// What Nix appends to a builder's failure when the disk is (nearly) full.
+pub const DISK_FULL_NOTE: &str =
+    "\nnote: build failure may have been caused by lack of free disk space";
+
+/// Free space below which Nix suspects a full disk (8 MiB, not configurable).
+pub const DISK_FULL_THRESHOLD: u64 = 8 << 20;
+
+/// Nix's `cleanupDecideWhetherDiskFull`: whether any of `dirs` is on a file system
+/// with less than [`DISK_FULL_THRESHOLD`] available (to unprivileged users).
+/// A directory that cannot be examined counts as not full.
+pub fn disk_nearly_full(dirs: &[std::path::PathBuf]) -> bool {
+    dirs.iter().any(|d| {
+        nix::sys::statvfs::statvfs(d.as_path()).is_ok_and(|st| {
+            st.blocks_available().saturating_mul(st.block_size()) < DISK_FULL_THRESHOLD
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +147,15 @@ mod tests {
         // unknown builds
         assert_eq!(s.cancel(3), None);
         assert!(s.spawned(3, 1));
+    }
+
+    #[test]
+    fn disk_full_heuristic() {
+        // The root file system of a test machine has more than 8 MiB free; a
+        // missing directory counts as not full.
+        assert!(!disk_nearly_full(&[std::env::temp_dir()]));
+        assert!(!disk_nearly_full(&["/nonexistent/dir".into()]));
+        assert!(!disk_nearly_full(&[]));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!
 //! A `LogConfig` whose `log_dir` is empty writes no log file (`keep-build-log = false`).
 //! A log file that cannot be created or written is reported on stderr (as a Nix
-//! `error:` line) and the build goes on without it (`LogSummary::log_file` is None).
+//! `error:` line) at once and in `LogSummary::log_error` (`log_file` is None): the
+//! owner fails the build, as Nix does (its `openLogFile` and log sink throw).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use actix::prelude::*;
 use drover::build_log::file::{TryWriteError, DEFAULT_QUEUE_CHUNKS};
 use drover::build_log::{LogFile, LogFileWriter};
 
+use super::forward::READ_CHUNK;
 use super::{CollectorState, Effect, DEFAULT_VERBOSITY};
 use crate::messages::{
     BuildLogEvent, HookStderrLine, LogAlarm, LogBytes, LogConfig, LogEof, LogSink, LogSummary,
@@ -104,8 +106,9 @@ pub struct LogCollector {
     alarm: Recipient<LogAlarm>,
     options: CollectorOptions,
     writer: Option<LogFileWriter>,
-    /// Set once the log file failed: no more writing, no file in the summary.
-    file_failed: bool,
+    /// Set once the log file failed: no more writing, no file in the summary,
+    /// the error in it.
+    file_failed: Option<String>,
     timer: Option<SpawnHandle>,
 }
 
@@ -129,7 +132,7 @@ impl LogCollector {
             alarm,
             options,
             writer: None,
-            file_failed: false,
+            file_failed: None,
             timer: None,
         }
     }
@@ -143,9 +146,10 @@ impl LogCollector {
     }
 
     fn fail_file(&mut self, e: impl std::fmt::Display) {
-        if !self.file_failed {
-            self.file_failed = true;
-            self.print(format!("error: {e}\n").as_bytes());
+        if self.file_failed.is_none() {
+            let msg = e.to_string();
+            self.print(format!("error: {msg}\n").as_bytes());
+            self.file_failed = Some(msg);
         }
         self.writer = None;
     }
@@ -259,7 +263,29 @@ impl Handler<LogBytes> for LogCollector {
 
     fn handle(&mut self, LogBytes(data): LogBytes, ctx: &mut Context<Self>) {
         let mut fx = Vec::new();
-        self.state.bytes(data, Instant::now(), &mut fx);
+        let now = Instant::now();
+        if data.len() <= READ_CHUNK {
+            self.state.bytes(data, now, &mut fx);
+        } else {
+            // A batch of reads (`forward`): counted against the log limit read by
+            // read, as Nix does, so the cut falls where it would.
+            // The pieces logged go to the writer as one chunk: a handler queues at
+            // most one chunk, so a chunk waiting for room is never overtaken.
+            let mut file = Vec::new();
+            for piece in data.chunks(READ_CHUNK) {
+                let mut piece_fx = Vec::new();
+                self.state.bytes(piece.to_vec(), now, &mut piece_fx);
+                for e in piece_fx {
+                    match e {
+                        Effect::File(b) => file.extend_from_slice(&b),
+                        e => fx.push(e),
+                    }
+                }
+            }
+            if !file.is_empty() {
+                fx.push(Effect::File(file));
+            }
+        }
         self.apply(fx, ctx);
     }
 }
@@ -307,7 +333,12 @@ impl Handler<LogEof> for LogCollector {
             LogSummary {
                 tail,
                 bytes,
-                log_file: if act.file_failed { None } else { log_file },
+                log_file: if act.file_failed.is_some() {
+                    None
+                } else {
+                    log_file
+                },
+                log_error: act.file_failed.clone(),
             }
         }))
     }

@@ -29,6 +29,7 @@
 //! inputs and the current time into [`Effect`]s. [`actor`] runs it as an actor.
 
 pub mod actor;
+pub mod forward;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

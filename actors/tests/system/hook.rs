@@ -100,6 +100,7 @@ impl Handler<LogEof> for FakeCollector {
             tail: vec![],
             bytes: g.bytes.len() as u64,
             log_file: None,
+            ..Default::default()
         }
     }
 }

@@ -54,6 +54,7 @@ impl Handler<LogEof> for FakeCollector {
             tail: text.lines().map(str::to_owned).collect(),
             bytes: s.bytes.len() as u64,
             log_file: None,
+            ..Default::default()
         }
     }
 }

@@ -16,6 +16,7 @@ mod builtins;
 mod ca;
 mod derivation;
 mod fallback;
+mod faults;
 mod hook;
 mod hook_try;
 mod hook_process;

@@ -121,6 +121,7 @@ impl DerivationGoal {
     pub(super) fn post_build(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
         self.state = State::PostBuildHook;
         let hook = ctx.settings.post_build_hook.clone();
+        let print_logs = ctx.settings.log.echo;
         let drv_path = ctx.store_dir.print(&self.drv_path);
         let mut outs: Vec<String> = self
             .built
@@ -140,7 +141,7 @@ impl DerivationGoal {
         vec![job(move |env| {
             DrvJobResult::PostBuildHook(register_realisations(env, &realisations).and_then(|()| {
                 match hook {
-                    Some(hook) => run_post_build_hook(&hook, &drv_path, &outs.join(" ")),
+                    Some(hook) => run_post_build_hook(&hook, &drv_path, &outs.join(" "), print_logs),
                     None => Ok(()),
                 }
             }))

@@ -108,18 +108,9 @@ pub(super) fn lock_outputs(
     for o in outputs.values() {
         if let (Some(p), false) = (&o.path, o.valid) {
             if !store.is_valid_path(p)? {
-                let real = store.real_path(p);
-                if let Ok(m) = std::fs::symlink_metadata(&real) {
-                    let r = if m.is_dir() {
-                        std::fs::remove_dir_all(&real)
-                    } else {
-                        std::fs::remove_file(&real)
-                    };
-                    r.map_err(|source| GoalError::DeleteLeftover {
-                        path: real.display().to_string(),
-                        source,
-                    })?;
-                }
+                // A leftover (an output the checks rejected, say) is read-only:
+                // delete it as Nix does, making its directories writable first.
+                drover::build::delete_path(&store.real_path(p))?;
             }
         }
     }
@@ -187,31 +178,18 @@ pub(super) fn input_paths(
     Ok((closure, direct))
 }
 
-/// Runs `post-build-hook` with `DRV_PATH` and `OUT_PATHS`; a failure is an error that
+/// Runs `post-build-hook` with `DRV_PATH` and `OUT_PATHS`, its output shown as Nix
+/// shows it (`print_logs`: every line, else the first); a failure is an error that
 /// aborts the run (Nix's `ExecError`), the outputs staying registered.
 pub(super) fn run_post_build_hook(
     hook: &str,
     drv_path: &str,
     out_paths: &str,
+    print_logs: bool,
 ) -> Result<(), GoalError> {
-    let status = std::process::Command::new(hook)
-        .env("DRV_PATH", drv_path)
-        .env("OUT_PATHS", out_paths)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .map_err(|source| GoalError::PostBuildHookExec {
-            hook: hook.to_owned(),
-            source,
-        })?;
-    let status = match status.code() {
-        Some(0) => return Ok(()),
-        Some(n) => format!("failed with exit code {n}"),
-        None => "failed due to signal".to_owned(),
-    };
-    Err(GoalError::PostBuildHookFailed {
-        hook: hook.to_owned(),
-        status,
-    })
+    Ok(crate::local_builder::post_build_hook::run(
+        hook, drv_path, out_paths, print_logs,
+    )?)
 }
 
 /// Registers `path` as a temporary GC root of this process, before the goal looks
