@@ -171,9 +171,23 @@ impl LocalStore {
         })
     }
 
-    /// Records `path` as a temporary GC root of this process.
+    /// Records `path` as a temporary GC root of this process: Nix's collector, running
+    /// or not, keeps it (and entries sharing its hash part, such as `<path>.lock`)
+    /// until this process exits. Call it before creating or relying on the path.
     pub fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
-        let roots = {
+        self.add_temp_roots(std::slice::from_ref(path))
+    }
+
+    /// [`add_temp_root`](Self::add_temp_root) for many paths at once (one lock of
+    /// `gc.lock`, one write).
+    pub fn add_temp_roots(&self, paths: &[StorePath]) -> Result<(), StoreError> {
+        let roots = self.temp_roots_file()?;
+        let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
+        roots.add_all(&self.store_dir, paths)
+    }
+
+    fn temp_roots_file(&self) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
+        Ok({
             let mut t = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
             match &*t {
                 Some(r) => r.clone(),
@@ -183,9 +197,15 @@ impl LocalStore {
                     r
                 }
             }
-        };
+        })
+    }
+
+    /// `nix-store --add-root`: `gc_root` becomes a symlink to `path` and an indirect
+    /// GC root (see [`gc_roots::add_perm_root`](super::gc_roots::add_perm_root)).
+    pub fn add_perm_root(&self, path: &StorePath, gc_root: &Path) -> Result<PathBuf, StoreError> {
+        let roots = self.temp_roots_file()?;
         let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
-        roots.add(&self.store_dir, path)
+        super::gc_roots::add_perm_root(&mut roots, &self.store_dir, path, gc_root)
     }
 
     /// The subset of `paths` that is valid, in one query per 10 000 paths, all in one

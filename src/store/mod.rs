@@ -7,7 +7,8 @@
 //! * [`db`]: the database, with exactly Nix 2.8's schema ([`schema`]), pragmas, and
 //!   `big-lock`.
 //! * [`locks`]: `<path>.lock` files ([`locks::PathLocks`]).
-//! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`.
+//! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`, and permanent
+//!   (indirect) roots as `nix-store --add-root` makes them.
 //! * [`canonicalise`]: canonical metadata of store objects.
 //! * [`path_info`]: [`path_info::ValidPathInfo`] and its `nix path-info --json` form.
 
@@ -100,6 +101,10 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Derivation(#[from] DerivationError),
+    #[error("creating a garbage collector root ({0}) in the Nix store is forbidden (are you running nix-build inside the store?)")]
+    RootInStore(String),
+    #[error("cannot create symlink '{0}'; already exists")]
+    RootExists(String),
 }
 
 impl StoreError {

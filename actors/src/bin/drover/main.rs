@@ -11,6 +11,7 @@ mod log;
 mod path_info;
 mod plan;
 mod realise;
+mod roots;
 
 use std::process::ExitCode;
 

@@ -6,14 +6,13 @@
 //! builder output on stderr, the output paths on stdout one per line, and exits with
 //! Nix's status: 0, 1, or `0x60 | bits` for failed builds.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use drover::derived_path::{DerivedPath, OutputsSpec};
-use drover::store_path::{StoreDir, StorePath};
+use drover::store_path::StoreDir;
 use drover_actors::binary_cache_substituter::substituters_from_settings;
 use drover_actors::hook::{HookPool, HookPoolConfig};
 use drover_actors::local_builder::{LocalBuilder, LocalBuilderConfig};
@@ -64,6 +63,8 @@ pub struct Args {
     /// Print plain messages even on a terminal (no status line).
     #[arg(long)]
     plain: bool,
+    #[command(flatten)]
+    roots: crate::roots::RootArgs,
     /// Derivations (`X.drv`, `X.drv!out,dev`, `X.drv^*`) and store paths.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<String>,
@@ -150,6 +151,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let settings = settings.clone();
     let stderr: drover_actors::log_collector::StderrSink = display.clone();
 
+    let roots_store = store.clone();
     let outcome: RealiseOutcome = actix::System::new().block_on(async move {
         let mut options = CollectorOptions::new(None);
         options.stderr = stderr;
@@ -194,14 +196,20 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     if outcome.exit_status != 0 {
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
     }
+    let done: Vec<_> = outcome
+        .results
+        .iter()
+        .map(|r| (&r.path, &r.result))
+        .collect();
+    let lines = crate::roots::realised_lines(&roots_store, &args.roots, &done)?;
     let mut out = std::io::stdout().lock();
-    for r in &outcome.results {
-        for p in output_paths(&store_dir, &r.path, &r.result) {
-            writeln!(out, "{p}")?;
-        }
+    for l in lines {
+        writeln!(out, "{l}")?;
     }
     out.flush()?;
-    eprintln!("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    if args.roots.add_root.is_none() {
+        eprintln!("{}", crate::roots::NO_ROOT_WARNING);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -232,23 +240,6 @@ fn parse_request(store_dir: &StoreDir, arg: &str) -> anyhow::Result<DerivedPath>
     } else {
         DerivedPath::Opaque(path)
     })
-}
-
-/// The output paths a finished request prints, in store-path order (Nix prints the
-/// path set `realisePath` returns, so a CA derivation's `out` can precede its `lib`).
-fn output_paths(
-    store_dir: &StoreDir,
-    request: &DerivedPath,
-    result: &drover::build_result::BuildResult,
-) -> Vec<String> {
-    match request {
-        DerivedPath::Opaque(p) => vec![store_dir.print(p)],
-        DerivedPath::Built { .. } => {
-            let paths: BTreeSet<&StorePath> =
-                result.built_outputs.values().map(|r| &r.out_path).collect();
-            paths.into_iter().map(|p| store_dir.print(p)).collect()
-        }
-    }
 }
 
 /// Prints the Worker's progress events as Nix prints them, through the display,

@@ -275,9 +275,13 @@ impl DerivationGoal {
                     self.state = State::CheckingDrv;
                     let p = self.drv_path.clone();
                     vec![job(move |env| {
-                        let _ = env.store.add_temp_root(&p);
+                        // The root first: the collector must not take the .drv
+                        // between our check and our reading it.
                         DrvJobResult::DrvValid(
-                            env.store.is_valid_path(&p).map_err(|e| e.to_string()),
+                            env.store
+                                .add_temp_root(&p)
+                                .and_then(|()| env.store.is_valid_path(&p))
+                                .map_err(|e| e.to_string()),
                         )
                     })]
                 } else {
@@ -855,7 +859,7 @@ impl DerivationGoal {
         let p = self.drv_path.clone();
         vec![job(move |env| {
             let r = (|| {
-                let _ = env.store.add_temp_root(&p);
+                env.store.add_temp_root(&p).map_err(|e| e.to_string())?;
                 let drv = Arc::new(env.store.read_derivation(&p).map_err(|e| e.to_string())?);
                 let store_dir = env.store.store_dir().clone();
                 let mut cache = env.drv_hashes.lock().map_err(|e| e.to_string())?;
@@ -1346,6 +1350,14 @@ pub fn check_validity(
             .collect());
     }
     let e = |e: drover::store::StoreError| e.to_string();
+    // Nix's `haveDerivation`: the outputs whose paths are known are temporary roots
+    // before anything checks, builds or substitutes them.
+    let known: Vec<StorePath> = drv
+        .outputs
+        .values()
+        .filter_map(|o| o.path().cloned())
+        .collect();
+    store.add_temp_roots(&known).map_err(e)?;
     let mut db_outputs: Option<BTreeMap<String, StorePath>> = None;
     let mut res = BTreeMap::new();
     for (name, out) in &drv.outputs {
@@ -1371,6 +1383,7 @@ pub fn check_validity(
         }
         let valid = match &path {
             Some(p) => {
+                store.add_temp_root(p).map_err(e)?;
                 let v = store.is_valid_path(p).map_err(e)?;
                 if v && repair {
                     env.contents.good(store, p)?
@@ -1514,7 +1527,12 @@ fn input_paths(
         }
     }
     let v: Vec<StorePath> = direct.iter().cloned().collect();
+    // The inputs are in use from now on: roots before their closure is read (the
+    // collector keeps the closure of a root), and the closure itself too.
+    store.add_temp_roots(&v).map_err(|e| e.to_string())?;
     let closure = store.compute_closure(&v).map_err(|e| e.to_string())?;
+    let c: Vec<StorePath> = closure.iter().cloned().collect();
+    store.add_temp_roots(&c).map_err(|e| e.to_string())?;
     Ok((closure, direct))
 }
 

@@ -90,9 +90,11 @@ impl PathSubstitutionGoal {
                 self.state = State::CheckingValidity;
                 let path = self.path.clone();
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-                    let _ = env.store.add_temp_root(&path);
                     Event::Subst(SubstJobResult::Validity(
-                        env.store.is_valid_path(&path).map_err(|e| e.to_string()),
+                        env.store
+                            .add_temp_root(&path)
+                            .and_then(|()| env.store.is_valid_path(&path))
+                            .map_err(|e| e.to_string()),
                     ))
                 }))]
             }
