@@ -114,10 +114,22 @@ impl TempRoots {
     /// Records every path of `paths` as a temporary root: when this returns `Ok`, a
     /// collector, running or not, keeps them.
     pub fn add_all(&mut self, store_dir: &StoreDir, paths: &[StorePath]) -> Result<(), StoreError> {
+        self.add_inner(store_dir, paths, false)
+    }
+
+    /// With `again`, a root already in the file is still sent to a running
+    /// collector: one that read the permanent roots before a new one was made, and
+    /// finds this file stale because the process exited meanwhile, must know.
+    fn add_inner(
+        &mut self,
+        store_dir: &StoreDir,
+        paths: &[StorePath],
+        again: bool,
+    ) -> Result<(), StoreError> {
         let new: Vec<String> = paths
             .iter()
             .map(|p| store_dir.print(p))
-            .filter(|p| !self.recorded.contains(p))
+            .filter(|p| again || !self.recorded.contains(p))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -138,7 +150,7 @@ impl TempRoots {
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut bytes = Vec::new();
-        for p in &new {
+        for p in new.iter().filter(|p| !self.recorded.contains(*p)) {
             bytes.extend_from_slice(p.as_bytes());
             bytes.push(0);
         }
@@ -282,7 +294,7 @@ pub fn add_perm_root(
     if store_dir.is_in_store(&printed_root) {
         return Err(StoreError::RootInStore(printed_root));
     }
-    temp_roots.add(store_dir, path)?;
+    temp_roots.add_inner(store_dir, std::slice::from_ref(path), true)?;
     if let Ok(m) = std::fs::symlink_metadata(&gc_root) {
         let into_store = m.file_type().is_symlink()
             && std::fs::read_link(&gc_root)

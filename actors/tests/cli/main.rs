@@ -13,6 +13,7 @@ mod http_server;
 
 mod derivation;
 mod fallback;
+mod gc;
 mod hook;
 mod impure;
 mod path_info;
