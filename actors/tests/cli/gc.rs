@@ -521,3 +521,86 @@ fn stress_builds_next_to_a_collector() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Directories and files under `dir` (symlinks left out) that others may write,
+/// relative to `dir`, and the modes of the directories `nix-store` creates.
+fn permissions(dir: &Path) -> (Vec<String>, BTreeMap<String, u32>) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut writable = Vec::new();
+    let mut walk = vec![dir.to_owned()];
+    while let Some(d) = walk.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.file_type().is_symlink() {
+                continue;
+            }
+            if m.permissions().mode() & 0o002 != 0 {
+                writable.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+            if m.is_dir() {
+                walk.push(e.path());
+            }
+        }
+    }
+    writable.sort();
+    let mut modes = BTreeMap::new();
+    for d in [
+        "store",
+        "store/.links",
+        "var/nix",
+        "var/nix/db",
+        "var/nix/db/db.sqlite",
+        "var/nix/temproots",
+        "var/nix/gcroots",
+        "var/nix/profiles",
+        "var/log/nix",
+        "var/log/nix/drvs",
+    ] {
+        if let Ok(m) = std::fs::metadata(dir.join(d)) {
+            modes.insert(d.to_owned(), m.permissions().mode() & 0o7777);
+        }
+    }
+    (writable, modes)
+}
+
+/// Under `umask 000`, Nix sets its own umask (022): nothing it creates — store,
+/// `.links`, database, logs — is writable by others. drover, creating the same
+/// root from nothing, leaves the same modes.
+#[test]
+fn umask_000_creates_nothing_world_writable() {
+    require_nix!();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let nix = TestRoot::new();
+    let e = nix.path().join("hello.nix");
+    std::fs::write(
+        &e,
+        "derivation { name = \"hello\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [\"-c\" \"echo hi; echo hello > $out\"]; }",
+    )
+    .unwrap();
+    let script = format!(
+        "umask 000 && d=$(nix-instantiate {}) && nix-store --realise $d",
+        e.display()
+    );
+    let r = nix.cmd("sh").args(["-c", &script]).output().unwrap();
+    ok(&r, "nix under umask 000");
+    let drv = Path::new(env!("CARGO_BIN_EXE_drover"));
+    let dr = TestRoot::new();
+    let script = format!(
+        "umask 000 && d=$('{p}' derivation add {j}) && '{p}' realise $d",
+        p = drv.to_str().unwrap(),
+        j = examples.join("hello.drv.json").display()
+    );
+    let r = dr.cmd("sh").args(["-c", &script]).output().unwrap();
+    ok(&r, "drover under umask 000");
+    let (nix_w, nix_modes) = permissions(nix.path());
+    let (dr_w, dr_modes) = permissions(dr.path());
+    // the test roots' own tmp directories are made by the test, not the tools
+    let filter = |v: Vec<String>| -> Vec<String> {
+        v.into_iter().filter(|p| !p.starts_with("tmp")).collect()
+    };
+    assert_eq!(filter(nix_w), Vec::<String>::new(), "Nix");
+    assert_eq!(filter(dr_w), Vec::<String>::new(), "drover");
+    assert_eq!(nix_modes.len(), 10, "{nix_modes:?}");
+    assert_eq!(nix_modes, dr_modes);
+}

@@ -107,6 +107,10 @@ impl ::log::Log for CliLogger {
 }
 
 fn main() -> ExitCode {
+    // As Nix's `initNix`: store objects, the database and logs are readable by
+    // everybody and writable by nobody else, whatever umask the caller has.
+    // SAFETY: umask only swaps the process's file mode mask.
+    unsafe { libc::umask(0o022) };
     let inner =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
             .format_target(false)
