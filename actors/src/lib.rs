@@ -80,5 +80,5 @@ pub mod substituter;
 pub mod testing;
 pub mod worker;
 
-pub use worker::actor::{spawn_worker, Realise, Worker, WorkerConfig};
+pub use worker::actor::{spawn_worker, Interrupt, Realise, Worker, WorkerConfig};
 pub use worker::{KeyedBuildResult, RealiseOutcome, WorkerCore, WorkerSettings};

@@ -44,6 +44,8 @@ pub struct TempRoots {
     socket: Option<UnixStream>,
     /// Printed paths already in the file.
     recorded: HashSet<String>,
+    /// The file was removed at exit ([`release_temp_roots`]): no more roots.
+    released: bool,
 }
 
 type Registry = Mutex<HashMap<PathBuf, Arc<Mutex<TempRoots>>>>;
@@ -103,6 +105,7 @@ impl TempRoots {
             gc_lock,
             socket: None,
             recorded: HashSet::new(),
+            released: false,
         })
     }
 
@@ -135,6 +138,9 @@ impl TempRoots {
             .collect();
         if new.is_empty() {
             return Ok(());
+        }
+        if self.released {
+            return Err(StoreError::TempRootsReleased(new[0].clone()));
         }
         let gc_lock_path = self.state_dir.join("gc.lock");
         loop {
@@ -226,6 +232,26 @@ impl TempRoots {
             }
         }
         Ok(true)
+    }
+}
+
+/// Removes this process's temporary-roots files, as Nix does when it closes its
+/// store at exit. Only for a process about to exit: what it still uses is no longer
+/// protected from the collector, and adding a root afterwards is an error.
+pub fn release_temp_roots() {
+    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+    for (_, t) in reg.drain() {
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        let path = t
+            .state_dir
+            .join("temproots")
+            .join(std::process::id().to_string());
+        // Unlinked while still locked: a collector never sees it unlocked.
+        if let Err(e) = std::fs::remove_file(&path) {
+            log::debug!("removing '{}': {e}", path.display());
+        }
+        t.released = true;
+        t.socket = None;
     }
 }
 

@@ -105,6 +105,8 @@ pub enum StoreError {
     RootInStore(String),
     #[error("cannot create symlink '{0}'; already exists")]
     RootExists(String),
+    #[error("cannot add the temporary root '{0}': this process released its roots to exit")]
+    TempRootsReleased(String),
 }
 
 impl StoreError {

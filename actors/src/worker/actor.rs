@@ -269,6 +269,58 @@ impl Handler<HookFinished> for Worker {
     }
 }
 
+/// The user interrupted the run (SIGINT, SIGTERM): cancel every goal and end the
+/// run with `interrupted by the user` (exit status 1). Answered once the local
+/// builder and the hook pool have handled the cancellations, so their process
+/// groups are killed before the caller goes on to exit.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Interrupt;
+
+impl Handler<Interrupt> for Worker {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Interrupt, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(core) = self.core.as_mut() else {
+            return Box::pin(actix::fut::ready(()));
+        };
+        core.interrupt();
+        let mut cancels = Vec::new();
+        for a in core.take_actions() {
+            match a {
+                Action::CancelLocalBuild { goal } => {
+                    let r = self
+                        .cfg
+                        .cancel_local_build
+                        .send(CancelLocalBuild { id: goal });
+                    cancels.push(Box::pin(async move {
+                        let _ = r.await;
+                    })
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>);
+                }
+                Action::CancelHookBuild { goal } => {
+                    if let Some(c) = &self.cfg.cancel_hook_build {
+                        let r = c.send(CancelHookBuild { id: goal });
+                        cancels.push(Box::pin(async move {
+                            let _ = r.await;
+                        }));
+                    }
+                }
+                other => self.perform(other, ctx),
+            }
+        }
+        Box::pin(
+            async move {
+                for c in cancels {
+                    c.await;
+                }
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| act.drain(ctx)),
+        )
+    }
+}
+
 /// Starts a Worker on the current arbiter.
 pub fn spawn_worker(cfg: WorkerConfig) -> Addr<Worker> {
     Worker::new(cfg).start()

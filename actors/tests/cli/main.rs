@@ -16,6 +16,7 @@ mod fallback;
 mod gc;
 mod hook;
 mod impure;
+mod interrupt;
 mod path_info;
 mod progress;
 mod realise;

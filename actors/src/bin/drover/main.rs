@@ -7,6 +7,7 @@
 mod args;
 mod derivation;
 mod display;
+mod interrupt;
 mod log;
 mod path_info;
 mod plan;
@@ -119,7 +120,10 @@ fn main() -> ExitCode {
     ::log::set_max_level(inner.filter().max(::log::LevelFilter::Warn));
     let _ = ::log::set_boxed_logger(Box::new(CliLogger { inner }));
     let cli = Cli::parse();
-    match run(cli) {
+    let r = run(cli);
+    // As Nix at exit: this process's temporary roots file goes away.
+    drover::store::gc_roots::release_temp_roots();
+    match r {
         Ok(code) => code,
         Err(e) => {
             // Nix's form: `error: <message>`, the causes on the same line.

@@ -118,6 +118,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         BuildMode::Normal
     };
+    crate::interrupt::install()?;
     let store = Arc::new(ctx.open_store()?);
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
     crate::display::share(&display);
@@ -179,7 +180,12 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             progress: Some(progress.recipient()),
         })
         .start();
-        let outcome = worker.send(Realise { requests, mode }).await;
+        // Queued first: an Interrupt always finds the run started.
+        let request = worker.send(Realise { requests, mode });
+        let w = worker.clone();
+        crate::interrupt::while_running(move || w.do_send(drover_actors::Interrupt));
+        let outcome = request.await;
+        crate::interrupt::after_run();
         let outcome = outcome.unwrap_or_else(|e| RealiseOutcome {
             results: Vec::new(),
             exit_status: 1,
