@@ -604,3 +604,111 @@ fn umask_000_creates_nothing_world_writable() {
     assert_eq!(nix_modes.len(), 10, "{nix_modes:?}");
     assert_eq!(nix_modes, dr_modes);
 }
+
+/// A substitution killed (`kill -9`) halfway through unpacking a NAR, then run
+/// again: the output a tool builds (`big`, 40 files of 16 KiB, in a cache with
+/// uncompressed NARs whose server stops sending halfway through the first try).
+/// Returns the store's entries after the kill and after the rerun, hashes left out.
+fn killed_substitution(tool: Tool) -> (Vec<String>, Vec<String>) {
+    use crate::http_server::{Action, HttpServer};
+    let root = TestRoot::new();
+    let e = root.path().join("big.nix");
+    std::fs::write(
+        &e,
+        r#"derivation { name = "big"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+            args = ["-c" "mkdir $out; i=0; while [ $i -lt 40 ]; do head -c 16384 /dev/zero | tr '\\0' x > $out/f$i; i=$((i+1)); done"]; }"#,
+    )
+    .unwrap();
+    let drv = root.instantiate(&e, None).remove(0);
+    let out = root.realise(&[&drv]).remove(0);
+    let cache = root.path().join("cache");
+    root.run(
+        "nix",
+        &[
+            "copy",
+            "--to",
+            &format!("file://{}?compression=none", cache.display()),
+            &out,
+        ],
+    );
+    root.wipe_store();
+    let drv = root.instantiate(&e, None).remove(0);
+    let server = HttpServer::with_policy(&cache, |r| {
+        if r.path.starts_with("/nar/") {
+            Action::Stall(r.file_len() / 2)
+        } else {
+            Action::Serve
+        }
+    });
+    let args = |c: &mut Command| {
+        c.args(["--option", "substituters", &server.url()])
+            .args(["--option", "require-sigs", "false"])
+            .arg(&drv);
+    };
+    let listing = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&root.store_dir)
+            .unwrap()
+            .map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                match n.get(33..) {
+                    Some(rest) if n.as_bytes().get(32) == Some(&b'-') => rest.to_owned(),
+                    _ => n,
+                }
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut first = realise(&root, tool);
+    args(&mut first);
+    let mut child = first
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // killed once the unpacking has begun (the server has stalled by then)
+    let start = Instant::now();
+    while !listing()
+        .iter()
+        .any(|n| n.starts_with("big") && !n.ends_with(".lock"))
+    {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "{tool:?}: the substitution never began to unpack"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let after_kill = listing();
+    server.set_policy(|_| Action::Serve);
+    let mut again = realise(&root, tool);
+    args(&mut again);
+    let r = again.output().unwrap();
+    ok(&r, &format!("{tool:?}: substituting again after kill -9"));
+    assert_eq!(String::from_utf8(r.stdout).unwrap().trim(), out);
+    root.verify_store();
+    (after_kill, listing())
+}
+
+/// Nix 2.8 unpacks into the final path under its lock, and whoever takes the lock
+/// next deletes what a dead process left there; drover unpacks into
+/// `<path>.drover-tmp` under the same lock and removes it the same way. After the
+/// rerun both stores hold the same entries, no temporary among them.
+#[test]
+fn killed_substitution_leaves_nothing_after_a_rerun() {
+    require_nix!();
+    let (nix_killed, nix_after) = killed_substitution(Tool::Nix);
+    let (drover_killed, drover_after) = killed_substitution(Tool::Drover);
+    assert!(
+        drover_killed.iter().any(|n| n.ends_with(".drover-tmp")),
+        "the kill came too late to test anything: {drover_killed:?}"
+    );
+    assert!(nix_killed.contains(&"big".to_owned()), "{nix_killed:?}");
+    assert_eq!(drover_after, nix_after);
+    assert!(
+        !drover_after.iter().any(|n| n.contains("drover")),
+        "{drover_after:?}"
+    );
+}
