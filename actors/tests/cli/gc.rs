@@ -10,8 +10,12 @@
 //!   paths over its socket: the output survives, garbage does not;
 //! * `--add-root` (and `--indirect`): the same symlink names, printed paths and
 //!   indirect roots as `nix-store`, and the same errors;
-//! * a stress test: 50 rounds of a build of two seconds, each with `nix-store --gc`
-//!   run over and over while it builds; no build fails and the store verifies.
+//! * a stress test: 50 rounds of a substitution and a build of two seconds, each
+//!   with `nix-store --gc` run over and over meanwhile; no build fails, nothing in
+//!   use goes, and the store verifies;
+//! * `umask 000`: nothing either tool creates is writable by others;
+//! * a substitution killed with `kill -9` halfway, then run again: the same store
+//!   entries afterwards, no temporary left.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -428,9 +432,9 @@ fn add_root_as_nix_store() {
     assert_eq!(r.code, 1);
 }
 
-/// 50 rounds: each builds an input and then a two-second build of a fresh
-/// derivation, with `nix-store --gc` run again and again for as long as the build
-/// runs, and the previous round's root removed first so the collector has garbage
+/// 50 rounds: each builds an input, substitutes another from a binary cache,
+/// and then runs a two-second build of a fresh derivation, with `nix-store --gc`
+/// run again and again for as long as the build runs, and the previous round's root removed first so the collector has garbage
 /// to delete meanwhile. Every build must succeed with the expected output, and the
 /// store must verify at the end.
 #[test]
@@ -441,24 +445,38 @@ fn stress_builds_next_to_a_collector() {
     let started = Instant::now();
     // All rounds' derivations at once, rooted (as a caller's instantiation would
     // be), so that only what drover does is at stake.
-    let e = expr();
-    let mut drvs = Vec::new();
-    for r in 0..ROUNDS {
-        let round = r.to_string();
-        let a = [
-            e.to_str().unwrap(),
-            "-A",
-            "work",
-            "--argstr",
-            "round",
-            &round,
-        ];
-        drvs.push(root.run("nix-instantiate", &a).trim().to_owned());
-    }
+    let all = |attr: &str| -> Vec<String> {
+        let e = format!(
+            "builtins.genList (r: (import {} {{ round = toString r; }}).{attr}) {ROUNDS}",
+            expr().display()
+        );
+        root.run("nix-instantiate", &["-E", &e])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let drvs = all("work");
+    assert_eq!(drvs.len(), ROUNDS);
     for (i, d) in drvs.iter().enumerate() {
         let link = root.state_dir.join(format!("gcroots/drv-{i}"));
         std::os::unix::fs::symlink(d, link).unwrap();
     }
+    // Each round's `cached` input is in a binary cache, and not in the store: drover
+    // substitutes it while the collector runs.
+    let cached = all("cached");
+    let mut args = vec!["--realise", "-j2"];
+    args.extend(cached.iter().map(String::as_str));
+    let outs: Vec<String> = root
+        .run("nix-store", &args)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let cache = format!("file://{}", root.path().join("cache").display());
+    let mut args = vec!["copy", "--to", &cache];
+    args.extend(outs.iter().map(String::as_str));
+    root.run("nix", &args);
+    root.run("nix-store", &["--gc"]);
+    assert!(!Path::new(&outs[0]).exists());
     let results = root.path().join("results");
     std::fs::create_dir(&results).unwrap();
     let mut collections = 0;
@@ -470,6 +488,8 @@ fn stress_builds_next_to_a_collector() {
         let build = drover(&root)
             .args(["realise", "--add-root"])
             .arg(&link)
+            .args(["--option", "substituters", &cache])
+            .args(["--option", "require-sigs", "false"])
             .arg(drv)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -505,6 +525,15 @@ fn stress_builds_next_to_a_collector() {
         assert_eq!(
             std::fs::read_to_string(o.join("src")).unwrap(),
             format!("source {r}\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(o.join("cached")).unwrap(),
+            format!("cached {r}\n")
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("copying path '"),
+            "round {r}: nothing substituted: {err}"
         );
         assert!(o.join("step-7").exists());
         assert!(

@@ -44,10 +44,12 @@ rec {
     echo > ${sync}/fifo
   '' { };
 
-  # One round of the stress test: an input built in the same run, then a build of
-  # a few seconds that writes its output step by step and checks, at the end, that
-  # its output, lock and inputs are all still there.
+  # One round of the stress test: an input built in the same run and one
+  # substituted (`cached`, built by Nix into a binary cache beforehand), then a
+  # build of a few seconds that writes its output step by step and checks, at the
+  # end, that its output, lock and inputs are all still there.
   dep = sh "stress-dep-${round}" "mkdir $out; echo dep ${round} > $out/x" { };
+  cached = sh "stress-cached-${round}" "mkdir $out; echo cached ${round} > $out/c" { };
   src = builtins.toFile "stress-src-${round}" "source ${round}\n";
   work = sh "stress-${round}" ''
     mkdir $out
@@ -59,7 +61,8 @@ rec {
     done
     test -e "$out.lock"
     cat $dep/x > $out/dep
+    cat $cached/c > $out/cached
     cat ${src} > $out/src
     ln -s $dep $out/dep-link
-  '' { inherit dep; };
+  '' { inherit dep cached; };
 }
