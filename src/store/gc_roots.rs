@@ -44,7 +44,7 @@ pub struct TempRoots {
     socket: Option<UnixStream>,
     /// Printed paths already in the file.
     recorded: HashSet<String>,
-    /// The file was removed at exit ([`release_temp_roots`]): no more roots.
+    /// The file was removed ([`release_temp_roots`]): no more roots in it.
     released: bool,
 }
 
@@ -236,11 +236,28 @@ impl TempRoots {
 }
 
 /// Removes this process's temporary-roots files, as Nix does when it closes its
-/// store at exit. Only for a process about to exit: what it still uses is no longer
-/// protected from the collector, and adding a root afterwards is an error.
+/// store at exit: what the process still uses is no longer protected from the
+/// collector. Roots added afterwards go to a fresh file.
 pub fn release_temp_roots() {
     let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
     for (_, t) in reg.drain() {
+        release(&t);
+    }
+}
+
+/// [`release_temp_roots`] for one state directory only.
+pub fn release_temp_roots_of(state_dir: &Path) {
+    let t = registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(state_dir);
+    if let Some(t) = t {
+        release(&t);
+    }
+}
+
+fn release(t: &Mutex<TempRoots>) {
+    {
         let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
         let path = t
             .state_dir

@@ -58,7 +58,6 @@ pub struct LocalStore {
     store_dir: StoreDir,
     state_dir: PathBuf,
     db: Mutex<StoreDb>,
-    temp_roots: Mutex<Option<Arc<Mutex<TempRoots>>>>,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -117,7 +116,6 @@ impl LocalStore {
             store_dir,
             state_dir,
             db: Mutex::new(db),
-            temp_roots: Mutex::new(None),
         })
     }
 
@@ -180,23 +178,28 @@ impl LocalStore {
     /// [`add_temp_root`](Self::add_temp_root) for many paths at once (one lock of
     /// `gc.lock`, one write).
     pub fn add_temp_roots(&self, paths: &[StorePath]) -> Result<(), StoreError> {
-        let roots = self.temp_roots_file()?;
-        let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
-        roots.add_all(&self.store_dir, paths)
+        let add = || {
+            let roots = self.temp_roots_file()?;
+            let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
+            roots.add_all(&self.store_dir, paths)
+        };
+        match add() {
+            // Released meanwhile: the next file is a fresh one.
+            Err(StoreError::TempRootsReleased(_)) => add(),
+            r => r,
+        }
+    }
+
+    /// Gives up the temporary roots this process holds in this store (its
+    /// `temproots/<pid>` file is removed); later roots start a new file. For a
+    /// caller done with everything it used; the CLI drops all roots at exit with
+    /// [`gc_roots::release_temp_roots`](super::gc_roots::release_temp_roots).
+    pub fn release_temp_roots(&self) {
+        super::gc_roots::release_temp_roots_of(&self.state_dir);
     }
 
     fn temp_roots_file(&self) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
-        Ok({
-            let mut t = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
-            match &*t {
-                Some(r) => r.clone(),
-                None => {
-                    let r = TempRoots::for_state_dir(&self.state_dir)?;
-                    *t = Some(r.clone());
-                    r
-                }
-            }
-        })
+        TempRoots::for_state_dir(&self.state_dir)
     }
 
     /// `nix-store --add-root`: `gc_root` becomes a symlink to `path` and an indirect

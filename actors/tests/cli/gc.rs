@@ -104,15 +104,11 @@ fn with_fifo(p: &Path, write: bool) -> Vec<u8> {
             let _ = std::fs::OpenOptions::new()
                 .read(!write)
                 .write(write)
-                .custom_flags(libc_nonblock())
+                .custom_flags(libc::O_NONBLOCK)
                 .open(p);
             panic!("nobody opened the fifo '{}' in time", p.display());
         }
     }
-}
-
-fn libc_nonblock() -> i32 {
-    0o4000 // O_NONBLOCK on Linux
 }
 
 /// Waits for a child, killing it after [`TIMEOUT`].
