@@ -120,7 +120,9 @@ fn main() -> ExitCode {
     ::log::set_max_level(inner.filter().max(::log::LevelFilter::Warn));
     let _ = ::log::set_boxed_logger(Box::new(CliLogger { inner }));
     let cli = Cli::parse();
-    let r = run(cli);
+    let r = interrupt::install()
+        .map_err(|e| anyhow::anyhow!("installing the signal handlers: {e}"))
+        .and_then(|()| run(cli));
     // As Nix at exit: this process's temporary roots file goes away.
     drover::store::gc_roots::release_temp_roots();
     match r {

@@ -118,7 +118,6 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         BuildMode::Normal
     };
-    crate::interrupt::install()?;
     let store = Arc::new(ctx.open_store()?);
     let display = Arc::new(Mutex::new(Display::new(args.plain)));
     crate::display::share(&display);
