@@ -84,5 +84,5 @@ pub mod testing;
 pub mod worker;
 
 pub use system::{Events, System, SystemBuilder, SystemError, SystemEvent};
-pub use worker::actor::{spawn_worker, Realise, Worker, WorkerConfig};
+pub use worker::actor::{spawn_worker, Interrupt, Realise, Worker, WorkerConfig};
 pub use worker::{KeyedBuildResult, RealiseOutcome, WorkerCore, WorkerSettings};

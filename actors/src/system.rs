@@ -64,7 +64,7 @@ use crate::messages::{
 use crate::plan::{Plan, PlanError, PlanOptions, QueryObserver};
 use crate::progress::ProgressEvent;
 use crate::substituter::Substituter;
-use crate::{Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
+use crate::{Interrupt, Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
 
 /// Why the system could not start.
 #[derive(Debug, Error)]
@@ -409,16 +409,27 @@ impl System {
     }
 
     /// Realises the requests: one result per request, `nix-store --realise`'s exit
-    /// status and the errors Nix would print. One run at a time: a second call
-    /// while one runs answers an error.
-    pub async fn realise(&self, requests: Vec<DerivedPath>, mode: BuildMode) -> RealiseOutcome {
-        self.worker
-            .send(Realise { requests, mode })
-            .await
-            .unwrap_or_else(|e| RealiseOutcome {
+    /// status and the errors Nix would print. The run is queued at once (an
+    /// [`System::interrupter`] message sent after this call finds it); one run at a
+    /// time: a second call while one runs answers an error.
+    pub fn realise(
+        &self,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+    ) -> impl std::future::Future<Output = RealiseOutcome> {
+        let request = self.worker.send(Realise { requests, mode });
+        async move {
+            request.await.unwrap_or_else(|e| RealiseOutcome {
                 results: Vec::new(),
                 exit_status: 1,
                 errors: vec![format!("the worker stopped unexpectedly: {e}")],
             })
+        }
+    }
+
+    /// Where to send [`Interrupt`] to stop the running realisation as Nix stops on
+    /// SIGINT (every build cancelled, `interrupted by the user`, exit status 1).
+    pub fn interrupter(&self) -> Recipient<Interrupt> {
+        self.worker.clone().recipient()
     }
 }

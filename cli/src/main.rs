@@ -8,10 +8,12 @@
 mod args;
 mod derivation;
 mod display;
+mod interrupt;
 mod log;
 mod log_format;
 mod path_info;
 mod realise;
+mod roots;
 
 use std::process::ExitCode;
 
@@ -157,6 +159,10 @@ impl ::log::Log for CliLogger {
 }
 
 fn main() -> ExitCode {
+    // As Nix's `initNix`: store objects, the database and logs are readable by
+    // everybody and writable by nobody else, whatever umask the caller has.
+    // SAFETY: umask only swaps the process's file mode mask.
+    unsafe { libc::umask(0o022) };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -170,7 +176,12 @@ fn main() -> ExitCode {
             .build();
     ::log::set_max_level(inner.filter().max(::log::LevelFilter::Warn));
     let _ = ::log::set_boxed_logger(Box::new(CliLogger { inner }));
-    match run(cli) {
+    let r = interrupt::install()
+        .map_err(|e| anyhow::anyhow!("installing the signal handlers: {e}"))
+        .and_then(|()| run(cli));
+    // As Nix at exit: this process's temporary roots file goes away.
+    drover::store::gc_roots::release_temp_roots();
+    match r {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_message(&e));

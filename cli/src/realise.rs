@@ -6,14 +6,13 @@
 //! builder output on stderr, the output paths on stdout one per line, and exits with
 //! Nix's status: 0, 1, or `0x60 | bits` for failed builds.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use drover::derived_path::{DerivedPath, OutputsSpec};
-use drover::store_path::{StoreDir, StorePath};
+use drover::store_path::StoreDir;
 use drover::store_path::StorePath as Path;
 use drover_actors::messages::{BuildLogEvent, BuildMode};
 use drover_actors::plan::{QueryAnswer, QueryObserver};
@@ -70,6 +69,8 @@ pub struct Args {
     /// `bar-with-logs` or `internal-json`.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
+    #[command(flatten)]
+    roots: crate::roots::RootArgs,
     /// Derivations (`X.drv`, `X.drv!out,dev`, `X.drv^*`) and store paths.
     /// (None: nothing to do, as `nix-store --realise` without arguments.)
     #[arg(value_name = "PATH")]
@@ -207,31 +208,43 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             }
         });
         display.lock().unwrap().emit_json(|j| j.worker_started());
-        let outcome = system.realise(requests, mode).await;
+        // Queued first: an Interrupt always finds the run started.
+        let run = system.realise(requests, mode);
+        let interrupter = system.interrupter();
+        crate::interrupt::while_running(move || interrupter.do_send(drover_actors::Interrupt));
+        let outcome = run.await;
+        crate::interrupt::after_run();
         ticker.abort();
         let mut d = display.lock().unwrap();
         d.finish();
         for e in &outcome.errors {
             d.line(&error_message(e));
         }
-        Ok(Some(outcome))
+        Ok(Some((outcome, system.store().clone())))
     })?;
-    let Some(outcome) = outcome else {
+    let Some((outcome, store)) = outcome else {
         return Ok(ExitCode::SUCCESS);
     };
 
     if outcome.exit_status != 0 {
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
     }
+    let done: Vec<_> = outcome
+        .results
+        .iter()
+        .map(|r| (&r.path, &r.result))
+        .collect();
+    let lines = crate::roots::realised_lines(&store, &args.roots, &done)?;
     // Nix warns once, before the first output path it prints (none: no warning).
-    if !outcome.results.is_empty() && verbosity >= crate::LVL_WARN {
-        shown.lock().unwrap().line("warning: you did not specify '--add-root'; the result might be removed by the garbage collector");
+    if !outcome.results.is_empty()
+        && args.roots.add_root.is_none()
+        && verbosity >= crate::LVL_WARN
+    {
+        shown.lock().unwrap().line(crate::roots::NO_ROOT_WARNING);
     }
     let mut out = std::io::stdout().lock();
-    for r in &outcome.results {
-        for p in output_paths(&store_dir, &r.path, &r.result) {
-            writeln!(out, "{p}")?;
-        }
+    for l in lines {
+        writeln!(out, "{l}")?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
@@ -262,23 +275,6 @@ fn parse_request(store_dir: &StoreDir, arg: &str) -> anyhow::Result<DerivedPath>
         });
     }
     crate::args::derived_path(store_dir, arg)
-}
-
-/// The output paths a finished request prints, in store-path order (Nix prints the
-/// path set `realisePath` returns, so a CA derivation's `out` can precede its `lib`).
-fn output_paths(
-    store_dir: &StoreDir,
-    request: &DerivedPath,
-    result: &drover::build_result::BuildResult,
-) -> Vec<String> {
-    match request {
-        DerivedPath::Opaque(p) => vec![store_dir.print(p)],
-        DerivedPath::Built { .. } => {
-            let paths: BTreeSet<&StorePath> =
-                result.built_outputs.values().map(|r| &r.out_path).collect();
-            paths.into_iter().map(|p| store_dir.print(p)).collect()
-        }
-    }
 }
 
 /// Prints the Worker's progress events as Nix prints them, through the display,

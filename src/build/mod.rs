@@ -295,6 +295,10 @@ pub fn prepare(
         None
     };
     let scratch = outputs::scratch_outputs(store, spec)?;
+    // Every path the builder writes is a temporary root before it exists, so Nix's
+    // collector leaves it (and its `.lock`) alone.
+    let roots: Vec<_> = scratch.scratch.values().cloned().collect();
+    store.add_temp_roots(&roots)?;
     // Outputs about to be (re)built at their final path: remove stale leftovers.
     for p in scratch.scratch.values() {
         if scratch.fallback.contains(p) || !store.is_valid_path(p)? {

@@ -569,6 +569,8 @@ pub fn register_outputs(
                 })
             }
         };
+        // A content-addressed final path is new here: a root before it is created.
+        store.add_temp_root(&final_path)?;
         let final_real = store.real_path(&final_path);
         let static_path = spec
             .output_paths

@@ -7,17 +7,27 @@
 //! and deletes it, writing `d` into it; so after locking we check the file is still
 //! empty, else start over), holding full store paths each followed by a NUL byte.
 //!
-//! Before appending a root, a shared lock on `<state dir>/gc.lock` is tried: when
-//! the collector holds it exclusively, the root is sent to the collector over
-//! `<state dir>/gc-socket/socket` (`<path>\n`, answered by `1`) as well.
+//! Before appending a root, a shared lock on `<state dir>/gc.lock` is tried. The
+//! collector holds it exclusively from before it reads the temporary roots until it
+//! is done; then the root is sent to it over `<state dir>/gc-socket/socket`
+//! (`<path>\n`) and only used once the collector acknowledged it (`1`): it answers
+//! after it finished deleting that very path, if it was deleting it. A refused or
+//! broken connection means the collector went away: start over. The connection is
+//! kept for later roots, as Nix keeps it.
+//!
+//! A root must be added *before* the path is created or first relied on: the
+//! collector keeps every store entry whose hash part is a root (so `<path>.lock`,
+//! `<path>.check` and drover's `<path>` temporaries with the same hash part too).
+//! Roots stay until the process exits; roots already recorded are not written twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use super::locks::{lock_fd, open_lock_file, LockType};
 use super::StoreError;
@@ -28,6 +38,14 @@ use crate::store_path::{StoreDir, StorePath};
 pub struct TempRoots {
     state_dir: PathBuf,
     file: File,
+    /// `<state dir>/gc.lock`, opened once (Nix's `fdGCLock`).
+    gc_lock: File,
+    /// The connection to a running collector, while one runs.
+    socket: Option<UnixStream>,
+    /// Printed paths already in the file.
+    recorded: HashSet<String>,
+    /// The file was removed ([`release_temp_roots`]): no more roots in it.
+    released: bool,
 }
 
 type Registry = Mutex<HashMap<PathBuf, Arc<Mutex<TempRoots>>>>;
@@ -35,6 +53,10 @@ type Registry = Mutex<HashMap<PathBuf, Arc<Mutex<TempRoots>>>>;
 fn registry() -> &'static Registry {
     static R: OnceLock<Registry> = OnceLock::new();
     R.get_or_init(Default::default)
+}
+
+fn not_found(path: &Path) -> StoreError {
+    StoreError::io("opening", path)(io::ErrorKind::NotFound.into())
 }
 
 impl TempRoots {
@@ -54,13 +76,14 @@ impl TempRoots {
         let dir = state_dir.join("temproots");
         std::fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
         let path = dir.join(std::process::id().to_string());
-        loop {
-            if path.exists() {
-                let _ = std::fs::remove_file(&path);
+        let file = loop {
+            // It must be stale: no two live processes share a pid.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("removing stale", &path)(e)),
             }
-            let file = open_lock_file(&path, true)?.ok_or_else(|| {
-                StoreError::io("opening", &path)(std::io::ErrorKind::NotFound.into())
-            })?;
+            let file = open_lock_file(&path, true)?.ok_or_else(|| not_found(&path))?;
             while !lock_fd(&file, LockType::Write, true)
                 .map_err(|e| StoreError::io("locking", &path)(e))?
             {}
@@ -68,53 +91,264 @@ impl TempRoots {
                 .metadata()
                 .map_err(StoreError::io("statting", &path))?
                 .size();
+            // A collector deleted the file between our open and our lock: retry.
             if size == 0 {
-                return Ok(TempRoots {
-                    state_dir: state_dir.to_owned(),
-                    file,
-                });
+                break file;
             }
-        }
+        };
+        let gc_lock_path = state_dir.join("gc.lock");
+        let gc_lock =
+            open_lock_file(&gc_lock_path, true)?.ok_or_else(|| not_found(&gc_lock_path))?;
+        Ok(TempRoots {
+            state_dir: state_dir.to_owned(),
+            file,
+            gc_lock,
+            socket: None,
+            recorded: HashSet::new(),
+            released: false,
+        })
     }
 
     /// Records `path` as a temporary root.
     pub fn add(&mut self, store_dir: &StoreDir, path: &StorePath) -> Result<(), StoreError> {
-        let printed = store_dir.print(path);
+        self.add_all(store_dir, std::slice::from_ref(path))
+    }
+
+    /// Records every path of `paths` as a temporary root: when this returns `Ok`, a
+    /// collector, running or not, keeps them.
+    pub fn add_all(&mut self, store_dir: &StoreDir, paths: &[StorePath]) -> Result<(), StoreError> {
+        self.add_inner(store_dir, paths, false)
+    }
+
+    /// With `again`, a root already in the file is still sent to a running
+    /// collector: one that read the permanent roots before a new one was made, and
+    /// finds this file stale because the process exited meanwhile, must know.
+    fn add_inner(
+        &mut self,
+        store_dir: &StoreDir,
+        paths: &[StorePath],
+        again: bool,
+    ) -> Result<(), StoreError> {
+        let new: Vec<String> = paths
+            .iter()
+            .map(|p| store_dir.print(p))
+            .filter(|p| again || !self.recorded.contains(p))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        if self.released {
+            return Err(StoreError::TempRootsReleased(new[0].clone()));
+        }
         let gc_lock_path = self.state_dir.join("gc.lock");
-        let gc_lock = open_lock_file(&gc_lock_path, true)?.ok_or_else(|| {
-            StoreError::io("opening", &gc_lock_path)(std::io::ErrorKind::NotFound.into())
-        })?;
         loop {
-            if lock_fd(&gc_lock, LockType::Read, false)
+            if lock_fd(&self.gc_lock, LockType::Read, false)
                 .map_err(StoreError::io("locking", &gc_lock_path))?
             {
                 break;
             }
-            // The collector is running: tell it directly.
-            let socket = self.state_dir.join("gc-socket/socket");
-            match UnixStream::connect(&socket) {
-                Ok(mut s) => {
-                    let sent = s
-                        .write_all(format!("{printed}\n").as_bytes())
-                        .and_then(|_| {
-                            let mut c = [0u8; 1];
-                            s.read_exact(&mut c)
-                        });
-                    if sent.is_ok() {
-                        break;
-                    }
-                }
-                Err(e) => log::debug!("GC socket '{}': {e}", socket.display()),
+            // The collector is running: it must know before we go on.
+            if self.send_to_collector(&new)? {
+                break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let mut bytes = printed.into_bytes();
-        bytes.push(0);
+        let mut bytes = Vec::new();
+        for p in new.iter().filter(|p| !self.recorded.contains(*p)) {
+            bytes.extend_from_slice(p.as_bytes());
+            bytes.push(0);
+        }
         let r = self.file.write_all(&bytes);
-        // the shared GC lock is released when `gc_lock` is closed
-        drop(gc_lock);
-        r.map_err(StoreError::io("writing temporary roots", &self.state_dir))
+        // Release the shared GC lock (held only if we got it; unlocking is harmless).
+        let unlocked = lock_fd(&self.gc_lock, LockType::None, false);
+        r.map_err(StoreError::io("writing temporary roots", &self.state_dir))?;
+        unlocked.map_err(StoreError::io("unlocking", &gc_lock_path))?;
+        self.recorded.extend(new);
+        Ok(())
     }
+
+    /// Sends roots to the running collector and waits for each acknowledgement.
+    /// `Ok(false)`: the collector is not (or no longer) listening; try again.
+    fn send_to_collector(&mut self, roots: &[String]) -> Result<bool, StoreError> {
+        let socket_path = self.state_dir.join("gc-socket/socket");
+        if self.socket.is_none() {
+            match UnixStream::connect(&socket_path) {
+                Ok(s) => self.socket = Some(s),
+                // Not listening yet (it creates the socket after taking the lock) or
+                // any more.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    ) =>
+                {
+                    log::debug!("GC socket '{}': {e}", socket_path.display());
+                    return Ok(false);
+                }
+                Err(e) => return Err(StoreError::io("connecting to", &socket_path)(e)),
+            }
+        }
+        let Some(s) = self.socket.as_mut() else {
+            return Ok(false);
+        };
+        for root in roots {
+            log::debug!("sending GC root '{root}'");
+            let sent = s.write_all(format!("{root}\n").as_bytes()).and_then(|_| {
+                let mut c = [0u8; 1];
+                s.read_exact(&mut c).map(|_| c[0])
+            });
+            match sent {
+                Ok(b'1') => {}
+                Ok(c) => {
+                    return Err(StoreError::io(
+                        "talking to the garbage collector at",
+                        &socket_path,
+                    )(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected reply byte {c:#04x}"),
+                    )))
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe
+                            | io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    log::debug!("GC socket disconnected");
+                    self.socket = None;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.socket = None;
+                    return Err(StoreError::io(
+                        "talking to the garbage collector at",
+                        &socket_path,
+                    )(e));
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Removes this process's temporary-roots files, as Nix does when it closes its
+/// store at exit: what the process still uses is no longer protected from the
+/// collector. Roots added afterwards go to a fresh file.
+pub fn release_temp_roots() {
+    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+    for (_, t) in reg.drain() {
+        release(&t);
+    }
+}
+
+/// [`release_temp_roots`] for one state directory only.
+pub fn release_temp_roots_of(state_dir: &Path) {
+    let t = registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(state_dir);
+    if let Some(t) = t {
+        release(&t);
+    }
+}
+
+fn release(t: &Mutex<TempRoots>) {
+    {
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        let path = t
+            .state_dir
+            .join("temproots")
+            .join(std::process::id().to_string());
+        // Unlinked while still locked: a collector never sees it unlocked.
+        if let Err(e) = std::fs::remove_file(&path) {
+            log::debug!("removing '{}': {e}", path.display());
+        }
+        t.released = true;
+        t.socket = None;
+    }
+}
+
+/// Nix's `canonPath` for an absolute path: `.`, `..` and repeated slashes removed
+/// lexically, symlinks not followed.
+pub fn canon_path(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Replaces (or creates) the symlink `link` → `target` atomically: written under
+/// `<link>.tmp-<pid>-<random>` and renamed over `link`, parents created first.
+fn make_symlink(link: &Path, target: &Path) -> Result<(), StoreError> {
+    if let Some(dir) = link.parent() {
+        std::fs::create_dir_all(dir).map_err(StoreError::io("creating directory", dir))?;
+    }
+    let nonce = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        t.subsec_nanos() ^ (t.as_secs() as u32)
+    };
+    let mut tmp = link.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}-{nonce}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(StoreError::io("creating symlink", &tmp))?;
+    std::fs::rename(&tmp, link).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        StoreError::io("renaming a symlink onto", link)(e)
+    })
+}
+
+/// The indirect root of `link`: `<state dir>/gcroots/auto/<sha1 of the link's path,
+/// nix base 32>` → `link`, so the collector follows `link` wherever it lives.
+pub fn add_indirect_root(state_dir: &Path, link: &Path) -> Result<PathBuf, StoreError> {
+    let printed = link.as_os_str().as_encoded_bytes();
+    let hash = crate::hash::HashAlgo::Sha1
+        .digest(printed)
+        .encode(crate::hash::Encoding::Base32);
+    let real = canon_path(&state_dir.join("gcroots/auto").join(hash));
+    make_symlink(&real, link)?;
+    Ok(real)
+}
+
+/// Nix's `addPermRoot`: makes `gc_root` (absolute, outside the store) a symlink to
+/// `path` and registers it as an indirect root. `path` becomes a temporary root of
+/// `temp_roots` first. An existing `gc_root` is only replaced when it is a symlink
+/// into the store. Returns the canonical root path.
+pub fn add_perm_root(
+    temp_roots: &mut TempRoots,
+    store_dir: &StoreDir,
+    path: &StorePath,
+    gc_root: &Path,
+) -> Result<PathBuf, StoreError> {
+    let gc_root = canon_path(gc_root);
+    let printed_root = gc_root.to_string_lossy().into_owned();
+    if store_dir.is_in_store(&printed_root) {
+        return Err(StoreError::RootInStore(printed_root));
+    }
+    temp_roots.add_inner(store_dir, std::slice::from_ref(path), true)?;
+    if let Ok(m) = std::fs::symlink_metadata(&gc_root) {
+        let into_store = m.file_type().is_symlink()
+            && std::fs::read_link(&gc_root)
+                .is_ok_and(|t| store_dir.is_in_store(&t.to_string_lossy()));
+        if !into_store {
+            return Err(StoreError::RootExists(printed_root));
+        }
+    }
+    make_symlink(&gc_root, Path::new(&store_dir.print(path)))?;
+    add_indirect_root(&temp_roots.state_dir, &gc_root)?;
+    Ok(gc_root)
 }
 
 #[cfg(test)]
@@ -132,9 +366,76 @@ mod tests {
         let file = dir.path().join(format!("temproots/{}", std::process::id()));
         let contents = std::fs::read(&file).unwrap();
         let one = b"/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-hello\0";
-        assert_eq!(contents, [&one[..], &one[..]].concat());
+        // recorded once: the second add finds it already there
+        assert_eq!(contents, &one[..]);
         // the collector's non-blocking exclusive lock must fail while we live
         let other = open_lock_file(&file, false).unwrap().unwrap();
         assert!(!lock_fd(&other, LockType::Write, false).unwrap());
+    }
+
+    /// With the collector holding `gc.lock`, a root reaches it over the socket, and
+    /// `add` returns only after the acknowledgement; a collector that went away
+    /// (connection refused) is retried until the lock can be had.
+    #[test]
+    fn roots_go_to_a_running_collector_first() {
+        use std::os::unix::net::UnixListener;
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let p = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-busy").unwrap();
+        // `TempRoots::create`, not the registry: another test may share the pid file.
+        let mut t = TempRoots::create(dir.path()).unwrap();
+        let gc_lock = open_lock_file(&dir.path().join("gc.lock"), true)
+            .unwrap()
+            .unwrap();
+        assert!(lock_fd(&gc_lock, LockType::Write, false).unwrap());
+        std::fs::create_dir_all(dir.path().join("gc-socket")).unwrap();
+        let listener = UnixListener::bind(dir.path().join("gc-socket/socket")).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while c.read_exact(&mut b).is_ok() && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            tx.send(String::from_utf8(line).unwrap()).unwrap();
+            // acknowledge only once the test has seen the root arrive
+            std::thread::sleep(Duration::from_millis(100));
+            c.write_all(b"1").unwrap();
+            (c, gc_lock)
+        });
+        t.add(&sd, &p).unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            "/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-busy"
+        );
+        let (conn, gc_lock) = server.join().unwrap();
+        let file = dir.path().join(format!("temproots/{}", std::process::id()));
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-busy\0"
+        );
+        // The collector exits (socket closed, lock kept a moment): a new root waits
+        // for the lock instead of failing.
+        drop(conn);
+        let q = StorePath::from_base_name("8h7qgvs4kgzsn8a6rb274saxyqh4jxlz-next").unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(gc_lock);
+        });
+        t.add(&sd, &q).unwrap();
+        releaser.join().unwrap();
+        assert!(std::fs::read(&file).unwrap().ends_with(b"-next\0"));
+        // already recorded: nothing written again
+        t.add(&sd, &q).unwrap();
+        assert_eq!(
+            std::fs::read(&file)
+                .unwrap()
+                .iter()
+                .filter(|b| **b == 0)
+                .count(),
+            2
+        );
     }
 }

@@ -19,7 +19,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -61,7 +60,6 @@ pub struct LocalStore {
     store_dir: StoreDir,
     state_dir: PathBuf,
     db: Mutex<StoreDb>,
-    temp_roots: Mutex<Option<Arc<Mutex<TempRoots>>>>,
     /// `secret-key-files`, read each time a path is signed (as Nix does).
     secret_key_files: Vec<PathBuf>,
     /// `auto-optimise-store`.
@@ -124,7 +122,6 @@ impl LocalStore {
             store_dir,
             state_dir,
             db: Mutex::new(db),
-            temp_roots: Mutex::new(None),
             secret_key_files: settings.secret_key_files(),
             auto_optimise: settings.auto_optimise_store(),
         })
@@ -179,21 +176,46 @@ impl LocalStore {
         })
     }
 
-    /// Records `path` as a temporary GC root of this process.
+    /// Records `path` as a temporary GC root of this process: Nix's collector, running
+    /// or not, keeps it (and entries sharing its hash part, such as `<path>.lock`)
+    /// until this process exits. Call it before creating or relying on the path.
     pub fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
-        let roots = {
-            let mut t = self.temp_roots.lock().unwrap_or_else(|e| e.into_inner());
-            match &*t {
-                Some(r) => r.clone(),
-                None => {
-                    let r = TempRoots::for_state_dir(&self.state_dir)?;
-                    *t = Some(r.clone());
-                    r
-                }
-            }
+        self.add_temp_roots(std::slice::from_ref(path))
+    }
+
+    /// [`add_temp_root`](Self::add_temp_root) for many paths at once (one lock of
+    /// `gc.lock`, one write).
+    pub fn add_temp_roots(&self, paths: &[StorePath]) -> Result<(), StoreError> {
+        let add = || {
+            let roots = self.temp_roots_file()?;
+            let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
+            roots.add_all(&self.store_dir, paths)
         };
+        match add() {
+            // Released meanwhile: the next file is a fresh one.
+            Err(StoreError::TempRootsReleased(_)) => add(),
+            r => r,
+        }
+    }
+
+    /// Gives up the temporary roots this process holds in this store (its
+    /// `temproots/<pid>` file is removed); later roots start a new file. For a
+    /// caller done with everything it used; the CLI drops all roots at exit with
+    /// [`gc_roots::release_temp_roots`](super::gc_roots::release_temp_roots).
+    pub fn release_temp_roots(&self) {
+        super::gc_roots::release_temp_roots_of(&self.state_dir);
+    }
+
+    fn temp_roots_file(&self) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
+        TempRoots::for_state_dir(&self.state_dir)
+    }
+
+    /// `nix-store --add-root`: `gc_root` becomes a symlink to `path` and an indirect
+    /// GC root (see [`gc_roots::add_perm_root`](super::gc_roots::add_perm_root)).
+    pub fn add_perm_root(&self, path: &StorePath, gc_root: &Path) -> Result<PathBuf, StoreError> {
+        let roots = self.temp_roots_file()?;
         let mut roots = roots.lock().unwrap_or_else(|e| e.into_inner());
-        roots.add(&self.store_dir, path)
+        super::gc_roots::add_perm_root(&mut roots, &self.store_dir, path, gc_root)
     }
 
     /// The subset of `paths` that is valid, in one query per 10 000 paths, all in one
@@ -905,23 +927,22 @@ impl LocalStore {
         Ok(())
     }
 
-    /// A store-path-like temporary name next to `path`, for writing before the
-    /// rename into place (and a temp root, so Nix's collector leaves it alone).
-    fn temp_path_for(&self, path: &StorePath) -> Result<StorePath, StoreError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let seed = format!(
-            "{}-{}-{}-{:?}",
-            path,
-            std::process::id(),
-            n,
-            std::time::SystemTime::now()
-        );
-        let digest = HashAlgo::Sha256.digest(seed.as_bytes());
-        let folded: [u8; 20] = crate::hash::compress(digest.digest(), 20)
-            .try_into()
-            .map_err(|_| StoreError::InvalidPath(seed.clone()))?;
-        Ok(StorePath::from_digest(&folded, "drover-tmp")?)
+    /// The temporary name a new copy of `path` is written under before the rename
+    /// into place, `<path>.drover-tmp`, and the name the old copy is moved aside to
+    /// during a repair, `<path>.drover-old`. They are fixed, like Nix's `<path>.lock`
+    /// and `<path>.check`, and share `path`'s hash part: only the holder of the
+    /// path's lock touches them, the temporary root of `path` keeps Nix's collector
+    /// off them while it works, and what a killed process left there is removed by
+    /// the next one to take the lock (or by the collector, once the temporary roots
+    /// of the dead process are stale).
+    fn temp_names_for(&self, path: &StorePath) -> (PathBuf, PathBuf) {
+        let real = self.real_path(path);
+        let with = |suffix: &str| {
+            let mut s = real.as_os_str().to_owned();
+            s.push(suffix);
+            PathBuf::from(s)
+        };
+        (with(".drover-tmp"), with(".drover-old"))
     }
 
     /// Writes a store object atomically: `write` fills a temporary path, which is
@@ -947,28 +968,37 @@ impl LocalStore {
     ) -> Result<(), StoreError> {
         let repair = repair == RepairFlag::Repair;
         self.add_temp_root(&info.path)?;
-        if !repair && self.is_valid_path(&info.path)? {
+        let (tmp_real, old) = self.temp_names_for(&info.path);
+        let leftovers = || tmp_real.symlink_metadata().is_ok() || old.symlink_metadata().is_ok();
+        if !repair && self.is_valid_path(&info.path)? && !leftovers() {
             return Ok(());
         }
         let real = self.real_path(&info.path);
         let mut locks = PathLocks::lock(&BTreeSet::from([real.clone()]))?;
         let valid = self.is_valid_path(&info.path)?;
+        // Leftovers of a process killed while it held this lock: a partial new
+        // copy goes; an old copy moved aside by a repair goes back if it is all
+        // there is (killed between the two renames), else goes too.
+        remove_tree(&tmp_real)?;
+        if std::fs::symlink_metadata(&old).is_ok() {
+            if valid && std::fs::symlink_metadata(&real).is_err() {
+                std::fs::rename(&old, &real).map_err(StoreError::io("moving back", &old))?;
+            } else {
+                remove_tree(&old)?;
+            }
+        }
         if valid && !repair {
             return Ok(());
         }
         if !valid {
             remove_tree(&real)?;
         }
-        let tmp = self.temp_path_for(&info.path)?;
-        self.add_temp_root(&tmp)?;
-        let tmp_real = self.real_path(&tmp);
         let r = (|| {
             write(&tmp_real)?;
             canonicalise_path_meta_data(&tmp_real, None)?;
             if valid {
                 // Move the old copy aside first: a directory cannot be renamed
                 // over a non-empty one.
-                let old = self.real_path(&self.temp_path_for(&info.path)?);
                 match std::fs::rename(&real, &old) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1118,6 +1148,45 @@ mod tests {
         let mut i = ValidPathInfo::new(p, HashAlgo::Sha256.digest(name), 8);
         i.references = refs.iter().map(|r| (*r).clone()).collect();
         i
+    }
+
+    /// What a process killed while holding a path's lock left (a partial new copy,
+    /// an old copy moved aside by a repair) is cleaned up by the next process to
+    /// take the lock, whether it then writes the path or finds it valid.
+    #[test]
+    fn leftovers_of_a_killed_writer_are_removed_under_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let write = |text: &'static str| {
+            move |tmp: &Path| std::fs::write(tmp, text).map_err(StoreError::io("writing", tmp))
+        };
+        let i = info(&s, "fresh", &[]);
+        let (tmp, old) = s.temp_names_for(&i.path);
+        assert_eq!(
+            tmp.file_name().unwrap().to_str().unwrap(),
+            format!("{}.drover-tmp", i.path)
+        );
+        // killed while unpacking: a partial tree at the temporary name
+        std::fs::create_dir_all(tmp.join("half/way")).unwrap();
+        std::fs::write(tmp.join("half/way/f"), "x").unwrap();
+        s.add_object(&i, write("whole")).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(
+            std::fs::read_to_string(s.real_path(&i.path)).unwrap(),
+            "whole"
+        );
+        // killed during a repair, between moving the old copy aside and the rename:
+        // the old copy is all there is, and it goes back
+        let real = s.real_path(&i.path);
+        std::fs::rename(&real, &old).unwrap();
+        std::fs::write(&tmp, "partial").unwrap();
+        s.add_object(&i, write("unused")).unwrap();
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "whole");
+        assert!(!tmp.exists() && !old.exists());
+        // a stale old copy beside a present one just goes
+        std::fs::write(&old, "stale").unwrap();
+        s.add_object(&i, write("unused")).unwrap();
+        assert!(!old.exists());
     }
 
     #[test]

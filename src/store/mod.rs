@@ -7,7 +7,8 @@
 //! * [`db`]: the database, with exactly Nix 2.8's schema ([`schema`]), pragmas, and
 //!   `big-lock`.
 //! * [`locks`]: `<path>.lock` files ([`locks::PathLocks`]).
-//! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`.
+//! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`, and permanent
+//!   (indirect) roots as `nix-store --add-root` makes them.
 //! * [`canonicalise`]: canonical metadata of store objects.
 //! * [`optimise`]: hard-linking identical files through `.links` (`auto-optimise-store`).
 //! * [`path_info`]: [`path_info::ValidPathInfo`] and its `nix path-info --json` form.
@@ -111,6 +112,12 @@ pub enum StoreError {
     Derivation(#[from] DerivationError),
     #[error(transparent)]
     Optimise(#[from] optimise::OptimiseError),
+    #[error("creating a garbage collector root ({0}) in the Nix store is forbidden (are you running nix-build inside the store?)")]
+    RootInStore(String),
+    #[error("cannot create symlink '{0}'; already exists")]
+    RootExists(String),
+    #[error("cannot add the temporary root '{0}': this process released its roots to exit")]
+    TempRootsReleased(String),
 }
 
 impl StoreError {

@@ -274,6 +274,9 @@ fn builder_environment_is_nixs() {
             .collect();
         let nix_contents: Vec<Vec<u8>> = outs.iter().map(|p| std::fs::read(p).unwrap()).collect();
         let info = path_info(&root, &outs);
+        // This process's drover build holds temporary roots on them, as a running
+        // Nix would, and the collector refuses to delete live paths: drop them.
+        d.store.release_temp_roots();
         let mut args = vec!["--delete"];
         args.extend(outs.iter().map(String::as_str));
         root.run("nix-store", &args);

@@ -6,7 +6,8 @@
 //!   the body; a missing file is `404 Not Found`).
 //! * A [`Policy`] (set at start with [`HttpServer::with_policy`] or later with
 //!   [`HttpServer::set_policy`]) decides per [`Request`] what to do instead: an
-//!   [`Action`] (serve, 404, any status, a body cut short, no answer at all).
+//!   [`Action`] (serve, 404, any status, a body cut short, no answer at all, a
+//!   body that stops halfway and hangs).
 //! * Every request is logged as `"<METHOD> <path>"`, in the order the requests were
 //!   read ([`HttpServer::take_requests`]), and counted ([`HttpServer::hits`]).
 //! * Connections are kept alive (clients such as ureq reuse them) unless the request
@@ -68,6 +69,9 @@ pub enum Action {
     /// No answer: the connection stays open, silent, until the client gives up or
     /// the server is dropped.
     Hang,
+    /// `200 OK` announcing the whole file, its first bytes (at most this many)
+    /// sent, then silence as with [`Action::Hang`]: a client caught mid-download.
+    Stall(usize),
 }
 
 impl Action {
@@ -244,6 +248,15 @@ fn serve_connection(conn: &TcpStream, s: &Shared) -> std::io::Result<()> {
             Action::Status(code, reason) => {
                 respond(conn, (code, reason), &[], 0, head, keep_alive)?
             }
+            Action::Stall(n) => match file() {
+                Some(body) => {
+                    let sent = &body[..n.min(body.len())];
+                    respond(conn, (200, "OK"), sent, body.len(), head, true)?;
+                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                    return Ok(());
+                }
+                None => not_found()?,
+            },
             Action::Truncate(n) => match file() {
                 Some(body) => {
                     let sent = &body[..n.min(body.len())];

@@ -9,6 +9,7 @@ mod binary_cache;
 mod build;
 mod build_log;
 mod derivation;
+mod gc;
 mod hook_protocol;
 mod http_server;
 mod https_cache;

@@ -66,6 +66,7 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
                 id,
                 services,
                 ctx: &mut *ctx,
+                acks: None,
             },
         );
         if host.is_finished() {
@@ -92,6 +93,7 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
                         id,
                         services,
                         ctx: &mut *ctx,
+                        acks: None,
                     },
                 );
                 ctx.stop();
@@ -105,7 +107,13 @@ struct ActorSink<'a, G: GoalMachine + Unpin> {
     id: GoalId,
     services: &'a GoalServices,
     ctx: &'a mut Context<GoalActor<G>>,
+    /// When set, cancellations are sent with `send` and their answers collected,
+    /// so that whoever cancelled the goal can wait for them.
+    acks: Option<Vec<Ack>>,
 }
+
+/// The answer to a cancellation a goal passed on to its builder or hook job.
+type Ack = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 impl<G: GoalMachine + Unpin> EffectSink for ActorSink<'_, G> {
     fn blocking(&mut self, job: Job) {
@@ -124,9 +132,16 @@ impl<G: GoalMachine + Unpin> EffectSink for ActorSink<'_, G> {
     }
 
     fn cancel_local_build(&mut self) {
-        self.services
-            .cancel_local_build
-            .do_send(CancelLocalBuild { id: self.id });
+        let msg = CancelLocalBuild { id: self.id };
+        match &mut self.acks {
+            Some(acks) => {
+                let r = self.services.cancel_local_build.send(msg);
+                acks.push(Box::pin(async move {
+                    let _ = r.await;
+                }));
+            }
+            None => self.services.cancel_local_build.do_send(msg),
+        }
     }
 
     fn hook_try(&mut self, request: HookTry) {
@@ -155,8 +170,18 @@ impl<G: GoalMachine + Unpin> EffectSink for ActorSink<'_, G> {
     }
 
     fn cancel_hook_build(&mut self) {
-        if let Some(c) = &self.services.cancel_hook_build {
-            c.do_send(CancelHookBuild { id: self.id });
+        let Some(c) = &self.services.cancel_hook_build else {
+            return;
+        };
+        let msg = CancelHookBuild { id: self.id };
+        match &mut self.acks {
+            Some(acks) => {
+                let r = c.send(msg);
+                acks.push(Box::pin(async move {
+                    let _ = r.await;
+                }));
+            }
+            None => c.do_send(msg),
         }
     }
 
@@ -248,17 +273,27 @@ impl<G: GoalMachine + Unpin> Handler<AddWantedOutputs> for GoalActor<G> {
     }
 }
 
+/// Answered once the builder or hook job has handled the cancellation of a running
+/// build (an interrupted run waits for that before the process exits).
 impl<G: GoalMachine + Unpin> Handler<CancelGoal> for GoalActor<G> {
-    type Result = ();
-    fn handle(&mut self, _: CancelGoal, ctx: &mut Context<Self>) {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: CancelGoal, ctx: &mut Context<Self>) -> Self::Result {
         let GoalActor { host, services } = self;
         let id = host.id;
-        host.cancel(&mut ActorSink {
+        let mut sink = ActorSink {
             id,
             services,
             ctx: &mut *ctx,
-        });
+            acks: Some(Vec::new()),
+        };
+        host.cancel(&mut sink);
+        let acks = sink.acks.take().unwrap_or_default();
         ctx.stop();
+        Box::pin(async move {
+            for a in acks {
+                a.await;
+            }
+        })
     }
 }
 

@@ -81,6 +81,23 @@ impl GoalAddr {
             GoalAddr::DrvOut(a) => send_to(a, msg),
         }
     }
+
+    /// Cancels the goal; resolves once its builder or hook job handled it.
+    fn cancel_acked(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
+        fn acked<G: GoalMachine + Unpin>(
+            a: &Addr<GoalActor<G>>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
+            let r = a.send(CancelGoal);
+            Box::pin(async move {
+                let _ = r.await;
+            })
+        }
+        match self {
+            GoalAddr::Drv(a) => acked(a),
+            GoalAddr::Subst(a) => acked(a),
+            GoalAddr::DrvOut(a) => acked(a),
+        }
+    }
 }
 
 /// Delivers one of the core's messages as the typed message it stands for.
@@ -150,30 +167,34 @@ impl Worker {
             return;
         };
         for a in run.core.take_actions() {
-            match a {
-                Action::Spawn { goal, machine } => {
-                    let addr = GoalAddr::start(goal, *machine, &run.services);
-                    run.goals.insert(goal, addr);
-                }
-                Action::ToGoal { goal, msg } => {
-                    let cancel = matches!(msg, ToGoal::Cancel);
-                    if let Some(addr) = run.goals.get(&goal) {
-                        addr.send(msg);
-                    }
-                    if cancel {
-                        run.goals.remove(&goal);
-                    }
-                }
-                Action::Progress(ev) => {
-                    if let Some(p) = &self.cfg.progress {
-                        p.do_send(ev);
-                    }
-                }
-            }
+            Self::perform(run, &self.cfg, a);
         }
         if run.core.is_finished() {
             if let Some(run) = self.run.take() {
                 let _ = run.reply.send(run.core.outcome());
+            }
+        }
+    }
+
+    fn perform(run: &mut Run, cfg: &WorkerConfig, a: Action) {
+        match a {
+            Action::Spawn { goal, machine } => {
+                let addr = GoalAddr::start(goal, *machine, &run.services);
+                run.goals.insert(goal, addr);
+            }
+            Action::ToGoal { goal, msg } => {
+                let cancel = matches!(msg, ToGoal::Cancel);
+                if let Some(addr) = run.goals.get(&goal) {
+                    addr.send(msg);
+                }
+                if cancel {
+                    run.goals.remove(&goal);
+                }
+            }
+            Action::Progress(ev) => {
+                if let Some(p) = &cfg.progress {
+                    p.do_send(ev);
+                }
             }
         }
     }
@@ -280,6 +301,51 @@ impl Handler<GoalStopped> for Worker {
             run.core.goal_stopped(msg.goal);
         }
         self.drain();
+    }
+}
+
+/// The user interrupted the run (SIGINT, SIGTERM): every goal is cancelled and the
+/// run ends with `interrupted by the user` (exit status 1). Answered — and the
+/// run's outcome sent — once every goal's builder or hook job has handled its
+/// cancellation, so their process groups are killed before the caller goes on to
+/// exit. Nothing happens when no run is going on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Interrupt;
+
+impl Handler<Interrupt> for Worker {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Interrupt, _: &mut Context<Self>) -> Self::Result {
+        let Some(mut run) = self.run.take() else {
+            return Box::pin(actix::fut::ready(()));
+        };
+        run.core.interrupt();
+        let mut acks = Vec::new();
+        for a in run.core.take_actions() {
+            match a {
+                Action::ToGoal {
+                    goal,
+                    msg: ToGoal::Cancel,
+                } => {
+                    if let Some(addr) = run.goals.remove(&goal) {
+                        acks.push(addr.cancel_acked());
+                    }
+                }
+                other => Self::perform(&mut run, &self.cfg, other),
+            }
+        }
+        Box::pin(
+            async move {
+                for a in acks {
+                    a.await;
+                }
+            }
+            .into_actor(self)
+            .map(move |(), _, _| {
+                let _ = run.reply.send(run.core.outcome());
+            }),
+        )
     }
 }
 

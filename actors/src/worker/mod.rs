@@ -274,6 +274,9 @@ struct Entry {
     sizes: (u64, u64),
 }
 
+/// The error of an interrupted run, as Nix words it.
+pub const INTERRUPTED: &str = "interrupted by the user";
+
 /// The Worker's state machine.
 pub struct WorkerCore {
     settings: Arc<WorkerSettings>,
@@ -404,6 +407,27 @@ impl WorkerCore {
 
     fn send(&mut self, goal: GoalId, msg: ToGoal) {
         self.actions.push(Action::ToGoal { goal, msg });
+    }
+
+    /// The user interrupted the run (SIGINT, SIGTERM): every live goal is cancelled
+    /// in goal-id order (running local builds get `CancelLocalBuild`, hook builds
+    /// `CancelHookBuild`), and the run ends as Nix's does, with exit status 1 and the
+    /// one error `interrupted by the user`. Nothing more is started or registered
+    /// by this run. Does nothing once the run is finished.
+    pub fn interrupt(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut ids: Vec<GoalId> = self.goals.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            if let Some(e) = self.goals.get_mut(&id) {
+                e.top_level = false;
+            }
+            self.cancel(id);
+        }
+        self.fatal = Some(INTERRUPTED.to_owned());
+        self.finish();
     }
 
     fn make_goal(&mut self, req: GoalRequest) -> GoalId {
@@ -1571,5 +1595,33 @@ mod tests {
         assert_eq!(out.errors, ["bad hook reply 'nonsense'"]);
         assert_eq!(c.goal_count(), 0);
         assert_eq!(c.counters().running_builds, 0);
+    }
+
+    #[test]
+    fn interrupt_cancels_every_running_build_and_fails_the_run() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 2);
+        let a = ts.add_drv("a", &["out"], &[], &[]);
+        let b = ts.add_drv("b", &["out"], &[], &[]);
+        // `c` waits for `a`: not started when the interrupt comes
+        let c = ts.add_drv("c", &["out"], &[&a], &[]);
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(|_| None);
+        let mut core = core(&ts, &s);
+        core.start(vec![built(&b), built(&c)], BuildMode::Normal);
+        assert!(drv.run(&mut core).is_none());
+        let mut running: Vec<u64> = drv.running.iter().map(|(g, _)| *g).collect();
+        running.sort();
+        assert_eq!(running.len(), 2, "{:?}", drv.running);
+        core.interrupt();
+        let out = drv.run(&mut core).expect("an interrupted run is finished");
+        assert_eq!(drv.cancelled, running, "each running build, in goal order");
+        assert_eq!(out.exit_status, 1);
+        assert_eq!(out.errors, [INTERRUPTED]);
+        assert_eq!(drv.started.len(), 2, "nothing new started");
+        assert_eq!(core.goal_count(), 0);
+        assert_eq!(core.counters().running_builds, 0);
+        // a second interrupt changes nothing
+        core.interrupt();
+        assert!(core.take_actions().is_empty());
     }
 }

@@ -30,6 +30,14 @@ pub fn check_validity(
             })
             .collect());
     }
+    // Nix's `haveDerivation`: the outputs whose paths are known are temporary roots
+    // before anything checks, builds or substitutes them.
+    let known: Vec<StorePath> = drv
+        .outputs
+        .values()
+        .filter_map(|o| o.path().cloned())
+        .collect();
+    add_temp_roots(store, &known)?;
     let mut db_outputs: Option<BTreeMap<String, StorePath>> = None;
     let mut res = BTreeMap::new();
     for (name, out) in &drv.outputs {
@@ -55,6 +63,7 @@ pub fn check_validity(
         }
         let valid = match &path {
             Some(p) => {
+                add_temp_root(store, p)?;
                 let v = store.is_valid_path(p)?;
                 if v && repair {
                     env.contents.good(store, p)?
@@ -174,7 +183,12 @@ pub(super) fn input_paths(
         }
     }
     let v: Vec<StorePath> = direct.iter().cloned().collect();
+    // The inputs are in use from now on: roots before their closure is read (the
+    // collector keeps the closure of a root), and the closure itself too.
+    add_temp_roots(store, &v)?;
     let closure = store.compute_closure(&v)?;
+    let c: Vec<StorePath> = closure.iter().cloned().collect();
+    add_temp_roots(store, &c)?;
     Ok((closure, direct))
 }
 
@@ -199,6 +213,19 @@ pub(super) fn add_temp_root(store: &LocalStore, path: &StorePath) -> Result<(), 
         .add_temp_root(path)
         .map_err(|source| GoalError::TempRoot {
             path: store.store_dir().print(path),
+            source: Box::new(source),
+        })
+}
+
+/// [`add_temp_root`] for many paths at once.
+pub(super) fn add_temp_roots(store: &LocalStore, paths: &[StorePath]) -> Result<(), GoalError> {
+    store
+        .add_temp_roots(paths)
+        .map_err(|source| GoalError::TempRoot {
+            path: paths
+                .first()
+                .map(|p| store.store_dir().print(p))
+                .unwrap_or_default(),
             source: Box::new(source),
         })
 }
