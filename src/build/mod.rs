@@ -25,6 +25,7 @@
 pub mod dir;
 pub mod env;
 pub mod outputs;
+pub mod sandbox;
 pub mod spawn;
 pub mod users;
 
@@ -87,6 +88,8 @@ pub struct BuildSettings {
     pub build_users_group: Option<String>,
     /// The state dir (`userpool/` holds the build user locks).
     pub state_dir: PathBuf,
+    /// `sandbox` and the settings of the sandbox.
+    pub sandbox: sandbox::SandboxSettings,
 }
 
 impl BuildSettings {
@@ -99,6 +102,7 @@ impl BuildSettings {
             caller_env: std::env::vars().collect(),
             build_users_group: settings.build_users_group(),
             state_dir: settings.state_dir().to_owned(),
+            sandbox: sandbox::SandboxSettings::from_settings(settings),
         }
     }
 }
@@ -131,6 +135,8 @@ pub enum BuildError {
     ExportReferencesGraph(String),
     #[error(transparent)]
     User(#[from] users::UserError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
     /// Every build user is busy: wait and try again (`waiting for a free build user
     /// ID for '…'`).
     #[error("waiting for a free build user ID for '{0}'")]
@@ -250,6 +256,15 @@ pub fn prepare(
     settings: &BuildSettings,
     spec: &BuildSpec,
 ) -> Result<(PreparedBuild, BuilderProcess), BuildError> {
+    let drv_printed = store.store_dir().print(&spec.drv_path);
+    if sandbox::use_chroot(
+        settings.sandbox.mode,
+        &spec.drv,
+        spec.drv.derivation_type()?,
+        &drv_printed,
+    )? {
+        return Err(sandbox::SandboxError::Unsupported(drv_printed).into());
+    }
     if Path::new(env::HOME_DIR).exists() {
         return Err(BuildError::HomeExists(env::HOME_DIR.into()));
     }

@@ -884,7 +884,7 @@ mod tests {
         env.insert("NIX_USER_CONF_FILES".into(), String::new());
         env.insert(
             "NIX_CONFIG".into(),
-            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
+            "sandbox = false\nexperimental-features = ca-derivations\nbuild-users-group =\n".into(),
         );
         let s = Settings::load(&env, &[]).unwrap();
         let mut bs = BuildSettings::from_settings(&s);
