@@ -939,6 +939,11 @@ impl Settings {
         self.words("sandbox-paths")
     }
 
+    /// `allowed-impure-host-deps`: prefixes `__impureHostDeps` may name.
+    pub fn allowed_impure_host_deps(&self) -> Vec<String> {
+        self.words("allowed-impure-host-deps")
+    }
+
     /// `sandbox-build-dir` (`/build`).
     pub fn sandbox_build_dir(&self) -> String {
         self.get("sandbox-build-dir")

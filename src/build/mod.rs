@@ -1,4 +1,4 @@
-//! Local builds: the primitives of Nix 2.8's `LocalDerivationGoal` (without sandbox).
+//! Local builds: the primitives of Nix 2.8's `LocalDerivationGoal`.
 //!
 //! A local build goes through these steps, each a blocking function here (the actor
 //! side runs them on blocking threads and owns the process):
@@ -10,7 +10,10 @@
 //!    ([`dir`]), compute the builder's environment and files ([`mod@env`], plus the
 //!    `exportReferencesGraph` closures), write them,
 //!    and make the builder [`std::process::Command`] attached to a fresh pseudo-terminal
-//!    ([`spawn`]).
+//!    ([`spawn`]). A sandboxed build ([`sandbox::use_chroot`]) instead sets up its
+//!    chroot and starts the builder in its namespaces up to the `execve`
+//!    ([`sandbox`]); falling back to an unsandboxed build when the kernel refuses
+//!    the namespaces and `sandbox-fallback` is set.
 //! 2. The caller spawns the command, reads the pty master until EOF ([`spawn::read_pty`])
 //!    and waits for the exit status (killing the process group on cancel or timeout,
 //!    [`spawn::kill_process_group`]).
@@ -166,6 +169,28 @@ pub struct PreparedBuild {
     pub scratch: ScratchOutputs,
     /// The build user the builder runs as (held until the build is finished).
     pub build_user: Option<users::BuildUser>,
+    /// A sandboxed build's chroot (deleted when dropped, after registration).
+    pub chroot: Option<sandbox::Chroot>,
+}
+
+/// A builder started without `std::process::Command`: its pid is waited for with
+/// [`spawn::wait_pid`] and its process group killed with [`kill_process_group`].
+#[derive(Debug)]
+pub enum DirectSpawn {
+    /// Unsandboxed, no build user: `posix_spawn` ([`spawn::FastSpawn`]).
+    Posix(spawn::FastSpawn),
+    /// Sandboxed: the namespace child, set up and waiting ([`sandbox::start`]).
+    Sandboxed(sandbox::SandboxedBuilder),
+}
+
+impl DirectSpawn {
+    /// Starts the builder; its pid, or the `execve` error as `Command::spawn` gives.
+    pub fn spawn(&self) -> std::io::Result<u32> {
+        match self {
+            DirectSpawn::Posix(f) => f.spawn(),
+            DirectSpawn::Sandboxed(s) => s.spawn(),
+        }
+    }
 }
 
 /// The builder process of a prepared build, not yet spawned.
@@ -178,10 +203,11 @@ pub struct BuilderProcess {
     pub pty_master: std::os::fd::OwnedFd,
     /// The builder program, for [`exec_failure_log`].
     pub builder: String,
-    /// The same builder as a `posix_spawn` (no fork of this process), when that
-    /// applies ([`spawn::fast_spawn_plan`]); then spawn this rather than `command`
-    /// and drop `command` afterwards (it holds the pty slave).
-    pub fast: Option<spawn::FastSpawn>,
+    /// The builder started without `command`: a `posix_spawn` (no fork of this
+    /// process) when that applies ([`spawn::fast_spawn_plan`]), and always for
+    /// sandboxed builds (then `command` only holds the pty slave). Spawn this rather
+    /// than `command` when present, and drop `command` afterwards.
+    pub fast: Option<DirectSpawn>,
 }
 
 /// What Nix 2.8's forked child writes to the pty when `execve` fails (it then exits
@@ -229,17 +255,25 @@ pub fn build_blocking(
         mut command,
         pty_master,
         builder,
-        fast: _,
+        fast,
     } = process;
-    let status = match command.spawn() {
-        Ok(mut child) => {
-            drop(command);
+    let spawned = match &fast {
+        Some(DirectSpawn::Sandboxed(s)) => s.spawn().map(|pid| (pid, None)),
+        _ => command.spawn().map(|c| (c.id(), Some(c))),
+    };
+    drop(command);
+    let status = match spawned {
+        Ok((pid, child)) => {
             let _ = read_pty(pty_master, &mut log);
-            let status = child.wait().map_err(|source| BuildError::WriteFile {
+            let waited = match child {
+                Some(mut c) => c.wait(),
+                None => spawn::wait_pid(pid),
+            };
+            let status = waited.map_err(|source| BuildError::WriteFile {
                 path: builder.clone().into(),
                 source,
             })?;
-            kill_process_group(child.id());
+            kill_process_group(pid);
             status
         }
         Err(e) => {
@@ -250,22 +284,36 @@ pub fn build_blocking(
     Ok(finish(store, settings, spec, prepared, status, None))
 }
 
-/// Sets up a local build (Nix's `startBuilder` up to the fork).
+/// Sets up a local build (Nix's `startBuilder` up to the fork; for a sandboxed
+/// build up to the `execve`, see [`sandbox`]).
 pub fn prepare(
     store: &LocalStore,
     settings: &BuildSettings,
     spec: &BuildSpec,
 ) -> Result<(PreparedBuild, BuilderProcess), BuildError> {
     let drv_printed = store.store_dir().print(&spec.drv_path);
-    if sandbox::use_chroot(
-        settings.sandbox.mode,
-        &spec.drv,
-        spec.drv.derivation_type()?,
-        &drv_printed,
-    )? {
-        return Err(sandbox::SandboxError::Unsupported(drv_printed).into());
+    let ty = spec.drv.derivation_type()?;
+    let chroot = sandbox::use_chroot(settings.sandbox.mode, &spec.drv, ty, &drv_printed)?;
+    match prepare_with(store, settings, spec, chroot) {
+        // The kernel refused the namespaces and `sandbox-fallback` is set: as Nix,
+        // build again from scratch without the sandbox.
+        Err(BuildError::Sandbox(sandbox::SandboxError::Fallback)) => {
+            log::debug!("sandbox unavailable for '{drv_printed}'; building without it");
+            prepare_with(store, settings, spec, false)
+        }
+        r => r,
     }
-    if Path::new(env::HOME_DIR).exists() {
+}
+
+fn prepare_with(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+    use_chroot: bool,
+) -> Result<(PreparedBuild, BuilderProcess), BuildError> {
+    let drv_printed = store.store_dir().print(&spec.drv_path);
+    let ty = spec.drv.derivation_type()?;
+    if !use_chroot && Path::new(env::HOME_DIR).exists() {
         return Err(BuildError::HomeExists(env::HOME_DIR.into()));
     }
     let build_user = if users::use_build_users(settings.build_users_group.as_deref()) {
@@ -275,22 +323,11 @@ pub fn prepare(
                 users::kill_user(u.uid);
                 Some(u)
             }
-            None => {
-                return Err(BuildError::AllBuildUsersBusy(
-                    store.store_dir().print(&spec.drv_path),
-                ))
-            }
+            None => return Err(BuildError::AllBuildUsersBusy(drv_printed)),
         }
     } else {
         None
     };
-    let scratch = outputs::scratch_outputs(store, spec)?;
-    // Outputs about to be (re)built at their final path: remove stale leftovers.
-    for p in scratch.scratch.values() {
-        if scratch.fallback.contains(p) || !store.is_valid_path(p)? {
-            outputs::remove_tree(&store.real_path(p))?;
-        }
-    }
     let drv_file = spec.drv_path.name().to_owned();
     let build_dir = BuildDir::create(&settings.build_dir_root, &drv_file).map_err(|source| {
         BuildError::BuildDir {
@@ -298,21 +335,6 @@ pub fn prepare(
             source,
         }
     })?;
-    let structured_extra = structured_export_references_graph(store, spec)?;
-    let benv = builder_env(&EnvInputs {
-        drv: &spec.drv,
-        store_dir: store.store_dir(),
-        cores: settings.cores,
-        build_top: build_dir.path(),
-        caller_env: &settings.caller_env,
-        scratch_outputs: &scratch.scratch,
-        input_rewrites: &scratch.input_rewrites,
-        structured_extra: &structured_extra,
-    })?;
-    let mut files = benv.files.clone();
-    if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
-        files.extend(export_references_graph(store, spec)?);
-    }
     let owner = build_user.as_ref().map(|u| (u.uid, u.gid));
     let chown = |p: &Path| -> Result<(), BuildError> {
         if let Some((uid, gid)) = owner {
@@ -329,6 +351,45 @@ pub fn prepare(
         Ok(())
     };
     chown(build_dir.path())?;
+    // Outputs about to be (re)built at their final path: remove stale leftovers.
+    let chroot = if use_chroot {
+        Some(sandbox::Chroot::create(
+            store,
+            &settings.sandbox,
+            spec,
+            ty,
+            build_dir.path(),
+            owner.map(|(_, g)| g),
+        )?)
+    } else {
+        None
+    };
+    let scratch = outputs::scratch_outputs(store, spec, chroot.as_ref().map(|c| c.root.as_path()))?;
+    for p in scratch.scratch.values() {
+        if scratch.fallback.contains(p) || !store.is_valid_path(p)? {
+            outputs::remove_tree(&store.real_path(p))?;
+        }
+    }
+    let structured_extra = structured_export_references_graph(store, spec)?;
+    let sandbox_top = PathBuf::from(&settings.sandbox.build_dir);
+    let benv = builder_env(&EnvInputs {
+        drv: &spec.drv,
+        store_dir: store.store_dir(),
+        cores: settings.cores,
+        build_top: if use_chroot {
+            &sandbox_top
+        } else {
+            build_dir.path()
+        },
+        caller_env: &settings.caller_env,
+        scratch_outputs: &scratch.scratch,
+        input_rewrites: &scratch.input_rewrites,
+        structured_extra: &structured_extra,
+    })?;
+    let mut files = benv.files.clone();
+    if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
+        files.extend(export_references_graph(store, spec)?);
+    }
     for (file, contents) in &files {
         let p = build_dir.path().join(file);
         write_new_file(&p, contents).map_err(|source| BuildError::WriteFile {
@@ -337,18 +398,53 @@ pub fn prepare(
         })?;
         chown(&p)?;
     }
+    if let Some(chroot) = chroot {
+        let (pty_master, slave) = sandbox::open_pty()?;
+        if let Some((uid, _)) = owner {
+            sandbox::chown_pty_slave(&pty_master, uid)?;
+        }
+        let child = sandbox::start(
+            &chroot,
+            &settings.sandbox,
+            &benv,
+            &spec.drv.system,
+            &slave,
+            owner,
+            &drv_printed,
+        )?;
+        // The command is never run: it holds our copy of the slave until the
+        // caller drops it after the spawn, as with the other paths.
+        let mut command = std::process::Command::new(&benv.builder);
+        command.stdout(std::process::Stdio::from(slave));
+        return Ok((
+            PreparedBuild {
+                build_dir,
+                scratch,
+                build_user,
+                chroot: Some(chroot),
+            },
+            BuilderProcess {
+                command,
+                pty_master,
+                builder: benv.builder,
+                fast: Some(DirectSpawn::Sandboxed(child)),
+            },
+        ));
+    }
     let creds = build_user.as_ref().map(|u| spawn::Credentials {
         uid: u.uid,
         gid: u.gid,
         groups: u.groups.clone(),
     });
     let (command, pty_master) = builder_command(&benv, build_dir.path(), creds.clone())?;
-    let fast = spawn::fast_spawn_plan(&benv, build_dir.path(), creds.as_ref(), &pty_master);
+    let fast = spawn::fast_spawn_plan(&benv, build_dir.path(), creds.as_ref(), &pty_master)
+        .map(DirectSpawn::Posix);
     Ok((
         PreparedBuild {
             build_dir,
             scratch,
             build_user,
+            chroot: None,
         },
         BuilderProcess {
             command,
@@ -589,6 +685,7 @@ pub fn finish(
         build_dir,
         scratch,
         build_user,
+        chroot,
     } = prepared;
     // Nothing of the build user may survive the build (Nix kills it after the build).
     let build_uid = build_user.as_ref().map(|u| u.uid);
@@ -598,6 +695,19 @@ pub fn finish(
     let drv_printed = store.store_dir().print(&spec.drv_path);
     let fail = |status: BuildStatus, msg: String, build_dir: BuildDir, scratch: &ScratchOutputs| {
         scratch.remove_redirected(store);
+        if chroot.is_some() && spec.mode == BuildMode::Normal {
+            // As Nix: move what the builder left of unregistered outputs out of the
+            // chroot, for inspection.
+            for p in scratch.scratch.values() {
+                let inside = scratch.actual_path(store, p);
+                if !scratch.fallback.contains(p)
+                    && !store.is_valid_path(p).unwrap_or(true)
+                    && std::fs::symlink_metadata(&inside).is_ok()
+                {
+                    let _ = std::fs::rename(&inside, store.real_path(p));
+                }
+            }
+        }
         let kept = build_dir.finish(spec.keep_failed && !spec.drv.is_builtin());
         BuildOutcome {
             result: BuildResult::failure(status, msg),

@@ -16,4 +16,5 @@ mod nar;
 mod narinfo;
 mod narinfo_disk_cache;
 mod nix_env;
+mod sandbox;
 mod store;
