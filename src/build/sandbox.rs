@@ -747,15 +747,12 @@ pub fn start(
     let helper_status = wait_raw(helper);
     let mut line = String::new();
     let _ = std::fs::File::from(pid_r).read_to_string(&mut line);
+    // Any failure of the helper (it printed why) means no sandbox: fall back when
+    // `sandbox-fallback` allows it, as Nix does.
     match helper_status {
         Some(0) => {}
-        Some(1) if fallback => return Err(SandboxError::Fallback),
-        _ => {
-            return Err(match line.strip_prefix('E') {
-                Some(msg) => SandboxError::Child(msg.trim_end().to_owned()),
-                None => SandboxError::StartFailed,
-            })
-        }
+        _ if fallback => return Err(SandboxError::Fallback),
+        _ => return Err(SandboxError::StartFailed),
     }
     let mut words = line.split_whitespace();
     let using_userns = words.next() == Some("1");
@@ -902,16 +899,23 @@ impl Drop for SandboxedBuilder {
 }
 
 /// The forked helper: clones the namespace child (retrying as Nix does) and reports
-/// `"<using user namespace 0|1> <pid>\n"` on `pid_w`, or exits 1 (ask for the
-/// fallback) or 2 (error, `E<message>` written).
+/// `"<using user namespace 0|1> <pid>\n"` on `pid_w`, or exits 1: without a message
+/// when the kernel refused the namespaces and `sandbox-fallback` is set, else after
+/// printing `error: …` on stderr (as Nix's helper, whose exit the parent answers
+/// with the fallback when it is set).
 unsafe fn helper_main(plan: &mut ChildPlan, mut flags: i32, fallback: bool, pid_w: RawFd) -> ! {
-    let fail = |msg: String| -> ! {
-        let m = format!("E{msg}\n");
-        libc::write(pid_w, m.as_ptr().cast(), m.len());
-        libc::_exit(2)
+    // As Nix's helper: the `SysError` on stderr (colours included, whatever stderr
+    // is), exit status 1; the parent then falls back or gives up.
+    let fail = |what: &str| -> ! {
+        let m = format!(
+            "\x1b[31;1merror:\x1b[0m {what}: \x1b[35;1m{}\x1b[0m\n",
+            strerror(&io::Error::last_os_error())
+        );
+        libc::write(2, m.as_ptr().cast(), m.len());
+        libc::_exit(1)
     };
     if libc::getuid() == 0 && libc::setgroups(0, std::ptr::null()) == -1 {
-        fail(format!("setgroups failed: {}", io::Error::last_os_error()));
+        fail("setgroups failed");
     }
     const STACK: usize = 1024 * 1024;
     let stack = libc::mmap(
@@ -923,7 +927,7 @@ unsafe fn helper_main(plan: &mut ChildPlan, mut flags: i32, fallback: bool, pid_
         0,
     );
     if stack == libc::MAP_FAILED {
-        fail(format!("allocating stack: {}", io::Error::last_os_error()));
+        fail("allocating stack");
     }
     let top = (stack as *mut u8).add(STACK).cast::<libc::c_void>();
     let arg = (plan as *mut ChildPlan).cast::<libc::c_void>();
@@ -945,10 +949,7 @@ unsafe fn helper_main(plan: &mut ChildPlan, mut flags: i32, fallback: bool, pid_
         libc::_exit(1);
     }
     if child == -1 {
-        fail(format!(
-            "cloning builder process: {}",
-            io::Error::last_os_error()
-        ));
+        fail("cloning builder process");
     }
     let m = format!("{} {child}\n", u8::from(plan.using_userns));
     libc::write(pid_w, m.as_ptr().cast(), m.len());
@@ -1339,6 +1340,7 @@ fn bind(source: &std::ffi::CStr, target: &std::ffi::CStr, optional: bool) -> Res
 mod tests {
     use super::*;
     use crate::derivation::DerivationOutput;
+    use crate::store::LocalStore;
 
     fn drv(env: &[(&str, &str)]) -> Derivation {
         let mut d = Derivation::default();
@@ -1379,6 +1381,128 @@ mod tests {
         assert_eq!(d["/usr"], b("/usr", false));
         assert_eq!(d["/opt/x"], b("/opt/x", true));
         assert_eq!(d["/a"], b("/b", true));
+    }
+
+    #[test]
+    fn chroot_holds_what_nix_puts_there() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::for_root(dir.path(), "").unwrap();
+        let store = LocalStore::open(&settings).unwrap();
+        let sd = store.store_dir().clone();
+        let text = store
+            .add_text_to_store("input.txt", b"hello", &Default::default())
+            .unwrap();
+        let src = dir.path().join("srcdir");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "x").unwrap();
+        let tree = store.add_path_to_store(&src, "tree").unwrap();
+        let out = sd
+            .parse(&format!(
+                "{}/00000000000000000000000000000000-out",
+                sd.as_str()
+            ))
+            .unwrap();
+        let drv_path = sd
+            .parse(&format!(
+                "{}/11111111111111111111111111111111-x.drv",
+                sd.as_str()
+            ))
+            .unwrap();
+        let mut d = Derivation::default();
+        d.outputs.insert(
+            "out".into(),
+            DerivationOutput::InputAddressed { path: out.clone() },
+        );
+        let spec = super::super::BuildSpec {
+            drv_path,
+            drv: std::sync::Arc::new(d),
+            output_paths: BTreeMap::from([("out".to_string(), out.clone())]),
+            input_closure: [text.clone(), tree.clone()].into_iter().collect(),
+            mode: super::super::BuildMode::Normal,
+            keep_failed: false,
+        };
+        let mut ss = SandboxSettings::disabled();
+        ss.paths = vec![
+            "/bin/sh=/bin/busybox".into(),
+            "/opt/none?".into(),
+            // The output being built is never bind-mounted from the host.
+            sd.print(&out),
+        ];
+        let tmp = dir.path().join("nix-build-x.drv-0");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let ia = DerivationType::InputAddressed { deferred: false };
+        let c = Chroot::create(&store, &ss, &spec, ia, &tmp, None).unwrap();
+        let root = c.root.clone();
+        assert_eq!(
+            root,
+            PathBuf::from(format!(
+                "{}/11111111111111111111111111111111-x.drv.chroot",
+                sd.as_str()
+            ))
+        );
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o750);
+        assert_eq!(mode(&root.join("tmp")), 0o1777);
+        assert_eq!(mode(&c.real_path(sd.as_str())), 0o1775);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/group")).unwrap(),
+            "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "127.0.0.1 localhost\n::1 localhost\n"
+        );
+        // A file input is hard-linked, a directory input is bind-mounted.
+        let linked = c.real_path(&sd.print(&text));
+        assert_eq!(
+            std::fs::metadata(&linked).unwrap().ino(),
+            std::fs::metadata(store.real_path(&text)).unwrap().ino()
+        );
+        let b = |s: &str, o: bool| BindSource {
+            source: s.into(),
+            optional: o,
+        };
+        let expected: BTreeMap<String, BindSource> = [
+            ("/bin/sh".to_string(), b("/bin/busybox", false)),
+            ("/opt/none".to_string(), b("/opt/none", true)),
+            ("/build".to_string(), b(tmp.to_str().unwrap(), false)),
+            (
+                sd.print(&tree),
+                b(store.real_path(&tree).to_str().unwrap(), false),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(c.dirs, expected);
+        assert!(!c.host_network);
+        drop(c);
+        assert!(!root.exists(), "the chroot is deleted on drop");
+        // A fixed-output derivation gets no /etc/hosts of ours.
+        let fixed = DerivationType::ContentAddressed { fixed: true };
+        let c = Chroot::create(&store, &ss, &spec, fixed, &tmp, None).unwrap();
+        assert!(!c.root.join("etc/hosts").exists());
+        assert!(c.host_network);
+        // __impureHostDeps must be within allowed-impure-host-deps.
+        let mut impure = (*spec.drv).clone();
+        impure
+            .env
+            .insert("__impureHostDeps".into(), "/usr/lib/x".into());
+        let spec2 = super::super::BuildSpec {
+            drv: std::sync::Arc::new(impure),
+            ..spec.clone()
+        };
+        drop(c);
+        let e = Chroot::create(&store, &ss, &spec2, ia, &tmp, None).unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "requested impure path '/usr/lib/x', but it was not in allowed-impure-host-deps"
+            ),
+            "{e}"
+        );
+        ss.allowed_impure_host_deps = vec!["/usr/lib".into()];
+        let c = Chroot::create(&store, &ss, &spec2, ia, &tmp, None).unwrap();
+        assert_eq!(c.dirs["/usr/lib/x"], b("/usr/lib/x", true));
     }
 
     #[test]

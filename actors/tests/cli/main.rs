@@ -18,6 +18,7 @@ mod impure;
 mod path_info;
 mod progress;
 mod realise;
+mod sandbox;
 mod substitute;
 
 use std::process::{Command, Output};
