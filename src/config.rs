@@ -939,6 +939,11 @@ impl Settings {
         self.words("sandbox-paths")
     }
 
+    /// `pre-build-hook` (run before sandboxed builds); `None` when empty.
+    pub fn pre_build_hook(&self) -> Option<String> {
+        self.opt_string("pre-build-hook")
+    }
+
     /// `allowed-impure-host-deps`: prefixes `__impureHostDeps` may name.
     pub fn allowed_impure_host_deps(&self) -> Vec<String> {
         self.words("allowed-impure-host-deps")

@@ -353,14 +353,18 @@ fn prepare_with(
     chown(build_dir.path())?;
     // Outputs about to be (re)built at their final path: remove stale leftovers.
     let chroot = if use_chroot {
-        Some(sandbox::Chroot::create(
+        let mut c = sandbox::Chroot::create(
             store,
             &settings.sandbox,
             spec,
             ty,
             build_dir.path(),
             owner.map(|(_, g)| g),
-        )?)
+        )?;
+        if let Some(hook) = &settings.sandbox.pre_build_hook {
+            c.run_pre_build_hook(hook, &drv_printed)?;
+        }
+        Some(c)
     } else {
         None
     };

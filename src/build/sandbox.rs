@@ -73,6 +73,8 @@ pub struct SandboxSettings {
     pub allowed_impure_host_deps: Vec<String>,
     /// `kvm` is among the `system-features`: `/dev/kvm` goes into the sandbox.
     pub kvm: bool,
+    /// `pre-build-hook`: run before each sandboxed build; it may add bind mounts.
+    pub pre_build_hook: Option<String>,
 }
 
 impl SandboxSettings {
@@ -85,6 +87,7 @@ impl SandboxSettings {
             dev_shm_size: s.sandbox_dev_shm_size(),
             allowed_impure_host_deps: s.allowed_impure_host_deps(),
             kvm: s.system_features().contains("kvm"),
+            pre_build_hook: s.pre_build_hook(),
         }
     }
 
@@ -98,6 +101,7 @@ impl SandboxSettings {
             dev_shm_size: "50%".into(),
             allowed_impure_host_deps: Vec::new(),
             kvm: false,
+            pre_build_hook: None,
         }
     }
 }
@@ -125,6 +129,10 @@ pub enum SandboxError {
     Child(String),
     #[error("while waiting for the build environment for '{drv}' to initialize ({status}, previous messages: )")]
     ChildDied { drv: String, status: String },
+    #[error("unknown pre-build hook command '{0}'")]
+    UnknownHookCommand(String),
+    #[error("program '{program}' {status}")]
+    HookFailed { program: String, status: String },
     /// The namespaces could not be created and `sandbox-fallback` is set: build
     /// without the sandbox (not an error the user sees).
     #[error("the sandbox could not be created; falling back to an unsandboxed build")]
@@ -229,6 +237,32 @@ pub fn parse_sandbox_paths(paths: &[String]) -> BTreeMap<String, BindSource> {
         );
     }
     dirs
+}
+
+/// The bind mounts a `pre-build-hook` asks for: `extra-sandbox-paths` (or
+/// `extra-chroot-dirs`) on a line of its own, then `target[=source]` lines up to an
+/// empty line; any other command is an error. Only complete lines count.
+pub fn parse_hook_output(out: &str) -> Result<Vec<(String, String)>, SandboxError> {
+    let mut binds = Vec::new();
+    let mut in_paths = false;
+    let mut rest = out;
+    while let Some(nl) = rest.find('\n') {
+        let line = &rest[..nl];
+        rest = &rest[nl + 1..];
+        if !in_paths {
+            if line == "extra-sandbox-paths" || line == "extra-chroot-dirs" {
+                in_paths = true;
+            } else {
+                return Err(SandboxError::UnknownHookCommand(line.to_owned()));
+            }
+        } else if line.is_empty() {
+            in_paths = false;
+        } else {
+            let (t, s) = line.split_once('=').unwrap_or((line, line));
+            binds.push((t.to_owned(), s.to_owned()));
+        }
+    }
+    Ok(binds)
 }
 
 /// `canonPath` without resolving symlinks: absolute, no `.`, `..` or double slashes.
@@ -437,6 +471,38 @@ impl Chroot {
         }
         chroot.dirs = dirs;
         Ok(chroot)
+    }
+
+    /// Runs `pre-build-hook` as Nix 2.8 does for sandboxed builds: with the `.drv`
+    /// path and the chroot directory as arguments, its stderr passed through; its
+    /// stdout may ask for more bind mounts ([`parse_hook_output`]).
+    pub fn run_pre_build_hook(&mut self, hook: &str, drv_path: &str) -> Result<(), SandboxError> {
+        let child = std::process::Command::new(hook)
+            .arg(drv_path)
+            .arg(&self.root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(sys(format!("executing '{hook}'")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(sys(format!("waiting for '{hook}'")))?;
+        if !out.status.success() {
+            return Err(SandboxError::HookFailed {
+                program: hook.to_owned(),
+                status: super::status_to_string(out.status),
+            });
+        }
+        for (target, source) in parse_hook_output(&String::from_utf8_lossy(&out.stdout))? {
+            self.dirs.insert(
+                target,
+                BindSource {
+                    source,
+                    optional: false,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Where `p` (a store path) is inside the chroot, seen from the host.
@@ -1503,6 +1569,25 @@ mod tests {
         ss.allowed_impure_host_deps = vec!["/usr/lib".into()];
         let c = Chroot::create(&store, &ss, &spec2, ia, &tmp, None).unwrap();
         assert_eq!(c.dirs["/usr/lib/x"], b("/usr/lib/x", true));
+    }
+
+    #[test]
+    fn pre_build_hook_output() {
+        let b = parse_hook_output(
+            "extra-sandbox-paths\n/a=/b\n/c\n\nextra-chroot-dirs\n/d\n/ignored-no-newline",
+        )
+        .unwrap();
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(b, vec![s("/a", "/b"), s("/c", "/c"), s("/d", "/d")]);
+        assert_eq!(
+            parse_hook_output("bogus\n").unwrap_err().to_string(),
+            "unknown pre-build hook command 'bogus'"
+        );
+        assert_eq!(
+            parse_hook_output("\n").unwrap_err().to_string(),
+            "unknown pre-build hook command ''"
+        );
+        assert!(parse_hook_output("").unwrap().is_empty());
     }
 
     #[test]

@@ -590,3 +590,63 @@ fn build_users_are_shared_with_nix() {
     }
     root.verify_store();
 }
+
+#[test]
+fn pre_build_hook_adds_sandbox_paths_as_in_nix() {
+    require_sandbox!();
+    let root = TestRoot::with_conf(SANDBOX_CONF);
+    let secret = root.path().join("hooked");
+    std::fs::write(&secret, "from the hook\n").unwrap();
+    let hook = |name: &str, body: &str| {
+        let p = root.path().join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.display().to_string()
+    };
+    let good = hook(
+        "hook",
+        &format!(
+            "[ -d \"$2\" ] || exit 9\necho extra-sandbox-paths\necho /hooked={}\necho",
+            secret.display()
+        ),
+    );
+    let bogus = hook("bogus", "echo bogus");
+    let failing = hook("failing", "exit 3");
+    let file = write_nix(
+        &root,
+        r#"  hooked = sh "hooked" "read x < /hooked; echo $x > $out" {};"#,
+    );
+    let drv = instantiate(&root, &file, "hooked");
+    let realise_with = |hook: &str| {
+        let out = root
+            .cmd("nix-store")
+            .args(["--realise", &drv, "--option", "pre-build-hook", hook])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut d = drover(&root);
+    for h in [&bogus, &failing] {
+        let (ok, _, stderr) = realise_with(h);
+        assert!(!ok);
+        d.bs.sandbox.pre_build_hook = Some(h.clone());
+        let err = d.try_build(&drv).unwrap_err().to_string();
+        assert!(
+            stderr.contains(&format!("error: {err}\n")),
+            "nix: {stderr}\ndrover: {err}"
+        );
+    }
+    let (ok, out, stderr) = realise_with(&good);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "from the hook\n");
+    let nix_info = path_info(&root, std::slice::from_ref(&out));
+    delete(&root, std::slice::from_ref(&out));
+    d.bs.sandbox.pre_build_hook = Some(good);
+    let (outs, _) = d.built(&drv);
+    assert_eq!(outs, vec![out.clone()]);
+    assert_eq!(path_info(&root, &[out]), nix_info);
+}
