@@ -14,7 +14,10 @@ root=$(mktemp -d -t drover-demo-XXXXXX)
 export NIX_STORE_DIR=$root/store NIX_STATE_DIR=$root/var/nix
 export NIX_LOG_DIR=$root/var/log/nix NIX_CONF_DIR=$root/etc
 mkdir -p "$NIX_CONF_DIR"
-printf 'build-users-group =\nsubstituters =\n' >"$NIX_CONF_DIR/nix.conf"
+# No sandbox: a sandboxed build needs a static /bin/sh to bind into the chroot
+# (Nix's is busybox, 'sandbox-paths = /bin/sh=/bin/busybox'), which a fresh machine
+# may not have; builds run as the caller (no build users).
+printf 'sandbox = false\nbuild-users-group =\nsubstituters =\n' >"$NIX_CONF_DIR/nix.conf"
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*" >&2; }
 out_of() { drover derivation show "$1" | sed -n 's/^ *"path": "\([^"]*\)".*/\1/p' | tail -n 1; }

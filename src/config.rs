@@ -473,7 +473,8 @@ impl Settings {
 
     /// Settings for a self-contained store rooted in `dir` — the store at
     /// `<dir>/store`, state in `<dir>/var/nix`, logs in `<dir>/var/log/nix`, no
-    /// `nix.conf` read from outside, builds as the invoking user — plus the
+    /// `nix.conf` read from outside, builds as the invoking user without a sandbox
+    /// (`sandbox = false`, `build-users-group =`) — plus the
     /// `nix.conf` lines in `extra_config`. For tests (feature `testing`).
     #[cfg(any(test, feature = "testing"))]
     pub fn for_root(dir: &Path, extra_config: &str) -> Result<Settings, ConfigError> {
@@ -484,7 +485,10 @@ impl Settings {
             ("NIX_LOG_DIR", path("var/log/nix")),
             ("NIX_CONF_DIR", path("etc")),
             ("NIX_USER_CONF_FILES", String::new()),
-            ("NIX_CONFIG", format!("build-users-group =\n{extra_config}")),
+            (
+                "NIX_CONFIG",
+                format!("sandbox = false\nbuild-users-group =\n{extra_config}"),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -979,6 +983,38 @@ impl Settings {
             Some("relaxed") => SandboxMode::Relaxed,
             _ => SandboxMode::Disabled,
         }
+    }
+
+    /// `sandbox-fallback`: build unsandboxed when the kernel cannot make the namespaces.
+    pub fn sandbox_fallback(&self) -> bool {
+        self.bool("sandbox-fallback")
+    }
+
+    /// `sandbox-paths` (plus `extra-sandbox-paths`): `target[=source][?]` entries.
+    pub fn sandbox_paths(&self) -> Vec<String> {
+        self.words("sandbox-paths")
+    }
+
+    /// `pre-build-hook` (run before sandboxed builds); `None` when empty.
+    pub fn pre_build_hook(&self) -> Option<String> {
+        self.opt_string("pre-build-hook")
+    }
+
+    /// `allowed-impure-host-deps`: prefixes `__impureHostDeps` may name.
+    pub fn allowed_impure_host_deps(&self) -> Vec<String> {
+        self.words("allowed-impure-host-deps")
+    }
+
+    /// `sandbox-build-dir` (`/build`).
+    pub fn sandbox_build_dir(&self) -> String {
+        self.get("sandbox-build-dir")
+            .unwrap_or_else(|| "/build".into())
+    }
+
+    /// `sandbox-dev-shm-size` (`50%`).
+    pub fn sandbox_dev_shm_size(&self) -> String {
+        self.get("sandbox-dev-shm-size")
+            .unwrap_or_else(|| "50%".into())
     }
 
     pub fn system(&self) -> String {

@@ -165,7 +165,7 @@ impl LocalStoreSubstituter {
         env.insert("NIX_USER_CONF_FILES".into(), String::new());
         env.insert(
             "NIX_CONFIG".into(),
-            "build-users-group =\nexperimental-features = ca-derivations\n".into(),
+            "sandbox = false\nbuild-users-group =\nexperimental-features = ca-derivations\n".into(),
         );
         let other = Settings::load(&env, &[]).map_err(|e| {
             drover::store::StoreError::InvalidPath(format!("{}: {e}", root.display()))

@@ -1,4 +1,4 @@
-//! Local builds: the primitives of Nix 2.8's `LocalDerivationGoal` (without sandbox).
+//! Local builds: the primitives of Nix 2.8's `LocalDerivationGoal`.
 //!
 //! A local build goes through these steps, each a blocking function here (the actor
 //! side runs them on blocking threads and owns the process):
@@ -10,7 +10,10 @@
 //!    ([`dir`]), compute the builder's environment and files ([`mod@env`], plus the
 //!    `exportReferencesGraph` closures), write them,
 //!    and make the builder [`std::process::Command`] attached to a fresh pseudo-terminal
-//!    ([`spawn`]).
+//!    ([`spawn`]). A sandboxed build ([`sandbox::use_chroot`]) instead sets up its
+//!    chroot and starts the builder in its namespaces up to the `execve`
+//!    ([`sandbox`]); falling back to an unsandboxed build when the kernel refuses
+//!    the namespaces and `sandbox-fallback` is set.
 //! 2. The caller spawns the command, reads the pty master until EOF ([`spawn::read_pty`])
 //!    and waits for the exit status (killing the process group on cancel or timeout,
 //!    [`spawn::kill_process_group`]).
@@ -27,6 +30,7 @@ pub mod dir;
 pub mod done;
 pub mod env;
 pub mod outputs;
+pub mod sandbox;
 pub mod spawn;
 pub mod users;
 
@@ -104,6 +108,8 @@ pub struct BuildSettings {
     /// `enforce-determinism`: a round of `repeat` that differs fails the build
     /// (else it is reported and the build ends with that round).
     pub enforce_determinism: bool,
+    /// `sandbox` and the settings of the sandbox.
+    pub sandbox: sandbox::SandboxSettings,
 }
 
 impl BuildSettings {
@@ -118,6 +124,7 @@ impl BuildSettings {
             state_dir: settings.state_dir().to_owned(),
             builtins: builtins::BuiltinSettings::from_settings(settings),
             enforce_determinism: settings.get("enforce-determinism").as_deref() != Some("false"),
+            sandbox: sandbox::SandboxSettings::from_settings(settings),
         }
     }
 }
@@ -150,6 +157,8 @@ pub enum BuildError {
     ExportReferencesGraph(String),
     #[error(transparent)]
     User(#[from] users::UserError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
     /// Every build user is busy: wait and try again (`waiting for a free build user
     /// ID for '…'`).
     #[error("waiting for a free build user ID for '{0}'")]
@@ -179,6 +188,28 @@ pub struct PreparedBuild {
     pub scratch: ScratchOutputs,
     /// The build user the builder runs as (held until the build is finished).
     pub build_user: Option<users::BuildUser>,
+    /// A sandboxed build's chroot (deleted when dropped, after registration).
+    pub chroot: Option<sandbox::Chroot>,
+}
+
+/// A builder started without `std::process::Command`: its pid is waited for with
+/// [`spawn::wait_pid`] and its process group killed with [`kill_process_group`].
+#[derive(Debug)]
+pub enum DirectSpawn {
+    /// Unsandboxed, no build user: `posix_spawn` ([`spawn::FastSpawn`]).
+    Posix(spawn::FastSpawn),
+    /// Sandboxed: the namespace child, set up and waiting ([`sandbox::start`]).
+    Sandboxed(sandbox::SandboxedBuilder),
+}
+
+impl DirectSpawn {
+    /// Starts the builder; its pid, or the `execve` error as `Command::spawn` gives.
+    pub fn spawn(&self) -> std::io::Result<u32> {
+        match self {
+            DirectSpawn::Posix(f) => f.spawn(),
+            DirectSpawn::Sandboxed(s) => s.spawn(),
+        }
+    }
 }
 
 /// The builder process of a prepared build, not yet spawned.
@@ -191,10 +222,11 @@ pub struct BuilderProcess {
     pub pty_master: std::os::fd::OwnedFd,
     /// The builder program, for [`exec_failure_log`].
     pub builder: String,
-    /// The same builder as a `posix_spawn` (no fork of this process), when that
-    /// applies ([`spawn::fast_spawn_plan`]); then spawn this rather than `command`
-    /// and drop `command` afterwards (it holds the pty slave).
-    pub fast: Option<spawn::FastSpawn>,
+    /// The builder started without `command`: a `posix_spawn` (no fork of this
+    /// process) when that applies ([`spawn::fast_spawn_plan`]), and always for
+    /// sandboxed builds (then `command` only holds the pty slave). Spawn this rather
+    /// than `command` when present, and drop `command` afterwards.
+    pub fast: Option<DirectSpawn>,
 }
 
 /// What Nix 2.8's forked child writes to the pty when `execve` fails (it then exits
@@ -242,7 +274,7 @@ pub fn build_blocking(
         mut command,
         pty_master,
         builder,
-        fast: _,
+        fast,
     } = process;
     if spec.drv.is_builtin() {
         drop((command, pty_master));
@@ -250,15 +282,23 @@ pub fn build_blocking(
         let status = builtins::run_builtin(&spec.drv.builder, &env, &settings.builtins, &mut log);
         return Ok(finish(store, settings, spec, prepared, status, None));
     }
-    let status = match command.spawn() {
-        Ok(mut child) => {
-            drop(command);
+    let spawned = match &fast {
+        Some(DirectSpawn::Sandboxed(s)) => s.spawn().map(|pid| (pid, None)),
+        _ => command.spawn().map(|c| (c.id(), Some(c))),
+    };
+    drop(command);
+    let status = match spawned {
+        Ok((pid, child)) => {
             let _ = read_pty(pty_master, &mut log);
-            let status = child.wait().map_err(|source| BuildError::WriteFile {
+            let waited = match child {
+                Some(mut c) => c.wait(),
+                None => spawn::wait_pid(pid),
+            };
+            let status = waited.map_err(|source| BuildError::WriteFile {
                 path: builder.clone().into(),
                 source,
             })?;
-            kill_process_group(child.id());
+            kill_process_group(pid);
             status
         }
         Err(e) => {
@@ -269,13 +309,36 @@ pub fn build_blocking(
     Ok(finish(store, settings, spec, prepared, status, None))
 }
 
-/// Sets up a local build (Nix's `startBuilder` up to the fork).
+/// Sets up a local build (Nix's `startBuilder` up to the fork; for a sandboxed
+/// build up to the `execve`, see [`sandbox`]).
 pub fn prepare(
     store: &LocalStore,
     settings: &BuildSettings,
     spec: &BuildSpec,
 ) -> Result<(PreparedBuild, BuilderProcess), BuildError> {
-    if Path::new(env::HOME_DIR).exists() {
+    let drv_printed = store.store_dir().print(&spec.drv_path);
+    let ty = spec.drv.derivation_type()?;
+    let chroot = sandbox::use_chroot(settings.sandbox.mode, &spec.drv, ty, &drv_printed)?;
+    match prepare_with(store, settings, spec, chroot) {
+        // The kernel refused the namespaces and `sandbox-fallback` is set: as Nix,
+        // build again from scratch without the sandbox.
+        Err(BuildError::Sandbox(sandbox::SandboxError::Fallback)) => {
+            log::debug!("sandbox unavailable for '{drv_printed}'; building without it");
+            prepare_with(store, settings, spec, false)
+        }
+        r => r,
+    }
+}
+
+fn prepare_with(
+    store: &LocalStore,
+    settings: &BuildSettings,
+    spec: &BuildSpec,
+    use_chroot: bool,
+) -> Result<(PreparedBuild, BuilderProcess), BuildError> {
+    let drv_printed = store.store_dir().print(&spec.drv_path);
+    let ty = spec.drv.derivation_type()?;
+    if !use_chroot && Path::new(env::HOME_DIR).exists() {
         return Err(BuildError::HomeExists(env::HOME_DIR.into()));
     }
     let build_user = if users::use_build_users(settings.build_users_group.as_deref()) {
@@ -285,26 +348,11 @@ pub fn prepare(
                 users::kill_user(u.uid);
                 Some(u)
             }
-            None => {
-                return Err(BuildError::AllBuildUsersBusy(
-                    store.store_dir().print(&spec.drv_path),
-                ))
-            }
+            None => return Err(BuildError::AllBuildUsersBusy(drv_printed)),
         }
     } else {
         None
     };
-    let scratch = outputs::scratch_outputs(store, spec)?;
-    // Every path the builder writes is a temporary root before it exists, so Nix's
-    // collector leaves it (and its `.lock`) alone.
-    let roots: Vec<_> = scratch.scratch.values().cloned().collect();
-    store.add_temp_roots(&roots)?;
-    // Outputs about to be (re)built at their final path: remove stale leftovers.
-    for p in scratch.scratch.values() {
-        if scratch.fallback.contains(p) || !store.is_valid_path(p)? {
-            outputs::remove_tree(&store.real_path(p))?;
-        }
-    }
     let drv_file = spec.drv_path.name().to_owned();
     let build_dir = BuildDir::create(&settings.build_dir_root, &drv_file).map_err(|source| {
         BuildError::BuildDir {
@@ -312,21 +360,6 @@ pub fn prepare(
             source,
         }
     })?;
-    let structured_extra = structured_export_references_graph(store, spec)?;
-    let benv = builder_env(&EnvInputs {
-        drv: &spec.drv,
-        store_dir: store.store_dir(),
-        cores: settings.cores,
-        build_top: build_dir.path(),
-        caller_env: &settings.caller_env,
-        scratch_outputs: &scratch.scratch,
-        input_rewrites: &scratch.input_rewrites,
-        structured_extra: &structured_extra,
-    })?;
-    let mut files = benv.files.clone();
-    if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
-        files.extend(export_references_graph(store, spec)?);
-    }
     let owner = build_user.as_ref().map(|u| (u.uid, u.gid));
     let chown = |p: &Path| -> Result<(), BuildError> {
         if let Some((uid, gid)) = owner {
@@ -343,6 +376,54 @@ pub fn prepare(
         Ok(())
     };
     chown(build_dir.path())?;
+    // Outputs about to be (re)built at their final path: remove stale leftovers.
+    let chroot = if use_chroot {
+        let mut c = sandbox::Chroot::create(
+            store,
+            &settings.sandbox,
+            spec,
+            ty,
+            build_dir.path(),
+            owner.map(|(_, g)| g),
+        )?;
+        if let Some(hook) = &settings.sandbox.pre_build_hook {
+            c.run_pre_build_hook(hook, &drv_printed)?;
+        }
+        Some(c)
+    } else {
+        None
+    };
+    let scratch = outputs::scratch_outputs(store, spec, chroot.as_ref().map(|c| c.root.as_path()))?;
+    // Every path the builder writes is a temporary root before it exists, so Nix's
+    // collector leaves it (and its `.lock`) alone.
+    let roots: Vec<_> = scratch.scratch.values().cloned().collect();
+    store.add_temp_roots(&roots)?;
+    // Outputs about to be (re)built at their final path: remove stale leftovers.
+    for p in scratch.scratch.values() {
+        if scratch.fallback.contains(p) || !store.is_valid_path(p)? {
+            outputs::remove_tree(&store.real_path(p))?;
+        }
+    }
+    let structured_extra = structured_export_references_graph(store, spec)?;
+    let sandbox_top = PathBuf::from(&settings.sandbox.build_dir);
+    let benv = builder_env(&EnvInputs {
+        drv: &spec.drv,
+        store_dir: store.store_dir(),
+        cores: settings.cores,
+        build_top: if use_chroot {
+            &sandbox_top
+        } else {
+            build_dir.path()
+        },
+        caller_env: &settings.caller_env,
+        scratch_outputs: &scratch.scratch,
+        input_rewrites: &scratch.input_rewrites,
+        structured_extra: &structured_extra,
+    })?;
+    let mut files = benv.files.clone();
+    if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
+        files.extend(export_references_graph(store, spec)?);
+    }
     for (file, contents) in &files {
         let p = build_dir.path().join(file);
         write_new_file(&p, contents).map_err(|source| BuildError::WriteFile {
@@ -351,18 +432,53 @@ pub fn prepare(
         })?;
         chown(&p)?;
     }
+    if let Some(chroot) = chroot {
+        let (pty_master, slave) = sandbox::open_pty()?;
+        if let Some((uid, _)) = owner {
+            sandbox::chown_pty_slave(&pty_master, uid)?;
+        }
+        let child = sandbox::start(
+            &chroot,
+            &settings.sandbox,
+            &benv,
+            &spec.drv.system,
+            &slave,
+            owner,
+            &drv_printed,
+        )?;
+        // The command is never run: it holds our copy of the slave until the
+        // caller drops it after the spawn, as with the other paths.
+        let mut command = std::process::Command::new(&benv.builder);
+        command.stdout(std::process::Stdio::from(slave));
+        return Ok((
+            PreparedBuild {
+                build_dir,
+                scratch,
+                build_user,
+                chroot: Some(chroot),
+            },
+            BuilderProcess {
+                command,
+                pty_master,
+                builder: benv.builder,
+                fast: Some(DirectSpawn::Sandboxed(child)),
+            },
+        ));
+    }
     let creds = build_user.as_ref().map(|u| spawn::Credentials {
         uid: u.uid,
         gid: u.gid,
         groups: u.groups.clone(),
     });
     let (command, pty_master) = builder_command(&benv, build_dir.path(), creds.clone())?;
-    let fast = spawn::fast_spawn_plan(&benv, build_dir.path(), creds.as_ref(), &pty_master);
+    let fast = spawn::fast_spawn_plan(&benv, build_dir.path(), creds.as_ref(), &pty_master)
+        .map(DirectSpawn::Posix);
     Ok((
         PreparedBuild {
             build_dir,
             scratch,
             build_user,
+            chroot: None,
         },
         BuilderProcess {
             command,
@@ -583,6 +699,7 @@ pub fn finish(
         build_dir,
         scratch,
         build_user,
+        chroot,
     } = prepared;
     // Nothing of the build user may survive the build (Nix kills it after the build).
     let build_uid = build_user.as_ref().map(|u| u.uid);
@@ -592,6 +709,19 @@ pub fn finish(
     let drv_printed = store.store_dir().print(&spec.drv_path);
     let fail = |status: BuildStatus, msg: String, build_dir: BuildDir, scratch: &ScratchOutputs| {
         scratch.remove_redirected(store);
+        if chroot.is_some() && spec.mode == BuildMode::Normal {
+            // As Nix: move what the builder left of unregistered outputs out of the
+            // chroot, for inspection.
+            for p in scratch.scratch.values() {
+                let inside = scratch.actual_path(store, p);
+                if !scratch.fallback.contains(p)
+                    && !store.is_valid_path(p).unwrap_or(true)
+                    && std::fs::symlink_metadata(&inside).is_ok()
+                {
+                    let _ = std::fs::rename(&inside, store.real_path(p));
+                }
+            }
+        }
         let kept = build_dir.finish(spec.keep_failed && !spec.drv.is_builtin());
         BuildOutcome {
             result: BuildResult::failure(status, msg),

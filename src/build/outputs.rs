@@ -191,13 +191,29 @@ pub struct ScratchOutputs {
     pub input_rewrites: BTreeMap<String, String>,
     /// The scratch paths that are not final paths (`rewrite:` fallback paths).
     pub fallback: StorePathSet,
+    /// A sandboxed build's chroot directory: outputs are built in its fake store
+    /// (`<chroot><store dir>/…`) and moved to the real store when registered.
+    pub chroot: Option<PathBuf>,
 }
 
 impl ScratchOutputs {
     /// Deletes the fallback scratch paths (after a failure or a check).
     pub fn remove_redirected(&self, store: &LocalStore) {
         for p in &self.fallback {
-            let _ = remove_tree(&store.real_path(p));
+            let _ = remove_tree(&self.actual_path(store, p));
+        }
+    }
+
+    /// Where the builder wrote scratch path `p` (Nix's `toRealPathChroot`): inside
+    /// the chroot for sandboxed builds, else the real store path.
+    pub fn actual_path(&self, store: &LocalStore, p: &StorePath) -> PathBuf {
+        match &self.chroot {
+            Some(root) => {
+                let mut s = root.as_os_str().to_owned();
+                s.push(store.store_dir().print(p));
+                PathBuf::from(s)
+            }
+            None => store.real_path(p),
         }
     }
 }
@@ -214,11 +230,19 @@ fn fallback_path(
     Ok(sd.make_store_path(&format!("rewrite:{drv_path}:{what}"), &zero, name)?)
 }
 
-/// Chooses the scratch path of every output (see the module docs).
-pub fn scratch_outputs(store: &LocalStore, spec: &BuildSpec) -> Result<ScratchOutputs, StoreError> {
+/// Chooses the scratch path of every output (see the module docs). A sandboxed
+/// build (`chroot`) writes known outputs in place inside its chroot: no rewriting.
+pub fn scratch_outputs(
+    store: &LocalStore,
+    spec: &BuildSpec,
+    chroot: Option<&Path>,
+) -> Result<ScratchOutputs, StoreError> {
     let sd = store.store_dir();
     let drv_name = crate::derivation::name_from_drv_path(&spec.drv_path)?;
-    let mut s = ScratchOutputs::default();
+    let mut s = ScratchOutputs {
+        chroot: chroot.map(Path::to_owned),
+        ..ScratchOutputs::default()
+    };
     for name in spec.drv.outputs.keys() {
         let known = spec
             .output_paths
@@ -235,6 +259,7 @@ pub fn scratch_outputs(store: &LocalStore, spec: &BuildSpec) -> Result<ScratchOu
                 s.fallback.insert(p.clone());
                 p
             }
+            Some(p) if chroot.is_some() => p.clone(),
             Some(p) => {
                 let present = std::fs::symlink_metadata(store.real_path(p)).is_ok();
                 let valid = present && store.is_valid_path(p)?;
@@ -391,10 +416,12 @@ pub fn register_outputs(
     for (name, out) in &drv.outputs {
         let scratch_path = scratch.scratch[name].clone();
         let static_path = spec.output_paths.get(name).or_else(|| out.path()).cloned();
-        let real = store.real_path(&scratch_path);
+        let real = scratch.actual_path(store, &scratch_path);
         if matches!(mode, BuildMode::Normal) {
             if let Some(sp) = &static_path {
-                if scratch.redirected.contains_key(name) && store.is_valid_path(sp)? {
+                if (scratch.redirected.contains_key(name) || scratch.chroot.is_some())
+                    && store.is_valid_path(sp)?
+                {
                     // Valid before the build: already registered, used as a leaf.
                     remove_tree(&real)?;
                     if sp != &scratch_path {
@@ -1041,7 +1068,7 @@ mod tests {
         env.insert("NIX_USER_CONF_FILES".into(), String::new());
         env.insert(
             "NIX_CONFIG".into(),
-            "experimental-features = ca-derivations\nbuild-users-group =\n".into(),
+            "sandbox = false\nexperimental-features = ca-derivations\nbuild-users-group =\n".into(),
         );
         let s = Settings::load(&env, &[]).unwrap();
         let mut bs = BuildSettings::from_settings(&s);
@@ -1370,7 +1397,7 @@ mod tests {
         );
         assert!(t.info(&out).ultimate);
         // the scratch path is gone, the output untouched
-        let scratch = scratch_outputs(&t.store, &spec).unwrap();
+        let scratch = scratch_outputs(&t.store, &spec, None).unwrap();
         assert!(!t.store.real_path(&scratch.scratch["out"]).exists());
         assert_eq!(t.read(&out), "same\n");
     }

@@ -17,4 +17,5 @@ mod nar;
 mod narinfo;
 mod narinfo_disk_cache;
 mod nix_env;
+mod sandbox;
 mod store;

@@ -100,7 +100,7 @@ fn settings(dir: &Path) -> Settings {
     env.insert("NIX_USER_CONF_FILES".into(), String::new());
     env.insert(
         "NIX_CONFIG".into(),
-        "experimental-features = nix-command ca-derivations\nbuild-users-group =\n".into(),
+        "sandbox = false\nexperimental-features = nix-command ca-derivations\nbuild-users-group =\n".into(),
     );
     Settings::load(&env, &[]).unwrap()
 }

@@ -31,6 +31,7 @@ mod realise;
 mod repeat;
 mod store_settings;
 mod remote;
+mod sandbox;
 mod substitute;
 
 use std::process::{Command, Output};
