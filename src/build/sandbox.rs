@@ -11,7 +11,9 @@
 //!    directory `<real store>/<drv>.chroot` (0750, group the build user's), `/tmp`
 //!    (1777), `/etc/group`, `/etc/hosts` (not for fixed-output derivations), the fake
 //!    store directory (1775) holding the input closure (directories bind-mounted,
-//!    other paths hard-linked), and the outputs removed from the bind list.
+//!    other paths hard-linked), and the outputs removed from the bind list; then
+//!    `pre-build-hook`, if set, with the `.drv` and the chroot as arguments
+//!    ([`Chroot::run_pre_build_hook`]).
 //! 2. [`start`]: a helper process is forked (single-threaded, so the namespace child
 //!    may allocate), which `clone`s the builder with `CLONE_NEWUSER | CLONE_NEWNS |
 //!    CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS` (plus `CLONE_NEWNET` unless
