@@ -32,7 +32,7 @@
 //! `bad hook reply '<rest>'`. End of file before a complete line is the error
 //! `unexpected EOF reading a line`.
 //!
-//! # How Nix 2.8 starts the hook (observed; see `nix-2.8-observed.md`)
+//! # How Nix 2.8 starts the hook (observed with `nix-store --realise` and a recording hook, `tests/data/hooks/record.py`; Nix's `src/libstore/build/hook-instance.cc`)
 //!
 //! The `build-hook` setting is a *path* (canonicalised, not split on whitespace):
 //! `build-hook = /x/hook extra` makes Nix try to execute the file `/x/hook extra`
@@ -668,7 +668,7 @@ mod tests {
 
     #[test]
     fn first_112_bytes_of_the_preamble() {
-        // nix-2.8-observed.md: the first 112 bytes, verbatim.
+        // The first 112 bytes Nix 2.8 sends, as a recording hook saw them.
         let mut expected = Vec::new();
         expected.extend(hex("0100000000000000 1300000000000000"));
         expected.extend(b"accept-flake-config\0\0\0\0\0");

@@ -57,8 +57,12 @@ type Answer = QueryAnswer;
 pub trait QueryObserver: Send + Sync {
     /// Runs `ask` (the query of `path` on the substituter `uri`) and returns its
     /// answer.
-    fn query(&self, path: &StorePath, uri: &str, ask: &mut dyn FnMut() -> QueryAnswer)
-        -> QueryAnswer;
+    fn query(
+        &self,
+        path: &StorePath,
+        uri: &str,
+        ask: &mut dyn FnMut() -> QueryAnswer,
+    ) -> QueryAnswer;
 }
 
 /// The substituters and what they answered so far.

@@ -236,9 +236,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         .collect();
     let lines = crate::roots::realised_lines(&store, &args.roots, &done)?;
     // Nix warns once, before the first output path it prints (none: no warning).
-    if !outcome.results.is_empty()
-        && args.roots.add_root.is_none()
-        && verbosity >= crate::LVL_WARN
+    if !outcome.results.is_empty() && args.roots.add_root.is_none() && verbosity >= crate::LVL_WARN
     {
         shown.lock().unwrap().line(crate::roots::NO_ROOT_WARNING);
     }
@@ -296,12 +294,7 @@ impl Actor for ProgressPrinter {
 struct QueryActivities;
 
 impl QueryObserver for QueryActivities {
-    fn query(
-        &self,
-        path: &Path,
-        uri: &str,
-        ask: &mut dyn FnMut() -> QueryAnswer,
-    ) -> QueryAnswer {
+    fn query(&self, path: &Path, uri: &str, ask: &mut dyn FnMut() -> QueryAnswer) -> QueryAnswer {
         crate::display::json_activity(
             lvl::TALKATIVE,
             act::QUERY_PATH_INFO,
@@ -331,10 +324,7 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 let round = round
                     .map(|(n, m)| format!(" (round {n}/{m})"))
                     .unwrap_or_default();
-                let text = format!(
-                    "{verb} '{}'{round}{on}",
-                    self.store_dir.print(&drv_path)
-                );
+                let text = format!("{verb} '{}'{round}{on}", self.store_dir.print(&drv_path));
                 if d.json().is_some() {
                     let machine = machine.unwrap_or_default();
                     d.emit_json(|j| j.build_started(&drv_path, &text, &machine));

@@ -313,7 +313,10 @@ mod tests {
             path: "/l/x.bz2".into(),
             source: std::io::Error::from_raw_os_error(28),
         };
-        assert_eq!(e.to_string(), "writing log file '/l/x.bz2': No space left on device");
+        assert_eq!(
+            e.to_string(),
+            "writing log file '/l/x.bz2': No space left on device"
+        );
     }
     use super::*;
     use std::io::Read;

@@ -14,8 +14,8 @@
 pub mod actor;
 pub mod derivation;
 pub mod drv_output_substitution;
-pub mod host;
 pub mod error;
+pub mod host;
 pub mod path_substitution;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -141,7 +141,9 @@ impl DerivationGoal {
         vec![job(move |env| {
             DrvJobResult::PostBuildHook(register_realisations(env, &realisations).and_then(|()| {
                 match hook {
-                    Some(hook) => run_post_build_hook(&hook, &drv_path, &outs.join(" "), print_logs),
+                    Some(hook) => {
+                        run_post_build_hook(&hook, &drv_path, &outs.join(" "), print_logs)
+                    }
                     None => Ok(()),
                 }
             }))
