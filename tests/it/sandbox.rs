@@ -212,6 +212,9 @@ fn nix_log(root: &TestRoot, drv: &str) -> String {
 }
 
 fn delete(root: &TestRoot, paths: &[String]) {
+    // The paths drover built in this process are its temporary roots (as they must
+    // be while it runs): give them up first, as a drover process does at exit.
+    drover::store::gc_roots::release_temp_roots_of(&root.state_dir);
     let mut args = vec!["--delete"];
     args.extend(paths.iter().map(String::as_str));
     root.run("nix-store", &args);
