@@ -1,6 +1,6 @@
 //! Hashes as Nix names and prints them.
 //!
-//! A [`Hash`] is an algorithm ([`HashAlgo`]: md5, sha1, sha256, sha512) and its digest.
+//! A [`Hash`](struct@Hash) is an algorithm ([`HashAlgo`]: md5, sha1, sha256, sha512) and its digest.
 //! Nix prints digests in four encodings ([`Encoding`]): base 16, nix base 32
 //! ([`crate::nixbase32`]), base 64, and SRI (`sha256-<base64>`). When parsing, the
 //! encoding of a bare digest is recognised by its length, as Nix does.

@@ -1,32 +1,35 @@
-//! drover-actors: the actor system (Worker, goals, hook instance, log collector) and
-//! the `drover` command line on top of the `drover` library.
+//! drover-actors: drover's actor system — a supervising Worker, one actor per goal,
+//! the hook pool and its jobs, a log collector per build, the local builder — as a
+//! library on top of the `drover` library. The `drover` command (crate
+//! `drover-cli`) is one user of it.
 //!
-//! [`messages`] defines the boundaries between the actors; see `docs/ARCHITECTURE.md`.
+//! # Starting it
 //!
-//! # Realising paths
+//! [`System::start`] wires the real actors from `Settings` in one call and returns
+//! the handle to plan and realise derived paths and [`Events`], the typed stream of
+//! what happens; [`SystemBuilder`] replaces any injected actor (see [`system`]).
 //!
-//! A [`Worker`] is spawned with a [`WorkerConfig`] that injects every effect: the
-//! local store, the LocalBuilder (`Recipient<RunLocalBuild>` and
+//! # Its shape
+//!
+//! [`messages`] defines the boundaries between the actors; see
+//! `docs/ARCHITECTURE.md` for the picture. The [`Worker`] actor hosts
+//! [`WorkerCore`], the plain state machine of the goal graph, slots, keep-going and
+//! the outcome; every live goal is a [`goal::actor::GoalActor`] around one of the
+//! plain goal state machines of [`goal`], exchanging typed messages with the Worker
+//! and reaching the store executor ([`store_executor`]), the LocalBuilder
+//! ([`local_builder`]) and the hook pool ([`hook`]) through recipients injected at
+//! construction. Fakes of every injected actor and a synchronous driver for
+//! deterministic scheduler tests are in the `testing` module (feature `testing`).
+//!
+//! # Driving a Worker directly
+//!
+//! A [`Worker`] can also be spawned alone with a [`WorkerConfig`] that injects every
+//! effect: the local store, the LocalBuilder (`Recipient<RunLocalBuild>` and
 //! `Recipient<CancelLocalBuild>`), an optional hook pool (`Recipient<HookTry>`), the
 //! substituters and an optional progress recipient. [`Realise`] runs one realisation
 //! and answers a [`RealiseOutcome`]: one [`KeyedBuildResult`] per request (built
 //! outputs restricted to the request's outputs), `nix-store --realise`'s exit status
 //! and the error messages Nix would print.
-//!
-//! Wiring the real actors: the LocalBuilder's address gives both `local_builder`
-//! (`addr.clone().recipient()`) and `cancel_local_build` (`addr.recipient()`); the hook
-//! pool's address gives `hook` (leave it `None` when `build-hook` is empty); the
-//! LogCollector is not the Worker's business (the LocalBuilder and the hook pool get a
-//! [`messages::StartLogCollector`]; the Worker only fills the [`messages::LogConfig`] of
-//! hook jobs from [`WorkerSettings::log`]). Substituters are
-//! `Arc<dyn `[`substituter::Substituter`]`>`s, tried in order of priority.
-//! [`progress::ProgressEvent`]s (counters, `building '…'`, messages such as dependency
-//! errors and `resolved derivation: …`) go to the optional `progress` recipient.
-//!
-//! Goals are plain state machines ([`goal`]) driven by the Worker's state machine
-//! ([`WorkerCore`]); [`Worker`] is the thin actor around both, running blocking store
-//! work on the blocking pool ([`store_executor`]). [`testing`] has fakes for every
-//! injected actor and a synchronous driver for deterministic scheduler tests.
 //!
 //! ```no_run
 //! use std::sync::Arc;

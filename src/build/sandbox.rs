@@ -22,7 +22,7 @@
 //!    it asks for the `sandbox-fallback`. The parent writes the child's
 //!    `uid_map` (`1000 <build user or caller> 1`), `setgroups` (`deny`) and `gid_map`
 //!    (`100 <gid> 1`) and `/etc/passwd`, then lets the child go on.
-//! 3. The child ([`run_child`]): session leader with the pty slave as stdout/stderr,
+//! 3. The child (`run_child`): session leader with the pty slave as stdout/stderr,
 //!    loopback up (private network), hostname `localhost`, domain `(none)`, `/`
 //!    made private, the chroot and its store bind-mounted onto themselves, a minimal
 //!    `/dev` (`full`, `kvm` with the `kvm` feature, `null`, `random`, `tty`,

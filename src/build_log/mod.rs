@@ -4,7 +4,7 @@
 //! build, or from fd 4 of the build hook). Nix 2.8 does three things with them:
 //!
 //! * writes them **verbatim** to the log file `<log dir>/drvs/<xx>/<rest>[.bz2]`
-//!   ([`file`]), bzip2-compressed when `compress-build-log` is on (the default);
+//!   ([`file`](mod@file)), bzip2-compressed when `compress-build-log` is on (the default);
 //! * assembles them into lines ([`lines`]): `\r` moves the write position back to the
 //!   start of the line, `\n` ends the line, a partial last line is flushed at EOF;
 //! * handles each line: an `@nix {…}` JSON message ([`json`]) becomes a log event and

@@ -1,6 +1,6 @@
 //! The one place that performs a goal's [`Effect`]s, shared by the goal actor
 //! ([`super::actor::GoalActor`]) and the synchronous test driver
-//! ([`crate::testing::SyncDriver`]), so the two cannot drift.
+//! (`testing::SyncDriver`), so the two cannot drift.
 //!
 //! A [`GoalHost`] owns one goal state machine ([`GoalMachine`]). Each event goes
 //! through [`GoalHost::step`]: the machine returns effects, and the host sorts them

@@ -8,7 +8,7 @@
 //! the core hears from them as [`GoalReport`]s ([`WorkerCore::report`]) and answers
 //! with [`Action`]s its host performs: start a goal, send a goal a message
 //! ([`ToGoal`]), show progress. The host is the Worker actor ([`actor::Worker`]) or,
-//! in scheduler tests, [`crate::testing::SyncDriver`].
+//! in scheduler tests, `testing::SyncDriver` (feature `testing`).
 //!
 //! * Dedup: a request for a live goal reuses it; a derivation goal is told of new
 //!   wanted outputs ([`ToGoal::AddWantedOutputs`]). If it finished before it heard of
