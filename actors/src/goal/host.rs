@@ -321,7 +321,13 @@ impl<G: GoalMachine> GoalHost<G> {
         let goal = &mut self.goal;
         let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| goal.handle(ev, &env.ctx())));
         match stepped {
-            Ok(effects) => {
+            Ok(mut effects) => {
+                // A goal's end stops its substitution too (the Worker counts both at
+                // once): reported separately, the two would show a moment where the
+                // copy is neither running nor done.
+                if effects.iter().any(|f| matches!(f, Effect::Done(_))) {
+                    effects.retain(|f| !matches!(f, Effect::SubstitutionStopped));
+                }
                 for f in effects {
                     if self.finished {
                         break;

@@ -186,12 +186,26 @@ fn flooding_builder_memory_is_bounded_and_log_complete() {
         rss.push((base, peak));
     }
     let (base, peak) = rss[1];
-    // Bounded: the compressor's state (~5 MiB) comes on top of a tiny build.
-    // Unbounded (drover before back-pressure), the log piled up: +20 MiB here.
+    // Bounded: the compressor's state (~5 MiB) and the echo path's buffers come on
+    // top of a tiny build. Unbounded (drover before back-pressure), the log piled
+    // up: +20 MiB here, and +60 MiB for a log three times as long.
     assert!(
-        peak < base + 10 * 1024,
+        peak < base + 16 * 1024,
         "drover's peak RSS {peak} KiB grows with the log (tiny build: {base} KiB; nix: {:?})",
         rss[0]
+    );
+    // And it does not grow with the log: three times the log, about the same peak.
+    let root = TestRoot::new();
+    let n = (3 * SIZE).to_string();
+    let drv = instantiate(&root, "flood.nix", expr, &["--argstr", "n", &n]);
+    let mut c = drover(&root);
+    c.arg("realise").arg(&drv);
+    let (code, bigger) = run_measured(&mut c);
+    assert_eq!(code, 0);
+    eprintln!("drover: peak RSS {bigger} KiB for a {}-byte log", 3 * SIZE);
+    assert!(
+        bigger < peak + 4 * 1024,
+        "drover's peak RSS grows with the log: {peak} KiB for {SIZE} bytes, {bigger} KiB for three times that"
     );
 }
 
