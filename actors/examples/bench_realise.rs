@@ -279,10 +279,31 @@ fn realise(
     c.args(paths)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&file)?);
+    // The peak RSS of a child starts at its parent's RSS when it forks (and stays
+    // over `exec`): measured through GNU time, a small process that forks the tool,
+    // so the benchmark's own memory does not count; without it, from `wait4`.
+    let time = Path::new("/usr/bin/time");
+    let rss_file = root.dir.join("realise.rss");
+    if time.exists() {
+        let program = c.get_program().to_owned();
+        let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
+        let mut t = root.cmd(time);
+        t.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(program).args(args);
+        t.stdout(Stdio::null()).stderr(std::fs::File::create(&file)?);
+        c = t;
+    }
     let start = Instant::now();
     let child = c.spawn()?;
-    let (status, usage) = wait4(child)?;
+    let (status, mut usage) = wait4(child)?;
     let took = start.elapsed();
+    if time.exists() {
+        if let Some(kib) = std::fs::read_to_string(&rss_file)
+            .ok()
+            .and_then(|t| t.lines().last()?.trim().parse().ok())
+        {
+            usage.max_rss_kib = kib;
+        }
+    }
     if !status.success() {
         let err = std::fs::read_to_string(&file).unwrap_or_default();
         let tail: Vec<&str> = err.lines().rev().take(20).collect();
