@@ -11,7 +11,7 @@
 //! drover/Nix ratio of the medians.
 //!
 //! Needs root (user namespaces as root, as Nix's sandbox does here) and
-//! `/bin/busybox`. Run with `cargo build --release -p drover-actors --bin drover &&
+//! `/bin/busybox`. Run with `cargo build --release -p drover-cli --bin drover &&
 //! cargo run --release -p drover-actors --example bench_sandbox -- [--n 1000]`.
 
 use std::path::{Path, PathBuf};
