@@ -288,8 +288,14 @@ fn realise(
         let program = c.get_program().to_owned();
         let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
         let mut t = root.cmd(time);
-        t.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(program).args(args);
-        t.stdout(Stdio::null()).stderr(std::fs::File::create(&file)?);
+        t.arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(&rss_file)
+            .arg(program)
+            .args(args);
+        t.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&file)?);
         c = t;
     }
     let start = Instant::now();
