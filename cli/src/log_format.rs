@@ -480,81 +480,9 @@ impl JsonLogger {
     }
 }
 
-/// Nix's `filterANSIEscapes`, which every plain log line goes through: escape
-/// sequences are dropped (on a terminal, colour sequences — CSI ending in `m` —
-/// are kept), tabs become spaces up to the next multiple of 8 columns, `\r` and
-/// `\a` disappear. Streaming: the column carries over between writes and restarts
-/// at each `\n`.
-#[derive(Debug, Default)]
-pub struct AnsiFilter {
-    /// Drop colour sequences too (stderr is not a terminal).
-    pub filter_all: bool,
-    col: usize,
-}
-
-impl AnsiFilter {
-    pub fn new(filter_all: bool) -> AnsiFilter {
-        AnsiFilter { filter_all, col: 0 }
-    }
-
-    pub fn filter(&mut self, input: &[u8]) -> Vec<u8> {
-        let len = input.len();
-        let mut out = Vec::with_capacity(len);
-        let mut i = 0;
-        while i < len {
-            let c = input[i];
-            match c {
-                0x1b => {
-                    let start = i;
-                    i += 1;
-                    let mut last = 0u8;
-                    if i < len && input[i] == b'[' {
-                        i += 1;
-                        while i < len && (0x30..=0x3f).contains(&input[i]) {
-                            i += 1;
-                        }
-                        while i < len && (0x20..=0x2f).contains(&input[i]) {
-                            i += 1;
-                        }
-                        if i < len && (0x40..=0x7e).contains(&input[i]) {
-                            last = input[i];
-                            i += 1;
-                        }
-                    } else if i < len && (0x40..=0x5f).contains(&input[i]) {
-                        i += 1;
-                    }
-                    if !self.filter_all && last == b'm' {
-                        out.extend_from_slice(&input[start..i]);
-                    }
-                }
-                b'\t' => {
-                    i += 1;
-                    out.push(b' ');
-                    self.col += 1;
-                    while !self.col.is_multiple_of(8) {
-                        out.push(b' ');
-                        self.col += 1;
-                    }
-                }
-                b'\r' | 0x07 => i += 1,
-                b'\n' => {
-                    out.push(c);
-                    self.col = 0;
-                    i += 1;
-                }
-                _ => {
-                    out.push(c);
-                    // One column per character, not per UTF-8 byte.
-                    if c & 0xc0 != 0x80 {
-                        self.col += 1;
-                    }
-                    i += 1;
-                }
-            }
-        }
-        out
-    }
-}
+/// Nix's `filterANSIEscapes` as a stream (the library's: one implementation for
+/// the log collectors and the display).
+pub use drover::build_log::ansi::AnsiFilter;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@
 //!   at most one byte `0x40..=0x5f` (so of `ESC ] 0;title BEL` only `0;title` is
 //!   left);
 //! * a tab becomes spaces up to the next multiple of 8 columns (counted from the
-//!   start of the message, one column per UTF-8 character);
+//!   start of the line, one column per UTF-8 character);
 //! * `\r` and BEL are dropped.
 
 /// Whether Nix would keep colours on stderr: stderr is a terminal, `TERM` is set and
@@ -20,72 +20,84 @@ pub fn should_ansi() -> bool {
         && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// Nix's filter as a stream: the column of tab expansion carries over between
+/// calls and restarts at each `\n`, so output cut into chunks anywhere (a
+/// builder's pty) is filtered as the lines it holds would be one by one.
+#[derive(Debug, Default)]
+pub struct AnsiFilter {
+    /// Drop colour sequences too (stderr is not a terminal).
+    pub filter_all: bool,
+    col: usize,
+}
+
+impl AnsiFilter {
+    pub fn new(filter_all: bool) -> AnsiFilter {
+        AnsiFilter { filter_all, col: 0 }
+    }
+
+    /// The next piece of the stream, filtered.
+    pub fn filter(&mut self, s: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(s.len());
+        let mut i = 0;
+        while i < s.len() {
+            let c = s[i];
+            match c {
+                0x1b => {
+                    let start = i;
+                    i += 1;
+                    let mut last = 0u8;
+                    if s.get(i) == Some(&b'[') {
+                        i += 1;
+                        while s.get(i).is_some_and(|b| (0x30..=0x3f).contains(b)) {
+                            i += 1;
+                        }
+                        while s.get(i).is_some_and(|b| (0x20..=0x2f).contains(b)) {
+                            i += 1;
+                        }
+                        if let Some(&b) = s.get(i).filter(|b| (0x40..=0x7e).contains(*b)) {
+                            last = b;
+                            i += 1;
+                        }
+                    } else if s.get(i).is_some_and(|b| (0x40..=0x5f).contains(b)) {
+                        i += 1;
+                    }
+                    if !self.filter_all && last == b'm' {
+                        out.extend_from_slice(&s[start..i]);
+                    }
+                }
+                b'\t' => {
+                    i += 1;
+                    out.push(b' ');
+                    self.col += 1;
+                    while !self.col.is_multiple_of(8) {
+                        out.push(b' ');
+                        self.col += 1;
+                    }
+                }
+                b'\r' | 0x07 => i += 1,
+                b'\n' => {
+                    out.push(c);
+                    self.col = 0;
+                    i += 1;
+                }
+                _ => {
+                    out.push(c);
+                    // One column per character, not per UTF-8 byte.
+                    if c & 0xc0 != 0x80 {
+                        self.col += 1;
+                    }
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Filters one message as Nix's logger does; `filter_all` (stderr is not a
 /// terminal) removes colour sequences too.
 pub fn filter_ansi_escapes(s: &[u8], filter_all: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut width = 0usize;
-    let mut i = 0;
-    while i < s.len() {
-        let c = s[i];
-        match c {
-            0x1b => {
-                let start = i;
-                i += 1;
-                let mut last = 0u8;
-                if s.get(i) == Some(&b'[') {
-                    i += 1;
-                    while s.get(i).is_some_and(|b| (0x30..=0x3f).contains(b)) {
-                        i += 1;
-                    }
-                    while s.get(i).is_some_and(|b| (0x20..=0x2f).contains(b)) {
-                        i += 1;
-                    }
-                    if let Some(&b) = s.get(i).filter(|b| (0x40..=0x7e).contains(*b)) {
-                        last = b;
-                        i += 1;
-                    }
-                } else if s.get(i).is_some_and(|b| (0x40..=0x5f).contains(b)) {
-                    i += 1;
-                }
-                if !filter_all && last == b'm' {
-                    out.extend_from_slice(&s[start..i]);
-                }
-            }
-            b'\t' => {
-                i += 1;
-                out.push(b' ');
-                width += 1;
-                while !width.is_multiple_of(8) {
-                    out.push(b' ');
-                    width += 1;
-                }
-            }
-            b'\r' | 0x07 => i += 1,
-            _ => {
-                // One character: a UTF-8 lead byte takes its continuation bytes.
-                let extra = match c {
-                    _ if c & 0xe0 == 0xc0 => 1,
-                    _ if c & 0xf0 == 0xe0 => 2,
-                    _ if c & 0xf8 == 0xf0 => 3,
-                    _ => 0,
-                };
-                out.push(c);
-                i += 1;
-                for _ in 0..extra {
-                    match s.get(i) {
-                        Some(&b) if b & 0xc0 == 0x80 => {
-                            out.push(b);
-                            i += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                width += 1;
-            }
-        }
-    }
-    out
+    AnsiFilter::new(filter_all).filter(s)
 }
 
 /// [`filter_ansi_escapes`] of text.

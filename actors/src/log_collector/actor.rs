@@ -110,6 +110,9 @@ pub struct LogCollector {
     /// the error in it.
     file_failed: Option<String>,
     timer: Option<SpawnHandle>,
+    /// What is printed passes Nix's filter, as one stream (tab columns carry over
+    /// between chunks of output).
+    ansi: drover::build_log::ansi::AnsiFilter,
 }
 
 impl LogCollector {
@@ -130,6 +133,7 @@ impl LogCollector {
             state,
             config,
             alarm,
+            ansi: drover::build_log::ansi::AnsiFilter::new(!options.ansi),
             options,
             writer: None,
             file_failed: None,
@@ -137,8 +141,8 @@ impl LogCollector {
         }
     }
 
-    fn print(&self, bytes: &[u8]) {
-        let bytes = drover::build_log::ansi::filter_ansi_escapes(bytes, !self.options.ansi);
+    fn print(&mut self, bytes: &[u8]) {
+        let bytes = self.ansi.filter(bytes);
         if let Ok(mut w) = self.options.stderr.lock() {
             let _ = w.write_all(&bytes);
             let _ = w.flush();
