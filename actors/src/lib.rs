@@ -87,5 +87,7 @@ pub mod testing;
 pub mod worker;
 
 pub use system::{Events, System, SystemBuilder, SystemError, SystemEvent};
-pub use worker::actor::{spawn_worker, Interrupt, Realise, Worker, WorkerConfig};
-pub use worker::{KeyedBuildResult, RealiseOutcome, WorkerCore, WorkerSettings};
+pub use worker::actor::{
+    new_run_id, spawn_worker, CancelRun, Interrupt, Realise, RealiseRun, Worker, WorkerConfig,
+};
+pub use worker::{KeyedBuildResult, RealiseOutcome, RunId, WorkerCore, WorkerSettings};

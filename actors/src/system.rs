@@ -64,7 +64,10 @@ use crate::messages::{
 use crate::plan::{Plan, PlanError, PlanOptions, QueryObserver};
 use crate::progress::ProgressEvent;
 use crate::substituter::Substituter;
-use crate::{Interrupt, Realise, RealiseOutcome, Worker, WorkerConfig, WorkerSettings};
+use crate::{
+    new_run_id, CancelRun, Interrupt, Realise, RealiseOutcome, RealiseRun, RunId, Worker,
+    WorkerConfig, WorkerSettings,
+};
 
 /// Why the system could not start.
 #[derive(Debug, Error)]
@@ -410,26 +413,59 @@ impl System {
 
     /// Realises the requests: one result per request, `nix-store --realise`'s exit
     /// status and the errors Nix would print. The run is queued at once (an
-    /// [`System::interrupter`] message sent after this call finds it); one run at a
-    /// time: a second call while one runs answers an error.
+    /// [`System::interrupter`] message sent after this call finds it). Calls may
+    /// overlap: concurrent runs share the Worker and its goals (one build of a
+    /// derivation however many runs want it), each ending on its own; a repair
+    /// or check run waits for the others, and they for it.
     pub fn realise(
         &self,
         requests: Vec<DerivedPath>,
         mode: BuildMode,
     ) -> impl std::future::Future<Output = RealiseOutcome> {
         let request = self.worker.send(Realise { requests, mode });
-        async move {
-            request.await.unwrap_or_else(|e| RealiseOutcome {
-                results: Vec::new(),
-                exit_status: 1,
-                errors: vec![format!("the worker stopped unexpectedly: {e}")],
-            })
-        }
+        async move { request.await.unwrap_or_else(worker_gone) }
+    }
+
+    /// [`System::realise`] as a run of its own that [`System::cancel_run`] can end
+    /// alone (cancelling only what no other run needs), with `keep_going` for it
+    /// (`None`: the settings').
+    pub fn realise_run(
+        &self,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+        keep_going: Option<bool>,
+    ) -> (RunId, impl std::future::Future<Output = RealiseOutcome>) {
+        let run = new_run_id();
+        let request = self.worker.send(RealiseRun {
+            run,
+            requests,
+            mode,
+            keep_going,
+        });
+        (
+            run,
+            async move { request.await.unwrap_or_else(worker_gone) },
+        )
+    }
+
+    /// Ends a run of [`System::realise_run`] as an interrupt would, e.g. when the
+    /// client that asked for it went away; its future answers
+    /// `interrupted by the user`.
+    pub fn cancel_run(&self, run: RunId) {
+        self.worker.do_send(CancelRun(run));
     }
 
     /// Where to send [`Interrupt`] to stop the running realisation as Nix stops on
     /// SIGINT (every build cancelled, `interrupted by the user`, exit status 1).
     pub fn interrupter(&self) -> Recipient<Interrupt> {
         self.worker.clone().recipient()
+    }
+}
+
+fn worker_gone(e: actix::MailboxError) -> RealiseOutcome {
+    RealiseOutcome {
+        results: Vec::new(),
+        exit_status: 1,
+        errors: vec![format!("the worker stopped unexpectedly: {e}")],
     }
 }

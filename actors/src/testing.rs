@@ -358,7 +358,14 @@ impl Handler<RunLocalBuild> for FakeBuilder {
                 ),
                 FakeOutcome::Hang => unreachable!("returned above"),
             };
-            log.lock().expect("lock").running -= 1;
+            {
+                // A cancelled build no longer counts as running (the cancel said so).
+                let mut l = log.lock().expect("lock");
+                if l.cancelled.contains(&msg.id) {
+                    return;
+                }
+                l.running -= 1;
+            }
             msg.reply_to.do_send(LocalBuildFinished {
                 id: msg.id,
                 result,

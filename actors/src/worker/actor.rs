@@ -9,14 +9,15 @@
 //! [`GoalServices`] injected into each of them, so no goal's future lives in the
 //! Worker's context.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use drover::derived_path::DerivedPath;
 use drover::store::LocalStore;
 
-use super::{Action, RealiseOutcome, ToGoal, WorkerCore, WorkerSettings};
+use super::{Action, RealiseOutcome, RunId, ToGoal, WorkerCore, WorkerSettings, INTERRUPTED};
 use crate::goal::actor::{GoalActor, GoalServices};
 use crate::goal::derivation::DerivationGoal;
 use crate::goal::drv_output_substitution::DrvOutputSubstitutionGoal;
@@ -50,11 +51,39 @@ pub struct WorkerConfig {
 }
 
 /// Realise these paths: one result per request, the exit status and the errors.
+/// Several may run at once (see [`Worker`]).
 #[derive(Message)]
 #[rtype(result = "RealiseOutcome")]
 pub struct Realise {
     pub requests: Vec<DerivedPath>,
     pub mode: BuildMode,
+}
+
+/// [`Realise`] under a run id the caller chose ([`new_run_id`]), so that it can
+/// end this run alone with [`CancelRun`] (e.g. when the client that asked for it
+/// disconnects).
+#[derive(Message)]
+#[rtype(result = "RealiseOutcome")]
+pub struct RealiseRun {
+    pub run: RunId,
+    pub requests: Vec<DerivedPath>,
+    pub mode: BuildMode,
+    /// `keep-going` for this run (default: the Worker's settings).
+    pub keep_going: Option<bool>,
+}
+
+/// Ends one run as an interrupt would (`interrupted by the user`): the goals no
+/// other run needs are cancelled; the run's [`RealiseRun`] is answered. A queued
+/// run is answered at once; an unknown or finished run is left alone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelRun(pub RunId);
+
+static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A run id no other run of this process has.
+pub fn new_run_id() -> RunId {
+    NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The address of a live goal actor, of whichever kind.
@@ -112,21 +141,39 @@ fn send_to<G: GoalMachine + Unpin>(a: &Addr<GoalActor<G>>, msg: ToGoal) {
     }
 }
 
-/// One realisation in progress.
-struct Run {
+/// The runs going on, sharing one core and its goals.
+struct Active {
     core: WorkerCore,
     goals: HashMap<GoalId, GoalAddr>,
     services: Arc<GoalServices>,
+    replies: BTreeMap<RunId, tokio::sync::oneshot::Sender<RealiseOutcome>>,
+    /// The runs are of a mode other than [`BuildMode::Normal`], which runs alone.
+    exclusive: bool,
+}
+
+/// A run waiting for the ones going on to end (see [`Worker`]).
+struct Queued {
+    run: RunId,
+    requests: Vec<DerivedPath>,
+    mode: BuildMode,
+    keep_going: bool,
     reply: tokio::sync::oneshot::Sender<RealiseOutcome>,
 }
 
-/// The Worker actor. One run at a time; each [`Realise`] starts a fresh run (fresh
-/// goals, counters and flags), as Nix makes a new Worker per operation.
+/// The Worker actor. Runs ([`Realise`], [`RealiseRun`]) that arrive while others
+/// go on join them in the same core, sharing its goals: two runs asking for the
+/// same derivation get one build and both its result. A run that repairs or
+/// checks ([`BuildMode::Repair`], [`BuildMode::Check`]) must not share goals
+/// with runs of another mode, so it waits for the runs going on to end, and
+/// runs that come while it goes on wait for it. When the last run ends, the core
+/// goes with it (fresh goals, counters and hook state next time, as Nix makes a
+/// new Worker per operation).
 pub struct Worker {
     cfg: WorkerConfig,
     executor: StoreExecutor,
     settings: Arc<WorkerSettings>,
-    run: Option<Run>,
+    active: Option<Active>,
+    queue: VecDeque<Queued>,
 }
 
 impl Worker {
@@ -147,48 +194,113 @@ impl Worker {
             executor: StoreExecutor::new(env),
             settings,
             cfg,
-            run: None,
+            active: None,
+            queue: VecDeque::new(),
         }
     }
 
     /// Hands a goal's report to the core and performs what follows.
-    fn report(&mut self, goal: GoalId, r: GoalReport) {
-        if let Some(run) = self.run.as_mut() {
+    fn report(&mut self, goal: GoalId, r: GoalReport, ctx: &mut Context<Self>) {
+        if let Some(active) = self.active.as_mut() {
             if matches!(r, GoalReport::Finished(_) | GoalReport::Fatal(_)) {
-                run.goals.remove(&goal);
+                active.goals.remove(&goal);
             }
-            run.core.report(goal, r);
+            active.core.report(goal, r);
         }
-        self.drain();
+        self.drain(ctx);
     }
 
-    fn drain(&mut self) {
-        let Some(run) = self.run.as_mut() else {
-            return;
-        };
-        for a in run.core.take_actions() {
-            Self::perform(run, &self.cfg, a);
-        }
-        if run.core.is_finished() {
-            if let Some(run) = self.run.take() {
-                let _ = run.reply.send(run.core.outcome());
-            }
+    /// Whether a run of `mode` may join the runs going on now.
+    fn may_start(&self, mode: BuildMode) -> bool {
+        match &self.active {
+            None => true,
+            Some(a) => !a.exclusive && mode == BuildMode::Normal,
         }
     }
 
-    fn perform(run: &mut Run, cfg: &WorkerConfig, a: Action) {
+    /// Starts a run in the core (making the core if no run goes on).
+    fn start_run(&mut self, q: Queued, ctx: &mut Context<Self>) {
+        let active = self.active.get_or_insert_with(|| {
+            let core = WorkerCore::new(
+                self.settings.clone(),
+                self.cfg.store.store_dir().clone(),
+                self.cfg.substituters.len(),
+                self.cfg.hook.is_some(),
+            );
+            let services = Arc::new(GoalServices {
+                env: core.goal_env().clone(),
+                executor: self.executor.clone(),
+                local_builder: self.cfg.local_builder.clone(),
+                cancel_local_build: self.cfg.cancel_local_build.clone(),
+                hook: self.cfg.hook.clone(),
+                cancel_hook_build: self.cfg.cancel_hook_build.clone(),
+                worker: WorkerLink::to(&ctx.address()),
+            });
+            Active {
+                core,
+                goals: HashMap::new(),
+                services,
+                replies: BTreeMap::new(),
+                exclusive: q.mode != BuildMode::Normal,
+            }
+        });
+        if active
+            .core
+            .start_run(q.run, q.requests, q.mode, q.keep_going)
+        {
+            active.replies.insert(q.run, q.reply);
+        } else {
+            let _ = q.reply.send(RealiseOutcome {
+                results: Vec::new(),
+                exit_status: 1,
+                errors: vec![format!("realisation run {} is already going on", q.run)],
+            });
+        }
+    }
+
+    /// Performs the core's actions, answers the runs that ended, drops the core
+    /// when none is left, and starts the queued runs that may start.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            if let Some(active) = self.active.as_mut() {
+                for a in active.core.take_actions() {
+                    Self::perform(active, &self.cfg, a);
+                }
+                for run in active.core.finished_runs() {
+                    if let Some(outcome) = active.core.take_outcome(run) {
+                        if let Some(reply) = active.replies.remove(&run) {
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                }
+                if active.core.live_runs() == 0 {
+                    self.active = None;
+                }
+            }
+            let Some(next) = self.queue.front() else {
+                return;
+            };
+            if !self.may_start(next.mode) {
+                return;
+            }
+            let next = self.queue.pop_front().expect("a queued run");
+            self.start_run(next, ctx);
+        }
+    }
+
+    fn perform(active: &mut Active, cfg: &WorkerConfig, a: Action) {
         match a {
             Action::Spawn { goal, machine } => {
-                let addr = GoalAddr::start(goal, *machine, &run.services);
-                run.goals.insert(goal, addr);
+                let addr = GoalAddr::start(goal, *machine, &active.services);
+                active.goals.insert(goal, addr);
             }
             Action::ToGoal { goal, msg } => {
                 let cancel = matches!(msg, ToGoal::Cancel);
-                if let Some(addr) = run.goals.get(&goal) {
+                if let Some(addr) = active.goals.get(&goal) {
                     addr.send(msg);
                 }
                 if cancel {
-                    run.goals.remove(&goal);
+                    active.goals.remove(&goal);
                 }
             }
             Action::Progress(ev) => {
@@ -198,6 +310,33 @@ impl Worker {
             }
         }
     }
+
+    /// Queues a run, starting it at once if it may.
+    fn submit(&mut self, q: Queued, ctx: &mut Context<Self>) {
+        self.queue.push_back(q);
+        self.drain(ctx);
+    }
+}
+
+/// The answer to a run that never started.
+fn interrupted() -> RealiseOutcome {
+    RealiseOutcome {
+        results: Vec::new(),
+        exit_status: 1,
+        errors: vec![INTERRUPTED.to_owned()],
+    }
+}
+
+fn await_outcome(
+    rx: tokio::sync::oneshot::Receiver<RealiseOutcome>,
+) -> ResponseFuture<RealiseOutcome> {
+    Box::pin(async move {
+        rx.await.unwrap_or_else(|_| RealiseOutcome {
+            results: Vec::new(),
+            exit_status: 1,
+            errors: vec!["the worker stopped".into()],
+        })
+    })
 }
 
 impl Actor for Worker {
@@ -208,107 +347,117 @@ impl Handler<Realise> for Worker {
     type Result = ResponseFuture<RealiseOutcome>;
 
     fn handle(&mut self, msg: Realise, ctx: &mut Context<Self>) -> Self::Result {
-        if self.run.is_some() {
-            return Box::pin(async {
-                RealiseOutcome {
-                    results: Vec::new(),
-                    exit_status: 1,
-                    errors: vec!["a realisation is already running in this worker".into()],
-                }
-            });
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut core = WorkerCore::new(
-            self.settings.clone(),
-            self.cfg.store.store_dir().clone(),
-            self.cfg.substituters.len(),
-            self.cfg.hook.is_some(),
+        let keep_going = self.settings.keep_going;
+        self.submit(
+            Queued {
+                run: new_run_id(),
+                requests: msg.requests,
+                mode: msg.mode,
+                keep_going,
+                reply: tx,
+            },
+            ctx,
         );
-        let services = Arc::new(GoalServices {
-            env: core.goal_env().clone(),
-            executor: self.executor.clone(),
-            local_builder: self.cfg.local_builder.clone(),
-            cancel_local_build: self.cfg.cancel_local_build.clone(),
-            hook: self.cfg.hook.clone(),
-            cancel_hook_build: self.cfg.cancel_hook_build.clone(),
-            worker: WorkerLink::to(&ctx.address()),
-        });
-        core.start(msg.requests, msg.mode);
-        self.run = Some(Run {
-            core,
-            goals: HashMap::new(),
-            services,
-            reply: tx,
-        });
-        self.drain();
-        Box::pin(async move {
-            rx.await.unwrap_or_else(|_| RealiseOutcome {
-                results: Vec::new(),
-                exit_status: 1,
-                errors: vec!["the worker stopped".into()],
-            })
-        })
+        await_outcome(rx)
+    }
+}
+
+impl Handler<RealiseRun> for Worker {
+    type Result = ResponseFuture<RealiseOutcome>;
+
+    fn handle(&mut self, msg: RealiseRun, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let keep_going = msg.keep_going.unwrap_or(self.settings.keep_going);
+        self.submit(
+            Queued {
+                run: msg.run,
+                requests: msg.requests,
+                mode: msg.mode,
+                keep_going,
+                reply: tx,
+            },
+            ctx,
+        );
+        await_outcome(rx)
+    }
+}
+
+impl Handler<CancelRun> for Worker {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelRun, ctx: &mut Context<Self>) {
+        if let Some(i) = self.queue.iter().position(|q| q.run == msg.0) {
+            if let Some(q) = self.queue.remove(i) {
+                let _ = q.reply.send(interrupted());
+            }
+            return;
+        }
+        if let Some(active) = self.active.as_mut() {
+            active.core.interrupt_run(msg.0);
+        }
+        self.drain(ctx);
     }
 }
 
 impl Handler<RequestSubGoals> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: RequestSubGoals, _: &mut Context<Self>) {
-        self.report(msg.goal, GoalReport::WaitFor(msg.requests));
+    fn handle(&mut self, msg: RequestSubGoals, ctx: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::WaitFor(msg.requests), ctx);
     }
 }
 
 impl Handler<AcquireSlot> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: AcquireSlot, _: &mut Context<Self>) {
-        self.report(msg.goal, GoalReport::AcquireSlot(msg.kind));
+    fn handle(&mut self, msg: AcquireSlot, ctx: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::AcquireSlot(msg.kind), ctx);
     }
 }
 
 impl Handler<ReleaseSlot> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: ReleaseSlot, _: &mut Context<Self>) {
-        self.report(msg.goal, GoalReport::ReleaseSlot(msg.kind));
+    fn handle(&mut self, msg: ReleaseSlot, ctx: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::ReleaseSlot(msg.kind), ctx);
     }
 }
 
 impl Handler<GoalProgress> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: GoalProgress, _: &mut Context<Self>) {
-        self.report(msg.goal, GoalReport::Progress(msg.progress));
+    fn handle(&mut self, msg: GoalProgress, ctx: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::Progress(msg.progress), ctx);
     }
 }
 
 impl Handler<GoalFinished> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: GoalFinished, _: &mut Context<Self>) {
-        self.report(msg.goal, GoalReport::Finished(msg.finished));
+    fn handle(&mut self, msg: GoalFinished, ctx: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::Finished(msg.finished), ctx);
     }
 }
 
 impl Handler<GoalFatal> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: GoalFatal, _: &mut Context<Self>) {
-        self.report(msg.goal, GoalReport::Fatal(msg.error));
+    fn handle(&mut self, msg: GoalFatal, ctx: &mut Context<Self>) {
+        self.report(msg.goal, GoalReport::Fatal(msg.error), ctx);
     }
 }
 
 impl Handler<GoalStopped> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: GoalStopped, _: &mut Context<Self>) {
-        if let Some(run) = self.run.as_mut() {
-            run.goals.remove(&msg.goal);
-            run.core.goal_stopped(msg.goal);
+    fn handle(&mut self, msg: GoalStopped, ctx: &mut Context<Self>) {
+        if let Some(active) = self.active.as_mut() {
+            active.goals.remove(&msg.goal);
+            active.core.goal_stopped(msg.goal);
         }
-        self.drain();
+        self.drain(ctx);
     }
 }
 
-/// The user interrupted the run (SIGINT, SIGTERM): every goal is cancelled and the
-/// run ends with `interrupted by the user` (exit status 1). Answered — and the
-/// run's outcome sent — once every goal's builder or hook job has handled its
-/// cancellation, so their process groups are killed before the caller goes on to
-/// exit. Nothing happens when no run is going on.
+/// The user interrupted (SIGINT, SIGTERM): every goal is cancelled and every run
+/// ends with `interrupted by the user` (exit status 1), queued ones too. Answered
+/// — and the runs' outcomes sent — once every goal's builder or hook job has
+/// handled its cancellation, so their process groups are killed before the
+/// caller goes on to exit. Nothing happens when no run is going on.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Interrupt;
@@ -317,22 +466,25 @@ impl Handler<Interrupt> for Worker {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, _: Interrupt, _: &mut Context<Self>) -> Self::Result {
-        let Some(mut run) = self.run.take() else {
+        for q in self.queue.drain(..) {
+            let _ = q.reply.send(interrupted());
+        }
+        let Some(mut active) = self.active.take() else {
             return Box::pin(actix::fut::ready(()));
         };
-        run.core.interrupt();
+        active.core.interrupt();
         let mut acks = Vec::new();
-        for a in run.core.take_actions() {
+        for a in active.core.take_actions() {
             match a {
                 Action::ToGoal {
                     goal,
                     msg: ToGoal::Cancel,
                 } => {
-                    if let Some(addr) = run.goals.remove(&goal) {
+                    if let Some(addr) = active.goals.remove(&goal) {
                         acks.push(addr.cancel_acked());
                     }
                 }
-                other => Self::perform(&mut run, &self.cfg, other),
+                other => Self::perform(&mut active, &self.cfg, other),
             }
         }
         Box::pin(
@@ -343,7 +495,13 @@ impl Handler<Interrupt> for Worker {
             }
             .into_actor(self)
             .map(move |(), _, _| {
-                let _ = run.reply.send(run.core.outcome());
+                for run in active.core.finished_runs() {
+                    if let Some(outcome) = active.core.take_outcome(run) {
+                        if let Some(reply) = active.replies.remove(&run) {
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                }
             }),
         )
     }

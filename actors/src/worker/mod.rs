@@ -1,4 +1,13 @@
-//! The Worker: the supervisor of one realisation run (Nix's `Worker`).
+//! The Worker: the supervisor of realisation runs (Nix's `Worker`).
+//!
+//! One core may serve several runs at once ([`WorkerCore::start_run`]; the daemon's
+//! clients, or a library user's overlapping calls): they share its goals, so a
+//! derivation two runs want is built once and both get its result. Each run has its
+//! own requests, keep-going, failure flags (exit status) and outcome; when a run
+//! ends (done, failed without keep-going, a fatal error of a goal it needs, or
+//! [`WorkerCore::interrupt_run`]), only the goals no other live run needs are
+//! cancelled. The single-run calls ([`WorkerCore::start`], [`WorkerCore::outcome`])
+//! use [`DEFAULT_RUN`].
 //!
 //! [`WorkerCore`] is the plain state machine, with no actix types in it: the goal
 //! graph (one goal per `.drv` path, store path and `DrvOutput`; waiters and
@@ -266,7 +275,8 @@ struct Entry {
     waiters: BTreeSet<GoalId>,
     /// Pending dependencies → the request that made them.
     waitees: BTreeMap<GoalId, GoalRequest>,
-    top_level: bool,
+    /// The runs that asked for this goal at top level.
+    top_of: BTreeSet<RunId>,
     /// Length of the longest chain of goals waiting on this one.
     priority: u64,
     substituting: bool,
@@ -276,6 +286,29 @@ struct Entry {
 
 /// The error of an interrupted run, as Nix words it.
 pub const INTERRUPTED: &str = "interrupted by the user";
+
+/// One realisation run in a core that several runs may share
+/// ([`WorkerCore::start_run`]).
+pub type RunId = u64;
+
+/// The run of the single-run API ([`WorkerCore::start`], [`WorkerCore::outcome`]).
+pub const DEFAULT_RUN: RunId = 0;
+
+/// What the core keeps of one run: its requests, their results and how it ended.
+struct Run {
+    /// The requests, in order, with the goal serving each.
+    top: Vec<(DerivedPath, GoalId)>,
+    /// Top-level goals not finished yet.
+    pending_top: BTreeSet<GoalId>,
+    top_results: HashMap<GoalId, Arc<GoalOutcome>>,
+    /// Top-level goals in the order they failed.
+    failed_top: Vec<GoalId>,
+    /// The failures of the goals this run needed (its exit status bits).
+    flags: FailureFlags,
+    fatal: Option<String>,
+    keep_going: bool,
+    finished: bool,
+}
 
 /// The Worker's state machine.
 pub struct WorkerCore {
@@ -289,15 +322,8 @@ pub struct WorkerCore {
     actions: Vec<Action>,
     counters: Counters,
     sent_counters: Counters,
-    flags: FailureFlags,
-    top: Vec<(DerivedPath, GoalId)>,
-    pending_top: BTreeSet<GoalId>,
-    top_results: HashMap<GoalId, Arc<GoalOutcome>>,
-    /// Top-level goals in the order they failed.
-    failed_top: Vec<GoalId>,
-    fatal: Option<String>,
-    finished: bool,
-    any_failed: bool,
+    /// Every run started and not yet taken ([`WorkerCore::take_outcome`]).
+    runs: BTreeMap<RunId, Run>,
 }
 
 impl WorkerCore {
@@ -325,14 +351,7 @@ impl WorkerCore {
             actions: Vec::new(),
             counters: Counters::default(),
             sent_counters: Counters::default(),
-            flags: FailureFlags::default(),
-            top: Vec::new(),
-            pending_top: BTreeSet::new(),
-            top_results: HashMap::new(),
-            failed_top: Vec::new(),
-            fatal: None,
-            finished: false,
-            any_failed: false,
+            runs: BTreeMap::new(),
         }
     }
 
@@ -341,8 +360,42 @@ impl WorkerCore {
         &self.goal_env
     }
 
-    /// Starts the top-level goals of a run.
+    /// Starts the top-level goals of the single run ([`DEFAULT_RUN`]), with the
+    /// settings' keep-going.
     pub fn start(&mut self, requests: Vec<DerivedPath>, mode: BuildMode) {
+        let keep_going = self.settings.keep_going;
+        self.start_run(DEFAULT_RUN, requests, mode, keep_going);
+    }
+
+    /// Starts a run beside any others going on: its requests share the goals of
+    /// the other runs (one goal per `.drv`, store path and drv output, whoever
+    /// asked), and it ends on its own — when its top-level goals are done, at its
+    /// first failure without `keep_going`, or by [`WorkerCore::interrupt_run`] —
+    /// cancelling only the goals no other live run needs. A run id already in use
+    /// is refused (nothing happens, and `false` is returned).
+    pub fn start_run(
+        &mut self,
+        run: RunId,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+        keep_going: bool,
+    ) -> bool {
+        if self.runs.contains_key(&run) {
+            return false;
+        }
+        self.runs.insert(
+            run,
+            Run {
+                top: Vec::new(),
+                pending_top: BTreeSet::new(),
+                top_results: HashMap::new(),
+                failed_top: Vec::new(),
+                flags: FailureFlags::default(),
+                fatal: None,
+                keep_going,
+                finished: false,
+            },
+        );
         for r in requests {
             let req = match &r {
                 DerivedPath::Opaque(p) => GoalRequest::Substitution {
@@ -357,18 +410,21 @@ impl WorkerCore {
             };
             let id = self.make_goal(req);
             if let Some(e) = self.goals.get_mut(&id) {
-                e.top_level = true;
+                e.top_of.insert(run);
             }
-            self.pending_top.insert(id);
-            self.top.push((r, id));
+            if let Some(state) = self.runs.get_mut(&run) {
+                state.pending_top.insert(id);
+                state.top.push((r, id));
+            }
         }
         self.settle();
+        true
     }
 
     /// Takes what a goal reported (ignored when the goal is gone: cancelled, or of
     /// another run).
     pub fn report(&mut self, goal: GoalId, report: GoalReport) {
-        if !self.finished && self.goals.contains_key(&goal) {
+        if self.goals.contains_key(&goal) {
             self.apply(goal, report);
         }
         self.settle();
@@ -392,8 +448,38 @@ impl WorkerCore {
         std::mem::take(&mut self.actions)
     }
 
+    /// Every run started has finished (its outcome may not be taken yet).
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.runs.values().all(|r| r.finished)
+    }
+
+    /// Whether this run has finished (an unknown run has).
+    pub fn run_finished(&self, run: RunId) -> bool {
+        self.runs.get(&run).is_none_or(|r| r.finished)
+    }
+
+    /// The runs that finished and whose outcome is not yet taken, in id order.
+    pub fn finished_runs(&self) -> Vec<RunId> {
+        self.runs
+            .iter()
+            .filter(|(_, r)| r.finished)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Runs started and not finished.
+    pub fn live_runs(&self) -> usize {
+        self.runs.values().filter(|r| !r.finished).count()
+    }
+
+    /// The outcome of a finished run, which the core then forgets.
+    pub fn take_outcome(&mut self, run: RunId) -> Option<RealiseOutcome> {
+        if !self.runs.get(&run)?.finished {
+            return None;
+        }
+        let outcome = self.run_outcome(run);
+        self.runs.remove(&run);
+        Some(outcome)
     }
 
     pub fn counters(&self) -> Counters {
@@ -415,19 +501,35 @@ impl WorkerCore {
     /// one error `interrupted by the user`. Nothing more is started or registered
     /// by this run. Does nothing once the run is finished.
     pub fn interrupt(&mut self) {
-        if self.finished {
+        let live: Vec<RunId> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| !r.finished)
+            .map(|(id, _)| *id)
+            .collect();
+        if live.is_empty() {
             return;
         }
-        let mut ids: Vec<GoalId> = self.goals.keys().copied().collect();
-        ids.sort();
+        // Every goal goes, in id order, before the runs record how they ended.
+        let ids: Vec<GoalId> = self.goals.keys().copied().collect();
         for id in ids {
             if let Some(e) = self.goals.get_mut(&id) {
-                e.top_level = false;
+                e.top_of.clear();
             }
             self.cancel(id);
         }
-        self.fatal = Some(INTERRUPTED.to_owned());
-        self.finish();
+        for run in live {
+            self.end_run(run, Some(INTERRUPTED.to_owned()));
+        }
+    }
+
+    /// Ends one run as [`WorkerCore::interrupt`] ends them all (`interrupted by
+    /// the user`, exit status 1), cancelling the goals no other live run needs:
+    /// e.g. the client that asked for it went away. Does nothing for a finished
+    /// or unknown run.
+    pub fn interrupt_run(&mut self, run: RunId) {
+        self.end_run(run, Some(INTERRUPTED.to_owned()));
+        self.settle();
     }
 
     fn make_goal(&mut self, req: GoalRequest) -> GoalId {
@@ -482,7 +584,7 @@ impl WorkerCore {
                 key: key.clone(),
                 waiters: BTreeSet::new(),
                 waitees: BTreeMap::new(),
-                top_level: false,
+                top_of: BTreeSet::new(),
                 priority: 0,
                 substituting: false,
                 sizes: (0, 0),
@@ -506,8 +608,14 @@ impl WorkerCore {
     /// After a batch of changes: ends the run when nothing is left, and sends the
     /// counters once.
     fn settle(&mut self) {
-        if !self.finished && self.pending_top.is_empty() {
-            self.finish();
+        let done: Vec<RunId> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| !r.finished && r.pending_top.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for run in done {
+            self.end_run(run, None);
         }
         let slots = &self.build_slots;
         self.goal_env
@@ -548,8 +656,9 @@ impl WorkerCore {
             GoalReport::Progress(p) => self.progress(id, p),
             GoalReport::Finished(f) => self.goal_done(id, f),
             GoalReport::Fatal(msg) => {
-                self.fatal = Some(msg);
-                self.finish();
+                for run in self.runs_needing(id) {
+                    self.end_run(run, Some(msg.clone()));
+                }
             }
         }
     }
@@ -695,10 +804,20 @@ impl WorkerCore {
                 })
             })
             .collect();
-        let moved_top: Vec<usize> = (0..self.top.len())
-            .filter(|&i| {
-                self.top[i].1 == id
-                    && matches!(&self.top[i].0, DerivedPath::Built { outputs, .. } if !covered(outputs))
+        // (run, index in its requests) of the top-level requests it does not cover.
+        let moved_top: Vec<(RunId, usize)> = entry
+            .top_of
+            .iter()
+            .filter_map(|run| self.runs.get(run).map(|r| (*run, r)))
+            .flat_map(|(run, r)| {
+                r.top
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(i, (path, goal))| {
+                        (*goal == id
+                        && matches!(path, DerivedPath::Built { outputs, .. } if !covered(outputs)))
+                    .then_some((run, i))
+                    })
             })
             .collect();
         if moved_waiters.is_empty() && moved_top.is_empty() {
@@ -712,8 +831,10 @@ impl WorkerCore {
                 outputs = outputs.union(o);
             }
         }
-        for &i in &moved_top {
-            outputs = outputs.union(&request_outputs(&self.top[i].0));
+        for &(run, i) in &moved_top {
+            if let Some(r) = self.runs.get(&run) {
+                outputs = outputs.union(&request_outputs(&r.top[i].0));
+            }
         }
         // The finished goal no longer answers for its key: a new goal takes it.
         let key = entry.key.clone();
@@ -739,24 +860,38 @@ impl WorkerCore {
                 }
             }
         }
-        if !moved_top.is_empty() {
-            for i in moved_top {
-                self.top[i].1 = new;
+        for (run, i) in moved_top {
+            let Some(r) = self.runs.get_mut(&run) else {
+                continue;
+            };
+            r.top[i].1 = new;
+            r.pending_top.insert(new);
+            let still_top = r.top.iter().any(|(_, t)| *t == id);
+            if !still_top {
+                r.pending_top.remove(&id);
             }
             if let Some(ne) = self.goals.get_mut(&new) {
-                ne.top_level = true;
+                ne.top_of.insert(run);
             }
-            self.pending_top.insert(new);
-            if !self.top.iter().any(|(_, t)| *t == id) {
-                self.pending_top.remove(&id);
+            if !still_top {
                 if let Some(e) = self.goals.get_mut(&id) {
-                    e.top_level = false;
+                    e.top_of.remove(&run);
                 }
             }
         }
     }
 
     fn goal_done(&mut self, id: GoalId, f: Finished) {
+        // The runs a failure counts for (found only for failures: it walks the
+        // waiters up to the top-level goals).
+        let failed = f.outcome.exit != ExitCode::Success
+            || f.outcome.hash_mismatch
+            || f.outcome.check_mismatch;
+        let failed_runs = if failed {
+            self.runs_needing(id)
+        } else {
+            BTreeSet::new()
+        };
         if let Some(served) = &f.wanted {
             self.move_uncovered_requests(id, served);
         }
@@ -774,9 +909,13 @@ impl WorkerCore {
                     result: outcome.result.clone(),
                 }));
         }
-        self.flags.record(&outcome.result, outcome.hash_mismatch);
-        if outcome.check_mismatch {
-            self.flags.check_mismatch = true;
+        for run in &failed_runs {
+            if let Some(r) = self.runs.get_mut(run) {
+                r.flags.record(&outcome.result, outcome.hash_mismatch);
+                if outcome.check_mismatch {
+                    r.flags.check_mismatch = true;
+                }
+            }
         }
         let status = outcome.result.status;
         if entry.substituting {
@@ -835,11 +974,10 @@ impl WorkerCore {
             }
         }
         if outcome.exit != ExitCode::Success {
-            self.any_failed = true;
             // Nix logs the errors of derivation goals other goals wait for
             // (substitution goals only log at debug level).
             let is_drv = matches!(entry.info, Info::Drv { .. });
-            if is_drv && !entry.top_level && !outcome.result.error_msg.is_empty() {
+            if is_drv && entry.top_of.is_empty() && !outcome.result.error_msg.is_empty() {
                 self.actions
                     .push(Action::Progress(ProgressEvent::Message(format!(
                         "error: {}",
@@ -879,16 +1017,69 @@ impl WorkerCore {
                 self.drop_waiter(d, w);
             }
         }
-        if entry.top_level {
-            self.pending_top.remove(&id);
+        for run in entry.top_of.iter().copied() {
+            let Some(r) = self.runs.get_mut(&run) else {
+                continue;
+            };
+            r.pending_top.remove(&id);
             if outcome.exit != ExitCode::Success {
-                self.failed_top.push(id);
+                r.failed_top.push(id);
             }
-            self.top_results.insert(id, outcome.clone());
-            if outcome.exit == ExitCode::Failed && !self.settings.keep_going {
-                self.finish();
+            r.top_results.insert(id, outcome.clone());
+            if outcome.exit == ExitCode::Failed && !r.keep_going {
+                self.end_run(run, None);
             }
         }
+    }
+
+    /// The live runs that need `goal`: those that asked for it or for a goal that
+    /// (transitively) waits for it. Found by walking the waiters upwards; when one
+    /// run is live, it is that one.
+    fn runs_needing(&self, goal: GoalId) -> BTreeSet<RunId> {
+        let live: Vec<RunId> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| !r.finished)
+            .map(|(id, _)| *id)
+            .collect();
+        if live.len() <= 1 {
+            return live.into_iter().collect();
+        }
+        let mut runs = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![goal];
+        while let Some(g) = stack.pop() {
+            if !seen.insert(g) {
+                continue;
+            }
+            if let Some(e) = self.goals.get(&g) {
+                runs.extend(e.top_of.iter().copied());
+                stack.extend(e.waiters.iter().copied());
+            }
+        }
+        runs.retain(|r| live.contains(r));
+        runs
+    }
+
+    /// The goals some live run still needs: its top-level goals and everything
+    /// they (transitively) wait for.
+    fn needed_by_live_runs(&self) -> BTreeSet<GoalId> {
+        let mut needed = BTreeSet::new();
+        let mut stack: Vec<GoalId> = self
+            .runs
+            .values()
+            .filter(|r| !r.finished)
+            .flat_map(|r| r.pending_top.iter().copied())
+            .collect();
+        while let Some(g) = stack.pop() {
+            if !needed.insert(g) {
+                continue;
+            }
+            if let Some(e) = self.goals.get(&g) {
+                stack.extend(e.waitees.keys().copied());
+            }
+        }
+        needed
     }
 
     /// `waiter` no longer waits for `goal`; a goal nobody needs is cancelled.
@@ -896,7 +1087,7 @@ impl WorkerCore {
         let orphan = match self.goals.get_mut(&goal) {
             Some(e) => {
                 e.waiters.remove(&waiter);
-                e.waiters.is_empty() && !e.top_level
+                e.waiters.is_empty() && e.top_of.is_empty()
             }
             None => false,
         };
@@ -947,46 +1138,83 @@ impl WorkerCore {
         }
     }
 
-    fn finish(&mut self) {
-        if self.finished {
+    /// Ends a run: its unfinished top-level goals count as failed, `fatal` (if
+    /// any, and the first one) becomes its one error, and every goal no other live
+    /// run needs is cancelled in id order, with nothing else undelivered reaching
+    /// it. Does nothing for a finished or unknown run.
+    fn end_run(&mut self, run: RunId, fatal: Option<String>) {
+        let Some(r) = self.runs.get_mut(&run) else {
             return;
+        };
+        if r.finished {
+            return;
+        }
+        if r.fatal.is_none() {
+            r.fatal = fatal;
         }
         // Nix's `buildPaths` counts every top-level goal that did not succeed, the
         // ones still running or waiting when the run stopped included, in
         // `build of … failed`.
-        let unfinished: Vec<GoalId> = self
+        let unfinished: Vec<GoalId> = r
             .top
             .iter()
             .map(|(_, id)| *id)
-            .filter(|id| self.pending_top.contains(id) && !self.failed_top.contains(id))
+            .filter(|id| r.pending_top.contains(id))
             .collect();
         for id in unfinished {
-            if !self.failed_top.contains(&id) {
-                self.failed_top.push(id);
+            if !r.failed_top.contains(&id) {
+                r.failed_top.push(id);
             }
         }
-        // Nothing undelivered reaches a goal of an ended run: only the cancels.
-        self.actions
-            .retain(|a| !matches!(a, Action::ToGoal { msg, .. } if !matches!(msg, ToGoal::Cancel)));
-        let ids: Vec<GoalId> = self.goals.keys().copied().collect();
-        for id in ids {
+        r.finished = true;
+        let tops: Vec<GoalId> = r.top.iter().map(|(_, id)| *id).collect();
+        for id in tops {
             if let Some(e) = self.goals.get_mut(&id) {
-                e.top_level = false;
+                e.top_of.remove(&run);
+            }
+        }
+        let needed = self.needed_by_live_runs();
+        let doomed: BTreeSet<GoalId> = self
+            .goals
+            .keys()
+            .copied()
+            .filter(|g| !needed.contains(g))
+            .collect();
+        // Nothing undelivered reaches a goal that goes: only its cancel.
+        self.actions.retain(|a| {
+            !matches!(a, Action::ToGoal { goal, msg }
+                if doomed.contains(goal) && !matches!(msg, ToGoal::Cancel))
+        });
+        for id in doomed {
+            if let Some(e) = self.goals.get_mut(&id) {
+                e.top_of.clear();
             }
             self.cancel(id);
         }
-        self.finished = true;
         if self.counters != self.sent_counters {
             self.sent_counters = self.counters;
             self.actions
                 .push(Action::Progress(ProgressEvent::Counters(self.counters)));
         }
     }
-    /// The results of a finished run.
+
+    /// The results of the single run ([`DEFAULT_RUN`]) once finished.
     pub fn outcome(&self) -> RealiseOutcome {
+        self.run_outcome(DEFAULT_RUN)
+    }
+
+    /// The results of a run (of its requests so far, if it has not finished).
+    pub fn run_outcome(&self, run: RunId) -> RealiseOutcome {
+        let Some(r) = self.runs.get(&run) else {
+            return RealiseOutcome {
+                results: Vec::new(),
+                exit_status: 1,
+                errors: vec![format!("no realisation run {run} in this worker")],
+            };
+        };
         let mut results = Vec::new();
-        for (path, id) in &self.top {
-            let mut result = match self.top_results.get(id) {
+        for (path, id) in &r.top {
+            let mut result = match r.top_results.get(id) {
                 Some(o) => o.result.clone(),
                 None => BuildResult::failure(BuildStatus::MiscFailure, "cancelled"),
             };
@@ -1001,7 +1229,7 @@ impl WorkerCore {
                 result,
             });
         }
-        if let Some(f) = &self.fatal {
+        if let Some(f) = &r.fatal {
             return RealiseOutcome {
                 results,
                 exit_status: 1,
@@ -1009,33 +1237,33 @@ impl WorkerCore {
             };
         }
         let mut errors = Vec::new();
-        let exit_status = if self.failed_top.is_empty() {
+        let exit_status = if r.failed_top.is_empty() {
             0
         } else {
-            self.flags.failing_exit_status()
+            r.flags.failing_exit_status()
         };
         // Nix's `buildPaths` rethrows only derivation goals' errors (`Goal::ex`); a
         // failed substitution goal is merely named in `build of … failed`.
         let is_drv_goal = |id: &GoalId| {
-            self.top
+            r.top
                 .iter()
                 .any(|(p, i)| i == id && matches!(p, DerivedPath::Built { .. }))
         };
-        let ex: Vec<&str> = self
+        let ex: Vec<&str> = r
             .failed_top
             .iter()
             .filter(|id| is_drv_goal(id))
-            .filter_map(|id| self.top_results.get(id))
+            .filter_map(|id| r.top_results.get(id))
             .map(|o| o.result.error_msg.as_str())
             .filter(|m| !m.is_empty())
             .collect();
-        if self.failed_top.len() == 1 && ex.len() == 1 {
+        if r.failed_top.len() == 1 && ex.len() == 1 {
             errors.push(ex[0].to_owned());
-        } else if !self.failed_top.is_empty() {
+        } else if !r.failed_top.is_empty() {
             errors.extend(ex.iter().map(|m| (*m).to_owned()));
             let mut names: Vec<String> = Vec::new();
-            for (path, id) in &self.top {
-                if self.failed_top.contains(id) {
+            for (path, id) in &r.top {
+                if r.failed_top.contains(id) {
                     let n = format!("'{}'", self.store_dir.print(path.base_path()));
                     if !names.contains(&n) {
                         names.push(n);
@@ -1154,6 +1382,144 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    /// A driver whose builds of derivations named `slow…` stay running (until
+    /// [`finish_slow`]) and of `fail…` fail; the others succeed.
+    fn runs_driver<'a>(ts: &TestStore, s: &Arc<WorkerSettings>) -> SyncDriver<'a> {
+        let st = ts.store.clone();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(move |req| {
+            let name = req.drv_path.name();
+            if name.starts_with("slow") {
+                return None;
+            }
+            if name.starts_with("fail") {
+                return Some(LocalBuildFinished {
+                    id: 0,
+                    result: BuildResult::failure(BuildStatus::PermanentFailure, "it failed"),
+                    hash_mismatch: false,
+                    outputs: Default::default(),
+                });
+            }
+            crate::testing::write_outputs(&st, &req.drv_path, &req.output_paths).unwrap();
+            Some(LocalBuildFinished {
+                id: 0,
+                result: BuildResult::new(BuildStatus::Built),
+                hash_mismatch: false,
+                outputs: req.output_paths.clone(),
+            })
+        });
+        drv
+    }
+
+    /// Ends the running build of `drv` (a `slow…` one) successfully.
+    fn finish_slow(drv: &mut SyncDriver, ts: &TestStore, d: &StorePath) {
+        let i = drv
+            .running
+            .iter()
+            .position(|(_, n)| Some(n.as_str()) == d.name().strip_suffix(".drv"))
+            .expect("the build is running");
+        let (gid, _) = drv.running.remove(i);
+        let outputs: BTreeMap<String, StorePath> =
+            [("out".to_string(), ts.output(d, "out"))].into();
+        crate::testing::write_outputs(&ts.store, d, &outputs).unwrap();
+        drv.deliver(
+            gid,
+            Event::LocalBuildFinished(LocalBuildFinished {
+                id: gid,
+                result: BuildResult::new(BuildStatus::Built),
+                hash_mismatch: false,
+                outputs,
+            }),
+        );
+    }
+
+    #[test]
+    fn concurrent_runs_share_one_build_and_both_get_its_result() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 2);
+        let dep = ts.add_drv("dep", &["out"], &[], &[]);
+        let x = ts.add_drv("x", &["out"], &[&dep], &[]);
+        let other = ts.add_drv("other", &["out"], &[], &[]);
+        let mut drv = runs_driver(&ts, &s);
+        let mut c = core(&ts, &s);
+        assert!(c.start_run(1, vec![built(&x)], BuildMode::Normal, false));
+        assert!(c.start_run(2, vec![built(&x), built(&other)], BuildMode::Normal, false));
+        assert!(!c.start_run(2, vec![built(&other)], BuildMode::Normal, false));
+        drv.run(&mut c).expect("both runs finished");
+        let mut started = drv.started.clone();
+        started.sort();
+        assert_eq!(started, ["dep", "other", "x"], "one build each");
+        let (a, b) = (c.take_outcome(1).unwrap(), c.take_outcome(2).unwrap());
+        assert_eq!((a.exit_status, b.exit_status), (0, 0), "{a:?} {b:?}");
+        assert_eq!(a.results.len(), 1);
+        assert_eq!(b.results.len(), 2);
+        assert_eq!(a.results[0].result, b.results[0].result);
+        assert!(a.results[0].result.built_outputs.len() == 1);
+        assert!(c.take_outcome(1).is_none(), "an outcome is taken once");
+    }
+
+    #[test]
+    fn a_failed_run_cancels_only_what_no_other_run_needs() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 3);
+        let shared = ts.add_drv("slow-shared", &["out"], &[], &[]);
+        let mine = ts.add_drv("slow-mine", &["out"], &[], &[]);
+        let bad = ts.add_drv("fail-bad", &["out"], &[], &[]);
+        let mut drv = runs_driver(&ts, &s);
+        let mut c = core(&ts, &s);
+        c.start_run(
+            1,
+            vec![built(&shared), built(&mine), built(&bad)],
+            BuildMode::Normal,
+            false,
+        );
+        c.start_run(2, vec![built(&shared)], BuildMode::Normal, false);
+        assert!(drv.run(&mut c).is_none(), "run 2 goes on");
+        assert!(c.run_finished(1) && !c.run_finished(2));
+        let a = c.take_outcome(1).unwrap();
+        assert_eq!(a.exit_status, 100, "{a:?}");
+        // Only `slow-mine` (no other run needs it) was cancelled.
+        assert_eq!(drv.cancelled.len(), 1);
+        let names: Vec<&str> = drv.running.iter().map(|(_, n)| n.as_str()).collect();
+        assert!(names.contains(&"slow-shared"), "{names:?}");
+        finish_slow(&mut drv, &ts, &shared);
+        drv.run(&mut c).expect("run 2 finished");
+        let b = c.take_outcome(2).unwrap();
+        assert_eq!(b.exit_status, 0, "{b:?}");
+        assert_eq!(
+            drv.started.iter().filter(|n| *n == "slow-shared").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn interrupting_one_run_leaves_the_others_goals() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 2);
+        let shared = ts.add_drv("slow-shared", &["out"], &[], &[]);
+        let mine = ts.add_drv("slow-mine", &["out"], &[], &[]);
+        let mut drv = runs_driver(&ts, &s);
+        let mut c = core(&ts, &s);
+        c.start_run(
+            1,
+            vec![built(&shared), built(&mine)],
+            BuildMode::Normal,
+            true,
+        );
+        c.start_run(2, vec![built(&shared)], BuildMode::Normal, true);
+        assert!(drv.run(&mut c).is_none());
+        c.interrupt_run(1);
+        assert!(drv.run(&mut c).is_none());
+        let a = c.take_outcome(1).unwrap();
+        assert_eq!(
+            (a.exit_status, a.errors.clone()),
+            (1, vec![INTERRUPTED.to_owned()])
+        );
+        assert_eq!(drv.cancelled.len(), 1, "only the build run 1 alone needed");
+        assert_eq!(c.live_runs(), 1);
+        finish_slow(&mut drv, &ts, &shared);
+        let b = drv.run(&mut c).expect("run 2 finished");
+        assert_eq!(b.exit_status, 1, "the default run's outcome: there is none");
+        assert_eq!(c.take_outcome(2).unwrap().exit_status, 0);
     }
 
     #[test]

@@ -785,3 +785,111 @@ async fn results_carry_build_times() {
         "{res:?}"
     );
 }
+
+impl Setup {
+    /// A Worker over a FakeBuilder whose builds take `self.delay`.
+    fn worker(&self) -> (Addr<drover_actors::Worker>, Arc<Mutex<BuilderLog>>) {
+        let mut fb = FakeBuilder::new(self.ts.store.clone());
+        fb.delay = self.delay;
+        fb.script = self.script.iter().cloned().collect();
+        let blog = fb.log.clone();
+        let fb = fb.start();
+        let w = spawn_worker(WorkerConfig {
+            store: self.ts.store.clone(),
+            local_builder: fb.clone().recipient(),
+            cancel_local_build: fb.recipient(),
+            hook: None,
+            cancel_hook_build: None,
+            substituters: self.subs.clone(),
+            settings: self.settings.clone(),
+            progress: None,
+        });
+        (w, blog)
+    }
+}
+
+#[actix::test]
+async fn overlapping_realisations_share_the_build_and_both_get_its_result() {
+    let mut s = Setup::new();
+    s.delay = Duration::from_millis(300);
+    let dep = s.drv("dep", &[]);
+    let top = s.drv("top", &[&dep]);
+    let other = s.drv("other", &[]);
+    let (w, blog) = s.worker();
+    let a = w.send(Realise {
+        requests: vec![built(&top)],
+        mode: BuildMode::Normal,
+    });
+    let b = w.send(Realise {
+        requests: vec![built(&top), built(&other)],
+        mode: BuildMode::Normal,
+    });
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.exit_status, b.exit_status), (0, 0), "{a:?} {b:?}");
+    assert_eq!(a.results[0].result, b.results[0].result);
+    let mut started = blog.lock().unwrap().started.clone();
+    started.sort();
+    assert_eq!(started, ["dep", "other", "top"], "each built once");
+    // Both ran at once: the three builds overlapped.
+    assert!(blog.lock().unwrap().max_running >= 2);
+}
+
+#[actix::test]
+async fn a_cancelled_run_ends_alone_and_the_other_run_completes() {
+    let mut s = Setup::new();
+    s.delay = Duration::from_millis(400);
+    let shared = s.drv("shared", &[]);
+    let mine = s.drv("mine", &[]);
+    let (w, blog) = s.worker();
+    let run = drover_actors::new_run_id();
+    let a = w.send(drover_actors::RealiseRun {
+        run,
+        requests: vec![built(&shared), built(&mine)],
+        mode: BuildMode::Normal,
+        keep_going: None,
+    });
+    let b = w.send(Realise {
+        requests: vec![built(&shared)],
+        mode: BuildMode::Normal,
+    });
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        w.do_send(drover_actors::CancelRun(run));
+    };
+    let (a, b, ()) = tokio::join!(a, b, cancel);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.exit_status, 1);
+    assert_eq!(a.errors, ["interrupted by the user"]);
+    assert_eq!(b.exit_status, 0, "{b:?}");
+    let log = blog.lock().unwrap();
+    assert_eq!(log.cancelled.len(), 1, "only the build run A alone wanted");
+    assert!(s
+        .ts
+        .store
+        .is_valid_path(&s.ts.output(&shared, "out"))
+        .unwrap());
+}
+
+#[actix::test]
+async fn a_check_run_waits_for_the_runs_going_on() {
+    let mut s = Setup::new();
+    s.delay = Duration::from_millis(200);
+    let x = s.drv("x", &[]);
+    let (w, blog) = s.worker();
+    let a = w.send(Realise {
+        requests: vec![built(&x)],
+        mode: BuildMode::Normal,
+    });
+    let b = w.send(Realise {
+        requests: vec![built(&x)],
+        mode: BuildMode::Check,
+    });
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.exit_status, 0, "{a:?}");
+    // The check ran after the build, as a build of its own.
+    assert_eq!(blog.lock().unwrap().started, ["x", "x"]);
+    assert_eq!(b.exit_status, 0, "{b:?}");
+    assert_eq!(b.results[0].result.status, BuildStatus::Built);
+}
