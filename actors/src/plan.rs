@@ -366,12 +366,11 @@ fn visit(
         let static_hashes = if inputs_ok {
             let h = &*hashes;
             drv.static_output_hashes(store_dir, |q| {
-                h.get(q).cloned().ok_or_else(|| {
-                    drover::derivation::DerivationError::MissingInputOutput {
+                h.get(q)
+                    .ok_or_else(|| drover::derivation::DerivationError::MissingInputOutput {
                         drv: store_dir.print(q),
                         output: "*".into(),
-                    }
-                })
+                    })
             })
             .unwrap_or_default()
         } else {

@@ -27,7 +27,7 @@ use crate::messages::{
     HookTry, LocalBuildFinished, LocalBuildRequest, ReleaseSlot, RequestSubGoals, RunLocalBuild,
     SlotGranted, StartGoal, SubGoalDone, WorkerLink,
 };
-use crate::store_executor::StoreExecutor;
+use crate::store_executor::{JobPriority, StoreExecutor};
 
 /// What every goal actor of a run is given: the actors it reaches and the run's
 /// shared goal environment. Injected at construction; tests pass fakes.
@@ -47,6 +47,9 @@ pub struct GoalServices {
 pub struct GoalActor<G: GoalMachine> {
     host: GoalHost<G>,
     services: Arc<GoalServices>,
+    /// The goal has asked for a store job before (its later jobs go first: see
+    /// [`JobPriority`]).
+    ran_a_job: bool,
 }
 
 impl<G: GoalMachine + Unpin> GoalActor<G> {
@@ -54,11 +57,16 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
         GoalActor {
             host: GoalHost::new(id, goal, services.env.clone()),
             services,
+            ran_a_job: false,
         }
     }
 
     fn step(&mut self, ev: Event, ctx: &mut Context<Self>) {
-        let GoalActor { host, services } = self;
+        let GoalActor {
+            host,
+            services,
+            ran_a_job,
+        } = self;
         let id = host.id;
         host.step(
             ev,
@@ -67,6 +75,7 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
                 services,
                 ctx: &mut *ctx,
                 acks: None,
+                ran_a_job,
             },
         );
         if host.is_finished() {
@@ -85,7 +94,11 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
         match ev {
             Ok(ev) => self.step(ev, ctx),
             Err(panic) => {
-                let GoalActor { host, services } = self;
+                let GoalActor {
+                    host,
+                    services,
+                    ran_a_job,
+                } = self;
                 let id = host.id;
                 host.job_panicked(
                     &panic,
@@ -94,6 +107,7 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
                         services,
                         ctx: &mut *ctx,
                         acks: None,
+                        ran_a_job,
                     },
                 );
                 ctx.stop();
@@ -110,6 +124,7 @@ struct ActorSink<'a, G: GoalMachine + Unpin> {
     /// When set, cancellations are sent with `send` and their answers collected,
     /// so that whoever cancelled the goal can wait for them.
     acks: Option<Vec<Ack>>,
+    ran_a_job: &'a mut bool,
 }
 
 /// The answer to a cancellation a goal passed on to its builder or hook job.
@@ -117,7 +132,12 @@ type Ack = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 impl<G: GoalMachine + Unpin> EffectSink for ActorSink<'_, G> {
     fn blocking(&mut self, job: Job) {
-        let fut = self.services.executor.run(job);
+        let priority = if std::mem::replace(self.ran_a_job, true) {
+            JobPriority::Continue
+        } else {
+            JobPriority::Start
+        };
+        let fut = self.services.executor.run(job, priority);
         self.ctx.spawn(
             actix::fut::wrap_future::<_, GoalActor<G>>(fut).map(|ev, act, ctx| act.on_job(ev, ctx)),
         );
@@ -278,13 +298,18 @@ impl<G: GoalMachine + Unpin> Handler<AddWantedOutputs> for GoalActor<G> {
 impl<G: GoalMachine + Unpin> Handler<CancelGoal> for GoalActor<G> {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: CancelGoal, ctx: &mut Context<Self>) -> Self::Result {
-        let GoalActor { host, services } = self;
+        let GoalActor {
+            host,
+            services,
+            ran_a_job,
+        } = self;
         let id = host.id;
         let mut sink = ActorSink {
             id,
             services,
             ctx: &mut *ctx,
             acks: Some(Vec::new()),
+            ran_a_job,
         };
         host.cancel(&mut sink);
         let acks = sink.acks.take().unwrap_or_default();

@@ -477,9 +477,32 @@ impl WorkerCore {
         if !self.runs.get(&run)?.finished {
             return None;
         }
-        let outcome = self.run_outcome(run);
-        self.runs.remove(&run);
-        Some(outcome)
+        let mut r = self.runs.remove(&run)?;
+        let (exit_status, errors) = self.status_of(&r);
+        // The results move out (a request's result is cloned only when the same
+        // goal serves a later request too, or a goal still holds it): a large run
+        // does not hold its results twice at its end.
+        let mut results = Vec::with_capacity(r.top.len());
+        for (i, (path, id)) in r.top.iter().enumerate() {
+            let again = r.top[i + 1..].iter().any(|(_, later)| later == id);
+            let result = match (again, r.top_results.remove(id)) {
+                (_, None) => BuildResult::failure(BuildStatus::MiscFailure, "cancelled"),
+                (true, Some(o)) => {
+                    let result = o.result.clone();
+                    r.top_results.insert(*id, o);
+                    result
+                }
+                (false, Some(o)) => Arc::try_unwrap(o)
+                    .map(|o| o.result)
+                    .unwrap_or_else(|o| o.result.clone()),
+            };
+            results.push(request_result(path, result));
+        }
+        Some(RealiseOutcome {
+            results,
+            exit_status,
+            errors,
+        })
     }
 
     pub fn counters(&self) -> Counters {
@@ -1212,29 +1235,29 @@ impl WorkerCore {
                 errors: vec![format!("no realisation run {run} in this worker")],
             };
         };
-        let mut results = Vec::new();
-        for (path, id) in &r.top {
-            let mut result = match r.top_results.get(id) {
-                Some(o) => o.result.clone(),
-                None => BuildResult::failure(BuildStatus::MiscFailure, "cancelled"),
-            };
-            match path {
-                DerivedPath::Opaque(_) => result.built_outputs.clear(),
-                DerivedPath::Built { outputs, .. } => result
-                    .built_outputs
-                    .retain(|k, _| outputs.contains(&k.output)),
-            }
-            results.push(KeyedBuildResult {
-                path: path.clone(),
-                result,
-            });
+        let (exit_status, errors) = self.status_of(r);
+        let results = r
+            .top
+            .iter()
+            .map(|(path, id)| {
+                let result = match r.top_results.get(id) {
+                    Some(o) => o.result.clone(),
+                    None => BuildResult::failure(BuildStatus::MiscFailure, "cancelled"),
+                };
+                request_result(path, result)
+            })
+            .collect();
+        RealiseOutcome {
+            results,
+            exit_status,
+            errors,
         }
+    }
+
+    /// The exit status and errors of a run, as `nix-store --realise` ends.
+    fn status_of(&self, r: &Run) -> (i32, Vec<String>) {
         if let Some(f) = &r.fatal {
-            return RealiseOutcome {
-                results,
-                exit_status: 1,
-                errors: vec![f.clone()],
-            };
+            return (1, vec![f.clone()]);
         }
         let mut errors = Vec::new();
         let exit_status = if r.failed_top.is_empty() {
@@ -1274,11 +1297,21 @@ impl WorkerCore {
             names.sort();
             errors.push(format!("build of {} failed", names.join(", ")));
         }
-        RealiseOutcome {
-            results,
-            exit_status,
-            errors,
-        }
+        (exit_status, errors)
+    }
+}
+
+/// A request's result: the goal's, with only the outputs the request names.
+fn request_result(path: &DerivedPath, mut result: BuildResult) -> KeyedBuildResult {
+    match path {
+        DerivedPath::Opaque(_) => result.built_outputs.clear(),
+        DerivedPath::Built { outputs, .. } => result
+            .built_outputs
+            .retain(|k, _| outputs.contains(&k.output)),
+    }
+    KeyedBuildResult {
+        path: path.clone(),
+        result,
     }
 }
 

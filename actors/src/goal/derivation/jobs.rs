@@ -257,12 +257,11 @@ pub(super) fn load_derivation(env: &JobEnv, drv_path: &StorePath) -> Result<Load
     let c = &*cache;
     let output_hashes = drv
         .static_output_hashes(&store_dir, |q| {
-            c.get(q).cloned().ok_or_else(|| {
-                drover::derivation::DerivationError::MissingInputOutput {
+            c.get(q)
+                .ok_or_else(|| drover::derivation::DerivationError::MissingInputOutput {
                     drv: store_dir.print(q),
                     output: "*".into(),
-                }
-            })
+                })
         })
         .map_err(|e| hashes_error(e.into()))?;
     Ok(Loaded { drv, output_hashes })
