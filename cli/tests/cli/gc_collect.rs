@@ -1,0 +1,534 @@
+//! `drover gc` next to `nix-store --gc` / `--delete` on identical roots.
+//!
+//! A root is set up once (`tests/data/nix/gc/collect.nix` built by Nix; roots made
+//! directly in `gcroots/`, indirectly through `gcroots/auto/`, by a profile, by a
+//! live process's working directory and another's open file; a stale indirect
+//! root, a root to an invalid path, a leftover `.lock`, an entry that is no store
+//! path) and copied aside. For each tool the copy is put back at the same place,
+//! so store paths, sizes and directory order are the same; the live processes are
+//! started; the tool runs; then everything observable is compared: exit status,
+//! stdout, stderr (as a sorted list of lines: `deleting '…'` comes in the order
+//! of the store directory, which may differ between two copies), the rows of
+//! `ValidPaths`, `Refs` and `DerivationOutputs`, the store's entries, and what is
+//! left in `gcroots/auto`, `db/` and `temproots/`.
+//!
+//! Then two concurrent scenarios: a build in progress under `drover realise`
+//! survives `drover gc` (its temporary roots), and `nix-store --realise` started
+//! while `drover gc` holds its lock (stopped at Nix's test synchronisation point
+//! `_NIX_TEST_GC_SYNC`) reaches it over `gc-socket/socket`, so its output stays.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::drover;
+use crate::nix_env::{corpus_dir, TestRoot};
+
+/// Generous: a loaded 2-core machine.
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tool {
+    Nix,
+    Drover,
+}
+
+/// The collector of `tool` with `args` (`--delete …` becomes `nix-store --delete …`).
+fn collector(root: &TestRoot, tool: Tool, args: &[String]) -> Command {
+    match tool {
+        Tool::Nix => {
+            let mut c = root.cmd("nix-store");
+            if args.first().map(String::as_str) == Some("--delete") {
+                c.args(args);
+            } else {
+                c.arg("--gc").args(args);
+            }
+            c
+        }
+        Tool::Drover => {
+            let mut c = drover(root);
+            c.arg("gc").args(args);
+            c
+        }
+    }
+}
+
+/// A set-up root and its copy.
+struct Scenario {
+    root: TestRoot,
+    snapshot: tempfile::TempDir,
+    /// attribute → output path
+    out: std::collections::BTreeMap<String, String>,
+}
+
+fn cp_a(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+impl Scenario {
+    fn new(conf: &str) -> Scenario {
+        Self::with(conf, |_, _| {})
+    }
+
+    /// [`Scenario::new`], with `extra` run on the root before it is copied.
+    fn with(
+        conf: &str,
+        extra: impl FnOnce(&TestRoot, &std::collections::BTreeMap<String, String>),
+    ) -> Scenario {
+        let root = TestRoot::with_conf(conf);
+        let expr = corpus_dir().join("gc/collect.nix");
+        let drvs = root.instantiate(&expr, None);
+        let outs = root.realise(&drvs.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut out = std::collections::BTreeMap::new();
+        for o in outs {
+            let name = o[root.store_dir.len() + 34..].to_owned();
+            out.insert(name, o);
+        }
+        let state = &root.state_dir;
+        let link = |target: &str, at: &Path| {
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, at).unwrap();
+        };
+        link(&out["top"], &state.join("gcroots/top"));
+        link(&out["half1"], &state.join("gcroots/deeper/half"));
+        let lonelink = root.path().join("lonelink");
+        link(&out["lone"], &lonelink);
+        link(lonelink.to_str().unwrap(), &state.join("gcroots/auto/lone"));
+        link(
+            root.path().join("gone").to_str().unwrap(),
+            &state.join("gcroots/auto/stale"),
+        );
+        link(
+            &format!("{}/00000000000000000000000000000000-gone", root.store_dir),
+            &state.join("gcroots/invalid"),
+        );
+        link(&out["prof"], &state.join("profiles/prof-1-link"));
+        File::create(format!("{}.lock", out["dep"])).unwrap();
+        extra(&root, &out);
+        let snapshot = tempfile::tempdir().unwrap();
+        cp_a(root.path(), snapshot.path());
+        Scenario {
+            root,
+            snapshot,
+            out,
+        }
+    }
+
+    /// Puts the copy back where the root is.
+    fn restore(&self) {
+        self.root.wipe_store();
+        for e in std::fs::read_dir(self.root.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+        cp_a(self.snapshot.path(), self.root.path());
+    }
+
+    /// Restores the root, starts the processes that root `cwd` and `fd`, runs
+    /// the collector and observes the result.
+    fn run(&self, tool: Tool, args: &[String], junk: bool) -> Observed {
+        self.restore();
+        if junk {
+            std::fs::write(format!("{}/junk", self.root.store_dir), "junk\n").unwrap();
+        }
+        let live = LiveProcesses::start(&self.out["cwd"], &self.out["fd"]);
+        let out = wait(
+            collector(&self.root, tool, args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            &format!("{tool:?} gc {args:?}"),
+        );
+        drop(live);
+        Observed::of(&self.root, &out)
+    }
+}
+
+/// `sleep`s in the store: one with its working directory in a store path, one
+/// with a store file as its stdin. Killed when dropped.
+struct LiveProcesses(Vec<Child>);
+
+impl LiveProcesses {
+    fn start(cwd: &str, fd: &str) -> LiveProcesses {
+        let a = Command::new("sleep")
+            .arg("600")
+            .current_dir(cwd)
+            .spawn()
+            .unwrap();
+        let b = Command::new("sleep")
+            .arg("600")
+            .stdin(File::open(fd).unwrap())
+            .spawn()
+            .unwrap();
+        // both have exec'd once /proc shows sleep as their program
+        for c in [&a, &b] {
+            let start = Instant::now();
+            while !std::fs::read_link(format!("/proc/{}/exe", c.id()))
+                .is_ok_and(|e| e.to_string_lossy().contains("sleep"))
+            {
+                assert!(start.elapsed() < TIMEOUT);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        LiveProcesses(vec![a, b])
+    }
+}
+
+impl Drop for LiveProcesses {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for a child, killing it after [`TIMEOUT`].
+fn wait(mut c: Child, what: &str) -> Output {
+    let start = Instant::now();
+    loop {
+        if c.try_wait().unwrap().is_some() {
+            return c.wait_with_output().unwrap();
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = c.kill();
+            let out = c.wait_with_output().unwrap();
+            panic!(
+                "{what} did not finish in time:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Observed {
+    code: Option<i32>,
+    stdout: String,
+    /// stderr lines, sorted; `/proc/<pid>` as `/proc/PID`
+    stderr: Vec<String>,
+    /// stderr as printed
+    stderr_raw: String,
+    valid: Vec<(String, String, i64, Option<String>)>,
+    refs: Vec<(String, String)>,
+    drv_outputs: Vec<(String, String, String)>,
+    store: Vec<String>,
+    links: Vec<String>,
+    state: Vec<String>,
+}
+
+fn listing(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `/proc/<pid>/` as `/proc/PID/`: the live processes differ between runs.
+fn no_pids(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("/proc/") {
+        out.push_str(&rest[..i + 6]);
+        rest = &rest[i + 6..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 {
+            out.push_str("PID");
+            rest = &rest[digits..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Observed {
+    fn of(root: &TestRoot, out: &Output) -> Observed {
+        let conn = rusqlite::Connection::open_with_flags(
+            root.state_dir.join("db/db.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let valid = conn
+            .prepare("select path, hash, narSize, deriver from ValidPaths order by path")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let refs = conn
+            .prepare("select a.path, b.path from Refs join ValidPaths a on referrer = a.id join ValidPaths b on reference = b.id order by 1, 2")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let drv_outputs = conn
+            .prepare("select v.path, d.id, d.path from DerivationOutputs d join ValidPaths v on drv = v.id order by 1, 2")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(no_pids)
+            .collect();
+        stderr.sort();
+        let mut state = Vec::new();
+        for d in ["gcroots", "gcroots/auto", "db", "temproots"] {
+            for n in listing(&root.state_dir.join(d)) {
+                state.push(format!("{d}/{n}"));
+            }
+        }
+        Observed {
+            code: out.status.code(),
+            stdout: no_pids(&String::from_utf8_lossy(&out.stdout)),
+            stderr,
+            stderr_raw: String::from_utf8_lossy(&out.stderr).into_owned(),
+            valid,
+            refs,
+            drv_outputs,
+            store: listing(Path::new(&root.store_dir)),
+            links: listing(&Path::new(&root.store_dir).join(".links")),
+            state,
+        }
+    }
+}
+
+/// Runs `args` under both tools on the scenario and asserts that everything
+/// observable is the same; returns what Nix did.
+#[track_caller]
+fn compare(s: &Scenario, args: &[&str], junk: bool) -> Observed {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let nix = s.run(Tool::Nix, &args, junk);
+    let drover = s.run(Tool::Drover, &args, junk);
+    let fields = [
+        (
+            "exit status",
+            format!("{:?}", nix.code),
+            format!("{:?}", drover.code),
+        ),
+        ("stdout", nix.stdout.clone(), drover.stdout.clone()),
+        ("stderr", nix.stderr.join("\n"), drover.stderr.join("\n")),
+        (
+            "ValidPaths",
+            format!("{:#?}", nix.valid),
+            format!("{:#?}", drover.valid),
+        ),
+        (
+            "Refs",
+            format!("{:#?}", nix.refs),
+            format!("{:#?}", drover.refs),
+        ),
+        (
+            "DerivationOutputs",
+            format!("{:#?}", nix.drv_outputs),
+            format!("{:#?}", drover.drv_outputs),
+        ),
+        (
+            "store entries",
+            nix.store.join("\n"),
+            drover.store.join("\n"),
+        ),
+        (".links", nix.links.join("\n"), drover.links.join("\n")),
+        ("state", nix.state.join("\n"), drover.state.join("\n")),
+    ];
+    for (what, n, d) in fields {
+        assert_eq!(n, d, "{what} of {args:?} differ (left: Nix, right: drover)");
+    }
+    nix
+}
+
+fn deleted(o: &Observed) -> Vec<String> {
+    o.stderr
+        .iter()
+        .filter_map(|l| l.strip_prefix("deleting '"))
+        .map(|l| l.trim_end_matches('\'').to_owned())
+        .collect()
+}
+
+/// A store entry's name without its hash part.
+fn name_of(p: &str) -> &str {
+    let base = p.rsplit('/').next().unwrap();
+    match base.get(33..) {
+        Some(rest) if base.as_bytes()[32] == b'-' => rest,
+        _ => base,
+    }
+}
+
+#[test]
+fn gc_as_nix_store_gc() {
+    require_nix!();
+    let s = Scenario::new("auto-optimise-store = true");
+    let o = compare(&s, &[], true);
+    assert_eq!(o.code, Some(0));
+    let names: Vec<String> = deleted(&o).iter().map(|p| name_of(p).to_owned()).collect();
+    let has = |n: &str| names.iter().any(|x| x == n);
+    // the dead outputs, their derivations (keep-derivations keeps only live
+    // outputs' ones), the lock and the junk entry; the roots' closures stay
+    for n in [
+        "dead1",
+        "dead2",
+        "dead1.drv",
+        "twin1",
+        "twin2",
+        "half2",
+        "dep.lock",
+        "junk",
+    ] {
+        assert!(has(n), "{n} not deleted: {names:?}");
+    }
+    for n in [
+        "top", "dep", "lone", "prof", "cwd", "fd", "half1", "top.drv", "dep.drv", "cwd.drv",
+    ] {
+        assert!(!has(n), "{n} deleted: {names:?}");
+    }
+    // the 1.5 MB file, one of the twins' files (the other had three links) and
+    // the small files and derivations
+    assert_eq!(o.stdout, "12 store paths deleted, 1.72 MiB freed\n");
+    assert!(o.stderr.contains(&"deleting unused links...".to_owned()));
+    assert!(
+        o.stderr
+            .iter()
+            .any(|l| l.starts_with("note: currently hard linking saves ")),
+        "{:?}",
+        o.stderr
+    );
+    assert!(o
+        .stderr
+        .iter()
+        .any(|l| l.starts_with("removing stale link from '")));
+    assert!(o
+        .stderr
+        .iter()
+        .any(|l| l.starts_with("skipping invalid root from '")));
+    // what is left is consistent (drover's run was the last)
+    s.root.verify_store();
+    // referrers before what they refer to
+    let d = s.run(Tool::Drover, &[], false);
+    let pos = |n: &str| {
+        d.stderr_raw
+            .find(&format!("-{n}'\n"))
+            .unwrap_or_else(|| panic!("{n}: {}", d.stderr_raw))
+    };
+    assert!(pos("dead2") < pos("dead1"), "{}", d.stderr_raw);
+}
+
+#[test]
+fn gc_reports_as_nix_store_gc() {
+    require_nix!();
+    let s = Scenario::new("");
+    let roots = compare(&s, &["--print-roots"], false);
+    for n in ["top", "half1", "lone", "prof", "cwd", "fd"] {
+        assert!(
+            roots.stdout.lines().any(|l| l.ends_with(&format!("-{n}"))),
+            "{n} not a root:\n{}",
+            roots.stdout
+        );
+    }
+    assert!(
+        roots.stdout.contains("/proc/PID/cwd -> "),
+        "{}",
+        roots.stdout
+    );
+    assert!(
+        roots.stdout.contains("/proc/PID/fd/0 -> "),
+        "{}",
+        roots.stdout
+    );
+    let dead = compare(&s, &["--print-dead"], false);
+    let live = compare(&s, &["--print-live"], false);
+    assert!(dead.stdout.contains("-dead1\n") && !dead.stdout.contains("-top\n"));
+    assert!(live.stdout.contains("-top\n") && live.stdout.contains("-top.drv\n"));
+}
+
+/// keep-outputs on and keep-derivations off: the derivations of live outputs
+/// are dead, the outputs of a live derivation live.
+#[test]
+fn gc_keep_outputs_as_nix_store_gc() {
+    require_nix!();
+    let s = Scenario::with(
+        "keep-outputs = true\nkeep-derivations = false",
+        |root, _| {
+            let drv = root.instantiate(&corpus_dir().join("gc/collect.nix"), Some("dead2"));
+            std::os::unix::fs::symlink(&drv[0], root.state_dir.join("gcroots/drv")).unwrap();
+        },
+    );
+    let dead = compare(&s, &["--print-dead"], false);
+    assert!(dead.stdout.contains("-top.drv\n"), "{}", dead.stdout);
+    assert!(!dead.stdout.contains("-dead2\n"), "{}", dead.stdout);
+    assert!(!dead.stdout.contains("-dead1\n"), "{}", dead.stdout);
+    compare(&s, &["--print-live"], false);
+    compare(&s, &[], false);
+}
+
+#[test]
+fn gc_max_freed_as_nix_store_gc() {
+    require_nix!();
+    let s = Scenario::new("");
+    let o = compare(&s, &["--max-freed", "1"], false);
+    assert_eq!(o.code, Some(0));
+    assert!(
+        o.stderr
+            .contains(&"deleted more than 1 bytes; stopping".to_owned()),
+        "{:?}",
+        o.stderr
+    );
+    compare(&s, &["--max-freed", "400K"], false);
+    let o = compare(&s, &["--max-freed", "0"], false);
+    assert_eq!(o.stdout, "0 store paths deleted, 0.00 MiB freed\n");
+}
+
+#[test]
+fn delete_as_nix_store_delete() {
+    require_nix!();
+    let s = Scenario::with("", |root, out| {
+        std::os::unix::fs::symlink(&out["top"], root.path().join("to-top")).unwrap();
+    });
+    let p = |n: &str| s.out[n].clone();
+    // dead, with its dead referrer given too
+    let o = compare(&s, &["--delete", &p("dead2"), &p("dead1")], false);
+    assert_eq!(o.code, Some(0));
+    assert_eq!(o.stdout, "2 store paths deleted, 1.43 MiB freed\n");
+    // live, or referred to: refused with Nix's message, the summary still printed
+    for n in ["top", "dead1", "dep"] {
+        let o = compare(&s, &["--delete", &p(n)], false);
+        assert_eq!(o.code, Some(1));
+        assert_eq!(o.stdout, "0 store paths deleted, 0.00 MiB freed\n");
+        let msg = format!("error: Cannot delete path '{}' since it is still alive. To find out why, use: nix-store --query --roots", p(n));
+        assert!(o.stderr.contains(&msg), "{:?}", o.stderr);
+    }
+    // through a symlink outside the store, ignoring the roots
+    let link = s.root.path().join("to-top");
+    let o = compare(
+        &s,
+        &["--delete", "--ignore-liveness", link.to_str().unwrap()],
+        false,
+    );
+    assert_eq!(o.code, Some(0), "{:?}", o.stderr);
+    assert!(
+        o.stdout.starts_with("1 store paths deleted"),
+        "{}",
+        o.stdout
+    );
+    // not in the store
+    let o = compare(&s, &["--delete", "/"], false);
+    assert_eq!(o.code, Some(1));
+}
