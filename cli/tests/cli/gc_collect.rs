@@ -532,3 +532,215 @@ fn delete_as_nix_store_delete() {
     let o = compare(&s, &["--delete", "/"], false);
     assert_eq!(o.code, Some(1));
 }
+
+fn mkfifo(p: &Path) {
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success());
+}
+
+/// Opens a fifo (blocking until the other end opens) on a thread and reads it to
+/// the end or writes a line; a peer that never comes fails the test after
+/// [`TIMEOUT`] instead of hanging it.
+fn with_fifo(p: &Path, write: bool) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = p.to_owned();
+    std::thread::spawn(move || {
+        let r = if write {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(b"\n"))
+                .map(|_| Vec::new())
+        } else {
+            File::open(&path).and_then(|mut f| {
+                let mut v = Vec::new();
+                f.read_to_end(&mut v).map(|_| v)
+            })
+        };
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(r) => r.unwrap(),
+        Err(_) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // release the blocked thread before failing
+            let _ = std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p);
+            panic!("nobody opened the fifo '{}' in time", p.display());
+        }
+    }
+}
+
+#[track_caller]
+fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn exists(p: &str) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}
+
+fn realise(root: &TestRoot, tool: Tool) -> Command {
+    match tool {
+        Tool::Nix => {
+            let mut c = root.cmd("nix-store");
+            c.arg("--realise");
+            c
+        }
+        Tool::Drover => {
+            let mut c = drover(root);
+            c.arg("realise");
+            c
+        }
+    }
+}
+
+fn gc_nix(root: &TestRoot, attr: &str, args: &[(&str, &str)]) -> String {
+    let e = corpus_dir().join("gc/gc.nix");
+    let mut a = vec![e.to_str().unwrap(), "-A", attr];
+    for (k, v) in args {
+        a.extend(["--argstr", k, v]);
+    }
+    root.run("nix-instantiate", &a).trim().to_owned()
+}
+
+fn output_of(root: &TestRoot, drv: &str) -> String {
+    root.run("nix-store", &["-q", drv]).trim().to_owned()
+}
+
+/// Nix's tests/gc-concurrent.sh with `drover gc` as the collector and `builder`
+/// building: the output being built (not valid yet), its `.lock` and its inputs
+/// are the build's temporary roots and survive; a rooted derivation stays
+/// buildable; once the build is over, its paths are garbage like any other.
+fn build_survives_drover_gc(builder: Tool) {
+    let root = TestRoot::new();
+    let fifo = root.path().join("test1.fifo");
+    mkfifo(&fifo);
+    let drv1 = gc_nix(&root, "test1", &[("lockFifo", fifo.to_str().unwrap())]);
+    let out1 = output_of(&root, &drv1);
+    let drv2 = gc_nix(&root, "test2", &[]);
+    let out2 = output_of(&root, &drv2);
+    let drv3 = gc_nix(&root, "simple", &[]);
+    let out3 = root.realise(&[&drv3]).remove(0);
+    let lock3 = format!("{out3}.lock");
+    File::create(&lock3).unwrap();
+    let gcroots = root.state_dir.join("gcroots");
+    std::os::unix::fs::symlink(&drv2, gcroots.join("foo")).unwrap();
+    std::os::unix::fs::symlink(&out3, gcroots.join("foo2")).unwrap();
+    let build1 = realise(&root, builder)
+        .arg(&drv1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(with_fifo(&fifo, false), b"Build started\n");
+    let gc = drover(&root).arg("gc").output().unwrap();
+    ok(&gc, "drover gc during the build");
+    let err = String::from_utf8_lossy(&gc.stderr).into_owned();
+    assert!(!err.contains(&format!("deleting '{out1}")), "{err}");
+    with_fifo(&fifo, true);
+    let r1 = wait(build1, "the build of test1");
+    ok(&r1, &format!("{builder:?} building test1 during drover gc"));
+    assert_eq!(
+        std::fs::read_to_string(format!("{out1}/foobar")).unwrap(),
+        "FOOBAR\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{out1}/input-2/bar")).unwrap(),
+        "BAR\n"
+    );
+    let r2 = realise(&root, builder).arg(&drv2).output().unwrap();
+    ok(&r2, "building test2");
+    // the lock of a path built before is garbage
+    assert!(!exists(&lock3), "{err}");
+    assert!(exists(&out3));
+    std::fs::remove_file(gcroots.join("foo")).unwrap();
+    std::fs::remove_file(gcroots.join("foo2")).unwrap();
+    let gc = drover(&root).arg("gc").output().unwrap();
+    ok(&gc, "drover gc after the builds");
+    assert!(!exists(&out1), "{builder:?}: {out1} survived");
+    assert!(!exists(&out2), "{builder:?}: {out2} survived");
+    assert!(!exists(&out3), "{builder:?}: {out3} survived");
+    root.verify_store();
+}
+
+#[test]
+fn a_build_in_progress_survives_drover_gc() {
+    require_nix!();
+    build_survives_drover_gc(Tool::Drover);
+    build_survives_drover_gc(Tool::Nix);
+}
+
+/// Nix's tests/gc-non-blocking.sh with `drover gc` as the collector: stopped at
+/// `_NIX_TEST_GC_SYNC` it holds `gc.lock`, so `builder` cannot record its roots
+/// in its file alone and sends them over `gc-socket/socket`; the build finishes
+/// while the collector waits, and its output survives the collection that
+/// follows, while garbage made before does not.
+fn a_root_sent_to_drover_gc_is_kept(builder: Tool) {
+    let root = TestRoot::new();
+    let sync = root.path().join("sync");
+    std::fs::create_dir(&sync).unwrap();
+    let fifo = sync.join("fifo");
+    mkfifo(&fifo);
+    let running = sync.join("running");
+    File::create(&running).unwrap();
+    let dummy_src = root.path().join("dummy.txt");
+    std::fs::write(&dummy_src, "dummy\n").unwrap();
+    let dummy = root.run("nix-store", &["--add", dummy_src.to_str().unwrap()]);
+    let dummy = dummy.trim().to_owned();
+    let drv = gc_nix(&root, "nonBlocking", &[("sync", sync.to_str().unwrap())]);
+    let out = output_of(&root, &drv);
+    let gc = drover(&root)
+        .arg("gc")
+        .env("_NIX_TEST_GC_SYNC", &fifo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the socket is made once the collector holds its lock
+    let socket = root.state_dir.join("gc-socket/socket");
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < TIMEOUT, "drover gc did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let result = root.path().join("result");
+    let r = realise(&root, builder)
+        .arg("--add-root")
+        .arg(&result)
+        .arg("--indirect")
+        .arg(&drv)
+        .output()
+        .unwrap();
+    ok(&r, &format!("{builder:?} building while drover gc runs"));
+    std::fs::remove_file(&running).unwrap();
+    let g = wait(gc, "drover gc");
+    ok(&g, "drover gc");
+    let err = String::from_utf8_lossy(&g.stderr).into_owned();
+    assert!(
+        !exists(&dummy),
+        "{builder:?}: the garbage {dummy} survived:\n{err}"
+    );
+    assert!(
+        exists(&out),
+        "{builder:?}: the new output {out} was collected:\n{err}"
+    );
+    assert!(exists(&drv), "{builder:?}: {drv} was collected:\n{err}");
+    root.verify_store();
+}
+
+#[test]
+fn a_root_sent_over_the_socket_is_kept_by_drover_gc() {
+    require_nix!();
+    a_root_sent_to_drover_gc_is_kept(Tool::Nix);
+    a_root_sent_to_drover_gc_is_kept(Tool::Drover);
+}
