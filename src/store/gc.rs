@@ -39,7 +39,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 
@@ -47,6 +47,8 @@ use super::gc_roots::canon_path;
 use super::local::LocalStore;
 use super::locks::{lock_fd, open_lock_file, LockType};
 use super::StoreError;
+use crate::derivation::DrvHashCache;
+use crate::realisation::DrvOutput;
 use crate::store_path::{StorePath, StorePathSet};
 
 /// The roots of the collector: each store path with the places that root it
@@ -704,10 +706,36 @@ struct Collector<'a> {
     alive: StorePathSet,
     dead: StorePathSet,
     referrers_cache: HashMap<StorePath, StorePathSet>,
+    drv_hashes: DrvHashCache,
     results: &'a mut GcResults,
 }
 
 impl Collector<'_> {
+    /// Nix's `LocalStore::queryPartialDerivationOutputMap` of a valid derivation:
+    /// its `DerivationOutputs` rows, and with `ca-derivations` its outputs'
+    /// realisations, which take precedence.
+    fn output_paths(&mut self, drv: &StorePath) -> Result<Vec<StorePath>, GcError> {
+        let mut outputs = self.store.query_derivation_outputs(drv)?;
+        if self.store.ca_derivations_enabled() {
+            let store = self.store;
+            let sd = store.store_dir().clone();
+            let d = store.read_derivation(drv)?;
+            let cache = &mut self.drv_hashes;
+            let hashes = d.static_output_hashes(&sd, |p: &StorePath| {
+                cache.hash_of(&sd, p, |q: &StorePath| {
+                    store.read_derivation(q).map(Arc::new)
+                })
+            })?;
+            for (output, drv_hash) in hashes {
+                let id = DrvOutput { drv_hash, output };
+                if let Some(r) = store.query_realisation(&id)? {
+                    outputs.insert(id.output, r.out_path);
+                }
+            }
+        }
+        Ok(outputs.into_values().collect())
+    }
+
     /// Deletes a store entry (by base name) and counts it; stops past `max_freed`.
     fn delete_from_store(&mut self, base_name: &str) -> Result<(), Stop> {
         let sd = self.store.store_dir();
@@ -744,11 +772,7 @@ impl Collector<'_> {
             };
             let mut next: Vec<StorePath> = info.references.into_iter().collect();
             if self.keep_outputs && p.is_derivation() {
-                let outs: Vec<StorePath> = self
-                    .store
-                    .query_derivation_outputs(&p)?
-                    .into_values()
-                    .collect();
+                let outs = self.output_paths(&p)?;
                 next.extend(self.store.query_valid_paths(&outs)?);
             }
             if self.keep_derivations {
@@ -828,7 +852,7 @@ impl Collector<'_> {
                 let mut next: Vec<StorePath> =
                     self.referrers_cache[&path].iter().cloned().collect();
                 if self.keep_derivations && path.is_derivation() {
-                    for out in self.store.query_derivation_outputs(&path)?.into_values() {
+                    for out in self.output_paths(&path)? {
                         let built_by_it = self
                             .store
                             .query_path_info(&out)?
@@ -1114,6 +1138,7 @@ pub fn collect_garbage_into(
         alive: StorePathSet::new(),
         dead: StorePathSet::new(),
         referrers_cache: HashMap::new(),
+        drv_hashes: DrvHashCache::new(),
         results,
     };
     let r = with_root_server(store, &server, log, || collector.run())?;

@@ -67,6 +67,9 @@ pub struct LocalStore {
     /// `keep-outputs` and `keep-derivations`, for the collector ([`super::gc`]).
     gc_keep_outputs: bool,
     gc_keep_derivations: bool,
+    /// The `ca-derivations` experimental feature: derivation outputs are also
+    /// looked up in `Realisations` (Nix's `queryPartialDerivationOutputMap`).
+    ca_derivations: bool,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -129,6 +132,7 @@ impl LocalStore {
             auto_optimise: settings.auto_optimise_store(),
             gc_keep_outputs: settings.gc_keep_outputs(),
             gc_keep_derivations: settings.gc_keep_derivations(),
+            ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
         })
     }
 
@@ -163,6 +167,11 @@ impl LocalStore {
     /// `keep-derivations`: the collector keeps the derivers of live paths.
     pub fn gc_keep_derivations(&self) -> bool {
         self.gc_keep_derivations
+    }
+
+    /// Whether the `ca-derivations` experimental feature is enabled.
+    pub fn ca_derivations_enabled(&self) -> bool {
+        self.ca_derivations
     }
 
     /// Nix's `invalidatePathChecked`: in one transaction, refuses when another

@@ -744,3 +744,33 @@ fn a_root_sent_over_the_socket_is_kept_by_drover_gc() {
     a_root_sent_to_drover_gc_is_kept(Tool::Nix);
     a_root_sent_to_drover_gc_is_kept(Tool::Drover);
 }
+
+/// With `keep-outputs` (and `ca-derivations`, as in every test root), a live
+/// floating content-addressed derivation's output is live, known only from its
+/// realisation. (Nix 2.8 finds no deriver for such an output — it has no
+/// `DerivationOutputs` row — so if the store directory lists it before its
+/// derivation, it is dead too and deleted: drover does the same, in the same
+/// order.)
+#[test]
+fn gc_keeps_ca_outputs_of_live_derivations_as_nix() {
+    require_nix!();
+    let s = Scenario::with("keep-outputs = true", |root, _| {
+        let e = root.path().join("ca.nix");
+        std::fs::write(
+            &e,
+            r#"let d = name: extra: derivation ({ inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo ${name} > $out"]; __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; } // extra);
+               in { kept = d "ca-kept" {}; gone = d "ca-gone" {}; }"#,
+        )
+        .unwrap();
+        let drvs = root.instantiate(&e, None);
+        root.realise(&drvs.iter().map(String::as_str).collect::<Vec<_>>());
+        let kept = drvs.iter().find(|d| d.ends_with("-ca-kept.drv")).unwrap();
+        std::os::unix::fs::symlink(kept, root.state_dir.join("gcroots/ca")).unwrap();
+    });
+    let live = compare(&s, &["--print-live"], false);
+    assert!(live.stdout.contains("-ca-kept\n"), "{}", live.stdout);
+    assert!(!live.stdout.contains("-ca-gone\n"), "{}", live.stdout);
+    let dead = compare(&s, &["--print-dead"], false);
+    assert!(dead.stdout.contains("-ca-gone\n"), "{}", dead.stdout);
+    compare(&s, &[], false);
+}
