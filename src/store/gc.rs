@@ -35,6 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -1025,16 +1026,30 @@ fn with_root_server<T>(
         _ => {}
     }
     let listener = UnixListener::bind(&socket).map_err(io_err("binding to socket", &socket))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("making socket non-blocking", &socket))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
         .map_err(io_err("changing permissions of", &socket))?;
     Ok(std::thread::scope(|s| {
         let acceptor = s.spawn(|| {
             let mut workers = Vec::new();
-            for conn in listener.incoming() {
-                if server.stop.load(Ordering::SeqCst) {
-                    break;
+            while !server.stop.load(Ordering::SeqCst) {
+                // Wait for a client, looking at the stop flag every 100 ms.
+                let mut fds = [nix::libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: nix::libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: poll(2) on one valid pollfd we own, for its length.
+                let n = unsafe { nix::libc::poll(fds.as_mut_ptr(), 1, 100) };
+                if n <= 0 {
+                    continue;
                 }
-                let Ok(conn) = conn else { continue };
+                let Ok((conn, _)) = listener.accept() else {
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
                 log(GcLevel::Debug, "GC roots server accepted new client");
                 if let Ok(c) = conn.try_clone() {
                     server
@@ -1050,8 +1065,6 @@ fn with_root_server<T>(
         let r = body();
         log(GcLevel::Debug, "GC roots server shutting down");
         server.stop.store(true, Ordering::SeqCst);
-        // wake the acceptor
-        let _ = UnixStream::connect(&socket);
         let workers = acceptor.join().unwrap_or_default();
         {
             let mut shared = server.lock();
