@@ -25,7 +25,10 @@
 //! root's closure (references, outputs, derivers as the settings say) is live;
 //! otherwise every visited path is dead and, referrers before referents, each is
 //! invalidated in the database and then deleted from the disk. Entries that are not
-//! store paths are deleted directly. `max_freed` stops the deletion once more bytes
+//! store paths are deleted directly. Unlike Nix 2.8, which decides once per
+//! closure, a temporary root that arrives while a closure is being deleted stops
+//! the deletion of that path and of the rest of the closure (what it refers to).
+//! `max_freed` stops the deletion once more bytes
 //! were freed. Last, `.links` entries left with one link are removed and the
 //! saving of hard linking reported.
 //!
@@ -874,9 +877,30 @@ impl Collector<'_> {
             }
         }
         for path in topo_sort(self.store, &visited)? {
-            if !self.dead.insert(path.clone()) {
+            if self.dead.contains(&path) {
                 continue;
             }
+            if self.should_delete {
+                // A root that arrived since the closure was visited keeps this
+                // path and what it refers to, which come after it (Nix 2.8 does
+                // not look again and would delete it). The path is `pending`
+                // from here until it is gone, so a root for it waits for that.
+                let mut shared = self.server.lock();
+                if shared.temp_roots.contains(path.hash_part()) {
+                    drop(shared);
+                    (self.log)(
+                        GcLevel::Debug,
+                        &format!(
+                            "not deleting '{}': it became a temporary root",
+                            sd.print(&path)
+                        ),
+                    );
+                    return Ok(());
+                }
+                shared.pending = Some(path.hash_part().to_owned());
+                self.server.wakeup.notify_all();
+            }
+            self.dead.insert(path.clone());
             if self.should_delete {
                 self.store.invalidate_path_checked(&path)?;
                 self.delete_from_store(path.base_name())?;
@@ -1435,6 +1459,29 @@ mod tests {
         let r = collect_garbage(&s, &GcOptions::default(), &log).unwrap();
         assert_eq!(r.paths, [s.store_dir().print(&early)].into());
         assert!(s.is_valid_path(&late).unwrap());
+        s.release_temp_roots();
+    }
+
+    #[test]
+    fn a_root_arriving_during_a_closure_deletion_keeps_the_rest() {
+        // top -> bottom, both dead; while top is being deleted a client roots
+        // bottom: it is not deleted (Nix 2.8 would).
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let bottom = text(&s, "bottom", &[]);
+        let top = text(&s, "top", &[&bottom]);
+        s.release_temp_roots();
+        let deleting_top = format!("deleting '{}'", s.store_dir().print(&top));
+        let log = |_: GcLevel, m: &str| {
+            if m == deleting_top {
+                s.add_temp_root(&bottom).unwrap();
+            }
+        };
+        let r = collect_garbage(&s, &GcOptions::default(), &log).unwrap();
+        assert_eq!(r.paths, [s.store_dir().print(&top)].into());
+        assert!(!s.is_valid_path(&top).unwrap());
+        assert!(s.is_valid_path(&bottom).unwrap());
+        assert!(s.real_path(&bottom).exists());
         s.release_temp_roots();
     }
 
