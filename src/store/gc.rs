@@ -681,6 +681,10 @@ fn topo_sort(store: &LocalStore, items: &StorePathSet) -> Result<Vec<StorePath>,
         parents.remove(path);
         Ok(())
     }
+    if items.len() == 1 {
+        // nothing to order (self-references are ignored)
+        return Ok(items.iter().cloned().collect());
+    }
     let (mut visited, mut parents, mut sorted) = (StorePathSet::new(), StorePathSet::new(), vec![]);
     for i in items {
         visit(

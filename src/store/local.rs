@@ -205,7 +205,8 @@ impl LocalStore {
                         referrers: referrers.join(", "),
                     });
                 }
-                tx.execute("delete from ValidPaths where path = ?", [&p])
+                tx.prepare_cached("delete from ValidPaths where id = ?")
+                    .and_then(|mut st| st.execute([id]))
                     .map_err(StoreError::sql("invalidating a path"))?;
             }
             tx.commit().map_err(StoreError::sql("committing"))
@@ -316,19 +317,17 @@ impl LocalStore {
         let p = self.print(path);
         let mut db = self.db();
         db.retry("querying path validity", |conn| {
-            conn.query_row("select 1 from ValidPaths where path = ?", [&p], |_| Ok(()))
-                .optional()
+            conn.prepare_cached("select 1 from ValidPaths where path = ?")
+                .and_then(|mut st| st.query_row([&p], |_| Ok(())).optional())
                 .map(|o| o.is_some())
                 .map_err(StoreError::sql("querying path validity"))
         })
     }
 
     fn path_id(conn: &Connection, p: &str) -> Result<Option<i64>, StoreError> {
-        conn.query_row("select id from ValidPaths where path = ?", [p], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(StoreError::sql(format!("querying the id of '{p}'")))
+        conn.prepare_cached("select id from ValidPaths where path = ?")
+            .and_then(|mut st| st.query_row([p], |r| r.get(0)).optional())
+            .map_err(StoreError::sql(format!("querying the id of '{p}'")))
     }
 
     /// The path's metadata, or `None` when it is not valid.
