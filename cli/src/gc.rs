@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(long, requires = "delete")]
     ignore_liveness: bool,
     /// The paths to delete (with --delete).
-    #[arg(value_name = "PATH", requires = "delete")]
+    #[arg(value_name = "PATH")]
     paths: Vec<PathBuf>,
 }
 
@@ -92,6 +92,10 @@ fn follow_links_to_store_path(store: &LocalStore, p: &Path) -> anyhow::Result<St
 }
 
 pub fn run(ctx: &crate::Context, args: Args) -> anyhow::Result<ExitCode> {
+    if !args.delete && !args.paths.is_empty() {
+        // nix-store --gc's words
+        anyhow::bail!("no arguments expected");
+    }
     let store = ctx.open_store()?;
     let verbosity = ctx.verbosity;
     let log = move |level: GcLevel, msg: &str| {

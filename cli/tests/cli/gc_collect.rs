@@ -774,3 +774,36 @@ fn gc_keeps_ca_outputs_of_live_derivations_as_nix() {
     assert!(dead.stdout.contains("-ca-gone\n"), "{}", dead.stdout);
     compare(&s, &[], false);
 }
+
+/// Bad command lines: the same exit status and error line as `nix-store --gc`
+/// (the `Try '… --help'` line names each tool); `--delete` of nothing collects
+/// nothing and says so in both.
+#[test]
+fn gc_usage_as_nix_store() {
+    require_nix!();
+    let root = TestRoot::new();
+    let first_error = |o: &Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .map(str::to_owned)
+    };
+    for args in [&["foo"][..], &["--max-freed", "x"], &["--max-freed", "1.5"]] {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let nix = collector(&root, Tool::Nix, &args).output().unwrap();
+        let dr = collector(&root, Tool::Drover, &args).output().unwrap();
+        assert_eq!(nix.status.code(), Some(1), "{args:?}");
+        assert_eq!(dr.status.code(), Some(1), "{args:?}");
+        assert_eq!(first_error(&nix), first_error(&dr), "{args:?}");
+    }
+    let args = vec!["--delete".to_owned()];
+    let nix = collector(&root, Tool::Nix, &args).output().unwrap();
+    let dr = collector(&root, Tool::Drover, &args).output().unwrap();
+    ok(&nix, "nix-store --delete");
+    ok(&dr, "drover gc --delete");
+    assert_eq!(nix.stdout, dr.stdout);
+    assert_eq!(
+        String::from_utf8_lossy(&dr.stdout),
+        "0 store paths deleted, 0.00 MiB freed\n"
+    );
+}
