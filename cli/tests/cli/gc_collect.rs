@@ -807,3 +807,85 @@ fn gc_usage_as_nix_store() {
         "0 store paths deleted, 0.00 MiB freed\n"
     );
 }
+
+/// A smaller stress test with `drover gc` as the collector: 8 rounds of a
+/// two-second build of a fresh derivation (two inputs built in the same run) by
+/// `drover realise`, `drover gc` run again and again meanwhile, the previous
+/// round's result unrooted first so the collector has garbage to delete. Every
+/// build succeeds with its inputs in place; the store verifies at the end.
+#[test]
+fn stress_builds_next_to_drover_gc() {
+    require_nix!();
+    const ROUNDS: usize = 8;
+    let root = TestRoot::new();
+    let started = Instant::now();
+    let e = format!(
+        "builtins.genList (r: (import {} {{ round = toString r; }}).work) {ROUNDS}",
+        corpus_dir().join("gc/gc.nix").display()
+    );
+    let drvs: Vec<String> = root
+        .run("nix-instantiate", &["-E", &e])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(drvs.len(), ROUNDS);
+    for (i, d) in drvs.iter().enumerate() {
+        std::os::unix::fs::symlink(d, root.state_dir.join(format!("gcroots/drv-{i}"))).unwrap();
+    }
+    let results = root.path().join("results");
+    std::fs::create_dir(&results).unwrap();
+    let mut collections = 0;
+    for (r, drv) in drvs.iter().enumerate() {
+        if r > 0 {
+            std::fs::remove_file(results.join(format!("r{}", r - 1))).unwrap();
+        }
+        let link = results.join(format!("r{r}"));
+        let mut build = Some(
+            drover(&root)
+                .args(["realise", "--add-root"])
+                .arg(&link)
+                .arg(drv)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut finished = None;
+        while finished.is_none() {
+            let gc = drover(&root).arg("gc").output().unwrap();
+            ok(&gc, "drover gc");
+            collections += 1;
+            if build.as_mut().unwrap().try_wait().unwrap().is_some() {
+                finished = Some(wait(build.take().unwrap(), "drover realise"));
+            }
+            assert!(started.elapsed() < Duration::from_secs(600), "too slow");
+        }
+        let out = finished.unwrap();
+        ok(
+            &out,
+            &format!("round {r}: drover realise next to drover gc"),
+        );
+        let o = std::fs::read_link(&link).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(o.join("dep")).unwrap(),
+            format!("dep {r}\n"),
+            "round {r}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(o.join("cached")).unwrap(),
+            format!("cached {r}\n")
+        );
+        assert!(o.join("step-7").exists());
+        assert!(
+            o.join("dep-link/x").exists(),
+            "round {r}: the input was collected"
+        );
+    }
+    let gc = drover(&root).arg("gc").output().unwrap();
+    ok(&gc, "drover gc");
+    root.verify_store();
+    eprintln!(
+        "stress: {ROUNDS} rounds, {collections} drover gc runs, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
