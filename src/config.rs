@@ -1078,6 +1078,17 @@ impl Settings {
         self.bool("auto-optimise-store")
     }
 
+    /// `keep-outputs` (`gc-keep-outputs`): the collector keeps live derivations' outputs.
+    pub fn gc_keep_outputs(&self) -> bool {
+        self.bool("keep-outputs")
+    }
+
+    /// `keep-derivations` (`gc-keep-derivations`, on by default): the collector keeps
+    /// the derivers of live paths.
+    pub fn gc_keep_derivations(&self) -> bool {
+        self.bool("keep-derivations")
+    }
+
     /// `repeat` (`build-repeat`): how many more times each build is run to compare.
     pub fn repeat(&self) -> u64 {
         self.uint("repeat")

@@ -8,6 +8,7 @@
 mod args;
 mod derivation;
 mod display;
+mod gc;
 mod interrupt;
 mod log;
 mod log_format;
@@ -56,6 +57,8 @@ enum Command {
     Realise(realise::Args),
     /// Print the build log of a derivation or of an output's deriver.
     Log(log::Args),
+    /// Collect garbage, or delete paths (as `nix-store --gc` and `--delete`).
+    Gc(gc::Args),
 }
 
 /// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
@@ -130,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PathInfo(a) => path_info::run(&ctx, a),
         Command::Realise(a) => realise::run(&mut ctx, a),
         Command::Log(a) => log::run(&ctx, a),
+        Command::Gc(a) => gc::run(&ctx, a),
     }
 }
 

@@ -64,6 +64,12 @@ pub struct LocalStore {
     secret_key_files: Vec<PathBuf>,
     /// `auto-optimise-store`.
     auto_optimise: bool,
+    /// `keep-outputs` and `keep-derivations`, for the collector ([`super::gc`]).
+    gc_keep_outputs: bool,
+    gc_keep_derivations: bool,
+    /// The `ca-derivations` experimental feature: derivation outputs are also
+    /// looked up in `Realisations` (Nix's `queryPartialDerivationOutputMap`).
+    ca_derivations: bool,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -124,6 +130,9 @@ impl LocalStore {
             db: Mutex::new(db),
             secret_key_files: settings.secret_key_files(),
             auto_optimise: settings.auto_optimise_store(),
+            gc_keep_outputs: settings.gc_keep_outputs(),
+            gc_keep_derivations: settings.gc_keep_derivations(),
+            ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
         })
     }
 
@@ -148,6 +157,60 @@ impl LocalStore {
 
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// `keep-outputs`: the collector keeps the outputs of live derivations.
+    pub fn gc_keep_outputs(&self) -> bool {
+        self.gc_keep_outputs
+    }
+
+    /// `keep-derivations`: the collector keeps the derivers of live paths.
+    pub fn gc_keep_derivations(&self) -> bool {
+        self.gc_keep_derivations
+    }
+
+    /// Whether the `ca-derivations` experimental feature is enabled.
+    pub fn ca_derivations_enabled(&self) -> bool {
+        self.ca_derivations
+    }
+
+    /// Nix's `invalidatePathChecked`: in one transaction, refuses when another
+    /// valid path refers to `path` (self-references aside), else removes its
+    /// `ValidPaths` row (its `Refs`, `DerivationOutputs` and `Realisations` rows go
+    /// with it). An invalid path is left alone.
+    pub fn invalidate_path_checked(&self, path: &StorePath) -> Result<(), StoreError> {
+        let p = self.print(path);
+        let mut db = self.db();
+        db.retry("invalidating a path", |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(StoreError::sql("starting a transaction"))?;
+            if let Some(id) = Self::path_id(&tx, &p)? {
+                let mut referrers = Vec::new();
+                {
+                    let mut stmt = tx
+                        .prepare_cached("select path from Refs join ValidPaths on referrer = id where reference = ? and referrer != ?")
+                        .map_err(StoreError::sql("querying referrers"))?;
+                    let rows = stmt
+                        .query_map([id, id], |r| r.get::<_, String>(0))
+                        .map_err(StoreError::sql("querying referrers"))?;
+                    for r in rows {
+                        referrers.push(format!("'{}'", r.map_err(StoreError::sql("querying referrers"))?));
+                    }
+                }
+                if !referrers.is_empty() {
+                    referrers.sort();
+                    return Err(StoreError::PathInUse {
+                        path: p.clone(),
+                        referrers: referrers.join(", "),
+                    });
+                }
+                tx.prepare_cached("delete from ValidPaths where id = ?")
+                    .and_then(|mut st| st.execute([id]))
+                    .map_err(StoreError::sql("invalidating a path"))?;
+            }
+            tx.commit().map_err(StoreError::sql("committing"))
+        })
     }
 
     /// The file system path of a store path.
@@ -254,19 +317,17 @@ impl LocalStore {
         let p = self.print(path);
         let mut db = self.db();
         db.retry("querying path validity", |conn| {
-            conn.query_row("select 1 from ValidPaths where path = ?", [&p], |_| Ok(()))
-                .optional()
+            conn.prepare_cached("select 1 from ValidPaths where path = ?")
+                .and_then(|mut st| st.query_row([&p], |_| Ok(())).optional())
                 .map(|o| o.is_some())
                 .map_err(StoreError::sql("querying path validity"))
         })
     }
 
     fn path_id(conn: &Connection, p: &str) -> Result<Option<i64>, StoreError> {
-        conn.query_row("select id from ValidPaths where path = ?", [p], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(StoreError::sql(format!("querying the id of '{p}'")))
+        conn.prepare_cached("select id from ValidPaths where path = ?")
+            .and_then(|mut st| st.query_row([p], |r| r.get(0)).optional())
+            .map_err(StoreError::sql(format!("querying the id of '{p}'")))
     }
 
     /// The path's metadata, or `None` when it is not valid.

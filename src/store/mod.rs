@@ -9,12 +9,15 @@
 //! * [`locks`]: `<path>.lock` files ([`locks::PathLocks`]).
 //! * [`gc_roots`]: temporary GC roots in `<state dir>/temproots/<pid>`, and permanent
 //!   (indirect) roots as `nix-store --add-root` makes them.
+//! * [`gc`]: the garbage collector (`nix-store --gc`, `--delete`): roots, liveness,
+//!   deletion.
 //! * [`canonicalise`]: canonical metadata of store objects.
 //! * [`optimise`]: hard-linking identical files through `.links` (`auto-optimise-store`).
 //! * [`path_info`]: [`path_info::ValidPathInfo`] and its `nix path-info --json` form.
 
 pub mod canonicalise;
 pub mod db;
+pub mod gc;
 pub mod gc_roots;
 pub mod local;
 pub mod locks;
@@ -116,6 +119,8 @@ pub enum StoreError {
     RootInStore(String),
     #[error("cannot create symlink '{0}'; already exists")]
     RootExists(String),
+    #[error("cannot delete path '{path}' because it is in use by {referrers}")]
+    PathInUse { path: String, referrers: String },
     #[error("cannot add the temporary root '{0}': this process released its roots to exit")]
     TempRootsReleased(String),
 }

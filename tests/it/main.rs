@@ -10,6 +10,7 @@ mod build;
 mod build_log;
 mod derivation;
 mod gc;
+mod gc_collect;
 mod hook_protocol;
 mod http_server;
 mod https_cache;

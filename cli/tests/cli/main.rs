@@ -18,6 +18,7 @@ mod derivation;
 mod fallback;
 mod faults;
 mod gc;
+mod gc_collect;
 mod hook;
 mod hook_process;
 mod hook_try;
