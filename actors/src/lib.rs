@@ -89,3 +89,4 @@ pub mod worker;
 pub use system::{Events, System, SystemBuilder, SystemError, SystemEvent};
 pub use worker::actor::{spawn_worker, Interrupt, Realise, Worker, WorkerConfig};
 pub use worker::{KeyedBuildResult, RealiseOutcome, WorkerCore, WorkerSettings};
+pub mod daemon;

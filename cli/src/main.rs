@@ -6,6 +6,7 @@
 //! Nix prints them. This binary is the only place that uses `anyhow`.
 
 mod args;
+mod daemon;
 mod derivation;
 mod display;
 mod interrupt;
@@ -56,6 +57,8 @@ enum Command {
     Realise(realise::Args),
     /// Print the build log of a derivation or of an output's deriver.
     Log(log::Args),
+    /// Serve Nix's worker protocol in place of `nix-daemon`.
+    Daemon(daemon::Args),
 }
 
 /// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
@@ -130,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PathInfo(a) => path_info::run(&ctx, a),
         Command::Realise(a) => realise::run(&mut ctx, a),
         Command::Log(a) => log::run(&ctx, a),
+        Command::Daemon(a) => daemon::run(&ctx, a),
     }
 }
 

@@ -1,0 +1,257 @@
+//! The actor system's events as the activities Nix 2.8's daemon sends during a
+//! build (`Worker`: `actRealise`, `actBuilds`, `actCopyPaths` with their
+//! progress; `DerivationGoal::started`: `actBuild` with `[drv, machine, round,
+//! rounds]` and `resBuildLogLine`/`resSetPhase`; `PathSubstitutionGoal`:
+//! `actSubstitute` `[path, uri]` around `copyStorePath`'s `actCopyPath`
+//! `[path, uri, "local"]`), so a client's progress bar, `-L` and
+//! `--log-format internal-json` show a drover build as they show Nix's.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use drover::store_path::{StoreDir, StorePath};
+use drover::worker_protocol::{ActivityType, Field, LoggerMessage, ResultType, Verbosity};
+
+use crate::messages::BuildLogEvent;
+use crate::progress::ProgressEvent;
+use crate::SystemEvent;
+
+/// Activity ids as Nix makes them: the process id in the high half.
+pub fn next_activity_id() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(1);
+    ((std::process::id() as u64) << 32) + N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One realisation's activities.
+pub struct Activities {
+    store_dir: StoreDir,
+    realise: u64,
+    builds: u64,
+    copy_paths: u64,
+    building: BTreeMap<StorePath, u64>,
+    /// (actSubstitute, actCopyPath) of each substitution.
+    substituting: BTreeMap<StorePath, (u64, u64)>,
+}
+
+fn start(
+    kind: ActivityType,
+    level: Verbosity,
+    text: String,
+    fields: Vec<Field>,
+    parent: u64,
+) -> (u64, LoggerMessage) {
+    let id = next_activity_id();
+    (
+        id,
+        LoggerMessage::StartActivity {
+            id,
+            level,
+            kind,
+            text,
+            fields,
+            parent,
+        },
+    )
+}
+
+impl Activities {
+    /// Starts the Worker's three activities.
+    pub fn start(store_dir: StoreDir, out: &mut dyn FnMut(LoggerMessage)) -> Activities {
+        let mut ids = [0; 3];
+        for (i, t) in [
+            ActivityType::Realise,
+            ActivityType::Builds,
+            ActivityType::CopyPaths,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (id, m) = start(t, Verbosity::Error, String::new(), Vec::new(), 0);
+            ids[i] = id;
+            out(m);
+        }
+        Activities {
+            store_dir,
+            realise: ids[0],
+            builds: ids[1],
+            copy_paths: ids[2],
+            building: BTreeMap::new(),
+            substituting: BTreeMap::new(),
+        }
+    }
+
+    /// Translates one event.
+    pub fn event(&mut self, ev: SystemEvent, out: &mut dyn FnMut(LoggerMessage)) {
+        let sd = &self.store_dir;
+        match ev {
+            SystemEvent::Progress(p) => match p {
+                ProgressEvent::Counters(c) => {
+                    let int = Field::Int;
+                    out(LoggerMessage::Result {
+                        id: self.builds,
+                        kind: ResultType::Progress,
+                        fields: vec![
+                            int(c.done_builds),
+                            int(c.expected_builds + c.done_builds),
+                            int(c.running_builds),
+                            int(c.failed_builds),
+                        ],
+                    });
+                    out(LoggerMessage::Result {
+                        id: self.copy_paths,
+                        kind: ResultType::Progress,
+                        fields: vec![
+                            int(c.done_substitutions),
+                            int(c.expected_substitutions + c.done_substitutions),
+                            int(c.running_substitutions),
+                            int(c.failed_substitutions),
+                        ],
+                    });
+                    out(LoggerMessage::Result {
+                        id: self.realise,
+                        kind: ResultType::SetExpected,
+                        fields: vec![
+                            int(ActivityType::FileTransfer as u64),
+                            int(c.expected_download_size + c.done_download_size),
+                        ],
+                    });
+                    out(LoggerMessage::Result {
+                        id: self.realise,
+                        kind: ResultType::SetExpected,
+                        fields: vec![
+                            int(ActivityType::CopyPath as u64),
+                            int(c.expected_nar_size + c.done_nar_size),
+                        ],
+                    });
+                }
+                ProgressEvent::BuildStarted {
+                    drv_path,
+                    machine,
+                    verb,
+                    round,
+                } => {
+                    let (r, n) = round.unwrap_or((1, 1));
+                    let mut text = format!("{verb} '{}'", sd.print(&drv_path));
+                    if n > 1 && verb == "building" {
+                        text.push_str(&format!(" (round {r}/{n})"));
+                    }
+                    if let Some(m) = &machine {
+                        text.push_str(&format!(" on '{m}'"));
+                    }
+                    let fields = vec![
+                        Field::String(sd.print(&drv_path)),
+                        Field::String(machine.unwrap_or_default()),
+                        Field::Int(r as u64),
+                        Field::Int(n as u64),
+                    ];
+                    let (id, m) = start(ActivityType::Build, Verbosity::Info, text, fields, 0);
+                    out(m);
+                    if let Some(old) = self.building.insert(drv_path, id) {
+                        out(LoggerMessage::StopActivity(old));
+                    }
+                }
+                ProgressEvent::BuildFinished { drv_path, .. } => {
+                    if let Some(id) = self.building.remove(&drv_path) {
+                        out(LoggerMessage::StopActivity(id));
+                    }
+                }
+                ProgressEvent::SubstitutionStarted { path, uri, .. } => {
+                    let p = sd.print(&path);
+                    let (sub, m) = start(
+                        ActivityType::Substitute,
+                        Verbosity::Error,
+                        String::new(),
+                        vec![Field::String(p.clone()), Field::String(uri.clone())],
+                        0,
+                    );
+                    out(m);
+                    let (copy, m) = start(
+                        ActivityType::CopyPath,
+                        Verbosity::Info,
+                        format!("copying path '{p}' from '{uri}'"),
+                        vec![
+                            Field::String(p),
+                            Field::String(uri),
+                            Field::String("local".into()),
+                        ],
+                        sub,
+                    );
+                    out(m);
+                    if let Some((a, b)) = self.substituting.insert(path, (sub, copy)) {
+                        out(LoggerMessage::StopActivity(b));
+                        out(LoggerMessage::StopActivity(a));
+                    }
+                }
+                ProgressEvent::SubstitutionFinished { path, .. }
+                | ProgressEvent::SubstitutionCancelled { path } => {
+                    if let Some((a, b)) = self.substituting.remove(&path) {
+                        out(LoggerMessage::StopActivity(b));
+                        out(LoggerMessage::StopActivity(a));
+                    }
+                }
+                ProgressEvent::Message(m) => out(LoggerMessage::Next(m)),
+                ProgressEvent::GoalStarted { .. } | ProgressEvent::GoalFinished { .. } => {}
+            },
+            SystemEvent::Log(l) => match l {
+                BuildLogEvent::Line { drv_path, line } => {
+                    if let Some(&id) = self.building.get(&drv_path) {
+                        out(LoggerMessage::Result {
+                            id,
+                            kind: ResultType::BuildLogLine,
+                            fields: vec![Field::String(line)],
+                        });
+                    }
+                }
+                BuildLogEvent::Phase { drv_path, phase } => {
+                    if let Some(&id) = self.building.get(&drv_path) {
+                        out(LoggerMessage::Result {
+                            id,
+                            kind: ResultType::SetPhase,
+                            fields: vec![Field::String(phase)],
+                        });
+                    }
+                }
+                BuildLogEvent::Message { msg, .. } => out(LoggerMessage::Next(msg)),
+                BuildLogEvent::Activity { .. } => {
+                    // The builder's own activities (`@nix` start/stop/result) are
+                    // not forwarded yet: the client sees its log lines only.
+                }
+            },
+        }
+    }
+
+    /// Stops whatever is still running, then the Worker's activities.
+    pub fn finish(self, out: &mut dyn FnMut(LoggerMessage)) {
+        for (_, id) in self.building {
+            out(LoggerMessage::StopActivity(id));
+        }
+        for (_, (a, b)) in self.substituting {
+            out(LoggerMessage::StopActivity(b));
+            out(LoggerMessage::StopActivity(a));
+        }
+        for id in [self.copy_paths, self.builds, self.realise] {
+            out(LoggerMessage::StopActivity(id));
+        }
+    }
+
+    /// The store path an event is about, for fanning events out to the clients
+    /// whose requests they serve (`None`: every client).
+    pub fn subject(ev: &SystemEvent) -> Option<&StorePath> {
+        match ev {
+            SystemEvent::Progress(p) => match p {
+                ProgressEvent::BuildStarted { drv_path, .. }
+                | ProgressEvent::BuildFinished { drv_path, .. } => Some(drv_path),
+                ProgressEvent::SubstitutionStarted { path, .. }
+                | ProgressEvent::SubstitutionFinished { path, .. }
+                | ProgressEvent::SubstitutionCancelled { path } => Some(path),
+                _ => None,
+            },
+            SystemEvent::Log(l) => match l {
+                BuildLogEvent::Line { drv_path, .. }
+                | BuildLogEvent::Phase { drv_path, .. }
+                | BuildLogEvent::Message { drv_path, .. }
+                | BuildLogEvent::Activity { drv_path, .. } => Some(drv_path),
+            },
+        }
+    }
+}
