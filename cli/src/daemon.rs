@@ -8,10 +8,11 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use actix::Actor;
 use anyhow::Context as _;
 use drover_actors::daemon::{
-    authorise, connection::spawn_connection, listen, serve_connection, socket_path, EventHub, Peer,
-    Shared, SystemBuilds,
+    authorise, connection::spawn_connection, listen, serve_connection, socket_path, EventHub,
+    HubActor, Peer, Shared, SystemBuilds,
 };
 use drover_actors::SystemBuilder;
 
@@ -31,19 +32,21 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
         .echo(false)
         .print_build_lines(false)
         .verbosity(ctx.verbosity)
-        .goal_events(false)
-        .log_events(true);
+        .goal_events(false);
     actix::System::new().block_on(async move {
-        let (system, events) = builder.start()?;
+        let hub = Arc::new(EventHub::default());
+        let hub_actor = HubActor { hub: hub.clone() }.start();
+        let (system, _events) = builder
+            .progress(hub_actor.clone().recipient())
+            .log_events_to(hub_actor.clone().recipient())
+            .start()?;
         for w in system.warnings() {
             eprintln!("warning: {w}");
         }
-        let hub = Arc::new(EventHub::default());
-        actix::spawn(hub.clone().run(events));
         let shared = Arc::new(Shared {
             store: system.store().clone(),
             settings: settings.clone(),
-            builds: Arc::new(SystemBuilds::new(system, hub)),
+            builds: Arc::new(SystemBuilds::new(system, hub, &hub_actor)),
         });
         if args.stdio {
             // `nix-daemon --stdio` serves its one client as trusted.

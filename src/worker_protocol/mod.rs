@@ -58,6 +58,30 @@ pub mod stderr {
     pub const RESULT: u64 = 0x52534c54;
 }
 
+/// An argument highlighted as Nix's `hintfmt` prints it into error messages
+/// (`ANSI_WARNING`, magenta bold); clients strip it when not on a terminal.
+pub fn hl(s: impl std::fmt::Display) -> String {
+    format!("\x1b[35;1m{s}\x1b[0m")
+}
+
+impl ProtocolError {
+    /// The message Nix 2.8's daemon sends for this error, byte for byte where
+    /// Nix has one (its `hintfmt` highlights included).
+    pub fn nix_message(&self) -> String {
+        use crate::store_path::StorePathError;
+        match self {
+            ProtocolError::UnexpectedEof(_) => "unexpected end-of-file".into(),
+            ProtocolError::InvalidOperation(op) => format!("invalid operation {}", hl(op)),
+            ProtocolError::StringTooLong { .. } => "string is too long".into(),
+            ProtocolError::NonZeroPadding(_) => "non-zero padding".into(),
+            ProtocolError::StorePath(StorePathError::NotInStore(p)) => {
+                format!("path '{}' is not in the Nix store", hl(p))
+            }
+            e => e.to_string(),
+        }
+    }
+}
+
 /// Why bytes from a client are not a valid message.
 #[derive(Debug, Error)]
 pub enum ProtocolError {
@@ -114,4 +138,26 @@ pub enum ProtocolError {
     BadCaMethod(String),
     #[error("invalid build mode {0}")]
     BadBuildMode(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_messages_carry_hintfmt_highlights() {
+        assert_eq!(
+            ProtocolError::InvalidOperation(99).nix_message(),
+            "invalid operation \x1b[35;1m99\x1b[0m"
+        );
+        assert_eq!(
+            ProtocolError::UnexpectedEof("a string").nix_message(),
+            "unexpected end-of-file"
+        );
+        let e: ProtocolError = crate::store_path::StorePathError::NotInStore("/x".into()).into();
+        assert_eq!(
+            e.nix_message(),
+            "path '\x1b[35;1m/x\x1b[0m' is not in the Nix store"
+        );
+    }
 }

@@ -31,6 +31,12 @@ pub struct Activities {
     building: BTreeMap<StorePath, u64>,
     /// (actSubstitute, actCopyPath) of each substitution.
     substituting: BTreeMap<StorePath, (u64, u64)>,
+    /// Whether the Worker's `queryMissing` activity is still to be sent (it
+    /// comes after the first progress report when substitutes are used).
+    query_missing_pending: bool,
+    /// Builds that finished: Nix stops their activity when the goal goes, after
+    /// the progress report of its end.
+    pending_stops: Vec<u64>,
 }
 
 fn start(
@@ -56,7 +62,11 @@ fn start(
 
 impl Activities {
     /// Starts the Worker's three activities.
-    pub fn start(store_dir: StoreDir, out: &mut dyn FnMut(LoggerMessage)) -> Activities {
+    pub fn start(
+        store_dir: StoreDir,
+        use_substitutes: bool,
+        out: &mut dyn FnMut(LoggerMessage),
+    ) -> Activities {
         let mut ids = [0; 3];
         for (i, t) in [
             ActivityType::Realise,
@@ -77,6 +87,8 @@ impl Activities {
             copy_paths: ids[2],
             building: BTreeMap::new(),
             substituting: BTreeMap::new(),
+            query_missing_pending: use_substitutes,
+            pending_stops: Vec::new(),
         }
     }
 
@@ -123,6 +135,21 @@ impl Activities {
                             int(c.expected_nar_size + c.done_nar_size),
                         ],
                     });
+                    for id in std::mem::take(&mut self.pending_stops) {
+                        out(LoggerMessage::StopActivity(id));
+                    }
+                    if std::mem::take(&mut self.query_missing_pending) {
+                        // `Worker::run`'s `queryMissing` of the top goals.
+                        let (id, m) = start(
+                            ActivityType::Unknown,
+                            Verbosity::Debug,
+                            "querying info about missing paths".into(),
+                            Vec::new(),
+                            0,
+                        );
+                        out(m);
+                        out(LoggerMessage::StopActivity(id));
+                    }
                 }
                 ProgressEvent::BuildStarted {
                     drv_path,
@@ -152,7 +179,7 @@ impl Activities {
                 }
                 ProgressEvent::BuildFinished { drv_path, .. } => {
                     if let Some(id) = self.building.remove(&drv_path) {
-                        out(LoggerMessage::StopActivity(id));
+                        self.pending_stops.push(id);
                     }
                 }
                 ProgressEvent::SubstitutionStarted { path, uri, .. } => {
@@ -222,6 +249,9 @@ impl Activities {
 
     /// Stops whatever is still running, then the Worker's activities.
     pub fn finish(self, out: &mut dyn FnMut(LoggerMessage)) {
+        for id in self.pending_stops {
+            out(LoggerMessage::StopActivity(id));
+        }
         for (_, id) in self.building {
             out(LoggerMessage::StopActivity(id));
         }

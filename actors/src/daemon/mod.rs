@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use crate::messages::BuildMode;
 use crate::plan::Plan;
 use crate::substituter::Substituter;
-use crate::{Events, RealiseOutcome, System, SystemEvent};
+use crate::{RealiseOutcome, System, SystemEvent};
 
 pub use connection::{serve_connection, Connection, Serve};
 pub use session::{Peer, Session, Shared};
@@ -132,30 +132,64 @@ impl EventHub {
             }
         }
     }
+}
 
-    /// Forwards `events` into the hub until the System is gone (a task on the
-    /// System's arbiter).
-    pub async fn run(self: Arc<Self>, mut events: Events) {
-        while let Some(ev) = events.recv().await {
-            self.dispatch(ev);
-        }
+/// The actor the System sends its progress and log events to (given to
+/// [`crate::SystemBuilder::progress`] and [`crate::SystemBuilder::log_events_to`]):
+/// it hands each to the [`EventHub`]. A [`Flush`] answered by it means every
+/// event sent to it before has been dispatched.
+pub struct HubActor {
+    pub hub: Arc<EventHub>,
+}
+
+impl actix::Actor for HubActor {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<crate::progress::ProgressEvent> for HubActor {
+    type Result = ();
+    fn handle(&mut self, ev: crate::progress::ProgressEvent, _: &mut Self::Context) {
+        self.hub.dispatch(SystemEvent::Progress(ev));
     }
+}
+
+impl actix::Handler<crate::messages::BuildLogEvent> for HubActor {
+    type Result = ();
+    fn handle(&mut self, ev: crate::messages::BuildLogEvent, _: &mut Self::Context) {
+        self.hub.dispatch(SystemEvent::Log(ev));
+    }
+}
+
+/// Answered once the events sent to the [`HubActor`] before it are dispatched.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+impl actix::Handler<Flush> for HubActor {
+    type Result = ();
+    fn handle(&mut self, _: Flush, _: &mut Self::Context) {}
 }
 
 /// The shared actor system as a [`BuildService`].
 pub struct SystemBuilds {
     system: System,
     hub: Arc<EventHub>,
+    flush: actix::Recipient<Flush>,
     serial: Mutex<()>,
 }
 
 impl SystemBuilds {
-    /// Wraps a started system; spawn [`EventHub::run`] with its `Events` on the
-    /// system's arbiter.
-    pub fn new(system: System, hub: Arc<EventHub>) -> SystemBuilds {
+    /// Wraps a system started with `hub_actor` as its progress and log-event
+    /// recipient.
+    pub fn new(
+        system: System,
+        hub: Arc<EventHub>,
+        hub_actor: &actix::Addr<HubActor>,
+    ) -> SystemBuilds {
         SystemBuilds {
             system,
             hub,
+            flush: hub_actor.clone().recipient(),
             serial: Mutex::new(()),
         }
     }
@@ -179,7 +213,7 @@ impl BuildService for SystemBuilds {
         &self,
         paths: Vec<DerivedPath>,
         mode: BuildMode,
-        _settings: &Settings,
+        settings: &Settings,
         log: &mut dyn FnMut(LoggerMessage),
     ) -> RealiseOutcome {
         // The events of the builds and substitutions this request needs.
@@ -207,7 +241,8 @@ impl BuildService for SystemBuilds {
         };
         let guard = serialise_realise_until_the_worker_runs_concurrent_calls(&self.serial);
         let outcome = rt.block_on(async {
-            let mut acts = activities::Activities::start(store_dir, log);
+            let use_subs = settings.get("substitute").is_none_or(|v| v == "true");
+            let mut acts = activities::Activities::start(store_dir, use_subs, log);
             let fut = self.system.realise(paths, mode);
             tokio::pin!(fut);
             let outcome = loop {
@@ -216,7 +251,8 @@ impl BuildService for SystemBuilds {
                     Some(ev) = rx.recv() => acts.event(ev, log),
                 }
             };
-            // Events sent before the outcome, still queued.
+            // Events the Worker sent before its outcome, still on their way.
+            let _ = self.flush.send(Flush).await;
             while let Ok(ev) = rx.try_recv() {
                 acts.event(ev, log);
             }

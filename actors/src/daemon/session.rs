@@ -34,7 +34,7 @@ use drover::worker_protocol::reply::{
 use drover::worker_protocol::request::{read_path_info_after_path, CaMethodAlgo};
 use drover::worker_protocol::wire::{read_u64, write_bool, write_bytes, write_u64};
 use drover::worker_protocol::{
-    server_handshake, ClientOptions, LoggerMessage, ProtocolError, Request, WireBuildMode,
+    hl, server_handshake, ClientOptions, LoggerMessage, ProtocolError, Request, WireBuildMode,
 };
 
 use super::options::apply_client_options;
@@ -173,7 +173,7 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 Err(e) => {
                     // As Nix: the error from `performOp`'s handler, then again from
                     // `processConnection`'s, and the connection ends.
-                    let msg = e.to_string();
+                    let msg = e.nix_message();
                     self.stop_work(Some(&msg))?;
                     self.stop_work(Some(&msg))?;
                     self.to.flush()?;
@@ -526,7 +526,7 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             Request::NarFromPath(p) => {
                 self.start_work()?;
                 if !store.is_valid_path(&p).map_err(OpError::from)? {
-                    return Err(err(format!("path '{}' is not valid", sd.print(&p))).into());
+                    return Err(err(format!("path '{}' is not valid", hl(sd.print(&p)))).into());
                 }
                 self.stop_work(None)?;
                 let real = store.real_path(&p);
@@ -652,7 +652,7 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
         self.shared
             .store
             .query_path_info(p)?
-            .ok_or_else(|| err(format!("path '{}' is not valid", self.sd().print(p))))
+            .ok_or_else(|| err(format!("path '{}' is not valid", hl(self.sd().print(p)))))
     }
 
     /// Nix's `queryPartialDerivationOutputMap`: the outputs the derivation
@@ -871,7 +871,7 @@ fn add_ca(
     let info_of = |p: &StorePath| {
         store
             .query_path_info(p)?
-            .ok_or_else(|| err(format!("path '{}' is not valid", sd.print(p))))
+            .ok_or_else(|| err(format!("path '{}' is not valid", hl(sd.print(p)))))
     };
     match method.method {
         ContentAddressMethod::Text => {
@@ -978,7 +978,7 @@ fn check_signatures(
     } else {
         Err(err(format!(
             "cannot add path '{}' because it lacks a signature by a trusted key",
-            sd.print(&info.path)
+            hl(sd.print(&info.path))
         )))
     }
 }
@@ -1014,41 +1014,44 @@ fn add_nar(
     };
     let printed = sd.print(&info.path);
     let mut mismatch: Option<String> = None;
-    let res =
-        store.add_object_with(info, repair_flag, |target| {
-            let mut sink = nar::RestoreSink::new(target);
-            let summary = if whole {
-                nar::parse(&mut *src, &mut sink)
-            } else {
-                nar::parse_embedded(&mut *src, &mut sink)
-            }
-            .map_err(|e| StoreError::Io {
-                context: "unpacking the NAR of",
-                path: target.to_owned(),
-                source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-            })?;
-            if summary.nar_hash != info.nar_hash {
-                mismatch =
-                    Some(format!(
-                "hash mismatch importing path '{printed}';\n  specified: {}\n  got:       {}",
-                info.nar_hash.to_typed_string(drover::hash::Encoding::Base32),
-                summary.nar_hash.to_typed_string(drover::hash::Encoding::Base32)
+    let res = store.add_object_with(info, repair_flag, |target| {
+        let mut sink = nar::RestoreSink::new(target);
+        let summary = if whole {
+            nar::parse(&mut *src, &mut sink)
+        } else {
+            nar::parse_embedded(&mut *src, &mut sink)
+        }
+        .map_err(|e| StoreError::Io {
+            context: "unpacking the NAR of",
+            path: target.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        if summary.nar_hash != info.nar_hash {
+            mismatch = Some(format!(
+                "hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+                hl(&printed),
+                hl(info
+                    .nar_hash
+                    .to_typed_string(drover::hash::Encoding::Base32)),
+                hl(summary
+                    .nar_hash
+                    .to_typed_string(drover::hash::Encoding::Base32))
             ));
-            } else if summary.nar_size != info.nar_size {
-                mismatch = Some(format!(
-                    "size mismatch importing path '{printed}';\n  specified: {}\n  got:       {}",
-                    info.nar_size, summary.nar_size
-                ));
-            }
-            if mismatch.is_some() {
-                return Err(StoreError::Io {
-                    context: "checking the NAR of",
-                    path: target.to_owned(),
-                    source: io::ErrorKind::InvalidData.into(),
-                });
-            }
-            Ok(())
-        });
+        } else if summary.nar_size != info.nar_size {
+            mismatch = Some(format!(
+                "size mismatch importing path '{printed}';\n  specified: {}\n  got:       {}",
+                info.nar_size, summary.nar_size
+            ));
+        }
+        if mismatch.is_some() {
+            return Err(StoreError::Io {
+                context: "checking the NAR of",
+                path: target.to_owned(),
+                source: io::ErrorKind::InvalidData.into(),
+            });
+        }
+        Ok(())
+    });
     match (res, mismatch) {
         (_, Some(m)) => Err(err(m)),
         (Err(e), None) => Err(e.into()),

@@ -1,0 +1,495 @@
+//! `drover daemon` against `nix-daemon`: the same Nix 2.8 clients, with
+//! `NIX_REMOTE=daemon`, run the same scenario against each daemon on the same
+//! test root (the store wiped in between, so paths are identical), and see the
+//! same exit codes, output and messages. Raw protocol clients check the bytes
+//! of error replies and that garbage from one client never takes the daemon
+//! down.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nix_env::{corpus_dir, TestRoot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Nix,
+    Drover,
+}
+
+/// A daemon serving a test root; killed (SIGTERM, then SIGKILL) and reaped on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(root: &TestRoot, which: Which) -> Daemon {
+        let socket = root.state_dir.join("daemon-socket/socket");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = match which {
+            Which::Nix => root.cmd("nix-daemon"),
+            Which::Drover => {
+                let mut c = root.cmd(env!("CARGO_BIN_EXE_drover"));
+                c.arg("daemon");
+                c
+            }
+        };
+        let log = std::fs::File::create(root.path().join(format!("{which:?}-daemon.log"))).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < deadline, "{which:?} daemon did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Nix client talking to the root's daemon.
+fn client(root: &TestRoot, program: &str) -> Command {
+    let mut c = root.cmd(program);
+    c.env("NIX_REMOTE", "daemon");
+    c
+}
+
+/// What one client command showed: exit code, stdout, stderr.
+fn run(c: &mut Command) -> String {
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(c: &mut Command) -> String {
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn corpus() -> String {
+    corpus_dir().join("corpus.nix").to_str().unwrap().to_owned()
+}
+
+/// The scenario both daemons serve: adding, building, querying, exporting.
+fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let _d = Daemon::start(root, which);
+    let mut t = Vec::new();
+    let hello = corpus_dir().join("hello.txt");
+    let hello = hello.to_str().unwrap();
+    t.push((
+        "nix-store --add".into(),
+        run(client(root, "nix-store").args(["--add", hello])),
+    ));
+    t.push((
+        "nix-store --add again".into(),
+        run(client(root, "nix-store").args(["--add", hello])),
+    ));
+    let c = corpus();
+    t.push((
+        "nix-build chain3".into(),
+        run(client(root, "nix-build").args([&c, "-A", "chain3", "--no-out-link"])),
+    ));
+    let out = stdout(client(root, "nix-build").args([&c, "-A", "chain3", "--no-out-link"]));
+    let out = out.trim().to_owned();
+    let drv = stdout(client(root, "nix-store").args(["-q", "--deriver", &out]));
+    let drv = drv.trim().to_owned();
+    for q in [
+        "--references",
+        "--referrers",
+        "--deriver",
+        "--requisites",
+        "--hash",
+        "--size",
+    ] {
+        t.push((
+            format!("nix-store -q {q} out"),
+            run(client(root, "nix-store").args(["-q", q, &out])),
+        ));
+    }
+    t.push((
+        "nix-store -q --outputs drv".into(),
+        run(client(root, "nix-store").args(["-q", "--outputs", &drv])),
+    ));
+    t.push((
+        "nix-store -q --referrers simple".into(),
+        run(client(root, "nix-store").args(["-q", "--referrers-closure", &drv])),
+    ));
+    let info = stdout(client(root, "nix").args(["path-info", "--json", "-r", &out]));
+    let mut info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    for i in info.as_array_mut().unwrap() {
+        i.as_object_mut().unwrap().remove("registrationTime");
+    }
+    t.push(("nix path-info --json -r".into(), info.to_string()));
+    t.push((
+        "nix-store -r drv (valid)".into(),
+        run(client(root, "nix-store").args(["-r", &drv])),
+    ));
+    t.push((
+        "nix log".into(),
+        run(client(root, "nix").args(["log", &drv])),
+    ));
+    let export = client(root, "nix-store")
+        .args(["--export", &out])
+        .output()
+        .unwrap();
+    assert!(export.status.success());
+    t.push((
+        "nix-store --export".into(),
+        format!("{} bytes, sha256 {}", export.stdout.len(), {
+            drover::hash::HashAlgo::Sha256
+                .digest(&export.stdout)
+                .encode(drover::hash::Encoding::Base16)
+        }),
+    ));
+    // drover and Nix may start independent builds in different orders: compare
+    // the lines of this one sorted.
+    let diamond = run(client(root, "nix").args(["build", "-f", &c, "diamondTop", "--no-link"]));
+    let mut lines: Vec<&str> = diamond.lines().collect();
+    lines.sort();
+    t.push(("nix build diamondTop".into(), lines.join("\n")));
+    let fail = corpus_dir().join("realise/fail.nix");
+    t.push((
+        "nix-build fails".into(),
+        run(client(root, "nix-build").args([
+            fail.to_str().unwrap(),
+            "-A",
+            "fails",
+            "--no-out-link",
+        ])),
+    ));
+    t.push((
+        "nix build -L fails".into(),
+        run(client(root, "nix").args([
+            "build",
+            "-f",
+            fail.to_str().unwrap(),
+            "fails",
+            "--no-link",
+            "-L",
+        ])),
+    ));
+    t.push((
+        "nix build --log-format internal-json fine".into(),
+        internal_json(&run(client(root, "nix").args([
+            "build",
+            "-f",
+            fail.to_str().unwrap(),
+            "fine",
+            "--no-link",
+            "-v",
+            "--log-format",
+            "internal-json",
+        ]))),
+    ));
+    t.push((
+        "nix-store -q invalid".into(),
+        run(client(root, "nix-store").args([
+            "-q",
+            "--references",
+            &format!("{}/00000000000000000000000000000000-x", root.store_dir),
+        ])),
+    ));
+    t
+}
+
+/// `--log-format internal-json` output with activity ids numbered in order of
+/// appearance (they are pid-based) and the messages Nix prints only as a local
+/// store dropped.
+fn internal_json(s: &str) -> String {
+    let mut ids: Vec<u64> = Vec::new();
+    let mut out = Vec::new();
+    for line in s.lines() {
+        let Some(j) = line.strip_prefix("@nix ") else {
+            out.push(line.to_owned());
+            continue;
+        };
+        let mut v: serde_json::Value = serde_json::from_str(j).unwrap();
+        for key in ["id", "parent"] {
+            if let Some(n) = v.get(key).and_then(|x| x.as_u64()) {
+                let k = if n == 0 {
+                    0
+                } else {
+                    match ids.iter().position(|&i| i == n) {
+                        Some(p) => p + 1,
+                        None => {
+                            ids.push(n);
+                            ids.len()
+                        }
+                    }
+                };
+                v[key] = k.into();
+            }
+        }
+        out.push(v.to_string());
+    }
+    out.join("\n")
+}
+
+#[test]
+fn nix_clients_see_the_same_through_drover_daemon_as_through_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::new();
+    let nix = scenario(&root, Which::Nix);
+    root.wipe_store();
+    let _ = std::fs::remove_dir_all(&root.log_dir);
+    let ours = scenario(&root, Which::Drover);
+    assert_eq!(nix.len(), ours.len());
+    for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        assert_eq!(
+            o, n,
+            "{label}: drover daemon (left) differs from nix-daemon (right)"
+        );
+    }
+    root.verify_store();
+}
+
+fn w64(v: &mut Vec<u8>, n: u64) {
+    v.extend_from_slice(&n.to_le_bytes());
+}
+
+fn wstr(v: &mut Vec<u8>, s: &[u8]) {
+    w64(v, s.len() as u64);
+    v.extend_from_slice(s);
+    v.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
+}
+
+/// A Nix 2.8 client's greeting: magic, version 1.34, no CPU affinity, no
+/// reserveSpace.
+fn greeting() -> Vec<u8> {
+    let mut v = Vec::new();
+    w64(&mut v, 0x6e697863);
+    w64(&mut v, 0x122);
+    w64(&mut v, 0);
+    w64(&mut v, 0);
+    v
+}
+
+/// Sends `bytes` on a new connection and returns everything the daemon sends
+/// until it closes the connection (or 60 s pass).
+fn exchange(socket: &Path, bytes: &[u8], close_write: bool) -> Vec<u8> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let _ = s.write_all(bytes);
+    if close_write {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// Raw requests whose replies must be byte-identical: unknown and retired
+/// operation codes, a path outside the store, a valid query then EOF.
+fn raw_requests(store_dir: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let mut v = Vec::new();
+    for (label, op) in [
+        ("op 99", 99u64),
+        ("op 24 (QueryFailedPaths)", 24),
+        ("op 0", 0),
+    ] {
+        let mut b = greeting();
+        w64(&mut b, op);
+        v.push((label, b));
+    }
+    let mut b = greeting();
+    w64(&mut b, 1); // IsValidPath
+    wstr(&mut b, b"/nonexistent/x");
+    v.push(("IsValidPath outside the store", b));
+    let mut b = greeting();
+    w64(&mut b, 1);
+    wstr(
+        &mut b,
+        format!("{store_dir}/00000000000000000000000000000000-x").as_bytes(),
+    );
+    w64(&mut b, 23); // QueryAllValidPaths
+    v.push(("IsValidPath, QueryAllValidPaths, EOF", b));
+    let mut b = greeting();
+    w64(&mut b, 26); // QueryPathInfo of an invalid path
+    wstr(
+        &mut b,
+        format!("{store_dir}/00000000000000000000000000000000-x").as_bytes(),
+    );
+    w64(&mut b, 20); // CollectGarbage with ignoreLiveness
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, 1);
+    w64(&mut b, 0);
+    for _ in 0..3 {
+        w64(&mut b, 0);
+    }
+    v.push(("QueryPathInfo invalid, CollectGarbage ignoring liveness", b));
+    let mut b = greeting();
+    w64(&mut b, 1);
+    w64(&mut b, 5); // a string cut short
+    b.extend_from_slice(b"/x");
+    v.push(("truncated string", b));
+    let mut b = Vec::new();
+    w64(&mut b, 0x1234);
+    v.push(("bad magic", b));
+    v
+}
+
+#[test]
+fn error_replies_are_byte_identical_to_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::new();
+    let mut replies = Vec::new();
+    for which in [Which::Nix, Which::Drover] {
+        let d = Daemon::start(&root, which);
+        let mut r = Vec::new();
+        for (label, bytes) in raw_requests(&root.store_dir) {
+            r.push((label, exchange(&d.socket, &bytes, true)));
+        }
+        replies.push(r);
+        drop(d);
+        root.wipe_store();
+    }
+    let mut differ = Vec::new();
+    for ((label, n), (_, o)) in replies[0].iter().zip(&replies[1]) {
+        if o != n {
+            differ.push(format!(
+                "{label}:\n  drover:     {:?}\n  nix-daemon: {:?}",
+                String::from_utf8_lossy(o),
+                String::from_utf8_lossy(n)
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+}
+
+#[test]
+fn garbage_from_one_client_never_takes_the_daemon_down() {
+    require_nix!();
+    let root = TestRoot::new();
+    let mut d = Daemon::start(&root, Which::Drover);
+    let hello = corpus_dir().join("hello.txt");
+    let added = stdout(client(&root, "nix-store").args(["--add", hello.to_str().unwrap()]));
+    let added = added.trim().to_owned();
+    let works = |what: &str| {
+        let out = client(&root, "nix-store")
+            .args(["-q", "--hash", &added])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "after {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A client that connects and says nothing must not block the others.
+    let idle = UnixStream::connect(&d.socket).unwrap();
+    let mut idle_greeted = UnixStream::connect(&d.socket).unwrap();
+    idle_greeted.write_all(&greeting()).unwrap();
+    works("idle clients");
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut b = greeting();
+    w64(&mut b, 1);
+    w64(&mut b, u64::MAX); // a string of 2^64-1 bytes
+    cases.push(("an oversized string", b));
+    let mut b = greeting();
+    w64(&mut b, 31); // QueryValidPaths with 2^60 paths
+    w64(&mut b, 1 << 60);
+    cases.push(("an oversized collection", b));
+    let mut b = greeting();
+    w64(&mut b, 44); // AddMultipleToStore, then a huge frame
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, u64::MAX);
+    cases.push(("an oversized frame", b));
+    let mut b = greeting();
+    w64(&mut b, 44); // AddMultipleToStore, a frame cut short
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, 1000);
+    b.extend_from_slice(&[7u8; 100]);
+    cases.push(("a truncated frame", b));
+    let mut b = greeting();
+    w64(&mut b, 39); // AddToStoreNar of garbage
+    wstr(
+        &mut b,
+        format!("{}/00000000000000000000000000000000-x", root.store_dir).as_bytes(),
+    );
+    wstr(&mut b, b"");
+    wstr(&mut b, &[b'0'; 64]);
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, 8);
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    wstr(&mut b, b"");
+    w64(&mut b, 0);
+    w64(&mut b, 1);
+    w64(&mut b, 16);
+    b.extend_from_slice(b"not a nar at all");
+    w64(&mut b, 0);
+    cases.push(("a NAR that is not one", b));
+    // Pseudo-random bytes after a greeting, from a fixed seed.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for i in 0..20 {
+        let mut b = greeting();
+        for _ in 0..(i * 37 % 300) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.push(x as u8);
+        }
+        cases.push(("random bytes", b));
+    }
+    for (what, bytes) in &cases {
+        exchange(&d.socket, bytes, true);
+        assert!(d.alive(), "the daemon died after {what}");
+        works(what);
+    }
+    // The NAR that was not one left no valid path behind.
+    let out = client(&root, "nix-store")
+        .args([
+            "--check-validity",
+            &format!("{}/00000000000000000000000000000000-x", root.store_dir),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    drop(idle);
+    drop(idle_greeted);
+    works("closing the idle clients");
+    assert!(d.alive());
+}
