@@ -214,6 +214,46 @@ fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
             "internal-json",
         ]))),
     ));
+    // What the second half imports into an empty store.
+    let keep = root.path().join(format!("{which:?}-kept"));
+    std::fs::create_dir_all(&keep).unwrap();
+    let closure = stdout(client(root, "nix-store").args(["-qR", &out]));
+    let mut args = vec!["--export"];
+    args.extend(closure.lines());
+    let export = client(root, "nix-store").args(&args).output().unwrap();
+    assert!(export.status.success());
+    std::fs::write(keep.join("closure.export"), &export.stdout).unwrap();
+    let cache = format!("file://{}", keep.join("cache").display());
+    t.push((
+        "nix copy --to file://".into(),
+        run(client(root, "nix").args(["copy", "--to", &cache, &out])),
+    ));
+    t.push((
+        "nix-shell --run".into(),
+        run(client(root, "nix-shell").args([
+            &c,
+            "-A",
+            "simple",
+            "--run",
+            "echo in the shell of $name",
+        ])),
+    ));
+    let profile = keep.join("profile");
+    t.push((
+        "nix-env -i into a profile".into(),
+        run(client(root, "nix-env").args([
+            "-p",
+            profile.to_str().unwrap(),
+            "-f",
+            &c,
+            "-iA",
+            "simple",
+        ])),
+    ));
+    t.push((
+        "nix-env -q".into(),
+        run(client(root, "nix-env").args(["-p", profile.to_str().unwrap(), "-q"])),
+    ));
     t.push((
         "nix-store -q invalid".into(),
         run(client(root, "nix-store").args([
@@ -221,6 +261,52 @@ fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
             "--references",
             &format!("{}/00000000000000000000000000000000-x", root.store_dir),
         ])),
+    ));
+    t
+}
+
+/// The second half, on an empty store: importing what the first exported,
+/// copying from the cache it wrote.
+fn scenario_import(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let _d = Daemon::start(root, which);
+    let keep = root.path().join(format!("{which:?}-kept"));
+    let mut t = Vec::new();
+    let export = std::fs::File::open(keep.join("closure.export")).unwrap();
+    let out = client(root, "nix-store")
+        .arg("--import")
+        .stdin(export)
+        .output()
+        .unwrap();
+    t.push((
+        "nix-store --import".into(),
+        format!(
+            "exit {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ));
+    let imported = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = imported.lines().last().unwrap_or_default().to_owned();
+    t.push((
+        "nix-store -q --references imported".into(),
+        run(client(root, "nix-store").args(["-q", "--references", &last])),
+    ));
+    let cache = format!("file://{}", keep.join("cache").display());
+    let c = corpus();
+    let simple = stdout(client(root, "nix-instantiate").args([&c, "-A", "simple"]));
+    let simple_out = stdout(client(root, "nix-store").args(["-q", "--outputs", simple.trim()]));
+    t.push((
+        "nix copy --from file:// (unsigned)".into(),
+        run(client(root, "nix").args(["copy", "--from", &cache, &last])),
+    ));
+    t.push((
+        "nix copy --from file:// --no-check-sigs".into(),
+        run(client(root, "nix").args(["copy", "--no-check-sigs", "--from", &cache, &last])),
+    ));
+    t.push((
+        "nix-store --check-validity".into(),
+        run(client(root, "nix-store").args(["--check-validity", &last, simple_out.trim()])),
     ));
     t
 }
@@ -262,12 +348,24 @@ fn internal_json(s: &str) -> String {
 fn nix_clients_see_the_same_through_drover_daemon_as_through_nix_daemon() {
     require_nix!();
     let root = TestRoot::new();
-    let nix = scenario(&root, Which::Nix);
-    root.wipe_store();
-    let _ = std::fs::remove_dir_all(&root.log_dir);
-    let ours = scenario(&root, Which::Drover);
+    let wipe = || {
+        root.wipe_store();
+        let _ = std::fs::remove_dir_all(&root.log_dir);
+    };
+    let mut nix = scenario(&root, Which::Nix);
+    wipe();
+    nix.extend(scenario_import(&root, Which::Nix));
+    wipe();
+    let mut ours = scenario(&root, Which::Drover);
+    wipe();
+    ours.extend(scenario_import(&root, Which::Drover));
     assert_eq!(nix.len(), ours.len());
     for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        // Each daemon kept its exports and cache in a directory of its own.
+        let (n, o) = (
+            n.replace("Nix-kept", "KEPT"),
+            o.replace("Drover-kept", "KEPT"),
+        );
         assert_eq!(
             o, n,
             "{label}: drover daemon (left) differs from nix-daemon (right)"
