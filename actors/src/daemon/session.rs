@@ -513,15 +513,23 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 self.stop_work(None)?;
                 write_u64(self.reply(), 1)?;
             }
-            Request::VerifyStore { repair, .. } => {
+            Request::VerifyStore {
+                check_contents,
+                repair,
+            } => {
                 self.start_work()?;
                 if repair && !self.peer.trusted {
                     return Err(err("you are not privileged to repair paths").into());
                 }
-                return Err(err(
-                    "verifying the store through the daemon is not yet supported by drover",
-                )
-                .into());
+                if repair {
+                    return Err(err(
+                        "repairing the store through the daemon is not yet supported by drover",
+                    )
+                    .into());
+                }
+                let errors = self.verify_store(check_contents)?;
+                self.stop_work(None)?;
+                write_bool(self.reply(), errors)?;
             }
             Request::NarFromPath(p) => {
                 self.start_work()?;
@@ -623,6 +631,100 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             }
         }
         Ok(())
+    }
+
+    /// A line at Nix's level `level` (0 error … 7 vomit), if the client's
+    /// verbosity shows it.
+    fn log_at(&mut self, level: u64, msg: String) -> io::Result<()> {
+        if level <= self.verbosity {
+            self.log(LoggerMessage::Next(msg))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Nix's `LocalStore::verifyStore` without repair: every valid path
+    /// exists; with `check_contents`, every `.links` entry and every valid
+    /// path has the NAR hash it should. Returns whether there were errors.
+    fn verify_store(&mut self, check_contents: bool) -> Result<bool, Failure> {
+        let store = self.shared.store.clone();
+        let sd = store.store_dir().clone();
+        self.log_at(3, "reading the Nix store...".into())?;
+        let mut errors = false;
+        let mut present = BTreeSet::new();
+        for e in std::fs::read_dir(sd.as_path()).map_err(OpError::from)? {
+            present.insert(e.map_err(OpError::from)?.file_name());
+        }
+        self.log_at(3, "checking path existence...".into())?;
+        let all = store.query_all_valid_paths().map_err(OpError::from)?;
+        let mut valid = Vec::new();
+        for p in &all {
+            if present.contains(std::ffi::OsStr::new(p.base_name())) {
+                valid.push(p.clone());
+            } else {
+                // Nix removes a vanished path without valid referrers from the
+                // database; drover has no invalidation yet, so it only reports.
+                self.log_at(
+                    0,
+                    format!(
+                        "path '{}' disappeared, but drover cannot remove it from the database yet",
+                        sd.print(p)
+                    ),
+                )?;
+                errors = true;
+            }
+        }
+        if check_contents {
+            self.log_at(3, "checking link hashes...".into())?;
+            let links = sd.as_path().join(".links");
+            if let Ok(rd) = std::fs::read_dir(&links) {
+                for e in rd {
+                    let e = e.map_err(OpError::from)?;
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    self.log_at(4, format!("checking contents of '{name}'"))?;
+                    let (h, _) = nar::nar_hash_of_path(&e.path()).map_err(OpError::from)?;
+                    let got = h.encode(drover::hash::Encoding::Base32);
+                    if got != name {
+                        self.log_at(
+                            0,
+                            format!(
+                                "link '{}' was modified! expected hash '{name}', got '{got}'",
+                                e.path().display()
+                            ),
+                        )?;
+                        errors = true;
+                    }
+                }
+            }
+            self.log_at(3, "checking store hashes...".into())?;
+            for p in &valid {
+                let Some(info) = store.query_path_info(p).map_err(OpError::from)? else {
+                    continue;
+                };
+                self.log_at(4, format!("checking contents of '{}'", sd.print(p)))?;
+                match nar::nar_hash_of_path(&store.real_path(p)) {
+                    Ok((h, _)) if h == info.nar_hash => {}
+                    Ok((h, _)) => {
+                        self.log_at(
+                            0,
+                            format!(
+                                "path '{}' was modified! expected hash '{}', got '{}'",
+                                sd.print(p),
+                                info.nar_hash
+                                    .to_typed_string(drover::hash::Encoding::Base32),
+                                h.to_typed_string(drover::hash::Encoding::Base32)
+                            ),
+                        )?;
+                        errors = true;
+                    }
+                    Err(e) => {
+                        self.log_at(0, format!("error: {e}"))?;
+                        errors = true;
+                    }
+                }
+            }
+        }
+        Ok(errors)
     }
 
     fn settings_use_substitutes(&self) -> bool {
