@@ -607,3 +607,103 @@ fn garbage_from_one_client_never_takes_the_daemon_down() {
     works("closing the idle clients");
     assert!(d.alive());
 }
+
+#[test]
+fn two_clients_building_the_same_derivations_at_once_both_succeed_with_one_build_each() {
+    require_nix!();
+    let root = TestRoot::new();
+    let _d = Daemon::start(&root, Which::Drover);
+    let counter = root.path().join("counter");
+    let file = corpus_dir().join("realise/concurrent.nix");
+    let spawn = || {
+        client(&root, "nix-build")
+            .args([file.to_str().unwrap(), "-A", "top", "--no-out-link"])
+            .args(["--argstr", "counter", counter.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn();
+    let b = spawn();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(a.stdout, b.stdout);
+    let mut built: Vec<String> = std::fs::read_to_string(&counter)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    built.sort();
+    assert_eq!(built, ["bottom", "c1", "c2", "c3", "left", "right", "top"]);
+}
+
+/// `--stdio`: one connection on stdin/stdout, as `nix-daemon --stdio`. With
+/// `len`, reads that many bytes before closing stdin (nix-daemon takes a hang-up
+/// of its input as an interrupt and stops at once); without, reads to EOF.
+fn stdio_exchange(root: &TestRoot, which: Which, bytes: &[u8], len: Option<usize>) -> Vec<u8> {
+    // Under `timeout`, so that a daemon that sends less than expected cannot
+    // hang the test.
+    let mut cmd = root.cmd("timeout");
+    cmd.arg("120");
+    match which {
+        Which::Nix => cmd.arg("nix-daemon"),
+        Which::Drover => cmd.args([env!("CARGO_BIN_EXE_drover"), "daemon"]),
+    };
+    let mut child = cmd
+        .arg("--stdio")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(bytes).unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = Vec::new();
+    match len {
+        Some(n) => {
+            out.resize(n, 0);
+            let r = stdout.read_exact(&mut out);
+            drop(stdin);
+            let _ = child.wait();
+            r.unwrap();
+        }
+        None => {
+            drop(stdin);
+            stdout.read_to_end(&mut out).unwrap();
+            assert!(child.wait().unwrap().success());
+        }
+    }
+    out
+}
+
+#[test]
+fn stdio_serves_one_connection_as_nix_daemon_stdio() {
+    require_nix!();
+    let root = TestRoot::new();
+    let hello = corpus_dir().join("hello.txt");
+    let added = root.run("nix-store", &["--add", hello.to_str().unwrap()]);
+    let mut b = greeting();
+    w64(&mut b, 1); // IsValidPath
+    wstr(&mut b, added.trim().as_bytes());
+    w64(&mut b, 26); // QueryPathInfo
+    wstr(&mut b, added.trim().as_bytes());
+    w64(&mut b, 6); // QueryReferrers
+    wstr(&mut b, added.trim().as_bytes());
+    w64(&mut b, 29); // QueryPathFromHashPart
+    wstr(
+        &mut b,
+        &added.trim().rsplit('/').next().unwrap().as_bytes()[..32],
+    );
+    let ours = stdio_exchange(&root, Which::Drover, &b, None);
+    assert!(ours.len() > 100, "{ours:?}");
+    let nix = stdio_exchange(&root, Which::Nix, &b, Some(ours.len()));
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&nix)
+    );
+}
