@@ -707,3 +707,71 @@ fn stdio_serves_one_connection_as_nix_daemon_stdio() {
         String::from_utf8_lossy(&nix)
     );
 }
+
+#[test]
+fn socket_activation_serves_the_socket_systemd_passes() {
+    require_nix!();
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let root = TestRoot::new();
+    // A socket elsewhere than the default path, as a unit's ListenStream may be.
+    let path = root.path().join("activated.socket");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = root.cmd("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec {} daemon",
+            env!("CARGO_BIN_EXE_drover")
+        ),
+    ]);
+    // SAFETY: only dup2 between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _d = Daemon {
+        child,
+        socket: path.clone(),
+    };
+    drop(listener);
+    let hello = corpus_dir().join("hello.txt");
+    let store = format!("unix://{}", path.display());
+    let out =
+        stdout(
+            root.cmd("nix-store")
+                .args(["--store", &store, "--add", hello.to_str().unwrap()]),
+        );
+    assert!(out.trim().ends_with("-hello.txt"), "{out}");
+    assert!(!root.state_dir.join("daemon-socket/socket").exists());
+    // A wrong LISTEN_PID is refused with Nix's message.
+    let out = root
+        .cmd(env!("CARGO_BIN_EXE_drover"))
+        .arg("daemon")
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: unexpected systemd environment variables\n"
+    );
+}
