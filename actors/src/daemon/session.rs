@@ -1079,7 +1079,7 @@ fn check_signatures(
         Ok(())
     } else {
         Err(err(format!(
-            "cannot add path '{}' because it lacks a signature by a trusted key",
+            "cannot add path '{}' because it lacks a valid signature",
             hl(sd.print(&info.path))
         )))
     }

@@ -80,7 +80,7 @@ fn client(root: &TestRoot, program: &str) -> Command {
 
 /// What one client command showed: exit code, stdout, stderr.
 fn run(c: &mut Command) -> String {
-    let out = c.stdin(Stdio::null()).output().unwrap();
+    let out = c.output().unwrap(); // stdin: null unless the caller set one
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
         out.status.code(),
@@ -90,7 +90,7 @@ fn run(c: &mut Command) -> String {
 }
 
 fn stdout(c: &mut Command) -> String {
-    let out = c.stdin(Stdio::null()).output().unwrap();
+    let out = c.output().unwrap(); // stdin: null unless the caller set one
     assert!(
         out.status.success(),
         "{c:?}: {}",
@@ -774,4 +774,109 @@ fn socket_activation_serves_the_socket_systemd_passes() {
         String::from_utf8_lossy(&out.stderr),
         "error: unexpected systemd environment variables\n"
     );
+}
+
+/// What an unprivileged user (`nobody`, through `setpriv`) sees from a daemon:
+/// allowed to add, refused to import unsigned paths, to sign and to repair.
+fn untrusted_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let _d = Daemon::start(root, which);
+    let c = corpus();
+    let out = stdout(client(root, "nix-build").args([&c, "-A", "chain1", "--no-out-link"]));
+    let out = out.trim().to_owned();
+    let drv = stdout(client(root, "nix-store").args(["-q", "--deriver", &out]));
+    let export = client(root, "nix-store")
+        .args(["--export", &out])
+        .output()
+        .unwrap();
+    let home = root.path().join(format!("{which:?}-home"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let export_file = home.join("export");
+    std::fs::write(&export_file, &export.stdout).unwrap();
+    let data = home.join("data");
+    std::fs::write(&data, "an unprivileged user's file\n").unwrap();
+    let key = home.join("key");
+    let k = stdout(
+        root.cmd("nix")
+            .args(["key", "generate-secret", "--key-name", "test-1"]),
+    );
+    std::fs::write(&key, k).unwrap();
+    for f in [&export_file, &data, &key] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let nobody = |args: &[&str]| {
+        let mut c = client(root, "setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.args(args);
+        c.env("HOME", &home);
+        c
+    };
+    let mut t = Vec::new();
+    t.push((
+        "nobody: nix-store --add".into(),
+        run(&mut nobody(&["nix-store", "--add", data.to_str().unwrap()])),
+    ));
+    t.push((
+        "nobody: nix-store --import (unsigned)".into(),
+        run(nobody(&["nix-store", "--import"]).stdin(std::fs::File::open(&export_file).unwrap())),
+    ));
+    t.push((
+        "nobody: nix store sign".into(),
+        run(&mut nobody(&[
+            "nix",
+            "store",
+            "sign",
+            "-k",
+            key.to_str().unwrap(),
+            &out,
+        ])),
+    ));
+    t.push((
+        "nobody: nix-store -r --repair".into(),
+        run(&mut nobody(&["nix-store", "-r", "--repair", drv.trim()])),
+    ));
+    t.push((
+        "nobody: nix-store -q --references".into(),
+        run(&mut nobody(&["nix-store", "-q", "--references", &out])),
+    ));
+    t
+}
+
+#[test]
+fn an_unprivileged_user_is_refused_what_nix_daemon_refuses() {
+    require_nix!();
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root can switch to `nobody`; CI runs the tests as root.
+        assert!(
+            std::env::var_os("DROVER_REQUIRE_NIX").is_none(),
+            "this test needs root"
+        );
+        eprintln!("SKIPPED an_unprivileged_user_is_refused_what_nix_daemon_refuses: not root");
+        return;
+    }
+    let root = TestRoot::new();
+    let nix = untrusted_scenario(&root, Which::Nix);
+    root.wipe_store();
+    let ours = untrusted_scenario(&root, Which::Drover);
+    let said = |i: usize, what: &str| {
+        assert!(ours[i].1.contains(what), "{}: {}", ours[i].0, ours[i].1);
+    };
+    said(0, "exit Some(0)");
+    said(1, "because it lacks a valid signature");
+    said(2, "you are not privileged to add signatures");
+    said(
+        3,
+        "repairing is not allowed because you are not in 'trusted-users'",
+    );
+    said(4, "exit Some(0)");
+    for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        let (n, o) = (
+            n.replace("Nix-home", "HOME"),
+            o.replace("Drover-home", "HOME"),
+        );
+        assert_eq!(
+            o, n,
+            "{label}: drover daemon (left) differs from nix-daemon (right)"
+        );
+    }
 }
