@@ -811,35 +811,36 @@ fn untrusted_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
         c.env("HOME", &home);
         c
     };
-    let mut t = Vec::new();
-    t.push((
-        "nobody: nix-store --add".into(),
-        run(&mut nobody(&["nix-store", "--add", data.to_str().unwrap()])),
-    ));
-    t.push((
-        "nobody: nix-store --import (unsigned)".into(),
-        run(nobody(&["nix-store", "--import"]).stdin(std::fs::File::open(&export_file).unwrap())),
-    ));
-    t.push((
-        "nobody: nix store sign".into(),
-        run(&mut nobody(&[
-            "nix",
-            "store",
-            "sign",
-            "-k",
-            key.to_str().unwrap(),
-            &out,
-        ])),
-    ));
-    t.push((
-        "nobody: nix-store -r --repair".into(),
-        run(&mut nobody(&["nix-store", "-r", "--repair", drv.trim()])),
-    ));
-    t.push((
-        "nobody: nix-store -q --references".into(),
-        run(&mut nobody(&["nix-store", "-q", "--references", &out])),
-    ));
-    t
+    vec![
+        (
+            "nobody: nix-store --add".into(),
+            run(&mut nobody(&["nix-store", "--add", data.to_str().unwrap()])),
+        ),
+        (
+            "nobody: nix-store --import (unsigned)".into(),
+            run(nobody(&["nix-store", "--import"])
+                .stdin(std::fs::File::open(&export_file).unwrap())),
+        ),
+        (
+            "nobody: nix store sign".into(),
+            run(&mut nobody(&[
+                "nix",
+                "store",
+                "sign",
+                "-k",
+                key.to_str().unwrap(),
+                &out,
+            ])),
+        ),
+        (
+            "nobody: nix-store -r --repair".into(),
+            run(&mut nobody(&["nix-store", "-r", "--repair", drv.trim()])),
+        ),
+        (
+            "nobody: nix-store -q --references".into(),
+            run(&mut nobody(&["nix-store", "-q", "--references", &out])),
+        ),
+    ]
 }
 
 #[test]
