@@ -285,3 +285,128 @@ impl Activities {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Counters;
+
+    fn sd() -> StoreDir {
+        StoreDir::new("/nix/store").unwrap()
+    }
+
+    fn kinds(ms: &[LoggerMessage]) -> Vec<String> {
+        ms.iter()
+            .map(|m| match m {
+                LoggerMessage::StartActivity { kind, text, .. } => format!("start {kind:?} {text}"),
+                LoggerMessage::StopActivity(_) => "stop".into(),
+                LoggerMessage::Result { kind, fields, .. } => format!("result {kind:?} {fields:?}"),
+                LoggerMessage::Next(s) => format!("next {s}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_build_as_nix_daemon_reports_it() {
+        let drv = sd()
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a.drv")
+            .unwrap();
+        let mut out = Vec::new();
+        let mut push = |m| out.push(m);
+        let mut a = Activities::start(sd(), true, &mut push);
+        let counters = Counters {
+            expected_builds: 1,
+            ..Default::default()
+        };
+        a.event(
+            SystemEvent::Progress(ProgressEvent::Counters(counters)),
+            &mut push,
+        );
+        a.event(
+            SystemEvent::Progress(ProgressEvent::BuildStarted {
+                drv_path: drv.clone(),
+                machine: None,
+                verb: "building",
+                round: None,
+            }),
+            &mut push,
+        );
+        a.event(
+            SystemEvent::Log(BuildLogEvent::Line {
+                drv_path: drv.clone(),
+                line: "hello".into(),
+            }),
+            &mut push,
+        );
+        a.event(
+            SystemEvent::Progress(ProgressEvent::BuildFinished {
+                drv_path: drv.clone(),
+                status: drover::build_result::BuildStatus::Built,
+            }),
+            &mut push,
+        );
+        let done = Counters {
+            done_builds: 1,
+            ..Default::default()
+        };
+        a.event(
+            SystemEvent::Progress(ProgressEvent::Counters(done)),
+            &mut push,
+        );
+        a.finish(&mut push);
+        let k = kinds(&out);
+        assert_eq!(k[0], "start Realise ");
+        assert_eq!(k[1], "start Builds ");
+        assert_eq!(k[2], "start CopyPaths ");
+        assert_eq!(k[3], "result Progress [Int(0), Int(1), Int(0), Int(0)]");
+        assert_eq!(k[7], "start Unknown querying info about missing paths");
+        assert_eq!(k[8], "stop");
+        assert_eq!(
+            k[9],
+            "start Build building '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a.drv'"
+        );
+        assert_eq!(k[10], "result BuildLogLine [String(\"hello\")]");
+        // The build's activity stops after the progress report of its end.
+        assert_eq!(k[11], "result Progress [Int(1), Int(1), Int(0), Int(0)]");
+        assert_eq!(k[15], "stop");
+        assert_eq!(k[16..], ["stop", "stop", "stop"]);
+        assert_eq!(k.len(), 19);
+    }
+
+    #[test]
+    fn a_substitution_nests_copy_path_in_substitute() {
+        let p = sd()
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a")
+            .unwrap();
+        let mut out = Vec::new();
+        let mut push = |m| out.push(m);
+        let mut a = Activities::start(sd(), false, &mut push);
+        a.event(
+            SystemEvent::Progress(ProgressEvent::SubstitutionStarted {
+                path: p.clone(),
+                uri: "file:///cache".into(),
+                transfer: Default::default(),
+            }),
+            &mut push,
+        );
+        let LoggerMessage::StartActivity { id: sub, .. } = &out[3] else {
+            panic!("{:?}", out[3])
+        };
+        let LoggerMessage::StartActivity {
+            parent,
+            text,
+            fields,
+            ..
+        } = &out[4]
+        else {
+            panic!("{:?}", out[4])
+        };
+        assert_eq!(parent, sub);
+        assert_eq!(
+            text,
+            "copying path '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a' from 'file:///cache'"
+        );
+        assert_eq!(fields[2], Field::String("local".into()));
+    }
+}
