@@ -117,6 +117,16 @@ fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
         "nix-store --add again".into(),
         run(client(root, "nix-store").args(["--add", hello])),
     ));
+    for args in [
+        vec!["--add-fixed", "sha256", hello],
+        vec!["--add-fixed", "sha1", hello],
+        vec!["--add-fixed", "--recursive", "sha512", hello],
+    ] {
+        t.push((
+            format!("nix-store {}", args[..args.len() - 1].join(" ")),
+            run(client(root, "nix-store").args(&args)),
+        ));
+    }
     let c = corpus();
     t.push((
         "nix-build chain3".into(),
@@ -213,6 +223,23 @@ fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
             "--log-format",
             "internal-json",
         ]))),
+    ));
+    // One key for both daemons, so that the signatures compare.
+    let key = root.path().join("signing-key");
+    if !key.exists() {
+        let k = stdout(
+            root.cmd("nix")
+                .args(["key", "generate-secret", "--key-name", "test-1"]),
+        );
+        std::fs::write(&key, k).unwrap();
+    }
+    t.push((
+        "nix store sign".into(),
+        run(client(root, "nix").args(["store", "sign", "-k", key.to_str().unwrap(), &out])),
+    ));
+    t.push((
+        "nix path-info --sigs".into(),
+        run(client(root, "nix").args(["path-info", "--sigs", &out])),
     ));
     // What the second half imports into an empty store.
     let keep = root.path().join(format!("{which:?}-kept"));
