@@ -37,6 +37,14 @@ pub struct Activities {
     /// Builds that finished: Nix stops their activity when the goal goes, after
     /// the progress report of its end.
     pending_stops: Vec<u64>,
+    /// A substitution's activities wait for the progress report that counts it
+    /// as running, which Nix sends first.
+    pending_starts: Vec<LoggerMessage>,
+    /// The last progress report, while nothing else was sent after it: an
+    /// identical one is not repeated.
+    last_counters: Option<crate::progress::Counters>,
+    /// The narinfo queries of the Worker's `queryMissing` (path, substituter).
+    queries: Vec<(String, String)>,
 }
 
 fn start(
@@ -65,6 +73,7 @@ impl Activities {
     pub fn start(
         store_dir: StoreDir,
         use_substitutes: bool,
+        queries: Vec<(String, String)>,
         out: &mut dyn FnMut(LoggerMessage),
     ) -> Activities {
         let mut ids = [0; 3];
@@ -89,15 +98,35 @@ impl Activities {
             substituting: BTreeMap::new(),
             query_missing_pending: use_substitutes,
             pending_stops: Vec::new(),
+            pending_starts: Vec::new(),
+            last_counters: None,
+            queries,
         }
     }
 
     /// Translates one event.
     pub fn event(&mut self, ev: SystemEvent, out: &mut dyn FnMut(LoggerMessage)) {
+        let is_counters = matches!(ev, SystemEvent::Progress(ProgressEvent::Counters(_)));
+        let starts_substitution = matches!(
+            ev,
+            SystemEvent::Progress(ProgressEvent::SubstitutionStarted { .. })
+        );
+        if !is_counters {
+            self.last_counters = None;
+            if !starts_substitution {
+                for m in std::mem::take(&mut self.pending_starts) {
+                    out(m);
+                }
+            }
+        }
         let sd = &self.store_dir;
         match ev {
             SystemEvent::Progress(p) => match p {
                 ProgressEvent::Counters(c) => {
+                    if self.last_counters == Some(c) && self.pending_starts.is_empty() {
+                        return;
+                    }
+                    self.last_counters = Some(c);
                     let int = Field::Int;
                     out(LoggerMessage::Result {
                         id: self.builds,
@@ -138,6 +167,10 @@ impl Activities {
                     for id in std::mem::take(&mut self.pending_stops) {
                         out(LoggerMessage::StopActivity(id));
                     }
+                    for m in std::mem::take(&mut self.pending_starts) {
+                        out(m);
+                        self.last_counters = None;
+                    }
                     if std::mem::take(&mut self.query_missing_pending) {
                         // `Worker::run`'s `queryMissing` of the top goals.
                         let (id, m) = start(
@@ -148,7 +181,19 @@ impl Activities {
                             0,
                         );
                         out(m);
+                        for (path, uri) in std::mem::take(&mut self.queries) {
+                            let (q, m) = start(
+                                ActivityType::QueryPathInfo,
+                                Verbosity::Talkative,
+                                format!("querying info about '{path}' on '{uri}'"),
+                                vec![Field::String(path), Field::String(uri)],
+                                id,
+                            );
+                            out(m);
+                            out(LoggerMessage::StopActivity(q));
+                        }
                         out(LoggerMessage::StopActivity(id));
+                        self.last_counters = None;
                     }
                 }
                 ProgressEvent::BuildStarted {
@@ -191,7 +236,7 @@ impl Activities {
                         vec![Field::String(p.clone()), Field::String(uri.clone())],
                         0,
                     );
-                    out(m);
+                    self.pending_starts.push(m);
                     let (copy, m) = start(
                         ActivityType::CopyPath,
                         Verbosity::Info,
@@ -203,7 +248,7 @@ impl Activities {
                         ],
                         sub,
                     );
-                    out(m);
+                    self.pending_starts.push(m);
                     if let Some((a, b)) = self.substituting.insert(path, (sub, copy)) {
                         out(LoggerMessage::StopActivity(b));
                         out(LoggerMessage::StopActivity(a));
@@ -249,6 +294,9 @@ impl Activities {
 
     /// Stops whatever is still running, then the Worker's activities.
     pub fn finish(self, out: &mut dyn FnMut(LoggerMessage)) {
+        for m in self.pending_starts {
+            out(m);
+        }
         for id in self.pending_stops {
             out(LoggerMessage::StopActivity(id));
         }
@@ -314,7 +362,7 @@ mod tests {
             .unwrap();
         let mut out = Vec::new();
         let mut push = |m| out.push(m);
-        let mut a = Activities::start(sd(), true, &mut push);
+        let mut a = Activities::start(sd(), true, Vec::new(), &mut push);
         let counters = Counters {
             expected_builds: 1,
             ..Default::default()
@@ -375,13 +423,26 @@ mod tests {
     }
 
     #[test]
-    fn a_substitution_nests_copy_path_in_substitute() {
+    fn a_substitution_nests_copy_path_in_substitute_after_its_progress() {
         let p = sd()
             .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a")
             .unwrap();
         let mut out = Vec::new();
         let mut push = |m| out.push(m);
-        let mut a = Activities::start(sd(), false, &mut push);
+        let queries = vec![(sd().print(&p), "file:///cache".to_owned())];
+        let mut a = Activities::start(sd(), true, queries, &mut push);
+        let c0 = Counters {
+            expected_substitutions: 1,
+            ..Default::default()
+        };
+        a.event(
+            SystemEvent::Progress(ProgressEvent::Counters(c0)),
+            &mut push,
+        );
+        a.event(
+            SystemEvent::Progress(ProgressEvent::Counters(c0)),
+            &mut push,
+        );
         a.event(
             SystemEvent::Progress(ProgressEvent::SubstitutionStarted {
                 path: p.clone(),
@@ -390,17 +451,38 @@ mod tests {
             }),
             &mut push,
         );
-        let LoggerMessage::StartActivity { id: sub, .. } = &out[3] else {
-            panic!("{:?}", out[3])
+        let c1 = Counters {
+            expected_substitutions: 1,
+            running_substitutions: 1,
+            ..Default::default()
+        };
+        a.event(
+            SystemEvent::Progress(ProgressEvent::Counters(c1)),
+            &mut push,
+        );
+        let k = kinds(&out);
+        assert_eq!(k[7], "start Unknown querying info about missing paths");
+        assert_eq!(
+            k[8],
+            "start QueryPathInfo querying info about '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a' on 'file:///cache'"
+        );
+        assert_eq!(k[9..11], ["stop", "stop"]);
+        // The repeated report is not sent again; the running one precedes the
+        // substitution's activities.
+        assert_eq!(k[12], "result Progress [Int(0), Int(1), Int(0), Int(0)]");
+        assert_eq!(k[16], "result Progress [Int(0), Int(1), Int(1), Int(0)]");
+        assert_eq!(k[19], "start Substitute ");
+        let LoggerMessage::StartActivity { id: sub, .. } = &out[19] else {
+            panic!()
         };
         let LoggerMessage::StartActivity {
             parent,
             text,
             fields,
             ..
-        } = &out[4]
+        } = &out[20]
         else {
-            panic!("{:?}", out[4])
+            panic!("{:?}", out[20])
         };
         assert_eq!(parent, sub);
         assert_eq!(
@@ -408,5 +490,6 @@ mod tests {
             "copying path '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a' from 'file:///cache'"
         );
         assert_eq!(fields[2], Field::String("local".into()));
+        assert_eq!(k.len(), 21);
     }
 }

@@ -195,6 +195,28 @@ impl SystemBuilds {
     }
 }
 
+/// Records the narinfo queries of a plan, for the `actQueryPathInfo`
+/// activities Nix's `queryMissing` shows.
+struct QueryRecorder {
+    store_dir: drover::store_path::StoreDir,
+    queries: Mutex<Vec<(String, String)>>,
+}
+
+impl crate::plan::QueryObserver for QueryRecorder {
+    fn query(
+        &self,
+        path: &StorePath,
+        uri: &str,
+        ask: &mut dyn FnMut() -> crate::plan::QueryAnswer,
+    ) -> crate::plan::QueryAnswer {
+        self.queries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((self.store_dir.print(path), uri.to_owned()));
+        ask()
+    }
+}
+
 /// Temporary: today the Worker answers an error to a second concurrent
 /// `Realise`, so the daemon runs one realisation at a time. Remove this (and
 /// its one caller) once `System::realise` accepts concurrent runs.
@@ -216,13 +238,22 @@ impl BuildService for SystemBuilds {
         settings: &Settings,
         log: &mut dyn FnMut(LoggerMessage),
     ) -> RealiseOutcome {
-        // The events of the builds and substitutions this request needs.
-        let interest = self.system.plan(&paths).ok().map(|p| {
-            let mut s: BTreeSet<StorePath> = p.will_build;
-            s.extend(p.will_substitute);
-            s.extend(paths.iter().map(|d| d.base_path().clone()));
-            s
-        });
+        // The events of the builds and substitutions this request needs, and
+        // the narinfo queries of the Worker's `queryMissing`.
+        let recorder = QueryRecorder {
+            store_dir: self.system.store().store_dir().clone(),
+            queries: Mutex::new(Vec::new()),
+        };
+        let interest = self
+            .system
+            .plan_observed(&paths, Some(&recorder))
+            .ok()
+            .map(|p| {
+                let mut s: BTreeSet<StorePath> = p.will_build;
+                s.extend(p.will_substitute);
+                s.extend(paths.iter().map(|d| d.base_path().clone()));
+                s
+            });
         let (sub, mut rx) = self.hub.subscribe(interest);
         let store_dir = self.system.store().store_dir().clone();
         let rt = match tokio::runtime::Builder::new_current_thread()
@@ -242,7 +273,11 @@ impl BuildService for SystemBuilds {
         let guard = serialise_realise_until_the_worker_runs_concurrent_calls(&self.serial);
         let outcome = rt.block_on(async {
             let use_subs = settings.get("substitute").is_none_or(|v| v == "true");
-            let mut acts = activities::Activities::start(store_dir, use_subs, log);
+            let queries = recorder
+                .queries
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut acts = activities::Activities::start(store_dir, use_subs, queries, log);
             let fut = self.system.realise(paths, mode);
             tokio::pin!(fut);
             let outcome = loop {

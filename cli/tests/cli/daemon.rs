@@ -295,9 +295,52 @@ fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
 /// The second half, on an empty store: importing what the first exported,
 /// copying from the cache it wrote.
 fn scenario_import(root: &TestRoot, which: Which) -> Vec<(String, String)> {
-    let _d = Daemon::start(root, which);
     let keep = root.path().join(format!("{which:?}-kept"));
+    // The first half's cache as the substituter, for daemon and clients alike.
+    let conf = root.conf_dir.join("nix.conf");
+    let original = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "{original}\nsubstituters = file://{}\nrequire-sigs = false\n",
+            keep.join("cache").display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(root, which);
     let mut t = Vec::new();
+    let c = corpus();
+    // drover's Worker reports progress once more than Nix's here (before the
+    // substitute's sizes are known): the activities are compared, not the
+    // progress reports.
+    let without_progress = |s: String| {
+        s.lines()
+            .filter(|l| {
+                !(l.contains("\"action\":\"result\"")
+                    && (l.contains("\"type\":105") || l.contains("\"type\":106")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    t.push((
+        "nix build (substituted) internal-json".into(),
+        without_progress(internal_json(&run(client(root, "nix").args([
+            "build",
+            "-f",
+            &c,
+            "chain3",
+            "--no-link",
+            "--log-format",
+            "internal-json",
+        ])))),
+    ));
+    t.push((
+        "nix-store -q --hash (substituted)".into(),
+        run(client(root, "nix-build").args([&c, "-A", "chain3", "--no-out-link"])),
+    ));
+    drop(d);
+    std::fs::write(&conf, original).unwrap();
+    let _d = Daemon::start(root, which);
     let export = std::fs::File::open(keep.join("closure.export")).unwrap();
     let out = client(root, "nix-store")
         .arg("--import")
@@ -320,7 +363,6 @@ fn scenario_import(root: &TestRoot, which: Which) -> Vec<(String, String)> {
         run(client(root, "nix-store").args(["-q", "--references", &last])),
     ));
     let cache = format!("file://{}", keep.join("cache").display());
-    let c = corpus();
     let simple = stdout(client(root, "nix-instantiate").args([&c, "-A", "simple"]));
     let simple_out = stdout(client(root, "nix-store").args(["-q", "--outputs", simple.trim()]));
     t.push((
