@@ -1448,6 +1448,41 @@ mod tests {
     }
 
     #[test]
+    fn all_valid_paths_hash_parts_and_added_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = info(&s, "a", &[]);
+        let b = info(&s, "b", &[]);
+        s.register_valid_paths(&[a.clone(), b.clone()]).unwrap();
+        let all = s.query_all_valid_paths().unwrap();
+        assert_eq!(all, StorePathSet::from([a.path.clone(), b.path.clone()]));
+        assert_eq!(
+            s.query_path_from_hash_part(a.path.hash_part()).unwrap(),
+            Some(a.path.clone())
+        );
+        assert_eq!(
+            s.query_path_from_hash_part("00000000000000000000000000000000")
+                .unwrap(),
+            None
+        );
+        assert_eq!(s.query_path_from_hash_part("short").unwrap(), None);
+        s.add_signatures(&a.path, &BTreeSet::from(["k:x".to_owned()]))
+            .unwrap();
+        s.add_signatures(
+            &a.path,
+            &BTreeSet::from(["j:y".to_owned(), "k:x".to_owned()]),
+        )
+        .unwrap();
+        let got = s.query_path_info(&a.path).unwrap().unwrap().sigs;
+        assert_eq!(got, BTreeSet::from(["j:y".to_owned(), "k:x".to_owned()]));
+        let missing = StorePath::from_base_name("00000000000000000000000000000000-x").unwrap();
+        assert!(matches!(
+            s.add_signatures(&missing, &BTreeSet::new()),
+            Err(StoreError::InvalidPath(_))
+        ));
+    }
+
+    #[test]
     fn register_query_and_close() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
