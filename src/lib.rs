@@ -25,3 +25,4 @@ pub mod references;
 pub mod signature;
 pub mod store;
 pub mod store_path;
+pub mod worker_protocol;

@@ -91,3 +91,4 @@ pub use worker::actor::{
     new_run_id, spawn_worker, CancelRun, Interrupt, Realise, RealiseRun, Worker, WorkerConfig,
 };
 pub use worker::{KeyedBuildResult, RealiseOutcome, RunId, WorkerCore, WorkerSettings};
+pub mod daemon;

@@ -6,6 +6,7 @@
 //! Nix prints them. This binary is the only place that uses `anyhow`.
 
 mod args;
+mod daemon;
 mod derivation;
 mod display;
 mod gc;
@@ -59,6 +60,8 @@ enum Command {
     Log(log::Args),
     /// Collect garbage, or delete paths (as `nix-store --gc` and `--delete`).
     Gc(gc::Args),
+    /// Serve Nix's worker protocol in place of `nix-daemon`.
+    Daemon(daemon::Args),
 }
 
 /// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
@@ -134,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Realise(a) => realise::run(&mut ctx, a),
         Command::Log(a) => log::run(&ctx, a),
         Command::Gc(a) => gc::run(&ctx, a),
+        Command::Daemon(a) => daemon::run(&ctx, a),
     }
 }
 

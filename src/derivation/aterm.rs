@@ -232,7 +232,7 @@ fn set_sorted<T: Ord + ToString>(
 /// Builds an output from its three ATerm/JSON fields (Nix's `parseDerivationOutput`).
 /// `at` locates the output in error messages; `missing_fixed_path` supplies the path
 /// of a fixed output that has none (or fails).
-pub(super) fn output_from_fields(
+pub fn output_from_fields(
     at: &str,
     name: &str,
     path: Option<StorePath>,

@@ -531,6 +531,93 @@ impl LocalStore {
         })
     }
 
+    /// Every valid path (Nix's `queryAllValidPaths`).
+    pub fn query_all_valid_paths(&self) -> Result<StorePathSet, StoreError> {
+        let mut db = self.db();
+        db.retry("querying all valid paths", |conn| {
+            let mut stmt = conn
+                .prepare_cached("select path from ValidPaths")
+                .map_err(StoreError::sql("querying all valid paths"))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(StoreError::sql("querying all valid paths"))?;
+            let mut res = StorePathSet::new();
+            for r in rows {
+                let s = r.map_err(StoreError::sql("querying all valid paths"))?;
+                res.insert(self.parse_db_path(&s, "path", "ValidPaths")?);
+            }
+            Ok(res)
+        })
+    }
+
+    /// The valid path whose hash part is `hash_part` (Nix's
+    /// `queryPathFromHashPart`: the first path at or after `<store>/<hash>` in
+    /// the index, if it has that prefix).
+    pub fn query_path_from_hash_part(
+        &self,
+        hash_part: &str,
+    ) -> Result<Option<StorePath>, StoreError> {
+        if hash_part.len() != 32 {
+            return Ok(None);
+        }
+        let prefix = format!("{}/{}", self.store_dir.as_str(), hash_part);
+        let mut db = self.db();
+        let found: Option<String> = db.retry("querying path from hash part", |conn| {
+            conn.query_row(
+                "select path from ValidPaths where path >= ? limit 1",
+                [&prefix],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(StoreError::sql("querying path from hash part"))
+        })?;
+        match found {
+            Some(s) if s.starts_with(&prefix) => {
+                Ok(Some(self.parse_db_path(&s, "path", "ValidPaths")?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Adds signatures to a valid path's `sigs` (Nix's `addSignatures`): the
+    /// union of the old and the new, in one transaction.
+    pub fn add_signatures(
+        &self,
+        path: &StorePath,
+        sigs: &BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        let p = self.print(path);
+        let mut db = self.db();
+        db.retry("adding signatures", |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(StoreError::sql("adding signatures"))?;
+            let old: Option<Option<String>> = tx
+                .query_row("select sigs from ValidPaths where path = ?", [&p], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(StoreError::sql("adding signatures"))?;
+            let Some(old) = old else {
+                return Err(StoreError::InvalidPath(p.clone()));
+            };
+            let all: BTreeSet<&str> = old
+                .as_deref()
+                .unwrap_or("")
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .chain(sigs.iter().map(String::as_str))
+                .collect();
+            let joined = all.into_iter().collect::<Vec<_>>().join(" ");
+            tx.execute(
+                "update ValidPaths set sigs = ? where path = ?",
+                params![(!joined.is_empty()).then_some(joined), p],
+            )
+            .map_err(StoreError::sql("adding signatures"))?;
+            tx.commit().map_err(StoreError::sql("adding signatures"))
+        })
+    }
+
     fn realisation_core(
         &self,
         conn: &Connection,
@@ -1419,6 +1506,41 @@ mod tests {
         );
         // an output that does not refer to the input depends on no realisation
         assert!(s.drv_output_references(&b, &alone.path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn all_valid_paths_hash_parts_and_added_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = info(&s, "a", &[]);
+        let b = info(&s, "b", &[]);
+        s.register_valid_paths(&[a.clone(), b.clone()]).unwrap();
+        let all = s.query_all_valid_paths().unwrap();
+        assert_eq!(all, StorePathSet::from([a.path.clone(), b.path.clone()]));
+        assert_eq!(
+            s.query_path_from_hash_part(a.path.hash_part()).unwrap(),
+            Some(a.path.clone())
+        );
+        assert_eq!(
+            s.query_path_from_hash_part("00000000000000000000000000000000")
+                .unwrap(),
+            None
+        );
+        assert_eq!(s.query_path_from_hash_part("short").unwrap(), None);
+        s.add_signatures(&a.path, &BTreeSet::from(["k:x".to_owned()]))
+            .unwrap();
+        s.add_signatures(
+            &a.path,
+            &BTreeSet::from(["j:y".to_owned(), "k:x".to_owned()]),
+        )
+        .unwrap();
+        let got = s.query_path_info(&a.path).unwrap().unwrap().sigs;
+        assert_eq!(got, BTreeSet::from(["j:y".to_owned(), "k:x".to_owned()]));
+        let missing = StorePath::from_base_name("00000000000000000000000000000000-x").unwrap();
+        assert!(matches!(
+            s.add_signatures(&missing, &BTreeSet::new()),
+            Err(StoreError::InvalidPath(_))
+        ));
     }
 
     #[test]

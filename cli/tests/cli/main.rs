@@ -14,6 +14,7 @@ mod http_server;
 mod build_done;
 mod builtins;
 mod ca;
+mod daemon;
 mod derivation;
 mod fallback;
 mod faults;

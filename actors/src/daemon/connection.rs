@@ -1,0 +1,74 @@
+//! The actor per client connection. A session blocks on its socket, so each
+//! connection actor lives on a thread of its own (a one-thread `SyncArbiter`):
+//! [`Serve`] runs the [`Session`] to the end. A panic while serving is caught
+//! and ends only that connection. When the connection is over, the actor's
+//! last address is gone and its thread ends.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::{Peer, Session, Shared};
+
+/// One client connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+impl Connection {
+    pub fn new(shared: Arc<Shared>) -> Connection {
+        Connection { shared }
+    }
+}
+
+impl Actor for Connection {
+    type Context = SyncContext<Self>;
+}
+
+/// Serve this stream until the client hangs up.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Serve {
+    pub stream: UnixStream,
+    pub peer: Peer,
+}
+
+impl Handler<Serve> for Connection {
+    type Result = ();
+
+    fn handle(&mut self, msg: Serve, _: &mut SyncContext<Self>) {
+        let Ok(write) = msg.stream.try_clone() else {
+            log::error!("cannot duplicate a client socket");
+            return;
+        };
+        serve_connection(&self.shared, msg.peer, msg.stream, write);
+    }
+}
+
+/// Runs one session on `read`/`write`, containing a panic to it.
+pub fn serve_connection(shared: &Shared, peer: Peer, read: impl Read, write: impl Write) {
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        Session::new(shared, peer, read, write).serve()
+    }));
+    match r {
+        Ok(Ok(ops)) => log::debug!("{ops} operations"),
+        Ok(Err(e)) => log::debug!("connection ended: {e}"),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            log::error!("a connection panicked: {msg}");
+        }
+    }
+}
+
+/// Starts a connection actor on its own thread and hands it `stream`.
+pub fn spawn_connection(shared: Arc<Shared>, stream: UnixStream, peer: Peer) {
+    let addr = SyncArbiter::start(1, move || Connection::new(shared.clone()));
+    addr.do_send(Serve { stream, peer });
+}

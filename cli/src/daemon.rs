@@ -1,0 +1,110 @@
+//! `drover daemon`: serves Nix 2.8's worker protocol in place of `nix-daemon`,
+//! on `$NIX_STATE_DIR/daemon-socket/socket` (or `NIX_DAEMON_SOCKET_PATH`, or
+//! the socket systemd passes with `LISTEN_FDS`), or one connection on
+//! stdin/stdout with `--stdio`. Every connection builds through one shared
+//! `drover_actors::System`; see `drover_actors::daemon`.
+
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use actix::Actor;
+use anyhow::Context as _;
+use drover_actors::daemon::{
+    authorise, connection::spawn_connection, listen, serve_connection, socket_path, EventHub,
+    HubActor, Peer, Shared, SystemBuilds,
+};
+use drover_actors::SystemBuilder;
+
+use crate::Context;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Serve one connection on stdin/stdout (as `nix-daemon --stdio`).
+    #[arg(long)]
+    stdio: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
+    let settings = ctx.settings.clone();
+    let builder = SystemBuilder::new(&settings)
+        .env(ctx.env.clone())
+        .echo(false)
+        .print_build_lines(false)
+        .verbosity(ctx.verbosity)
+        .goal_events(false);
+    actix::System::new().block_on(async move {
+        let hub = Arc::new(EventHub::default());
+        let hub_actor = HubActor { hub: hub.clone() }.start();
+        let (system, _events) = builder
+            .progress(hub_actor.clone().recipient())
+            .log_events_to(hub_actor.clone().recipient())
+            .start()?;
+        for w in system.warnings() {
+            eprintln!("warning: {w}");
+        }
+        let shared = Arc::new(Shared {
+            store: system.store().clone(),
+            settings: settings.clone(),
+            builds: Arc::new(SystemBuilds::new(system, hub, &hub_actor)),
+        });
+        if args.stdio {
+            // `nix-daemon --stdio` serves its one client as trusted.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sh = shared.clone();
+            std::thread::spawn(move || {
+                let peer = Peer {
+                    uid: None,
+                    trusted: true,
+                };
+                serve_connection(&sh, peer, std::io::stdin().lock(), std::io::stdout().lock());
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let path = socket_path(&settings);
+        let listener = listen(&path)?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .with_context(|| format!("listening on '{}'", path.display()))?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                r = listener.accept() => {
+                    let (stream, _) = match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("error: accepting a connection: {e}");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = accept(&shared, &settings, stream) {
+                        eprintln!("error: {e:#}");
+                    }
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Checks who connected and hands the connection to its own actor.
+fn accept(
+    shared: &Arc<Shared>,
+    settings: &drover::config::Settings,
+    stream: tokio::net::UnixStream,
+) -> anyhow::Result<()> {
+    let cred = stream
+        .peer_cred()
+        .context("reading the peer's credentials")?;
+    let stream: UnixStream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    let peer = authorise(settings, cred.uid(), cred.gid())?;
+    spawn_connection(shared.clone(), stream, peer);
+    Ok(())
+}

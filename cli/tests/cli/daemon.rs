@@ -1,0 +1,952 @@
+//! `drover daemon` against `nix-daemon`: the same Nix 2.8 clients, with
+//! `NIX_REMOTE=daemon`, run the same scenario against each daemon on the same
+//! test root (the store wiped in between, so paths are identical), and see the
+//! same exit codes, output and messages. Raw protocol clients check the bytes
+//! of error replies and that garbage from one client never takes the daemon
+//! down.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nix_env::{corpus_dir, TestRoot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Nix,
+    Drover,
+}
+
+/// A daemon serving a test root; killed (SIGTERM, then SIGKILL) and reaped on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(root: &TestRoot, which: Which) -> Daemon {
+        let socket = root.state_dir.join("daemon-socket/socket");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = match which {
+            Which::Nix => root.cmd("nix-daemon"),
+            Which::Drover => {
+                let mut c = root.cmd(env!("CARGO_BIN_EXE_drover"));
+                c.arg("daemon");
+                c
+            }
+        };
+        let log = std::fs::File::create(root.path().join(format!("{which:?}-daemon.log"))).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < deadline, "{which:?} daemon did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Nix client talking to the root's daemon.
+fn client(root: &TestRoot, program: &str) -> Command {
+    let mut c = root.cmd(program);
+    c.env("NIX_REMOTE", "daemon");
+    c
+}
+
+/// What one client command showed: exit code, stdout, stderr.
+fn run(c: &mut Command) -> String {
+    let out = c.output().unwrap(); // stdin: null unless the caller set one
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(c: &mut Command) -> String {
+    let out = c.output().unwrap(); // stdin: null unless the caller set one
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn corpus() -> String {
+    corpus_dir().join("corpus.nix").to_str().unwrap().to_owned()
+}
+
+/// The scenario both daemons serve: adding, building, querying, exporting.
+fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let _d = Daemon::start(root, which);
+    let mut t = Vec::new();
+    let hello = corpus_dir().join("hello.txt");
+    let hello = hello.to_str().unwrap();
+    t.push((
+        "nix-store --add".into(),
+        run(client(root, "nix-store").args(["--add", hello])),
+    ));
+    t.push((
+        "nix-store --add again".into(),
+        run(client(root, "nix-store").args(["--add", hello])),
+    ));
+    for args in [
+        vec!["--add-fixed", "sha256", hello],
+        vec!["--add-fixed", "sha1", hello],
+        vec!["--add-fixed", "--recursive", "sha512", hello],
+    ] {
+        t.push((
+            format!("nix-store {}", args[..args.len() - 1].join(" ")),
+            run(client(root, "nix-store").args(&args)),
+        ));
+    }
+    let c = corpus();
+    t.push((
+        "nix-build chain3".into(),
+        run(client(root, "nix-build").args([&c, "-A", "chain3", "--no-out-link"])),
+    ));
+    let out = stdout(client(root, "nix-build").args([&c, "-A", "chain3", "--no-out-link"]));
+    let out = out.trim().to_owned();
+    let drv = stdout(client(root, "nix-store").args(["-q", "--deriver", &out]));
+    let drv = drv.trim().to_owned();
+    for q in [
+        "--references",
+        "--referrers",
+        "--deriver",
+        "--requisites",
+        "--hash",
+        "--size",
+    ] {
+        t.push((
+            format!("nix-store -q {q} out"),
+            run(client(root, "nix-store").args(["-q", q, &out])),
+        ));
+    }
+    t.push((
+        "nix-store -q --outputs drv".into(),
+        run(client(root, "nix-store").args(["-q", "--outputs", &drv])),
+    ));
+    t.push((
+        "nix-store -q --referrers simple".into(),
+        run(client(root, "nix-store").args(["-q", "--referrers-closure", &drv])),
+    ));
+    let info = stdout(client(root, "nix").args(["path-info", "--json", "-r", &out]));
+    let mut info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    for i in info.as_array_mut().unwrap() {
+        i.as_object_mut().unwrap().remove("registrationTime");
+    }
+    t.push(("nix path-info --json -r".into(), info.to_string()));
+    t.push((
+        "nix-store -r drv (valid)".into(),
+        run(client(root, "nix-store").args(["-r", &drv])),
+    ));
+    t.push((
+        "nix log".into(),
+        run(client(root, "nix").args(["log", &drv])),
+    ));
+    let export = client(root, "nix-store")
+        .args(["--export", &out])
+        .output()
+        .unwrap();
+    assert!(export.status.success());
+    t.push((
+        "nix-store --export".into(),
+        format!("{} bytes, sha256 {}", export.stdout.len(), {
+            drover::hash::HashAlgo::Sha256
+                .digest(&export.stdout)
+                .encode(drover::hash::Encoding::Base16)
+        }),
+    ));
+    // drover and Nix may start independent builds in different orders: compare
+    // the lines of this one sorted.
+    let diamond = run(client(root, "nix").args(["build", "-f", &c, "diamondTop", "--no-link"]));
+    let mut lines: Vec<&str> = diamond.lines().collect();
+    lines.sort();
+    t.push(("nix build diamondTop".into(), lines.join("\n")));
+    let fail = corpus_dir().join("realise/fail.nix");
+    t.push((
+        "nix-build fails".into(),
+        run(client(root, "nix-build").args([
+            fail.to_str().unwrap(),
+            "-A",
+            "fails",
+            "--no-out-link",
+        ])),
+    ));
+    t.push((
+        "nix build -L fails".into(),
+        run(client(root, "nix").args([
+            "build",
+            "-f",
+            fail.to_str().unwrap(),
+            "fails",
+            "--no-link",
+            "-L",
+        ])),
+    ));
+    t.push((
+        "nix build --log-format internal-json fine".into(),
+        internal_json(&run(client(root, "nix").args([
+            "build",
+            "-f",
+            fail.to_str().unwrap(),
+            "fine",
+            "--no-link",
+            "-v",
+            "--log-format",
+            "internal-json",
+        ]))),
+    ));
+    // One key for both daemons, so that the signatures compare.
+    let key = root.path().join("signing-key");
+    if !key.exists() {
+        let k = stdout(
+            root.cmd("nix")
+                .args(["key", "generate-secret", "--key-name", "test-1"]),
+        );
+        std::fs::write(&key, k).unwrap();
+    }
+    t.push((
+        "nix store sign".into(),
+        run(client(root, "nix").args(["store", "sign", "-k", key.to_str().unwrap(), &out])),
+    ));
+    t.push((
+        "nix path-info --sigs".into(),
+        run(client(root, "nix").args(["path-info", "--sigs", &out])),
+    ));
+    // What the second half imports into an empty store.
+    let keep = root.path().join(format!("{which:?}-kept"));
+    std::fs::create_dir_all(&keep).unwrap();
+    let closure = stdout(client(root, "nix-store").args(["-qR", &out]));
+    let mut args = vec!["--export"];
+    args.extend(closure.lines());
+    let export = client(root, "nix-store").args(&args).output().unwrap();
+    assert!(export.status.success());
+    std::fs::write(keep.join("closure.export"), &export.stdout).unwrap();
+    let cache = format!("file://{}", keep.join("cache").display());
+    t.push((
+        "nix copy --to file://".into(),
+        run(client(root, "nix").args(["copy", "--to", &cache, &out])),
+    ));
+    t.push((
+        "nix-shell --run".into(),
+        run(client(root, "nix-shell").args([
+            &c,
+            "-A",
+            "simple",
+            "--run",
+            "echo in the shell of $name",
+        ])),
+    ));
+    let profile = keep.join("profile");
+    t.push((
+        "nix-env -i into a profile".into(),
+        run(client(root, "nix-env").args([
+            "-p",
+            profile.to_str().unwrap(),
+            "-f",
+            &c,
+            "-iA",
+            "simple",
+        ])),
+    ));
+    t.push((
+        "nix-env -q".into(),
+        run(client(root, "nix-env").args(["-p", profile.to_str().unwrap(), "-q"])),
+    ));
+    t.push((
+        "nix-store -q invalid".into(),
+        run(client(root, "nix-store").args([
+            "-q",
+            "--references",
+            &format!("{}/00000000000000000000000000000000-x", root.store_dir),
+        ])),
+    ));
+    t
+}
+
+/// The second half, on an empty store: importing what the first exported,
+/// copying from the cache it wrote.
+fn scenario_import(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let keep = root.path().join(format!("{which:?}-kept"));
+    // The first half's cache as the substituter, for daemon and clients alike.
+    let conf = root.conf_dir.join("nix.conf");
+    let original = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "{original}\nsubstituters = file://{}\nrequire-sigs = false\n",
+            keep.join("cache").display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(root, which);
+    let mut t = Vec::new();
+    let c = corpus();
+    // drover's Worker reports progress once more than Nix's here (before the
+    // substitute's sizes are known): the activities are compared, not the
+    // progress reports.
+    let without_progress = |s: String| {
+        s.lines()
+            .filter(|l| {
+                !(l.contains("\"action\":\"result\"")
+                    && (l.contains("\"type\":105") || l.contains("\"type\":106")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    t.push((
+        "nix build (substituted) internal-json".into(),
+        without_progress(internal_json(&run(client(root, "nix").args([
+            "build",
+            "-f",
+            &c,
+            "chain3",
+            "--no-link",
+            "--log-format",
+            "internal-json",
+        ])))),
+    ));
+    t.push((
+        "nix-store -q --hash (substituted)".into(),
+        run(client(root, "nix-build").args([&c, "-A", "chain3", "--no-out-link"])),
+    ));
+    drop(d);
+    std::fs::write(&conf, original).unwrap();
+    let _d = Daemon::start(root, which);
+    let export = std::fs::File::open(keep.join("closure.export")).unwrap();
+    let out = client(root, "nix-store")
+        .arg("--import")
+        .stdin(export)
+        .output()
+        .unwrap();
+    t.push((
+        "nix-store --import".into(),
+        format!(
+            "exit {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ));
+    let imported = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = imported.lines().last().unwrap_or_default().to_owned();
+    t.push((
+        "nix-store -q --references imported".into(),
+        run(client(root, "nix-store").args(["-q", "--references", &last])),
+    ));
+    let cache = format!("file://{}", keep.join("cache").display());
+    let simple = stdout(client(root, "nix-instantiate").args([&c, "-A", "simple"]));
+    let simple_out = stdout(client(root, "nix-store").args(["-q", "--outputs", simple.trim()]));
+    t.push((
+        "nix copy --from file:// (unsigned)".into(),
+        run(client(root, "nix").args(["copy", "--from", &cache, &last])),
+    ));
+    t.push((
+        "nix copy --from file:// --no-check-sigs".into(),
+        run(client(root, "nix").args(["copy", "--no-check-sigs", "--from", &cache, &last])),
+    ));
+    t.push((
+        "nix-store --verify --check-contents".into(),
+        run(client(root, "nix-store").args(["--verify", "--check-contents"])),
+    ));
+    // A modified path is reported as Nix reports it.
+    let victim = Path::new(&last);
+    assert!(victim.exists(), "{} was not imported", victim.display());
+    {
+        let mut perm = std::fs::metadata(victim).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+        std::fs::set_permissions(victim, perm).unwrap();
+        std::fs::write(victim, "tampered\n").unwrap();
+        t.push((
+            "nix-store --verify --check-contents (modified)".into(),
+            run(client(root, "nix-store").args(["--verify", "--check-contents"])),
+        ));
+    }
+    t.push((
+        "nix-store --check-validity".into(),
+        run(client(root, "nix-store").args(["--check-validity", &last, simple_out.trim()])),
+    ));
+    t
+}
+
+/// `--log-format internal-json` output with activity ids numbered in order of
+/// appearance (they are pid-based) and the messages Nix prints only as a local
+/// store dropped.
+fn internal_json(s: &str) -> String {
+    let mut ids: Vec<u64> = Vec::new();
+    let mut out = Vec::new();
+    for line in s.lines() {
+        let Some(j) = line.strip_prefix("@nix ") else {
+            out.push(line.to_owned());
+            continue;
+        };
+        let mut v: serde_json::Value = serde_json::from_str(j).unwrap();
+        for key in ["id", "parent"] {
+            if let Some(n) = v.get(key).and_then(|x| x.as_u64()) {
+                let k = if n == 0 {
+                    0
+                } else {
+                    match ids.iter().position(|&i| i == n) {
+                        Some(p) => p + 1,
+                        None => {
+                            ids.push(n);
+                            ids.len()
+                        }
+                    }
+                };
+                v[key] = k.into();
+            }
+        }
+        out.push(v.to_string());
+    }
+    out.join("\n")
+}
+
+#[test]
+fn nix_clients_see_the_same_through_drover_daemon_as_through_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::new();
+    let wipe = || {
+        root.wipe_store();
+        let _ = std::fs::remove_dir_all(&root.log_dir);
+    };
+    let mut nix = scenario(&root, Which::Nix);
+    wipe();
+    nix.extend(scenario_import(&root, Which::Nix));
+    wipe();
+    let mut ours = scenario(&root, Which::Drover);
+    wipe();
+    ours.extend(scenario_import(&root, Which::Drover));
+    assert_eq!(nix.len(), ours.len());
+    for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        // Each daemon kept its exports and cache in a directory of its own.
+        let (n, o) = (
+            n.replace("Nix-kept", "KEPT"),
+            o.replace("Drover-kept", "KEPT"),
+        );
+        assert_eq!(
+            o, n,
+            "{label}: drover daemon (left) differs from nix-daemon (right)"
+        );
+    }
+}
+
+fn w64(v: &mut Vec<u8>, n: u64) {
+    v.extend_from_slice(&n.to_le_bytes());
+}
+
+fn wstr(v: &mut Vec<u8>, s: &[u8]) {
+    w64(v, s.len() as u64);
+    v.extend_from_slice(s);
+    v.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
+}
+
+/// A Nix 2.8 client's greeting: magic, version 1.34, no CPU affinity, no
+/// reserveSpace.
+fn greeting() -> Vec<u8> {
+    let mut v = Vec::new();
+    w64(&mut v, 0x6e697863);
+    w64(&mut v, 0x122);
+    w64(&mut v, 0);
+    w64(&mut v, 0);
+    v
+}
+
+/// Sends `bytes` on a new connection and returns everything the daemon sends
+/// until it closes the connection (or 60 s pass).
+fn exchange(socket: &Path, bytes: &[u8], close_write: bool) -> Vec<u8> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let _ = s.write_all(bytes);
+    if close_write {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// Raw requests whose replies must be byte-identical: unknown and retired
+/// operation codes, a path outside the store, a valid query then EOF.
+fn raw_requests(store_dir: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let mut v = Vec::new();
+    for (label, op) in [
+        ("op 99", 99u64),
+        ("op 24 (QueryFailedPaths)", 24),
+        ("op 0", 0),
+    ] {
+        let mut b = greeting();
+        w64(&mut b, op);
+        v.push((label, b));
+    }
+    let mut b = greeting();
+    w64(&mut b, 1); // IsValidPath
+    wstr(&mut b, b"/nonexistent/x");
+    v.push(("IsValidPath outside the store", b));
+    let mut b = greeting();
+    w64(&mut b, 1);
+    wstr(
+        &mut b,
+        format!("{store_dir}/00000000000000000000000000000000-x").as_bytes(),
+    );
+    w64(&mut b, 23); // QueryAllValidPaths
+    v.push(("IsValidPath, QueryAllValidPaths, EOF", b));
+    let mut b = greeting();
+    w64(&mut b, 26); // QueryPathInfo of an invalid path
+    wstr(
+        &mut b,
+        format!("{store_dir}/00000000000000000000000000000000-x").as_bytes(),
+    );
+    w64(&mut b, 20); // CollectGarbage with ignoreLiveness
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, 1);
+    w64(&mut b, 0);
+    for _ in 0..3 {
+        w64(&mut b, 0);
+    }
+    v.push(("QueryPathInfo invalid, CollectGarbage ignoring liveness", b));
+    let mut b = greeting();
+    w64(&mut b, 1);
+    w64(&mut b, 5); // a string cut short
+    b.extend_from_slice(b"/x");
+    v.push(("truncated string", b));
+    let mut b = Vec::new();
+    w64(&mut b, 0x1234);
+    v.push(("bad magic", b));
+    v
+}
+
+#[test]
+fn error_replies_are_byte_identical_to_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::new();
+    let mut replies = Vec::new();
+    for which in [Which::Nix, Which::Drover] {
+        let d = Daemon::start(&root, which);
+        let mut r = Vec::new();
+        for (label, bytes) in raw_requests(&root.store_dir) {
+            r.push((label, exchange(&d.socket, &bytes, true)));
+        }
+        replies.push(r);
+        drop(d);
+        root.wipe_store();
+    }
+    let mut differ = Vec::new();
+    for ((label, n), (_, o)) in replies[0].iter().zip(&replies[1]) {
+        if o != n {
+            differ.push(format!(
+                "{label}:\n  drover:     {:?}\n  nix-daemon: {:?}",
+                String::from_utf8_lossy(o),
+                String::from_utf8_lossy(n)
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+}
+
+#[test]
+fn garbage_from_one_client_never_takes_the_daemon_down() {
+    require_nix!();
+    let root = TestRoot::new();
+    let mut d = Daemon::start(&root, Which::Drover);
+    let hello = corpus_dir().join("hello.txt");
+    let added = stdout(client(&root, "nix-store").args(["--add", hello.to_str().unwrap()]));
+    let added = added.trim().to_owned();
+    let works = |what: &str| {
+        let out = client(&root, "nix-store")
+            .args(["-q", "--hash", &added])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "after {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A client that connects and says nothing must not block the others.
+    let idle = UnixStream::connect(&d.socket).unwrap();
+    let mut idle_greeted = UnixStream::connect(&d.socket).unwrap();
+    idle_greeted.write_all(&greeting()).unwrap();
+    works("idle clients");
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut b = greeting();
+    w64(&mut b, 1);
+    w64(&mut b, u64::MAX); // a string of 2^64-1 bytes
+    cases.push(("an oversized string", b));
+    let mut b = greeting();
+    w64(&mut b, 31); // QueryValidPaths with 2^60 paths
+    w64(&mut b, 1 << 60);
+    cases.push(("an oversized collection", b));
+    let mut b = greeting();
+    w64(&mut b, 44); // AddMultipleToStore, then a huge frame
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, u64::MAX);
+    cases.push(("an oversized frame", b));
+    let mut b = greeting();
+    w64(&mut b, 44); // AddMultipleToStore, a frame cut short
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, 1000);
+    b.extend_from_slice(&[7u8; 100]);
+    cases.push(("a truncated frame", b));
+    let mut b = greeting();
+    w64(&mut b, 39); // AddToStoreNar of garbage
+    wstr(
+        &mut b,
+        format!("{}/00000000000000000000000000000000-x", root.store_dir).as_bytes(),
+    );
+    wstr(&mut b, b"");
+    wstr(&mut b, &[b'0'; 64]);
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    w64(&mut b, 8);
+    w64(&mut b, 0);
+    w64(&mut b, 0);
+    wstr(&mut b, b"");
+    w64(&mut b, 0);
+    w64(&mut b, 1);
+    w64(&mut b, 16);
+    b.extend_from_slice(b"not a nar at all");
+    w64(&mut b, 0);
+    cases.push(("a NAR that is not one", b));
+    // Pseudo-random bytes after a greeting, from a fixed seed.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for i in 0..20 {
+        let mut b = greeting();
+        for _ in 0..(i * 37 % 300) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.push(x as u8);
+        }
+        cases.push(("random bytes", b));
+    }
+    for (what, bytes) in &cases {
+        exchange(&d.socket, bytes, true);
+        assert!(d.alive(), "the daemon died after {what}");
+        works(what);
+    }
+    // The NAR that was not one left no valid path behind.
+    let out = client(&root, "nix-store")
+        .args([
+            "--check-validity",
+            &format!("{}/00000000000000000000000000000000-x", root.store_dir),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    drop(idle);
+    drop(idle_greeted);
+    works("closing the idle clients");
+    assert!(d.alive());
+}
+
+#[test]
+fn two_clients_building_the_same_derivations_at_once_both_succeed_with_one_build_each() {
+    require_nix!();
+    let root = TestRoot::new();
+    let _d = Daemon::start(&root, Which::Drover);
+    let counter = root.path().join("counter");
+    let file = corpus_dir().join("realise/concurrent.nix");
+    let spawn = || {
+        client(&root, "nix-build")
+            .args([file.to_str().unwrap(), "-A", "top", "--no-out-link"])
+            .args(["--argstr", "counter", counter.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn();
+    let b = spawn();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(a.stdout, b.stdout);
+    let mut built: Vec<String> = std::fs::read_to_string(&counter)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    built.sort();
+    assert_eq!(built, ["bottom", "c1", "c2", "c3", "left", "right", "top"]);
+}
+
+/// `--stdio`: one connection on stdin/stdout, as `nix-daemon --stdio`. With
+/// `len`, reads that many bytes before closing stdin (nix-daemon takes a hang-up
+/// of its input as an interrupt and stops at once); without, reads to EOF.
+fn stdio_exchange(root: &TestRoot, which: Which, bytes: &[u8], len: Option<usize>) -> Vec<u8> {
+    // Under `timeout`, so that a daemon that sends less than expected cannot
+    // hang the test.
+    let mut cmd = root.cmd("timeout");
+    cmd.arg("120");
+    match which {
+        Which::Nix => cmd.arg("nix-daemon"),
+        Which::Drover => cmd.args([env!("CARGO_BIN_EXE_drover"), "daemon"]),
+    };
+    let mut child = cmd
+        .arg("--stdio")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(bytes).unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = Vec::new();
+    match len {
+        Some(n) => {
+            out.resize(n, 0);
+            let r = stdout.read_exact(&mut out);
+            drop(stdin);
+            let _ = child.wait();
+            r.unwrap();
+        }
+        None => {
+            drop(stdin);
+            stdout.read_to_end(&mut out).unwrap();
+            assert!(child.wait().unwrap().success());
+        }
+    }
+    out
+}
+
+#[test]
+fn stdio_serves_one_connection_as_nix_daemon_stdio() {
+    require_nix!();
+    let root = TestRoot::new();
+    let hello = corpus_dir().join("hello.txt");
+    let added = root.run("nix-store", &["--add", hello.to_str().unwrap()]);
+    let mut b = greeting();
+    w64(&mut b, 1); // IsValidPath
+    wstr(&mut b, added.trim().as_bytes());
+    w64(&mut b, 26); // QueryPathInfo
+    wstr(&mut b, added.trim().as_bytes());
+    w64(&mut b, 6); // QueryReferrers
+    wstr(&mut b, added.trim().as_bytes());
+    w64(&mut b, 29); // QueryPathFromHashPart
+    wstr(
+        &mut b,
+        &added.trim().rsplit('/').next().unwrap().as_bytes()[..32],
+    );
+    let ours = stdio_exchange(&root, Which::Drover, &b, None);
+    assert!(ours.len() > 100, "{ours:?}");
+    let nix = stdio_exchange(&root, Which::Nix, &b, Some(ours.len()));
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&nix)
+    );
+}
+
+#[test]
+fn socket_activation_serves_the_socket_systemd_passes() {
+    require_nix!();
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let root = TestRoot::new();
+    // A socket elsewhere than the default path, as a unit's ListenStream may be.
+    let path = root.path().join("activated.socket");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = root.cmd("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec {} daemon",
+            env!("CARGO_BIN_EXE_drover")
+        ),
+    ]);
+    // SAFETY: only dup2 between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _d = Daemon {
+        child,
+        socket: path.clone(),
+    };
+    drop(listener);
+    let hello = corpus_dir().join("hello.txt");
+    let store = format!("unix://{}", path.display());
+    let out =
+        stdout(
+            root.cmd("nix-store")
+                .args(["--store", &store, "--add", hello.to_str().unwrap()]),
+        );
+    assert!(out.trim().ends_with("-hello.txt"), "{out}");
+    assert!(!root.state_dir.join("daemon-socket/socket").exists());
+    // A wrong LISTEN_PID is refused with Nix's message.
+    let out = root
+        .cmd(env!("CARGO_BIN_EXE_drover"))
+        .arg("daemon")
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: unexpected systemd environment variables\n"
+    );
+}
+
+/// What an unprivileged user (`nobody`, through `setpriv`) sees from a daemon:
+/// allowed to add, refused to import unsigned paths, to sign and to repair.
+fn untrusted_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let _d = Daemon::start(root, which);
+    let c = corpus();
+    let out = stdout(client(root, "nix-build").args([&c, "-A", "chain1", "--no-out-link"]));
+    let out = out.trim().to_owned();
+    let drv = stdout(client(root, "nix-store").args(["-q", "--deriver", &out]));
+    let export = client(root, "nix-store")
+        .args(["--export", &out])
+        .output()
+        .unwrap();
+    let home = root.path().join(format!("{which:?}-home"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let export_file = home.join("export");
+    std::fs::write(&export_file, &export.stdout).unwrap();
+    let data = home.join("data");
+    std::fs::write(&data, "an unprivileged user's file\n").unwrap();
+    let key = home.join("key");
+    let k = stdout(
+        root.cmd("nix")
+            .args(["key", "generate-secret", "--key-name", "test-1"]),
+    );
+    std::fs::write(&key, k).unwrap();
+    for f in [&export_file, &data, &key] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let nobody = |args: &[&str]| {
+        let mut c = client(root, "setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.args(args);
+        c.env("HOME", &home);
+        c
+    };
+    vec![
+        (
+            "nobody: nix-store --add".into(),
+            run(&mut nobody(&["nix-store", "--add", data.to_str().unwrap()])),
+        ),
+        (
+            "nobody: nix-store --import (unsigned)".into(),
+            run(nobody(&["nix-store", "--import"])
+                .stdin(std::fs::File::open(&export_file).unwrap())),
+        ),
+        (
+            "nobody: nix store sign".into(),
+            run(&mut nobody(&[
+                "nix",
+                "store",
+                "sign",
+                "-k",
+                key.to_str().unwrap(),
+                &out,
+            ])),
+        ),
+        (
+            "nobody: nix-store -r --repair".into(),
+            run(&mut nobody(&["nix-store", "-r", "--repair", drv.trim()])),
+        ),
+        (
+            "nobody: nix-store -q --references".into(),
+            run(&mut nobody(&["nix-store", "-q", "--references", &out])),
+        ),
+    ]
+}
+
+#[test]
+fn an_unprivileged_user_is_refused_what_nix_daemon_refuses() {
+    require_nix!();
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root can switch to `nobody`; CI runs the tests as root.
+        assert!(
+            std::env::var_os("DROVER_REQUIRE_NIX").is_none(),
+            "this test needs root"
+        );
+        eprintln!("SKIPPED an_unprivileged_user_is_refused_what_nix_daemon_refuses: not root");
+        return;
+    }
+    let root = TestRoot::new();
+    let nix = untrusted_scenario(&root, Which::Nix);
+    root.wipe_store();
+    let ours = untrusted_scenario(&root, Which::Drover);
+    let said = |i: usize, what: &str| {
+        assert!(ours[i].1.contains(what), "{}: {}", ours[i].0, ours[i].1);
+    };
+    said(0, "exit Some(0)");
+    said(1, "because it lacks a valid signature");
+    said(2, "you are not privileged to add signatures");
+    said(
+        3,
+        "repairing is not allowed because you are not in 'trusted-users'",
+    );
+    said(4, "exit Some(0)");
+    for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        let (n, o) = (
+            n.replace("Nix-home", "HOME"),
+            o.replace("Drover-home", "HOME"),
+        );
+        assert_eq!(
+            o, n,
+            "{label}: drover daemon (left) differs from nix-daemon (right)"
+        );
+    }
+}
