@@ -127,7 +127,18 @@ pub struct Worker {
     executor: StoreExecutor,
     settings: Arc<WorkerSettings>,
     run: Option<Run>,
+    /// Deferred slot grants (see [`GRANT_QUIET`]): the last goal report, since when
+    /// grants wait, and whether the check ticks.
+    last_report: std::time::Instant,
+    deferred_since: Option<std::time::Instant>,
+    ticking: bool,
+    estimator: Option<Arc<dyn crate::schedule::Estimator>>,
 }
+
+/// Slots wait for every goal to settle (`crate::schedule`), but no longer than
+/// this without any goal reporting, nor than [`GRANT_MAX_DELAY`] in all.
+pub const GRANT_QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+pub const GRANT_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Worker {
     pub fn new(mut cfg: WorkerConfig) -> Worker {
@@ -148,11 +159,23 @@ impl Worker {
             settings,
             cfg,
             run: None,
+            last_report: std::time::Instant::now(),
+            deferred_since: None,
+            ticking: false,
+            estimator: None,
         }
+    }
+
+    /// Build-time estimates for the critical-path scheduler (drover's build
+    /// history; without them every build gets the default estimate).
+    pub fn with_estimator(mut self, e: Arc<dyn crate::schedule::Estimator>) -> Worker {
+        self.estimator = Some(e);
+        self
     }
 
     /// Hands a goal's report to the core and performs what follows.
     fn report(&mut self, goal: GoalId, r: GoalReport) {
+        self.last_report = std::time::Instant::now();
         if let Some(run) = self.run.as_mut() {
             if matches!(r, GoalReport::Finished(_) | GoalReport::Fatal(_)) {
                 run.goals.remove(&goal);
@@ -160,6 +183,28 @@ impl Worker {
             run.core.report(goal, r);
         }
         self.drain();
+    }
+
+    /// Forces the deferred grants when goals stay unsettled (quiet for
+    /// [`GRANT_QUIET`], or waiting for [`GRANT_MAX_DELAY`]).
+    fn check_deferred_grants(&mut self) {
+        let Some(run) = self.run.as_mut() else {
+            self.deferred_since = None;
+            return;
+        };
+        if !run.core.has_deferred_grants() {
+            self.deferred_since = None;
+            return;
+        }
+        let now = std::time::Instant::now();
+        let since = *self.deferred_since.get_or_insert(now);
+        if now.duration_since(self.last_report) >= GRANT_QUIET
+            || now.duration_since(since) >= GRANT_MAX_DELAY
+        {
+            self.deferred_since = None;
+            run.core.grant_deferred();
+            self.drain();
+        }
     }
 
     fn drain(&mut self) {
@@ -233,7 +278,14 @@ impl Handler<Realise> for Worker {
             cancel_hook_build: self.cfg.cancel_hook_build.clone(),
             worker: WorkerLink::to(&ctx.address()),
         });
+        if let Some(e) = &self.estimator {
+            core.set_estimator(e.clone());
+        }
         core.start(msg.requests, msg.mode);
+        if !self.ticking {
+            self.ticking = true;
+            ctx.run_interval(GRANT_QUIET, |act, _| act.check_deferred_grants());
+        }
         self.run = Some(Run {
             core,
             goals: HashMap::new(),
