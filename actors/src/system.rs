@@ -318,6 +318,7 @@ impl SystemBuilder {
                     self.verbosity,
                     start_log,
                 ))
+                .with_history(history.clone())
                 .start();
                 // Cancelled hook builds are killed through the pool, which knows
                 // its jobs.

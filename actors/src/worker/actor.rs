@@ -137,8 +137,8 @@ pub struct Worker {
 
 /// Slots wait for every goal to settle (`crate::schedule`), but no longer than
 /// this without any goal reporting, nor than [`GRANT_MAX_DELAY`] in all.
-pub const GRANT_QUIET: std::time::Duration = std::time::Duration::from_millis(20);
-pub const GRANT_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+pub const GRANT_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+pub const GRANT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Worker {
     pub fn new(mut cfg: WorkerConfig) -> Worker {
@@ -284,7 +284,9 @@ impl Handler<Realise> for Worker {
         core.start(msg.requests, msg.mode);
         if !self.ticking {
             self.ticking = true;
-            ctx.run_interval(GRANT_QUIET, |act, _| act.check_deferred_grants());
+            ctx.run_interval(std::time::Duration::from_millis(20), |act, _| {
+                act.check_deferred_grants()
+            });
         }
         self.run = Some(Run {
             core,
