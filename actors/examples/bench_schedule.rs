@@ -273,8 +273,8 @@ struct DroverRun {
     took: Duration,
     /// When each `Estimates` event arrived (since the start), with it.
     estimates: Vec<(Duration, Arc<Estimates>)>,
-    /// Each grant: (drv name, path) in order.
-    scheduled: Vec<(String, Duration)>,
+    /// Each grant: (drv name, path, when since the start) in order.
+    scheduled: Vec<(String, Duration, Duration)>,
 }
 
 fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Result<DroverRun> {
@@ -312,7 +312,7 @@ fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Resul
                             goal: GoalKey::Derivation(d),
                             path,
                             ..
-                        })) => sched.push((d.name().to_string(), path)),
+                        })) => sched.push((d.name().to_string(), path, t.elapsed())),
                         Some(_) => {}
                         None => break,
                     },
@@ -397,9 +397,18 @@ fn ratio_case(opts: &Opts, parent: &Path, label: &str, nodes: &[Node]) -> anyhow
     let first: Vec<String> = last_order
         .iter()
         .take(6)
-        .map(|(n, p)| format!("{} ({:.1} s)", n.trim_end_matches(".drv"), p.as_secs_f64()))
+        .map(|(n, p, _)| format!("{} ({:.1} s)", n.trim_end_matches(".drv"), p.as_secs_f64()))
         .collect();
     println!("{label:<16} drover warm: first grants {}", first.join(", "));
+    let chain: Vec<String> = last_order
+        .iter()
+        .filter(|(n, _, _)| n.starts_with("chain-"))
+        .map(|(_, _, t)| format!("{:.2}", t.as_secs_f64()))
+        .collect();
+    println!(
+        "{label:<16} drover warm: chain links granted at {} s",
+        chain.join(", ")
+    );
     Ok(())
 }
 
