@@ -17,7 +17,11 @@
 //!   (local or remote) — so the ready set is complete when the choice is made (the
 //!   goals still loading a `.drv` or checking outputs are about to become ready or
 //!   to wait; a goal that gave its slot back after its build is registering and
-//!   about to end, and its waiters then ask before the choice is made). The
+//!   about to end, and its waiters then ask before the choice is made) — unless
+//!   no unsettled goal could claim more: one settled before (its inputs known)
+//!   claims at most its path (registering: its waiters' path), so a waiting goal
+//!   with a path at least that long is granted at once; one never settled may
+//!   still find longer inputs and is waited for. The
 //!   host forces the grant after a while ([`Scheduler::grant`] with `force`) so a
 //!   goal that stays unsettled (waiting for a lock another process holds, asking a
 //!   slow hook) never holds the rest back.
@@ -123,6 +127,9 @@ struct Node {
     /// (and to make its waiters ready), so not settled.
     finishing: bool,
     settled: bool,
+    /// Was settled once: its inputs are known, so its path bounds what it can
+    /// claim when it asks (a goal never settled may still find longer inputs).
+    was_settled: bool,
     /// Announced in an `Estimates` event (with this value).
     announced: Option<Duration>,
 }
@@ -230,6 +237,7 @@ impl Scheduler {
             started: None,
             finishing: false,
             settled: false,
+            was_settled: false,
             announced: None,
         };
         if self.nodes.insert(id, node).is_none() {
@@ -355,6 +363,7 @@ impl Scheduler {
         };
         f(n);
         let now = n.is_settled();
+        n.was_settled |= now;
         if now != n.settled {
             n.settled = now;
             if now {
@@ -370,6 +379,22 @@ impl Scheduler {
         (0..2).any(|k| self.in_use[k] < self.capacity[k] && !self.queue[k].is_empty())
     }
 
+    /// The own estimate of the goal a deferred grant would go to now (the shortest
+    /// over the slot kinds with a free slot): waiting longer than that for the
+    /// unsettled goals costs more than a wrong choice would.
+    pub fn deferred_estimate(&mut self) -> Option<Duration> {
+        self.compute_paths();
+        (0..2)
+            .filter(|&k| self.in_use[k] < self.capacity[k])
+            .filter_map(|k| {
+                self.queue[k]
+                    .iter()
+                    .max_by(|a, b| self.paths[*a].cmp(&self.paths[*b]).then(b.cmp(a)))
+                    .map(|g| self.nodes[g].estimate)
+            })
+            .min()
+    }
+
     /// Whether every live goal is settled (the ready set is complete).
     pub fn is_settled(&self) -> bool {
         self.unsettled == 0
@@ -382,14 +407,44 @@ impl Scheduler {
             self.graph_known = true;
             self.changed = true;
         }
-        if !self.has_deferred() || (self.unsettled > 0 && !force) {
+        if !self.has_deferred() {
             return Vec::new();
         }
         self.compute_paths();
+        // What the unsettled goals could claim, per slot kind: nothing is known of
+        // one never settled (it may find inputs with longer paths: wait for it);
+        // one settled before claims at most its path, or, registering, the path
+        // of its waiters.
+        let mut bound: [Option<Duration>; 2] = [Some(Duration::ZERO); 2];
+        if !force && self.unsettled > 0 {
+            for (id, n) in &self.nodes {
+                if n.settled {
+                    continue;
+                }
+                let k = match n.kind {
+                    NodeKind::Derivation(_) => 0,
+                    _ => 1,
+                };
+                let claim = if !n.was_settled {
+                    None
+                } else if n.finishing {
+                    Some(self.paths[id].saturating_sub(n.estimate))
+                } else {
+                    Some(self.paths[id])
+                };
+                bound[k] = match (bound[k], claim) {
+                    (Some(b), Some(c)) => Some(b.max(c)),
+                    _ => None,
+                };
+            }
+        }
         let mut grants = Vec::new();
         for kind in KINDS {
             let k = ix(kind);
             while self.in_use[k] < self.capacity[k] && !self.queue[k].is_empty() {
+                let Some(bound) = bound[k] else {
+                    break;
+                };
                 let best = self.queue[k]
                     .iter()
                     .copied()
@@ -399,6 +454,9 @@ impl Scheduler {
                         pa.cmp(&pb).then(ea.cmp(&eb)).then(b.cmp(a))
                     })
                     .expect("queue is not empty");
+                if self.paths[&best] < bound {
+                    break;
+                }
                 self.queue[k].remove(&best);
                 self.in_use[k] += 1;
                 self.update(best, |n| {
@@ -594,6 +652,27 @@ mod tests {
         assert_eq!(s.grant(false)[0].goal, 2);
         s.remove(2);
         assert_eq!(s.grant(false)[0].goal, 4);
+    }
+
+    #[test]
+    fn a_goal_whose_inputs_are_known_only_holds_back_shorter_paths() {
+        let mut s = Scheduler::new(fixed(&[("w", 2), ("long", 3), ("short", 1)]), 1, 1);
+        s.add_goal(1, NodeKind::Derivation(sp("w")));
+        s.add_goal(2, NodeKind::Derivation(sp("long")));
+        s.add_goal(3, NodeKind::Derivation(sp("short")));
+        // w waited for inputs (now done: unsettled again, path 2 s).
+        s.set_waiting_for_inputs(1, true);
+        s.set_waiting_for_inputs(1, false);
+        s.acquire(3, SlotKind::Build);
+        assert!(s.grant(false).is_empty(), "short (1 s) waits for w (2 s)");
+        s.acquire(2, SlotKind::Build);
+        let g = s.grant(false);
+        assert_eq!(g.iter().map(|g| g.goal).collect::<Vec<_>>(), [2]);
+        // A goal never settled may still find long inputs: everything waits.
+        s.release(2, SlotKind::Build);
+        s.add_goal(4, NodeKind::Derivation(sp("new")));
+        s.acquire(1, SlotKind::Build);
+        assert!(s.grant(false).is_empty());
     }
 
     #[test]

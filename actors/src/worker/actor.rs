@@ -136,7 +136,8 @@ pub struct Worker {
 }
 
 /// Slots wait for every goal to settle (`crate::schedule`), but no longer than
-/// this without any goal reporting, nor than [`GRANT_MAX_DELAY`] in all.
+/// this without any goal reporting, nor than [`GRANT_MAX_DELAY`] or the estimate
+/// of the build the slot would start, whichever is shorter, in all.
 pub const GRANT_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 pub const GRANT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -198,9 +199,13 @@ impl Worker {
         }
         let now = std::time::Instant::now();
         let since = *self.deferred_since.get_or_insert(now);
-        if now.duration_since(self.last_report) >= GRANT_QUIET
-            || now.duration_since(since) >= GRANT_MAX_DELAY
-        {
+        // Waiting longer than the build it would start costs more than starting
+        // it: a wrong choice delays the critical path by at most that build.
+        let max = run
+            .core
+            .deferred_estimate()
+            .map_or(GRANT_MAX_DELAY, |e| e.min(GRANT_MAX_DELAY));
+        if now.duration_since(self.last_report) >= GRANT_QUIET || now.duration_since(since) >= max {
             self.deferred_since = None;
             run.core.grant_deferred();
             self.drain();

@@ -345,6 +345,12 @@ impl WorkerCore {
         !self.finished && self.sched.has_deferred()
     }
 
+    /// How long a deferred grant is worth waiting for at most: the own estimate of
+    /// the goal it would go to now.
+    pub fn deferred_estimate(&mut self) -> Option<Duration> {
+        self.sched.deferred_estimate()
+    }
+
     /// Grants the free slots now, without waiting for every goal to settle (a goal
     /// waiting for another process's lock or for a slow hook must not hold back
     /// the others for ever).
