@@ -30,8 +30,12 @@
 //!   were requested).
 //! * Estimates ([`Scheduler::estimates`]): the remaining critical path (a running
 //!   build counts what is left of its estimate, never less than zero) and the
-//!   remaining work of derivations divided by the build slots; the ETA is the
-//!   larger, `None` until the graph was first complete.
+//!   remaining work of derivations divided by the build slots — and by the share
+//!   of the slots' time since the first grant that the finished builds' estimates
+//!   account for (overhead between builds, load, a history from a slower run;
+//!   from one second on, between 0.25 and 4) —; the ETA is the larger, `None` until the graph was first
+//!   complete. Graphs of more than [`LARGE_GRAPH`] goals are estimated at most
+//!   every [`LARGE_GRAPH_ESTIMATE_INTERVAL`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -50,6 +54,10 @@ pub const DEFAULT_BUILD_TIME: Duration = Duration::from_secs(10);
 pub const SUBSTITUTION_BYTES_PER_SEC: u64 = 50_000_000;
 /// What a substitution (or a drv-output lookup) is expected to take besides bytes.
 pub const SUBSTITUTION_OVERHEAD: Duration = Duration::from_millis(50);
+/// Graphs with more goals than this are estimated at most every
+/// [`LARGE_GRAPH_ESTIMATE_INTERVAL`] (an estimate walks the whole graph).
+pub const LARGE_GRAPH: usize = 1000;
+pub const LARGE_GRAPH_ESTIMATE_INTERVAL: Duration = Duration::from_millis(100);
 /// How much the ETA must move (beyond the time that passed) for a new event.
 pub const ETA_RESOLUTION: Duration = Duration::from_millis(100);
 
@@ -174,8 +182,13 @@ pub struct Scheduler {
     capacity: [u64; 2],
     in_use: [u64; 2],
     queue: [BTreeSet<GoalId>; 2],
-    /// Live goals that are not settled.
+    /// Live goals that are not settled, and how many of them never were.
     unsettled: usize,
+    unsettled_ids: std::collections::HashSet<GoalId>,
+    fresh: usize,
+    /// When estimates were last computed (large graphs: at most every
+    /// [`LARGE_GRAPH_ESTIMATE_INTERVAL`]).
+    last_computed: Option<Instant>,
     /// Path per goal, valid while `paths_valid`.
     paths: HashMap<GoalId, Duration>,
     paths_valid: bool,
@@ -184,6 +197,11 @@ pub struct Scheduler {
     /// Something an estimate depends on changed since the last event.
     changed: bool,
     last_eta: Option<(Duration, Instant)>,
+    /// The first grant, and the estimates of the derivations built since: how
+    /// much of the slots' time the estimates account for (the rest is overhead
+    /// between builds, or load), to scale the remaining work by.
+    first_grant: Option<Instant>,
+    done_work: Duration,
     last_critical: Vec<StorePath>,
 }
 
@@ -196,12 +214,17 @@ impl Scheduler {
             in_use: [0, 0],
             queue: Default::default(),
             unsettled: 0,
+            unsettled_ids: Default::default(),
+            fresh: 0,
+            last_computed: None,
             paths: HashMap::new(),
             paths_valid: false,
             graph_known: false,
             changed: false,
             last_eta: None,
             last_critical: Vec::new(),
+            first_grant: None,
+            done_work: Duration::ZERO,
         }
     }
 
@@ -242,6 +265,8 @@ impl Scheduler {
         };
         if self.nodes.insert(id, node).is_none() {
             self.unsettled += 1;
+            self.fresh += 1;
+            self.unsettled_ids.insert(id);
         }
         self.paths_valid = false;
         self.changed = true;
@@ -330,8 +355,15 @@ impl Scheduler {
         let Some(n) = self.nodes.remove(&id) else {
             return;
         };
+        if n.started.is_some() && matches!(n.kind, NodeKind::Derivation(_)) {
+            self.done_work += n.estimate;
+        }
         if !n.settled {
             self.unsettled -= 1;
+            self.unsettled_ids.remove(&id);
+            if !n.was_settled {
+                self.fresh -= 1;
+            }
         }
         for k in 0..2 {
             if n.holds[k] {
@@ -363,13 +395,18 @@ impl Scheduler {
         };
         f(n);
         let now = n.is_settled();
-        n.was_settled |= now;
+        if now && !n.was_settled {
+            n.was_settled = true;
+            self.fresh -= 1;
+        }
         if now != n.settled {
             n.settled = now;
             if now {
                 self.unsettled -= 1;
+                self.unsettled_ids.remove(&id);
             } else {
                 self.unsettled += 1;
+                self.unsettled_ids.insert(id);
             }
         }
     }
@@ -407,7 +444,7 @@ impl Scheduler {
             self.graph_known = true;
             self.changed = true;
         }
-        if !self.has_deferred() {
+        if !self.has_deferred() || (!force && self.fresh > 0) {
             return Vec::new();
         }
         self.compute_paths();
@@ -417,10 +454,8 @@ impl Scheduler {
         // of its waiters.
         let mut bound: [Option<Duration>; 2] = [Some(Duration::ZERO); 2];
         if !force && self.unsettled > 0 {
-            for (id, n) in &self.nodes {
-                if n.settled {
-                    continue;
-                }
+            for id in &self.unsettled_ids {
+                let n = &self.nodes[id];
                 let k = match n.kind {
                     NodeKind::Derivation(_) => 0,
                     _ => 1,
@@ -459,6 +494,7 @@ impl Scheduler {
                 }
                 self.queue[k].remove(&best);
                 self.in_use[k] += 1;
+                self.first_grant.get_or_insert_with(Instant::now);
                 self.update(best, |n| {
                     n.queued[k] = false;
                     n.holds[k] = true;
@@ -535,6 +571,15 @@ impl Scheduler {
         if !self.changed || !self.graph_known {
             return None;
         }
+        // Linear in the graph: large graphs are estimated at most so often.
+        if self.nodes.len() > LARGE_GRAPH {
+            if let Some(t) = self.last_computed {
+                if now.saturating_duration_since(t) < LARGE_GRAPH_ESTIMATE_INTERVAL {
+                    return None;
+                }
+            }
+        }
+        self.last_computed = Some(now);
         self.changed = false;
         self.compute_paths();
         // The remaining critical path: the longest remaining time of a goal plus
@@ -560,7 +605,17 @@ impl Scheduler {
         }
         let cp = best.map(|b| b.0).unwrap_or_default();
         let slots = self.capacity[0].max(1) as u32;
-        let eta = cp.max(work / slots);
+        // The share of the slots' time so far that the finished builds'
+        // estimates account for (once a second has passed): the remaining work
+        // takes that much longer (or shorter, if the history was slower).
+        let efficiency = match self.first_grant {
+            Some(t) if now.saturating_duration_since(t) >= Duration::from_secs(1) => {
+                let busy = now.saturating_duration_since(t).as_secs_f64() * slots as f64;
+                (self.done_work.as_secs_f64() / busy).clamp(0.25, 4.0)
+            }
+            _ => 1.0,
+        };
+        let eta = cp.max((work / slots).div_f64(efficiency));
         let mut critical = Vec::new();
         let mut at = best.map(|b| b.1);
         while let Some(g) = at {
