@@ -20,7 +20,7 @@
 //!   about to end, and its waiters then ask before the choice is made) — unless
 //!   no unsettled goal could claim more: one settled before (its inputs known)
 //!   claims at most its path (registering: its waiters' path), so a waiting goal
-//!   with a path at least that long is granted at once; one never settled may
+//!   with a longer path is granted at once; one never settled may
 //!   still find longer inputs and is waited for. The
 //!   host forces the grant after a while ([`Scheduler::grant`] with `force`) so a
 //!   goal that stays unsettled (waiting for a lock another process holds, asking a
@@ -489,7 +489,8 @@ impl Scheduler {
                         pa.cmp(&pb).then(ea.cmp(&eb)).then(b.cmp(a))
                     })
                     .expect("queue is not empty");
-                if self.paths[&best] < bound {
+                // A tie waits: the unsettled goal may win it.
+                if self.paths[&best] <= bound {
                     break;
                 }
                 self.queue[k].remove(&best);
