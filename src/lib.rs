@@ -9,6 +9,7 @@
 
 pub mod binary_cache;
 pub mod build;
+pub mod build_history;
 pub mod build_log;
 pub mod build_result;
 pub mod config;

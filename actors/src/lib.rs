@@ -79,6 +79,7 @@ pub mod log_collector;
 pub mod messages;
 pub mod plan;
 pub mod progress;
+pub mod schedule;
 pub mod store_executor;
 pub mod substituter;
 pub mod system;

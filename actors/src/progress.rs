@@ -59,6 +59,16 @@ pub struct Counters {
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub enum ProgressEvent {
+    /// The scheduler gave a waiting goal a slot (`crate::schedule`): why it was
+    /// chosen — its estimated remaining path to a requested goal (its own estimate
+    /// plus the longest chain waiting on it) and its own estimate — and how many
+    /// goals were still waiting for a slot of that kind after it.
+    Scheduled {
+        goal: GoalKey,
+        path: std::time::Duration,
+        estimate: std::time::Duration,
+        still_waiting: usize,
+    },
     /// The counters changed (sent once per batch of changes).
     Counters(Counters),
     /// A build really started: `building '<drv>'` (`on '<machine>'` for hook builds).
@@ -97,7 +107,26 @@ pub enum ProgressEvent {
     /// A goal finished, with its result (only with `WorkerSettings::goal_events`;
     /// cancelled goals do not finish).
     GoalFinished { goal: GoalKey, result: BuildResult },
+    /// The scheduler's estimates changed: the run's remaining time and the
+    /// expected wall time of derivations that became ready or started since the
+    /// last such event (only sent when something changed).
+    Estimates(std::sync::Arc<Estimates>),
 }
+
+/// What the critical-path scheduler expects of the run (see `ProgressEvent::Estimates`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Estimates {
+    /// Remaining wall time: the larger of the remaining critical path and the
+    /// remaining work divided by the slots; `None` until the graph is known.
+    pub eta: Option<std::time::Duration>,
+    /// Expected wall time per derivation (new or changed entries only).
+    pub expected: Vec<(drover::store_path::StorePath, std::time::Duration)>,
+    /// The current critical path, first step first (drv paths).
+    pub critical_path: Vec<drover::store_path::StorePath>,
+}
+
+/// Every field compares exactly, so [`ProgressEvent`] keeps its `Eq`.
+impl Eq for Estimates {}
 
 /// Live byte counts of one copy from a substituter: bumped by the copying thread,
 /// read by any other at any time (relaxed atomics: the counts are for display).

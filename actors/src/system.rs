@@ -292,11 +292,22 @@ impl SystemBuilder {
             options.stderr = s;
         }
         let start_log = starter_with(options);
+        // drover's build history: written by the local builder, read once here
+        // for the scheduler's estimates.
+        let history = Arc::new(crate::local_builder::history::HistoryLog::new(
+            settings.state_dir(),
+        ));
+        let estimator = Arc::new(crate::schedule::HistoryEstimator {
+            snapshot: history.snapshot(),
+            store_dir: store.store_dir().clone(),
+            system: settings.system(),
+        });
         let (local_builder, cancel_local_build) = match self.local_builder {
             Some(b) => b,
             None => {
                 let mut config = LocalBuilderConfig::from_settings(&settings);
                 config.echo = self.echo;
+                config.history = Some(history.clone());
                 let b = LocalBuilder::new(store.clone(), config, start_log.clone()).start();
                 (b.clone().recipient(), b.recipient())
             }
@@ -310,6 +321,7 @@ impl SystemBuilder {
                     self.verbosity,
                     start_log,
                 ))
+                .with_history(history.clone())
                 .start();
                 // Cancelled hook builds are killed through the pool, which knows
                 // its jobs.
@@ -333,6 +345,7 @@ impl SystemBuilder {
             settings: worker_settings,
             progress: Some(self.progress.unwrap_or_else(|| events.recipient())),
         })
+        .with_estimator(estimator)
         .start();
         Ok((
             System {

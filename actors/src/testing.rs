@@ -711,6 +711,9 @@ impl<'a> SyncDriver<'a> {
             let next = self.inbox.pop_front().or_else(|| self.outside.pop_front());
             match next {
                 Some((g, input)) => self.input(core, g, input),
+                // Nothing moves but goals that stay unsettled (a held job): the
+                // deferred grants go out, as the Worker's timer sends them.
+                None if core.has_deferred_grants() => core.grant_deferred(),
                 None => return None,
             }
         }

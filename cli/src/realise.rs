@@ -365,6 +365,7 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 None => d.line(&m),
             },
             ProgressEvent::GoalStarted { .. } | ProgressEvent::GoalFinished { .. } => {}
+            ProgressEvent::Scheduled { .. } | ProgressEvent::Estimates(_) => {}
         }
     }
 }

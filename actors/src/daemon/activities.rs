@@ -262,7 +262,10 @@ impl Activities {
                     }
                 }
                 ProgressEvent::Message(m) => out(LoggerMessage::Next(m)),
-                ProgressEvent::GoalStarted { .. } | ProgressEvent::GoalFinished { .. } => {}
+                ProgressEvent::GoalStarted { .. }
+                | ProgressEvent::GoalFinished { .. }
+                | ProgressEvent::Scheduled { .. }
+                | ProgressEvent::Estimates(_) => {}
             },
             SystemEvent::Log(l) => match l {
                 BuildLogEvent::Line { drv_path, line } => {

@@ -14,6 +14,7 @@ use super::JobState;
 use crate::messages::{
     CancelHookBuild, HookBuild, HookFinished, LogAlarm, LogEof, StartLogCollector,
 };
+use drover::build_history::{pname, BuildRecord};
 use drover::hook_protocol::encode_accept_follow_up;
 use drover::store_path::StoreDir;
 
@@ -25,6 +26,11 @@ pub struct HookJob {
     store_dir: StoreDir,
     start_log_collector: StartLogCollector,
     state: JobState,
+    /// Where the build is recorded, and the record without its times.
+    record: Option<(
+        std::sync::Arc<crate::local_builder::history::HistoryLog>,
+        BuildRecord,
+    )>,
 }
 
 impl HookJob {
@@ -40,7 +46,35 @@ impl HookJob {
             store_dir,
             start_log_collector,
             state: JobState::default(),
+            record: None,
         }
+    }
+
+    /// Records the build in drover's build history when it ends: its wall time
+    /// from the inputs sent to the hook's end, on `machine` (CPU time and memory
+    /// are the remote machine's, unknown here).
+    pub fn recording(
+        mut self,
+        history: std::sync::Arc<crate::local_builder::history::HistoryLog>,
+        drv_path: String,
+        drv_name: &str,
+        system: String,
+        machine: String,
+    ) -> HookJob {
+        let name = drv_name.strip_suffix(".drv").unwrap_or(drv_name);
+        let record = BuildRecord {
+            drv_path,
+            pname: pname(name).to_owned(),
+            system,
+            machine,
+            wall: Default::default(),
+            cpu: None,
+            peak_rss: None,
+            start_time: 0,
+            status: String::new(),
+        };
+        self.record = Some((history, record));
+        self
     }
 
     /// Kills the hook's process group and stops waiting for its pipes.
@@ -70,6 +104,7 @@ impl Handler<HookBuild> for HookJob {
         let sink = (self.start_log_collector)(msg.log, ctx.address().recipient());
         let HookBuild { id, reply_to, .. } = msg;
         let stop = self.stop.clone();
+        let started = (std::time::Instant::now(), std::time::SystemTime::now());
         let work = async move {
             let exit_code = instance
                 .run_job(
@@ -93,6 +128,21 @@ impl Handler<HookBuild> for HookJob {
                     } else {
                         exit_code
                     };
+                    if let Some((h, mut r)) = act.record.take() {
+                        r.wall = started.0.elapsed();
+                        r.start_time = started
+                            .1
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0);
+                        // As the goal reads it: exit 0 is a build, anything else
+                        // (killed, alarmed, failed) is not.
+                        r.status = match (exit_code, &alarm) {
+                            (Some(0), None) => "Built".into(),
+                            _ => "MiscFailure".into(),
+                        };
+                        tokio::task::spawn_blocking(move || h.record(&r));
+                    }
                     reply_to.do_send(HookFinished {
                         id,
                         exit_code,

@@ -65,6 +65,8 @@ pub struct HookPool {
     jobs: Vec<WeakAddr<HookJob>>,
     /// Whether printed messages keep their colours (stderr is a terminal).
     ansi: bool,
+    /// drover's build history, where accepted jobs record their builds.
+    history: Option<Arc<crate::local_builder::history::HistoryLog>>,
 }
 
 impl HookPool {
@@ -75,7 +77,15 @@ impl HookPool {
             state,
             jobs: Vec::new(),
             ansi: drover::build_log::ansi::should_ansi(),
+            history: None,
         }
+    }
+
+    /// Records every accepted job's build (its wall time, on the hook's machine)
+    /// in drover's build history.
+    pub fn with_history(mut self, h: Arc<crate::local_builder::history::HistoryLog>) -> HookPool {
+        self.history = Some(h);
+        self
     }
 
     /// Prints one of Nix's debug lines about the hook, at verbosity [`LVL_DEBUG`].
@@ -155,6 +165,11 @@ impl Handler<HookTry> for HookPool {
                 }
             }
         };
+        let what = (
+            self.config.store_dir.print(&msg.drv_path),
+            msg.drv_path.name().to_owned(),
+            msg.system.clone(),
+        );
         let request = TryRequest {
             am_willing: msg.am_willing,
             system: msg.system,
@@ -175,7 +190,7 @@ impl Handler<HookTry> for HookPool {
             (outcome, instance)
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
-            |(outcome, instance), act, _ctx| {
+            move |(outcome, instance), act, _ctx| {
                 match &outcome {
                     TryOutcome::Reply(kind) => act.debug(format!("hook reply is '{kind}'")),
                     TryOutcome::Accept { .. } => act.debug("hook reply is 'accept'".into()),
@@ -205,12 +220,16 @@ impl Handler<HookTry> for HookPool {
                     TryOutcome::Error(e) => HookReply::Error(e),
                     TryOutcome::Accept { machine } => match accepted {
                         Some(instance) => {
-                            let job = HookJob::new(
+                            let mut job = HookJob::new(
                                 instance,
                                 act.config.store_dir.clone(),
                                 act.config.start_log_collector.clone(),
-                            )
-                            .start();
+                            );
+                            if let Some(h) = &act.history {
+                                let (drv, name, system) = what;
+                                job = job.recording(h.clone(), drv, &name, system, machine.clone());
+                            }
+                            let job = job.start();
                             act.prune_jobs();
                             act.jobs.push(job.downgrade());
                             HookReply::Accept {

@@ -17,12 +17,14 @@ use drover::config::Settings;
 use drover::store::{LocalStore, ValidPathInfo};
 use drover::store_path::StorePath;
 
+use super::history::{wait_with_usage, Usage};
 use super::LocalBuilderState;
 use crate::log_collector::forward;
 use crate::messages::{
     CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof, LogSummary,
     RunLocalBuild, StartLogCollector,
 };
+use drover::build_history::{pname, BuildRecord, LOCAL_MACHINE};
 
 /// What the LocalBuilder needs besides the store: build settings and the log
 /// settings every build's collector gets.
@@ -41,6 +43,8 @@ pub struct LocalBuilderConfig {
     /// Echo builder output (nix-store without `-Q`); without it failure messages
     /// carry the log tail.
     pub echo: bool,
+    /// drover's build history, where every finished build is recorded.
+    pub history: Option<Arc<super::history::HistoryLog>>,
 }
 
 impl LocalBuilderConfig {
@@ -56,6 +60,9 @@ impl LocalBuilderConfig {
             max_silent_time: secs(settings.max_silent_time()),
             timeout: secs(settings.timeout()),
             echo: true,
+            history: Some(Arc::new(super::history::HistoryLog::new(
+                settings.state_dir(),
+            ))),
         }
     }
 }
@@ -164,6 +171,9 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             reply_to,
         } = msg;
         self.state.start(id);
+        // The slot is held from here to the registration: that is what a build
+        // costs the schedule, so that is the wall time recorded.
+        let requested = std::time::Instant::now();
         let me = ctx.address();
         let store = self.store.clone();
         let config = self.config.clone();
@@ -244,7 +254,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 fast,
             } = process;
             let start_time = unix_now();
-            let status = if spec.drv.is_builtin() {
+            let (status, usage) = if spec.drv.is_builtin() {
                 // Run in-process, as Nix runs builtins in its forked child.
                 drop((command, pty_master, fast));
                 let env = build::builtins::builtin_env(&spec.drv, &prepared.scratch);
@@ -258,26 +268,27 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     )
                 })
                 .await
-                .unwrap_or_else(|_| exec_failure_status())
+                .map(|s| (s, None))
+                .unwrap_or_else(|_| (exec_failure_status(), None))
             } else {
                 // The builder: posix_spawn when it applies (no copy of this process's
                 // page tables), else the forking Command. Either way the command is
                 // dropped once the builder runs, closing our copy of the pty slave.
-                type Wait = std::pin::Pin<
-                    Box<
-                        dyn std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
-                    >,
-                >;
+                type Waited = std::io::Result<(std::process::ExitStatus, Option<Usage>)>;
+                type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = Waited>>>;
+                // Reaped with wait4, for the process tree's CPU time and peak RSS.
+                let wait_usage = |pid: u32| async move {
+                    tokio::task::spawn_blocking(move || wait_with_usage(pid))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                        .map(|(s, u)| (s, Some(u)))
+                };
                 let spawned: std::io::Result<(u32, Wait)> = match fast {
                     Some(fast) => {
                         let r = fast.spawn();
                         drop(command);
                         r.map(|pid| {
-                            let wait: Wait = Box::pin(async move {
-                                tokio::task::spawn_blocking(move || build::spawn::wait_pid(pid))
-                                    .await
-                                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                            });
+                            let wait: Wait = Box::pin(wait_usage(pid));
                             (pid, wait)
                         })
                     }
@@ -287,7 +298,16 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                         drop(command);
                         r.map(|mut child| {
                             let pid = child.id().unwrap_or(0);
-                            let wait: Wait = Box::pin(async move { child.wait().await });
+                            // The child is reaped by wait4 here, never polled by
+                            // tokio (which forgets it when dropped after).
+                            let wait: Wait = Box::pin(async move {
+                                let r = match pid {
+                                    0 => child.wait().await.map(|s| (s, None)),
+                                    pid => wait_usage(pid).await,
+                                };
+                                drop(child);
+                                r
+                            });
                             (pid, wait)
                         })
                     }
@@ -315,11 +335,11 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                         forwarder.await;
                         kill_process_group(pid);
                         let status = wait.await;
-                        status.unwrap_or_else(|_| exec_failure_status())
+                        status.unwrap_or_else(|_| (exec_failure_status(), None))
                     }
                     Err(e) => {
                         log.bytes.do_send(LogBytes(exec_failure_log(&builder, &e)));
-                        exec_failure_status()
+                        (exec_failure_status(), None)
                     }
                 }
             };
@@ -387,6 +407,24 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                     result.times_built = 1;
                     result.start_time = start_time;
                     result.stop_time = stop_time;
+                    if let Some(h) = &config.history {
+                        let name = spec.drv_path.name();
+                        let name = name.strip_suffix(".drv").unwrap_or(name);
+                        let record = BuildRecord {
+                            drv_path: drv_printed.clone(),
+                            pname: pname(name).to_owned(),
+                            system: spec.drv.system.clone(),
+                            machine: LOCAL_MACHINE.to_owned(),
+                            wall: requested.elapsed(),
+                            cpu: usage.map(|u| u.cpu),
+                            peak_rss: usage.map(|u| u.peak_rss),
+                            start_time,
+                            status: format!("{:?}", result.status),
+                        };
+                        let h = h.clone();
+                        // Not awaited: the history never delays a build's end.
+                        tokio::task::spawn_blocking(move || h.record(&record));
+                    }
                     let finished = LocalBuildFinished {
                         id,
                         result,

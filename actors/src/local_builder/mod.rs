@@ -14,6 +14,7 @@
 //! actor around it.
 
 pub mod actor;
+pub mod history;
 pub mod post_build_hook;
 
 use std::collections::HashMap;

@@ -174,7 +174,19 @@ pub struct Worker {
     settings: Arc<WorkerSettings>,
     active: Option<Active>,
     queue: VecDeque<Queued>,
+    /// Deferred slot grants (see [`GRANT_QUIET`]): the last goal report, since when
+    /// grants wait, and whether the check ticks.
+    last_report: std::time::Instant,
+    deferred_since: Option<std::time::Instant>,
+    ticking: bool,
+    estimator: Option<Arc<dyn crate::schedule::Estimator>>,
 }
+
+/// Slots wait for every goal to settle (`crate::schedule`), but no longer than
+/// this without any goal reporting, nor than [`GRANT_MAX_DELAY`] or the estimate
+/// of the build the slot would start, whichever is shorter, in all.
+pub const GRANT_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+pub const GRANT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Worker {
     pub fn new(mut cfg: WorkerConfig) -> Worker {
@@ -196,11 +208,23 @@ impl Worker {
             cfg,
             active: None,
             queue: VecDeque::new(),
+            last_report: std::time::Instant::now(),
+            deferred_since: None,
+            ticking: false,
+            estimator: None,
         }
+    }
+
+    /// Build-time estimates for the critical-path scheduler (drover's build
+    /// history; without them every build gets the default estimate).
+    pub fn with_estimator(mut self, e: Arc<dyn crate::schedule::Estimator>) -> Worker {
+        self.estimator = Some(e);
+        self
     }
 
     /// Hands a goal's report to the core and performs what follows.
     fn report(&mut self, goal: GoalId, r: GoalReport, ctx: &mut Context<Self>) {
+        self.last_report = std::time::Instant::now();
         if let Some(active) = self.active.as_mut() {
             if matches!(r, GoalReport::Finished(_) | GoalReport::Fatal(_)) {
                 active.goals.remove(&goal);
@@ -208,6 +232,32 @@ impl Worker {
             active.core.report(goal, r);
         }
         self.drain(ctx);
+    }
+
+    /// Forces the deferred grants when goals stay unsettled (quiet for
+    /// [`GRANT_QUIET`], or waiting for [`GRANT_MAX_DELAY`]).
+    fn check_deferred_grants(&mut self, ctx: &mut Context<Self>) {
+        let Some(active) = self.active.as_mut() else {
+            self.deferred_since = None;
+            return;
+        };
+        if !active.core.has_deferred_grants() {
+            self.deferred_since = None;
+            return;
+        }
+        let now = std::time::Instant::now();
+        let since = *self.deferred_since.get_or_insert(now);
+        // Waiting longer than the build it would start costs more than starting
+        // it: a wrong choice delays the critical path by at most that build.
+        let max = active
+            .core
+            .deferred_estimate()
+            .map_or(GRANT_MAX_DELAY, |e| e.min(GRANT_MAX_DELAY));
+        if now.duration_since(self.last_report) >= GRANT_QUIET || now.duration_since(since) >= max {
+            self.deferred_since = None;
+            active.core.grant_deferred();
+            self.drain(ctx);
+        }
     }
 
     /// Whether a run of `mode` may join the runs going on now.
@@ -220,13 +270,23 @@ impl Worker {
 
     /// Starts a run in the core (making the core if no run goes on).
     fn start_run(&mut self, q: Queued, ctx: &mut Context<Self>) {
+        if !self.ticking {
+            self.ticking = true;
+            ctx.run_interval(std::time::Duration::from_millis(20), |act, ctx| {
+                act.check_deferred_grants(ctx)
+            });
+        }
+        let estimator = self.estimator.clone();
         let active = self.active.get_or_insert_with(|| {
-            let core = WorkerCore::new(
+            let mut core = WorkerCore::new(
                 self.settings.clone(),
                 self.cfg.store.store_dir().clone(),
                 self.cfg.substituters.len(),
                 self.cfg.hook.is_some(),
             );
+            if let Some(e) = estimator {
+                core.set_estimator(e);
+            }
             let services = Arc::new(GoalServices {
                 env: core.goal_env().clone(),
                 executor: self.executor.clone(),

@@ -11,7 +11,7 @@
 //!
 //! [`WorkerCore`] is the plain state machine, with no actix types in it: the goal
 //! graph (one goal per `.drv` path, store path and `DrvOutput`; waiters and
-//! waitees), the build and substitution [`slots::Slots`], keep-going and
+//! waitees), the build and substitution slots ([`crate::schedule::Scheduler`]), keep-going and
 //! cancellation, the run's failure flags, progress counters and the outcome. The
 //! goals themselves live in their own actors ([`crate::goal::actor::GoalActor`]);
 //! the core hears from them as [`GoalReport`]s ([`WorkerCore::report`]) and answers
@@ -32,8 +32,9 @@
 //!   goal, e.g. `bad hook reply '…'`) ends the run at once the same way, with exit
 //!   status 1 and only that error, keep-going or not. A goal whose actor stopped
 //!   without a result fails ([`WorkerCore::goal_stopped`]).
-//! * Build order: goals waiting for a slot are served by the length of the chain of
-//!   goals that wait on them (the critical path above them), then in request order.
+//! * Build order: slots are granted by the critical-path [`crate::schedule::Scheduler`]
+//!   once the batch of changes settled (every live goal waits for a slot, holds
+//!   one, waits for inputs or runs); [`WorkerCore::grant_deferred`] forces it.
 //! * Progress: the counters go out once per batch of changes; a path substitution's
 //!   live byte counts ([`crate::progress::Transfer`]) travel with its
 //!   `SubstitutionStarted` event rather than as counter updates.
@@ -41,12 +42,11 @@
 //!   ordered, so cancellation and `finish` happen in the same order every run.
 
 pub mod actor;
-pub mod slots;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use drover::build_result::{BuildResult, BuildStatus, FailureFlags};
 use drover::config::Settings;
@@ -57,10 +57,7 @@ use crate::goal::host::{AnyGoal, Finished, GoalEnv, GoalProgressKind, GoalReport
 use crate::goal::{ExitCode, GoalId, GoalOutcome, GoalRequest, WaiteeResult};
 use crate::messages::BuildMode;
 use crate::progress::{Counters, GoalKey, ProgressEvent};
-use slots::Slots;
-
-/// How far a priority raise travels down the goal graph.
-pub const MAX_PRIORITY_PROPAGATION: usize = 64;
+use crate::schedule::{Estimator, NodeKind, Scheduler};
 
 static NEXT_GOAL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -277,8 +274,6 @@ struct Entry {
     waitees: BTreeMap<GoalId, GoalRequest>,
     /// The runs that asked for this goal at top level.
     top_of: BTreeSet<RunId>,
-    /// Length of the longest chain of goals waiting on this one.
-    priority: u64,
     substituting: bool,
     /// (NAR size, download size) counted as expected for this goal.
     sizes: (u64, u64),
@@ -317,8 +312,7 @@ pub struct WorkerCore {
     goal_env: Arc<GoalEnv>,
     goals: BTreeMap<GoalId, Entry>,
     keys: HashMap<GoalKey, GoalId>,
-    build_slots: Slots,
-    subst_slots: Slots,
+    sched: Scheduler,
     actions: Vec<Action>,
     counters: Counters,
     sent_counters: Counters,
@@ -336,8 +330,11 @@ impl WorkerCore {
         hook: bool,
     ) -> WorkerCore {
         WorkerCore {
-            build_slots: Slots::new(settings.max_jobs),
-            subst_slots: Slots::new(settings.max_substitution_jobs.max(1)),
+            sched: Scheduler::new(
+                Arc::new(crate::schedule::NoHistory),
+                settings.max_jobs,
+                settings.max_substitution_jobs.max(1),
+            ),
             goal_env: Arc::new(GoalEnv::new(
                 settings.clone(),
                 store_dir.clone(),
@@ -352,6 +349,50 @@ impl WorkerCore {
             counters: Counters::default(),
             sent_counters: Counters::default(),
             runs: BTreeMap::new(),
+        }
+    }
+
+    /// Where the scheduler's build-time estimates come from (call before
+    /// [`WorkerCore::start`]; without one every build gets the default estimate).
+    pub fn set_estimator(&mut self, estimator: Arc<dyn Estimator>) {
+        self.sched.set_estimator(estimator);
+    }
+
+    /// Whether slots are free and goals wait for them while some goal is not yet
+    /// settled: the host calls [`WorkerCore::grant_deferred`] if this stays so.
+    pub fn has_deferred_grants(&self) -> bool {
+        self.live_runs() > 0 && self.sched.has_deferred()
+    }
+
+    /// How long a deferred grant is worth waiting for at most: the own estimate of
+    /// the goal it would go to now.
+    pub fn deferred_estimate(&mut self) -> Option<Duration> {
+        self.sched.deferred_estimate()
+    }
+
+    /// Grants the free slots now, without waiting for every goal to settle (a goal
+    /// waiting for another process's lock or for a slow hook must not hold back
+    /// the others for ever).
+    pub fn grant_deferred(&mut self) {
+        self.grant(true);
+        self.settle();
+    }
+
+    fn grant(&mut self, force: bool) {
+        if self.live_runs() == 0 {
+            return;
+        }
+        for g in self.sched.grant(force) {
+            self.send(g.goal, ToGoal::SlotGranted);
+            if let Some(e) = self.goals.get(&g.goal) {
+                self.actions
+                    .push(Action::Progress(ProgressEvent::Scheduled {
+                        goal: e.key.clone(),
+                        path: g.path,
+                        estimate: g.estimate,
+                        still_waiting: g.still_waiting,
+                    }));
+            }
         }
     }
 
@@ -600,6 +641,14 @@ impl WorkerCore {
             }
             GoalRequest::DrvOutput { .. } => Info::DrvOut,
         };
+        self.sched.add_goal(
+            id,
+            match &info {
+                Info::Drv { drv_path, .. } => NodeKind::Derivation(drv_path.clone()),
+                Info::Subst { path } => NodeKind::Substitution(path.clone()),
+                Info::DrvOut => NodeKind::DrvOutput,
+            },
+        );
         self.goals.insert(
             id,
             Entry {
@@ -608,7 +657,6 @@ impl WorkerCore {
                 waiters: BTreeSet::new(),
                 waitees: BTreeMap::new(),
                 top_of: BTreeSet::new(),
-                priority: 0,
                 substituting: false,
                 sizes: (0, 0),
             },
@@ -640,9 +688,18 @@ impl WorkerCore {
         for run in done {
             self.end_run(run, None);
         }
-        let slots = &self.build_slots;
-        self.goal_env
-            .set_build_slot_free((slots.in_use() as u64) < slots.capacity());
+        self.grant(false);
+        let (used, cap) = (
+            self.sched.in_use(SlotKind::Build),
+            self.sched.capacity(SlotKind::Build),
+        );
+        self.goal_env.set_build_slot_free(used < cap);
+        if self.live_runs() > 0 {
+            if let Some(e) = self.sched.estimates(Instant::now()) {
+                self.actions
+                    .push(Action::Progress(ProgressEvent::Estimates(Arc::new(e))));
+            }
+        }
         if self.counters != self.sent_counters {
             self.sent_counters = self.counters;
             self.actions
@@ -650,32 +707,12 @@ impl WorkerCore {
         }
     }
 
-    fn slots(&mut self, kind: SlotKind) -> &mut Slots {
-        match kind {
-            SlotKind::Build => &mut self.build_slots,
-            SlotKind::Substitution => &mut self.subst_slots,
-        }
-    }
-
     fn apply(&mut self, id: GoalId, report: GoalReport) {
         match report {
             GoalReport::WaitFor(reqs) => self.wait_for(id, reqs),
-            GoalReport::AcquireSlot(kind) => {
-                // Builds are served by the critical path above them; substitutions
-                // in request order.
-                let prio = match kind {
-                    SlotKind::Build => self.goals.get(&id).map(|e| e.priority).unwrap_or(0),
-                    SlotKind::Substitution => 0,
-                };
-                if self.slots(kind).acquire(id, prio) {
-                    self.send(id, ToGoal::SlotGranted);
-                }
-            }
-            GoalReport::ReleaseSlot(kind) => {
-                if let Some(next) = self.slots(kind).release(id) {
-                    self.send(next, ToGoal::SlotGranted);
-                }
-            }
+            // Granted by `settle` once the batch settled (critical path first).
+            GoalReport::AcquireSlot(kind) => self.sched.acquire(id, kind),
+            GoalReport::ReleaseSlot(kind) => self.sched.release(id, kind),
             GoalReport::Progress(p) => self.progress(id, p),
             GoalReport::Finished(f) => self.goal_done(id, f),
             GoalReport::Fatal(msg) => {
@@ -699,6 +736,7 @@ impl WorkerCore {
                     ..
                 } = &mut e.info
                 {
+                    self.sched.started(id, Instant::now());
                     // A repeated build counts as running once, whatever its round.
                     if !*started {
                         *started = true;
@@ -719,6 +757,7 @@ impl WorkerCore {
                 }
             }
             GoalProgressKind::SubstitutionStarted { uri, transfer } => {
+                self.sched.started(id, Instant::now());
                 if !e.substituting {
                     e.substituting = true;
                     self.counters.running_substitutions += 1;
@@ -742,6 +781,7 @@ impl WorkerCore {
                 nar_size,
                 download_size,
             } => {
+                self.sched.set_nar_size(id, nar_size);
                 let c = &mut self.counters;
                 c.expected_nar_size = c.expected_nar_size - e.sizes.0 + nar_size;
                 c.expected_download_size = c.expected_download_size - e.sizes.1 + download_size;
@@ -760,38 +800,19 @@ impl WorkerCore {
             if dep == waiter {
                 continue;
             }
-            let prio = self.goals.get(&waiter).map(|e| e.priority).unwrap_or(0) + 1;
             if let Some(d) = self.goals.get_mut(&dep) {
                 d.waiters.insert(waiter);
             }
-            self.bump_priority(dep, prio);
+            self.sched.add_edge(dep, waiter);
             if let Some(w) = self.goals.get_mut(&waiter) {
                 if w.waitees.insert(dep, req).is_none() {
                     added += 1;
                 }
             }
         }
+        self.sched.set_waiting_for_inputs(waiter, added > 0);
         if added == 0 {
             self.send(waiter, ToGoal::AllSubGoalsDone);
-        }
-    }
-
-    /// Raises the priority of a goal and its dependencies (the critical path above).
-    /// Propagation stops [`MAX_PRIORITY_PROPAGATION`] levels down, so graphs found
-    /// bottom-up (every goal requested at top level) cost O(n) rather than O(n²).
-    fn bump_priority(&mut self, goal: GoalId, prio: u64) {
-        let mut stack = vec![(goal, prio, 0usize)];
-        while let Some((g, p, depth)) = stack.pop() {
-            let Some(e) = self.goals.get_mut(&g) else {
-                continue;
-            };
-            if e.priority >= p {
-                continue;
-            }
-            e.priority = p;
-            if depth < MAX_PRIORITY_PROPAGATION {
-                stack.extend(e.waitees.keys().map(|&d| (d, p + 1, depth + 1)));
-            }
         }
     }
 
@@ -881,6 +902,7 @@ impl WorkerCore {
                 if let Some(ne) = self.goals.get_mut(&new) {
                     ne.waiters.insert(w);
                 }
+                self.sched.add_edge(new, w);
             }
         }
         for (run, i) in moved_top {
@@ -951,11 +973,7 @@ impl WorkerCore {
             self.counters.done_download_size += entry.sizes.1;
         }
         // A finished goal's slots are free (it may hold one if it failed early).
-        for kind in [SlotKind::Build, SlotKind::Substitution] {
-            if let Some(next) = self.slots(kind).release(id) {
-                self.send(next, ToGoal::SlotGranted);
-            }
-        }
+        self.sched.remove(id);
         match &entry.info {
             Info::Drv {
                 drv_path, started, ..
@@ -1034,6 +1052,7 @@ impl WorkerCore {
                 }),
             );
             if all_done {
+                self.sched.set_waiting_for_inputs(w, false);
                 self.send(w, ToGoal::AllSubGoalsDone);
             }
             for d in rest {
@@ -1132,11 +1151,7 @@ impl WorkerCore {
         }
         self.counters.expected_nar_size -= entry.sizes.0;
         self.counters.expected_download_size -= entry.sizes.1;
-        for kind in [SlotKind::Substitution, SlotKind::Build] {
-            if let Some(next) = self.slots(kind).release(id) {
-                self.send(next, ToGoal::SlotGranted);
-            }
-        }
+        self.sched.remove(id);
         match &entry.info {
             Info::Drv { started, .. } => {
                 self.counters.expected_builds -= 1;
@@ -1381,13 +1396,31 @@ mod tests {
             })
         });
         let mut c = core(&ts, &s);
+        let secs = |n: &str, v: u64| (n.to_string(), Duration::from_secs(v));
+        c.set_estimator(Arc::new(crate::schedule::FixedEstimates(
+            [
+                secs("blocker", 50),
+                secs("lone", 5),
+                secs("c1", 2),
+                secs("c2", 2),
+                secs("c3", 2),
+            ]
+            .into(),
+        )));
         c.start(
             vec![built(&blocker), built(&lone), built(&c3)],
             BuildMode::Normal,
         );
         assert!(drv.run(&mut c).is_none());
+        // The first grant waits for every goal to settle: `blocker` has the longest
+        // path (50 s) of the ready `blocker`, `lone` (5 s) and `c1` (2 + 2 + 2 s).
         assert_eq!(drv.started, ["blocker"]);
-        // Both `lone` (asked first) and `c1` (two goals above it) wait for the slot.
+        assert!(drv.progress.contains(&ProgressEvent::Scheduled {
+            goal: crate::progress::GoalKey::Derivation(blocker.clone()),
+            path: Duration::from_secs(50),
+            estimate: Duration::from_secs(50),
+            still_waiting: 2,
+        }));
         let (gid, _) = drv.running.pop().unwrap();
         crate::testing::write_outputs(
             &ts.store,
@@ -1406,7 +1439,8 @@ mod tests {
         );
         let out = drv.run(&mut c).expect("finished");
         assert_eq!(out.exit_status, 0, "{:?}", out.errors);
-        // c1 first; c2 is not waiting yet when c1's slot frees, so `lone` goes next.
+        // c1 (6 s) before lone (5 s); then lone (5 s) before c2 (4 s): c2 asks for
+        // the slot as soon as c1 is done, and the choice waits for it.
         assert_eq!(drv.started, ["blocker", "c1", "lone", "c2", "c3"]);
         assert_eq!(
             c.counters(),

@@ -906,3 +906,71 @@ fn hook_asked_in_flight_dies_with_the_system() {
     });
     assert!(gone, "still running after the system ended: {pids:?}");
 }
+
+/// An accepted job records its build in drover's build history: the wall time
+/// from the inputs sent to the hook's end, on the machine the hook named.
+#[actix::test]
+async fn an_accepted_job_records_its_build_in_the_history() {
+    use drover::build_history::BuildHistory;
+    use drover_actors::local_builder::history::HistoryLog;
+    let dir = tempfile::tempdir().unwrap();
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hooks/sleeping.py");
+    let hook = Hook::with_script(
+        tempfile::tempdir().unwrap(),
+        &format!(
+            "#!/bin/sh\nexport HOOK_DIR='{}' HOOK_ACCEPT='-remote.drv' HOOK_SLEEP=0.3\nexec python3 '{}'\n",
+            dir.path().display(),
+            py.display()
+        ),
+    );
+    let got = Arc::new(Mutex::new(Collected::default()));
+    let config = HookPoolConfig {
+        build_hook: Some(hook.program()),
+        verbosity: 3,
+        preamble: Arc::new(encode_settings([("max-jobs", "1")])),
+        store_dir: store_dir(),
+        start_log_collector: collector(got, None),
+        stderr: None,
+    };
+    let state = dir.path().join("state");
+    let p = HookPool::new(config)
+        .with_history(Arc::new(HistoryLog::new(&state)))
+        .start();
+    let HookReply::Accept { job, machine } = ask(&p, "remote").await else {
+        panic!("expected accept");
+    };
+    assert_eq!(machine, "remote-machine");
+    let slot = Arc::new(Mutex::new(None));
+    let fin = Finished(slot.clone()).start();
+    job.send(HookBuild {
+        id: 1,
+        inputs: Default::default(),
+        missing_outputs: ["out".to_owned()].into(),
+        log: log_config(),
+        reply_to: fin.recipient(),
+    })
+    .await
+    .unwrap();
+    let drv_path = store_dir().print(&drv("remote"));
+    let mut rows = Vec::new();
+    for _ in 0..400 {
+        if slot.lock().unwrap().is_some() {
+            rows = BuildHistory::open(&state)
+                .unwrap()
+                .builds_of(&drv_path)
+                .unwrap();
+            if !rows.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    assert_eq!(
+        (r.pname.as_str(), r.machine.as_str(), r.status.as_str()),
+        ("remote", "remote-machine", "Built")
+    );
+    assert!(r.wall >= Duration::from_millis(300), "{r:?}");
+    assert_eq!((r.cpu, r.peak_rss), (None, None));
+}

@@ -12,4 +12,5 @@ mod hook;
 mod interop;
 mod local_builder;
 mod log_collector;
+mod schedule;
 mod worker;

@@ -33,6 +33,7 @@ mod realise;
 mod remote;
 mod repeat;
 mod sandbox;
+mod schedule;
 mod store_settings;
 mod substitute;
 
