@@ -56,7 +56,7 @@ pub struct Counters {
 }
 
 /// What happens during a run.
-#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[derive(Message, Debug, Clone, PartialEq)]
 #[rtype(result = "()")]
 pub enum ProgressEvent {
     /// The counters changed (sent once per batch of changes).
@@ -97,6 +97,46 @@ pub enum ProgressEvent {
     /// A goal finished, with its result (only with `WorkerSettings::goal_events`;
     /// cancelled goals do not finish).
     GoalFinished { goal: GoalKey, result: BuildResult },
+    /// A goal started waiting: `path` is the `.drv` of a derivation goal or the
+    /// store path of a substitution. It waits until its next event (another
+    /// `Waiting`, a start or its end).
+    Waiting { path: StorePath, reason: WaitReason },
+
+    /// The scheduler's estimates changed: the run's remaining time and the
+    /// expected wall time of derivations that became ready or started since the
+    /// last such event (only sent when something changed).
+    Estimates(std::sync::Arc<Estimates>),
+}
+
+/// What the critical-path scheduler expects of the run (see `ProgressEvent::Estimates`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Estimates {
+    /// Remaining wall time: the larger of the remaining critical path and the
+    /// remaining work divided by the slots; `None` until the graph is known.
+    pub eta: Option<std::time::Duration>,
+    /// Expected wall time per derivation (new or changed entries only).
+    pub expected: Vec<(drover::store_path::StorePath, std::time::Duration)>,
+    /// The current critical path, first step first (drv paths).
+    pub critical_path: Vec<drover::store_path::StorePath>,
+}
+
+/// Why a goal waits (Nix says it only for locks and machines, as messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    /// For these goals to finish: input derivations (`.drv` paths) and paths to
+    /// substitute.
+    Inputs(Vec<StorePath>),
+    /// For a local build slot (`max-jobs` builds run).
+    BuildSlot,
+    /// For a substitution slot (`max-substitution-jobs` copies run).
+    SubstitutionSlot,
+    /// For an output lock another process holds (`pid`, when `/proc/locks` says).
+    Lock {
+        path: std::path::PathBuf,
+        pid: Option<u32>,
+    },
+    /// For a remote machine (the build hook postponed it).
+    Machine,
 }
 
 /// Live byte counts of one copy from a substituter: bumped by the copying thread,

@@ -13,7 +13,9 @@ mod log;
 mod log_format;
 mod path_info;
 mod realise;
+mod report;
 mod roots;
+mod tree;
 
 use std::process::ExitCode;
 
@@ -56,6 +58,8 @@ enum Command {
     Realise(realise::Args),
     /// Print the build log of a derivation or of an output's deriver.
     Log(log::Args),
+    /// Print the report of the last `drover realise` (`--json`: as JSON).
+    Report(report::Args),
 }
 
 /// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
@@ -130,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PathInfo(a) => path_info::run(&ctx, a),
         Command::Realise(a) => realise::run(&mut ctx, a),
         Command::Log(a) => log::run(&ctx, a),
+        Command::Report(a) => report::run(&ctx, a),
     }
 }
 

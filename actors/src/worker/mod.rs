@@ -47,7 +47,7 @@ use drover::store_path::{StoreDir, StorePath};
 use crate::goal::host::{AnyGoal, Finished, GoalEnv, GoalProgressKind, GoalReport, SlotKind};
 use crate::goal::{ExitCode, GoalId, GoalOutcome, GoalRequest, WaiteeResult};
 use crate::messages::BuildMode;
-use crate::progress::{Counters, GoalKey, ProgressEvent};
+use crate::progress::{Counters, GoalKey, ProgressEvent, WaitReason};
 use slots::Slots;
 
 /// How far a priority raise travels down the goal graph.
@@ -528,7 +528,13 @@ impl WorkerCore {
 
     fn apply(&mut self, id: GoalId, report: GoalReport) {
         match report {
-            GoalReport::WaitFor(reqs) => self.wait_for(id, reqs),
+            GoalReport::WaitFor(reqs) => {
+                self.waiting(
+                    id,
+                    WaitReason::Inputs(reqs.iter().filter_map(request_path).collect()),
+                );
+                self.wait_for(id, reqs)
+            }
             GoalReport::AcquireSlot(kind) => {
                 // Builds are served by the critical path above them; substitutions
                 // in request order.
@@ -538,6 +544,8 @@ impl WorkerCore {
                 };
                 if self.slots(kind).acquire(id, prio) {
                     self.send(id, ToGoal::SlotGranted);
+                } else {
+                    self.waiting(id, WaitReason::slot(kind));
                 }
             }
             GoalReport::ReleaseSlot(kind) => {
@@ -618,7 +626,23 @@ impl WorkerCore {
             GoalProgressKind::Message(m) => self
                 .actions
                 .push(Action::Progress(ProgressEvent::Message(m))),
+            GoalProgressKind::Waiting(reason) => self.waiting(id, reason),
         }
+    }
+
+    /// Tells the display that a derivation or path substitution goal waits (a goal
+    /// waiting for nothing, say an empty list of inputs, says nothing).
+    fn waiting(&mut self, id: GoalId, reason: WaitReason) {
+        if matches!(&reason, WaitReason::Inputs(i) if i.is_empty()) {
+            return;
+        }
+        let path = match self.goals.get(&id).map(|e| &e.info) {
+            Some(Info::Drv { drv_path, .. }) => drv_path.clone(),
+            Some(Info::Subst { path }) => path.clone(),
+            _ => return,
+        };
+        self.actions
+            .push(Action::Progress(ProgressEvent::Waiting { path, reason }));
     }
 
     fn wait_for(&mut self, waiter: GoalId, reqs: Vec<GoalRequest>) {
@@ -1059,6 +1083,25 @@ pub fn request_outputs(p: &DerivedPath) -> OutputsSpec {
     match p {
         DerivedPath::Opaque(_) => OutputsSpec::Names(Default::default()),
         DerivedPath::Built { outputs, .. } => outputs.clone(),
+    }
+}
+
+/// The store path a request waits for: a `.drv` or a path to substitute.
+fn request_path(r: &GoalRequest) -> Option<StorePath> {
+    match r {
+        GoalRequest::Derivation { drv_path, .. } => Some(drv_path.clone()),
+        GoalRequest::Substitution { path, .. } => Some(path.clone()),
+        GoalRequest::DrvOutput { .. } => None,
+    }
+}
+
+impl WaitReason {
+    /// Waiting for a slot of this kind.
+    fn slot(kind: SlotKind) -> WaitReason {
+        match kind {
+            SlotKind::Build => WaitReason::BuildSlot,
+            SlotKind::Substitution => WaitReason::SubstitutionSlot,
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! [`Event::HookReply`], handled below (`AwaitHookReply`).
 
 use super::*;
+use crate::progress::WaitReason;
 
 impl DerivationGoal {
     /// `tryToBuild`: locks, the hook or a local build slot.
@@ -39,6 +40,7 @@ impl DerivationGoal {
                             "waiting for lock on {}...",
                             paths.join(", ")
                         )));
+                        fx.push(Effect::Waiting(lock_wait(&lock_files)));
                     }
                     fx.push(Effect::WaitForAWhile);
                     fx
@@ -98,6 +100,7 @@ impl DerivationGoal {
                             "waiting for a machine to build '{}'...",
                             self.p(ctx)
                         )));
+                        fx.push(Effect::Waiting(WaitReason::Machine));
                     }
                     fx.push(Effect::WaitForAWhile);
                     fx
@@ -272,6 +275,29 @@ pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// Why a goal waits for output locks: the first lock another process holds
+/// (with its pid, from `/proc/locks`), or the first lock when none says who.
+fn lock_wait(paths: &BTreeSet<std::path::PathBuf>) -> WaitReason {
+    let held = paths.iter().find_map(|p| {
+        let lock = drover::store::locks::lock_path_of(p);
+        drover::store::locks::holder_pid(&lock).map(|pid| (lock, pid))
+    });
+    match held {
+        Some((path, pid)) => WaitReason::Lock {
+            path,
+            pid: Some(pid),
+        },
+        None => WaitReason::Lock {
+            path: paths
+                .iter()
+                .next()
+                .map(|p| drover::store::locks::lock_path_of(p))
+                .unwrap_or_default(),
+            pid: None,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +382,7 @@ mod tests {
         assert_eq!(
             fx,
             format!(
-                "[Message(waiting for a machine to build '{}'...), WaitForAWhile]",
+                "[Message(waiting for a machine to build '{}'...), Waiting(Machine), WaitForAWhile]",
                 h.ts.store.store_dir().print(&d)
             )
         );
@@ -434,6 +460,15 @@ mod tests {
             "{fx}"
         );
         assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
+        // Who holds it: this process (the pid `/proc/locks` gives).
+        let lock_file = format!("{}.lock", h.ts.store.real_path(&out).display());
+        let pid = std::process::id();
+        assert!(
+            fx.contains(&format!(
+                "Waiting(Lock {{ path: {lock_file:?}, pid: Some({pid}) }})"
+            )),
+            "{fx}"
+        );
         assert_eq!(g.state_name(), "tryToBuild");
         // Meanwhile the other process builds it.
         h.ts.make_valid(&d);
