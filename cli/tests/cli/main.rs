@@ -33,6 +33,7 @@ mod repeat;
 mod sandbox;
 mod store_settings;
 mod substitute;
+mod tree;
 
 use std::process::{Command, Output};
 
