@@ -101,6 +101,13 @@ pub enum ProgressEvent {
     /// store path of a substitution. It waits until its next event (another
     /// `Waiting`, a start or its end).
     Waiting { path: StorePath, reason: WaitReason },
+    /// The substituter a path is copied from has it with these sizes (NAR bytes,
+    /// download bytes: 0 when unknown): what its copy's transfer counts up to.
+    SubstitutionSizes {
+        path: StorePath,
+        nar_size: u64,
+        download_size: u64,
+    },
 
     /// The scheduler's estimates changed: the run's remaining time and the
     /// expected wall time of derivations that became ready or started since the

@@ -384,9 +384,15 @@ impl Write for Display {
         }
         self.mid_line = buf.last() != Some(&b'\n');
         // The line went above the status line, which comes back at once (as in
-        // Nix): only redraws for events wait for the interval.
+        // Nix): only redraws for events wait for the interval. The tree (many lines)
+        // waits for it too, or for the next tick: a flood of builder output must not
+        // cost a whole tree per line.
         if self.live {
-            self.draw();
+            if self.tree.is_some() {
+                self.redraw();
+            } else {
+                self.draw();
+            }
         }
         Ok(consumed)
     }
@@ -626,11 +632,26 @@ mod tests {
         assert!(out.text().ends_with(tree), "{:?}", out.text());
         let before = out.text().len();
         d.line("a> hello");
-        // Up two lines, erase to the end of the screen, the line, the tree again.
+        // Up two lines, erase to the end of the screen, the line; the tree comes
+        // back at the next tick (it was drawn just now).
+        assert_eq!(&out.text()[before..], "\r\x1b[2A\x1b[Ja> hello\n");
+        d.tick();
         assert_eq!(
             &out.text()[before..],
             format!("\r\x1b[2A\x1b[Ja> hello\n{tree}")
         );
+        // A flood of output: the lines, and the tree at most once per interval.
+        let before = out.text().len();
+        let t = Instant::now();
+        for i in 0..10_000 {
+            d.line(&format!("line {i}"));
+        }
+        let most = 2 + (t.elapsed().as_millis() / MIN_REDRAW_INTERVAL.as_millis()) as usize;
+        let flood = &out.text()[before..];
+        assert!(flood.matches("for a build slot").count() <= most.min(100));
+        assert!(flood.contains("line 9999\n"));
+        d.tick();
+        assert!(out.text().ends_with(tree));
         d.finish();
         assert!(out.text().ends_with("\r\x1b[2A\x1b[J"));
     }

@@ -238,9 +238,8 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let Some((outcome, store)) = outcome else {
         return Ok(ExitCode::SUCCESS);
     };
-    finish_report(ctx, &shown, &recorder, args.report, verbosity);
-
     if outcome.exit_status != 0 {
+        finish_report(ctx, &shown, &recorder, args.report, verbosity);
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
     }
     let done: Vec<_> = outcome
@@ -259,6 +258,8 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "{l}")?;
     }
     out.flush()?;
+    // After everything Nix prints: the report comes last.
+    finish_report(ctx, &shown, &recorder, args.report, verbosity);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -414,6 +415,7 @@ impl Handler<ProgressEvent> for ProgressPrinter {
             ProgressEvent::GoalStarted { .. }
             | ProgressEvent::GoalFinished { .. }
             | ProgressEvent::Waiting { .. }
+            | ProgressEvent::SubstitutionSizes { .. }
             | ProgressEvent::Estimates(_) => {}
         }
     }

@@ -316,6 +316,7 @@ impl Recorder {
                 }
             }
             ProgressEvent::Counters(_)
+            | ProgressEvent::SubstitutionSizes { .. }
             | ProgressEvent::Message(_)
             | ProgressEvent::GoalStarted { .. }
             | ProgressEvent::GoalFinished { .. } => {}

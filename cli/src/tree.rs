@@ -50,6 +50,8 @@ pub struct Tree {
     expected: HashMap<StorePath, Duration>,
     /// The last ETA and when it came.
     eta: Option<(Duration, Instant)>,
+    /// NAR sizes of the paths being copied, when their substituter said.
+    nar_sizes: HashMap<StorePath, u64>,
 }
 
 impl Tree {
@@ -60,6 +62,7 @@ impl Tree {
             nodes: BTreeMap::new(),
             expected: HashMap::new(),
             eta: None,
+            nar_sizes: HashMap::new(),
         }
     }
 
@@ -101,6 +104,10 @@ impl Tree {
             | ProgressEvent::SubstitutionFinished { path, .. }
             | ProgressEvent::SubstitutionCancelled { path } => {
                 self.nodes.remove(path);
+                self.nar_sizes.remove(path);
+            }
+            ProgressEvent::SubstitutionSizes { path, nar_size, .. } => {
+                self.nar_sizes.insert(path.clone(), *nar_size);
             }
             ProgressEvent::Estimates(e) => self.estimates(e, now),
             ProgressEvent::Message(_)
@@ -217,11 +224,12 @@ impl Line {
 fn wait_words(r: &WaitReason, shown: &BTreeMap<StorePath, Node>) -> String {
     match r {
         WaitReason::Inputs(inputs) => {
-            let left: Vec<&str> = inputs
+            let mut left: Vec<&str> = inputs
                 .iter()
                 .filter(|i| shown.contains_key(*i))
                 .map(short_name)
                 .collect();
+            left.sort_unstable();
             if left.is_empty() {
                 "for inputs".into()
             } else {
@@ -297,7 +305,10 @@ pub fn render(tree: &Tree, now: Instant, width: usize, height: usize) -> Vec<Str
             }
             NodeState::Copying { transfer } => (
                 format!("copying {elapsed}"),
-                format!("{} MiB", mib(transfer.unpacked())),
+                match tree.nar_sizes.get(p).filter(|s| **s > 0) {
+                    Some(total) => format!("{}/{} MiB", mib(transfer.unpacked()), mib(*total)),
+                    None => format!("{} MiB", mib(transfer.unpacked())),
+                },
             ),
             NodeState::Waiting(r) => (format!("waiting {elapsed}"), wait_words(r, &tree.nodes)),
         };
@@ -407,6 +418,14 @@ mod tests {
         let tr = Arc::new(Transfer::default());
         tr.add_unpacked(3 * 1024 * 1024 / 2);
         t.apply(
+            &ProgressEvent::SubstitutionSizes {
+                path: path("eee"),
+                nar_size: 2 * 1024 * 1024,
+                download_size: 1024 * 1024,
+            },
+            t0 + 3 * S,
+        );
+        t.apply(
             &ProgressEvent::SubstitutionStarted {
                 path: path("eee"),
                 uri: "file:///c".into(),
@@ -437,7 +456,7 @@ mod tests {
             lines,
             [
                 "building 3s      c on ssh://m1",
-                "copying 2s       eee 1.5 MiB",
+                "copying 2s       eee 1.5/2.0 MiB",
                 "waiting 3s       dd for a lock held by pid 4242",
                 "waiting 5s       top for a, b",
                 "├─ building 4s      a locally",

@@ -622,6 +622,14 @@ impl WorkerCore {
                 c.expected_nar_size = c.expected_nar_size - e.sizes.0 + nar_size;
                 c.expected_download_size = c.expected_download_size - e.sizes.1 + download_size;
                 e.sizes = (nar_size, download_size);
+                if let Info::Subst { path } = &e.info {
+                    self.actions
+                        .push(Action::Progress(ProgressEvent::SubstitutionSizes {
+                            path: path.clone(),
+                            nar_size,
+                            download_size,
+                        }));
+                }
             }
             GoalProgressKind::Message(m) => self
                 .actions

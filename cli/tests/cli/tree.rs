@@ -302,4 +302,30 @@ fn off_a_terminal_the_lines_are_those_of_nix_store() {
     assert_eq!(seen[0], seen[1]);
     assert!(seen[1].2.contains("\none\n"), "{:?}", seen[1].2);
     assert!(!seen[1].2.contains('\x1b'), "{:?}", seen[1].2);
+
+    // `--report`: the same lines, then the report (stdout unchanged).
+    crate::realise::restore(&root, &snap);
+    let out = drover(&root)
+        .args(["realise", "--report", "-j1", &drv])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), seen[0].1);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = stderr
+        .strip_prefix(&seen[0].2)
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let lines: Vec<&str> = report.lines().collect();
+    assert!(lines[0].starts_with("run: "), "{report}");
+    assert!(
+        lines[0].contains(", 2 built, 0 failed, 0 copied"),
+        "{report}"
+    );
+    assert!(lines[1].starts_with("critical path (2 steps, "), "{report}");
+    assert!(lines[2].starts_with("  chain-1 built in "), "{report}");
+    assert!(lines[3].starts_with("  chain-2 built in "), "{report}");
+    assert!(report.contains("\npredicted vs actual: no estimates in this run\n"));
+    assert!(
+        report.contains("\nwhere: this machine: 2 builds, "),
+        "{report}"
+    );
 }
