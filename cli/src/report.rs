@@ -104,6 +104,9 @@ pub struct Step {
     pub stop: f64,
     /// Seconds it waited between its inputs' end (or the run's start) and its own.
     pub waited: f64,
+    /// What it waited for in that time (`build-slot`, `lock`, …).
+    #[serde(default)]
+    pub waited_for: Vec<String>,
 }
 
 /// What happened in a run.
@@ -391,7 +394,17 @@ impl Recorder {
                 .filter_map(|i| Some((i, self.span(i)?)))
                 .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1).then(b.0.cmp(a.0)));
             let ready = prev.map(|(_, (_, s, _))| s).unwrap_or(0.0);
+            let printed = self.store_dir.print(cur);
+            let mut waited_for: Vec<String> = self
+                .waits
+                .iter()
+                .filter(|w| w.path == printed && w.reason != "inputs")
+                .filter(|w| w.stop > ready && w.start < start)
+                .map(|w| w.reason.clone())
+                .collect();
+            waited_for.dedup();
             steps.push(Step {
+                waited_for,
                 path: self.store_dir.print(cur),
                 name: cur.name().trim_end_matches(".drv").into(),
                 kind: kind.into(),
@@ -451,7 +464,11 @@ impl RunReport {
             ));
             for st in &self.critical_path {
                 let wait = if st.waited >= 0.05 {
-                    format!(", after {} waiting", s(st.waited))
+                    let why: Vec<&str> = st.waited_for.iter().map(|r| reason_words(r)).collect();
+                    match why.is_empty() {
+                        true => format!(", after {} waiting", s(st.waited)),
+                        false => format!(", after {} waiting for {}", s(st.waited), why.join(", ")),
+                    }
                 } else {
                     String::new()
                 };
@@ -832,8 +849,8 @@ mod tests {
                 "run: 8.5s wall, 4 built, 0 failed, 1 copied, 2 cache hits",
                 "critical path (3 steps, 7.5s from the first start to the last stop):",
                 "  src copied in 0.5s (0.5s..1.0s, after 0.5s waiting)",
-                "  a built in 3.0s (3.0s..6.0s, after 2.0s waiting)",
-                "  top built in 1.0s (7.0s..8.0s, after 1.0s waiting)",
+                "  a built in 3.0s (3.0s..6.0s, after 2.0s waiting for a build slot)",
+                "  top built in 1.0s (7.0s..8.0s, after 1.0s waiting for locks)",
                 "slowest builds:",
                 "  c 3.5s on ssh://m1",
                 "  a 3.0s on this machine, expected 2.0s",
