@@ -190,6 +190,9 @@ fn cut(s: &str, n: usize) -> String {
     out
 }
 
+/// Deeper goals are drawn at this depth's indentation.
+const MAX_DEPTH: usize = 6;
+
 /// Names are cut to no fewer than this many characters before the detail goes.
 const MIN_NAME: usize = 12;
 
@@ -272,7 +275,7 @@ pub fn render(tree: &Tree, now: Instant, width: usize, height: usize) -> Vec<Str
     roots.sort_by_key(|p| (rank(&tree.nodes[*p].state), short_name(p)));
 
     // Depth first, each goal once (under its first parent).
-    let mut lines: Vec<Line> = Vec::new();
+    let mut lines: Vec<(u8, Line)> = Vec::new();
     let mut seen: BTreeSet<&StorePath> = BTreeSet::new();
     // (path, indentation of the parents, last child of its parent, depth)
     let mut stack: Vec<(&StorePath, String, bool, usize)> = roots
@@ -312,15 +315,21 @@ pub fn render(tree: &Tree, now: Instant, width: usize, height: usize) -> Vec<Str
             ),
             NodeState::Waiting(r) => (format!("waiting {elapsed}"), wait_words(r, &tree.nodes)),
         };
-        lines.push(Line {
-            left,
-            state: format!("{state:<16}"),
-            name: short_name(p).to_owned(),
-            detail,
-        });
+        lines.push((
+            rank(&n.state),
+            Line {
+                left,
+                state: format!("{state:<16}"),
+                name: short_name(p).to_owned(),
+                detail,
+            },
+        ));
         let kids = children(p);
         let child_indent = if depth == 0 {
             String::new()
+        } else if depth >= MAX_DEPTH {
+            // Deep chains stop moving right: names stay readable.
+            indent.clone()
         } else {
             format!("{indent}{}", if last { "   " } else { "│  " })
         };
@@ -332,11 +341,16 @@ pub fn render(tree: &Tree, now: Instant, width: usize, height: usize) -> Vec<Str
     let room = height.saturating_sub(2).max(1);
     let mut out: Vec<String> = Vec::new();
     if lines.len() > room {
+        // No room for the tree: a flat list, running goals first.
+        lines.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
         let hidden = lines.len() - (room - 1);
-        out.extend(lines[..room - 1].iter().map(|l| l.fit(width)));
+        out.extend(lines[..room - 1].iter_mut().map(|(_, l)| {
+            l.left.clear();
+            l.fit(width)
+        }));
         out.push(cut(&format!("… and {hidden} more"), width));
     } else {
-        out.extend(lines.iter().map(|l| l.fit(width)));
+        out.extend(lines.iter().map(|(_, l)| l.fit(width)));
     }
     let mut totals = status_line(
         &tree.counters,
@@ -557,6 +571,34 @@ mod tests {
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert_eq!(lines[3], "… and 7 more");
         assert!(lines[4].starts_with("[0/0 built"));
+    }
+
+    #[test]
+    fn without_room_for_the_tree_running_goals_come_first() {
+        let t0 = Instant::now();
+        let mut t = Tree::new(t0);
+        let mut prev: Option<StorePath> = None;
+        for i in 0..30 {
+            let d = drv(&format!("c{i:02}"));
+            if let Some(p) = prev {
+                waiting(&mut t, &p, WaitReason::Inputs(vec![d.clone()]), t0);
+            }
+            prev = Some(d);
+        }
+        started(&mut t, &drv("c29"), None, t0);
+        // A deep chain, drawn in full: the indentation stops growing.
+        let lines = render(&t, t0, 200, 40);
+        assert_eq!(lines.len(), 31);
+        assert!(
+            lines[29].contains("building 0s      c29 locally"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[29].find("└─"), lines[10].find("└─"));
+        // Too short for it: running first, flat.
+        let lines = render(&t, t0, 80, 6);
+        assert_eq!(lines[0], "building 0s      c29 locally");
+        assert_eq!(lines[1], "waiting 0s       c00 for c01");
+        assert_eq!(lines[3], "… and 27 more");
     }
 
     #[test]
