@@ -34,7 +34,8 @@ let
   top = mk "top" "echo top-says-hello; echo top > $out" [slow-a slow-b locked];
   chain-1 = mk "chain-1" "echo one; echo 1 > $out" [];
   chain-2 = mk "chain-2" "echo two; echo 2 > $out" [chain-1];
-in { inherit top locked chain-2; }
+  fails = mk "fails" "echo going wrong; exit 3" [];
+in { inherit top locked chain-2 fails; }
 "#;
 
 fn tmux_available() -> bool {
@@ -328,4 +329,47 @@ fn off_a_terminal_the_lines_are_those_of_nix_store() {
         report.contains("\nwhere: this machine: 2 builds, "),
         "{report}"
     );
+}
+
+#[test]
+fn a_failed_run_has_nix_stores_lines_then_its_report() {
+    if !crate::nix_env::nix_available("a_failed_run_has_nix_stores_lines_then_its_report") {
+        return;
+    }
+    let root = TestRoot::new();
+    let (file, _marks) = setup(&root);
+    let drv = root.instantiate(&file, Some("fails")).remove(0);
+    let snap = crate::realise::snapshot(&root);
+    let nix = root
+        .cmd("nix-store")
+        .args(["--realise", &drv])
+        .output()
+        .unwrap();
+    crate::realise::restore(&root, &snap);
+    // No report yet: a clear error.
+    let out = drover(&root).arg("report").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: no run report in '") && err.contains("drover/last-run.json"),
+        "{err}"
+    );
+    let out = drover(&root)
+        .args(["realise", "--report", &drv])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), nix.status.code());
+    assert_eq!(out.stdout, nix.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let nix_err = String::from_utf8_lossy(&nix.stderr).into_owned();
+    let report = stderr
+        .strip_prefix(&nix_err)
+        .unwrap_or_else(|| panic!("nix:\n{nix_err}\ndrover:\n{stderr}"));
+    assert!(report.starts_with("run: "), "{report}");
+    assert!(report.contains(", 0 built, 1 failed, "), "{report}");
+    assert!(report.contains("\n  fails "), "{report}");
+    assert!(report.contains(", PermanentFailure\n"), "{report}");
+    // And saved.
+    let out = drover(&root).arg("report").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), report);
 }
