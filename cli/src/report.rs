@@ -107,6 +107,9 @@ pub struct Step {
     /// What it waited for in that time (`build-slot`, `lock`, …).
     #[serde(default)]
     pub waited_for: Vec<String>,
+    /// How it ended (`Built`, `Substituted`, `PermanentFailure`, …).
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 /// What happened in a run.
@@ -403,8 +406,16 @@ impl Recorder {
                 .map(|w| w.reason.clone())
                 .collect();
             waited_for.dedup();
+            let status = match kind {
+                "build" => self.builds.get(cur).and_then(|b| b.status.clone()),
+                _ => self
+                    .substitutions
+                    .get(cur)
+                    .and_then(|(r, _)| r.status.clone()),
+            };
             steps.push(Step {
                 waited_for,
+                status,
                 path: self.store_dir.print(cur),
                 name: cur.name().trim_end_matches(".drv").into(),
                 kind: kind.into(),
@@ -472,10 +483,10 @@ impl RunReport {
                 } else {
                     String::new()
                 };
-                let verb = if st.kind == "build" {
-                    "built"
-                } else {
-                    "copied"
+                let verb = match (st.kind.as_str(), st.status.as_deref()) {
+                    (_, Some(status)) if !is_success(status) => "failed",
+                    ("build", _) => "built",
+                    _ => "copied",
                 };
                 out.push(format!(
                     "  {} {} in {} ({}..{}{wait})",

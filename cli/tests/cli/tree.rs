@@ -367,7 +367,7 @@ fn a_failed_run_has_nix_stores_lines_then_its_report() {
         .unwrap_or_else(|| panic!("nix:\n{nix_err}\ndrover:\n{stderr}"));
     assert!(report.starts_with("run: "), "{report}");
     assert!(report.contains(", 0 built, 1 failed, "), "{report}");
-    assert!(report.contains("\n  fails "), "{report}");
+    assert!(report.contains("\n  fails failed in "), "{report}");
     assert!(report.contains(", PermanentFailure\n"), "{report}");
     // And saved.
     let out = drover(&root).arg("report").output().unwrap();
