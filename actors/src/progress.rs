@@ -146,6 +146,33 @@ pub enum WaitReason {
     Machine,
 }
 
+impl WaitReason {
+    /// Waiting for the locks of these outputs (paths without `.lock`): the first
+    /// lock another process holds, with its pid from `/proc/locks`, or the first
+    /// lock when none says who.
+    pub fn lock(outputs: &std::collections::BTreeSet<std::path::PathBuf>) -> WaitReason {
+        use drover::store::locks::{holder_pid, lock_path_of};
+        let held = outputs.iter().find_map(|p| {
+            let lock = lock_path_of(p);
+            holder_pid(&lock).map(|pid| (lock, pid))
+        });
+        match held {
+            Some((path, pid)) => WaitReason::Lock {
+                path,
+                pid: Some(pid),
+            },
+            None => WaitReason::Lock {
+                path: outputs
+                    .iter()
+                    .next()
+                    .map(|p| lock_path_of(p))
+                    .unwrap_or_default(),
+                pid: None,
+            },
+        }
+    }
+}
+
 /// Live byte counts of one copy from a substituter: bumped by the copying thread,
 /// read by any other at any time (relaxed atomics: the counts are for display).
 ///

@@ -18,7 +18,6 @@
 //! [`Event::HookReply`], handled below (`AwaitHookReply`).
 
 use super::*;
-use crate::progress::WaitReason;
 
 impl DerivationGoal {
     /// `tryToBuild`: locks, the hook or a local build slot.
@@ -40,7 +39,9 @@ impl DerivationGoal {
                             "waiting for lock on {}...",
                             paths.join(", ")
                         )));
-                        fx.push(Effect::Waiting(lock_wait(&lock_files)));
+                        fx.push(Effect::Waiting(crate::progress::WaitReason::lock(
+                            &lock_files,
+                        )));
                     }
                     fx.push(Effect::WaitForAWhile);
                     fx
@@ -100,7 +101,7 @@ impl DerivationGoal {
                             "waiting for a machine to build '{}'...",
                             self.p(ctx)
                         )));
-                        fx.push(Effect::Waiting(WaitReason::Machine));
+                        fx.push(Effect::Waiting(crate::progress::WaitReason::Machine));
                     }
                     fx.push(Effect::WaitForAWhile);
                     fx
@@ -273,29 +274,6 @@ pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
         .get("requiredSystemFeatures")
         .map(|s| s.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default()
-}
-
-/// Why a goal waits for output locks: the first lock another process holds
-/// (with its pid, from `/proc/locks`), or the first lock when none says who.
-fn lock_wait(paths: &BTreeSet<std::path::PathBuf>) -> WaitReason {
-    let held = paths.iter().find_map(|p| {
-        let lock = drover::store::locks::lock_path_of(p);
-        drover::store::locks::holder_pid(&lock).map(|pid| (lock, pid))
-    });
-    match held {
-        Some((path, pid)) => WaitReason::Lock {
-            path,
-            pid: Some(pid),
-        },
-        None => WaitReason::Lock {
-            path: paths
-                .iter()
-                .next()
-                .map(|p| drover::store::locks::lock_path_of(p))
-                .unwrap_or_default(),
-            pid: None,
-        },
-    }
 }
 
 #[cfg(test)]
