@@ -35,7 +35,8 @@ let
   chain-1 = mk "chain-1" "echo one; echo 1 > $out" [];
   chain-2 = mk "chain-2" "echo two; echo 2 > $out" [chain-1];
   fails = mk "fails" "echo going wrong; exit 3" [];
-in { inherit top locked chain-2 fails; }
+  remote = mk "remote" "echo r > $out" [];
+in { inherit top locked chain-2 fails remote; }
 "#;
 
 fn tmux_available() -> bool {
@@ -56,6 +57,8 @@ struct Tmux {
     tmpdir: PathBuf,
     marks: PathBuf,
     nix: Option<Child>,
+    /// A file of pids to kill at the end (a hook's processes).
+    pids: Option<PathBuf>,
 }
 
 impl Tmux {
@@ -84,13 +87,13 @@ impl Tmux {
     fn screen(&self) -> String {
         let out = self
             .cmd()
-            .args(["capture-pane", "-p", "-t", "t"])
+            .args(["capture-pane", "-p", "-J", "-t", "t"])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The screen once `ready` holds of it (panics after two minutes).
+    /// The screen (wrapped lines joined) once `ready` holds of it (panics after two minutes).
     fn wait_for(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -114,6 +117,17 @@ impl Drop for Tmux {
             let _ = nix.wait();
         }
         let _ = self.cmd().arg("kill-server").status();
+        if let Some(p) = &self.pids {
+            for pid in std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .split_whitespace()
+            {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) of a process this test's hook started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
     }
 }
 
@@ -123,6 +137,29 @@ fn wait_for_file(p: &Path) {
         assert!(Instant::now() < deadline, "{} never appeared", p.display());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A script that runs `drover args…` with the root's environment, then says its
+/// exit status and stays (so that the screen can be read after the run).
+fn script(root: &TestRoot, env: &[(&str, String)], args: &[&str]) -> PathBuf {
+    let path = root.path().join("run.sh");
+    let mut sh = String::new();
+    for (k, v) in root
+        .env()
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .chain(env.iter().cloned())
+    {
+        sh.push_str(&format!("export {k}={}\n", quote(&v)));
+    }
+    let args: Vec<String> = args.iter().map(|a| quote(a)).collect();
+    sh.push_str(&format!(
+        "{} {}\necho EXIT=$?\nsleep 600\n",
+        quote(env!("CARGO_BIN_EXE_drover")),
+        args.join(" ")
+    ));
+    std::fs::write(&path, sh).unwrap();
+    path
 }
 
 fn setup(root: &TestRoot) -> (PathBuf, PathBuf) {
@@ -150,6 +187,7 @@ fn the_tree_shows_running_and_waiting_builds_with_their_reasons() {
         tmpdir: root.tmp_dir(),
         marks: marks.clone(),
         nix: None,
+        pids: None,
     };
     // Nix builds `locked` meanwhile, holding its output lock.
     let nix = root
@@ -163,18 +201,8 @@ fn the_tree_shows_running_and_waiting_builds_with_their_reasons() {
     tmux.nix = Some(nix);
     wait_for_file(&marks.join("locked-started"));
 
-    let script = root.path().join("run.sh");
-    let mut sh = String::new();
-    for (k, v) in root.env() {
-        sh.push_str(&format!("export {k}={}\n", quote(&v)));
-    }
-    sh.push_str(&format!(
-        "{} realise -j1 {}\necho EXIT=$?\nsleep 600\n",
-        quote(env!("CARGO_BIN_EXE_drover")),
-        quote(&top)
-    ));
-    std::fs::write(&script, sh).unwrap();
-    tmux.start(&script);
+    let run = script(&root, &[], &["realise", "-j1", &top]);
+    tmux.start(&run);
 
     let screen = tmux.wait_for("a build running and one waiting for the slot", |s| {
         s.contains("for a build slot")
@@ -225,7 +253,14 @@ fn the_tree_shows_running_and_waiting_builds_with_their_reasons() {
         "build waiting for the lock nix-store holds",
     );
     has(&|l| l.starts_with("[0/4 built, 1 running, "), "totals");
-    for l in &lines {
+    // The tree's lines (wrapped lines are joined) fit the 100 columns.
+    let tree_line = |l: &str| {
+        ["building ", "waiting ", "├", "└", "["]
+            .iter()
+            .any(|p| l.starts_with(p))
+            && !l.starts_with("building '")
+    };
+    for l in lines.iter().filter(|l| tree_line(l)) {
         assert!(l.chars().count() < 100, "wider than the terminal: {l:?}");
     }
     // The tree is below everything else.
@@ -372,4 +407,75 @@ fn a_failed_run_has_nix_stores_lines_then_its_report() {
     // And saved.
     let out = drover(&root).arg("report").output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), report);
+}
+
+#[test]
+fn the_tree_shows_on_which_machine_a_build_runs() {
+    if !crate::nix_env::nix_available("the_tree_shows_on_which_machine_a_build_runs") {
+        return;
+    }
+    if !tmux_available() {
+        eprintln!("SKIPPED the_tree_shows_on_which_machine_a_build_runs: no tmux");
+        return;
+    }
+    let root = TestRoot::new();
+    let (file, marks) = setup(&root);
+    let drv = root.instantiate(&file, Some("remote")).remove(0);
+    let hook_dir = root.path().join("hook");
+    std::fs::create_dir_all(&hook_dir).unwrap();
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hooks/sleeping.py");
+    let hook = hook_dir.join("hook");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nexec python3 {}\n", quote(py.to_str().unwrap())),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tmux = Tmux {
+        tmpdir: root.tmp_dir(),
+        marks,
+        nix: None,
+        pids: Some(hook_dir.join("pids")),
+    };
+    let env = [
+        ("HOOK_DIR", hook_dir.to_str().unwrap().to_owned()),
+        ("HOOK_ACCEPT", "-remote.drv".to_owned()),
+        ("HOOK_SLEEP", "60".to_owned()),
+    ];
+    let run = script(
+        &root,
+        &env,
+        &[
+            "realise",
+            "--option",
+            "build-hook",
+            hook.to_str().unwrap(),
+            &drv,
+        ],
+    );
+    tmux.start(&run);
+    let screen = tmux.wait_for("the remote build", |s| s.contains(" on remote-machine"));
+    eprintln!("the screen while building remotely:\n{screen}");
+    let lines: Vec<&str> = screen.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("building ") && l.ends_with(" remote on remote-machine")),
+        "{screen}"
+    );
+    // The hook's log line, echoed as Nix echoes it, and Nix's `building … on …` line.
+    assert!(lines.contains(&"remote build started"), "{screen}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("building '")
+                && l.ends_with("-remote.drv' on 'remote-machine'...")),
+        "{screen}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("[0/1 built, 1 running, ")),
+        "{screen}"
+    );
 }
