@@ -409,14 +409,15 @@ fn a_failed_run_has_nix_stores_lines_then_its_report() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), report);
 }
 
-#[test]
-fn the_tree_shows_on_which_machine_a_build_runs() {
-    if !crate::nix_env::nix_available("the_tree_shows_on_which_machine_a_build_runs") {
-        return;
+/// A root with the `remote` derivation, the sleeping hook (with `env`) and a
+/// tmux session running `drover realise` of it through the hook.
+fn remote_run(test: &str, env: &[(&str, &str)]) -> Option<(TestRoot, Tmux)> {
+    if !crate::nix_env::nix_available(test) {
+        return None;
     }
     if !tmux_available() {
-        eprintln!("SKIPPED the_tree_shows_on_which_machine_a_build_runs: no tmux");
-        return;
+        eprintln!("SKIPPED {test}: no tmux");
+        return None;
     }
     let root = TestRoot::new();
     let (file, marks) = setup(&root);
@@ -437,14 +438,15 @@ fn the_tree_shows_on_which_machine_a_build_runs() {
         nix: None,
         pids: Some(hook_dir.join("pids")),
     };
-    let env = [
+    let mut vars = vec![
         ("HOOK_DIR", hook_dir.to_str().unwrap().to_owned()),
         ("HOOK_ACCEPT", "-remote.drv".to_owned()),
         ("HOOK_SLEEP", "60".to_owned()),
     ];
+    vars.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let run = script(
         &root,
-        &env,
+        &vars,
         &[
             "realise",
             "--option",
@@ -454,7 +456,18 @@ fn the_tree_shows_on_which_machine_a_build_runs() {
         ],
     );
     tmux.start(&run);
-    let screen = tmux.wait_for("the remote build", |s| s.contains(" on remote-machine"));
+    Some((root, tmux))
+}
+
+#[test]
+fn the_tree_shows_on_which_machine_a_build_runs() {
+    let Some((_root, tmux)) = remote_run("the_tree_shows_on_which_machine_a_build_runs", &[])
+    else {
+        return;
+    };
+    let screen = tmux.wait_for("the remote build", |s| {
+        s.contains(" remote on remote-machine") && s.contains("remote build started")
+    });
     eprintln!("the screen while building remotely:\n{screen}");
     let lines: Vec<&str> = screen.lines().collect();
     assert!(
@@ -476,6 +489,39 @@ fn the_tree_shows_on_which_machine_a_build_runs() {
         lines
             .iter()
             .any(|l| l.starts_with("[0/1 built, 1 running, ")),
+        "{screen}"
+    );
+}
+
+#[test]
+fn the_tree_shows_a_build_waiting_for_a_machine() {
+    let Some((_root, tmux)) = remote_run(
+        "the_tree_shows_a_build_waiting_for_a_machine",
+        &[("HOOK_REPLY", "# postpone")],
+    ) else {
+        return;
+    };
+    let screen = tmux.wait_for("the postponed build", |s| {
+        s.contains(" remote for a machine")
+    });
+    eprintln!("the screen while waiting for a machine:\n{screen}");
+    let lines: Vec<&str> = screen.lines().collect();
+    // Nix's message, then the tree.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("waiting for a machine to build '")
+                && l.ends_with("-remote.drv'...")),
+        "{screen}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("waiting ") && l.ends_with(" remote for a machine")),
+        "{screen}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("[0/1 built, ")),
         "{screen}"
     );
 }
