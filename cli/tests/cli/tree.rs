@@ -205,9 +205,12 @@ fn the_tree_shows_running_and_waiting_builds_with_their_reasons() {
     tmux.start(&run);
 
     let screen = tmux.wait_for("a build running and one waiting for the slot", |s| {
+        // Everything at once: a whole tree drawn after the builder's line.
         s.contains("for a build slot")
             && s.contains("says-hello")
             && s.contains("for a lock held by pid")
+            && s.contains(" locally")
+            && s.contains("[0/4 built, 1 running")
     });
     eprintln!("the screen while building:\n{screen}");
     let lines: Vec<&str> = screen.lines().collect();
@@ -466,7 +469,9 @@ fn the_tree_shows_on_which_machine_a_build_runs() {
         return;
     };
     let screen = tmux.wait_for("the remote build", |s| {
-        s.contains(" remote on remote-machine") && s.contains("remote build started")
+        s.contains(" remote on remote-machine")
+            && s.contains("remote build started")
+            && s.contains("[0/1 built, 1 running, ")
     });
     eprintln!("the screen while building remotely:\n{screen}");
     let lines: Vec<&str> = screen.lines().collect();
@@ -502,7 +507,7 @@ fn the_tree_shows_a_build_waiting_for_a_machine() {
         return;
     };
     let screen = tmux.wait_for("the postponed build", |s| {
-        s.contains(" remote for a machine")
+        s.contains(" remote for a machine") && s.contains("[0/1 built, ")
     });
     eprintln!("the screen while waiting for a machine:\n{screen}");
     let lines: Vec<&str> = screen.lines().collect();
