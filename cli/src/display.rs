@@ -7,6 +7,10 @@
 //! [`status_line`], a pure function of the counters. Elsewhere (a pipe, a CI log) it
 //! prints exactly what `nix-store --realise` prints, and nothing else.
 //!
+//! Without a `--log-format`, the status line is the last line of the live build
+//! tree ([`crate::tree`]), drawn above it; the tree's lines are cleared as a block
+//! (cursor up, erase to the end of the screen) before output goes above them.
+//!
 //! Redraws are rate-limited: events (counters, builds and copies starting) redraw
 //! at most once per [`MIN_REDRAW_INTERVAL`], and the CLI calls [`Display::tick`] on
 //! a timer ([`TICK_INTERVAL`]) so the line stays current (elapsed time, bytes in
