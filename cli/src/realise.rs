@@ -5,6 +5,11 @@
 //! what will be built (`these N derivations will be built:`), the build messages and
 //! builder output on stderr, the output paths on stdout one per line, and exits with
 //! Nix's status: 0, 1, or `0x60 | bits` for failed builds.
+//!
+//! On a terminal (without `--plain` or `--log-format`) the live build tree
+//! ([`crate::tree`]) is drawn below those lines. Every run is recorded
+//! ([`crate::report::Recorder`]) and its report saved for `drover report`;
+//! `--report` prints it on stderr after everything Nix prints.
 
 use std::io::Write;
 use std::process::ExitCode;
