@@ -56,7 +56,7 @@ pub struct Counters {
 }
 
 /// What happens during a run.
-#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[derive(Message, Debug, Clone, PartialEq)]
 #[rtype(result = "()")]
 pub enum ProgressEvent {
     /// The scheduler gave a waiting goal a slot (`crate::schedule`): why it was
@@ -107,6 +107,18 @@ pub enum ProgressEvent {
     /// A goal finished, with its result (only with `WorkerSettings::goal_events`;
     /// cancelled goals do not finish).
     GoalFinished { goal: GoalKey, result: BuildResult },
+    /// A goal started waiting: `path` is the `.drv` of a derivation goal or the
+    /// store path of a substitution. It waits until its next event (another
+    /// `Waiting`, a start or its end).
+    Waiting { path: StorePath, reason: WaitReason },
+    /// The substituter a path is copied from has it with these sizes (NAR bytes,
+    /// download bytes: 0 when unknown): what its copy's transfer counts up to.
+    SubstitutionSizes {
+        path: StorePath,
+        nar_size: u64,
+        download_size: u64,
+    },
+
     /// The scheduler's estimates changed: the run's remaining time and the
     /// expected wall time of derivations that became ready or started since the
     /// last such event (only sent when something changed).
@@ -127,6 +139,52 @@ pub struct Estimates {
 
 /// Every field compares exactly, so [`ProgressEvent`] keeps its `Eq`.
 impl Eq for Estimates {}
+
+/// Why a goal waits (Nix says it only for locks and machines, as messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    /// For these goals to finish: input derivations (`.drv` paths) and paths to
+    /// substitute.
+    Inputs(Vec<StorePath>),
+    /// For a local build slot (`max-jobs` builds run).
+    BuildSlot,
+    /// For a substitution slot (`max-substitution-jobs` copies run).
+    SubstitutionSlot,
+    /// For an output lock another process holds (`pid`, when `/proc/locks` says).
+    Lock {
+        path: std::path::PathBuf,
+        pid: Option<u32>,
+    },
+    /// For a remote machine (the build hook postponed it).
+    Machine,
+}
+
+impl WaitReason {
+    /// Waiting for the locks of these outputs (paths without `.lock`): the first
+    /// lock another process holds, with its pid from `/proc/locks`, or the first
+    /// lock when none says who.
+    pub fn lock(outputs: &std::collections::BTreeSet<std::path::PathBuf>) -> WaitReason {
+        use drover::store::locks::{holder_pid, lock_path_of};
+        let held = outputs.iter().find_map(|p| {
+            let lock = lock_path_of(p);
+            holder_pid(&lock).map(|pid| (lock, pid))
+        });
+        match held {
+            Some((path, pid)) => WaitReason::Lock {
+                path,
+                pid: Some(pid),
+            },
+            None => WaitReason::Lock {
+                path: outputs
+                    .iter()
+                    .next()
+                    .map(|p| lock_path_of(p))
+                    .unwrap_or_default(),
+                pid: None,
+            },
+        }
+    }
+}
 
 /// Live byte counts of one copy from a substituter: bumped by the copying thread,
 /// read by any other at any time (relaxed atomics: the counts are for display).

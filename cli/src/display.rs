@@ -7,6 +7,10 @@
 //! [`status_line`], a pure function of the counters. Elsewhere (a pipe, a CI log) it
 //! prints exactly what `nix-store --realise` prints, and nothing else.
 //!
+//! Without a `--log-format`, the status line is the last line of the live build
+//! tree ([`crate::tree`]), drawn above it; the tree's lines are cleared as a block
+//! (cursor up, erase to the end of the screen) before output goes above them.
+//!
 //! Redraws are rate-limited: events (counters, builds and copies starting) redraw
 //! at most once per [`MIN_REDRAW_INTERVAL`], and the CLI calls [`Display::tick`] on
 //! a timer ([`TICK_INTERVAL`]) so the line stays current (elapsed time, bytes in
@@ -156,7 +160,10 @@ pub struct Display {
     /// Bytes written since the last newline (a status line is only drawn at a line
     /// boundary, so partial lines of builder output are never split).
     mid_line: bool,
-    status_drawn: bool,
+    /// How many lines of status (or tree) are drawn below the output.
+    drawn: usize,
+    /// The live build tree ([`crate::tree`]), drawn instead of the status line.
+    tree: Option<crate::tree::Tree>,
     last_draw: Option<Instant>,
     counters: Counters,
     running: BTreeMap<StorePath, Instant>,
@@ -184,7 +191,8 @@ impl Display {
             out,
             live,
             mid_line: false,
-            status_drawn: false,
+            drawn: 0,
+            tree: None,
             last_draw: None,
             counters: Counters::default(),
             running: BTreeMap::new(),
@@ -192,6 +200,22 @@ impl Display {
             started: Instant::now(),
             json: None,
             filter: AnsiFilter::new(!live),
+        }
+    }
+
+    /// On a terminal, draw the live build tree instead of the status line.
+    pub fn use_tree(&mut self) {
+        self.tree = Some(crate::tree::Tree::new(self.started));
+    }
+
+    /// Gives an event to the tree (a wait or new estimates redraw it).
+    pub fn event(&mut self, event: &drover_actors::progress::ProgressEvent) {
+        use drover_actors::progress::ProgressEvent as E;
+        if let Some(tree) = &mut self.tree {
+            tree.apply(event, Instant::now());
+            if matches!(event, E::Waiting { .. } | E::Estimates(_)) {
+                self.redraw();
+            }
         }
     }
 
@@ -257,10 +281,8 @@ impl Display {
     /// Removes the status line for good (before the final output).
     pub fn finish(&mut self) {
         self.emit_json(|j| j.worker_finished());
-        if self.status_drawn {
-            let _ = self.out.write_all(b"\r\x1b[K");
-            self.status_drawn = false;
-        }
+        let _ = self.out.write_all(&clear(self.drawn));
+        self.drawn = 0;
         self.live = false;
     }
 
@@ -316,16 +338,27 @@ impl Display {
             self.started.elapsed().as_secs(),
             building.as_ref(),
         );
-        let width = terminal_width();
-        let shown: String = s.chars().take(width.saturating_sub(1)).collect();
-        let mut buf = Vec::with_capacity(shown.len() + 16);
-        if self.status_drawn {
-            buf.extend_from_slice(b"\r\x1b[K");
+        let (width, height) = terminal_size();
+        let mut buf = clear(self.drawn);
+        if let Some(tree) = &self.tree {
+            let lines = crate::tree::render(tree, Instant::now(), width, height);
+            let last = lines.len() - 1;
+            for (i, l) in lines.iter().enumerate() {
+                if i == last {
+                    buf.extend_from_slice(format!("\x1b[2m{l}\x1b[0m").as_bytes());
+                } else {
+                    buf.extend_from_slice(l.as_bytes());
+                    buf.extend_from_slice(b"\n");
+                }
+            }
+            self.drawn = lines.len();
+        } else {
+            let shown: String = s.chars().take(width.saturating_sub(1)).collect();
+            buf.extend_from_slice(format!("\x1b[2m{shown}\x1b[0m").as_bytes());
+            self.drawn = 1;
         }
-        buf.extend_from_slice(format!("\x1b[2m{shown}\x1b[0m").as_bytes());
         let _ = self.out.write_all(&buf);
         let _ = self.out.flush();
-        self.status_drawn = true;
         self.last_draw = Some(Instant::now());
     }
 }
@@ -345,19 +378,25 @@ impl Write for Display {
         if buf.is_empty() {
             return Ok(consumed);
         }
-        if self.status_drawn {
-            let mut all = b"\r\x1b[K".to_vec();
+        if self.drawn > 0 {
+            let mut all = clear(self.drawn);
             all.extend_from_slice(buf);
             self.out.write_all(&all)?;
-            self.status_drawn = false;
+            self.drawn = 0;
         } else {
             self.out.write_all(buf)?;
         }
         self.mid_line = buf.last() != Some(&b'\n');
         // The line went above the status line, which comes back at once (as in
-        // Nix): only redraws for events wait for the interval.
+        // Nix): only redraws for events wait for the interval. The tree (many lines)
+        // waits for it too, or for the next tick: a flood of builder output must not
+        // cost a whole tree per line.
         if self.live {
-            self.draw();
+            if self.tree.is_some() {
+                self.redraw();
+            } else {
+                self.draw();
+            }
         }
         Ok(consumed)
     }
@@ -367,14 +406,23 @@ impl Write for Display {
     }
 }
 
-fn terminal_width() -> usize {
+/// The terminal's columns and rows (80×24 when stderr does not say).
+fn terminal_size() -> (usize, usize) {
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes a winsize into the struct we own.
     let r = unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) };
-    if r == 0 && ws.ws_col > 0 {
-        ws.ws_col as usize
-    } else {
-        80
+    let or = |v: u16, d: usize| if r == 0 && v > 0 { v as usize } else { d };
+    (or(ws.ws_col, 80), or(ws.ws_row, 24))
+}
+
+/// Erases the `n` lines drawn last, leaving the cursor where the first began: the
+/// line itself for one (as Nix's progress bar), else up `n - 1` lines and to the
+/// end of the screen (only drawn lines are below).
+fn clear(n: usize) -> Vec<u8> {
+    match n {
+        0 => Vec::new(),
+        1 => b"\r\x1b[K".to_vec(),
+        n => format!("\r\x1b[{}A\x1b[J", n - 1).into_bytes(),
     }
 }
 
@@ -557,5 +605,58 @@ mod tests {
             text.starts_with("half a line and the rest\n\x1b[2m[0/0 built"),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn the_tree_is_cleared_for_output_lines_and_drawn_again_below_them() {
+        use drover_actors::progress::{ProgressEvent, WaitReason};
+        let out = Shared::default();
+        let mut d = Display::to(Box::new(out.clone()), true);
+        d.use_tree();
+        let sd = drover::store_path::StoreDir::new("/nix/store").unwrap();
+        let a = sd
+            .parse(&format!("/nix/store/{}-a.drv", "a".repeat(32)))
+            .unwrap();
+        let b = sd
+            .parse(&format!("/nix/store/{}-b.drv", "a".repeat(32)))
+            .unwrap();
+        d.event(&ProgressEvent::BuildStarted {
+            drv_path: a.clone(),
+            machine: None,
+            verb: "building",
+            round: None,
+        });
+        d.event(&ProgressEvent::Waiting {
+            path: b,
+            reason: WaitReason::BuildSlot,
+        });
+        d.tick();
+        let tree = "building 0s      a locally\nwaiting 0s       b for a build slot\n\
+                    \x1b[2m[0/0 built, 0s]\x1b[0m";
+        assert!(out.text().ends_with(tree), "{:?}", out.text());
+        let before = out.text().len();
+        d.line("a> hello");
+        // Up two lines, erase to the end of the screen, the line; the tree comes
+        // back at the next tick (it was drawn just now).
+        assert_eq!(&out.text()[before..], "\r\x1b[2A\x1b[Ja> hello\n");
+        d.tick();
+        assert_eq!(
+            &out.text()[before..],
+            format!("\r\x1b[2A\x1b[Ja> hello\n{tree}")
+        );
+        // A flood of output: the lines, and the tree at most once per interval.
+        let before = out.text().len();
+        let t = Instant::now();
+        for i in 0..10_000 {
+            d.line(&format!("line {i}"));
+        }
+        let most = 2 + (t.elapsed().as_millis() / MIN_REDRAW_INTERVAL.as_millis()) as usize;
+        let flood = &out.text()[before..];
+        assert!(flood.matches("for a build slot").count() <= most.min(100));
+        assert!(flood.contains("line 9999\n"));
+        d.tick();
+        assert!(out.text().ends_with(tree));
+        d.finish();
+        assert!(out.text().ends_with("\r\x1b[2A\x1b[J"));
     }
 }

@@ -15,7 +15,9 @@ mod log;
 mod log_format;
 mod path_info;
 mod realise;
+mod report;
 mod roots;
+mod tree;
 
 use std::process::ExitCode;
 
@@ -62,6 +64,8 @@ enum Command {
     Gc(gc::Args),
     /// Serve Nix's worker protocol in place of `nix-daemon`.
     Daemon(daemon::Args),
+    /// Print the report of the last `drover realise` (`--json`: as JSON).
+    Report(report::Args),
 }
 
 /// Nix's verbosity levels: `lvlError` 0, `lvlWarn` 1, `lvlNotice` 2, `lvlInfo` 3
@@ -138,6 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(a) => log::run(&ctx, a),
         Command::Gc(a) => gc::run(&ctx, a),
         Command::Daemon(a) => daemon::run(&ctx, a),
+        Command::Report(a) => report::run(&ctx, a),
     }
 }
 

@@ -5,6 +5,11 @@
 //! what will be built (`these N derivations will be built:`), the build messages and
 //! builder output on stderr, the output paths on stdout one per line, and exits with
 //! Nix's status: 0, 1, or `0x60 | bits` for failed builds.
+//!
+//! On a terminal (without `--plain` or `--log-format`) the live build tree
+//! ([`crate::tree`]) is drawn below those lines. Every run is recorded
+//! ([`crate::report::Recorder`]) and its report saved for `drover report`;
+//! `--report` prints it on stderr after everything Nix prints.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -62,9 +67,12 @@ pub struct Args {
     /// Only print what would be built.
     #[arg(long)]
     dry_run: bool,
-    /// Print plain messages even on a terminal (no status line).
+    /// Print plain messages even on a terminal (no build tree, no status line).
     #[arg(long)]
     plain: bool,
+    /// Print a report of the run after it (also saved for `drover report`).
+    #[arg(long)]
+    report: bool,
     /// How to log, as Nix's `--log-format`: `raw`, `raw-with-logs`, `bar`,
     /// `bar-with-logs` or `internal-json`.
     #[arg(long, value_name = "FORMAT")]
@@ -131,6 +139,15 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     };
     let plain = args.plain || log_format.is_some_and(|f| !f.bar());
     let display = Arc::new(Mutex::new(Display::new(plain)));
+    // Nix's own log formats keep their looks; by default a terminal gets the tree.
+    if log_format.is_none() {
+        display.lock().unwrap().use_tree();
+    }
+    let recorder = Arc::new(Mutex::new(crate::report::Recorder::new(
+        store_dir.clone(),
+        std::time::Instant::now(),
+    )));
+    let recording = recorder.clone();
     if log_format == Some(LogFormat::InternalJson) {
         display
             .lock()
@@ -170,6 +187,7 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
             display: display.clone(),
             store_dir: printer_store_dir,
             name_lines: log_format == Some(LogFormat::BarWithLogs),
+            recorder: recording,
         }
         .start();
         let mut builder = builder.progress(progress.clone().recipient());
@@ -225,8 +243,8 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
     let Some((outcome, store)) = outcome else {
         return Ok(ExitCode::SUCCESS);
     };
-
     if outcome.exit_status != 0 {
+        finish_report(ctx, &shown, &recorder, args.report, verbosity);
         return Ok(ExitCode::from(outcome.exit_status.clamp(1, 255) as u8));
     }
     let done: Vec<_> = outcome
@@ -245,6 +263,8 @@ pub fn run(ctx: &mut Context, args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "{l}")?;
     }
     out.flush()?;
+    // After everything Nix prints: the report comes last.
+    finish_report(ctx, &shown, &recorder, args.report, verbosity);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -283,6 +303,34 @@ struct ProgressPrinter {
     store_dir: StoreDir,
     /// `bar-with-logs`: builder lines are printed as `<name>> <line>`.
     name_lines: bool,
+    /// Records the run for the report.
+    recorder: Arc<Mutex<crate::report::Recorder>>,
+}
+
+/// Saves the run's report in the state directory (a warning when it cannot be)
+/// and with `--report` prints it on stderr, after the run's own messages.
+fn finish_report(
+    ctx: &Context,
+    display: &Arc<Mutex<Display>>,
+    recorder: &Arc<Mutex<crate::report::Recorder>>,
+    print: bool,
+    verbosity: u32,
+) {
+    let empty =
+        crate::report::Recorder::new(ctx.settings.store_dir().clone(), std::time::Instant::now());
+    let recorder = std::mem::replace(&mut *recorder.lock().unwrap(), empty);
+    let report = recorder.finish(std::time::Instant::now());
+    let mut d = display.lock().unwrap();
+    if let Err(e) = report.save(ctx.settings.state_dir()) {
+        if verbosity >= crate::LVL_WARN {
+            d.line(&format!("warning: {e}"));
+        }
+    }
+    if print {
+        for l in report.render() {
+            d.line(&l);
+        }
+    }
 }
 
 impl Actor for ProgressPrinter {
@@ -308,7 +356,12 @@ impl QueryObserver for QueryActivities {
 impl Handler<ProgressEvent> for ProgressPrinter {
     type Result = ();
     fn handle(&mut self, event: ProgressEvent, _: &mut Self::Context) {
+        self.recorder
+            .lock()
+            .unwrap()
+            .event(&event, std::time::Instant::now());
         let mut d = self.display.lock().unwrap();
+        d.event(&event);
         match event {
             ProgressEvent::Counters(c) => d.counters(c),
             ProgressEvent::BuildStarted {
@@ -364,8 +417,12 @@ impl Handler<ProgressEvent> for ProgressPrinter {
                 Some(e) => d.line(&error_message(e)),
                 None => d.line(&m),
             },
-            ProgressEvent::GoalStarted { .. } | ProgressEvent::GoalFinished { .. } => {}
-            ProgressEvent::Scheduled { .. } | ProgressEvent::Estimates(_) => {}
+            ProgressEvent::GoalStarted { .. }
+            | ProgressEvent::GoalFinished { .. }
+            | ProgressEvent::Waiting { .. }
+            | ProgressEvent::SubstitutionSizes { .. }
+            | ProgressEvent::Scheduled { .. }
+            | ProgressEvent::Estimates(_) => {}
         }
     }
 }

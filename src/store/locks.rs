@@ -190,6 +190,36 @@ impl Drop for PathLocks {
     }
 }
 
+/// The process holding an exclusive `flock` on `path`, as `/proc/locks` lists it
+/// (`N: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> …`, device numbers in
+/// hex). `flock` locks are invisible to `fcntl(F_GETLK)`, so this is the way to
+/// say who holds a lock file. `None` when nobody holds it, the file is gone or
+/// `/proc` is not mounted.
+pub fn holder_pid(path: &Path) -> Option<u32> {
+    let st = std::fs::metadata(path).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    flock_holder(&locks, st.dev(), st.ino())
+}
+
+/// The pid of the first writer `flock` on the file `(dev, ino)` in the text of
+/// `/proc/locks` (waiters, marked `->`, are skipped).
+pub fn flock_holder(proc_locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let (major, minor) = (nix::libc::major(dev) as u64, nix::libc::minor(dev) as u64);
+    proc_locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] == "->" || f[1] != "FLOCK" || f[3] != "WRITE" {
+            return None;
+        }
+        let mut id = f[5].split(':');
+        let hex = |s: Option<&str>| u64::from_str_radix(s?, 16).ok();
+        let (ma, mi) = (hex(id.next())?, hex(id.next())?);
+        let i: u64 = id.next()?.parse().ok()?;
+        (ma == major && mi == minor && i == ino)
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +294,28 @@ mod tests {
         );
         drop(l1);
         assert!(try_other().unwrap());
+    }
+
+    #[test]
+    fn the_holder_of_a_lock_is_found_in_proc_locks() {
+        let text = "1: FLOCK  ADVISORY  WRITE 4242 00:2a:977 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 77 00:2a:978 0 EOF\n\
+                    2: POSIX  ADVISORY  WRITE 55 00:2a:979 0 EOF\n";
+        let dev = nix::libc::makedev(0, 0x2a);
+        assert_eq!(flock_holder(text, dev, 977), Some(4242));
+        assert_eq!(flock_holder(text, dev, 978), None, "a waiter holds nothing");
+        assert_eq!(flock_holder(text, dev, 979), None, "not a flock");
+        assert_eq!(flock_holder(text, dev, 1), None);
+        assert_eq!(flock_holder("garbage\n1: FLOCK x", dev, 977), None);
+        // A real lock of this process.
+        if !Path::new("/proc/locks").exists() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let l = PathLocks::lock(&set(&[&a])).unwrap();
+        assert_eq!(holder_pid(&lock_path_of(&a)), Some(std::process::id()));
+        drop(l);
+        assert_eq!(holder_pid(&lock_path_of(&a)), None);
     }
 }

@@ -265,6 +265,8 @@ impl Activities {
                 ProgressEvent::GoalStarted { .. }
                 | ProgressEvent::GoalFinished { .. }
                 | ProgressEvent::Scheduled { .. }
+                | ProgressEvent::Waiting { .. }
+                | ProgressEvent::SubstitutionSizes { .. }
                 | ProgressEvent::Estimates(_) => {}
             },
             SystemEvent::Log(l) => match l {

@@ -219,6 +219,8 @@ pub enum GoalProgressKind {
     },
     /// A message for the user.
     Message(String),
+    /// The goal starts waiting.
+    Waiting(crate::progress::WaitReason),
 }
 
 /// What a goal tells the Worker, in the order it happened.
@@ -468,6 +470,7 @@ impl<G: GoalMachine> GoalHost<G> {
                 },
             ),
             Effect::Message(m) => progress(sink, GoalProgressKind::Message(m)),
+            Effect::Waiting(r) => progress(sink, GoalProgressKind::Waiting(r)),
             Effect::Done(outcome) => {
                 self.finished = true;
                 self.running = Running::Nothing;

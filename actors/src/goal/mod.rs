@@ -305,6 +305,8 @@ pub enum Effect {
     },
     /// A message to show the user.
     Message(String),
+    /// The goal starts waiting (for the progress display and the report).
+    Waiting(crate::progress::WaitReason),
     Done(GoalOutcome),
     /// An error that aborts the whole run (exit 1), as a thrown non-build `Error` in Nix.
     Fatal(String),
@@ -344,6 +346,7 @@ impl std::fmt::Debug for Effect {
                 write!(f, "SubstitutionSizes({nar_size})")
             }
             Effect::Message(m) => write!(f, "Message({m})"),
+            Effect::Waiting(r) => write!(f, "Waiting({r:?})"),
             Effect::Done(o) => write!(f, "Done({:?}, {})", o.exit, o.result),
             Effect::Fatal(m) => write!(f, "Fatal({m})"),
         }

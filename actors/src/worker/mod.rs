@@ -56,7 +56,7 @@ use drover::store_path::{StoreDir, StorePath};
 use crate::goal::host::{AnyGoal, Finished, GoalEnv, GoalProgressKind, GoalReport, SlotKind};
 use crate::goal::{ExitCode, GoalId, GoalOutcome, GoalRequest, WaiteeResult};
 use crate::messages::BuildMode;
-use crate::progress::{Counters, GoalKey, ProgressEvent};
+use crate::progress::{Counters, GoalKey, ProgressEvent, WaitReason};
 use crate::schedule::{Estimator, NodeKind, Scheduler};
 
 static NEXT_GOAL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -709,9 +709,19 @@ impl WorkerCore {
 
     fn apply(&mut self, id: GoalId, report: GoalReport) {
         match report {
-            GoalReport::WaitFor(reqs) => self.wait_for(id, reqs),
-            // Granted by `settle` once the batch settled (critical path first).
-            GoalReport::AcquireSlot(kind) => self.sched.acquire(id, kind),
+            GoalReport::WaitFor(reqs) => {
+                self.waiting(
+                    id,
+                    WaitReason::Inputs(reqs.iter().filter_map(request_path).collect()),
+                );
+                self.wait_for(id, reqs)
+            }
+            // Granted by `settle` once the batch settled (critical path first);
+            // until then the goal waits for its slot.
+            GoalReport::AcquireSlot(kind) => {
+                self.sched.acquire(id, kind);
+                self.waiting(id, WaitReason::slot(kind));
+            }
             GoalReport::ReleaseSlot(kind) => self.sched.release(id, kind),
             GoalReport::Progress(p) => self.progress(id, p),
             GoalReport::Finished(f) => self.goal_done(id, f),
@@ -786,11 +796,35 @@ impl WorkerCore {
                 c.expected_nar_size = c.expected_nar_size - e.sizes.0 + nar_size;
                 c.expected_download_size = c.expected_download_size - e.sizes.1 + download_size;
                 e.sizes = (nar_size, download_size);
+                if let Info::Subst { path } = &e.info {
+                    self.actions
+                        .push(Action::Progress(ProgressEvent::SubstitutionSizes {
+                            path: path.clone(),
+                            nar_size,
+                            download_size,
+                        }));
+                }
             }
             GoalProgressKind::Message(m) => self
                 .actions
                 .push(Action::Progress(ProgressEvent::Message(m))),
+            GoalProgressKind::Waiting(reason) => self.waiting(id, reason),
         }
+    }
+
+    /// Tells the display that a derivation or path substitution goal waits (a goal
+    /// waiting for nothing, say an empty list of inputs, says nothing).
+    fn waiting(&mut self, id: GoalId, reason: WaitReason) {
+        if matches!(&reason, WaitReason::Inputs(i) if i.is_empty()) {
+            return;
+        }
+        let path = match self.goals.get(&id).map(|e| &e.info) {
+            Some(Info::Drv { drv_path, .. }) => drv_path.clone(),
+            Some(Info::Subst { path }) => path.clone(),
+            _ => return,
+        };
+        self.actions
+            .push(Action::Progress(ProgressEvent::Waiting { path, reason }));
     }
 
     fn wait_for(&mut self, waiter: GoalId, reqs: Vec<GoalRequest>) {
@@ -1335,6 +1369,25 @@ pub fn request_outputs(p: &DerivedPath) -> OutputsSpec {
     match p {
         DerivedPath::Opaque(_) => OutputsSpec::Names(Default::default()),
         DerivedPath::Built { outputs, .. } => outputs.clone(),
+    }
+}
+
+/// The store path a request waits for: a `.drv` or a path to substitute.
+fn request_path(r: &GoalRequest) -> Option<StorePath> {
+    match r {
+        GoalRequest::Derivation { drv_path, .. } => Some(drv_path.clone()),
+        GoalRequest::Substitution { path, .. } => Some(path.clone()),
+        GoalRequest::DrvOutput { .. } => None,
+    }
+}
+
+impl WaitReason {
+    /// Waiting for a slot of this kind.
+    fn slot(kind: SlotKind) -> WaitReason {
+        match kind {
+            SlotKind::Build => WaitReason::BuildSlot,
+            SlotKind::Substitution => WaitReason::SubstitutionSlot,
+        }
     }
 }
 

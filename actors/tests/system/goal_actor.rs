@@ -114,6 +114,7 @@ async fn next(rx: &mut UnboundedReceiver<FromGoal>, progress: &mut Vec<String>) 
                 GoalProgressKind::SubstitutionStarted { uri, .. } => format!("substituting {uri}"),
                 GoalProgressKind::SubstitutionStopped => "substitution stopped".to_owned(),
                 GoalProgressKind::SubstitutionSizes { .. } => "sizes".to_owned(),
+                GoalProgressKind::Waiting(r) => format!("waiting {r:?}"),
                 GoalProgressKind::Message(m) => m,
             }),
             other => return other,

@@ -7,7 +7,7 @@ use drover::build_result::BuildStatus;
 use drover::derived_path::{DerivedPath, OutputsSpec};
 use drover::store_path::StorePath;
 use drover_actors::messages::BuildMode;
-use drover_actors::progress::{Counters, ProgressEvent};
+use drover_actors::progress::{Counters, ProgressEvent, WaitReason};
 use drover_actors::substituter::{FakeFault, InMemorySubstituter, Substituter};
 use drover_actors::testing::{
     BuilderLog, FakeBuilder, FakeHookPool, FakeHookReply, FakeOutcome, ProgressRecorder, TestStore,
@@ -594,6 +594,11 @@ async fn hook_postpones_then_accepts() {
     assert_eq!(r.outcome.exit_status, 0);
     assert_eq!(r.tries.len(), 2);
     assert!(r.progress.iter().any(|e| matches!(e, ProgressEvent::Message(m) if m.starts_with("waiting for a machine to build"))));
+    // Why it waited, for the build tree.
+    assert!(r.progress.contains(&ProgressEvent::Waiting {
+        path: x.clone(),
+        reason: WaitReason::Machine
+    }));
 }
 
 #[actix::test]
@@ -698,6 +703,62 @@ async fn output_lock_contention_waits() {
         .progress
         .iter()
         .any(|e| matches!(e, ProgressEvent::Message(m) if m.starts_with("waiting for lock on"))));
+    // Why it waited, and who held the lock: this process.
+    let lock_file =
+        drover::store::locks::lock_path_of(&s.ts.store.real_path(&s.ts.output(&x, "out")));
+    assert!(
+        r.progress.contains(&ProgressEvent::Waiting {
+            path: x.clone(),
+            reason: WaitReason::Lock {
+                path: lock_file,
+                pid: Some(std::process::id())
+            }
+        }),
+        "{:?}",
+        r.progress
+    );
+}
+
+#[actix::test]
+async fn goals_say_they_wait_for_inputs_and_for_a_build_slot() {
+    let mut s = Setup::new();
+    s.settings.max_jobs = 1;
+    s.delay = Duration::from_millis(100);
+    let a = s.drv("a", &[]);
+    let b = s.drv("b", &[]);
+    let c = s.drv("c", &[&a, &b]);
+    let r = s.realise(vec![built(&c)], BuildMode::Normal).await;
+    assert_eq!(r.outcome.exit_status, 0);
+    let waits: Vec<(&StorePath, &WaitReason)> = r
+        .progress
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::Waiting { path, reason } => Some((path, reason)),
+            _ => None,
+        })
+        .collect();
+    let inputs = waits.iter().find_map(|(p, r)| match r {
+        WaitReason::Inputs(i) if *p == &c => Some(i.clone()),
+        _ => None,
+    });
+    let mut inputs = inputs.unwrap_or_else(|| panic!("{waits:?}"));
+    inputs.sort();
+    let mut ab = vec![a.clone(), b.clone()];
+    ab.sort();
+    assert_eq!(inputs, ab);
+    // One slot: whichever of a and b asked second waited for it.
+    assert!(
+        waits
+            .iter()
+            .any(|(p, r)| (*p == &a || *p == &b) && **r == WaitReason::BuildSlot),
+        "{waits:?}"
+    );
+    // A goal waits before it starts.
+    let pos = |f: &dyn Fn(&ProgressEvent) -> bool| r.progress.iter().position(f).unwrap();
+    assert!(
+        pos(&|e| matches!(e, ProgressEvent::Waiting { path, .. } if path == &c))
+            < pos(&|e| matches!(e, ProgressEvent::BuildStarted { drv_path, .. } if drv_path == &c))
+    );
 }
 
 #[actix::test]

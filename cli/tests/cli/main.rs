@@ -36,6 +36,7 @@ mod sandbox;
 mod schedule;
 mod store_settings;
 mod substitute;
+mod tree;
 
 use std::process::{Command, Output};
 

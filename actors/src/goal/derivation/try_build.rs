@@ -39,6 +39,9 @@ impl DerivationGoal {
                             "waiting for lock on {}...",
                             paths.join(", ")
                         )));
+                        fx.push(Effect::Waiting(crate::progress::WaitReason::lock(
+                            &lock_files,
+                        )));
                     }
                     fx.push(Effect::WaitForAWhile);
                     fx
@@ -98,6 +101,7 @@ impl DerivationGoal {
                             "waiting for a machine to build '{}'...",
                             self.p(ctx)
                         )));
+                        fx.push(Effect::Waiting(crate::progress::WaitReason::Machine));
                     }
                     fx.push(Effect::WaitForAWhile);
                     fx
@@ -356,7 +360,7 @@ mod tests {
         assert_eq!(
             fx,
             format!(
-                "[Message(waiting for a machine to build '{}'...), WaitForAWhile]",
+                "[Message(waiting for a machine to build '{}'...), Waiting(Machine), WaitForAWhile]",
                 h.ts.store.store_dir().print(&d)
             )
         );
@@ -434,6 +438,15 @@ mod tests {
             "{fx}"
         );
         assert!(fx.ends_with("WaitForAWhile]"), "{fx}");
+        // Who holds it: this process (the pid `/proc/locks` gives).
+        let lock_file = format!("{}.lock", h.ts.store.real_path(&out).display());
+        let pid = std::process::id();
+        assert!(
+            fx.contains(&format!(
+                "Waiting(Lock {{ path: {lock_file:?}, pid: Some({pid}) }})"
+            )),
+            "{fx}"
+        );
         assert_eq!(g.state_name(), "tryToBuild");
         // Meanwhile the other process builds it.
         h.ts.make_valid(&d);
