@@ -64,6 +64,10 @@ pub struct LocalStore {
     secret_key_files: Vec<PathBuf>,
     /// `auto-optimise-store`.
     auto_optimise: bool,
+    /// Hashes modulo of the derivations read so far, by `.drv` path (Nix's global
+    /// `drvHashes`): a `.drv`'s contents are fixed by its path, so each is read and
+    /// hashed once per process, not once per build of every derivation above it.
+    drv_hashes: Mutex<DrvHashCache>,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -124,6 +128,18 @@ impl LocalStore {
             db: Mutex::new(db),
             secret_key_files: settings.secret_key_files(),
             auto_optimise: settings.auto_optimise_store(),
+            drv_hashes: Mutex::new(DrvHashCache::new()),
+        })
+    }
+
+    /// The unmasked hash modulo of the derivation at `drv_path` (Nix's
+    /// `hashDerivationModulo`), memoised for the store's lifetime together with those
+    /// of its input derivations, which are read from the store directory when not
+    /// yet known.
+    pub fn drv_hash(&self, drv_path: &StorePath) -> Result<crate::derivation::DrvHash, StoreError> {
+        let mut cache = self.drv_hashes.lock().unwrap_or_else(|e| e.into_inner());
+        cache.hash_of(&self.store_dir, drv_path, |q: &StorePath| {
+            self.read_derivation(q).map(Arc::new)
         })
     }
 
@@ -254,8 +270,8 @@ impl LocalStore {
         let p = self.print(path);
         let mut db = self.db();
         db.retry("querying path validity", |conn| {
-            conn.query_row("select 1 from ValidPaths where path = ?", [&p], |_| Ok(()))
-                .optional()
+            conn.prepare_cached("select 1 from ValidPaths where path = ?")
+                .and_then(|mut s| s.query_row([&p], |_| Ok(())).optional())
                 .map(|o| o.is_some())
                 .map_err(StoreError::sql("querying path validity"))
         })
@@ -765,21 +781,17 @@ impl LocalStore {
     fn derivation_output_rows(
         &self,
         drv_path: &StorePath,
-        hashes: &mut DrvHashCache,
     ) -> Result<Vec<DerivationOutputRow>, StoreError> {
         let drv = self.read_derivation(drv_path)?;
         let name = name_from_drv_path(drv_path)?;
-        let read = |p: &StorePath| self.read_derivation(p).map(Arc::new);
-        drv.verify_output_paths(&self.store_dir, name, |p: &StorePath| {
-            hashes.hash_of(&self.store_dir, p, read)
-        })
-        .map_err(|e| match e {
-            StoreError::Derivation(source) => StoreError::BadDerivation {
-                path: self.print(drv_path),
-                source,
-            },
-            e => e,
-        })?;
+        drv.verify_output_paths(&self.store_dir, name, |p: &StorePath| self.drv_hash(p))
+            .map_err(|e| match e {
+                StoreError::Derivation(source) => StoreError::BadDerivation {
+                    path: self.print(drv_path),
+                    source,
+                },
+                e => e,
+            })?;
         Ok(drv
             .outputs
             .iter()
@@ -803,10 +815,9 @@ impl LocalStore {
             self.check_ca(i)?;
         }
         self.check_acyclic(infos)?;
-        let mut hashes = DrvHashCache::new();
         let mut drv_outputs = drv_outputs.to_vec();
         for i in infos.iter().filter(|i| i.path.is_derivation()) {
-            drv_outputs.extend(self.derivation_output_rows(&i.path, &mut hashes)?);
+            drv_outputs.extend(self.derivation_output_rows(&i.path)?);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -826,18 +837,18 @@ impl LocalStore {
                     .then(|| i.sigs.iter().map(String::as_str).collect::<Vec<_>>().join(" "));
                 let ca = i.ca.as_ref().map(ToString::to_string);
                 if Self::path_id(&tx, &p)?.is_some() {
-                    tx.execute(
+                    tx.prepare_cached(
                         "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
-                        params![size, hash, ultimate, sigs, ca, p],
                     )
+                    .and_then(|mut s| s.execute(params![size, hash, ultimate, sigs, ca, p]))
                     .map_err(StoreError::sql(format!("updating path info of '{p}'")))?;
                 } else {
                     let reg = if i.registration_time == 0 { now } else { i.registration_time };
                     let deriver = i.deriver.as_ref().map(|d| self.print(d));
-                    tx.execute(
+                    tx.prepare_cached(
                         "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
-                        params![p, hash, reg, deriver, size, ultimate, sigs, ca],
                     )
+                    .and_then(|mut s| s.execute(params![p, hash, reg, deriver, size, ultimate, sigs, ca]))
                     .map_err(StoreError::sql(format!("registering '{p}'")))?;
                 }
             }
@@ -850,10 +861,8 @@ impl LocalStore {
                         path: p.clone(),
                         reference: rp.clone(),
                     })?;
-                    tx.execute(
-                        "insert or replace into Refs (referrer, reference) values (?, ?)",
-                        params![referrer, reference],
-                    )
+                    tx.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
+                        .and_then(|mut s| s.execute(params![referrer, reference]))
                     .map_err(StoreError::sql(format!("adding references of '{p}'")))?;
                 }
             }
@@ -863,10 +872,8 @@ impl LocalStore {
                     drv: dp.clone(),
                     output: name.clone(),
                 })?;
-                tx.execute(
-                    "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
-                    params![id, name, self.print(out)],
-                )
+                tx.prepare_cached("insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)")
+                    .and_then(|mut s| s.execute(params![id, name, self.print(out)]))
                 .map_err(StoreError::sql(format!("registering outputs of '{dp}'")))?;
             }
             tx.commit().map_err(StoreError::sql("committing registration"))
@@ -1307,6 +1314,47 @@ mod tests {
             .add_text_to_store("t.drv", tampered.as_bytes(), &drv.drv_references())
             .unwrap_err();
         assert!(matches!(e, StoreError::BadDerivation { .. }), "{e}");
+    }
+
+    #[test]
+    fn drv_hashes_are_memoised_for_the_store() {
+        use crate::derivation::{json, DerivationError, DrvHash};
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let sd = s.store_dir().clone();
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux",
+                "builder":"/bin/sh","args":[],"env":{"name":"m","out":""}}"#,
+        )
+        .unwrap();
+        let no_inputs = |_: &StorePath| -> Result<DrvHash, DerivationError> {
+            Err(DerivationError::Cycle("no inputs".into()))
+        };
+        let (drv_path, drv) = json::from_json_with_paths(&v, &sd, no_inputs).unwrap();
+        let added = s
+            .add_text_to_store("m.drv", &drv.to_aterm_bytes(&sd), &drv.drv_references())
+            .unwrap();
+        assert_eq!(added, drv_path);
+        let first = s.drv_hash(&drv_path).unwrap();
+        assert_eq!(
+            first,
+            drv.hash_derivation_modulo(&sd, false, no_inputs).unwrap()
+        );
+        // Memoised: answered without reading the file again (now unreadable).
+        let real = s.real_path(&drv_path);
+        std::fs::set_permissions(
+            real.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::remove_file(&real).unwrap();
+        assert_eq!(s.drv_hash(&drv_path).unwrap(), first);
+        // A derivation never read is an error naming the file.
+        let other = sd
+            .make_store_path("text", &HashAlgo::Sha256.digest("x"), "x.drv")
+            .unwrap();
+        assert!(s.drv_hash(&other).is_err());
     }
 
     #[test]
