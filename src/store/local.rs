@@ -68,6 +68,9 @@ pub struct LocalStore {
     /// `drvHashes`): a `.drv`'s contents are fixed by its path, so each is read and
     /// hashed once per process, not once per build of every derivation above it.
     drv_hashes: Mutex<DrvHashCache>,
+    /// `sync-before-registering`, and how many times registration synced for it.
+    sync_before_registering: bool,
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -129,6 +132,8 @@ impl LocalStore {
             secret_key_files: settings.secret_key_files(),
             auto_optimise: settings.auto_optimise_store(),
             drv_hashes: Mutex::new(DrvHashCache::new()),
+            sync_before_registering: settings.sync_before_registering(),
+            syncs: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -278,11 +283,10 @@ impl LocalStore {
     }
 
     fn path_id(conn: &Connection, p: &str) -> Result<Option<i64>, StoreError> {
-        conn.query_row("select id from ValidPaths where path = ?", [p], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(StoreError::sql(format!("querying the id of '{p}'")))
+        // Cached statements: registration asks this for every path and reference.
+        conn.prepare_cached("select id from ValidPaths where path = ?")
+            .and_then(|mut s| s.query_row([p], |r| r.get(0)).optional())
+            .map_err(StoreError::sql(format!("querying the id of '{p}'")))
     }
 
     /// The path's metadata, or `None` when it is not valid.
@@ -799,6 +803,12 @@ impl LocalStore {
             .collect())
     }
 
+    /// How many registrations synced the file systems first
+    /// (`sync-before-registering`).
+    pub fn syncs_before_registering(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// [`LocalStore::register_valid_paths`], also recording `DerivationOutputs` rows
     /// (derivation, output name, output path) in the same transaction: the rows given
     /// here, and those of every `.drv` among `infos` (which must already be in
@@ -815,6 +825,13 @@ impl LocalStore {
             self.check_ca(i)?;
         }
         self.check_acyclic(infos)?;
+        if self.sync_before_registering {
+            // As Nix's `registerValidPaths`: the database is synced by SQLite, but
+            // the new paths' contents may not be on disk yet.
+            nix::unistd::sync();
+            self.syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut drv_outputs = drv_outputs.to_vec();
         for i in infos.iter().filter(|i| i.path.is_derivation()) {
             drv_outputs.extend(self.derivation_output_rows(&i.path)?);
@@ -1355,6 +1372,19 @@ mod tests {
             .make_store_path("text", &HashAlgo::Sha256.digest("x"), "x.drv")
             .unwrap();
         assert!(s.drv_hash(&other).is_err());
+    }
+
+    #[test]
+    fn sync_before_registering_syncs_once_per_registration() {
+        for (conf, syncs) in [("", 0), ("sync-before-registering = true\n", 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = Settings::for_root(dir.path(), conf).unwrap();
+            let s = LocalStore::open(&settings).unwrap();
+            let a = info(&s, "a", &[]);
+            s.register_valid_paths(std::slice::from_ref(&a)).unwrap();
+            assert!(s.is_valid_path(&a.path).unwrap());
+            assert_eq!(s.syncs_before_registering(), syncs, "{conf:?}");
+        }
     }
 
     #[test]
