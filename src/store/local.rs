@@ -411,35 +411,48 @@ impl LocalStore {
         if let Some(bad) = paths.iter().find(|p| !valid.contains(*p)) {
             return Err(StoreError::InvalidPath(self.print(bad)));
         }
+        // One recursive query per chunk of seeds (closure(A ∪ B) = closure(A) ∪
+        // closure(B)), walking `Refs` inside SQLite instead of one round trip and
+        // one statement preparation per level of the graph; `union` drops rows seen
+        // before, so self-references and shared inputs end the walk.
+        let printed: Vec<String> = valid.iter().map(|p| self.print(p)).collect();
         let mut closure: StorePathSet = valid;
-        let mut frontier: Vec<String> = closure.iter().map(|p| self.print(p)).collect();
         let mut db = self.db();
-        while !frontier.is_empty() {
-            let next = db.retry("computing a closure", |conn| {
-                let mut found = Vec::new();
-                for chunk in frontier.chunks(BATCH) {
-                    let sql = format!(
-                        "select distinct r.path from ValidPaths v join Refs on Refs.referrer = v.id \
-                         join ValidPaths r on Refs.reference = r.id where v.path in ({})",
-                        placeholders(chunk.len())
-                    );
-                    let mut stmt = conn.prepare(&sql).map_err(StoreError::sql("computing a closure"))?;
-                    let rows = stmt
-                        .query_map(rusqlite::params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))
+        let found = db.retry("computing a closure", |conn| {
+            let mut found = Vec::new();
+            for chunk in printed.chunks(BATCH) {
+                let sql = format!(
+                    "with recursive closure(id) as (\
+                     select id from ValidPaths where path in ({}) \
+                     union select Refs.reference from Refs join closure on Refs.referrer = closure.id) \
+                     select path from ValidPaths join closure on ValidPaths.id = closure.id",
+                    placeholders(chunk.len())
+                );
+                // Few seeds (a build's inputs) are the common case: those statements
+                // are kept; a huge one is not worth the cache's memory.
+                let (mut cached, mut plain);
+                let stmt: &mut rusqlite::Statement = if chunk.len() <= 16 {
+                    cached = conn
+                        .prepare_cached(&sql)
                         .map_err(StoreError::sql("computing a closure"))?;
-                    for r in rows {
-                        found.push(r.map_err(StoreError::sql("computing a closure"))?);
-                    }
-                }
-                Ok(found)
-            })?;
-            frontier = Vec::new();
-            for s in next {
-                let p = self.parse_db_path(&s, "reference", &s)?;
-                if closure.insert(p) {
-                    frontier.push(s);
+                    &mut cached
+                } else {
+                    plain = conn
+                        .prepare(&sql)
+                        .map_err(StoreError::sql("computing a closure"))?;
+                    &mut plain
+                };
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))
+                    .map_err(StoreError::sql("computing a closure"))?;
+                for r in rows {
+                    found.push(r.map_err(StoreError::sql("computing a closure"))?);
                 }
             }
+            Ok(found)
+        })?;
+        for s in found {
+            closure.insert(self.parse_db_path(&s, "reference", &s)?);
         }
         Ok(closure)
     }
@@ -1331,6 +1344,52 @@ mod tests {
             .add_text_to_store("t.drv", tampered.as_bytes(), &drv.drv_references())
             .unwrap_err();
         assert!(matches!(e, StoreError::BadDerivation { .. }), "{e}");
+    }
+
+    #[test]
+    fn closures_of_deep_chains_diamonds_and_several_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        // chain0 <- chain1 <- ... <- chain59, each also referring to itself; a
+        // diamond top -> {left, right} -> chain59; and an unrelated path.
+        let mut infos: Vec<ValidPathInfo> = Vec::new();
+        for i in 0..60 {
+            let prev: Vec<StorePath> = infos.last().map(|p| p.path.clone()).into_iter().collect();
+            let mut inf = info(&s, &format!("chain{i}"), &prev.iter().collect::<Vec<_>>());
+            inf.references.insert(inf.path.clone());
+            infos.push(inf);
+        }
+        let bottom = infos[59].path.clone();
+        let left = info(&s, "left", &[&bottom]);
+        let right = info(&s, "right", &[&bottom]);
+        let top = info(&s, "top", &[&left.path, &right.path]);
+        let alone = info(&s, "alone", &[]);
+        infos.extend([left.clone(), right.clone(), top.clone(), alone.clone()]);
+        s.register_valid_paths(&infos).unwrap();
+        let chain: StorePathSet = infos[..60].iter().map(|i| i.path.clone()).collect();
+        let mut want = chain.clone();
+        want.extend([left.path.clone(), right.path.clone(), top.path.clone()]);
+        assert_eq!(
+            s.compute_closure(std::slice::from_ref(&top.path)).unwrap(),
+            want
+        );
+        assert_eq!(
+            s.compute_closure(std::slice::from_ref(&bottom)).unwrap(),
+            chain
+        );
+        want.insert(alone.path.clone());
+        assert_eq!(
+            s.compute_closure(&[alone.path.clone(), top.path.clone(), bottom.clone()])
+                .unwrap(),
+            want
+        );
+        assert!(s.compute_closure(&[]).unwrap().is_empty());
+        // an invalid seed is an error naming it
+        let bad = info(&s, "not-registered", &[]);
+        assert!(matches!(
+            s.compute_closure(&[top.path.clone(), bad.path.clone()]),
+            Err(StoreError::InvalidPath(p)) if p.ends_with("not-registered")
+        ));
     }
 
     #[test]
