@@ -1051,6 +1051,11 @@ impl Settings {
         self.bool("fsync-metadata")
     }
 
+    /// `sync-before-registering`: `sync()` before new paths become valid.
+    pub fn sync_before_registering(&self) -> bool {
+        self.bool("sync-before-registering")
+    }
+
     pub fn use_sqlite_wal(&self) -> bool {
         self.bool("use-sqlite-wal")
     }

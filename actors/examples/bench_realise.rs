@@ -62,17 +62,25 @@ struct Opts {
     /// Derivations in the no-op DAGs (default 10000,100000; 1000 with --quick).
     #[arg(long, value_delimiter = ',')]
     noop_n: Vec<usize>,
-    /// Derivations in the build DAG (default 1000; 100 with --quick).
-    #[arg(long)]
-    build_n: Option<usize>,
+    /// Derivations in the build DAGs (default 1000,10000; 100 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    build_n: Vec<usize>,
+    /// Build DAGs larger than this are built by drover only (a Nix 2.8 run of
+    /// 10,000 builds takes minutes per run); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    nix_build_max_n: usize,
     /// Timed runs per tool in the no-op case (default 5; 2 with --quick).
     #[arg(long)]
     noop_runs: Option<usize>,
     /// Timed runs per tool and job count in the build case (default 3; 1 with --quick).
     #[arg(long)]
     build_runs: Option<usize>,
+    /// Timed runs per tool and job count of build DAGs over 1,000 derivations
+    /// (default 1).
+    #[arg(long, default_value_t = 1)]
+    large_build_runs: usize,
     /// The `--max-jobs` values of the build case.
-    #[arg(long, value_delimiter = ',', default_values_t = [2u32, 1])]
+    #[arg(long, value_delimiter = ',', default_values_t = [2u32, 8])]
     jobs: Vec<u32>,
     /// The seed of the DAG.
     #[arg(long, default_value_t = 42)]
@@ -479,6 +487,43 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// The build rows' cost per derivation (median wall and CPU time ÷ N), and for
+/// each tool and job count the ratio of the largest N's cost to the smallest's.
+fn print_per_derivation(rows: &[Row]) {
+    let builds: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.case.starts_with("build"))
+        .collect();
+    if builds.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<10} {:>6} {:<10} {:>10} {:>10} {:>12}",
+        "case", "N", "tool", "wall/drv", "cpu/drv", "vs smallest N"
+    );
+    let per = |r: &Row, d: Duration| d.as_secs_f64() * 1000.0 / r.n.max(1) as f64;
+    for r in &builds {
+        let smallest = builds
+            .iter()
+            .filter(|o| o.case == r.case && o.tool == r.tool)
+            .min_by_key(|o| o.n)
+            .filter(|o| o.n < r.n);
+        let growth = smallest
+            .map(|s| format!("{:.2}", per(r, r.median()) / per(s, s.median())))
+            .unwrap_or_default();
+        println!(
+            "{:<10} {:>6} {:<10} {:>8.2}ms {:>8.2}ms {:>12}",
+            r.case,
+            r.n,
+            r.tool,
+            per(r, r.median()),
+            per(r, r.cpu_median()),
+            growth
+        );
+    }
+}
+
 /// Makes every output of the `.drv`s valid, as a build of each would leave it
 /// (a small file naming its inputs, with those as references), in one transaction.
 fn make_outputs_valid(root: &Root, drvs: &[String]) -> anyhow::Result<()> {
@@ -541,7 +586,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![10_000, 100_000]
     };
-    let build_n = o.build_n.unwrap_or(if o.quick { 100 } else { 1000 });
+    let build_ns = if !o.build_n.is_empty() {
+        o.build_n.clone()
+    } else if o.quick {
+        vec![100]
+    } else {
+        vec![1000, 10_000]
+    };
     let noop_runs = o.noop_runs.unwrap_or(if o.quick { 2 } else { 5 }).max(1);
     let build_runs = o.build_runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
     let scratch = match &o.scratch {
@@ -621,48 +672,68 @@ fn main() -> anyhow::Result<()> {
     }
 
     if o.cases.iter().any(|c| c == "build") {
-        let dag = Dag::generate(build_n, o.seed);
-        let sinks = dag.sinks();
-        let expr = dag.expression(o.seed);
-        eprintln!(
-            "build: {build_n} derivations, {} edges, {} sinks",
-            dag.edges(),
-            sinks.len()
-        );
-        // Roots are removed only after the case: deleting thousands of files right
-        // before the next timed run makes the file system's inode allocation slower
-        // for whichever tool runs next.
-        let mut used_roots = Vec::new();
-        for &j in &o.jobs {
-            let mut times: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
-            for run in 0..build_runs {
-                for tool in order(&tools, run) {
-                    let root =
-                        Root::new(&scratch, &format!("build-j{j}-{run}-{}", tool.name), o.keep)?;
-                    let drvs = root.instantiate(&expr)?;
-                    anyhow::ensure!(drvs.len() == build_n, "instantiated {} drvs", drvs.len());
-                    let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
-                    let d = realise(&root, tool, Some(j), &targets)?;
-                    eprintln!(
-                        "build -j{j} run {run}: {} {} (cpu {}, {} KiB)",
-                        tool.name,
-                        secs(d.wall),
-                        secs(d.cpu),
-                        d.rss_kib
-                    );
-                    let i = tools.iter().position(|t| t.name == tool.name).unwrap_or(0);
-                    times[i].push(d);
-                    used_roots.push(root);
+        for &build_n in &build_ns {
+            let dag = Dag::generate(build_n, o.seed);
+            let sinks = dag.sinks();
+            let expr = dag.expression(o.seed);
+            eprintln!(
+                "build: {build_n} derivations, {} edges, {} sinks",
+                dag.edges(),
+                sinks.len()
+            );
+            let with_nix = o.nix_build_max_n == 0 || build_n <= o.nix_build_max_n;
+            if !with_nix {
+                eprintln!("build: {build_n} > --nix-build-max-n: drover only");
+            }
+            let runs = if build_n > 1000 {
+                o.large_build_runs.max(1)
+            } else {
+                build_runs
+            };
+            let case_tools: Vec<&Bench> = tools
+                .iter()
+                .filter(|t| with_nix || t.tool != Tool::Nix)
+                .collect();
+            // Roots are removed only after the case: deleting thousands of files
+            // right before the next timed run makes the file system's inode
+            // allocation slower for whichever tool runs next.
+            let mut used_roots = Vec::new();
+            for &j in &o.jobs {
+                let mut times: Vec<Vec<Sample>> = case_tools.iter().map(|_| Vec::new()).collect();
+                for run in 0..runs {
+                    for i in 0..case_tools.len() {
+                        let i = (i + run) % case_tools.len();
+                        let tool = case_tools[i];
+                        let root = Root::new(
+                            &scratch,
+                            &format!("build-{build_n}-j{j}-{run}-{}", tool.name),
+                            o.keep,
+                        )?;
+                        let drvs = root.instantiate(&expr)?;
+                        anyhow::ensure!(drvs.len() == build_n, "instantiated {} drvs", drvs.len());
+                        let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
+                        let d = realise(&root, tool, Some(j), &targets)?;
+                        eprintln!(
+                            "build {build_n} -j{j} run {run}: {} {} (cpu {}, {} KiB)",
+                            tool.name,
+                            secs(d.wall),
+                            secs(d.cpu),
+                            d.rss_kib
+                        );
+                        times[i].push(d);
+                        used_roots.push(root);
+                    }
+                }
+                for (tool, t) in case_tools.iter().zip(times) {
+                    rows.push(Row {
+                        case: format!("build -j{j}"),
+                        n: build_n,
+                        tool: tool.name,
+                        times: t,
+                    });
                 }
             }
-            for (tool, t) in tools.iter().zip(times) {
-                rows.push(Row {
-                    case: format!("build -j{j}"),
-                    n: build_n,
-                    tool: tool.name,
-                    times: t,
-                });
-            }
+            drop(used_roots);
         }
     }
 
@@ -670,5 +741,6 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     print_table(&rows);
+    print_per_derivation(&rows);
     Ok(())
 }

@@ -776,18 +776,14 @@ pub fn finish(
 }
 
 /// The realisation ids of a derivation's outputs (`DrvOutput{static hash, name}`),
-/// reading input derivations from the store.
+/// with the hashes of input derivations from the store's memo ([`LocalStore::drv_hash`]:
+/// each input `.drv` is read once per process, not once per build above it).
 pub fn drv_output_ids(
     store: &LocalStore,
     drv: &Derivation,
 ) -> Result<BTreeMap<String, DrvOutput>, BuildError> {
-    let mut cache = crate::derivation::DrvHashCache::new();
     let sd = store.store_dir().clone();
-    let hashes = drv.static_output_hashes(&sd, |p: &StorePath| {
-        cache.hash_of(&sd, p, |q: &StorePath| {
-            store.read_derivation(q).map(Arc::new)
-        })
-    })?;
+    let hashes = drv.static_output_hashes(&sd, |p: &StorePath| store.drv_hash(p))?;
     Ok(hashes
         .into_iter()
         .map(|(o, h)| {

@@ -70,6 +70,13 @@ pub struct LocalStore {
     /// The `ca-derivations` experimental feature: derivation outputs are also
     /// looked up in `Realisations` (Nix's `queryPartialDerivationOutputMap`).
     ca_derivations: bool,
+    /// Hashes modulo of the derivations read so far, by `.drv` path (Nix's global
+    /// `drvHashes`): a `.drv`'s contents are fixed by its path, so each is read and
+    /// hashed once per process, not once per build of every derivation above it.
+    drv_hashes: Mutex<DrvHashCache>,
+    /// `sync-before-registering`, and how many times registration synced for it.
+    sync_before_registering: bool,
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 fn create_dirs(p: &Path) -> Result<(), StoreError> {
@@ -133,6 +140,20 @@ impl LocalStore {
             gc_keep_outputs: settings.gc_keep_outputs(),
             gc_keep_derivations: settings.gc_keep_derivations(),
             ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
+            drv_hashes: Mutex::new(DrvHashCache::new()),
+            sync_before_registering: settings.sync_before_registering(),
+            syncs: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// The unmasked hash modulo of the derivation at `drv_path` (Nix's
+    /// `hashDerivationModulo`), memoised for the store's lifetime together with those
+    /// of its input derivations, which are read from the store directory when not
+    /// yet known.
+    pub fn drv_hash(&self, drv_path: &StorePath) -> Result<crate::derivation::DrvHash, StoreError> {
+        let mut cache = self.drv_hashes.lock().unwrap_or_else(|e| e.into_inner());
+        cache.hash_of(&self.store_dir, drv_path, |q: &StorePath| {
+            self.read_derivation(q).map(Arc::new)
         })
     }
 
@@ -325,8 +346,9 @@ impl LocalStore {
     }
 
     fn path_id(conn: &Connection, p: &str) -> Result<Option<i64>, StoreError> {
+        // Cached statements: registration asks this for every path and reference.
         conn.prepare_cached("select id from ValidPaths where path = ?")
-            .and_then(|mut st| st.query_row([p], |r| r.get(0)).optional())
+            .and_then(|mut s| s.query_row([p], |r| r.get(0)).optional())
             .map_err(StoreError::sql(format!("querying the id of '{p}'")))
     }
 
@@ -452,35 +474,48 @@ impl LocalStore {
         if let Some(bad) = paths.iter().find(|p| !valid.contains(*p)) {
             return Err(StoreError::InvalidPath(self.print(bad)));
         }
+        // One recursive query per chunk of seeds (closure(A ∪ B) = closure(A) ∪
+        // closure(B)), walking `Refs` inside SQLite instead of one round trip and
+        // one statement preparation per level of the graph; `union` drops rows seen
+        // before, so self-references and shared inputs end the walk.
+        let printed: Vec<String> = valid.iter().map(|p| self.print(p)).collect();
         let mut closure: StorePathSet = valid;
-        let mut frontier: Vec<String> = closure.iter().map(|p| self.print(p)).collect();
         let mut db = self.db();
-        while !frontier.is_empty() {
-            let next = db.retry("computing a closure", |conn| {
-                let mut found = Vec::new();
-                for chunk in frontier.chunks(BATCH) {
-                    let sql = format!(
-                        "select distinct r.path from ValidPaths v join Refs on Refs.referrer = v.id \
-                         join ValidPaths r on Refs.reference = r.id where v.path in ({})",
-                        placeholders(chunk.len())
-                    );
-                    let mut stmt = conn.prepare(&sql).map_err(StoreError::sql("computing a closure"))?;
-                    let rows = stmt
-                        .query_map(rusqlite::params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))
+        let found = db.retry("computing a closure", |conn| {
+            let mut found = Vec::new();
+            for chunk in printed.chunks(BATCH) {
+                let sql = format!(
+                    "with recursive closure(id) as (\
+                     select id from ValidPaths where path in ({}) \
+                     union select Refs.reference from Refs join closure on Refs.referrer = closure.id) \
+                     select path from ValidPaths join closure on ValidPaths.id = closure.id",
+                    placeholders(chunk.len())
+                );
+                // Few seeds (a build's inputs) are the common case: those statements
+                // are kept; a huge one is not worth the cache's memory.
+                let (mut cached, mut plain);
+                let stmt: &mut rusqlite::Statement = if chunk.len() <= 16 {
+                    cached = conn
+                        .prepare_cached(&sql)
                         .map_err(StoreError::sql("computing a closure"))?;
-                    for r in rows {
-                        found.push(r.map_err(StoreError::sql("computing a closure"))?);
-                    }
-                }
-                Ok(found)
-            })?;
-            frontier = Vec::new();
-            for s in next {
-                let p = self.parse_db_path(&s, "reference", &s)?;
-                if closure.insert(p) {
-                    frontier.push(s);
+                    &mut cached
+                } else {
+                    plain = conn
+                        .prepare(&sql)
+                        .map_err(StoreError::sql("computing a closure"))?;
+                    &mut plain
+                };
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))
+                    .map_err(StoreError::sql("computing a closure"))?;
+                for r in rows {
+                    found.push(r.map_err(StoreError::sql("computing a closure"))?);
                 }
             }
+            Ok(found)
+        })?;
+        for s in found {
+            closure.insert(self.parse_db_path(&s, "reference", &s)?);
         }
         Ok(closure)
     }
@@ -913,26 +948,28 @@ impl LocalStore {
     fn derivation_output_rows(
         &self,
         drv_path: &StorePath,
-        hashes: &mut DrvHashCache,
     ) -> Result<Vec<DerivationOutputRow>, StoreError> {
         let drv = self.read_derivation(drv_path)?;
         let name = name_from_drv_path(drv_path)?;
-        let read = |p: &StorePath| self.read_derivation(p).map(Arc::new);
-        drv.verify_output_paths(&self.store_dir, name, |p: &StorePath| {
-            hashes.hash_of(&self.store_dir, p, read)
-        })
-        .map_err(|e| match e {
-            StoreError::Derivation(source) => StoreError::BadDerivation {
-                path: self.print(drv_path),
-                source,
-            },
-            e => e,
-        })?;
+        drv.verify_output_paths(&self.store_dir, name, |p: &StorePath| self.drv_hash(p))
+            .map_err(|e| match e {
+                StoreError::Derivation(source) => StoreError::BadDerivation {
+                    path: self.print(drv_path),
+                    source,
+                },
+                e => e,
+            })?;
         Ok(drv
             .outputs
             .iter()
             .filter_map(|(out, o)| Some((drv_path.clone(), out.clone(), o.path()?.clone())))
             .collect())
+    }
+
+    /// How many registrations synced the file systems first
+    /// (`sync-before-registering`).
+    pub fn syncs_before_registering(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// [`LocalStore::register_valid_paths`], also recording `DerivationOutputs` rows
@@ -951,10 +988,16 @@ impl LocalStore {
             self.check_ca(i)?;
         }
         self.check_acyclic(infos)?;
-        let mut hashes = DrvHashCache::new();
+        if self.sync_before_registering {
+            // As Nix's `registerValidPaths`: the database is synced by SQLite, but
+            // the new paths' contents may not be on disk yet.
+            nix::unistd::sync();
+            self.syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut drv_outputs = drv_outputs.to_vec();
         for i in infos.iter().filter(|i| i.path.is_derivation()) {
-            drv_outputs.extend(self.derivation_output_rows(&i.path, &mut hashes)?);
+            drv_outputs.extend(self.derivation_output_rows(&i.path)?);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -974,18 +1017,18 @@ impl LocalStore {
                     .then(|| i.sigs.iter().map(String::as_str).collect::<Vec<_>>().join(" "));
                 let ca = i.ca.as_ref().map(ToString::to_string);
                 if Self::path_id(&tx, &p)?.is_some() {
-                    tx.execute(
+                    tx.prepare_cached(
                         "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
-                        params![size, hash, ultimate, sigs, ca, p],
                     )
+                    .and_then(|mut s| s.execute(params![size, hash, ultimate, sigs, ca, p]))
                     .map_err(StoreError::sql(format!("updating path info of '{p}'")))?;
                 } else {
                     let reg = if i.registration_time == 0 { now } else { i.registration_time };
                     let deriver = i.deriver.as_ref().map(|d| self.print(d));
-                    tx.execute(
+                    tx.prepare_cached(
                         "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
-                        params![p, hash, reg, deriver, size, ultimate, sigs, ca],
                     )
+                    .and_then(|mut s| s.execute(params![p, hash, reg, deriver, size, ultimate, sigs, ca]))
                     .map_err(StoreError::sql(format!("registering '{p}'")))?;
                 }
             }
@@ -998,10 +1041,8 @@ impl LocalStore {
                         path: p.clone(),
                         reference: rp.clone(),
                     })?;
-                    tx.execute(
-                        "insert or replace into Refs (referrer, reference) values (?, ?)",
-                        params![referrer, reference],
-                    )
+                    tx.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
+                        .and_then(|mut s| s.execute(params![referrer, reference]))
                     .map_err(StoreError::sql(format!("adding references of '{p}'")))?;
                 }
             }
@@ -1011,10 +1052,8 @@ impl LocalStore {
                     drv: dp.clone(),
                     output: name.clone(),
                 })?;
-                tx.execute(
-                    "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
-                    params![id, name, self.print(out)],
-                )
+                tx.prepare_cached("insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)")
+                    .and_then(|mut s| s.execute(params![id, name, self.print(out)]))
                 .map_err(StoreError::sql(format!("registering outputs of '{dp}'")))?;
             }
             tx.commit().map_err(StoreError::sql("committing registration"))
@@ -1455,6 +1494,106 @@ mod tests {
             .add_text_to_store("t.drv", tampered.as_bytes(), &drv.drv_references())
             .unwrap_err();
         assert!(matches!(e, StoreError::BadDerivation { .. }), "{e}");
+    }
+
+    #[test]
+    fn closures_of_deep_chains_diamonds_and_several_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        // chain0 <- chain1 <- ... <- chain59, each also referring to itself; a
+        // diamond top -> {left, right} -> chain59; and an unrelated path.
+        let mut infos: Vec<ValidPathInfo> = Vec::new();
+        for i in 0..60 {
+            let prev: Vec<StorePath> = infos.last().map(|p| p.path.clone()).into_iter().collect();
+            let mut inf = info(&s, &format!("chain{i}"), &prev.iter().collect::<Vec<_>>());
+            inf.references.insert(inf.path.clone());
+            infos.push(inf);
+        }
+        let bottom = infos[59].path.clone();
+        let left = info(&s, "left", &[&bottom]);
+        let right = info(&s, "right", &[&bottom]);
+        let top = info(&s, "top", &[&left.path, &right.path]);
+        let alone = info(&s, "alone", &[]);
+        infos.extend([left.clone(), right.clone(), top.clone(), alone.clone()]);
+        s.register_valid_paths(&infos).unwrap();
+        let chain: StorePathSet = infos[..60].iter().map(|i| i.path.clone()).collect();
+        let mut want = chain.clone();
+        want.extend([left.path.clone(), right.path.clone(), top.path.clone()]);
+        assert_eq!(
+            s.compute_closure(std::slice::from_ref(&top.path)).unwrap(),
+            want
+        );
+        assert_eq!(
+            s.compute_closure(std::slice::from_ref(&bottom)).unwrap(),
+            chain
+        );
+        want.insert(alone.path.clone());
+        assert_eq!(
+            s.compute_closure(&[alone.path.clone(), top.path.clone(), bottom.clone()])
+                .unwrap(),
+            want
+        );
+        assert!(s.compute_closure(&[]).unwrap().is_empty());
+        // an invalid seed is an error naming it
+        let bad = info(&s, "not-registered", &[]);
+        assert!(matches!(
+            s.compute_closure(&[top.path.clone(), bad.path.clone()]),
+            Err(StoreError::InvalidPath(p)) if p.ends_with("not-registered")
+        ));
+    }
+
+    #[test]
+    fn drv_hashes_are_memoised_for_the_store() {
+        use crate::derivation::{json, DerivationError, DrvHash};
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let sd = s.store_dir().clone();
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"outputs":{"out":{}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux",
+                "builder":"/bin/sh","args":[],"env":{"name":"m","out":""}}"#,
+        )
+        .unwrap();
+        let no_inputs = |_: &StorePath| -> Result<DrvHash, DerivationError> {
+            Err(DerivationError::Cycle("no inputs".into()))
+        };
+        let (drv_path, drv) = json::from_json_with_paths(&v, &sd, no_inputs).unwrap();
+        let added = s
+            .add_text_to_store("m.drv", &drv.to_aterm_bytes(&sd), &drv.drv_references())
+            .unwrap();
+        assert_eq!(added, drv_path);
+        let first = s.drv_hash(&drv_path).unwrap();
+        assert_eq!(
+            first,
+            drv.hash_derivation_modulo(&sd, false, no_inputs).unwrap()
+        );
+        // Memoised: answered without reading the file again (now unreadable).
+        let real = s.real_path(&drv_path);
+        std::fs::set_permissions(
+            real.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::remove_file(&real).unwrap();
+        assert_eq!(s.drv_hash(&drv_path).unwrap(), first);
+        // A derivation never read is an error naming the file.
+        let other = sd
+            .make_store_path("text", &HashAlgo::Sha256.digest("x"), "x.drv")
+            .unwrap();
+        assert!(s.drv_hash(&other).is_err());
+    }
+
+    #[test]
+    fn sync_before_registering_syncs_once_per_registration() {
+        for (conf, syncs) in [("", 0), ("sync-before-registering = true\n", 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = Settings::for_root(dir.path(), conf).unwrap();
+            let s = LocalStore::open(&settings).unwrap();
+            let a = info(&s, "a", &[]);
+            s.register_valid_paths(std::slice::from_ref(&a)).unwrap();
+            assert!(s.is_valid_path(&a.path).unwrap());
+            assert_eq!(s.syncs_before_registering(), syncs, "{conf:?}");
+        }
     }
 
     #[test]

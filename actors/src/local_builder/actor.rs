@@ -9,17 +9,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use drover::build::{
-    self, exec_failure_log, exec_failure_status, kill_process_group, read_pty, BuildSettings,
-    BuildSpec,
+    self, exec_failure_log, exec_failure_status, kill_process_group, BuildSettings, BuildSpec,
 };
 use drover::build_result::{BuildResult, BuildStatus};
 use drover::config::Settings;
 use drover::store::{LocalStore, ValidPathInfo};
 use drover::store_path::StorePath;
 
-use super::history::{wait_with_usage, Usage};
+use super::history::Usage;
 use super::LocalBuilderState;
-use crate::log_collector::forward;
 use crate::messages::{
     CancelLocalBuild, LocalBuildFinished, LogAlarm, LogBytes, LogConfig, LogEof, LogSummary,
     RunLocalBuild, StartLogCollector,
@@ -276,19 +274,14 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 // dropped once the builder runs, closing our copy of the pty slave.
                 type Waited = std::io::Result<(std::process::ExitStatus, Option<Usage>)>;
                 type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = Waited>>>;
-                // Reaped with wait4, for the process tree's CPU time and peak RSS.
-                let wait_usage = |pid: u32| async move {
-                    tokio::task::spawn_blocking(move || wait_with_usage(pid))
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                        .map(|(s, u)| (s, Some(u)))
-                };
                 let spawned: std::io::Result<(u32, Wait)> = match fast {
                     Some(fast) => {
                         let r = fast.spawn();
                         drop(command);
                         r.map(|pid| {
-                            let wait: Wait = Box::pin(wait_usage(pid));
+                            let wait: Wait = Box::pin(async move {
+                                super::reap::wait(pid).await.map(|(s, u)| (s, Some(u)))
+                            });
                             (pid, wait)
                         })
                     }
@@ -303,7 +296,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                             let wait: Wait = Box::pin(async move {
                                 let r = match pid {
                                     0 => child.wait().await.map(|s| (s, None)),
-                                    pid => wait_usage(pid).await,
+                                    pid => super::reap::wait(pid).await.map(|(s, u)| (s, Some(u))),
                                 };
                                 drop(child);
                                 r
@@ -314,25 +307,19 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 };
                 match spawned {
                     Ok((pid, wait)) => {
-                        // The pty is read on a thread of its own; its chunks reach the
-                        // collector with back-pressure (`forward`), so a flooding
-                        // builder blocks on its pty instead of filling our memory.
-                        let (chunks, forwarder) = forward::channel(log.bytes.clone());
-                        let _reader = std::thread::Builder::new().name(format!("pty-{id}")).spawn(
-                            move || {
-                                let _ = read_pty(pty_master, |b| {
-                                    chunks.send(b);
-                                });
-                            },
-                        );
                         if me.send(Spawned { id, pid }).await.unwrap_or(true) {
                             kill_process_group(pid);
                         }
-                        // As Nix: the build is over at EOF on the pty, i.e. once every
+                        // The pty is read on the arbiter (`pty::pump`): batches reach
+                        // the collector with back-pressure, so a flooding builder
+                        // blocks on its pty instead of filling our memory. As Nix:
+                        // the build is over at EOF on the pty, i.e. once every
                         // process holding it (background children included) has
-                        // closed it; then what is left of the process group is killed
-                        // and the builder reaped.
-                        forwarder.await;
+                        // closed it; then what is left of the process group is
+                        // killed and the builder reaped.
+                        if let Err(e) = super::pty::pump(pty_master, log.bytes.clone()).await {
+                            log::warn!("build of '{drv_printed}': {e}");
+                        }
                         kill_process_group(pid);
                         let status = wait.await;
                         status.unwrap_or_else(|_| (exec_failure_status(), None))

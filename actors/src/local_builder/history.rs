@@ -96,12 +96,25 @@ pub struct Usage {
 
 /// Waits for `pid` (blocking) with `wait4`: its exit status and what it used.
 pub fn wait_with_usage(pid: u32) -> std::io::Result<(std::process::ExitStatus, Usage)> {
+    loop {
+        if let Some(r) = wait4(pid, 0)? {
+            return Ok(r);
+        }
+    }
+}
+
+/// `wait4(pid, flags)`: the exit status and usage once `pid` was reaped, `None`
+/// when `WNOHANG` is in `flags` and it has not exited yet.
+pub fn wait4(
+    pid: u32,
+    flags: libc::c_int,
+) -> std::io::Result<Option<(std::process::ExitStatus, Usage)>> {
     use std::os::unix::process::ExitStatusExt;
     let mut status: libc::c_int = 0;
     loop {
         // SAFETY: a zeroed rusage is a valid value; wait4 writes status and rusage.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut ru) };
+        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, flags, &mut ru) };
         if r == pid as libc::pid_t {
             let tv = |t: libc::timeval| {
                 Duration::from_secs(t.tv_sec.max(0) as u64)
@@ -112,7 +125,10 @@ pub fn wait_with_usage(pid: u32) -> std::io::Result<(std::process::ExitStatus, U
                 // Linux reports ru_maxrss in KiB.
                 peak_rss: (ru.ru_maxrss.max(0) as u64) * 1024,
             };
-            return Ok((std::process::ExitStatus::from_raw(status), usage));
+            return Ok(Some((std::process::ExitStatus::from_raw(status), usage)));
+        }
+        if r == 0 {
+            return Ok(None);
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {

@@ -2,8 +2,8 @@
 //! primitives and answers `LocalBuildFinished`.
 //!
 //! Per build: prepare (scratch outputs, build directory, environment) on a blocking
-//! thread; spawn the builder as a tokio child attached to a fresh pty; a reader thread
-//! forwards the raw pty bytes to the build's LogCollector (`LogBytes`, then `LogEof`
+//! thread; spawn the builder attached to a fresh pty; the build's future reads the
+//! pty on the arbiter ([`pty::pump`]) and hands the raw bytes to the build's LogCollector (`LogBytes`, then `LogEof`
 //! → `LogSummary`); wait for the exit; kill the builder's process group; classify
 //! and register the outputs on a blocking thread (Nix's `buildDone`). A `LogAlarm`
 //! from the collector (silence, timeout, log limit) or a `CancelLocalBuild` kills the
@@ -16,6 +16,8 @@
 pub mod actor;
 pub mod history;
 pub mod post_build_hook;
+pub mod pty;
+pub mod reap;
 
 use std::collections::HashMap;
 
