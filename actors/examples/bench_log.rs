@@ -53,6 +53,16 @@ struct Opts {
     /// Keep the scratch roots.
     #[arg(long)]
     keep: bool,
+    /// Another drover binary timed beside the first (e.g. the one before a change).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+}
+
+/// A tool to time: which kind, its display name, and for drover the binary.
+struct Bench {
+    tool: Tool,
+    name: &'static str,
+    bin: PathBuf,
 }
 
 /// The builder's log generator: `gen.sh BYTES` writes at least BYTES of compiler-like
@@ -196,9 +206,9 @@ fn wait4(child: std::process::Child) -> anyhow::Result<(std::process::ExitStatus
 }
 
 /// Builds `drv` with `tool` in `root`, timed; the peak RSS through GNU time.
-fn realise(root: &Root, tool: Tool, drover: &Path, drv: &str) -> anyhow::Result<Sample> {
-    let (program, sub): (&Path, &str) = match tool {
-        Tool::Drover => (drover, "realise"),
+fn realise(root: &Root, bench: &Bench, drv: &str) -> anyhow::Result<Sample> {
+    let (program, sub): (&Path, &str) = match bench.tool {
+        Tool::Drover => (&bench.bin, "realise"),
         Tool::Nix => (Path::new("nix-store"), "--realise"),
     };
     let time = Path::new("/usr/bin/time");
@@ -222,7 +232,7 @@ fn realise(root: &Root, tool: Tool, drover: &Path, drv: &str) -> anyhow::Result<
     if !status.success() {
         anyhow::bail!(
             "{} realise failed with {status}: {}",
-            tool.name(),
+            bench.name,
             std::fs::read_to_string(&err_file).unwrap_or_default()
         );
     }
@@ -331,25 +341,44 @@ fn main() -> anyhow::Result<()> {
         drover.display(),
         scratch.display()
     );
-    let tools = [Tool::Drover, Tool::Nix];
+    let mut tools = vec![
+        Bench {
+            tool: Tool::Drover,
+            name: Tool::Drover.name(),
+            bin: drover.clone(),
+        },
+        Bench {
+            tool: Tool::Nix,
+            name: Tool::Nix.name(),
+            bin: PathBuf::from("nix-store"),
+        },
+    ];
+    if let Some(b) = &o.baseline {
+        eprintln!("baseline drover: {}", b.display());
+        tools.push(Bench {
+            tool: Tool::Drover,
+            name: "drover-old",
+            bin: b.clone(),
+        });
+    }
     // (size, tool, samples)
-    let mut rows: Vec<(u64, Tool, Vec<Sample>)> = Vec::new();
+    let mut rows: Vec<(u64, &Bench, Vec<Sample>)> = Vec::new();
     for &mb in &sizes {
         let bytes = mb * 1_000_000;
         let want = expected(&generator, &scratch, bytes)?;
         eprintln!("{mb} MB: the builder writes {} bytes", want.0);
-        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new()];
+        let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
         for run in 0..runs {
             // Alternate which tool goes first.
             for k in 0..tools.len() {
                 let i = (k + run) % tools.len();
-                let tool = tools[i];
-                let root = Root::new(&scratch, &format!("{mb}-{run}-{}", tool.name()), o.keep)?;
+                let tool = &tools[i];
+                let root = Root::new(&scratch, &format!("{mb}-{run}-{}", tool.name), o.keep)?;
                 let drv = root.instantiate(&generator, bytes)?;
-                let s = realise(&root, tool, &drover, &drv)?;
+                let s = realise(&root, tool, &drv)?;
                 eprintln!(
                     "{mb} MB run {run}: {} {:.2}s {:.1} MB/s (cpu {:.2}s, {} KiB, .bz2 {} bytes)",
-                    tool.name(),
+                    tool.name,
                     s.wall.as_secs_f64(),
                     want.0 as f64 / 1e6 / s.wall.as_secs_f64(),
                     s.cpu.as_secs_f64(),
@@ -358,7 +387,7 @@ fn main() -> anyhow::Result<()> {
                 );
                 if run == 0 {
                     // Each tool's stored log, read by the other tool and by itself.
-                    for reader in tools {
+                    for reader in [Tool::Drover, Tool::Nix] {
                         check_log(&root, reader, &drover, &drv, want)?;
                     }
                 }
@@ -366,14 +395,14 @@ fn main() -> anyhow::Result<()> {
             }
         }
         for (i, s) in samples.into_iter().enumerate() {
-            rows.push((want.0, tools[i], s));
+            rows.push((want.0, &tools[i], s));
         }
     }
     if !o.keep {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     println!(
-        "{:>8} {:<8} {:>4} {:>9} {:>8} {:>7} {:>8} {:>9} {:>10}",
+        "{:>8} {:<10} {:>4} {:>9} {:>8} {:>7} {:>8} {:>9} {:>10}",
         "log MB", "tool", "runs", "wall", "MB/s", "vs nix", "cpu", "peak RSS", ".bz2 KB"
     );
     for (bytes, tool, s) in &rows {
@@ -381,18 +410,18 @@ fn main() -> anyhow::Result<()> {
         let rate = *bytes as f64 / 1e6 / wall.as_secs_f64();
         let nix_rate = rows
             .iter()
-            .find(|(b, t, _)| b == bytes && *t == Tool::Nix)
+            .find(|(b, t, _)| b == bytes && t.tool == Tool::Nix)
             .map(|(b, _, s)| {
                 *b as f64 / 1e6 / median(s.iter().map(|s| s.wall).collect()).as_secs_f64()
             });
-        let vs = match (tool, nix_rate) {
+        let vs = match (tool.tool, nix_rate) {
             (Tool::Drover, Some(n)) => format!("{:.2}", rate / n),
             _ => String::new(),
         };
         println!(
-            "{:>8.0} {:<8} {:>4} {:>8.2}s {:>8.1} {:>7} {:>7.2}s {:>8.1}M {:>10}",
+            "{:>8.0} {:<10} {:>4} {:>8.2}s {:>8.1} {:>7} {:>7.2}s {:>8.1}M {:>10}",
             *bytes as f64 / 1e6,
-            tool.name(),
+            tool.name,
             s.len(),
             wall.as_secs_f64(),
             rate,
