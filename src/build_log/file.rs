@@ -2,8 +2,9 @@
 //!
 //! The log of derivation `<store>/<hash>-<name>.drv` is stored at
 //! `<log dir>/drvs/<first 2 chars of the base name>/<rest of the base name>`, plus
-//! `.bz2` when `compress-build-log` is on (the default), in which case it is one
-//! bzip2 stream (level 9, as Nix's compression sink). The directories are created as
+//! `.bz2` when `compress-build-log` is on (the default), in which case it is a run of
+//! independent bzip2 streams, one per [`BLOCK_BYTES`] of log
+//! ([`blocks`](super::blocks): Nix 2.8 reads them all). The directories are created as
 //! needed (`mkdir -p`, mode 0777 before umask) and the file is created or truncated
 //! with mode 0666 before umask. The file holds the builder's output **verbatim**
 //! (`\r`, `@nix` lines and a partial last line included).
@@ -11,8 +12,11 @@
 //! [`LogFile`] writes synchronously. [`LogFileWriter`] moves a [`LogFile`] to its own
 //! thread, fed by a bounded channel of chunks: a full channel makes the sender wait
 //! (never dropping bytes), so memory stays bounded whatever the log size and the
-//! compression never runs on the sender's thread. A plain (uncompressed) log is written
-//! chunk by chunk as it arrives, so it can be read while the build runs.
+//! compression never runs on the sender's thread. There the blocks of a compressed log
+//! are compressed on several threads ([`ParallelBzip2`]) and appended in order, each as
+//! soon as it is done; a plain (uncompressed) log is written chunk by chunk as it
+//! arrives. Either way the file can be read while the build runs (a compressed one up to
+//! its last complete block). Both writers give the same file for the same log.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -23,9 +27,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bzip2::write::BzEncoder;
-use bzip2::Compression;
-
+use super::blocks::{self, BlockCutter, ParallelBzip2, BLOCK_BYTES};
 use crate::store_path::StorePath;
 
 /// The directory under the log dir holding derivation logs.
@@ -81,7 +83,7 @@ pub fn log_file_path(log_dir: &Path, drv_path: &StorePath, compress: bool) -> Pa
 
 enum Sink {
     Plain(File),
-    Bzip2(BzEncoder<File>),
+    Bzip2 { file: File, cutter: BlockCutter },
 }
 
 /// A log file being written synchronously.
@@ -113,7 +115,10 @@ impl LogFile {
             .open(&path)
             .map_err(create)?;
         let sink = if compress {
-            Sink::Bzip2(BzEncoder::new(file, Compression::best()))
+            Sink::Bzip2 {
+                file,
+                cutter: BlockCutter::new(BLOCK_BYTES),
+            }
         } else {
             Sink::Plain(file)
         };
@@ -128,7 +133,9 @@ impl LogFile {
     pub fn write(&mut self, data: &[u8]) -> Result<(), LogFileError> {
         let r = match &mut self.sink {
             Sink::Plain(f) => f.write_all(data),
-            Sink::Bzip2(e) => e.write_all(data),
+            Sink::Bzip2 { file, cutter } => {
+                cutter.push(data, |b| file.write_all(&blocks::compress_block(&b)?))
+            }
         };
         r.map_err(|source| LogFileError::Write {
             path: self.path.clone(),
@@ -136,12 +143,16 @@ impl LogFile {
         })
     }
 
-    /// Ends the bzip2 stream (if any) and flushes; returns the file's path.
+    /// Writes the last bzip2 stream (if any) and flushes; returns the file's path.
     pub fn finish(self) -> Result<PathBuf, LogFileError> {
         let path = self.path;
         let r = match self.sink {
             Sink::Plain(mut f) => f.flush(),
-            Sink::Bzip2(e) => e.finish().and_then(|mut f| f.flush()),
+            Sink::Bzip2 { mut file, cutter } => match cutter.finish() {
+                Some(b) => blocks::compress_block(&b).and_then(|z| file.write_all(&z)),
+                None => Ok(()),
+            }
+            .and_then(|()| file.flush()),
         };
         r.map_err(|source| LogFileError::Write {
             path: path.clone(),
@@ -208,15 +219,26 @@ pub struct LogFileWriter {
 }
 
 impl LogFileWriter {
-    /// Moves `file` to a new writer thread accepting up to `queue_chunks` queued chunks.
+    /// Moves `file` to a new writer thread accepting up to `queue_chunks` queued chunks,
+    /// compressing on [`blocks::default_threads`] threads.
     pub fn spawn(file: LogFile, queue_chunks: usize) -> Result<LogFileWriter, LogFileError> {
+        LogFileWriter::spawn_with_threads(file, queue_chunks, blocks::default_threads())
+    }
+
+    /// [`spawn`](Self::spawn) with `threads` compression threads (1: compress on the
+    /// writer thread itself).
+    pub fn spawn_with_threads(
+        file: LogFile,
+        queue_chunks: usize,
+        threads: usize,
+    ) -> Result<LogFileWriter, LogFileError> {
         let (tx, rx) = mpsc::sync_channel(queue_chunks.max(1));
         let queued = Arc::new(Queued::default());
         let path = file.path().to_owned();
         let q = queued.clone();
         let thread = std::thread::Builder::new()
             .name("build-log-writer".into())
-            .spawn(move || write_chunks(file, rx, &q))
+            .spawn(move || write_chunks(file, rx, &q, threads))
             .map_err(|source| LogFileError::Spawn {
                 path: path.clone(),
                 source,
@@ -294,7 +316,13 @@ fn write_chunks(
     mut file: LogFile,
     rx: Receiver<Vec<u8>>,
     queued: &Queued,
+    threads: usize,
 ) -> Result<PathBuf, LogFileError> {
+    if threads > 1 {
+        if let Sink::Bzip2 { .. } = file.sink {
+            return compress_chunks(file, rx, queued, threads);
+        }
+    }
     // Ends when every sender is gone (the writer was finished or dropped).
     for chunk in rx {
         let r = file.write(&chunk);
@@ -302,6 +330,84 @@ fn write_chunks(
         r?;
     }
     file.finish()
+}
+
+/// The writer loop of a compressed log: blocks go to a [`ParallelBzip2`], started at
+/// the first complete block (a log shorter than a block is compressed here, at the end,
+/// without starting any thread).
+fn compress_chunks(
+    file: LogFile,
+    rx: Receiver<Vec<u8>>,
+    queued: &Queued,
+    threads: usize,
+) -> Result<PathBuf, LogFileError> {
+    let LogFile { path, sink } = file;
+    let Sink::Bzip2 {
+        mut file,
+        mut cutter,
+    } = sink
+    else {
+        unreachable!("compress_chunks is only called for a compressed log")
+    };
+    let write_error = |source| LogFileError::Write {
+        path: path.clone(),
+        source,
+    };
+    let spawn_error = |source| LogFileError::Spawn {
+        path: path.clone(),
+        source,
+    };
+    let mut pool: Option<ParallelBzip2<File>> = None;
+    let mut spawn_failure = None;
+    let mut stopped = false;
+    for chunk in rx.iter() {
+        stopped = cutter
+            .push(&chunk, |b| {
+                if pool.is_none() {
+                    let out = file.try_clone().map_err(|e| spawn_failure = Some(e))?;
+                    let p =
+                        ParallelBzip2::new(out, threads).map_err(|e| spawn_failure = Some(e))?;
+                    pool = Some(p);
+                }
+                pool.as_mut()
+                    .map_or(Ok(()), |p| p.submit(b).map_err(|_| ()))
+            })
+            .is_err();
+        queued.sub(chunk.len());
+        if stopped {
+            // Dropping the channel tells the senders; the pool says why.
+            break;
+        }
+    }
+    drop(rx);
+    if let Some(e) = spawn_failure {
+        return Err(spawn_error(e));
+    }
+    match pool {
+        None => {
+            if let Some(b) = cutter.finish() {
+                let z = blocks::compress_block(&b).map_err(write_error)?;
+                file.write_all(&z).map_err(write_error)?;
+            }
+        }
+        Some(mut p) => {
+            if !stopped {
+                if let Some(b) = cutter.finish() {
+                    stopped = p.submit(b).is_err();
+                }
+            }
+            p.finish().map_err(write_error)?;
+            if stopped {
+                // Only a worker that could not start stops a pool whose writes all
+                // succeeded.
+                return Err(spawn_error(std::io::Error::other(
+                    "no compression thread could be started",
+                )));
+            }
+        }
+    }
+    file.flush().map_err(write_error)?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -408,6 +514,91 @@ mod tests {
         );
         let p = w.finish().unwrap();
         assert_eq!(bunzip(&p), expected);
+    }
+
+    /// A log of `n` bytes of numbered lines.
+    fn lines(n: usize) -> Vec<u8> {
+        (0u64..)
+            .flat_map(|i| format!("building object {i} of {}\n", i * 31 % 977).into_bytes())
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn parallel_writer_writes_what_the_sequential_one_does() {
+        let data = lines(2 * BLOCK_BYTES + 12_345);
+        let t = tempfile::tempdir().unwrap();
+        let mut f = LogFile::create(t.path(), &drv(), true).unwrap();
+        f.write(&data).unwrap();
+        let want = std::fs::read(f.finish().unwrap()).unwrap();
+        for threads in [1, 3] {
+            let w = LogFileWriter::spawn_with_threads(
+                LogFile::create(t.path(), &drv(), true).unwrap(),
+                8,
+                threads,
+            )
+            .unwrap();
+            for c in data.chunks(64 * 1024) {
+                w.write(c.to_vec()).unwrap();
+            }
+            let got = std::fs::read(w.finish().unwrap()).unwrap();
+            assert!(got == want, "{threads} threads: a different file");
+        }
+        // Three streams, holding the whole log.
+        assert_eq!(want.windows(4).filter(|w| w == b"BZh4").count(), 3);
+        assert_eq!(bunzip(&log_file_path(t.path(), &drv(), true)), data);
+    }
+
+    #[test]
+    fn compressed_log_is_readable_up_to_its_last_block_while_written() {
+        use crate::build_log::read::{read_build_log, LogEnd};
+        use crate::store_path::StoreDir;
+        let data = lines(2 * BLOCK_BYTES + 1000);
+        let t = tempfile::tempdir().unwrap();
+        let w = LogFileWriter::spawn_with_threads(
+            LogFile::create(t.path(), &drv(), true).unwrap(),
+            8,
+            2,
+        )
+        .unwrap();
+        let read = || {
+            let mut out = Vec::new();
+            let end = read_build_log(
+                t.path(),
+                &StoreDir::new("/nix/store").unwrap(),
+                &drv(),
+                |_| None,
+                &mut out,
+            );
+            (end, out)
+        };
+        // Two blocks and a bit: the two blocks become readable, the rest waits.
+        w.write(data[..2 * BLOCK_BYTES + 500].to_vec()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let (end, out) = read();
+            if out.len() == 2 * BLOCK_BYTES {
+                assert!(matches!(
+                    end,
+                    Ok(LogEnd::Complete | LogEnd::Truncated { .. })
+                ));
+                assert!(out[..] == data[..2 * BLOCK_BYTES]);
+                break;
+            }
+            // Before that, nothing or the first block.
+            assert!(
+                out.is_empty() || out[..] == data[..BLOCK_BYTES],
+                "{}",
+                out.len()
+            );
+            assert!(std::time::Instant::now() < deadline, "blocks not written");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        w.write(data[2 * BLOCK_BYTES + 500..].to_vec()).unwrap();
+        w.finish().unwrap();
+        let (end, out) = read();
+        assert_eq!(end.unwrap(), LogEnd::Complete);
+        assert!(out == data);
     }
 
     fn write_in_chunks(dir: &Path, data: &[u8], cuts: &[usize], compress: bool) -> Vec<u8> {

@@ -16,9 +16,11 @@
 //! [`read`] finds and decompresses a stored log, as `nix-store --read-log` does.
 //!
 //! Nothing here knows about actors or async runtimes; the compressing writer runs on
-//! its own thread fed by a bounded channel ([`file::LogFileWriter`]).
+//! its own thread fed by a bounded channel ([`file::LogFileWriter`]), and compresses
+//! blocks of a large log on several threads ([`blocks`]).
 
 pub mod ansi;
+pub mod blocks;
 pub mod file;
 pub mod json;
 pub mod lines;

@@ -12,12 +12,22 @@
 //! not decompress is skipped. When nothing is found the error is Nix's
 //! `build log of derivation '<path>' is not available` (naming the path asked for).
 //! Decompression streams into the given writer: memory stays bounded.
+//!
+//! A `.bz2` log is one or more concatenated bzip2 streams (Nix writes one, drover one
+//! per block, see [`blocks`](super::blocks)); all are read, and what follows the last
+//! stream if it is not a bzip2 stream is ignored, as libarchive (Nix 2.8's reader)
+//! does. A log still being written ends inside a stream: everything up to its last
+//! complete block is written out and the result says [`LogEnd::Truncated`] (Nix 2.8
+//! prints nothing then and says the log is not available; a file that holds no
+//! complete block at all is treated so here too).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use bzip2::read::MultiBzDecoder;
+use std::io::BufRead;
+
+use bzip2::bufread::BzDecoder;
 
 use super::file::DRVS_LOG_DIR;
 use crate::store_path::{StoreDir, StorePath};
@@ -31,6 +41,16 @@ pub enum ReadLogError {
     Read { file: PathBuf, source: io::Error },
     #[error("writing build log of '{path}': {source}")]
     Output { path: String, source: io::Error },
+}
+
+/// How much of a stored log [`read_build_log`] wrote out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEnd {
+    /// The whole log.
+    Complete,
+    /// The compressed `file` ends inside a bzip2 stream (its build is still writing it,
+    /// or it was cut short): the log up to its last complete block was written.
+    Truncated { file: PathBuf },
 }
 
 /// A stored log file: its path and whether it is bzip2-compressed.
@@ -78,7 +98,7 @@ pub fn read_build_log(
     path: &StorePath,
     deriver: impl FnOnce(&StorePath) -> Option<StorePath>,
     out: &mut dyn Write,
-) -> Result<(), ReadLogError> {
+) -> Result<LogEnd, ReadLogError> {
     let not_available = || ReadLogError::NotAvailable {
         path: store_dir.print(path),
     };
@@ -97,19 +117,14 @@ pub fn read_build_log(
             source,
         })?;
         if !log.compressed {
-            return copy(file, out, &log.file, output_error);
+            return copy(file, out, &log.file, output_error).map(|()| LogEnd::Complete);
         }
         let mut counting = CountingWriter {
             inner: out,
             written: 0,
         };
-        match copy(
-            MultiBzDecoder::new(file),
-            &mut counting,
-            &log.file,
-            output_error,
-        ) {
-            Ok(()) => return Ok(()),
+        match copy_bzip2(file, &mut counting, &log.file, output_error) {
+            Ok(end) => return Ok(end),
             // Nix skips a `.bz2` that does not decompress; once bytes went out we can
             // only report the error.
             Err(ReadLogError::Read { .. }) if counting.written == 0 => continue,
@@ -134,6 +149,43 @@ impl Write for CountingWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// Decompresses the concatenated bzip2 streams of `file` into `to`, stream by stream.
+fn copy_bzip2(
+    file: File,
+    to: &mut CountingWriter<'_>,
+    path: &Path,
+    output_error: impl Fn(io::Error) -> ReadLogError,
+) -> Result<LogEnd, ReadLogError> {
+    let read_error = |source| ReadLogError::Read {
+        file: path.to_owned(),
+        source,
+    };
+    let mut input = io::BufReader::with_capacity(64 * 1024, file);
+    let mut streams = 0u64;
+    loop {
+        if streams > 0 {
+            // After a stream: the end, another stream, or trailing bytes to ignore.
+            let rest = input.fill_buf().map_err(read_error)?;
+            if rest.is_empty() || !rest.starts_with(b"BZh") {
+                break;
+            }
+        }
+        match copy(BzDecoder::new(&mut input), to, path, &output_error) {
+            Ok(()) => streams += 1,
+            Err(ReadLogError::Read { source, .. })
+                if source.kind() == io::ErrorKind::UnexpectedEof && to.written > 0 =>
+            {
+                return Ok(LogEnd::Truncated {
+                    file: path.to_owned(),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    to.flush().map_err(output_error)?;
+    Ok(LogEnd::Complete)
 }
 
 /// Copies with read and write errors kept apart.
@@ -239,6 +291,57 @@ mod tests {
         .unwrap();
         let e = read(t.path(), &sp(DRV), None).unwrap_err();
         assert!(matches!(e, ReadLogError::NotAvailable { .. }));
+    }
+
+    fn bz2_path(dir: &Path) -> PathBuf {
+        dir.join("drvs/n1/hrl2abbi4wf021psnzrg57vsdg0pfm-logt.drv.bz2")
+    }
+
+    fn write_streams(dir: &Path, parts: &[&[u8]], tail: &[u8]) {
+        let mut file = Vec::new();
+        for p in parts {
+            file.extend(crate::build_log::blocks::compress_block(p).unwrap());
+        }
+        file.extend(tail);
+        std::fs::create_dir_all(dir.join("drvs/n1")).unwrap();
+        std::fs::write(bz2_path(dir), file).unwrap();
+    }
+
+    #[test]
+    fn concatenated_streams_are_all_read_and_trailing_bytes_ignored() {
+        let t = tempfile::tempdir().unwrap();
+        write_streams(t.path(), &[b"one\n", b"", b"two\n"], b"");
+        assert_eq!(read(t.path(), &sp(DRV), None).unwrap(), b"one\ntwo\n");
+        // What follows the last stream is not bzip2: ignored, as libarchive does.
+        write_streams(t.path(), &[b"one\n"], b"garbage\n");
+        assert_eq!(read(t.path(), &sp(DRV), None).unwrap(), b"one\n");
+    }
+
+    #[test]
+    fn a_log_ending_inside_a_stream_is_read_up_to_its_last_complete_block() {
+        let t = tempfile::tempdir().unwrap();
+        let partial = crate::build_log::blocks::compress_block(b"three\n").unwrap();
+        write_streams(t.path(), &[b"one\n", b"two\n"], &partial[..20]);
+        let mut out = Vec::new();
+        let end = read_build_log(
+            t.path(),
+            &StoreDir::new("/nix/store").unwrap(),
+            &sp(DRV),
+            |_| None,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, b"one\ntwo\n");
+        assert_eq!(
+            end,
+            LogEnd::Truncated {
+                file: bz2_path(t.path())
+            }
+        );
+        // Without one complete block there is nothing to show: not available, as in Nix.
+        write_streams(t.path(), &[], &partial[..20]);
+        let e = read(t.path(), &sp(DRV), None).unwrap_err();
+        assert!(matches!(e, ReadLogError::NotAvailable { .. }), "{e}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod hook_try;
 mod impure;
 mod incomplete_closure;
 mod interrupt;
+mod log_blocks;
 mod log_format;
 mod path_info;
 mod progress;

@@ -111,7 +111,7 @@ fn logs(root: &TestRoot) -> BTreeMap<String, String> {
         for f in std::fs::read_dir(&d).unwrap() {
             let f = f.unwrap().path();
             let mut text = String::new();
-            bzip2::read::BzDecoder::new(std::fs::File::open(&f).unwrap())
+            bzip2::read::MultiBzDecoder::new(std::fs::File::open(&f).unwrap())
                 .read_to_string(&mut text)
                 .unwrap();
             res.insert(
