@@ -32,6 +32,7 @@ mod remote;
 mod repeat;
 mod sandbox;
 mod store_settings;
+mod subst_closure;
 mod substitute;
 
 use std::process::{Command, Output};
