@@ -2,9 +2,17 @@
 //! fetching the same paths from the same binary caches.
 //!
 //! Setup (once, with Nix 2.8, in a scratch root `<scratch>/root`):
-//! * `small`: N (default 1000) trivial derivations, `/bin/sh -c "echo <i> > $out"`;
-//! * `big`: M (default 20) derivations of 20 MB each from `/dev/urandom` (builders
-//!   have no `PATH`, so `/usr/bin/head` is named absolutely; the sandbox is off).
+//! * `closure` (the default with `big`): a closure of 1,001 small paths realised by
+//!   naming its root only: 10 layers of 100 trivial derivations, each output referring
+//!   to three outputs of the layer below (`echo <i> <inputs> > $out`), and a root
+//!   referring to the whole top layer. Only the root is named on the command line, so
+//!   the closure is found narinfo by narinfo (`--closure-layers`, `--closure-width`
+//!   change its shape);
+//! * `small`: N (default 1000) independent trivial derivations, all named (not run by
+//!   default);
+//! * `big`: M (default 10) derivations of 20 MB each from `/dev/urandom`, all named
+//!   (builders have no `PATH`, so `/usr/bin/head` is named absolutely; the sandbox is
+//!   off).
 //!
 //! All outputs are built, a signing key is made with `nix-store
 //! --generate-binary-cache-key`, and `nix copy` writes two signed caches, one with
@@ -17,13 +25,15 @@
 //!
 //! Timed runs: for each case × cache × transport × tool, the scratch root's store and
 //! state are wiped (the store dir must stay the cache's `StoreDir`), `nix.conf` names
-//! the one substituter and its public key, and all the case's output paths are
-//! realised with `--max-jobs 0` (nothing may be built). Runs alternate which tool goes
+//! the one substituter and its public key, and the case's requested paths are
+//! realised with `--max-jobs 0` (nothing may be built); afterwards every path of the
+//! case's closure must exist. Runs alternate which tool goes
 //! first. Only the realise command is timed (process start to exit).
 //!
 //! Output: one row per case, transport, compression and tool with the median wall
 //! time, paths/s, NAR MB/s (the narinfos' `NarSize` summed, per second; 1 MB = 10^6
-//! bytes) and the drover/Nix ratio of the medians (below 1: drover is faster).
+//! bytes), the drover/Nix ratio of the medians (below 1: drover is faster) and its
+//! inverse, drover's rate as a multiple of Nix's (`rate×nix`; the target is ≥ 2).
 //!
 //! Run with `cargo build --release -p drover-cli --bin drover && cargo run
 //! --release -p drover-actors --example bench_substitute -- [--quick]`; see
@@ -52,7 +62,13 @@ struct Opts {
     /// Paths in the `small` case (default 1000; 100 with --quick).
     #[arg(long)]
     small_n: Option<usize>,
-    /// Paths in the `big` case (default 20; 3 with --quick).
+    /// Layers of the `closure` case below its root (default 10; 3 with --quick).
+    #[arg(long)]
+    closure_layers: Option<usize>,
+    /// Derivations per layer of the `closure` case (default 100; 20 with --quick).
+    #[arg(long)]
+    closure_width: Option<usize>,
+    /// Paths in the `big` case (default 10; 3 with --quick).
     #[arg(long)]
     big_n: Option<usize>,
     /// Bytes of each `big` path (default 20000000).
@@ -62,7 +78,7 @@ struct Opts {
     #[arg(long)]
     runs: Option<usize>,
     /// Which cases to run.
-    #[arg(long, value_delimiter = ',', default_values = ["small", "big"])]
+    #[arg(long, value_delimiter = ',', default_values = ["closure", "big"])]
     cases: Vec<String>,
     /// Which compressions to run.
     #[arg(long, value_delimiter = ',', default_values = ["xz", "zstd"])]
@@ -74,6 +90,10 @@ struct Opts {
     /// directory).
     #[arg(long)]
     scratch: Option<PathBuf>,
+    /// Another drover binary (e.g. the main branch's) timed as a third tool,
+    /// `drover-base`, beside the same Nix runs.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Keep the scratch directory (its path is printed).
     #[arg(long)]
     keep: bool,
@@ -146,7 +166,32 @@ impl Root {
 /// One case's paths, built once and then copied to every cache.
 struct Case {
     name: &'static str,
-    outs: Vec<String>,
+    /// What a timed run names on the command line.
+    requested: Vec<String>,
+    /// Every path a run must leave valid (the requested paths' closure).
+    closure: Vec<String>,
+}
+
+/// The `closure` case: `layers` layers of `width` derivations, each output naming
+/// (and so referring to) three outputs of the layer below, and one root referring to
+/// the top layer. The layers are one lazy list, so each derivation is evaluated once.
+fn closure_expression(layers: usize, width: usize) -> String {
+    format!(
+        r#"let
+  width = {width};
+  mk = l: i: deps: derivation {{
+    name = "closure-${{toString l}}-${{toString i}}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${{toString l}} ${{toString i}} ${{toString deps}} > $out" ];
+  }};
+  below = l: j: builtins.elemAt (builtins.elemAt layers (l - 1)) (j - width * (j / width));
+  layers = builtins.genList (l: builtins.genList (i:
+    mk l i (if l == 0 then [ ] else [ (below l i) (below l (i + 1)) (below l (i + 7)) ])
+  ) width) {layers};
+in mk {layers} 0 (builtins.elemAt layers ({layers} - 1))
+"#
+    )
 }
 
 fn expression(case: &str, n: usize, big_bytes: u64) -> String {
@@ -259,6 +304,16 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
+        // SIGTERM, so nginx's master stops its worker too (SIGKILL left the worker
+        // running, listening on the port).
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -268,17 +323,18 @@ impl Drop for HttpServer {
 fn realise(
     root: &Root,
     tool: Tool,
-    drover: &Path,
+    binary: &Path,
     url: &str,
     public_key: &str,
     paths: &[String],
+    closure: &[String],
 ) -> anyhow::Result<Duration> {
     root.reset(&format!(
         "substituters = {url}\ntrusted-public-keys = {public_key}\n"
     ))?;
     let mut c = match tool {
         Tool::Drover => {
-            let mut c = root.cmd(drover);
+            let mut c = root.cmd(binary);
             c.arg("realise");
             c
         }
@@ -305,8 +361,8 @@ fn realise(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    // Every path must now be in the store.
-    if let Some(missing) = paths.iter().find(|p| !Path::new(p).exists()) {
+    // Every path of the closure must now be in the store.
+    if let Some(missing) = closure.iter().find(|p| !Path::new(p).exists()) {
         anyhow::bail!("{} did not realise {missing}", tool.name());
     }
     Ok(took)
@@ -317,6 +373,7 @@ struct Row {
     case: &'static str,
     transport: String,
     compression: String,
+    name: &'static str,
     tool: Tool,
     paths: usize,
     nar_bytes: u64,
@@ -338,7 +395,7 @@ impl Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<6} {:>5} {:<5} {:<5} {:<8} {:>4} {:>9} {:>9} {:>9} {:>10}",
+        "{:<7} {:>5} {:<5} {:<5} {:<11} {:>4} {:>9} {:>9} {:>9} {:>10} {:>9}",
         "case",
         "paths",
         "trans",
@@ -348,7 +405,8 @@ fn print_table(rows: &[Row]) {
         "median",
         "paths/s",
         "NAR MB/s",
-        "drover/nix"
+        "drover/nix",
+        "rate×nix"
     );
     for r in rows {
         let secs = r.median().as_secs_f64();
@@ -358,24 +416,26 @@ fn print_table(rows: &[Row]) {
                 && o.compression == r.compression
                 && o.tool == Tool::Nix
         });
-        let ratio = match nix {
-            Some(n) if r.tool == Tool::Drover && !n.median().is_zero() => {
-                format!("{:.2}", secs / n.median().as_secs_f64())
+        let (ratio, rate) = match nix {
+            Some(n) if r.tool == Tool::Drover && !n.median().is_zero() && secs > 0.0 => {
+                let nix = n.median().as_secs_f64();
+                (format!("{:.2}", secs / nix), format!("{:.2}", nix / secs))
             }
-            _ => String::new(),
+            _ => (String::new(), String::new()),
         };
         println!(
-            "{:<6} {:>5} {:<5} {:<5} {:<8} {:>4} {:>8.3}s {:>9.1} {:>9.2} {:>10}",
+            "{:<7} {:>5} {:<5} {:<5} {:<11} {:>4} {:>8.3}s {:>9.1} {:>9.2} {:>10} {:>9}",
             r.case,
             r.paths,
             r.transport,
             r.compression,
-            r.tool.name(),
+            r.name,
             r.times.len(),
             secs,
             r.paths as f64 / secs,
             r.nar_bytes as f64 / 1e6 / secs,
-            ratio
+            ratio,
+            rate
         );
     }
 }
@@ -384,7 +444,15 @@ fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
     let drover = drover_binary(o.drover.as_deref())?;
     let small_n = o.small_n.unwrap_or(if o.quick { 100 } else { 1000 });
-    let big_n = o.big_n.unwrap_or(if o.quick { 3 } else { 20 });
+    let big_n = o.big_n.unwrap_or(if o.quick { 3 } else { 10 });
+    let layers = o
+        .closure_layers
+        .unwrap_or(if o.quick { 3 } else { 10 })
+        .max(1);
+    let width = o
+        .closure_width
+        .unwrap_or(if o.quick { 20 } else { 100 })
+        .max(1);
     let runs = o.runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
     let scratch = match &o.scratch {
         Some(s) => s.clone(),
@@ -404,24 +472,44 @@ fn main() -> anyhow::Result<()> {
 
     // Build every case's outputs with Nix.
     let mut cases = Vec::new();
-    for (name, n) in [("small", small_n), ("big", big_n)] {
+    for (name, n) in [
+        ("closure", layers * width + 1),
+        ("small", small_n),
+        ("big", big_n),
+    ] {
         if !o.cases.iter().any(|c| c == name) {
             continue;
         }
         let t = Instant::now();
         let file = root.dir.join(format!("{name}.nix"));
-        std::fs::write(&file, expression(name, n, o.big_bytes))?;
+        let (text, roots) = match name {
+            "closure" => (closure_expression(layers, width), 1),
+            _ => (expression(name, n, o.big_bytes), n),
+        };
+        std::fs::write(&file, text)?;
         let drvs = root.run("nix-instantiate", &[file.to_str().unwrap_or_default()])?;
-        anyhow::ensure!(drvs.len() == n, "instantiated {} drvs", drvs.len());
+        anyhow::ensure!(drvs.len() == roots, "instantiated {} drvs", drvs.len());
         let mut args = vec!["--realise", "--max-jobs", "2"];
         args.extend(drvs.iter().map(String::as_str));
         let outs = root.run("nix-store", &args)?;
-        anyhow::ensure!(outs.len() == n, "built {} outputs", outs.len());
+        anyhow::ensure!(outs.len() == roots, "built {} outputs", outs.len());
+        let mut args = vec!["--query", "--requisites"];
+        args.extend(outs.iter().map(String::as_str));
+        let closure = root.run("nix-store", &args)?;
+        anyhow::ensure!(
+            closure.len() == n,
+            "the closure has {} paths",
+            closure.len()
+        );
         eprintln!(
             "{name}: built {n} paths in {:.1}s",
             t.elapsed().as_secs_f64()
         );
-        cases.push(Case { name, outs });
+        cases.push(Case {
+            name,
+            requested: outs,
+            closure,
+        });
     }
 
     // The signing key and one signed cache per case and compression.
@@ -450,7 +538,7 @@ fn main() -> anyhow::Result<()> {
                 sk.display()
             );
             let mut args = vec!["copy", "--to", to.as_str()];
-            args.extend(case.outs.iter().map(String::as_str));
+            args.extend(case.requested.iter().map(String::as_str));
             root.run("nix", &args)?;
             eprintln!(
                 "{}: wrote the {comp} cache in {:.1}s",
@@ -467,6 +555,14 @@ fn main() -> anyhow::Result<()> {
         None
     };
 
+    let mut tools: Vec<(&'static str, Tool, PathBuf)> = vec![
+        (Tool::Drover.name(), Tool::Drover, drover.clone()),
+        (Tool::Nix.name(), Tool::Nix, PathBuf::from("nix-store")),
+    ];
+    if let Some(b) = &o.baseline {
+        eprintln!("baseline drover: {}", b.display());
+        tools.push(("drover-base", Tool::Drover, b.clone()));
+    }
     let mut rows = Vec::new();
     for case in &cases {
         for comp in &o.compressions {
@@ -480,31 +576,37 @@ fn main() -> anyhow::Result<()> {
                     }
                     _ => anyhow::bail!("unknown transport {transport}"),
                 };
-                let mut times = [Vec::new(), Vec::new()];
+                let mut times: Vec<Vec<Duration>> = tools.iter().map(|_| Vec::new()).collect();
                 for run in 0..runs {
-                    let order = if run % 2 == 0 {
-                        [Tool::Drover, Tool::Nix]
-                    } else {
-                        [Tool::Nix, Tool::Drover]
-                    };
-                    for tool in order {
-                        let d = realise(&root, tool, &drover, &url, &public_key, &case.outs)?;
+                    // Rotate which tool goes first.
+                    for k in 0..tools.len() {
+                        let i = (k + run) % tools.len();
+                        let (name, tool, binary) = &tools[i];
+                        let d = realise(
+                            &root,
+                            *tool,
+                            binary,
+                            &url,
+                            &public_key,
+                            &case.requested,
+                            &case.closure,
+                        )?;
                         eprintln!(
-                            "{} {transport} {comp} run {run}: {} {:.3}s",
+                            "{} {transport} {comp} run {run}: {name} {:.3}s",
                             case.name,
-                            tool.name(),
                             d.as_secs_f64()
                         );
-                        times[(tool == Tool::Nix) as usize].push(d);
+                        times[i].push(d);
                     }
                 }
-                for (tool, times) in [Tool::Drover, Tool::Nix].into_iter().zip(times) {
+                for ((name, tool, _), times) in tools.iter().zip(times) {
                     rows.push(Row {
                         case: case.name,
                         transport: transport.clone(),
                         compression: comp.clone(),
-                        tool,
-                        paths: case.outs.len(),
+                        name,
+                        tool: *tool,
+                        paths: case.closure.len(),
                         nar_bytes: nar,
                         times,
                     });

@@ -39,7 +39,9 @@ use drover::store::{LocalStore, RepairFlag};
 use drover::store_path::{StoreDir, StorePath};
 
 use crate::progress::{CountingReader, Transfer};
-use crate::substituter::{SubstitutablePathInfo, Substituter, SubstituterError};
+use crate::substituter::{
+    Fetched, SubstitutablePathInfo, Substituter, SubstituterError, UnregisteredPlace,
+};
 
 /// A binary cache as a [`Substituter`].
 #[derive(Debug)]
@@ -128,6 +130,34 @@ impl Substituter for BinaryCacheSubstituter {
 
     fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, SubstituterError> {
         self.cache.query_realisation(id).map_err(failed)
+    }
+
+    fn fetches_early(&self) -> bool {
+        true
+    }
+
+    fn fetch_unregistered(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        progress: &Transfer,
+    ) -> Result<Fetched, SubstituterError> {
+        let Some(place) = UnregisteredPlace::take() else {
+            return Ok(Fetched::Deferred);
+        };
+        Ok(
+            match self
+                .cache
+                .fetch_unregistered(path, store, &self.policy, progress.binary_cache())
+                .map_err(failed)?
+            {
+                None => Fetched::AlreadyValid,
+                Some(object) => Fetched::Unpacked {
+                    object: Box::new(object),
+                    place,
+                },
+            },
+        )
     }
 }
 

@@ -916,9 +916,75 @@ pub struct InMemorySubstituter {
     pub copied: Mutex<Vec<StorePath>>,
     /// Scratch directory for writing files before adding them.
     scratch: Mutex<Option<PathBuf>>,
+    /// Fetch paths ahead of their references, as a binary cache does (off by
+    /// default).
+    pub fetch_ahead: bool,
+}
+
+/// Writes a fake entry's contents as a regular file at `tmp`.
+fn write_fake(tmp: &std::path::Path, contents: &[u8]) -> Result<(), drover::store::StoreError> {
+    std::fs::write(tmp, contents).map_err(|source| drover::store::StoreError::Io {
+        context: "writing",
+        path: tmp.to_owned(),
+        source,
+    })
 }
 
 impl InMemorySubstituter {
+    /// The entry to copy and the info to register it with; the path's fault, if
+    /// any, as the copy's error.
+    fn entry_to_copy(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+    ) -> Result<(FakeEntry, ValidPathInfo), SubstituterError> {
+        match self.fault(path) {
+            Some(FakeFault::CopyFails) => {
+                return Err(SubstituterError::Failed(format!(
+                    "NAR for '{}' fetched from '{}' is incomplete",
+                    store.store_dir().print(path),
+                    self.uri
+                )))
+            }
+            Some(FakeFault::Gone) => {
+                return Err(SubstituterError::Gone {
+                    path: store.store_dir().print(path),
+                    message: format!(
+                        "file 'nar/{}.nar' does not exist in binary cache '{}'",
+                        path.hash_part(),
+                        self.uri
+                    ),
+                })
+            }
+            _ => {}
+        }
+        let entry = self
+            .paths
+            .lock()
+            .expect("lock")
+            .get(path)
+            .cloned()
+            .ok_or_else(|| SubstituterError::Gone {
+                path: store.store_dir().print(path),
+                message: format!(
+                    "file '{}.narinfo' does not exist in binary cache '{}'",
+                    path.hash_part(),
+                    self.uri
+                ),
+            })?;
+        let _ = &self.scratch;
+        let mut info = ValidPathInfo::new(
+            path.clone(),
+            entry.info.nar_hash.clone(),
+            entry.info.nar_size,
+        );
+        info.references = entry.info.references.clone();
+        info.deriver = entry.info.deriver.clone();
+        info.ca = entry.info.ca.clone();
+        info.sigs = entry.info.sigs.clone();
+        Ok((entry, info))
+    }
+
     pub fn new(uri: &str, priority: u64) -> InMemorySubstituter {
         InMemorySubstituter {
             uri: uri.to_owned(),
@@ -1019,61 +1085,47 @@ impl Substituter for InMemorySubstituter {
         repair: RepairFlag,
         progress: &Transfer,
     ) -> Result<(), SubstituterError> {
-        match self.fault(path) {
-            Some(FakeFault::CopyFails) => {
-                return Err(SubstituterError::Failed(format!(
-                    "NAR for '{}' fetched from '{}' is incomplete",
-                    store.store_dir().print(path),
-                    self.uri
-                )))
-            }
-            Some(FakeFault::Gone) => {
-                return Err(SubstituterError::Gone {
-                    path: store.store_dir().print(path),
-                    message: format!(
-                        "file 'nar/{}.nar' does not exist in binary cache '{}'",
-                        path.hash_part(),
-                        self.uri
-                    ),
-                })
-            }
-            _ => {}
-        }
-        let entry = self
-            .paths
-            .lock()
-            .expect("lock")
-            .get(path)
-            .cloned()
-            .ok_or_else(|| SubstituterError::Gone {
-                path: store.store_dir().print(path),
-                message: format!(
-                    "file '{}.narinfo' does not exist in binary cache '{}'",
-                    path.hash_part(),
-                    self.uri
-                ),
-            })?;
-        let _ = &self.scratch;
-        let mut info = ValidPathInfo::new(path.clone(), entry.info.nar_hash, entry.info.nar_size);
-        info.references = entry.info.references.clone();
-        info.deriver = entry.info.deriver.clone();
-        info.ca = entry.info.ca.clone();
-        info.sigs = entry.info.sigs.clone();
+        let (entry, info) = self.entry_to_copy(path, store)?;
         store
-            .add_object_with(&info, repair, |tmp| {
-                std::fs::write(tmp, &entry.contents).map_err(|source| {
-                    drover::store::StoreError::Io {
-                        context: "writing",
-                        path: tmp.to_owned(),
-                        source,
-                    }
-                })
-            })
+            .add_object_with(&info, repair, |tmp| write_fake(tmp, &entry.contents))
             .map_err(|e| SubstituterError::Failed(e.to_string()))?;
         progress.add_downloaded(entry.contents.len() as u64);
         progress.add_unpacked(entry.info.nar_size);
         self.copied.lock().expect("lock").push(path.clone());
         Ok(())
+    }
+
+    fn fetches_early(&self) -> bool {
+        self.fetch_ahead
+    }
+
+    fn fetch_unregistered(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        progress: &Transfer,
+    ) -> Result<crate::substituter::Fetched, SubstituterError> {
+        use crate::substituter::{Fetched, UnregisteredPlace};
+        if !self.fetch_ahead {
+            return Ok(Fetched::Deferred);
+        }
+        let Some(place) = UnregisteredPlace::take() else {
+            return Ok(Fetched::Deferred);
+        };
+        let (entry, info) = self.entry_to_copy(path, store)?;
+        let object = store
+            .write_unregistered(&info, |tmp| write_fake(tmp, &entry.contents))
+            .map_err(|e| SubstituterError::Failed(e.to_string()))?;
+        progress.add_downloaded(entry.contents.len() as u64);
+        progress.add_unpacked(entry.info.nar_size);
+        self.copied.lock().expect("lock").push(path.clone());
+        Ok(match object {
+            None => Fetched::AlreadyValid,
+            Some(object) => Fetched::Unpacked {
+                object: Box::new(object),
+                place,
+            },
+        })
     }
 
     fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>, SubstituterError> {

@@ -59,7 +59,7 @@ use crate::nar::{NarReadError, NarSummary};
 use crate::narinfo::{NarInfo, NarInfoError};
 use crate::realisation::{DrvOutput, Realisation, RealisationError};
 use crate::signature::PublicKeys;
-use crate::store::{LocalStore, RepairFlag, StoreError, ValidPathInfo};
+use crate::store::{LocalStore, RepairFlag, StoreError, UnregisteredObject, ValidPathInfo};
 use crate::store_path::{StoreDir, StorePath};
 
 pub use disk_cache::{Lookup, NarInfoCacheTtl, NarInfoDiskCache};
@@ -566,41 +566,104 @@ impl BinaryCache {
         repair: RepairFlag,
         progress: &TransferProgress,
     ) -> Result<ValidPathInfo, BinaryCacheError> {
-        let printed = self.store_dir.print(path);
-        let gone = |file: &str| BinaryCacheError::Gone {
-            path: printed.clone(),
-            file: file.to_owned(),
-            uri: self.uri().to_owned(),
-        };
-        let narinfo = self
-            .query_narinfo(path)?
-            .ok_or_else(|| gone(&format!("{}.narinfo", path.hash_part())))?;
-        self.check_trust(&narinfo, policy)?;
-        let mut info = ValidPathInfo::new(path.clone(), narinfo.nar_hash.clone(), narinfo.nar_size);
-        info.references = narinfo.references.clone();
-        info.deriver = narinfo.deriver.clone();
-        info.sigs = narinfo.signatures.clone();
-        info.ca = narinfo.ca.clone();
+        let (narinfo, info) = self.info_to_copy(path, policy)?;
         if repair == RepairFlag::NoRepair && store.is_valid_path(path)? {
             return Ok(info);
         }
-        let nar_file = self
-            .transport
-            .get(&narinfo.url)?
-            .ok_or_else(|| gone(&narinfo.url))?;
+        let nar_file = self.open_nar(&narinfo)?;
         let mut failure: Option<BinaryCacheError> = None;
         let r = store.add_object_with(&info, repair, |tmp| {
-            self.unpack(&narinfo, nar_file, tmp, progress).map_err(|e| {
-                let placeholder = StoreError::InvalidPath(printed.clone());
-                failure = Some(e);
-                placeholder
-            })
+            self.unpack(&narinfo, nar_file, tmp, progress)
+                .map_err(|e| Self::keep(&mut failure, e, &self.store_dir.print(path)))
         });
         if let Some(e) = failure {
             return Err(e);
         }
         r?;
         Ok(info)
+    }
+
+    /// Downloads, unpacks and checks `path` into its place in `store` without
+    /// registering it (its references need not be valid yet): the object keeps the
+    /// path locked until [`LocalStore::register_unregistered`] registers it, and
+    /// deletes it when dropped unregistered. `None` when the path is valid already.
+    /// The signature policy is applied before anything is downloaded. The NAR is
+    /// asked for once, quietly ([`Transport::get_quietly`]): a caller that fails
+    /// here copies again with [`copy_into_observed`](Self::copy_into_observed) in
+    /// Nix's order, which retries and prints as Nix does.
+    pub fn fetch_unregistered(
+        &self,
+        path: &StorePath,
+        store: &LocalStore,
+        policy: &TrustPolicy,
+        progress: &TransferProgress,
+    ) -> Result<Option<UnregisteredObject>, BinaryCacheError> {
+        let (narinfo, info) = self.info_to_copy(path, policy)?;
+        if store.is_valid_path(path)? {
+            return Ok(None);
+        }
+        let nar_file =
+            self.transport
+                .get_quietly(&narinfo.url)?
+                .ok_or_else(|| BinaryCacheError::Gone {
+                    path: self.store_dir.print(path),
+                    file: narinfo.url.clone(),
+                    uri: self.uri().to_owned(),
+                })?;
+        let mut failure: Option<BinaryCacheError> = None;
+        let r = store.write_unregistered(&info, |tmp| {
+            self.unpack(&narinfo, nar_file, tmp, progress)
+                .map_err(|e| Self::keep(&mut failure, e, &self.store_dir.print(path)))
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(r?)
+    }
+
+    /// The narinfo of a path to copy, checked against the signature policy, and the
+    /// path info it will be registered with.
+    fn info_to_copy(
+        &self,
+        path: &StorePath,
+        policy: &TrustPolicy,
+    ) -> Result<(Arc<NarInfo>, ValidPathInfo), BinaryCacheError> {
+        let narinfo = self
+            .query_narinfo(path)?
+            .ok_or_else(|| BinaryCacheError::Gone {
+                path: self.store_dir.print(path),
+                file: format!("{}.narinfo", path.hash_part()),
+                uri: self.uri().to_owned(),
+            })?;
+        self.check_trust(&narinfo, policy)?;
+        let mut info = ValidPathInfo::new(path.clone(), narinfo.nar_hash.clone(), narinfo.nar_size);
+        info.references = narinfo.references.clone();
+        info.deriver = narinfo.deriver.clone();
+        info.sigs = narinfo.signatures.clone();
+        info.ca = narinfo.ca.clone();
+        Ok((narinfo, info))
+    }
+
+    /// The NAR file a narinfo names; a missing one is `Gone`.
+    fn open_nar(&self, narinfo: &NarInfo) -> Result<CacheFile, BinaryCacheError> {
+        self.transport
+            .get(&narinfo.url)?
+            .ok_or_else(|| BinaryCacheError::Gone {
+                path: self.store_dir.print(&narinfo.store_path),
+                file: narinfo.url.clone(),
+                uri: self.uri().to_owned(),
+            })
+    }
+
+    /// Keeps the unpacking error `e` for the caller and gives the store a
+    /// placeholder to fail with.
+    fn keep(
+        failure: &mut Option<BinaryCacheError>,
+        e: BinaryCacheError,
+        printed: &str,
+    ) -> StoreError {
+        *failure = Some(e);
+        StoreError::InvalidPath(printed.to_owned())
     }
 
     /// The streaming part of [`copy_into`](Self::copy_into): restores the NAR to

@@ -60,6 +60,13 @@ pub trait Transport: Send + Sync {
     fn uri(&self) -> &str;
     /// Opens `rel` (relative to the cache root); `Ok(None)` when it does not exist.
     fn get(&self, rel: &str) -> Result<Option<CacheFile>, BinaryCacheError>;
+    /// [`get`](Self::get) in one attempt that leaves no trace: no retry, no
+    /// notice, no disabling of the cache on failure. For a download made ahead of
+    /// time, whose failure is retried in the ordinary way (and so printed as Nix
+    /// prints it) when the path's turn comes.
+    fn get_quietly(&self, rel: &str) -> Result<Option<CacheFile>, BinaryCacheError> {
+        self.get(rel)
+    }
 }
 
 /// A cache in a local directory (`file:///path`).
@@ -322,6 +329,23 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 impl Transport for HttpTransport {
     fn uri(&self) -> &str {
         &self.uri
+    }
+
+    fn get_quietly(&self, rel: &str) -> Result<Option<CacheFile>, BinaryCacheError> {
+        self.check_enabled()?;
+        let url = format!("{}/{}", self.base, rel);
+        let mut request = self.agent.get(&url);
+        if let Some(auth) = &self.authorization {
+            request = request.set("Authorization", auth);
+        }
+        match request.call() {
+            Ok(resp) => Ok(Some(Box::new(resp.into_reader()))),
+            Err(ureq::Error::Status(404 | 401 | 403 | 407 | 410, _)) => Ok(None),
+            Err(e) => Err(BinaryCacheError::Http {
+                url,
+                message: e.to_string(),
+            }),
+        }
     }
 
     fn get(&self, rel: &str) -> Result<Option<CacheFile>, BinaryCacheError> {

@@ -39,6 +39,9 @@ use crate::realisation::{DrvOutput, Realisation};
 use crate::signature::{sign_realisation, SecretKey};
 use crate::store_path::{StoreDir, StorePath, StorePathSet};
 
+mod unregistered;
+pub use unregistered::UnregisteredObject;
+
 /// Most parameters bound in one `in (…)` query.
 const BATCH: usize = 10_000;
 

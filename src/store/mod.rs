@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use canonicalise::{canonicalise_path_meta_data, CanonicaliseError};
-pub use local::{LocalStore, RepairFlag};
+pub use local::{LocalStore, RepairFlag, UnregisteredObject};
 pub use locks::{LockError, PathLocks};
 pub use path_info::{path_infos_to_json, ValidPathInfo};
 

@@ -36,6 +36,7 @@ mod repeat;
 mod sandbox;
 mod schedule;
 mod store_settings;
+mod subst_closure;
 mod substitute;
 mod tree;
 

@@ -13,6 +13,21 @@
 //! The copy job counts its bytes into a [`Transfer`] that
 //! [`Effect::SubstitutionStarted`] hands to the Worker as well, so the progress
 //! display reads the bytes of a copy in flight without a message per chunk.
+//!
+//! Fetching ahead: when the substituter can ([`Substituter::fetches_early`]), a
+//! goal that has its narinfo takes a substitution slot *while* its references are
+//! substituted, and downloads, checks and unpacks the path into its place (locked,
+//! invalid: [`Fetched::Unpacked`]). Only once every reference is valid does it do
+//! what Nix does at `tryToRun`: announce the copy (`copying path '…' from '…'`) and
+//! register the path (so a path is still valid only after its references). A fetch
+//! ahead is one quiet attempt: when it fails, the goal copies again in Nix's order
+//! (`tryToRun` as without fetching ahead), so retries, errors and the next
+//! substituter are printed and tried as Nix does. A reference that fails drops the fetched
+//! copy, which deletes it, and nothing about the copy is printed, as in Nix, where it
+//! never started. A closure asked for by its root is so downloaded as fast as its
+//! narinfos are found, not one layer at a time. `--repair` copies as before.
+//!
+//! [`Substituter::fetches_early`]: crate::substituter::Substituter::fetches_early
 
 use std::sync::Arc;
 
@@ -23,13 +38,28 @@ use drover::store_path::StorePath;
 use super::error::GoalError;
 use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
 use crate::progress::Transfer;
-use crate::substituter::{SubstitutablePathInfo, SubstituterError};
+use crate::substituter::{Fetched, SubstitutablePathInfo, SubstituterError};
 
 /// Results of this goal's blocking jobs.
 pub enum SubstJobResult {
     Validity(Result<bool, GoalError>),
-    Info(Result<Option<SubstitutablePathInfo>, SubstituterError>),
+    /// The narinfo, and whether the substituter can fetch ahead of the references.
+    Info(
+        Result<Option<SubstitutablePathInfo>, SubstituterError>,
+        bool,
+    ),
     Copied(Result<(), SubstituterError>),
+    /// A fetch ahead of the references ended.
+    Fetched(Result<Fetched, SubstituterError>),
+    /// The fetched path was registered.
+    Registered(Result<(), SubstituterError>),
+}
+
+/// Where a fetch ahead of the references is.
+enum Ahead {
+    AwaitSlot,
+    Running,
+    Done(Result<Fetched, SubstituterError>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +70,10 @@ enum State {
     AwaitReferences,
     AwaitSlot,
     Copying,
+    /// Fetching ahead while the references are substituted.
+    Fetching,
+    /// Registering a path fetched ahead.
+    Registering,
     Done,
 }
 
@@ -53,6 +87,11 @@ pub struct PathSubstitutionGoal {
     current_sub: Option<usize>,
     substituter_failed: bool,
     waitees: WaiteeCounts,
+    /// In `Fetching`: whether the references are done, and the fetch.
+    refs_done: bool,
+    ahead: Option<Ahead>,
+    /// The transfer of the fetch ahead, announced once the references are valid.
+    transfer: Option<Arc<Transfer>>,
 }
 
 impl PathSubstitutionGoal {
@@ -65,6 +104,9 @@ impl PathSubstitutionGoal {
             current_sub: None,
             substituter_failed: false,
             waitees: WaiteeCounts::default(),
+            refs_done: false,
+            ahead: None,
+            transfer: None,
         }
     }
 
@@ -81,6 +123,8 @@ impl PathSubstitutionGoal {
             State::AwaitReferences => "referencesValid",
             State::AwaitSlot => "tryToRun",
             State::Copying => "finished",
+            State::Fetching => "referencesValid (fetching ahead)",
+            State::Registering => "finished (registering)",
             State::Done => "done",
         }
     }
@@ -101,7 +145,7 @@ impl PathSubstitutionGoal {
                 }
                 Ok(_) => self.try_next(ctx),
             },
-            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r))) => match r {
+            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early))) => match r {
                 Ok(None) => self.try_next(ctx),
                 Err(SubstituterError::Disabled(_)) | Err(SubstituterError::Gone { .. })
                     if ctx.settings.fallback =>
@@ -136,7 +180,12 @@ impl PathSubstitutionGoal {
                         fx.extend(self.try_next(ctx));
                         return fx;
                     }
-                    self.state = State::AwaitReferences;
+                    let ahead = early && !self.repair;
+                    self.state = if ahead {
+                        State::Fetching
+                    } else {
+                        State::AwaitReferences
+                    };
                     let sizes = Effect::SubstitutionSizes {
                         nar_size: info.nar_size,
                         download_size: info.download_size.unwrap_or(0),
@@ -150,9 +199,50 @@ impl PathSubstitutionGoal {
                             repair: false,
                         })
                         .collect();
+                    if ahead {
+                        self.refs_done = false;
+                        self.ahead = Some(Ahead::AwaitSlot);
+                        return vec![sizes, Effect::WaitFor(refs), Effect::AcquireSubstSlot];
+                    }
                     vec![sizes, Effect::WaitFor(refs)]
                 }
             },
+            (State::Fetching, Event::WaiteeDone(w)) => {
+                self.waitees.count(w.outcome.exit);
+                vec![]
+            }
+            (State::Fetching, Event::WaiteesDone) if !self.refs_done => {
+                self.refs_done = true;
+                self.advance(ctx)
+            }
+            (State::Fetching, Event::SlotGranted)
+                if matches!(self.ahead, Some(Ahead::AwaitSlot)) =>
+            {
+                self.ahead = Some(Ahead::Running);
+                let i = self.current_sub.unwrap_or(0);
+                let path = self.path.clone();
+                let transfer = Arc::new(Transfer::default());
+                let counts = transfer.clone();
+                self.transfer = Some(transfer);
+                vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
+                    let r = match env.substituters.get(i) {
+                        Some(s) => s.fetch_unregistered(&path, &env.store, &counts),
+                        None => Err(SubstituterError::Failed("no such substituter".into())),
+                    };
+                    Event::Subst(SubstJobResult::Fetched(r))
+                }))]
+            }
+            (State::Fetching, Event::Subst(SubstJobResult::Fetched(r)))
+                if matches!(self.ahead, Some(Ahead::Running)) =>
+            {
+                self.ahead = Some(Ahead::Done(r));
+                let mut fx = vec![Effect::ReleaseSubstSlot];
+                fx.extend(self.advance(ctx));
+                fx
+            }
+            (State::Registering, Event::Subst(SubstJobResult::Registered(r))) => {
+                self.copied(r, ctx, vec![Effect::SubstitutionStopped])
+            }
             (State::AwaitReferences, Event::WaiteeDone(w)) => {
                 self.waitees.count(w.outcome.exit);
                 vec![]
@@ -200,22 +290,11 @@ impl PathSubstitutionGoal {
                     })),
                 ]
             }
-            (State::Copying, Event::Subst(SubstJobResult::Copied(r))) => {
-                let mut fx = vec![Effect::ReleaseSubstSlot, Effect::SubstitutionStopped];
-                match r {
-                    Ok(()) => {
-                        fx.extend(self.finish(GoalOutcome::success(BuildStatus::Substituted)))
-                    }
-                    Err(e) => {
-                        if !matches!(e, SubstituterError::Gone { .. }) {
-                            self.substituter_failed = true;
-                        }
-                        fx.push(Effect::Message(format!("error: {e}")));
-                        fx.extend(self.try_next(ctx));
-                    }
-                }
-                fx
-            }
+            (State::Copying, Event::Subst(SubstJobResult::Copied(r))) => self.copied(
+                r,
+                ctx,
+                vec![Effect::ReleaseSubstSlot, Effect::SubstitutionStopped],
+            ),
             (state, ev) => {
                 let msg = GoalError::UnexpectedEvent {
                     goal: ctx.store_dir.print(&self.path),
@@ -231,14 +310,113 @@ impl PathSubstitutionGoal {
                     State::Copying => vec![Effect::ReleaseSubstSlot, Effect::SubstitutionStopped],
                     // Leave the queue: a slot granted later would be lost.
                     State::AwaitSlot => vec![Effect::ReleaseSubstSlot],
+                    State::Fetching
+                        if matches!(self.ahead, Some(Ahead::AwaitSlot | Ahead::Running)) =>
+                    {
+                        vec![Effect::ReleaseSubstSlot]
+                    }
+                    State::Registering => vec![Effect::SubstitutionStopped],
                     _ => vec![],
                 };
+                // A path fetched ahead is deleted.
+                self.ahead = None;
                 fx.extend(self.finish(GoalOutcome::failure(
                     ExitCode::Failed,
                     BuildStatus::MiscFailure,
                     msg,
                 )));
                 fx
+            }
+        }
+    }
+
+    /// The end of a copy (or of the registration of a path fetched ahead), after
+    /// `first`: success, or the error printed and the next substituter tried.
+    fn copied(
+        &mut self,
+        r: Result<(), SubstituterError>,
+        ctx: &GoalCtx,
+        first: Vec<Effect>,
+    ) -> Vec<Effect> {
+        let mut fx = first;
+        match r {
+            Ok(()) => fx.extend(self.finish(GoalOutcome::success(BuildStatus::Substituted))),
+            Err(e) => {
+                if !matches!(e, SubstituterError::Gone { .. }) {
+                    self.substituter_failed = true;
+                }
+                fx.push(Effect::Message(format!("error: {e}")));
+                fx.extend(self.try_next(ctx));
+            }
+        }
+        fx
+    }
+
+    /// In `Fetching`, once the references are done and the fetch has ended: Nix's
+    /// `referencesValid` and `tryToRun`, with the copy already made.
+    fn advance(&mut self, ctx: &GoalCtx) -> Vec<Effect> {
+        if !self.refs_done {
+            return vec![];
+        }
+        if self.waitees.failed > 0 {
+            let mut fx = match self.ahead {
+                // Wait for the fetch to end; its copy is deleted then.
+                Some(Ahead::Running) => return vec![],
+                // Leave the slot queue.
+                Some(Ahead::AwaitSlot) => vec![Effect::ReleaseSubstSlot],
+                _ => vec![],
+            };
+            // Deletes a fetched copy.
+            self.ahead = None;
+            let exit = self.waitees.substitution_failure();
+            fx.extend(self.finish(GoalOutcome::failure(
+                exit,
+                BuildStatus::DependencyFailed,
+                format!(
+                    "some references of path '{}' could not be realised",
+                    ctx.store_dir.print(&self.path)
+                ),
+            )));
+            return fx;
+        }
+        let r = match self.ahead.take() {
+            Some(Ahead::Done(r)) => r,
+            other => {
+                self.ahead = other;
+                return vec![];
+            }
+        };
+        let i = self.current_sub.unwrap_or(0);
+        let started = Effect::SubstitutionStarted {
+            uri: Self::uri(ctx, i),
+            transfer: self.transfer.take(),
+        };
+        match r {
+            Ok(Fetched::AlreadyValid) => {
+                let mut fx = vec![started];
+                fx.extend(self.finish(GoalOutcome::success(BuildStatus::Substituted)));
+                fx
+            }
+            Ok(Fetched::Unpacked { object, place }) => {
+                self.state = State::Registering;
+                vec![
+                    started,
+                    Effect::Blocking(Box::new(move |env: &JobEnv| {
+                        let r = env
+                            .store
+                            .register_unregistered(vec![*object])
+                            .map_err(|e| SubstituterError::Failed(e.to_string()));
+                        drop(place);
+                        Event::Subst(SubstJobResult::Registered(r))
+                    })),
+                ]
+            }
+            // Copy again as Nix does, now that the references are valid: its
+            // retries, messages and failure are those of Nix's copy, which never
+            // saw this attempt.
+            Ok(Fetched::Deferred) | Err(_) => {
+                self.state = State::AwaitSlot;
+                vec![Effect::AcquireSubstSlot]
             }
         }
     }
@@ -297,11 +475,11 @@ impl PathSubstitutionGoal {
         self.state = State::QueryingInfo;
         let path = self.path.clone();
         vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-            let r = match env.substituters.get(i) {
-                Some(s) => s.query_path_info(&path),
-                None => Ok(None),
+            let (r, early) = match env.substituters.get(i) {
+                Some(s) => (s.query_path_info(&path), s.fetches_early()),
+                None => (Ok(None), false),
             };
-            Event::Subst(SubstJobResult::Info(r))
+            Event::Subst(SubstJobResult::Info(r, early))
         }))]
     }
 
@@ -450,6 +628,139 @@ mod tests {
             "[SubstitutionStarted(mem://a), ReleaseSubstSlot, SubstitutionStopped, Done(Success, Substituted)]"
         );
         assert!(h.ts.store.is_valid_path(&p).unwrap());
+    }
+
+    /// A substituter that fetches ahead, serving `top` (referring to `dep`) and, if
+    /// `dep_served`, `dep`.
+    fn ahead(
+        dep_served: bool,
+        fault: Option<FakeFault>,
+    ) -> (Harness, Arc<InMemorySubstituter>, StorePath, StorePath) {
+        let mut s = InMemorySubstituter::new("mem://a", 40);
+        s.fetch_ahead = true;
+        let s = Arc::new(s);
+        let h = Harness::new(vec![s.clone() as Arc<dyn Substituter>]);
+        let dep = path(&h, "dep");
+        let top = {
+            let sd = h.ts.store.store_dir();
+            sd.parse(&format!("{}/{}-top", sd.as_str(), "b".repeat(32)))
+                .unwrap()
+        };
+        if dep_served {
+            s.add_file(dep.clone(), b"dep", Default::default());
+        }
+        s.add_file(top.clone(), b"top", [dep.clone()].into());
+        if let Some(f) = fault {
+            s.set_fault(top.clone(), f);
+        }
+        (h, s, dep, top)
+    }
+
+    #[test]
+    fn fetched_ahead_of_its_references_and_registered_after_them() {
+        let (h, s, dep, top) = ahead(true, None);
+        let mut g = PathSubstitutionGoal::new(top.clone(), false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        assert_eq!(
+            show(&fx),
+            format!("[SubstitutionSizes(120), WaitFor([Substitution {{ path: {dep:?}, repair: false }}]), AcquireSubstSlot]")
+        );
+        // The slot comes before the reference is valid: the copy is unpacked into
+        // place, invalid, and nothing is announced yet.
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        assert_eq!(show(&fx), "[ReleaseSubstSlot]");
+        let real = h.ts.store.real_path(&top);
+        assert_eq!(std::fs::read(&real).unwrap(), b"top");
+        assert!(!h.ts.store.is_valid_path(&top).unwrap());
+        assert!(!h.ts.store.is_valid_path(&dep).unwrap());
+        // The reference becomes valid; then the copy is announced and registered.
+        s.copy_into(
+            &dep,
+            &h.ts.store,
+            RepairFlag::NoRepair,
+            &Transfer::default(),
+        )
+        .unwrap();
+        let req = GoalRequest::Substitution {
+            path: dep.clone(),
+            repair: false,
+        };
+        assert!(h
+            .drive(|e, c| g.handle(e, c), waitee(req, ExitCode::Success), false)
+            .is_empty());
+        let fx = h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false);
+        assert_eq!(
+            show(&fx),
+            "[SubstitutionStarted(mem://a), SubstitutionStopped, Done(Success, Substituted)]"
+        );
+        assert!(h.ts.store.is_valid_path(&top).unwrap());
+        let info = h.ts.store.query_path_info(&top).unwrap().unwrap();
+        assert_eq!(info.references, [dep].into());
+    }
+
+    #[test]
+    fn a_failed_reference_deletes_the_path_fetched_ahead_and_announces_nothing() {
+        for slot_first in [true, false] {
+            let (h, _s, dep, top) = ahead(false, None);
+            let mut g = PathSubstitutionGoal::new(top.clone(), false);
+            h.drive(|e, c| g.handle(e, c), Event::Start, false);
+            if slot_first {
+                h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+                assert!(h.ts.store.real_path(&top).exists());
+            }
+            let req = GoalRequest::Substitution {
+                path: dep.clone(),
+                repair: false,
+            };
+            h.drive(
+                |e, c| g.handle(e, c),
+                waitee(req, ExitCode::NoSubstituters),
+                false,
+            );
+            let fx = show(&h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false));
+            let want = if slot_first {
+                "[Done(IncompleteClosure, DependencyFailed : some references of path '"
+            } else {
+                // Still queued for the slot: it leaves the queue.
+                "[ReleaseSubstSlot, Done(IncompleteClosure, DependencyFailed : some references of path '"
+            };
+            assert!(fx.starts_with(want), "{fx}");
+            assert!(!fx.contains("SubstitutionStarted"), "{fx}");
+            assert!(!h.ts.store.real_path(&top).exists());
+            assert!(!h.ts.store.is_valid_path(&top).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_failed_fetch_ahead_is_copied_again_in_nixs_order() {
+        let (h, s, dep, top) = ahead(true, Some(FakeFault::CopyFails));
+        let mut g = PathSubstitutionGoal::new(top.clone(), false);
+        h.drive(|e, c| g.handle(e, c), Event::Start, false);
+        let fx = h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false);
+        assert_eq!(show(&fx), "[ReleaseSubstSlot]");
+        s.copy_into(
+            &dep,
+            &h.ts.store,
+            RepairFlag::NoRepair,
+            &Transfer::default(),
+        )
+        .unwrap();
+        let req = GoalRequest::Substitution {
+            path: dep,
+            repair: false,
+        };
+        h.drive(|e, c| g.handle(e, c), waitee(req, ExitCode::Success), false);
+        // Nothing of the failed attempt is shown: the copy is tried again.
+        let fx = show(&h.drive(|e, c| g.handle(e, c), Event::WaiteesDone, false));
+        assert_eq!(fx, "[AcquireSubstSlot]");
+        let fx = show(&h.drive(|e, c| g.handle(e, c), Event::SlotGranted, false));
+        assert!(
+            fx.starts_with("[SubstitutionStarted(mem://a), ReleaseSubstSlot, SubstitutionStopped, Message(error: NAR for '")
+                && fx.contains("Done(Failed, NoSubstituters"),
+            "{fx}"
+        );
+        assert!(g.substituter_failed());
+        assert!(!h.ts.store.real_path(&top).exists());
     }
 
     #[test]
