@@ -313,6 +313,9 @@ pub struct WorkerCore {
     goals: BTreeMap<GoalId, Entry>,
     keys: HashMap<GoalKey, GoalId>,
     sched: Scheduler,
+    /// Goals that asked for a slot in this batch: those still waiting when it
+    /// settles are reported as waiting for one (most are granted at once).
+    asked_slot: Vec<(GoalId, SlotKind)>,
     actions: Vec<Action>,
     counters: Counters,
     sent_counters: Counters,
@@ -330,6 +333,7 @@ impl WorkerCore {
         hook: bool,
     ) -> WorkerCore {
         WorkerCore {
+            asked_slot: Vec::new(),
             sched: Scheduler::new(
                 Arc::new(crate::schedule::NoHistory),
                 settings.max_jobs,
@@ -383,6 +387,7 @@ impl WorkerCore {
             return;
         }
         for g in self.sched.grant(force) {
+            self.asked_slot.retain(|(id, _)| *id != g.goal);
             self.send(g.goal, ToGoal::SlotGranted);
             if let Some(e) = self.goals.get(&g.goal) {
                 self.actions
@@ -689,6 +694,9 @@ impl WorkerCore {
             self.end_run(run, None);
         }
         self.grant(false);
+        for (id, kind) in std::mem::take(&mut self.asked_slot) {
+            self.waiting(id, WaitReason::slot(kind));
+        }
         let (used, cap) = (
             self.sched.in_use(SlotKind::Build),
             self.sched.capacity(SlotKind::Build),
@@ -720,7 +728,7 @@ impl WorkerCore {
             // until then the goal waits for its slot.
             GoalReport::AcquireSlot(kind) => {
                 self.sched.acquire(id, kind);
-                self.waiting(id, WaitReason::slot(kind));
+                self.asked_slot.push((id, kind));
             }
             GoalReport::ReleaseSlot(kind) => self.sched.release(id, kind),
             GoalReport::Progress(p) => self.progress(id, p),

@@ -292,7 +292,8 @@ fn the_tree_shows_running_and_waiting_builds_with_their_reasons() {
     assert!(text.starts_with("run: "), "{text}");
     assert!(text.contains(" 3 built, 0 failed"), "{text}");
     assert!(text.contains("\n  top built in "), "{text}");
-    assert!(text.contains("for a build slot (1 waits)"), "{text}");
+    // slow-b waits for the slot; the scheduler may hold a grant back briefly too.
+    assert!(text.contains(" for a build slot ("), "{text}");
     assert!(text.contains("for locks (1 waits)"), "{text}");
     assert!(text.contains(&format!("held by pid {nix_pid}")), "{text}");
     assert!(
@@ -362,7 +363,11 @@ fn off_a_terminal_the_lines_are_those_of_nix_store() {
     assert!(lines[1].starts_with("critical path (2 steps, "), "{report}");
     assert!(lines[2].starts_with("  chain-1 built in "), "{report}");
     assert!(lines[3].starts_with("  chain-2 built in "), "{report}");
-    assert!(report.contains("\npredicted vs actual: no estimates in this run\n"));
+    // The scheduler predicts from the build history (here empty: its default).
+    assert!(
+        report.contains("\npredicted vs actual: ") && report.contains(" predicted at "),
+        "{report}"
+    );
     assert!(
         report.contains("\nwhere: this machine: 2 builds, "),
         "{report}"
