@@ -61,24 +61,32 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
         }
     }
 
-    fn step(&mut self, ev: Event, ctx: &mut Context<Self>) {
+    /// The goal's state and the sink that performs its effects from this actor
+    /// (`acks`: collect the answers to cancellations, see [`ActorSink::acks`]).
+    fn split<'a>(
+        &'a mut self,
+        ctx: &'a mut Context<Self>,
+        acks: Option<Vec<Ack>>,
+    ) -> (&'a mut GoalHost<G>, ActorSink<'a, G>) {
         let GoalActor {
             host,
             services,
             ran_a_job,
         } = self;
-        let id = host.id;
-        host.step(
-            ev,
-            &mut ActorSink {
-                id,
-                services,
-                ctx: &mut *ctx,
-                acks: None,
-                ran_a_job,
-            },
-        );
-        if host.is_finished() {
+        let sink = ActorSink {
+            id: host.id,
+            services,
+            ctx,
+            acks,
+            ran_a_job,
+        };
+        (host, sink)
+    }
+
+    fn step(&mut self, ev: Event, ctx: &mut Context<Self>) {
+        let (host, mut sink) = self.split(ctx, None);
+        host.step(ev, &mut sink);
+        if self.host.is_finished() {
             ctx.stop();
         }
     }
@@ -94,22 +102,8 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
         match ev {
             Ok(ev) => self.step(ev, ctx),
             Err(panic) => {
-                let GoalActor {
-                    host,
-                    services,
-                    ran_a_job,
-                } = self;
-                let id = host.id;
-                host.job_panicked(
-                    &panic,
-                    &mut ActorSink {
-                        id,
-                        services,
-                        ctx: &mut *ctx,
-                        acks: None,
-                        ran_a_job,
-                    },
-                );
+                let (host, mut sink) = self.split(ctx, None);
+                host.job_panicked(&panic, &mut sink);
                 ctx.stop();
             }
         }
@@ -298,19 +292,7 @@ impl<G: GoalMachine + Unpin> Handler<AddWantedOutputs> for GoalActor<G> {
 impl<G: GoalMachine + Unpin> Handler<CancelGoal> for GoalActor<G> {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: CancelGoal, ctx: &mut Context<Self>) -> Self::Result {
-        let GoalActor {
-            host,
-            services,
-            ran_a_job,
-        } = self;
-        let id = host.id;
-        let mut sink = ActorSink {
-            id,
-            services,
-            ctx: &mut *ctx,
-            acks: Some(Vec::new()),
-            ran_a_job,
-        };
+        let (host, mut sink) = self.split(ctx, Some(Vec::new()));
         host.cancel(&mut sink);
         let acks = sink.acks.take().unwrap_or_default();
         ctx.stop();

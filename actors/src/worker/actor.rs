@@ -151,6 +151,19 @@ struct Active {
     exclusive: bool,
 }
 
+impl Active {
+    /// Sends each finished run its outcome.
+    fn answer_finished_runs(&mut self) {
+        for run in self.core.finished_runs() {
+            if let Some(outcome) = self.core.take_outcome(run) {
+                if let Some(reply) = self.replies.remove(&run) {
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
+    }
+}
+
 /// A run waiting for the ones going on to end (see [`Worker`]).
 struct Queued {
     run: RunId,
@@ -326,13 +339,7 @@ impl Worker {
                 for a in active.core.take_actions() {
                     Self::perform(active, &self.cfg, a);
                 }
-                for run in active.core.finished_runs() {
-                    if let Some(outcome) = active.core.take_outcome(run) {
-                        if let Some(reply) = active.replies.remove(&run) {
-                            let _ = reply.send(outcome);
-                        }
-                    }
-                }
+                active.answer_finished_runs();
                 if active.core.live_runs() == 0 {
                     self.active = None;
                 }
@@ -407,19 +414,13 @@ impl Handler<Realise> for Worker {
     type Result = ResponseFuture<RealiseOutcome>;
 
     fn handle(&mut self, msg: Realise, ctx: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let keep_going = self.settings.keep_going;
-        self.submit(
-            Queued {
-                run: new_run_id(),
-                requests: msg.requests,
-                mode: msg.mode,
-                keep_going,
-                reply: tx,
-            },
-            ctx,
-        );
-        await_outcome(rx)
+        let run = RealiseRun {
+            run: new_run_id(),
+            requests: msg.requests,
+            mode: msg.mode,
+            keep_going: None,
+        };
+        <Self as Handler<RealiseRun>>::handle(self, run, ctx)
     }
 }
 
@@ -555,13 +556,7 @@ impl Handler<Interrupt> for Worker {
             }
             .into_actor(self)
             .map(move |(), _, _| {
-                for run in active.core.finished_runs() {
-                    if let Some(outcome) = active.core.take_outcome(run) {
-                        if let Some(reply) = active.replies.remove(&run) {
-                            let _ = reply.send(outcome);
-                        }
-                    }
-                }
+                active.answer_finished_runs();
             }),
         )
     }

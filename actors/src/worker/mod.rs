@@ -518,6 +518,15 @@ impl WorkerCore {
         self.runs.values().filter(|r| !r.finished).count()
     }
 
+    /// The ids of the runs started and not finished, in id order.
+    fn live_run_ids(&self) -> Vec<RunId> {
+        self.runs
+            .iter()
+            .filter(|(_, r)| !r.finished)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The outcome of a finished run, which the core then forgets.
     pub fn take_outcome(&mut self, run: RunId) -> Option<RealiseOutcome> {
         if !self.runs.get(&run)?.finished {
@@ -570,12 +579,7 @@ impl WorkerCore {
     /// one error `interrupted by the user`. Nothing more is started or registered
     /// by this run. Does nothing once the run is finished.
     pub fn interrupt(&mut self) {
-        let live: Vec<RunId> = self
-            .runs
-            .iter()
-            .filter(|(_, r)| !r.finished)
-            .map(|(id, _)| *id)
-            .collect();
+        let live = self.live_run_ids();
         if live.is_empty() {
             return;
         }
@@ -1120,12 +1124,7 @@ impl WorkerCore {
     /// (transitively) waits for it. Found by walking the waiters upwards; when one
     /// run is live, it is that one.
     fn runs_needing(&self, goal: GoalId) -> BTreeSet<RunId> {
-        let live: Vec<RunId> = self
-            .runs
-            .iter()
-            .filter(|(_, r)| !r.finished)
-            .map(|(id, _)| *id)
-            .collect();
+        let live = self.live_run_ids();
         if live.len() <= 1 {
             return live.into_iter().collect();
         }
