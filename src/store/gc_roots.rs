@@ -324,8 +324,11 @@ pub fn add_indirect_root(state_dir: &Path, link: &Path) -> Result<PathBuf, Store
 
 /// Nix's `addPermRoot`: makes `gc_root` (absolute, outside the store) a symlink to
 /// `path` and registers it as an indirect root. `path` becomes a temporary root of
-/// `temp_roots` first. An existing `gc_root` is only replaced when it is a symlink
-/// into the store. Returns the canonical root path.
+/// `temp_roots` first, and is sent again to a collector that is running once the
+/// links exist (Nix 2.8 only sends it before, which leaves a window: a collector
+/// that reads the permanent roots before the links are made and the temporary roots
+/// after this process exited deletes the path). An existing `gc_root` is only
+/// replaced when it is a symlink into the store. Returns the canonical root path.
 pub fn add_perm_root(
     temp_roots: &mut TempRoots,
     store_dir: &StoreDir,
@@ -348,6 +351,13 @@ pub fn add_perm_root(
     }
     make_symlink(&gc_root, Path::new(&store_dir.print(path)))?;
     add_indirect_root(&temp_roots.state_dir, &gc_root)?;
+    // Once more, now that the links exist. A collector that took `gc.lock` between
+    // the first add and the links may have read the permanent roots without them,
+    // and reads this process's temporary roots only later, perhaps after the
+    // process exited and its file went away: so it must hear of the path from us.
+    // With the shared lock had instead, no collector is running, and the next one
+    // finds the links.
+    temp_roots.add_inner(store_dir, std::slice::from_ref(path), true)?;
     Ok(gc_root)
 }
 
@@ -371,6 +381,49 @@ mod tests {
         // the collector's non-blocking exclusive lock must fail while we live
         let other = open_lock_file(&file, false).unwrap().unwrap();
         assert!(!lock_fd(&other, LockType::Write, false).unwrap());
+    }
+
+    /// A collector that holds `gc.lock` while a permanent root is made hears of the
+    /// path once the link exists (its scan of the roots may have missed the link).
+    #[test]
+    fn a_perm_root_reaches_a_running_collector_after_its_links_exist() {
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let p = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-out").unwrap();
+        let mut t = TempRoots::create(dir.path()).unwrap();
+        let gc_lock = open_lock_file(&dir.path().join("gc.lock"), true)
+            .unwrap()
+            .unwrap();
+        assert!(lock_fd(&gc_lock, LockType::Write, false).unwrap());
+        std::fs::create_dir_all(dir.path().join("gc-socket")).unwrap();
+        let listener = UnixListener::bind(dir.path().join("gc-socket/socket")).unwrap();
+        let link = dir.path().join("result");
+        let seen = link.clone();
+        // The collector: for every root it hears of, whether the link existed then.
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut heard = Vec::new();
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while c.read_exact(&mut b).is_ok() {
+                if b[0] != b'\n' {
+                    line.push(b[0]);
+                    continue;
+                }
+                heard.push((String::from_utf8(std::mem::take(&mut line)).unwrap(), {
+                    std::fs::symlink_metadata(&seen).is_ok()
+                }));
+                c.write_all(b"1").unwrap();
+            }
+            heard
+        });
+        add_perm_root(&mut t, &sd, &p, &link).unwrap();
+        t.socket = None;
+        let heard = server.join().unwrap();
+        drop(gc_lock);
+        let printed = "/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-out".to_owned();
+        assert_eq!(heard.last(), Some(&(printed, true)), "{heard:?}");
     }
 
     /// With the collector holding `gc.lock`, a root reaches it over the socket, and
