@@ -950,3 +950,144 @@ fn an_unprivileged_user_is_refused_what_nix_daemon_refuses() {
         );
     }
 }
+
+/// `run` with stdout's lines sorted: the collector prints paths in no set order.
+fn run_sorted(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    let mut lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    lines.sort_unstable();
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        lines.join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits (up to 20 s) until no temporary-roots file is left in the root, as when
+/// no client is connected and nothing builds; returns the names still there.
+fn temp_roots_once_idle(root: &TestRoot) -> Vec<String> {
+    let dir = root.state_dir.join("temproots");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names.is_empty() || Instant::now() > deadline {
+            return names;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw client that sent `AddTempRoot` for `path` and got its answer; the root
+/// lasts as long as the connection.
+fn hold_temp_root(socket: &Path, path: &str) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut b = greeting();
+    w64(&mut b, 11); // AddTempRoot
+    wstr(&mut b, path.as_bytes());
+    s.write_all(&b).unwrap();
+    // The answer ends with STDERR_LAST and the result 1.
+    let mut end = Vec::new();
+    w64(&mut end, 0x616c7473);
+    w64(&mut end, 1);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(&end) {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the daemon hung up before answering AddTempRoot");
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// Builds, roots and collects on an empty root through one daemon: what each
+/// collector command showed, the temporary-roots files left when the daemon was
+/// idle, and the valid paths at the end.
+fn gc_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let d = Daemon::start(root, which);
+    let mut t = Vec::new();
+    let c = corpus();
+    let result = root.path().join("result");
+    let result = result.to_str().unwrap();
+    t.push((
+        "nix-build chain3 -o result".into(),
+        run(client(root, "nix-build").args([&c, "-A", "chain3", "-o", result])),
+    ));
+    let kept = stdout(client(root, "nix-build").args([&c, "-A", "pathInput", "--no-out-link"]));
+    let kept = kept.trim().to_owned();
+    t.push(("nix-build pathInput".into(), kept.clone()));
+    let hello = corpus_dir().join("hello.txt");
+    let added = stdout(client(root, "nix-store").args(["--add", hello.to_str().unwrap()]));
+    let added = added.trim().to_owned();
+    t.push(("nix-store --add".into(), added.clone()));
+    let gc = |t: &mut Vec<(String, String)>, label: &str| {
+        t.push((
+            format!("temp roots once idle, {label}"),
+            format!("{:?}", temp_roots_once_idle(root)),
+        ));
+        for what in ["--print-dead", "--print-live"] {
+            t.push((
+                format!("nix-store --gc {what}, {label}"),
+                run_sorted(client(root, "nix-store").args(["--gc", what])),
+            ));
+        }
+    };
+    gc(&mut t, "after the builds");
+    {
+        let _conn = hold_temp_root(&d.socket, &kept);
+        t.push((
+            "nix-store --gc --print-dead, a client holding a temp root".into(),
+            run_sorted(client(root, "nix-store").args(["--gc", "--print-dead"])),
+        ));
+        t.push((
+            "nix-store --delete, a client holding a temp root".into(),
+            run(client(root, "nix-store").args(["--delete", &kept])),
+        ));
+    }
+    gc(&mut t, "that client gone");
+    let chain3 = std::fs::read_link(result).unwrap();
+    let chain3 = chain3.to_str().unwrap().to_owned();
+    t.push((
+        "nix-store --delete a rooted path".into(),
+        run(client(root, "nix-store").args(["--delete", &chain3])),
+    ));
+    t.push((
+        "nix-store --delete dead paths".into(),
+        run(client(root, "nix-store").args(["--delete", &added, &kept])),
+    ));
+    std::fs::remove_file(result).unwrap();
+    gc(&mut t, "result removed");
+    t.push((
+        "nix-collect-garbage".into(),
+        run_sorted(&mut client(root, "nix-collect-garbage")),
+    ));
+    gc(&mut t, "after nix-collect-garbage");
+    t.push((
+        "valid paths".into(),
+        run_sorted(client(root, "nix").args(["path-info", "--all"])),
+    ));
+    drop(d);
+    t
+}
+
+#[test]
+fn nix_collect_garbage_through_drover_daemon_as_through_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::new();
+    let nix = gc_scenario(&root, Which::Nix);
+    root.wipe_store();
+    let ours = gc_scenario(&root, Which::Drover);
+    assert_eq!(nix.len(), ours.len());
+    for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        assert_eq!(
+            o, n,
+            "{label}: drover daemon (left) differs from nix-daemon (right)"
+        );
+    }
+}
