@@ -66,14 +66,20 @@ impl StoreExecutor {
     ) -> impl Future<Output = Result<Event, String>> + 'static {
         let env = self.env.clone();
         let permit = Permits::acquire(&self.permits, priority);
+        // The shared temporary roots stay while the job runs, even if its goal
+        // went meanwhile (`drover::store::gc_roots`).
+        let hold = drover::store::gc_roots::RootsHold::new();
         async move {
             let _permit = permit.await;
-            tokio::task::spawn_blocking(move || job(&env))
-                .await
-                .map_err(|e| match e.try_into_panic() {
-                    Ok(p) => crate::goal::host::panic_message(&*p),
-                    Err(e) => e.to_string(),
-                })
+            tokio::task::spawn_blocking(move || {
+                let _hold = hold;
+                job(&env)
+            })
+            .await
+            .map_err(|e| match e.try_into_panic() {
+                Ok(p) => crate::goal::host::panic_message(&*p),
+                Err(e) => e.to_string(),
+            })
         }
     }
 }

@@ -18,15 +18,36 @@
 //! A root must be added *before* the path is created or first relied on: the
 //! collector keeps every store entry whose hash part is a root (so `<path>.lock`,
 //! `<path>.check` and drover's `<path>` temporaries with the same hash part too).
-//! Roots stay until the process exits; roots already recorded are not written twice.
+//! Roots already recorded are not written twice.
+//!
+//! How long roots stay: in a process that serves one run (the CLI), until it exits
+//! or calls [`release_temp_roots`]. A process serving many clients at once (the
+//! daemon) keeps them apart as Nix's one-process-per-connection daemon does:
+//!
+//! * **A connection's roots** (its `AddTempRoot`s, the paths it adds, the outputs it
+//!   got built) go to a file of its own, `temproots/<pid>-<n>`, while the
+//!   connection's thread is inside a [`ConnectionRoots`] scope; the file goes when
+//!   the connection ends. Nix's collector reads the pid with `stoi`, which stops at
+//!   the `-`, and locks each file as it locks `<pid>`.
+//! * **The shared roots** (those the Worker's goals add, on any thread) go to the
+//!   process file `temproots/<pid>`. Everything that relies on them — a run a
+//!   client waits for, a goal actor, a store job — takes a [`RootsHold`] for its
+//!   life; with [`release_temp_roots_when_idle`] the file is removed when the last
+//!   hold goes, and the next root starts a fresh one. Goals are shared between
+//!   runs, so no finer rule is safe without knowing who still needs what: under
+//!   load that never pauses, goal roots are kept until it does (more than needed,
+//!   never less). A run's client copies what the run produced into its
+//!   connection's file before its hold goes.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use super::locks::{lock_fd, open_lock_file, LockType};
@@ -37,6 +58,8 @@ use crate::store_path::{StoreDir, StorePath};
 #[derive(Debug)]
 pub struct TempRoots {
     state_dir: PathBuf,
+    /// `<state dir>/temproots/<name>`.
+    path: PathBuf,
     file: File,
     /// `<state dir>/gc.lock`, opened once (Nix's `fdGCLock`).
     gc_lock: File,
@@ -48,11 +71,24 @@ pub struct TempRoots {
     released: bool,
 }
 
-type Registry = Mutex<HashMap<PathBuf, Arc<Mutex<TempRoots>>>>;
+/// The process's shared files, the holds on them, and the connections' files.
+#[derive(Default)]
+struct Registry {
+    /// The shared file of each state directory (`temproots/<pid>`).
+    files: HashMap<PathBuf, Arc<Mutex<TempRoots>>>,
+    /// Live [`RootsHold`]s.
+    holds: usize,
+    /// State directories whose shared file goes when the last hold goes.
+    idle_release: HashSet<PathBuf>,
+    /// The connections' files, for [`release_temp_roots`] at exit.
+    scoped: Vec<Weak<Mutex<TempRoots>>>,
+}
 
-fn registry() -> &'static Registry {
-    static R: OnceLock<Registry> = OnceLock::new();
+fn registry() -> std::sync::MutexGuard<'static, Registry> {
+    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
     R.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 fn not_found(path: &Path) -> StoreError {
@@ -63,19 +99,34 @@ impl TempRoots {
     /// The shared temporary-roots file of this process for `state_dir` (one file per
     /// process, as Nix keys it by pid), created on first use.
     pub fn for_state_dir(state_dir: &Path) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
-        let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = reg.get(state_dir) {
+        let mut reg = registry();
+        if let Some(t) = reg.files.get(state_dir) {
             return Ok(t.clone());
         }
         let t = Arc::new(Mutex::new(TempRoots::create(state_dir)?));
-        reg.insert(state_dir.to_owned(), t.clone());
+        reg.files.insert(state_dir.to_owned(), t.clone());
         Ok(t)
     }
 
+    /// The file roots of this thread go to: its connection's while it is inside
+    /// a [`ConnectionRoots`] scope for `state_dir`, else the shared one.
+    pub fn current(state_dir: &Path) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
+        let scope = SCOPE.with(|s| s.borrow().clone());
+        match scope {
+            Some(c) if c.state_dir == state_dir => c.file(),
+            _ => TempRoots::for_state_dir(state_dir),
+        }
+    }
+
     fn create(state_dir: &Path) -> Result<TempRoots, StoreError> {
+        TempRoots::create_named(state_dir, &std::process::id().to_string())
+    }
+
+    /// A fresh, locked, empty `temproots/<name>`.
+    fn create_named(state_dir: &Path, name: &str) -> Result<TempRoots, StoreError> {
         let dir = state_dir.join("temproots");
         std::fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
-        let path = dir.join(std::process::id().to_string());
+        let path = dir.join(name);
         let file = loop {
             // It must be stale: no two live processes share a pid.
             match std::fs::remove_file(&path) {
@@ -101,6 +152,7 @@ impl TempRoots {
             open_lock_file(&gc_lock_path, true)?.ok_or_else(|| not_found(&gc_lock_path))?;
         Ok(TempRoots {
             state_dir: state_dir.to_owned(),
+            path,
             file,
             gc_lock,
             socket: None,
@@ -239,37 +291,177 @@ impl TempRoots {
 /// store at exit: what the process still uses is no longer protected from the
 /// collector. Roots added afterwards go to a fresh file.
 pub fn release_temp_roots() {
-    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
-    for (_, t) in reg.drain() {
+    let (files, scoped) = {
+        let mut reg = registry();
+        let files: Vec<_> = reg.files.drain().map(|(_, t)| t).collect();
+        (files, std::mem::take(&mut reg.scoped))
+    };
+    for t in files {
+        release(&t);
+    }
+    for t in scoped.iter().filter_map(Weak::upgrade) {
         release(&t);
     }
 }
 
-/// [`release_temp_roots`] for one state directory only.
+/// [`release_temp_roots`] for one state directory only (its shared file).
 pub fn release_temp_roots_of(state_dir: &Path) {
-    let t = registry()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(state_dir);
+    let t = registry().files.remove(state_dir);
     if let Some(t) = t {
         release(&t);
     }
 }
 
-fn release(t: &Mutex<TempRoots>) {
-    {
-        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-        let path = t
-            .state_dir
-            .join("temproots")
-            .join(std::process::id().to_string());
-        // Unlinked while still locked: a collector never sees it unlocked.
-        if let Err(e) = std::fs::remove_file(&path) {
-            log::debug!("removing '{}': {e}", path.display());
-        }
-        t.released = true;
-        t.socket = None;
+/// From now on the shared file of `state_dir` is removed whenever the last
+/// [`RootsHold`] of the process goes (see the module doc): for a process that
+/// serves many runs and keeps everything that relies on shared roots under a hold.
+pub fn release_temp_roots_when_idle(state_dir: &Path) {
+    registry().idle_release.insert(state_dir.to_owned());
+}
+
+/// Keeps the shared roots of the process (every state directory's) while it
+/// lives: taken by whatever relies on roots others add for it (a run, a goal, a
+/// store job). Cheap: a counter.
+#[derive(Debug)]
+pub struct RootsHold(());
+
+impl RootsHold {
+    pub fn new() -> RootsHold {
+        registry().holds += 1;
+        RootsHold(())
     }
+
+    /// How many holds the process has (for tests and diagnostics).
+    pub fn count() -> usize {
+        registry().holds
+    }
+}
+
+impl Default for RootsHold {
+    fn default() -> Self {
+        RootsHold::new()
+    }
+}
+
+impl Clone for RootsHold {
+    fn clone(&self) -> Self {
+        RootsHold::new()
+    }
+}
+
+impl Drop for RootsHold {
+    fn drop(&mut self) {
+        let idle: Vec<Arc<Mutex<TempRoots>>> = {
+            let mut reg = registry();
+            reg.holds = reg.holds.saturating_sub(1);
+            if reg.holds > 0 {
+                return;
+            }
+            let dirs: Vec<PathBuf> = reg.idle_release.iter().cloned().collect();
+            // Taken out under the registry lock: a root added from now on (by a
+            // thread that holds nothing, or under a new hold) goes to a new file.
+            dirs.iter().filter_map(|d| reg.files.remove(d)).collect()
+        };
+        for t in idle {
+            release(&t);
+        }
+    }
+}
+
+thread_local! {
+    static SCOPE: RefCell<Option<Arc<ConnectionRoots>>> = const { RefCell::new(None) };
+}
+
+/// The temporary roots of one client connection: `temproots/<pid>-<n>`, made on
+/// the first root, removed when the last reference goes. Roots reach it from the
+/// thread inside its scope ([`ConnectionRoots::enter`]).
+#[derive(Debug)]
+pub struct ConnectionRoots {
+    state_dir: PathBuf,
+    file: Mutex<Option<Arc<Mutex<TempRoots>>>>,
+}
+
+/// Inside a [`ConnectionRoots`] scope until dropped.
+#[derive(Debug)]
+pub struct ConnectionScope {
+    previous: Option<Arc<ConnectionRoots>>,
+    // Not `Send`: the scope belongs to the thread that entered it.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl ConnectionRoots {
+    pub fn new(state_dir: &Path) -> Arc<ConnectionRoots> {
+        Arc::new(ConnectionRoots {
+            state_dir: state_dir.to_owned(),
+            file: Mutex::new(None),
+        })
+    }
+
+    /// Until the guard is dropped, this thread's roots in this state directory
+    /// go to the connection's file.
+    pub fn enter(self: &Arc<Self>) -> ConnectionScope {
+        let previous = SCOPE.with(|s| s.borrow_mut().replace(self.clone()));
+        ConnectionScope {
+            previous,
+            _thread: std::marker::PhantomData,
+        }
+    }
+
+    /// The connection's file, made on first use.
+    pub fn file(&self) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = &*f {
+            return Ok(t.clone());
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let name = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let t = Arc::new(Mutex::new(TempRoots::create_named(&self.state_dir, &name)?));
+        let mut reg = registry();
+        reg.scoped.retain(|w| w.strong_count() > 0);
+        reg.scoped.push(Arc::downgrade(&t));
+        *f = Some(t.clone());
+        Ok(t)
+    }
+
+    /// The path of the connection's file, once it has one.
+    pub fn path(&self) -> Option<PathBuf> {
+        let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        f.as_ref()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).path.clone())
+    }
+}
+
+impl Drop for ConnectionRoots {
+    fn drop(&mut self) {
+        let f = self.file.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = f.take() {
+            release(&t);
+        }
+    }
+}
+
+impl Drop for ConnectionScope {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        SCOPE.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+fn release(t: &Mutex<TempRoots>) {
+    let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+    if t.released {
+        return;
+    }
+    // Unlinked while still locked: a collector never sees it unlocked.
+    if let Err(e) = std::fs::remove_file(&t.path) {
+        log::debug!("removing '{}': {e}", t.path.display());
+    }
+    t.released = true;
+    t.socket = None;
 }
 
 /// Nix's `canonPath` for an absolute path: `.`, `..` and repeated slashes removed
@@ -490,5 +682,130 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    fn names(state_dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(state_dir.join("temproots"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// With idle release, the shared file lives while any hold does, however the
+    /// holds overlap; a root added after the last hold went starts a fresh file.
+    /// (The only test taking holds: they count for the whole process.)
+    #[test]
+    fn shared_roots_live_as_long_as_some_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let p = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-goal").unwrap();
+        let pid = std::process::id().to_string();
+        release_temp_roots_when_idle(dir.path());
+        let run_a = RootsHold::new();
+        TempRoots::current(dir.path())
+            .unwrap()
+            .lock()
+            .unwrap()
+            .add(&sd, &p)
+            .unwrap();
+        assert_eq!(names(dir.path()), std::slice::from_ref(&pid));
+        // A second run starts, sharing the goal; the first ends.
+        let run_b = run_a.clone();
+        drop(run_a);
+        assert_eq!(
+            names(dir.path()),
+            std::slice::from_ref(&pid),
+            "run B still relies on it"
+        );
+        let job = RootsHold::new();
+        drop(run_b);
+        assert_eq!(
+            names(dir.path()),
+            std::slice::from_ref(&pid),
+            "a job still runs"
+        );
+        drop(job);
+        assert!(names(dir.path()).is_empty(), "idle: the roots are gone");
+        // The next root goes to a new file, which has the root again.
+        let run_c = RootsHold::new();
+        let t = TempRoots::current(dir.path()).unwrap();
+        t.lock().unwrap().add(&sd, &p).unwrap();
+        let file = dir.path().join(format!("temproots/{pid}"));
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-goal\0"
+        );
+        drop(run_c);
+        assert!(names(dir.path()).is_empty());
+        // The released file refuses new roots: its holder must take the next file.
+        let q = StorePath::from_base_name("8h7qgvs4kgzsn8a6rb274saxyqh4jxlz-late").unwrap();
+        assert!(matches!(
+            t.lock().unwrap().add(&sd, &q),
+            Err(StoreError::TempRootsReleased(_))
+        ));
+        // Without idle release (the CLI), the file stays when holds go.
+        let cli = tempfile::tempdir().unwrap();
+        let h = RootsHold::new();
+        TempRoots::current(cli.path())
+            .unwrap()
+            .lock()
+            .unwrap()
+            .add(&sd, &p)
+            .unwrap();
+        drop(h);
+        assert_eq!(names(cli.path()), [pid]);
+        release_temp_roots_of(cli.path());
+    }
+
+    /// A connection's roots go to its own `<pid>-<n>` file, locked like the
+    /// shared one, only from the thread inside its scope; the file goes with the
+    /// connection.
+    #[test]
+    fn connection_roots_are_a_file_of_their_own_for_the_connections_life() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let p = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-conn").unwrap();
+        let conn = ConnectionRoots::new(dir.path());
+        let other = ConnectionRoots::new(dir.path());
+        {
+            let _in = conn.enter();
+            {
+                let _nested = other.enter();
+                let t = TempRoots::current(dir.path()).unwrap();
+                t.lock().unwrap().add(&sd, &p).unwrap();
+            }
+            // Back in the outer scope.
+            let t = TempRoots::current(dir.path()).unwrap();
+            t.lock().unwrap().add(&sd, &p).unwrap();
+            // Another thread is in no scope: it gets the shared file.
+            let shared = std::thread::scope(|s| {
+                s.spawn(|| TempRoots::current(dir.path()).unwrap())
+                    .join()
+                    .unwrap()
+            });
+            assert!(!Arc::ptr_eq(&shared, &t));
+        }
+        let path = conn.path().unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let (pid, n) = name.split_once('-').unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+        assert!(n.parse::<u64>().is_ok(), "{name}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"/nix/store/7h7qgvs4kgzsn8a6rb274saxyqh4jxlz-conn\0"
+        );
+        let f = open_lock_file(&path, false).unwrap().unwrap();
+        assert!(!lock_fd(&f, LockType::Write, false).unwrap());
+        assert_ne!(other.path().unwrap(), path);
+        drop(conn);
+        assert!(!path.exists(), "the connection's roots went with it");
+        assert!(other.path().unwrap().exists());
+        drop(other);
+        release_temp_roots_of(dir.path());
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
     }
 }

@@ -265,7 +265,9 @@ impl LocalStore {
 
     /// Records `path` as a temporary GC root of this process: Nix's collector, running
     /// or not, keeps it (and entries sharing its hash part, such as `<path>.lock`)
-    /// until this process exits. Call it before creating or relying on the path.
+    /// until this process exits, or as long as the connection or the holds it
+    /// belongs to last ([`super::gc_roots`]). Call it before creating or relying on
+    /// the path.
     pub fn add_temp_root(&self, path: &StorePath) -> Result<(), StoreError> {
         self.add_temp_roots(std::slice::from_ref(path))
     }
@@ -293,8 +295,9 @@ impl LocalStore {
         super::gc_roots::release_temp_roots_of(&self.state_dir);
     }
 
+    /// The file this thread's roots go to ([`TempRoots::current`]).
     fn temp_roots_file(&self) -> Result<Arc<Mutex<TempRoots>>, StoreError> {
-        TempRoots::for_state_dir(&self.state_dir)
+        TempRoots::current(&self.state_dir)
     }
 
     /// `nix-store --add-root`: `gc_root` becomes a symlink to `path` and an indirect

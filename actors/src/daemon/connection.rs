@@ -1,6 +1,7 @@
 //! The actor per client connection. A session blocks on its socket, so each
 //! connection actor lives on a thread of its own (a one-thread `SyncArbiter`):
-//! [`Serve`] runs the [`Session`] to the end. A panic while serving is caught
+//! [`Serve`] runs the [`Session`] to the end, with the thread inside the
+//! connection's temporary-roots scope ([`super::roots`]). A panic while serving is caught
 //! and ends only that connection. When the connection is over, the actor's
 //! last address is gone and its thread ends.
 
@@ -50,6 +51,8 @@ impl Handler<Serve> for Connection {
 
 /// Runs one session on `read`/`write`, containing a panic to it.
 pub fn serve_connection(shared: &Shared, peer: Peer, read: impl Read, write: impl Write) {
+    // The connection's temporary roots, in a file of their own until it ends.
+    let (_roots, _scope) = super::roots::enter_connection(&shared.store);
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
         Session::new(shared, peer, read, write).serve()
     }));

@@ -21,6 +21,7 @@
 pub mod activities;
 pub mod connection;
 pub mod options;
+pub mod roots;
 pub mod session;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,6 +186,8 @@ impl SystemBuilds {
         hub: Arc<EventHub>,
         hub_actor: &actix::Addr<HubActor>,
     ) -> SystemBuilds {
+        // Many clients at once: the Worker's roots go when nothing relies on them.
+        drover::store::gc_roots::release_temp_roots_when_idle(system.store().state_dir());
         SystemBuilds {
             system,
             hub,
@@ -243,6 +246,8 @@ impl BuildService for SystemBuilds {
                 s.extend(paths.iter().map(|d| d.base_path().clone()));
                 s
             });
+        let run_roots = roots::RunRoots::start();
+        let requests = paths.clone();
         let (sub, mut rx) = self.hub.subscribe(interest);
         let store_dir = self.system.store().store_dir().clone();
         let rt = match tokio::runtime::Builder::new_current_thread()
@@ -283,6 +288,7 @@ impl BuildService for SystemBuilds {
             outcome
         });
         self.hub.unsubscribe(sub);
+        run_roots.finish(self.system.store(), &requests, &outcome);
         outcome
     }
 

@@ -293,6 +293,9 @@ pub struct GoalHost<G> {
     env: Arc<GoalEnv>,
     running: Running,
     finished: bool,
+    /// The shared temporary roots stay while the goal lives (its roots are in
+    /// them; `drover::store::gc_roots`).
+    _roots: drover::store::gc_roots::RootsHold,
 }
 
 impl<G: GoalMachine> GoalHost<G> {
@@ -303,6 +306,7 @@ impl<G: GoalMachine> GoalHost<G> {
             env,
             running: Running::Nothing,
             finished: false,
+            _roots: drover::store::gc_roots::RootsHold::new(),
         }
     }
 
