@@ -57,7 +57,15 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
                     uid: None,
                     trusted: true,
                 };
-                serve_connection(&sh, peer, std::io::stdin().lock(), std::io::stdout().lock());
+                // A hang-up of stdin cancels the client's builds.
+                let hangup = Some(drover_actors::daemon::hangup::Hangup::new(0));
+                serve_connection(
+                    &sh,
+                    peer,
+                    std::io::stdin().lock(),
+                    std::io::stdout().lock(),
+                    hangup,
+                );
                 let _ = tx.send(());
             });
             let _ = rx.await;

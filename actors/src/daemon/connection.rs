@@ -6,12 +6,14 @@
 //! last address is gone and its thread ends.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::hangup::Hangup;
 use super::{Peer, Session, Shared};
 
 /// One client connection.
@@ -45,16 +47,26 @@ impl Handler<Serve> for Connection {
             log::error!("cannot duplicate a client socket");
             return;
         };
-        serve_connection(&self.shared, msg.peer, msg.stream, write);
+        let hangup = Hangup::new(msg.stream.as_raw_fd());
+        serve_connection(&self.shared, msg.peer, &msg.stream, write, Some(hangup));
     }
 }
 
-/// Runs one session on `read`/`write`, containing a panic to it.
-pub fn serve_connection(shared: &Shared, peer: Peer, read: impl Read, write: impl Write) {
+/// Runs one session on `read`/`write`, containing a panic to it; `hangup`
+/// watches the client's side while its builds run.
+pub fn serve_connection(
+    shared: &Shared,
+    peer: Peer,
+    read: impl Read,
+    write: impl Write,
+    hangup: Option<Hangup>,
+) {
     // The connection's temporary roots, in a file of their own until it ends.
     let (_roots, _scope) = super::roots::enter_connection(&shared.store);
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        Session::new(shared, peer, read, write).serve()
+        Session::new(shared, peer, read, write)
+            .watch_hangup(hangup)
+            .serve()
     }));
     match r {
         Ok(Ok(ops)) => log::debug!("{ops} operations"),

@@ -20,6 +20,7 @@
 
 pub mod activities;
 pub mod connection;
+pub mod hangup;
 pub mod options;
 pub mod roots;
 pub mod session;
@@ -73,12 +74,14 @@ pub trait BuildService: Send + Sync {
     /// Nix's `queryMissing`.
     fn plan(&self, paths: &[DerivedPath]) -> Result<Plan, String>;
     /// Realises `paths`, sending the activities and messages of the builds and
-    /// substitutions that serve them to `log` as they happen.
+    /// substitutions that serve them to `log` as they happen. A client that
+    /// hangs up meanwhile (`hangup`) cancels the builds only it wanted.
     fn realise(
         &self,
         paths: Vec<DerivedPath>,
         mode: BuildMode,
         settings: &Settings,
+        hangup: Option<hangup::Hangup>,
         log: &mut dyn FnMut(LoggerMessage),
     ) -> RealiseOutcome;
     /// The substituters, for substitutable-path queries.
@@ -196,6 +199,9 @@ impl SystemBuilds {
     }
 }
 
+/// How often a running request checks whether its client hung up.
+const HANGUP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Records the narinfo queries of a plan, for the `actQueryPathInfo`
 /// activities Nix's `queryMissing` shows.
 struct QueryRecorder {
@@ -228,6 +234,7 @@ impl BuildService for SystemBuilds {
         paths: Vec<DerivedPath>,
         mode: BuildMode,
         settings: &Settings,
+        hangup: Option<hangup::Hangup>,
         log: &mut dyn FnMut(LoggerMessage),
     ) -> RealiseOutcome {
         // The events of the builds and substitutions this request needs, and
@@ -271,12 +278,21 @@ impl BuildService for SystemBuilds {
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner());
             let mut acts = activities::Activities::start(store_dir, use_subs, queries, log);
-            let fut = self.system.realise(paths, mode);
+            let (run, fut) = self.system.realise_run(paths, mode, None);
             tokio::pin!(fut);
+            let mut watch = tokio::time::interval(HANGUP_POLL);
+            let mut watching = hangup;
             let outcome = loop {
                 tokio::select! {
                     out = &mut fut => break out,
                     Some(ev) = rx.recv() => acts.event(ev, log),
+                    _ = watch.tick(), if watching.is_some() => {
+                        if watching.is_some_and(|h| h.hung_up()) {
+                            log::debug!("the client hung up: cancelling its run {run}");
+                            self.system.cancel_run(run);
+                            watching = None;
+                        }
+                    }
                 }
             };
             // Events the Worker sent before its outcome, still on their way.

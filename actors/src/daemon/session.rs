@@ -100,6 +100,8 @@ pub struct Session<'a, R: Read, W: Write> {
     verbosity: u64,
     /// The settings after the client's `SetOptions`.
     settings: Settings,
+    /// Watches the client while its builds run.
+    hangup: Option<super::hangup::Hangup>,
 }
 
 impl<'a, R: Read, W: Write> Session<'a, R, W> {
@@ -114,7 +116,15 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             pending: Vec::new(),
             verbosity: 3,
             settings: shared.settings.clone(),
+            hangup: None,
         }
+    }
+
+    /// A client that hangs up while its builds run cancels them (those only it
+    /// wanted).
+    pub fn watch_hangup(mut self, hangup: Option<super::hangup::Hangup>) -> Self {
+        self.hangup = hangup;
+        self
     }
 
     fn sd(&self) -> &StoreDir {
@@ -889,7 +899,8 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
         let verbosity = self.verbosity;
         let to = &mut self.to;
         let mut io_error = None;
-        let outcome = builds.realise(paths, mode, &self.settings, &mut |m| {
+        let hangup = self.hangup;
+        let outcome = builds.realise(paths, mode, &self.settings, hangup, &mut |m| {
             if io_error.is_some() || !message_shown(&m, verbosity) {
                 return;
             }

@@ -1108,3 +1108,86 @@ fn nix_collect_garbage_through_drover_daemon_as_through_nix_daemon() {
         );
     }
 }
+
+fn wait_for(path: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Client A wants `shared` and `onlyA`, client B only `shared`; A is killed
+/// once both build and B waits too: `onlyA`'s builder is killed and its output
+/// never registered, `shared` finishes and B succeeds, the store verifies.
+fn killed_client_scenario(which: Which) {
+    let root = TestRoot::with_conf("max-jobs = 2");
+    let _d = Daemon::start(&root, which);
+    let marks = root.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let file = corpus_dir().join("daemon/cancel.nix");
+    let build = |attr: &str| {
+        client(&root, "nix-build")
+            .args([file.to_str().unwrap(), "-A", attr, "--no-out-link"])
+            .args(["--argstr", "marks", marks.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = build("a");
+    wait_for(&marks.join("shared-started"), 60);
+    wait_for(&marks.join("only-a-started"), 60);
+    let b = build("b");
+    // B's request has reached the daemon once it instantiated and asked.
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let b = b.wait_with_output().unwrap();
+    assert!(
+        b.status.success(),
+        "{which:?}: {}",
+        String::from_utf8_lossy(&b.stderr)
+    );
+    // Long enough for an `onlyA` builder left running to finish.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        !marks.join("only-a-finished").exists(),
+        "{which:?}: the builder only the killed client wanted ran to its end"
+    );
+    let drv = root.instantiate(&file_with_marks(&file, &marks), Some("onlyA"));
+    let out = stdout(client(&root, "nix-store").args(["-q", "--outputs", &drv[0]]));
+    let valid = client(&root, "nix-store")
+        .args(["--check-validity", out.trim()])
+        .output()
+        .unwrap();
+    assert!(!valid.status.success(), "{which:?}: {out} was registered");
+    root.verify_store();
+}
+
+/// A file calling `file` with `marks`, for `nix-instantiate`.
+fn file_with_marks(file: &Path, marks: &Path) -> PathBuf {
+    let f = marks.with_file_name("with-marks.nix");
+    std::fs::write(
+        &f,
+        format!(
+            "import {} {{ marks = \"{}\"; }}",
+            file.display(),
+            marks.display()
+        ),
+    )
+    .unwrap();
+    f
+}
+
+#[test]
+fn a_client_that_hangs_up_cancels_the_builds_only_it_wanted() {
+    require_nix!();
+    killed_client_scenario(Which::Nix);
+    killed_client_scenario(Which::Drover);
+}
