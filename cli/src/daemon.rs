@@ -2,14 +2,18 @@
 //! on `$NIX_STATE_DIR/daemon-socket/socket` (or `NIX_DAEMON_SOCKET_PATH`, or
 //! the socket systemd passes with `LISTEN_FDS`), or one connection on
 //! stdin/stdout with `--stdio`. Every connection builds through one shared
-//! `drover_actors::System`; see `drover_actors::daemon`.
+//! `drover_actors::System`; see `drover_actors::daemon`. SIGTERM, SIGINT and
+//! SIGHUP stop it as `nix-daemon` stops (exit status 0, the socket file left),
+//! after cancelling every build ([`stop_cleanly`]).
 
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::Actor;
 use anyhow::Context as _;
+use drover::store::gc_roots::RootsHold;
 use drover_actors::daemon::{
     authorise, connection::spawn_connection, listen, serve_connection, socket_path, EventHub,
     HubActor, Peer, Shared, SystemBuilds,
@@ -43,6 +47,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
         for w in system.warnings() {
             eprintln!("warning: {w}");
         }
+        let interrupter = system.interrupter();
         let shared = Arc::new(Shared {
             store: system.store().clone(),
             settings: settings.clone(),
@@ -76,9 +81,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(listener)
             .with_context(|| format!("listening on '{}'", path.display()))?;
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        // SIGTERM, SIGINT, SIGHUP: stop as below rather than exit at once.
+        let (stop_tx, mut stop) = tokio::sync::mpsc::unbounded_channel::<()>();
+        crate::interrupt::while_running(move || {
+            let _ = stop_tx.send(());
+        });
         loop {
             tokio::select! {
                 r = listener.accept() => {
@@ -93,12 +100,34 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
                         eprintln!("error: {e:#}");
                     }
                 }
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = stop.recv() => break,
             }
         }
+        stop_cleanly(&interrupter).await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// How long a stopping daemon waits for its clients' requests to answer.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Nix's daemon stops on SIGTERM or SIGINT with exit status 0 and leaves its
+/// socket file; drover also ends what is running rather than leaving it to die
+/// with the process: every run is interrupted (builders' and hooks' process
+/// groups killed, no output registered), the clients waiting for one get
+/// `interrupted by the user`, and only then the process exits (its temporary
+/// roots released by `main`).
+async fn stop_cleanly(interrupter: &actix::Recipient<drover_actors::Interrupt>) {
+    let _ = interrupter.send(drover_actors::Interrupt).await;
+    // Goals, store jobs and requests each hold the shared roots: none left means
+    // every request has its answer.
+    let deadline = Instant::now() + STOP_GRACE;
+    while RootsHold::count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The answers on their way to the clients.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::interrupt::after_run();
 }
 
 /// Checks who connected and hands the connection to its own actor.

@@ -1191,3 +1191,78 @@ fn a_client_that_hangs_up_cancels_the_builds_only_it_wanted() {
     killed_client_scenario(Which::Nix);
     killed_client_scenario(Which::Drover);
 }
+
+/// SIGTERM or SIGINT while a client's build runs: the daemon's exit status and
+/// what is left of its socket, then (with `which`'s own checks) what became of
+/// the build and the client.
+fn signal_scenario(which: Which, sig: i32) -> String {
+    let root = TestRoot::new();
+    let mut d = Daemon::start(&root, which);
+    let marks = root.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let file = corpus_dir().join("daemon/cancel.nix");
+    let client_build = client(&root, "nix-build")
+        .args([file.to_str().unwrap(), "-A", "onlyA", "--no-out-link"])
+        .args(["--argstr", "marks", marks.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&marks.join("only-a-started"), 60);
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(d.child.id() as i32, sig) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{which:?} did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seen = format!(
+        "exit {:?}, socket file left: {}",
+        status.code(),
+        d.socket.exists()
+    );
+    let out = client_build.wait_with_output().unwrap();
+    if which == Which::Drover {
+        // Nix's daemon leaves the build to its connection's process, which goes
+        // on; drover's one process ends it, and tells the client.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("interrupted by the user"), "{stderr}");
+        std::thread::sleep(Duration::from_secs(7));
+        assert!(
+            !marks.join("only-a-finished").exists(),
+            "the builder outlived the daemon"
+        );
+        let leftovers: Vec<String> = std::fs::read_dir(&root.store_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            // The output lock file stays, as Nix leaves it after a build that did
+            // not succeed (it deletes lock files only after a success).
+            .filter(|n| n.contains("-only-a") && !n.ends_with(".drv") && !n.ends_with(".lock"))
+            .collect();
+        assert!(leftovers.is_empty(), "left in the store: {leftovers:?}");
+        assert!(
+            temp_roots_once_idle(&root).is_empty(),
+            "temporary roots files left"
+        );
+        root.verify_store();
+    }
+    seen
+}
+
+#[test]
+fn sigterm_and_sigint_stop_drover_daemon_as_nix_daemon_with_builds_cancelled() {
+    require_nix!();
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let nix = signal_scenario(Which::Nix, sig);
+        let ours = signal_scenario(Which::Drover, sig);
+        assert_eq!(
+            ours, nix,
+            "signal {sig}: drover daemon (left), nix-daemon (right)"
+        );
+    }
+}
