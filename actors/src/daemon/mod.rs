@@ -278,7 +278,9 @@ impl BuildService for SystemBuilds {
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner());
             let mut acts = activities::Activities::start(store_dir, use_subs, queries, log);
-            let (run, fut) = self.system.realise_run(paths, mode, None);
+            // The client's `keep-going` (`SetOptions`) is its run's.
+            let keep_going = Some(settings.keep_going());
+            let (run, fut) = self.system.realise_run(paths, mode, keep_going);
             tokio::pin!(fut);
             let mut watch = tokio::time::interval(HANGUP_POLL);
             let mut watching = hangup;

@@ -9,7 +9,11 @@
 //! value differs from the daemon's, the client is warned that the daemon's value
 //! holds. Values equal to the daemon's (the usual case: both read the same
 //! `nix.conf`) say nothing. What the connection itself uses — `substitute` for
-//! substitutable-path queries, the verbosity of its messages — is applied.
+//! substitutable-path queries, the verbosity of its messages — is applied, and
+//! so is `keep-going`, which the Worker takes per run: a client without it has
+//! its run end at its first failure (only the goals no other client needs are
+//! cancelled), one with it has its run go on; a goal both share goes on while
+//! any run needs it.
 
 use drover::config::Settings;
 use drover::worker_protocol::ClientOptions;
@@ -22,9 +26,9 @@ fn unrestricted(name: &str, value: &str) -> bool {
     ) || (name == "builders" && value.is_empty())
 }
 
-/// Settings the connection applies to itself.
+/// Settings the connection applies to itself (or to its runs).
 fn per_connection(name: &str) -> bool {
-    matches!(name, "substitute" | "build-use-substitutes")
+    matches!(name, "substitute" | "build-use-substitutes" | "keep-going")
 }
 
 fn shared_warning(name: &str, value: &str, daemon: &str) -> String {
@@ -171,12 +175,25 @@ mod tests {
     fn a_shared_setting_that_differs_is_warned_about() {
         let s = settings();
         let mut o = same_as(&s);
-        o.keep_going = true;
+        o.keep_failed = !s.keep_failed();
         o.overrides.insert("sandbox".into(), "relaxed".into());
         let (_, w) = apply_client_options(&s, &o, true);
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("'keep-going' = 'true'"));
+        assert!(w[0].contains("'keep-failed' = "), "{w:?}");
         assert!(w[1].contains("'sandbox' = 'relaxed'"));
+    }
+
+    #[test]
+    fn keep_going_is_applied_to_the_connections_runs() {
+        let s = settings();
+        let mut o = same_as(&s);
+        o.keep_going = true;
+        let (c, w) = apply_client_options(&s, &o, false);
+        assert!(w.is_empty(), "{w:?}");
+        assert!(c.keep_going());
+        o.keep_going = false;
+        let (c, _) = apply_client_options(&s, &o, false);
+        assert!(!c.keep_going());
     }
 
     #[test]

@@ -1266,3 +1266,48 @@ fn sigterm_and_sigint_stop_drover_daemon_as_nix_daemon_with_builds_cancelled() {
         );
     }
 }
+
+/// A failing and a slow build in one `nix-build`, with and without
+/// `--keep-going`: the exit code and whether the slow one was built. (The
+/// wording of the `build of … failed` error is not compared: drover's differs.)
+fn keep_going_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
+    let _d = Daemon::start(root, which);
+    let file = corpus_dir().join("daemon/keep-going.nix");
+    let file = file.to_str().unwrap();
+    let slow_drv = root.instantiate(Path::new(file), Some("slow"));
+    let slow = stdout(client(root, "nix-store").args(["-q", "--outputs", &slow_drv[0]]));
+    let mut t = Vec::new();
+    for flag in ["--no-keep-going", "--keep-going"] {
+        let out = client(root, "nix-build")
+            .args([file, "-A", "fail", "-A", "slow", "--no-out-link", flag])
+            .output()
+            .unwrap();
+        let built = client(root, "nix-store")
+            .args(["--check-validity", slow.trim()])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        t.push((
+            flag.to_owned(),
+            format!("exit {:?}, slow built: {built}", out.status.code()),
+        ));
+    }
+    t
+}
+
+#[test]
+fn keep_going_from_the_client_applies_to_its_run_as_with_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::with_conf("max-jobs = 2");
+    let nix = keep_going_scenario(&root, Which::Nix);
+    root.wipe_store();
+    let ours = keep_going_scenario(&root, Which::Drover);
+    assert_ne!(
+        nix[0].1, nix[1].1,
+        "the flag must make a difference: {nix:?}"
+    );
+    for ((label, n), (_, o)) in nix.iter().zip(&ours) {
+        assert_eq!(o, n, "{label}: drover daemon (left), nix-daemon (right)");
+    }
+}
