@@ -85,7 +85,11 @@ fn expression(nodes: &[Node], trace: Option<&Path>) -> String {
     for (i, n) in nodes.iter().enumerate() {
         let ins: Vec<String> = n.inputs.iter().map(|j| format!("${{d{j}}}")).collect();
         let stamp = |what: &str| match trace {
-            Some(t) => format!("echo {} {what} $(date +%s.%N) >> {}", n.name, t.display()),
+            Some(t) => format!(
+                "echo {} {what} $(/bin/date +%s.%N) >> '{}'",
+                n.name,
+                t.display()
+            ),
             None => String::new(),
         };
         let (start, end) = match trace {
@@ -347,9 +351,8 @@ fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Resul
             let mut sched = Vec::new();
             let mut evs = Vec::new();
             let mut rx = rx;
-            let name = |d: &drover::store_path::StorePath| {
-                d.name().trim_end_matches(".drv").to_owned()
-            };
+            let name =
+                |d: &drover::store_path::StorePath| d.name().trim_end_matches(".drv").to_owned();
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
@@ -446,7 +449,12 @@ fn ratio_case(opts: &Opts, parent: &Path, label: &str, nodes: &[Node]) -> anyhow
                 if opts.trace {
                     let tool = if drover { "drover" } else { "nix-2.8" };
                     let phase = if warm { "warm" } else { "empty" };
-                    print_links(&format!("{label} {tool} {phase}"), took, &root.take_trace(), &events);
+                    print_links(
+                        &format!("{label} {tool} {phase}"),
+                        took,
+                        &root.take_trace(),
+                        &events,
+                    );
                 }
                 let i = if drover { 2 } else { 0 } + phase;
                 cells[i].1.push(took);

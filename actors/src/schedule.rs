@@ -34,7 +34,9 @@
 //!   of the slots' time since the first grant that the finished builds' estimates
 //!   account for (overhead between builds, load, a history from a slower run;
 //!   from one second on, between 0.25 and 4) —; the ETA is the larger, `None` until the graph was first
-//!   complete. Graphs of more than [`LARGE_GRAPH`] goals are estimated at most
+//!   complete. A build running on a remote machine (through the hook) counts in
+//!   the critical path but not in the local work (nor in the finished work the
+//!   share is measured by): it takes no local slot. Graphs of more than [`LARGE_GRAPH`] goals are estimated at most
 //!   every [`LARGE_GRAPH_ESTIMATE_INTERVAL`].
 
 use std::collections::{BTreeSet, HashMap};
@@ -45,8 +47,8 @@ use drover::build_history::{HistorySnapshot, LOCAL_MACHINE};
 use drover::store_path::{StoreDir, StorePath};
 
 use crate::goal::host::SlotKind;
-use crate::local_builder::history::HistoryLog;
 use crate::goal::GoalId;
+use crate::local_builder::history::HistoryLog;
 use crate::progress::Estimates;
 
 /// The estimate of a derivation the history knows nothing about.

@@ -246,7 +246,10 @@ impl Worker {
         let Some(e) = self.estimator.clone() else {
             return;
         };
-        if self.refreshing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if self
+            .refreshing
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return;
         }
         let busy = self.refreshing.clone();
