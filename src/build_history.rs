@@ -12,7 +12,9 @@
 //! * Estimates ([`HistorySnapshot::estimate`]): the most recent successful build of
 //!   the same `.drv`; else the most recent successful build of the same pname and
 //!   system on the same machine; else on any machine; else `None` (the caller's
-//!   documented default).
+//!   documented default). A snapshot is read once and then brought up to date
+//!   ([`BuildHistory::update_snapshot`]: only the rows recorded since), so a
+//!   long-running process sees every build, its own and other processes'.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -240,27 +242,40 @@ impl BuildHistory {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// What the successful builds of the history say, in memory: read once per run.
+    /// What the successful builds of the history say, in memory (the newest
+    /// [`SNAPSHOT_ROWS`] rows).
     pub fn snapshot(&self) -> Result<HistorySnapshot, HistoryError> {
+        let mut snap = HistorySnapshot::default();
+        self.update_snapshot(&mut snap)?;
+        Ok(snap)
+    }
+
+    /// Adds to `snap` the successful builds recorded since it was read (by any
+    /// process: rows are only inserted, so the rows after the newest one it saw),
+    /// at most the newest [`SNAPSHOT_ROWS`]. Returns how many rows were new.
+    pub fn update_snapshot(&self, snap: &mut HistorySnapshot) -> Result<usize, HistoryError> {
         let mut st = self
             .conn
-            .prepare(
-                "select drvPath, pname, system, machine, wallMs from
-                   (select * from Builds where status = 'Built' order by id desc limit ?)
+            .prepare_cached(
+                "select id, drvPath, pname, system, machine, wallMs from
+                   (select * from Builds where status = 'Built' and id > ? order by id desc limit ?)
                  order by id",
             )
             .map_err(|e| self.err(e))?;
-        let mut snap = HistorySnapshot::default();
-        let mut rows = st.query([SNAPSHOT_ROWS]).map_err(|e| self.err(e))?;
+        let mut rows = st
+            .query(params![snap.last_id, SNAPSHOT_ROWS])
+            .map_err(|e| self.err(e))?;
+        let mut n = 0;
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
             let get = |i| r.get::<_, String>(i);
+            let id: i64 = r.get(0).map_err(|e| self.err(e))?;
             let (drv, pname, system, machine) = (
-                get(0).map_err(|e| self.err(e))?,
                 get(1).map_err(|e| self.err(e))?,
                 get(2).map_err(|e| self.err(e))?,
                 get(3).map_err(|e| self.err(e))?,
+                get(4).map_err(|e| self.err(e))?,
             );
-            let wall: i64 = r.get(4).map_err(|e| self.err(e))?;
+            let wall: i64 = r.get(5).map_err(|e| self.err(e))?;
             snap.add(
                 drv,
                 pname,
@@ -268,8 +283,10 @@ impl BuildHistory {
                 machine,
                 Duration::from_millis(wall.max(0) as u64),
             );
+            snap.last_id = snap.last_id.max(id);
+            n += 1;
         }
-        Ok(snap)
+        Ok(n)
     }
 }
 
@@ -287,6 +304,8 @@ pub enum EstimateSource {
 /// The successful builds of the history, latest per key.
 #[derive(Debug, Default, Clone)]
 pub struct HistorySnapshot {
+    /// The newest row read ([`BuildHistory::update_snapshot`] reads after it).
+    last_id: i64,
     by_drv: HashMap<String, Duration>,
     by_name_machine: HashMap<(String, String, String), Duration>,
     by_name: HashMap<(String, String), Duration>,
@@ -429,6 +448,36 @@ mod tests {
             None
         );
         assert_eq!(s.estimate("/s/e-new-1.drv", "new-1", sys, "local"), None);
+    }
+
+    #[test]
+    fn a_snapshot_takes_in_what_other_connections_recorded_since() {
+        let d = tempfile::tempdir().unwrap();
+        let reader = BuildHistory::open(d.path()).unwrap();
+        let writer = BuildHistory::open(d.path()).unwrap();
+        writer
+            .record(&rec("/s/a-x-1.drv", "x-1", "local", 1000, "Built"))
+            .unwrap();
+        let mut s = reader.snapshot().unwrap();
+        let sys = "x86_64-linux";
+        let est = |s: &HistorySnapshot, drv| s.estimate(drv, "x-1", sys, "local").map(|e| e.0);
+        assert_eq!(est(&s, "/s/a-x-1.drv"), Some(Duration::from_secs(1)));
+        assert_eq!(reader.update_snapshot(&mut s).unwrap(), 0);
+        writer
+            .record(&rec("/s/a-x-1.drv", "x-1", "local", 4000, "Built"))
+            .unwrap();
+        writer
+            .record(&rec("/s/b-y-1.drv", "y-1", "local", 9000, "MiscFailure"))
+            .unwrap();
+        writer
+            .record(&rec("/s/c-x-2.drv", "x-2", "local", 2000, "Built"))
+            .unwrap();
+        // Only the two new successes are read; the newest wins per key.
+        assert_eq!(reader.update_snapshot(&mut s).unwrap(), 2);
+        assert_eq!(est(&s, "/s/a-x-1.drv"), Some(Duration::from_secs(4)));
+        assert_eq!(est(&s, "/s/new-x-3.drv"), Some(Duration::from_secs(2)));
+        assert_eq!(s.estimate("/s/b-y-1.drv", "y-1", sys, "local"), None);
+        assert_eq!(reader.update_snapshot(&mut s).unwrap(), 0);
     }
 
     #[test]

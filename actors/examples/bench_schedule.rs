@@ -63,6 +63,12 @@ struct Opts {
     /// Where the scratch roots go (default: the system's temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Diagnose chain links: builders also write wall-clock timestamps when they
+    /// start and end (two `date` calls each, so the builds differ from the
+    /// untraced ones), and drover's link latencies are printed: builder exit of a
+    /// chain link → the dependent's grant, `building` event and builder start.
+    #[arg(long)]
+    trace: bool,
 }
 
 /// One derivation of a generated graph: its name, duration and inputs (indices).
@@ -72,15 +78,29 @@ struct Node {
     inputs: Vec<usize>,
 }
 
-fn expression(nodes: &[Node]) -> String {
+/// The expression of a graph; with `trace`, each builder appends
+/// `<name> s|e <unix seconds>` lines to that file when it starts and ends.
+fn expression(nodes: &[Node], trace: Option<&Path>) -> String {
     let mut s = String::from("let sys = builtins.currentSystem;\n");
     for (i, n) in nodes.iter().enumerate() {
         let ins: Vec<String> = n.inputs.iter().map(|j| format!("${{d{j}}}")).collect();
+        let stamp = |what: &str| match trace {
+            Some(t) => format!(
+                "echo {} {what} $(/bin/date +%s.%N) >> '{}'",
+                n.name,
+                t.display()
+            ),
+            None => String::new(),
+        };
+        let (start, end) = match trace {
+            Some(_) => (format!("{}; ", stamp("s")), format!("; {}", stamp("e"))),
+            None => (String::new(), String::new()),
+        };
         s.push_str(&format!(
-            "  d{i} = derivation {{ name = \"{}\"; system = sys; builder = \"/bin/sh\"; args = [\"-c\" \"/bin/sleep {} && echo {} > $out\"]; }};\n",
+            "  d{i} = derivation {{ name = \"{}\"; system = sys; builder = \"/bin/sh\"; args = [\"-c\" \"{start}/bin/sleep {} && echo {} > $out{end}\"]; }};\n",
             n.name,
             n.secs,
-            ins.join(" ")
+            ins.join(" "),
         ));
     }
     s.push_str("in [");
@@ -154,10 +174,12 @@ fn sinks(nodes: &[Node]) -> Vec<usize> {
 
 struct Root {
     dir: PathBuf,
+    /// The builders' timestamp file (`--trace`).
+    trace: Option<PathBuf>,
 }
 
 impl Root {
-    fn new(parent: &Path, name: &str) -> anyhow::Result<Root> {
+    fn new(parent: &Path, name: &str, trace: bool) -> anyhow::Result<Root> {
         let dir = parent.join(name);
         remove_tree(&dir);
         std::fs::create_dir_all(dir.join("etc"))?;
@@ -166,7 +188,24 @@ impl Root {
             dir.join("etc/nix.conf"),
             "sandbox = false\nbuild-users-group =\nsubstituters =\n",
         )?;
-        Ok(Root { dir })
+        let trace = trace.then(|| dir.join("trace"));
+        Ok(Root { dir, trace })
+    }
+
+    /// The builders' timestamps since the last call: (name, start?, unix seconds).
+    fn take_trace(&self) -> Vec<(String, bool, f64)> {
+        let Some(t) = &self.trace else {
+            return Vec::new();
+        };
+        let text = std::fs::read_to_string(t).unwrap_or_default();
+        let _ = std::fs::remove_file(t);
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let (n, k, at) = (w.next()?, w.next()?, w.next()?.parse().ok()?);
+                Some((n.to_owned(), k == "s", at))
+            })
+            .collect()
     }
 
     fn env(&self) -> Vec<(&'static str, PathBuf)> {
@@ -206,7 +245,7 @@ impl Root {
 
     fn instantiate(&self, nodes: &[Node]) -> anyhow::Result<Vec<String>> {
         let file = self.dir.join("graph.nix");
-        std::fs::write(&file, expression(nodes))?;
+        std::fs::write(&file, expression(nodes, self.trace.as_deref()))?;
         let drvs: Vec<String> = self
             .run("nix-instantiate", &[file.to_str().unwrap_or_default()])?
             .lines()
@@ -275,6 +314,15 @@ struct DroverRun {
     estimates: Vec<(Duration, Arc<Estimates>)>,
     /// Each grant: (drv name, path, when since the start) in order.
     scheduled: Vec<(String, Duration, Duration)>,
+    /// Grants, `building` and finished events: (drv name without `.drv`, what,
+    /// unix seconds when the benchmark received it).
+    events: Vec<(String, &'static str, f64)>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Result<DroverRun> {
@@ -301,7 +349,10 @@ fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Resul
         let collect = actix::spawn(async move {
             let mut est = Vec::new();
             let mut sched = Vec::new();
+            let mut evs = Vec::new();
             let mut rx = rx;
+            let name =
+                |d: &drover::store_path::StorePath| d.name().trim_end_matches(".drv").to_owned();
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
@@ -312,14 +363,25 @@ fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Resul
                             goal: GoalKey::Derivation(d),
                             path,
                             ..
-                        })) => sched.push((d.name().to_string(), path, t.elapsed())),
+                        })) => {
+                            evs.push((name(&d), "granted", unix_now()));
+                            sched.push((d.name().to_string(), path, t.elapsed()))
+                        }
+                        Some(SystemEvent::Progress(ProgressEvent::BuildStarted {
+                            drv_path,
+                            ..
+                        })) => evs.push((name(&drv_path), "building", unix_now())),
+                        Some(SystemEvent::Progress(ProgressEvent::BuildFinished {
+                            drv_path,
+                            ..
+                        })) => evs.push((name(&drv_path), "finished", unix_now())),
                         Some(_) => {}
                         None => break,
                     },
                     _ = &mut rx => break,
                 }
             }
-            (est, sched)
+            (est, sched, evs)
         });
         let outcome = outcome.await;
         let took = t.elapsed();
@@ -331,11 +393,12 @@ fn realise_drover(root: &Root, drvs: &[String], want: &[usize]) -> anyhow::Resul
         // Let the last events through, then stop the collector.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = tx.send(());
-        let (estimates, scheduled) = collect.await?;
+        let (estimates, scheduled, events) = collect.await?;
         Ok(DroverRun {
             took,
             estimates,
             scheduled,
+            events,
         })
     })
 }
@@ -366,21 +429,33 @@ fn ratio_case(opts: &Opts, parent: &Path, label: &str, nodes: &[Node]) -> anyhow
             let root = Root::new(
                 parent,
                 &format!("{label}-{}", if drover { "drover" } else { "nix" }),
+                opts.trace,
             )?;
             let drvs = root.instantiate(nodes)?;
             for (phase, warm) in [(0, false), (1, true)] {
                 if warm {
                     root.delete_outputs(&drvs)?;
                 }
-                let took = if drover {
+                root.take_trace();
+                let (took, events) = if drover {
                     let r = realise_drover(&root, &drvs, &want)?;
                     if warm {
                         last_order = r.scheduled.clone();
                     }
-                    r.took
+                    (r.took, r.events)
                 } else {
-                    realise_nix(&root, &drvs, &want)?
+                    (realise_nix(&root, &drvs, &want)?, Vec::new())
                 };
+                if opts.trace {
+                    let tool = if drover { "drover" } else { "nix-2.8" };
+                    let phase = if warm { "warm" } else { "empty" };
+                    print_links(
+                        &format!("{label} {tool} {phase}"),
+                        took,
+                        &root.take_trace(),
+                        &events,
+                    );
+                }
                 let i = if drover { 2 } else { 0 } + phase;
                 cells[i].1.push(took);
             }
@@ -412,6 +487,73 @@ fn ratio_case(opts: &Opts, parent: &Path, label: &str, nodes: &[Node]) -> anyhow
     Ok(())
 }
 
+/// `--trace`: per chain link, the time from the input's builder exit to the
+/// dependent's builder start (and for drover to its grant and `building` event,
+/// and to the input's `finished` event); for the independent builds, how long a
+/// builder ran against its nominal time and the gaps between builds.
+fn print_links(
+    label: &str,
+    took: Duration,
+    trace: &[(String, bool, f64)],
+    events: &[(String, &'static str, f64)],
+) {
+    let at = |name: &str, start: bool| {
+        trace
+            .iter()
+            .find(|(n, s, _)| n == name && *s == start)
+            .map(|t| t.2)
+    };
+    let ev = |name: &str, what: &str| {
+        events
+            .iter()
+            .find(|(n, w, _)| n == name && *w == what)
+            .map(|e| e.2)
+    };
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.0}", v * 1000.0));
+    let mut gaps = Vec::new();
+    for k in 1..10 {
+        let (prev, this) = (format!("chain-{}", k - 1), format!("chain-{k}"));
+        let Some(exit) = at(&prev, false) else {
+            continue;
+        };
+        let d = |t: Option<f64>| t.map(|t| t - exit);
+        let gap = d(at(&this, true));
+        if let Some(g) = gap {
+            gaps.push(g);
+        }
+        println!(
+            "  {label}: link {k}: builder exit → input finished {} ms, granted {} ms, building {} ms, builder start {} ms",
+            ms(d(ev(&prev, "finished"))),
+            ms(d(ev(&this, "granted"))),
+            ms(d(ev(&this, "building"))),
+            ms(gap),
+        );
+    }
+    let mut ind: Vec<(f64, f64)> = trace
+        .iter()
+        .filter(|(n, s, _)| n.starts_with("ind-") && *s)
+        .filter_map(|(n, _, t)| Some((*t, at(n, false)?)))
+        .collect();
+    ind.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let ran: f64 = ind.iter().map(|(s, e)| e - s).sum::<f64>() / ind.len().max(1) as f64;
+    let mut igaps: Vec<f64> = ind
+        .windows(2)
+        .map(|w| w[1].0 - w[0].1)
+        .filter(|g| *g > 0.0)
+        .collect();
+    igaps.sort_by(f64::total_cmp);
+    gaps.sort_by(f64::total_cmp);
+    let med = |v: &[f64]| v.get(v.len() / 2).copied();
+    println!(
+        "  {label}: makespan {:.2} s; chain link gap median {} ms, sum {} ms; independent builders ran {:.0} ms on average, median gap between them {} ms",
+        took.as_secs_f64(),
+        ms(med(&gaps)),
+        ms(Some(gaps.iter().sum())),
+        ran * 1000.0,
+        ms(med(&igaps)),
+    );
+}
+
 fn eta_case(opts: &Opts, parent: &Path) -> anyhow::Result<()> {
     let nodes = random_dag(opts.eta_n, opts.seed);
     let want = sinks(&nodes);
@@ -427,11 +569,11 @@ fn eta_case(opts: &Opts, parent: &Path) -> anyhow::Result<()> {
         nodes.len(),
         want.len()
     );
-    let nix_root = Root::new(parent, "eta-nix")?;
+    let nix_root = Root::new(parent, "eta-nix", false)?;
     let drvs = nix_root.instantiate(&nodes)?;
     let nix = realise_nix(&nix_root, &drvs, &want)?;
     drop(nix_root);
-    let root = Root::new(parent, "eta-drover")?;
+    let root = Root::new(parent, "eta-drover", false)?;
     let drvs = root.instantiate(&nodes)?;
     let cold = realise_drover(&root, &drvs, &want)?;
     let mut errors = [Vec::new(), Vec::new()];

@@ -34,11 +34,13 @@
 //!   of the slots' time since the first grant that the finished builds' estimates
 //!   account for (overhead between builds, load, a history from a slower run;
 //!   from one second on, between 0.25 and 4) —; the ETA is the larger, `None` until the graph was first
-//!   complete. Graphs of more than [`LARGE_GRAPH`] goals are estimated at most
+//!   complete. A build running on a remote machine (through the hook) counts in
+//!   the critical path but not in the local work (nor in the finished work the
+//!   share is measured by): it takes no local slot. Graphs of more than [`LARGE_GRAPH`] goals are estimated at most
 //!   every [`LARGE_GRAPH_ESTIMATE_INTERVAL`].
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use drover::build_history::{HistorySnapshot, LOCAL_MACHINE};
@@ -46,6 +48,7 @@ use drover::store_path::{StoreDir, StorePath};
 
 use crate::goal::host::SlotKind;
 use crate::goal::GoalId;
+use crate::local_builder::history::HistoryLog;
 use crate::progress::Estimates;
 
 /// The estimate of a derivation the history knows nothing about.
@@ -65,6 +68,10 @@ pub const ETA_RESOLUTION: Duration = Duration::from_millis(100);
 pub trait Estimator: Send + Sync {
     /// The expected wall time of building `drv_path`; `None` when unknown.
     fn build_time(&self, drv_path: &StorePath) -> Option<Duration>;
+
+    /// Takes in what the source learnt since it was read (blocking: hosts call it
+    /// off the actor threads). Fixed sources have nothing to learn.
+    fn refresh(&self) {}
 }
 
 /// No history: every derivation gets [`DEFAULT_BUILD_TIME`], so the path is the
@@ -91,18 +98,36 @@ impl Estimator for FixedEstimates {
     }
 }
 
-/// Estimates from drover's build history (a snapshot read at the start of a run),
-/// for builds on this machine of this system.
+/// Estimates from drover's build history, for builds on this machine of this
+/// system: a snapshot read when it is made and brought up to date by
+/// [`Estimator::refresh`] (the builds recorded since, by this process or others),
+/// so a long-running process (`drover daemon`) learns from every build.
 pub struct HistoryEstimator {
-    pub snapshot: HistorySnapshot,
-    pub store_dir: StoreDir,
-    pub system: String,
+    log: Arc<HistoryLog>,
+    snapshot: RwLock<HistorySnapshot>,
+    store_dir: StoreDir,
+    system: String,
+}
+
+impl HistoryEstimator {
+    /// Reads the history (blocking).
+    pub fn new(log: Arc<HistoryLog>, store_dir: StoreDir, system: String) -> HistoryEstimator {
+        let snapshot = RwLock::new(log.snapshot());
+        HistoryEstimator {
+            log,
+            snapshot,
+            store_dir,
+            system,
+        }
+    }
 }
 
 impl Estimator for HistoryEstimator {
     fn build_time(&self, drv_path: &StorePath) -> Option<Duration> {
         let name = drv_path.name();
         self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .estimate(
                 &self.store_dir.print(drv_path),
                 name.strip_suffix(".drv").unwrap_or(name),
@@ -110,6 +135,17 @@ impl Estimator for HistoryEstimator {
                 LOCAL_MACHINE,
             )
             .map(|(d, _)| d)
+    }
+
+    fn refresh(&self) {
+        // Read into a copy, so estimates are never held up by the database.
+        let mut snap = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.log.update(&mut snap);
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap;
     }
 }
 
@@ -131,6 +167,9 @@ struct Node {
     queued: [bool; 2],
     waits_inputs: bool,
     started: Option<Instant>,
+    /// Its build runs on a remote machine (through the hook): it takes no local
+    /// build slot, so its time is not local work.
+    remote: bool,
     /// Gave its slot back after its build started: registering, about to end
     /// (and to make its waiters ready), so not settled.
     finishing: bool,
@@ -258,6 +297,7 @@ impl Scheduler {
             queued: [false; 2],
             waits_inputs: false,
             started: None,
+            remote: false,
             finishing: false,
             settled: false,
             was_settled: false,
@@ -294,10 +334,12 @@ impl Scheduler {
         self.update(id, |n| n.waits_inputs = waits);
     }
 
-    /// The goal's build (local or remote) or copy started.
-    pub fn started(&mut self, id: GoalId, now: Instant) {
+    /// The goal's build or copy started; `remote`: a build on another machine
+    /// (through the hook), which takes no local build slot.
+    pub fn started(&mut self, id: GoalId, now: Instant, remote: bool) {
         self.update(id, |n| {
             n.started.get_or_insert(now);
+            n.remote = remote;
             n.finishing = false;
         });
         self.changed = true;
@@ -355,7 +397,7 @@ impl Scheduler {
         let Some(n) = self.nodes.remove(&id) else {
             return;
         };
-        if n.started.is_some() && matches!(n.kind, NodeKind::Derivation(_)) {
+        if n.started.is_some() && !n.remote && matches!(n.kind, NodeKind::Derivation(_)) {
             self.done_work += n.estimate;
         }
         if !n.settled {
@@ -589,7 +631,8 @@ impl Scheduler {
         let mut work = Duration::ZERO;
         for (&id, n) in &self.nodes {
             let rem = Self::remaining(n, now);
-            if matches!(n.kind, NodeKind::Derivation(_)) {
+            // A remote build's time passes on another machine.
+            if matches!(n.kind, NodeKind::Derivation(_)) && !n.remote {
                 work += rem;
             }
             let above = n
@@ -788,8 +831,8 @@ mod tests {
                 ))
                 .collect::<Vec<_>>()
         );
-        s.started(3, t0);
-        s.started(10, t0);
+        s.started(3, t0, false);
+        s.started(10, t0, false);
         // Half a second later nothing new is announced (the ETA moved as time did).
         let t1 = t0 + Duration::from_millis(500);
         assert_eq!(s.estimates(t1), None);

@@ -292,16 +292,17 @@ impl SystemBuilder {
             options.stderr = s;
         }
         let start_log = starter_with(options);
-        // drover's build history: written by the local builder, read once here
-        // for the scheduler's estimates.
+        // drover's build history: written by the local builder and the hook
+        // pool, read here for the scheduler's estimates (and brought up to date
+        // by the Worker before and after its runs).
         let history = Arc::new(crate::local_builder::history::HistoryLog::new(
             settings.state_dir(),
         ));
-        let estimator = Arc::new(crate::schedule::HistoryEstimator {
-            snapshot: history.snapshot(),
-            store_dir: store.store_dir().clone(),
-            system: settings.system(),
-        });
+        let estimator = Arc::new(crate::schedule::HistoryEstimator::new(
+            history.clone(),
+            store.store_dir().clone(),
+            settings.system(),
+        ));
         let (local_builder, cancel_local_build) = match self.local_builder {
             Some(b) => b,
             None => {

@@ -80,6 +80,12 @@ impl HistoryLog {
         self.with(|h| h.snapshot()).unwrap_or_default()
     }
 
+    /// Brings `snap` up to date with the builds recorded since it was read
+    /// (blocking; unchanged when the history cannot be read).
+    pub fn update(&self, snap: &mut HistorySnapshot) {
+        self.with(|h| h.update_snapshot(snap));
+    }
+
     /// Whether opening or writing the history failed (and was warned about).
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)

@@ -193,6 +193,8 @@ pub struct Worker {
     deferred_since: Option<std::time::Instant>,
     ticking: bool,
     estimator: Option<Arc<dyn crate::schedule::Estimator>>,
+    /// A refresh of the estimator is under way ([`Worker::refresh_estimates`]).
+    refreshing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Slots wait for every goal to settle (`crate::schedule`), but no longer than
@@ -225,6 +227,7 @@ impl Worker {
             deferred_since: None,
             ticking: false,
             estimator: None,
+            refreshing: Default::default(),
         }
     }
 
@@ -233,6 +236,27 @@ impl Worker {
     pub fn with_estimator(mut self, e: Arc<dyn crate::schedule::Estimator>) -> Worker {
         self.estimator = Some(e);
         self
+    }
+
+    /// Brings the estimator up to date with the build history (on a blocking
+    /// thread; one refresh at a time) when a core ends and when one starts, so a
+    /// long-running Worker (`drover daemon`) schedules by every build recorded
+    /// since it started, by this process or by others.
+    fn refresh_estimates(&self) {
+        let Some(e) = self.estimator.clone() else {
+            return;
+        };
+        if self
+            .refreshing
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let busy = self.refreshing.clone();
+        tokio::task::spawn_blocking(move || {
+            e.refresh();
+            busy.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     /// Hands a goal's report to the core and performs what follows.
@@ -290,6 +314,9 @@ impl Worker {
             });
         }
         let estimator = self.estimator.clone();
+        if self.active.is_none() {
+            self.refresh_estimates();
+        }
         let active = self.active.get_or_insert_with(|| {
             let mut core = WorkerCore::new(
                 self.settings.clone(),
@@ -342,6 +369,8 @@ impl Worker {
                 active.answer_finished_runs();
                 if active.core.live_runs() == 0 {
                     self.active = None;
+                    // What this core's builds recorded informs the next one.
+                    self.refresh_estimates();
                 }
             }
             let Some(next) = self.queue.front() else {

@@ -758,7 +758,8 @@ impl WorkerCore {
                     ..
                 } = &mut e.info
                 {
-                    self.sched.started(id, Instant::now());
+                    // A hook build runs on another machine: no local slot.
+                    self.sched.started(id, Instant::now(), machine.is_some());
                     // A repeated build counts as running once, whatever its round.
                     if !*started {
                         *started = true;
@@ -779,7 +780,7 @@ impl WorkerCore {
                 }
             }
             GoalProgressKind::SubstitutionStarted { uri, transfer } => {
-                self.sched.started(id, Instant::now());
+                self.sched.started(id, Instant::now(), false);
                 if !e.substituting {
                     e.substituting = true;
                     self.counters.running_substitutions += 1;
@@ -2116,5 +2117,105 @@ mod tests {
         // a second interrupt changes nothing
         core.interrupt();
         assert!(core.take_actions().is_empty());
+    }
+
+    /// The ETA of the latest `Estimates` event.
+    fn last_eta(progress: &[ProgressEvent]) -> Option<Duration> {
+        progress.iter().rev().find_map(|p| match p {
+            ProgressEvent::Estimates(e) => e.eta,
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn the_eta_does_not_count_hook_builds_against_the_local_slots() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 1);
+        let r1 = ts.add_drv("remote1", &["out"], &[], &[]);
+        let r2 = ts.add_drv("remote2", &["out"], &[], &[]);
+        let l1 = ts.add_drv("l1", &["out"], &[], &[]);
+        let l2 = ts.add_drv("l2", &["out"], &[], &[]);
+        let mut drv = hook_driver(&ts, &s);
+        // Local builds keep running: the ETA is read while everything runs.
+        drv.build = Box::new(|_| None);
+        let mut c = hook_core(&ts, &s);
+        let secs = |n: &str, v: u64| (n.to_string(), Duration::from_secs(v));
+        c.set_estimator(Arc::new(crate::schedule::FixedEstimates(
+            [
+                secs("remote1", 20),
+                secs("remote2", 20),
+                secs("l1", 4),
+                secs("l2", 4),
+            ]
+            .into(),
+        )));
+        c.start(
+            vec![built(&r1), built(&r2), built(&l1), built(&l2)],
+            BuildMode::Normal,
+        );
+        assert!(drv.run(&mut c).is_none());
+        assert_eq!(drv.started, ["l1"]);
+        assert_eq!(c.counters().running_builds, 3);
+        // Two remote builds of 20 s run elsewhere; the one local slot has 8 s of
+        // work: the ETA is the critical path (20 s), not 48 s ÷ 1 slot.
+        let eta = last_eta(&drv.progress).expect("an ETA");
+        assert!(
+            eta <= Duration::from_secs(20) && eta > Duration::from_millis(19_900),
+            "{eta:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_running_worker_schedules_by_history_recorded_after_it_started() {
+        use drover::build_history::{BuildRecord, LOCAL_MACHINE};
+        let (d, ts, s) = setup(|_| {});
+        let a = ts.add_drv("a", &["out"], &[], &[]);
+        let log = Arc::new(crate::local_builder::history::HistoryLog::new(
+            &d.path().join("history-state"),
+        ));
+        let est: Arc<dyn crate::schedule::Estimator> =
+            Arc::new(crate::schedule::HistoryEstimator::new(
+                log.clone(),
+                ts.store.store_dir().clone(),
+                s.system.clone(),
+            ));
+        let estimate_of = |progress: &[ProgressEvent]| {
+            progress.iter().find_map(|p| match p {
+                ProgressEvent::Scheduled { estimate, .. } => Some(*estimate),
+                _ => None,
+            })
+        };
+        let run = |ts: &TestStore| {
+            let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+            let mut c = core(ts, &s);
+            c.set_estimator(est.clone());
+            c.start(vec![built(&a)], BuildMode::Normal);
+            let out = drv.run(&mut c).expect("finished");
+            assert_eq!(out.exit_status, 0);
+            (drv.started, estimate_of(&drv.progress))
+        };
+        // Nothing recorded yet: the default estimate.
+        let (started, e) = run(&ts);
+        assert_eq!(started, ["a"]);
+        assert_eq!(e, Some(crate::schedule::DEFAULT_BUILD_TIME));
+        // Another process (or this one's local builder) records a build of `a`.
+        log.record(&BuildRecord {
+            drv_path: ts.store.store_dir().print(&a),
+            pname: "a".into(),
+            system: s.system.clone(),
+            machine: LOCAL_MACHINE.into(),
+            wall: Duration::from_millis(2500),
+            cpu: None,
+            peak_rss: None,
+            start_time: 0,
+            status: "Built".into(),
+        });
+        let out = ts.output(&a, "out");
+        ts.store.invalidate_path_checked(&out).unwrap();
+        // Once refreshed (the Worker does it when a core ends or starts), the next
+        // run's estimate is the recorded wall time.
+        est.refresh();
+        let (started, e) = run(&ts);
+        assert_eq!(started, ["a"]);
+        assert_eq!(e, Some(Duration::from_millis(2500)));
     }
 }
