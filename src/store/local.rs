@@ -470,8 +470,8 @@ impl LocalStore {
         })
     }
 
-    /// The closure of `paths` under references (`computeFSClosure`), one query per
-    /// level of the graph. Every path must be valid.
+    /// The closure of `paths` under references (`computeFSClosure`), one recursive
+    /// query per 10 000 seeds ([`closure_sql`]). Every path must be valid.
     pub fn compute_closure(&self, paths: &[StorePath]) -> Result<StorePathSet, StoreError> {
         let valid = self.query_valid_paths(paths)?;
         if let Some(bad) = paths.iter().find(|p| !valid.contains(*p)) {
