@@ -471,7 +471,7 @@ impl LocalStore {
     }
 
     /// The closure of `paths` under references (`computeFSClosure`), one recursive
-    /// query per 10 000 seeds ([`closure_sql`]). Every path must be valid.
+    /// query per 10 000 seeds (`closure_sql`). Every path must be valid.
     pub fn compute_closure(&self, paths: &[StorePath]) -> Result<StorePathSet, StoreError> {
         let valid = self.query_valid_paths(paths)?;
         if let Some(bad) = paths.iter().find(|p| !valid.contains(*p)) {
