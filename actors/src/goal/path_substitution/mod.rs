@@ -29,6 +29,8 @@
 //!
 //! [`Substituter::fetches_early`]: crate::substituter::Substituter::fetches_early
 
+pub mod registration;
+
 use std::sync::Arc;
 
 use drover::build_result::BuildStatus;
@@ -402,10 +404,7 @@ impl PathSubstitutionGoal {
                 vec![
                     started,
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
-                        let r = env
-                            .store
-                            .register_unregistered(vec![*object])
-                            .map_err(|e| SubstituterError::Failed(e.to_string()));
+                        let r = env.registrations.register(&env.store, *object);
                         drop(place);
                         Event::Subst(SubstJobResult::Registered(r))
                     })),
