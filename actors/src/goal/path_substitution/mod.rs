@@ -25,7 +25,9 @@
 //! substituter are printed and tried as Nix does. A reference that fails drops the fetched
 //! copy, which deletes it, and nothing about the copy is printed, as in Nix, where it
 //! never started. A closure asked for by its root is so downloaded as fast as its
-//! narinfos are found, not one layer at a time. `--repair` copies as before.
+//! narinfos are found, not one layer at a time. Paths fetched ahead that become
+//! registrable at the same time share a transaction ([`registration`]). `--repair`
+//! copies as before.
 //!
 //! [`Substituter::fetches_early`]: crate::substituter::Substituter::fetches_early
 
