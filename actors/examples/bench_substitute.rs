@@ -97,6 +97,11 @@ struct Opts {
     /// Keep the scratch directory (its path is printed).
     #[arg(long)]
     keep: bool,
+    /// Reuse the caches of an earlier `--keep` run in `--scratch` when it was set up
+    /// with the same sizes and compressions and every case asked for (the setup takes
+    /// minutes: the xz cache of random data); implies `--keep`.
+    #[arg(long, requires = "scratch")]
+    reuse: bool,
 }
 
 /// The scratch Nix root: one store dir for building, the caches and every timed run.
@@ -440,80 +445,59 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let o = Opts::parse();
-    let drover = drover_binary(o.drover.as_deref())?;
-    let small_n = o.small_n.unwrap_or(if o.quick { 100 } else { 1000 });
-    let big_n = o.big_n.unwrap_or(if o.quick { 3 } else { 10 });
-    let layers = o
-        .closure_layers
-        .unwrap_or(if o.quick { 3 } else { 10 })
-        .max(1);
-    let width = o
-        .closure_width
-        .unwrap_or(if o.quick { 20 } else { 100 })
-        .max(1);
-    let runs = o.runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
-    let scratch = match &o.scratch {
-        Some(s) => s.clone(),
-        None => std::env::temp_dir().join(format!("drover-bench-subst-{}", std::process::id())),
+/// Builds the `name` case's `n` paths with Nix and adds it to `cases`.
+fn build_case(
+    root: &Root,
+    cases: &mut Vec<Case>,
+    name: &'static str,
+    n: usize,
+    layers: usize,
+    width: usize,
+    big_bytes: u64,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let file = root.dir.join(format!("{name}.nix"));
+    let (text, roots) = match name {
+        "closure" => (closure_expression(layers, width), 1),
+        _ => (expression(name, n, big_bytes), n),
     };
-    remove_tree(&scratch);
-    std::fs::create_dir_all(&scratch)?;
-    eprintln!(
-        "drover: {}; scratch: {}",
-        drover.display(),
-        scratch.display()
+    std::fs::write(&file, text)?;
+    let drvs = root.run("nix-instantiate", &[file.to_str().unwrap_or_default()])?;
+    anyhow::ensure!(drvs.len() == roots, "instantiated {} drvs", drvs.len());
+    let mut args = vec!["--realise", "--max-jobs", "2"];
+    args.extend(drvs.iter().map(String::as_str));
+    let outs = root.run("nix-store", &args)?;
+    anyhow::ensure!(outs.len() == roots, "built {} outputs", outs.len());
+    let mut args = vec!["--query", "--requisites"];
+    args.extend(outs.iter().map(String::as_str));
+    let closure = root.run("nix-store", &args)?;
+    anyhow::ensure!(
+        closure.len() == n,
+        "the closure has {} paths",
+        closure.len()
     );
-    let root = Root {
-        dir: scratch.join("root"),
-    };
-    root.reset("substituters =")?;
+    eprintln!(
+        "{name}: built {n} paths in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    cases.push(Case {
+        name,
+        requested: outs,
+        closure,
+    });
+    Ok(())
+}
 
-    // Build every case's outputs with Nix.
-    let mut cases = Vec::new();
-    for (name, n) in [
-        ("closure", layers * width + 1),
-        ("small", small_n),
-        ("big", big_n),
-    ] {
-        if !o.cases.iter().any(|c| c == name) {
-            continue;
-        }
-        let t = Instant::now();
-        let file = root.dir.join(format!("{name}.nix"));
-        let (text, roots) = match name {
-            "closure" => (closure_expression(layers, width), 1),
-            _ => (expression(name, n, o.big_bytes), n),
-        };
-        std::fs::write(&file, text)?;
-        let drvs = root.run("nix-instantiate", &[file.to_str().unwrap_or_default()])?;
-        anyhow::ensure!(drvs.len() == roots, "instantiated {} drvs", drvs.len());
-        let mut args = vec!["--realise", "--max-jobs", "2"];
-        args.extend(drvs.iter().map(String::as_str));
-        let outs = root.run("nix-store", &args)?;
-        anyhow::ensure!(outs.len() == roots, "built {} outputs", outs.len());
-        let mut args = vec!["--query", "--requisites"];
-        args.extend(outs.iter().map(String::as_str));
-        let closure = root.run("nix-store", &args)?;
-        anyhow::ensure!(
-            closure.len() == n,
-            "the closure has {} paths",
-            closure.len()
-        );
-        eprintln!(
-            "{name}: built {n} paths in {:.1}s",
-            t.elapsed().as_secs_f64()
-        );
-        cases.push(Case {
-            name,
-            requested: outs,
-            closure,
-        });
-    }
-
-    // The signing key and one signed cache per case and compression.
-    let (sk, pk) = (scratch.join("key.sec"), scratch.join("key.pub"));
+/// The signing key (`sk`, `pk`) and one signed cache per case and compression under
+/// `caches`.
+fn write_caches(
+    root: &Root,
+    cases: &[Case],
+    compressions: &[String],
+    sk: &Path,
+    pk: &Path,
+    caches: &Path,
+) -> anyhow::Result<()> {
     root.run(
         "nix-store",
         &[
@@ -523,10 +507,8 @@ fn main() -> anyhow::Result<()> {
             pk.to_str().unwrap_or_default(),
         ],
     )?;
-    let public_key = std::fs::read_to_string(&pk)?.trim().to_owned();
-    let caches = scratch.join("caches");
-    for case in &cases {
-        for comp in &o.compressions {
+    for case in cases {
+        for comp in compressions {
             let t = Instant::now();
             let dir = caches.join(format!("{}-{comp}", case.name));
             // Random data does not compress and xz of the big case takes minutes.
@@ -547,6 +529,117 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The cases a `--keep` run wrote to `setup.txt` (after its first line, the setup's
+/// parameters).
+fn read_setup(file: &Path) -> anyhow::Result<Vec<Case>> {
+    let mut cases: Vec<Case> = Vec::new();
+    for line in std::fs::read_to_string(file)?.lines().skip(1) {
+        let (kind, value) = line
+            .split_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("bad line in {}: {line}", file.display()))?;
+        match (kind, cases.last_mut()) {
+            ("case", _) => cases.push(Case {
+                name: match value {
+                    "closure" => "closure",
+                    "small" => "small",
+                    "big" => "big",
+                    other => anyhow::bail!("unknown case {other} in {}", file.display()),
+                },
+                requested: Vec::new(),
+                closure: Vec::new(),
+            }),
+            ("requested", Some(c)) => c.requested.push(value.to_owned()),
+            ("closure", Some(c)) => c.closure.push(value.to_owned()),
+            _ => anyhow::bail!("bad line in {}: {line}", file.display()),
+        }
+    }
+    Ok(cases)
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = Opts::parse();
+    let drover = drover_binary(o.drover.as_deref())?;
+    let small_n = o.small_n.unwrap_or(if o.quick { 100 } else { 1000 });
+    let big_n = o.big_n.unwrap_or(if o.quick { 3 } else { 10 });
+    let layers = o
+        .closure_layers
+        .unwrap_or(if o.quick { 3 } else { 10 })
+        .max(1);
+    let width = o
+        .closure_width
+        .unwrap_or(if o.quick { 20 } else { 100 })
+        .max(1);
+    let runs = o.runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
+    let scratch = match &o.scratch {
+        Some(s) => s.clone(),
+        None => std::env::temp_dir().join(format!("drover-bench-subst-{}", std::process::id())),
+    };
+    // What the setup depends on: a reused scratch must have been made with it.
+    let setup_key = format!(
+        "compressions={:?} layers={layers} width={width} small={small_n} big={big_n} bytes={}",
+        o.compressions, o.big_bytes
+    );
+    let setup_file = scratch.join("setup.txt");
+    // Reused when made with the same parameters and holding every case asked for
+    // (a run may time fewer cases than were set up).
+    let reused = o.reuse
+        && std::fs::read_to_string(&setup_file).is_ok_and(|t| {
+            t.lines().next() == Some(setup_key.as_str())
+                && o.cases
+                    .iter()
+                    .all(|c| t.lines().any(|l| l == format!("case {c}")))
+        });
+    if !reused {
+        remove_tree(&scratch);
+    }
+    std::fs::create_dir_all(&scratch)?;
+    eprintln!(
+        "drover: {}; scratch: {}",
+        drover.display(),
+        scratch.display()
+    );
+    let root = Root {
+        dir: scratch.join("root"),
+    };
+    root.reset("substituters =")?;
+
+    // Build every case's outputs with Nix.
+    let mut cases = Vec::new();
+    let (sk, pk) = (scratch.join("key.sec"), scratch.join("key.pub"));
+    let caches = scratch.join("caches");
+    if reused {
+        cases = read_setup(&setup_file)?;
+        cases.retain(|c| o.cases.iter().any(|n| n == c.name));
+        eprintln!("reusing the caches of {}", scratch.display());
+    }
+    for (name, n) in [
+        ("closure", layers * width + 1),
+        ("small", small_n),
+        ("big", big_n),
+    ] {
+        if reused || !o.cases.iter().any(|c| c == name) {
+            continue;
+        }
+        build_case(&root, &mut cases, name, n, layers, width, o.big_bytes)?;
+    }
+    if !reused {
+        write_caches(&root, &cases, &o.compressions, &sk, &pk, &caches)?;
+        let mut text = format!("{setup_key}\n");
+        for c in &cases {
+            text.push_str(&format!("case {}\n", c.name));
+            for p in &c.requested {
+                text.push_str(&format!("requested {p}\n"));
+            }
+            for p in &c.closure {
+                text.push_str(&format!("closure {p}\n"));
+            }
+        }
+        std::fs::write(&setup_file, text)?;
+    }
+    let public_key = std::fs::read_to_string(&pk)?.trim().to_owned();
     let server = if o.transports.iter().any(|t| t == "http") {
         let s = HttpServer::start(&caches, &scratch)?;
         eprintln!("HTTP server: {} on port {}", s.name, s.port);
@@ -615,7 +708,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     drop(server);
-    if o.keep {
+    if o.keep || o.reuse {
         eprintln!("kept scratch directory {}", scratch.display());
     } else {
         remove_tree(&scratch);

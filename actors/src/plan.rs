@@ -4,12 +4,14 @@
 //! build these paths:`). Used by `drover realise` and available to every library
 //! user (through [`crate::System::plan`] or directly).
 //!
-//! The walk is breadth-first, one level at a time: every store path of a level whose
-//! substitutability must be known is asked of the substituters at once, from up to
-//! `http-connections` threads (Nix asks in parallel too), before the level's
-//! decisions are taken in order. A narinfo answer (or its absence) is remembered by
-//! the substituter, so the goals that run afterwards ask nothing twice. Over HTTP
-//! this turns a thousand round trips in a row into a few dozen rounds.
+//! The derivations are walked breadth-first, one level at a time: the outputs of a
+//! level that might be fetched are asked of the substituters at once, from up to
+//! `http-connections` threads (Nix asks in parallel too). The closures of the paths
+//! to fetch are walked as their narinfos arrive, with no level barrier: a path's
+//! references are asked for as soon as its narinfo is in, by the same bounded set of
+//! threads. A narinfo answer (or its absence) is remembered by the substituter, so
+//! the goals that run afterwards ask nothing twice. Over HTTP this turns a thousand
+//! round trips in a row into a stream that keeps `http-connections` of them busy.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -162,50 +164,132 @@ fn first_substitute(
 
 impl Plan {
     /// Nix's `doPath` for each of `paths`: an invalid path is fetched with its
-    /// closure when a substituter has it, else it is unknown. Level by level, each
-    /// level's narinfos asked at once.
+    /// closure when a substituter has it, else it is unknown. The closure is walked
+    /// as the narinfos arrive: a path's references are asked for as soon as its own
+    /// narinfo is in, from up to `parallel` threads, without waiting for the rest of
+    /// its level. Validity is checked here, on the calling thread, so the store is
+    /// only ever used from it. The first error stops the walk (after the queries in
+    /// flight end) and is returned.
     fn missing_paths(
         &mut self,
         store: &LocalStore,
         oracle: &mut Oracle<'_>,
         paths: Vec<StorePath>,
     ) -> Result<(), PlanError> {
-        let mut level = paths;
-        while !level.is_empty() {
-            let mut todo = Vec::new();
-            let mut queued = HashSet::new();
-            for p in level {
-                if self.will_substitute.contains(&p)
-                    || self.unknown.contains(&p)
-                    || queued.contains(&p)
-                    || store.is_valid_path(&p)?
-                {
-                    continue;
-                }
-                queued.insert(p.clone());
-                todo.push(p);
+        let mut queued: HashSet<StorePath> = HashSet::new();
+        // Paths whose answer is known (asked earlier), decided without a thread.
+        let mut ready: Vec<StorePath> = Vec::new();
+        // Paths to ask the substituters about.
+        let mut ask: Vec<StorePath> = Vec::new();
+        let mut enqueue = |plan: &Plan,
+                           oracle: &Oracle<'_>,
+                           p: StorePath,
+                           ready: &mut Vec<StorePath>,
+                           ask: &mut Vec<StorePath>|
+         -> Result<(), PlanError> {
+            if plan.will_substitute.contains(&p)
+                || plan.unknown.contains(&p)
+                || queued.contains(&p)
+                || store.is_valid_path(&p)?
+            {
+                return Ok(());
             }
-            oracle.prefetch(todo.iter().cloned());
-            let mut next = Vec::new();
-            for p in todo {
-                if self.will_substitute.contains(&p) || self.unknown.contains(&p) {
-                    continue;
-                }
-                match oracle.get(&p)? {
-                    Some(info) => {
-                        self.download_size += info.download_size.unwrap_or(0);
-                        self.nar_size += info.nar_size;
-                        next.extend(info.references.into_iter().filter(|r| *r != p));
-                        self.will_substitute.insert(p);
-                    }
-                    None => {
-                        self.unknown.insert(p);
-                    }
-                }
+            queued.insert(p.clone());
+            if oracle.known.contains_key(&p) || oracle.subs.is_empty() {
+                ready.push(p);
+            } else {
+                ask.push(p);
             }
-            level = next;
+            Ok(())
+        };
+        for p in paths {
+            enqueue(self, oracle, p, &mut ready, &mut ask)?;
         }
-        Ok(())
+        let (subs, fallback, observer) = (oracle.subs, oracle.fallback, oracle.observer);
+        let parallel = oracle.parallel.max(1);
+        let (to_workers, from_plan) = std::sync::mpsc::channel::<StorePath>();
+        let from_plan = Mutex::new(from_plan);
+        let (to_plan, answers) = std::sync::mpsc::channel::<(StorePath, Answer)>();
+        std::thread::scope(|scope| -> Result<(), PlanError> {
+            let mut threads = 0;
+            let mut in_flight = 0usize;
+            let mut error: Option<PlanError> = None;
+            loop {
+                // Decide every path whose answer is in; queue their references.
+                while let Some(p) = ready.pop() {
+                    if error.is_some() {
+                        continue;
+                    }
+                    match oracle.get(&p) {
+                        Ok(Some(info)) => {
+                            self.download_size += info.download_size.unwrap_or(0);
+                            self.nar_size += info.nar_size;
+                            self.will_substitute.insert(p.clone());
+                            for r in info.references.into_iter().filter(|r| *r != p) {
+                                if let Err(e) = enqueue(self, oracle, r, &mut ready, &mut ask) {
+                                    error = Some(e);
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            self.unknown.insert(p);
+                        }
+                        Err(e) => error = Some(e),
+                    }
+                }
+                if error.is_some() {
+                    ask.clear();
+                }
+                // One query alone is asked here, as is any when one thread is all
+                // there may be: no thread for nothing.
+                if in_flight == 0 && ask.len() == 1 || parallel == 1 {
+                    for p in ask.drain(..) {
+                        let answer = first_substitute(subs, &p, fallback, observer);
+                        oracle.known.insert(p.clone(), answer);
+                        ready.push(p);
+                    }
+                    if !ready.is_empty() {
+                        continue;
+                    }
+                }
+                for p in ask.drain(..) {
+                    in_flight += 1;
+                    if threads < parallel.min(in_flight) {
+                        threads += 1;
+                        let (from_plan, to_plan) = (&from_plan, to_plan.clone());
+                        scope.spawn(move || loop {
+                            let next = from_plan.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                            let Ok(p) = next else { break };
+                            let answer = first_substitute(subs, &p, fallback, observer);
+                            if to_plan.send((p, answer)).is_err() {
+                                break;
+                            }
+                        });
+                    }
+                    // The workers live as long as `from_plan`: this cannot fail.
+                    let _ = to_workers.send(p);
+                }
+                if in_flight == 0 {
+                    break;
+                }
+                // Wait for one answer, then take every other that is in.
+                let Ok((p, answer)) = answers.recv() else {
+                    break;
+                };
+                in_flight -= 1;
+                oracle.known.insert(p.clone(), answer);
+                ready.push(p);
+                while let Ok((p, answer)) = answers.try_recv() {
+                    in_flight -= 1;
+                    oracle.known.insert(p.clone(), answer);
+                    ready.push(p);
+                }
+            }
+            // The workers stop once nothing more can come.
+            drop(to_workers);
+            error.map_or(Ok(()), Err)
+        })
     }
 }
 
@@ -495,4 +579,249 @@ fn topo_order(store_dir: &StoreDir, items: &StorePathSet) -> Vec<StorePath> {
         visit(p, items, &inputs, &mut done, &mut out);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::progress::Transfer;
+    use crate::substituter::{FakeFault, InMemorySubstituter};
+    use crate::testing::TestStore;
+    use drover::realisation::{DrvOutput, Realisation};
+    use drover::store::RepairFlag;
+
+    fn path(store: &LocalStore, name: &str) -> StorePath {
+        let sd = store.store_dir();
+        let digest = drover::hash::HashAlgo::Sha256.digest(name.as_bytes());
+        let hash = drover::nixbase32::encode(&digest.digest()[..20]);
+        sd.parse(&format!("{}/{hash}-{name}", sd.as_str()))
+            .expect("a store path")
+    }
+
+    fn options(parallel: usize, fallback: bool) -> PlanOptions {
+        PlanOptions {
+            parallel,
+            fallback,
+            ..Default::default()
+        }
+    }
+
+    fn opaque(paths: &[&StorePath]) -> Vec<DerivedPath> {
+        paths
+            .iter()
+            .map(|p| DerivedPath::Opaque((*p).clone()))
+            .collect()
+    }
+
+    /// `layers` layers of `width` paths, each referring to three of the layer below,
+    /// and a root referring to the top layer; returns the root and every path.
+    fn closure(
+        store: &LocalStore,
+        sub: &InMemorySubstituter,
+        layers: usize,
+        width: usize,
+    ) -> (StorePath, Vec<StorePath>) {
+        let mut all = Vec::new();
+        let mut below: Vec<StorePath> = Vec::new();
+        for l in 0..layers {
+            let mut this = Vec::new();
+            for i in 0..width {
+                let p = path(store, &format!("l{l}-{i}"));
+                let refs: StorePathSet = if below.is_empty() {
+                    StorePathSet::new()
+                } else {
+                    [i, i + 1, i + 7]
+                        .iter()
+                        .map(|j| below[j % width].clone())
+                        .collect()
+                };
+                sub.add_file(p.clone(), format!("{l} {i}").as_bytes(), refs);
+                this.push(p);
+            }
+            all.extend(this.iter().cloned());
+            below = this;
+        }
+        let root = path(store, "root");
+        sub.add_file(root.clone(), b"root", below.into_iter().collect());
+        all.push(root.clone());
+        (root, all)
+    }
+
+    #[test]
+    fn a_closure_asked_for_by_its_root_is_fetched_whole_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestStore::open(dir.path());
+        let sub = InMemorySubstituter::new("mem://", 40);
+        let (root, all) = closure(&t.store, &sub, 5, 12);
+        let subs: Vec<Arc<dyn Substituter>> = vec![Arc::new(sub)];
+        for parallel in [1, 4, 25] {
+            let p = plan(
+                &t.store,
+                &subs,
+                &opaque(&[&root]),
+                &options(parallel, false),
+            )
+            .unwrap();
+            assert_eq!(
+                p.will_substitute,
+                all.iter().cloned().collect(),
+                "{parallel}"
+            );
+            assert!(p.unknown.is_empty() && p.will_build.is_empty());
+            let mut nar = 0;
+            for q in &all {
+                nar += subs[0].query_path_info(q).unwrap().unwrap().nar_size;
+            }
+            assert_eq!(p.nar_size, nar, "each path counted once ({parallel})");
+        }
+    }
+
+    #[test]
+    fn valid_paths_are_not_asked_for_and_missing_ones_are_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestStore::open(dir.path());
+        let sub = InMemorySubstituter::new("mem://", 40);
+        let (dep, gone, top) = (
+            path(&t.store, "dep"),
+            path(&t.store, "gone"),
+            path(&t.store, "top"),
+        );
+        sub.add_file(dep.clone(), b"dep", StorePathSet::new());
+        sub.add_file(top.clone(), b"top", [dep.clone(), gone.clone()].into());
+        // `dep` is made valid first: it is neither fetched nor unknown.
+        sub.copy_into(&dep, &t.store, RepairFlag::NoRepair, &Transfer::default())
+            .unwrap();
+        let subs: Vec<Arc<dyn Substituter>> = vec![Arc::new(sub)];
+        let p = plan(&t.store, &subs, &opaque(&[&top]), &options(8, false)).unwrap();
+        assert_eq!(p.will_substitute, [top].into());
+        assert_eq!(p.unknown, [gone].into());
+    }
+
+    #[test]
+    fn a_failing_query_is_fatal_without_fallback_and_unknown_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestStore::open(dir.path());
+        let sub = InMemorySubstituter::new("mem://", 40);
+        let (root, all) = closure(&t.store, &sub, 3, 10);
+        let bad = all[4].clone();
+        sub.set_fault(bad.clone(), FakeFault::QueryFails);
+        let subs: Vec<Arc<dyn Substituter>> = vec![Arc::new(sub)];
+        let e = plan(&t.store, &subs, &opaque(&[&root]), &options(8, false))
+            .err()
+            .expect("an error");
+        assert!(e.to_string().contains("unable to download narinfo"), "{e}");
+        let p = plan(&t.store, &subs, &opaque(&[&root]), &options(8, true)).unwrap();
+        assert_eq!(p.unknown, [bad.clone()].into());
+        assert_eq!(p.will_substitute.len(), all.len() - 1);
+    }
+
+    /// A substituter whose answer for `slow` waits (up to a few seconds) until
+    /// `deep` has been asked for.
+    struct Gate {
+        inner: InMemorySubstituter,
+        slow: StorePath,
+        deep: StorePath,
+        deep_asked: Mutex<bool>,
+        changed: Condvar,
+    }
+
+    impl Substituter for Gate {
+        fn uri(&self) -> String {
+            self.inner.uri()
+        }
+        fn priority(&self) -> u64 {
+            self.inner.priority()
+        }
+        fn query_path_info(
+            &self,
+            path: &StorePath,
+        ) -> Result<Option<SubstitutablePathInfo>, SubstituterError> {
+            if *path == self.deep {
+                *self.deep_asked.lock().unwrap() = true;
+                self.changed.notify_all();
+            }
+            if *path == self.slow {
+                let asked = self.deep_asked.lock().unwrap();
+                let _ = self
+                    .changed
+                    .wait_timeout_while(asked, Duration::from_secs(5), |a| !*a)
+                    .unwrap();
+            }
+            self.inner.query_path_info(path)
+        }
+        fn copy_into(
+            &self,
+            path: &StorePath,
+            store: &LocalStore,
+            repair: RepairFlag,
+            progress: &Transfer,
+        ) -> Result<(), SubstituterError> {
+            self.inner.copy_into(path, store, repair, progress)
+        }
+        fn query_realisation(
+            &self,
+            id: &DrvOutput,
+        ) -> Result<Option<Realisation>, SubstituterError> {
+            self.inner.query_realisation(id)
+        }
+    }
+
+    /// Records the order of the queries.
+    struct Order(Mutex<Vec<StorePath>>);
+
+    impl QueryObserver for Order {
+        fn query(
+            &self,
+            path: &StorePath,
+            _uri: &str,
+            ask: &mut dyn FnMut() -> QueryAnswer,
+        ) -> QueryAnswer {
+            let answer = ask();
+            self.0.lock().unwrap().push(path.clone());
+            answer
+        }
+    }
+
+    #[test]
+    fn references_are_asked_for_before_the_rest_of_their_level_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestStore::open(dir.path());
+        let inner = InMemorySubstituter::new("mem://", 40);
+        // root → {fast, slow}; fast → mid → deep. Level by level, `deep` (two levels
+        // below `fast`) would be asked only after `slow` answered.
+        let [root, fast, slow, mid, deep] =
+            ["root", "fast", "slow", "mid", "deep"].map(|n| path(&t.store, n));
+        inner.add_file(deep.clone(), b"deep", StorePathSet::new());
+        inner.add_file(mid.clone(), b"mid", [deep.clone()].into());
+        inner.add_file(fast.clone(), b"fast", [mid.clone()].into());
+        inner.add_file(slow.clone(), b"slow", StorePathSet::new());
+        inner.add_file(root.clone(), b"root", [fast.clone(), slow.clone()].into());
+        let gate = Gate {
+            inner,
+            slow: slow.clone(),
+            deep: deep.clone(),
+            deep_asked: Mutex::new(false),
+            changed: Condvar::new(),
+        };
+        let subs: Vec<Arc<dyn Substituter>> = vec![Arc::new(gate)];
+        let order = Order(Mutex::new(Vec::new()));
+        let p = plan_observed(
+            &t.store,
+            &subs,
+            &opaque(&[&root]),
+            &options(4, false),
+            Some(&order),
+        )
+        .unwrap();
+        assert_eq!(p.will_substitute.len(), 5);
+        let order = order.0.into_inner().unwrap();
+        let at = |q: &StorePath| order.iter().position(|o| o == q).unwrap();
+        assert!(
+            at(&deep) < at(&slow),
+            "`deep` was asked for only after `slow` answered: {order:?}"
+        );
+    }
 }

@@ -647,6 +647,7 @@ impl<'a> SyncDriver<'a> {
                 drv_hashes: Mutex::new(DrvHashCache::new()),
                 settings,
                 contents: Default::default(),
+                registrations: Default::default(),
             },
             build: Box::new(move |req| {
                 let r = build_outputs(&st, req);

@@ -209,6 +209,8 @@ pub struct JobEnv {
     pub settings: Arc<WorkerSettings>,
     /// Contents checks of `--repair`.
     pub contents: PathContents,
+    /// Group commit of the paths substitution goals fetched ahead.
+    pub registrations: path_substitution::registration::Registrations,
 }
 
 /// Blocking work returning the event it produces.
@@ -390,6 +392,7 @@ pub(crate) mod test_support {
                 drv_hashes: Mutex::new(DrvHashCache::new()),
                 settings: Arc::new(settings),
                 contents: Default::default(),
+                registrations: Default::default(),
             };
             Harness {
                 _dir: dir,

@@ -216,6 +216,7 @@ impl Worker {
             drv_hashes: Mutex::new(Default::default()),
             settings: settings.clone(),
             contents: Default::default(),
+            registrations: Default::default(),
         });
         Worker {
             executor: StoreExecutor::new(env),

@@ -64,6 +64,7 @@ impl Setup {
             drv_hashes: Default::default(),
             settings: settings.clone(),
             contents: Default::default(),
+            registrations: Default::default(),
         });
         let (worker, link, rx) = FakeWorker::start();
         let log = self.builder.log.clone();

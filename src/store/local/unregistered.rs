@@ -124,11 +124,22 @@ impl LocalStore {
     /// the objects, dropped, delete their contents.
     pub fn register_unregistered(
         &self,
-        objects: Vec<UnregisteredObject>,
+        mut objects: Vec<UnregisteredObject>,
+    ) -> Result<(), StoreError> {
+        self.try_register_unregistered(&mut objects)
+    }
+
+    /// [`LocalStore::register_unregistered`], leaving the objects to the caller: on
+    /// an error they are still in place, locked and unregistered (so they can be
+    /// registered otherwise, e.g. one at a time); once registered, dropping them
+    /// releases their locks.
+    pub fn try_register_unregistered(
+        &self,
+        objects: &mut [UnregisteredObject],
     ) -> Result<(), StoreError> {
         let infos: Vec<ValidPathInfo> = objects.iter().map(|o| o.info.clone()).collect();
         self.register_valid_paths(&infos)?;
-        for mut o in objects {
+        for o in objects {
             o.registered = true;
             o.locks.set_deletion(true);
         }

@@ -25,9 +25,13 @@
 //! substituter are printed and tried as Nix does. A reference that fails drops the fetched
 //! copy, which deletes it, and nothing about the copy is printed, as in Nix, where it
 //! never started. A closure asked for by its root is so downloaded as fast as its
-//! narinfos are found, not one layer at a time. `--repair` copies as before.
+//! narinfos are found, not one layer at a time. Paths fetched ahead that become
+//! registrable at the same time share a transaction ([`registration`]). `--repair`
+//! copies as before.
 //!
 //! [`Substituter::fetches_early`]: crate::substituter::Substituter::fetches_early
+
+pub mod registration;
 
 use std::sync::Arc;
 
@@ -402,10 +406,7 @@ impl PathSubstitutionGoal {
                 vec![
                     started,
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
-                        let r = env
-                            .store
-                            .register_unregistered(vec![*object])
-                            .map_err(|e| SubstituterError::Failed(e.to_string()));
+                        let r = env.registrations.register(&env.store, *object);
                         drop(place);
                         Event::Subst(SubstJobResult::Registered(r))
                     })),
