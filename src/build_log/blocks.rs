@@ -14,15 +14,20 @@
 //! [`BLOCK_BYTES`]), never on how the log arrived or on the thread count, so the same
 //! log always gives the same file.
 //!
-//! Blocks are smaller than Nix's (which compresses at level 9, 900 kB bzip2 blocks):
-//! [`BLOCK_BYTES`] of log fits one level-[`LEVEL`] bzip2 block (400 kB). bzip2's
-//! level is nothing but its block size; measured on compiler-like log lines, 400 kB
-//! blocks compress 1.4 times as fast as 900 kB ones, for a file 3 % larger, and the
-//! compressor's working memory (about 7 bytes per byte of block) is halved.
+//! Blocks are much smaller than Nix's (which compresses at level 9, 900 kB bzip2
+//! blocks): [`BLOCK_BYTES`] of log fits one level-[`LEVEL`] bzip2 block (100 kB).
+//! bzip2's level is nothing but its block size, and any reader takes any level.
+//! Measured on compiler-like log lines (`actors/examples/bench_log.rs`'s, thread CPU
+//! time, docs/benchmarks.md): 100 kB blocks compress 1.46 times as fast as 400 kB
+//! ones and 1.9 times as fast as 900 kB ones, for a file 10 % (17 %) larger, and
+//! the compressor's working memory (about 7 bytes per byte of block) is a ninth of
+//! level 9's. The compression is nearly all of the log's CPU, so this is the cost
+//! that decides how fast a heavily logging build can go.
 //!
-//! Memory is bounded whatever the log size: at most `2 × threads` blocks are in flight
-//! (queued, being compressed, or compressed and waiting for an earlier one);
-//! [`ParallelBzip2::submit`] waits while that many are.
+//! Memory is bounded whatever the log size: at most [`IN_FLIGHT_PER_THREAD`] ×
+//! `threads` blocks are in flight (queued, being compressed, or compressed and
+//! waiting for an earlier one); [`ParallelBzip2::submit`] waits while that many are,
+//! which in turn holds the log writer, the collector and the builder's pty back.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -33,12 +38,19 @@ use std::thread::JoinHandle;
 use bzip2::write::BzEncoder;
 use bzip2::Compression;
 
-/// Log bytes per bzip2 stream: under the 400 kB block of bzip2 level [`LEVEL`] even
+/// Log bytes per bzip2 stream: under the 100 kB block of bzip2 level [`LEVEL`] even
 /// after its initial run-length coding grows the data (at most by a quarter).
-pub const BLOCK_BYTES: usize = 300 * 1024;
+pub const BLOCK_BYTES: usize = 75 * 1024;
 
 /// The bzip2 level (block size in units of 100 kB) of each stream.
-pub const LEVEL: u32 = 4;
+pub const LEVEL: u32 = 1;
+
+/// The first four bytes of each stream: `BZh` and the level's digit.
+pub const STREAM_MAGIC: [u8; 4] = [b'B', b'Z', b'h', b'0' + LEVEL as u8];
+
+/// Blocks in flight per compression thread: one being compressed, the others
+/// queued for it or written, so a worker never waits for the next block.
+pub const IN_FLIGHT_PER_THREAD: usize = 4;
 
 /// The most compression threads one log uses, whatever the machine.
 pub const MAX_THREADS: usize = 8;
@@ -133,7 +145,7 @@ impl<W: Write + Send + 'static> ParallelBzip2<W> {
     /// to `out`.
     pub fn new(out: W, threads: usize) -> io::Result<ParallelBzip2<W>> {
         let threads = threads.max(1);
-        let in_flight = 2 * threads;
+        let in_flight = IN_FLIGHT_PER_THREAD * threads;
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(in_flight);
         let (done, done_rx) = mpsc::channel::<Done>();
         let (slots, slots_rx) = mpsc::sync_channel::<()>(in_flight);
@@ -152,7 +164,8 @@ impl<W: Write + Send + 'static> ParallelBzip2<W> {
         })
     }
 
-    /// Queues a block, waiting while `2 × threads` blocks are in flight.
+    /// Queues a block, waiting while [`IN_FLIGHT_PER_THREAD`] × `threads` blocks are in
+    /// flight.
     pub fn submit(&mut self, block: Vec<u8>) -> Result<(), Stopped> {
         // The writer frees a slot per block written; it is gone only after a failure.
         self.slots.send(()).map_err(|_| Stopped)?;
@@ -242,10 +255,10 @@ mod tests {
         out
     }
 
-    /// Counts the streams of a concatenation (each starts `BZh4`; the compressed test
-    /// data does not contain that by chance).
+    /// Counts the streams of a concatenation (each starts with [`STREAM_MAGIC`]; the
+    /// compressed test data does not contain it by chance).
     fn streams(data: &[u8]) -> usize {
-        data.windows(4).filter(|w| w == b"BZh4").count()
+        data.windows(4).filter(|w| *w == STREAM_MAGIC).count()
     }
 
     fn log(n: usize) -> Vec<u8> {
@@ -330,6 +343,49 @@ mod tests {
         assert_eq!(bunzip(&z), data);
     }
 
+    /// A sink whose writes wait until its gate is dropped.
+    struct Gated(Receiver<()>, Vec<u8>);
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            self.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_sink_holds_submissions_back() {
+        let (gate, gated) = mpsc::channel::<()>();
+        let threads = 2;
+        let data = log(100 * 1000);
+        let blocks: Vec<Vec<u8>> = data.chunks(1000).map(<[u8]>::to_vec).collect();
+        let submitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = submitted.clone();
+        let submitter = std::thread::spawn(move || {
+            let mut p = ParallelBzip2::new(Gated(gated, Vec::new()), threads).unwrap();
+            for b in blocks {
+                p.submit(b).unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            p.finish().unwrap().1
+        });
+        // Long enough for every worker to have compressed what it was given.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let held = submitted.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            held <= IN_FLIGHT_PER_THREAD * threads,
+            "{held} blocks taken while nothing could be written"
+        );
+        drop(gate);
+        let out = submitter.join().unwrap();
+        assert_eq!(submitted.load(std::sync::atomic::Ordering::SeqCst), 100);
+        assert_eq!(bunzip(&out), data);
+    }
+
     /// A sink that fails after `ok` writes.
     struct Failing {
         ok: usize,
@@ -361,7 +417,7 @@ mod tests {
         }
         let e = p.finish().err().expect("the write error");
         assert_eq!(e.raw_os_error(), Some(28));
-        // 50 blocks with 4 in flight: submissions must have noticed the failure.
+        // 50 blocks with 8 in flight: submissions must have noticed the failure.
         assert!(stopped);
     }
 }

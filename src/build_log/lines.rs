@@ -33,23 +33,33 @@ impl LineAssembler {
     }
 
     /// Feeds a chunk; `emit` gets every line it completes.
-    pub fn push(&mut self, data: &[u8], mut emit: impl FnMut(&[u8])) {
-        for &c in data {
-            match c {
-                b'\r' => self.pos = 0,
-                b'\n' => self.flush(&mut emit),
-                _ => {
-                    if self.pos < self.line.len() {
-                        self.line[self.pos] = c;
-                        self.pos += 1;
-                    } else if self.pos < MAX_LINE_LEN {
-                        // `pos == len` here: positions only grow one at a time.
-                        self.line.push(c);
-                        self.pos += 1;
-                    }
-                }
+    pub fn push(&mut self, mut data: &[u8], mut emit: impl FnMut(&[u8])) {
+        // The bytes between control characters are written as one run.
+        while !data.is_empty() {
+            let run = data
+                .iter()
+                .position(|&c| c == b'\n' || c == b'\r')
+                .unwrap_or(data.len());
+            self.write_run(&data[..run]);
+            match data.get(run) {
+                Some(b'\r') => self.pos = 0,
+                Some(_) => self.flush(&mut emit),
+                None => return,
             }
+            data = &data[run + 1..];
         }
+    }
+
+    /// Writes bytes other than `\r` and `\n` at the position: over the line, then
+    /// extending it up to [`MAX_LINE_LEN`] (`pos <= len` always holds).
+    fn write_run(&mut self, run: &[u8]) {
+        let over = (self.line.len() - self.pos).min(run.len());
+        self.line[self.pos..self.pos + over].copy_from_slice(&run[..over]);
+        self.pos += over;
+        let rest = &run[over..];
+        let add = rest.len().min(MAX_LINE_LEN.saturating_sub(self.pos));
+        self.line.extend_from_slice(&rest[..add]);
+        self.pos += add;
     }
 
     /// End of output: emits the partial line, if any.
@@ -137,7 +147,42 @@ mod tests {
         assert_eq!(l[0].len(), MAX_LINE_LEN);
     }
 
+    /// Nix's rule byte by byte, with a small cap: what the run-wise assembler must give.
+    fn byte_by_byte(data: &[u8], cap: usize) -> Vec<Vec<u8>> {
+        let (mut out, mut line, mut pos) = (Vec::new(), Vec::new(), 0);
+        for &c in data {
+            match c {
+                b'\r' => pos = 0,
+                b'\n' => {
+                    out.push(std::mem::take(&mut line));
+                    pos = 0;
+                }
+                _ if pos < line.len() => {
+                    line[pos] = c;
+                    pos += 1;
+                }
+                _ if pos < cap => {
+                    line.push(c);
+                    pos += 1;
+                }
+                _ => {}
+            }
+        }
+        if !line.is_empty() {
+            out.push(line);
+        }
+        out
+    }
+
     proptest! {
+        #[test]
+        fn runs_give_what_bytes_one_by_one_give(
+            data in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a'), Just(b'b'), any::<u8>()], 0..400),
+        ) {
+            prop_assert_eq!(split_lines(&data), byte_by_byte(&data, MAX_LINE_LEN));
+        }
+
         #[test]
         fn chunking_does_not_change_lines(
             data in proptest::collection::vec(

@@ -35,9 +35,22 @@ impl LogTail {
         self.lines.push_back(line);
     }
 
-    /// Appends a line given as bytes (lossily decoded).
+    /// Appends a line given as bytes (lossily decoded). Once the tail is full, the
+    /// dropped line's buffer is reused: no allocation per line of a long log.
     pub fn push_bytes(&mut self, line: &[u8]) {
-        self.push(String::from_utf8_lossy(line).into_owned());
+        if self.capacity == 0 {
+            return;
+        }
+        let text = String::from_utf8_lossy(line);
+        if self.lines.len() == self.capacity {
+            if let Some(mut old) = self.lines.pop_front() {
+                old.clear();
+                old.push_str(&text);
+                self.lines.push_back(old);
+                return;
+            }
+        }
+        self.lines.push_back(text.into_owned());
     }
 
     pub fn len(&self) -> usize {
@@ -72,6 +85,18 @@ mod tests {
         }
         assert_eq!(t.to_vec(), ["7", "8", "9"]);
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn bytes_pushed_into_a_full_tail_replace_the_oldest() {
+        let mut t = LogTail::new(2);
+        for l in [&b"first long line"[..], b"b", b"c\xff", b""] {
+            t.push_bytes(l);
+        }
+        assert_eq!(t.to_vec(), ["c\u{fffd}", ""]);
+        let mut none = LogTail::new(0);
+        none.push_bytes(b"x");
+        assert!(none.is_empty());
     }
 
     #[test]

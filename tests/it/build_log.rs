@@ -139,10 +139,13 @@ fn drover_writes_the_log_nix_writes_and_nix_reads_it() {
             assert_eq!(rel_drover, rel_nix);
             let ours = std::fs::read(&written).unwrap();
             assert!(bunzip(&ours) == raw);
-            // Nix writes one level-9 stream; drover one level-4 stream per block.
+            // Nix writes one level-9 stream; drover one level-1 stream per block.
             assert_eq!(&nix_compressed[..4], b"BZh9");
             let block = drover::build_log::blocks::BLOCK_BYTES;
-            let streams = ours.windows(4).filter(|w| w == b"BZh4").count();
+            let streams = ours
+                .windows(4)
+                .filter(|w| *w == drover::build_log::blocks::STREAM_MAGIC)
+                .count();
             assert_eq!(streams, raw.len().div_ceil(block).max(1));
             if raw.len() <= block {
                 // One stream: Nix's bytes but for the header's block-size digit.

@@ -74,19 +74,23 @@ pub async fn pump(master: OwnedFd, to: Recipient<LogBytes>) -> Result<PumpStats,
         .map_err(|e| PtyError::Register(e.into_parts().1))?;
     let mut stats = PumpStats::default();
     let mut open = true;
-    let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        let mut batch: Vec<u8> = Vec::new();
+        // Reads go straight into the batch, allocated once at its full size.
+        let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
         let mut eof = false;
         // Wait until readable, then read what is there, up to one batch.
         let mut guard = fd.readable().await.map_err(PtyError::Read)?;
         while batch.len() + READ_CHUNK <= BATCH_BYTES {
-            match read_once(guard.get_inner(), &mut buf) {
+            let filled = batch.len();
+            batch.resize(filled + READ_CHUNK, 0);
+            let r = read_once(guard.get_inner(), &mut batch[filled..]);
+            batch.truncate(filled + *r.as_ref().unwrap_or(&0));
+            match r {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => batch.extend_from_slice(&buf[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     guard.clear_ready();
                     break;
@@ -97,6 +101,10 @@ pub async fn pump(master: OwnedFd, to: Recipient<LogBytes>) -> Result<PumpStats,
         }
         drop(guard);
         if !batch.is_empty() {
+            if batch.len() < BATCH_BYTES / 2 {
+                // A small batch does not hold a whole batch's memory while queued.
+                batch.shrink_to_fit();
+            }
             stats.bytes += batch.len() as u64;
             if open {
                 stats.batches += 1;

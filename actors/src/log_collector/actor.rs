@@ -268,28 +268,11 @@ impl Handler<LogBytes> for LogCollector {
     fn handle(&mut self, LogBytes(data): LogBytes, ctx: &mut Context<Self>) {
         let mut fx = Vec::new();
         let now = Instant::now();
-        if data.len() <= READ_CHUNK {
-            self.state.bytes(data, now, &mut fx);
-        } else {
-            // A batch of reads (`forward`): counted against the log limit read by
-            // read, as Nix does, so the cut falls where it would.
-            // The pieces logged go to the writer as one chunk: a handler queues at
-            // most one chunk, so a chunk waiting for room is never overtaken.
-            let mut file = Vec::new();
-            for piece in data.chunks(READ_CHUNK) {
-                let mut piece_fx = Vec::new();
-                self.state.bytes(piece.to_vec(), now, &mut piece_fx);
-                for e in piece_fx {
-                    match e {
-                        Effect::File(b) => file.extend_from_slice(&b),
-                        e => fx.push(e),
-                    }
-                }
-            }
-            if !file.is_empty() {
-                fx.push(Effect::File(file));
-            }
-        }
+        // A batch of reads (`pty::pump`) is counted against the log limit read by
+        // read, as Nix does, so the cut falls where it would. What is logged goes to
+        // the writer as one chunk: a handler queues at most one chunk, so a chunk
+        // waiting for room is never overtaken.
+        self.state.bytes_batch(data, READ_CHUNK, now, &mut fx);
         self.apply(fx, ctx);
     }
 }

@@ -124,21 +124,56 @@ impl CollectorState {
 
     /// Raw builder output.
     pub fn bytes(&mut self, data: Vec<u8>, now: Instant, fx: &mut Vec<Effect>) {
+        if self.take(&data, now, fx) {
+            fx.push(Effect::File(data));
+        }
+    }
+
+    /// A batch of raw builder output, counted against the log limit in pieces of
+    /// `piece` bytes (read by read, as Nix counts): the pieces before the limit are
+    /// logged, as one [`Effect::File`] after the batch's other effects, without
+    /// copying the batch.
+    pub fn bytes_batch(
+        &mut self,
+        mut data: Vec<u8>,
+        piece: usize,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let mut logged = 0;
+        let mut logging = true;
+        for p in data.chunks(piece.max(1)) {
+            // Once a piece is not logged, no later one is (the limit or the end was
+            // reached); every piece is still counted.
+            logging &= self.take(p, now, fx);
+            if logging {
+                logged += p.len();
+            }
+        }
+        if logged > 0 {
+            data.truncate(logged);
+            fx.push(Effect::File(data));
+        }
+    }
+
+    /// Counts `data`, and assembles and handles its lines unless the build is over or
+    /// over the log limit; true when `data` is to be logged.
+    fn take(&mut self, data: &[u8], now: Instant, fx: &mut Vec<Effect>) -> bool {
         self.bytes += data.len() as u64;
         if self.finished || self.over_limit {
-            return;
+            return false;
         }
         self.last_activity = now;
         if self.max_log_size != 0 && self.bytes > self.max_log_size {
             // Nix kills the builder before logging this chunk.
             self.over_limit = true;
             self.alarm(LogAlarm::LogLimit(self.max_log_size), fx);
-            return;
+            return false;
         }
         let mut lines = std::mem::take(&mut self.lines);
-        lines.push(&data, |l| self.line(l, Source::Builder, fx));
+        lines.push(data, |l| self.line(l, Source::Builder, fx));
         self.lines = lines;
-        fx.push(Effect::File(data));
+        true
     }
 
     /// A line of the hook's stderr (without its `\n`).
@@ -247,15 +282,17 @@ impl CollectorState {
             Some(Err(e)) => self.json_error(&e, fx),
             None => {}
         }
-        let text = String::from_utf8_lossy(line);
-        self.tail.push(text.clone().into_owned());
-        self.log_line(text.into_owned(), fx);
+        self.tail.push_bytes(line);
+        if self.echo || self.want_events {
+            self.log_line(String::from_utf8_lossy(line).into_owned(), fx);
+        }
     }
 
     /// A build log line shown to the user (echo and event), not the tail.
     fn log_line(&mut self, text: String, fx: &mut Vec<Effect>) {
         if self.echo {
-            let mut b = text.as_bytes().to_vec();
+            let mut b = Vec::with_capacity(text.len() + 1);
+            b.extend_from_slice(text.as_bytes());
             b.push(b'\n');
             fx.push(Effect::Stderr(b));
         }
