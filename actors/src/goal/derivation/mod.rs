@@ -467,15 +467,12 @@ impl DerivationGoal {
                     drv_hash: h.clone(),
                     output: name.clone(),
                 };
-                o.result.built_outputs.insert(
-                    id.clone(),
-                    Realisation {
-                        id,
-                        out_path: p.clone(),
-                        signatures: BTreeSet::new(),
-                        dependent_realisations: BTreeMap::new(),
-                    },
-                );
+                o.result.built_outputs.insert(Realisation {
+                    id,
+                    out_path: p.clone(),
+                    signatures: BTreeSet::new(),
+                    dependent_realisations: BTreeMap::new(),
+                });
             }
         }
         o.outputs = paths;
