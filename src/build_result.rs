@@ -468,7 +468,9 @@ mod tests {
 
     fn realisation(hash: &str, output: &str, path: &str) -> Realisation {
         Realisation {
-            id: format!("sha256:{}!{output}", hash.repeat(32)).parse().unwrap(),
+            id: format!("sha256:{}!{output}", hash.repeat(32))
+                .parse()
+                .unwrap(),
             out_path: crate::store_path::StorePath::from_base_name(path).unwrap(),
             signatures: Default::default(),
             dependent_realisations: BTreeMap::new(),
@@ -518,7 +520,10 @@ mod tests {
         let from_iter: BuiltOutputs = rs.iter().cloned().collect();
         assert_eq!(from_map, from_iter);
         // the last of one id wins, as in the map
-        let pairs: Vec<_> = from_iter.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let pairs: Vec<_> = from_iter
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         assert_eq!(pairs, map.into_iter().collect::<Vec<_>>());
         let mut inserted = BuiltOutputs::new();
         for r in rs {

@@ -245,10 +245,7 @@ pub fn write_path_info(
 }
 
 /// Writes a map of realisations (`DrvOutputs`): each id and its JSON.
-pub fn write_drv_outputs(
-    w: &mut impl Write,
-    outs: &BuiltOutputs,
-) -> io::Result<()> {
+pub fn write_drv_outputs(w: &mut impl Write, outs: &BuiltOutputs) -> io::Result<()> {
     write_u64(w, outs.len() as u64)?;
     for (id, r) in outs {
         write_bytes(w, id.to_string().as_bytes())?;

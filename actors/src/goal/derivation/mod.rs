@@ -475,7 +475,7 @@ impl DerivationGoal {
                 });
             }
         }
-        o.outputs = paths;
+        o.outputs = paths.into();
         o.hash_mismatch = self.hash_mismatch;
         self.stamp(&mut o.result);
         o.check_mismatch = self.check_mismatch;
