@@ -13,6 +13,11 @@
 //! fixed-output hash mismatch, `0x08` for a `--check` that found non-determinism;
 //! and 1 when something failed without setting a bit (missing outputs, log limit,
 //! substitution failures, transient failures, dependency failures alone).
+//!
+//! [`BuiltOutputs`] holds a result's realisations as a sorted boxed slice rather
+//! than a `BTreeMap`: a run keeps one result per requested goal until it ends, most
+//! of them with a single output, and a `BTreeMap` of one entry allocates a whole
+//! node (about 2 KB here) where the slice takes one `Realisation`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -133,7 +138,7 @@ pub struct BuildResult {
     /// With `times_built > 1`: whether the rounds gave different results.
     pub is_non_deterministic: bool,
     /// For derivations, the realisations of the wanted outputs.
-    pub built_outputs: BTreeMap<DrvOutput, Realisation>,
+    pub built_outputs: BuiltOutputs,
     /// Start and stop of the build (Unix seconds; 0 when not built).
     pub start_time: i64,
     pub stop_time: i64,
@@ -147,7 +152,7 @@ impl BuildResult {
             error_msg: String::new(),
             times_built: 0,
             is_non_deterministic: false,
-            built_outputs: BTreeMap::new(),
+            built_outputs: BuiltOutputs::new(),
             start_time: 0,
             stop_time: 0,
         }
@@ -181,6 +186,128 @@ impl fmt::Display for BuildResult {
             write!(f, " : {}", self.error_msg)?;
         }
         Ok(())
+    }
+}
+
+/// The realisations of a result's outputs, ordered by their [`DrvOutput`] (the
+/// order of Nix's `std::map<DrvOutput, Realisation>`), at most one per id. A sorted
+/// boxed slice: results have a handful of outputs, and a run keeps thousands of
+/// results at once (see the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuiltOutputs {
+    sorted: Box<[Realisation]>,
+}
+
+impl BuiltOutputs {
+    pub fn new() -> BuiltOutputs {
+        BuiltOutputs::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+
+    fn position(&self, id: &DrvOutput) -> Result<usize, usize> {
+        self.sorted.binary_search_by(|r| r.id.cmp(id))
+    }
+
+    /// Adds a realisation under its own id; one already there under that id is
+    /// replaced and returned.
+    pub fn insert(&mut self, realisation: Realisation) -> Option<Realisation> {
+        match self.position(&realisation.id) {
+            Ok(i) => Some(std::mem::replace(&mut self.sorted[i], realisation)),
+            Err(i) => {
+                let mut v = std::mem::take(&mut self.sorted).into_vec();
+                v.insert(i, realisation);
+                self.sorted = v.into_boxed_slice();
+                None
+            }
+        }
+    }
+
+    pub fn get(&self, id: &DrvOutput) -> Option<&Realisation> {
+        self.position(id).ok().map(|i| &self.sorted[i])
+    }
+
+    pub fn contains_key(&self, id: &DrvOutput) -> bool {
+        self.position(id).is_ok()
+    }
+
+    /// `(id, realisation)` in id order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&DrvOutput, &Realisation)> {
+        self.sorted.iter().map(|r| (&r.id, r))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &DrvOutput> {
+        self.sorted.iter().map(|r| &r.id)
+    }
+
+    pub fn values(&self) -> std::slice::Iter<'_, Realisation> {
+        self.sorted.iter()
+    }
+
+    pub fn clear(&mut self) {
+        self.sorted = Box::default();
+    }
+
+    /// Keeps the realisations for which `keep` says so.
+    pub fn retain(&mut self, mut keep: impl FnMut(&DrvOutput, &Realisation) -> bool) {
+        if self.sorted.iter().all(|r| keep(&r.id, r)) {
+            return;
+        }
+        let mut v = std::mem::take(&mut self.sorted).into_vec();
+        v.retain(|r| keep(&r.id, r));
+        self.sorted = v.into_boxed_slice();
+    }
+}
+
+impl FromIterator<Realisation> for BuiltOutputs {
+    /// The realisations sorted by id; of several with one id, the last is kept
+    /// (as repeated `insert`s would).
+    fn from_iter<I: IntoIterator<Item = Realisation>>(iter: I) -> BuiltOutputs {
+        let mut v: Vec<Realisation> = iter.into_iter().collect();
+        // Stable, so equal ids keep their order and the last one wins below.
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut out: Vec<Realisation> = Vec::with_capacity(v.len());
+        for r in v {
+            match out.last_mut() {
+                Some(last) if last.id == r.id => *last = r,
+                _ => out.push(r),
+            }
+        }
+        BuiltOutputs {
+            sorted: out.into_boxed_slice(),
+        }
+    }
+}
+
+impl From<BTreeMap<DrvOutput, Realisation>> for BuiltOutputs {
+    /// The map's values (each realisation is kept under its own id).
+    fn from(map: BTreeMap<DrvOutput, Realisation>) -> BuiltOutputs {
+        map.into_values().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a BuiltOutputs {
+    type Item = (&'a DrvOutput, &'a Realisation);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, Realisation>,
+        fn(&'a Realisation) -> (&'a DrvOutput, &'a Realisation),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.sorted.iter().map(|r| (&r.id, r))
+    }
+}
+
+impl IntoIterator for BuiltOutputs {
+    type Item = Realisation;
+    type IntoIter = std::vec::IntoIter<Realisation>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.sorted.into_vec().into_iter()
     }
 }
 
@@ -337,6 +464,72 @@ mod tests {
         // `--check`: the goal sets the bit
         f.check_mismatch = true;
         assert_eq!(f.failing_exit_status(), 104);
+    }
+
+    fn realisation(hash: &str, output: &str, path: &str) -> Realisation {
+        Realisation {
+            id: format!("sha256:{}!{output}", hash.repeat(32))
+                .parse()
+                .unwrap(),
+            out_path: crate::store_path::StorePath::from_base_name(path).unwrap(),
+            signatures: Default::default(),
+            dependent_realisations: BTreeMap::new(),
+        }
+    }
+
+    const P1: &str = "7rjj86a15146cq1d3qy068lml7n8ykzm-a";
+    const P2: &str = "0aqc2dbxwqrpcx3c2wmnqdmm1m2jl0wv-b";
+
+    #[test]
+    fn built_outputs_are_a_map_by_id_in_id_order() {
+        let mut b = BuiltOutputs::new();
+        assert!(b.is_empty());
+        assert_eq!(b.insert(realisation("cd", "out", P1)), None);
+        assert_eq!(b.insert(realisation("ab", "out", P1)), None);
+        assert_eq!(b.insert(realisation("ab", "dev", P1)), None);
+        let ids: Vec<String> = b.keys().map(|k| k.to_string()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|s| s.parse::<DrvOutput>().unwrap());
+        assert_eq!(ids, sorted, "ids in DrvOutput order");
+        assert_eq!(b.len(), 3);
+        // the same id replaces, as BTreeMap::insert
+        let old = b.insert(realisation("ab", "dev", P2)).unwrap();
+        assert_eq!(old.out_path.to_string(), P1);
+        assert_eq!(b.len(), 3);
+        let dev = realisation("ab", "dev", P2);
+        assert_eq!(b.get(&dev.id), Some(&dev));
+        assert!(b.contains_key(&dev.id));
+        assert!(b.iter().all(|(id, r)| *id == r.id));
+        b.retain(|id, _| id.output == "out");
+        assert_eq!(b.len(), 2);
+        assert!(b.get(&dev.id).is_none());
+        b.clear();
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn built_outputs_from_a_map_or_an_iterator_agree() {
+        let rs = [
+            realisation("cd", "out", P1),
+            realisation("ab", "out", P1),
+            realisation("cd", "out", P2),
+        ];
+        let map: BTreeMap<DrvOutput, Realisation> =
+            rs.iter().map(|r| (r.id.clone(), r.clone())).collect();
+        let from_map = BuiltOutputs::from(map.clone());
+        let from_iter: BuiltOutputs = rs.iter().cloned().collect();
+        assert_eq!(from_map, from_iter);
+        // the last of one id wins, as in the map
+        let pairs: Vec<_> = from_iter
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(pairs, map.into_iter().collect::<Vec<_>>());
+        let mut inserted = BuiltOutputs::new();
+        for r in rs {
+            inserted.insert(r);
+        }
+        assert_eq!(inserted, from_iter);
     }
 
     #[test]

@@ -754,7 +754,7 @@ pub fn finish(
         Ok(reg) => {
             let kept = build_dir.finish(false);
             let mut result = BuildResult::new(BuildStatus::Built);
-            result.built_outputs = reg.realisations;
+            result.built_outputs = reg.realisations.into();
             result.is_non_deterministic = reg.non_deterministic;
             BuildOutcome {
                 result,

@@ -2,16 +2,14 @@
 //! build results, realisations) and the logger messages (`STDERR_*`) that come
 //! before each reply, byte for byte as Nix 2.8's daemon writes them.
 
-use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use super::request::print_wire_derived_path;
 use super::stderr;
 use super::wire::{write_bool, write_bytes, write_strings, write_u64};
-use crate::build_result::BuildResult;
+use crate::build_result::{BuildResult, BuiltOutputs};
 use crate::derived_path::DerivedPath;
 use crate::hash::Encoding;
-use crate::realisation::{DrvOutput, Realisation};
 use crate::store::ValidPathInfo;
 use crate::store_path::{StoreDir, StorePath, StorePathSet};
 
@@ -247,10 +245,7 @@ pub fn write_path_info(
 }
 
 /// Writes a map of realisations (`DrvOutputs`): each id and its JSON.
-pub fn write_drv_outputs(
-    w: &mut impl Write,
-    outs: &BTreeMap<DrvOutput, Realisation>,
-) -> io::Result<()> {
+pub fn write_drv_outputs(w: &mut impl Write, outs: &BuiltOutputs) -> io::Result<()> {
     write_u64(w, outs.len() as u64)?;
     for (id, r) in outs {
         write_bytes(w, id.to_string().as_bytes())?;

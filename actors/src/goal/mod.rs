@@ -16,9 +16,12 @@ pub mod derivation;
 pub mod drv_output_substitution;
 pub mod error;
 pub mod host;
+pub mod output_paths;
 pub mod path_substitution;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+pub use output_paths::OutputPaths;
+
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use drover::build_result::{BuildResult, BuildStatus};
@@ -94,7 +97,7 @@ pub struct GoalOutcome {
     pub exit: ExitCode,
     pub result: BuildResult,
     /// Output name → path (derivation goals, on success).
-    pub outputs: BTreeMap<String, StorePath>,
+    pub outputs: OutputPaths,
     /// A fixed-output hash mismatch was seen (exit bit 0x02).
     pub hash_mismatch: bool,
     /// `--check` found a difference (exit bit 0x08).
@@ -106,7 +109,7 @@ impl GoalOutcome {
         GoalOutcome {
             exit: ExitCode::Success,
             result: BuildResult::new(status),
-            outputs: BTreeMap::new(),
+            outputs: OutputPaths::new(),
             hash_mismatch: false,
             check_mismatch: false,
         }
@@ -116,7 +119,7 @@ impl GoalOutcome {
         GoalOutcome {
             exit,
             result: BuildResult::failure(status, msg),
-            outputs: BTreeMap::new(),
+            outputs: OutputPaths::new(),
             hash_mismatch: false,
             check_mismatch: false,
         }

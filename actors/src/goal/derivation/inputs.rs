@@ -140,7 +140,7 @@ impl DerivationGoal {
             (State::AwaitResolved, Event::WaiteeDone(w)) => {
                 self.waitees.count(w.outcome.exit);
                 self.build_result = Some(w.outcome.result.clone());
-                self.built = w.outcome.outputs.clone();
+                self.built = w.outcome.outputs.to_map();
                 self.hash_mismatch |= w.outcome.hash_mismatch;
                 self.check_mismatch |= w.outcome.check_mismatch;
                 vec![]

@@ -467,18 +467,15 @@ impl DerivationGoal {
                     drv_hash: h.clone(),
                     output: name.clone(),
                 };
-                o.result.built_outputs.insert(
-                    id.clone(),
-                    Realisation {
-                        id,
-                        out_path: p.clone(),
-                        signatures: BTreeSet::new(),
-                        dependent_realisations: BTreeMap::new(),
-                    },
-                );
+                o.result.built_outputs.insert(Realisation {
+                    id,
+                    out_path: p.clone(),
+                    signatures: BTreeSet::new(),
+                    dependent_realisations: BTreeMap::new(),
+                });
             }
         }
-        o.outputs = paths;
+        o.outputs = paths.into();
         o.hash_mismatch = self.hash_mismatch;
         self.stamp(&mut o.result);
         o.check_mismatch = self.check_mismatch;
