@@ -50,6 +50,13 @@ impl Handler<Serve> for Connection {
 
 /// Runs one session on `read`/`write`, containing a panic to it.
 pub fn serve_connection(shared: &Shared, peer: Peer, read: impl Read, write: impl Write) {
+    // Each of nix-daemon's connections opens the store afresh: one whose
+    // database was deleted or replaced since (a wiped test root) is reopened.
+    match shared.store.reopen_if_replaced(&shared.settings) {
+        Ok(true) => log::info!("the store database was replaced: reopened it"),
+        Ok(false) => {}
+        Err(e) => log::error!("reopening the replaced store database: {e}"),
+    }
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
         Session::new(shared, peer, read, write).serve()
     }));
