@@ -15,7 +15,6 @@ mod build_done;
 mod builtins;
 mod ca;
 mod daemon;
-mod daemon_nixtests;
 mod derivation;
 mod fallback;
 mod faults;
