@@ -378,7 +378,7 @@ impl Activities {
         let keys: Vec<(StorePath, u64)> = self
             .forwarded
             .keys()
-            .filter(|(d, _)| drv_path.map_or(true, |p| p == d))
+            .filter(|(d, _)| drv_path.is_none_or(|p| p == d))
             .cloned()
             .collect();
         for k in keys {
