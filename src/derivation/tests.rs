@@ -455,6 +455,40 @@ fn tampered_fixed_output_path() {
 }
 
 #[test]
+fn deferred_and_floating_outputs_are_not_checked_as_nix_does() {
+    // As the `-env` derivation `nix-shell` writes for a content-addressed one:
+    // a deferred output whose variable is a placeholder, not "".
+    let d = Derivation {
+        outputs: [
+            ("out".to_owned(), DerivationOutput::Deferred),
+            (
+                "dev".to_owned(),
+                DerivationOutput::CAFloating {
+                    method: crate::content_address::ContentAddressMethod::Fixed(
+                        FileIngestionMethod::Recursive,
+                    ),
+                    algo: crate::hash::HashAlgo::Sha256,
+                },
+            ),
+        ]
+        .into(),
+        env: [
+            (
+                "out".to_owned(),
+                "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9".to_owned(),
+            ),
+            ("dev".to_owned(), "anything".to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    d.verify_output_paths(&sd(), "x", |_| {
+        Err::<DrvHash, _>(DerivationError::MissingName)
+    })
+    .unwrap();
+}
+
+#[test]
 fn cache_detects_cycles() {
     let a = StorePath::from_base_name("00000000000000000000000000000000-a.drv").unwrap();
     let b = StorePath::from_base_name("11111111111111111111111111111111-b.drv").unwrap();

@@ -32,6 +32,8 @@ pub struct StoreDb {
     db_dir: PathBuf,
     _big_lock: File,
     has_ca: bool,
+    /// The (device, inode) of `db.sqlite` as opened.
+    file_id: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for StoreDb {
@@ -129,7 +131,20 @@ impl StoreDb {
             db_dir: db_dir.to_owned(),
             _big_lock: big_lock,
             has_ca,
+            file_id: Self::file_id_of(db_dir),
         })
+    }
+
+    fn file_id_of(db_dir: &Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(db_dir.join("db.sqlite")).ok()?;
+        Some((m.dev(), m.ino()))
+    }
+
+    /// Whether `db.sqlite` is no longer the file this handle opened (deleted,
+    /// or replaced by another database).
+    pub fn replaced(&self) -> bool {
+        Self::file_id_of(&self.db_dir) != self.file_id
     }
 
     fn reserve_space(path: &Path, size: u64) {

@@ -40,7 +40,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -1053,7 +1053,8 @@ fn with_root_server<T>(
         }
         _ => {}
     }
-    let listener = UnixListener::bind(&socket).map_err(io_err("binding to socket", &socket))?;
+    let listener =
+        super::unix_socket::bind(&socket).map_err(io_err("binding to socket", &socket))?;
     listener
         .set_nonblocking(true)
         .map_err(io_err("making socket non-blocking", &socket))?;

@@ -226,7 +226,7 @@ impl TempRoots {
     fn send_to_collector(&mut self, roots: &[String]) -> Result<bool, StoreError> {
         let socket_path = self.state_dir.join("gc-socket/socket");
         if self.socket.is_none() {
-            match UnixStream::connect(&socket_path) {
+            match super::unix_socket::connect(&socket_path) {
                 Ok(s) => self.socket = Some(s),
                 // Not listening yet (it creates the socket after taking the lock) or
                 // any more.

@@ -100,8 +100,46 @@ impl LocalStore {
     /// database as Nix does.
     pub fn open(settings: &Settings) -> Result<LocalStore, StoreError> {
         let store_dir = settings.store_dir().clone();
-        let real = store_dir.as_path();
         let state_dir = settings.state_dir().to_owned();
+        Self::create_store_dirs(settings)?;
+        let db = StoreDb::open(&state_dir.join("db"), settings)?;
+        Ok(LocalStore {
+            store_dir,
+            state_dir,
+            db: Mutex::new(db),
+            secret_key_files: settings.secret_key_files(),
+            auto_optimise: settings.auto_optimise_store(),
+            gc_keep_outputs: settings.gc_keep_outputs(),
+            gc_keep_derivations: settings.gc_keep_derivations(),
+            ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
+            drv_hashes: Mutex::new(DrvHashCache::new()),
+            sync_before_registering: settings.sync_before_registering(),
+            syncs: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// What each short-lived Nix opener of the store (such as every
+    /// `nix-daemon` connection's process) does, for a long-lived one: the
+    /// store and state directories (the user's `per-user` ones included) are
+    /// made again if something removed them, and if `db.sqlite` is not the
+    /// file this store opened (deleted or replaced), the database is reopened
+    /// (created if gone) and the memoised derivation hashes are forgotten.
+    /// Returns whether it reopened the database.
+    pub fn reopen_if_replaced(&self, settings: &Settings) -> Result<bool, StoreError> {
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        Self::create_store_dirs(settings)?;
+        if !db.replaced() {
+            return Ok(false);
+        }
+        *db = StoreDb::open(&self.state_dir.join("db"), settings)?;
+        *self.drv_hashes.lock().unwrap_or_else(|e| e.into_inner()) = DrvHashCache::new();
+        Ok(true)
+    }
+
+    /// The store and state directories Nix makes when it opens a local store.
+    fn create_store_dirs(settings: &Settings) -> Result<(), StoreError> {
+        let real = settings.store_dir().as_path();
+        let state_dir = settings.state_dir();
         create_dirs(real)?;
         create_dirs(&real.join(".links"))?;
         let profiles = state_dir.join("profiles");
@@ -133,20 +171,7 @@ impl LocalStore {
                 Self::set_store_group(real, &group)?;
             }
         }
-        let db = StoreDb::open(&state_dir.join("db"), settings)?;
-        Ok(LocalStore {
-            store_dir,
-            state_dir,
-            db: Mutex::new(db),
-            secret_key_files: settings.secret_key_files(),
-            auto_optimise: settings.auto_optimise_store(),
-            gc_keep_outputs: settings.gc_keep_outputs(),
-            gc_keep_derivations: settings.gc_keep_derivations(),
-            ca_derivations: settings.is_experimental_feature_enabled("ca-derivations"),
-            drv_hashes: Mutex::new(DrvHashCache::new()),
-            sync_before_registering: settings.sync_before_registering(),
-            syncs: std::sync::atomic::AtomicU64::new(0),
-        })
+        Ok(())
     }
 
     /// The unmasked hash modulo of the derivation at `drv_path` (Nix's
@@ -546,6 +571,41 @@ impl LocalStore {
             }
             Ok(res)
         })
+    }
+
+    /// Nix's `queryPartialDerivationOutputMap`: the `DerivationOutputs` rows of
+    /// the valid derivation `drv`, and with `ca-derivations` every output named
+    /// by its static output hashes, mapped to its realisation's path (or to
+    /// nothing when it has none yet).
+    pub fn query_partial_derivation_output_map(
+        &self,
+        drv_path: &StorePath,
+    ) -> Result<BTreeMap<String, Option<StorePath>>, StoreError> {
+        let mut map: BTreeMap<String, Option<StorePath>> = self
+            .query_derivation_outputs(drv_path)?
+            .into_iter()
+            .map(|(name, path)| (name, Some(path)))
+            .collect();
+        if !self.ca_derivations {
+            return Ok(map);
+        }
+        let drv = self.read_derivation(drv_path)?;
+        let hashes = drv.static_output_hashes(&self.store_dir, |q| self.drv_hash(q))?;
+        for (name, drv_hash) in hashes {
+            let id = DrvOutput {
+                drv_hash,
+                output: name.clone(),
+            };
+            match self.query_realisation(&id)? {
+                Some(r) => {
+                    map.insert(name, Some(r.out_path));
+                }
+                None => {
+                    map.entry(name).or_insert(None);
+                }
+            }
+        }
+        Ok(map)
     }
 
     /// The valid derivations that have `path` as an output.
@@ -1596,6 +1656,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_wiped_store_is_reopened_empty_as_a_new_opener_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::for_root(dir.path(), "").unwrap();
+        let s = LocalStore::open(&settings).unwrap();
+        let p = s
+            .add_text_to_store("t", b"text", &Default::default())
+            .unwrap();
+        assert!(s.is_valid_path(&p).unwrap());
+        assert!(!s.reopen_if_replaced(&settings).unwrap(), "nothing changed");
+        // A removed profiles directory is made again (the tests' `clearProfiles`).
+        std::fs::remove_dir_all(s.state_dir().join("profiles")).unwrap();
+        assert!(!s.reopen_if_replaced(&settings).unwrap());
+        assert!(s.state_dir().join("profiles/per-user").is_dir());
+        // As Nix's tests' `clearStore` does while a daemon runs.
+        let real = s.store_dir().as_path().to_owned();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(s.real_path(&p), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::remove_dir_all(&real).unwrap();
+        std::fs::remove_dir_all(s.state_dir()).unwrap();
+        std::fs::create_dir(&real).unwrap();
+        std::fs::create_dir(s.state_dir()).unwrap();
+        assert!(s.reopen_if_replaced(&settings).unwrap());
+        // What a fresh opener (a nix-daemon connection) sees: an empty store.
+        assert!(!s.is_valid_path(&p).unwrap());
+        assert!(s.state_dir().join("db/db.sqlite").exists());
+        assert!(real.join(".links").is_dir());
+        let again = s
+            .add_text_to_store("t", b"text", &Default::default())
+            .unwrap();
+        assert_eq!(again, p);
+        let fresh = LocalStore::open(&settings).unwrap();
+        assert!(fresh.is_valid_path(&p).unwrap());
+        assert!(!s.reopen_if_replaced(&settings).unwrap());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod locks;
 pub mod optimise;
 pub mod path_info;
 pub mod schema;
+pub mod unix_socket;
 
 use std::io;
 use std::path::PathBuf;

@@ -60,6 +60,30 @@ pub enum ActivityType {
     BuildWaiting = 111,
 }
 
+impl ActivityType {
+    /// The type of a wire (or `@nix` JSON) code; `None` for a code Nix 2.8
+    /// does not define.
+    pub fn from_code(c: u64) -> Option<ActivityType> {
+        use ActivityType::*;
+        Some(match c {
+            0 => Unknown,
+            100 => CopyPath,
+            101 => FileTransfer,
+            102 => Realise,
+            103 => CopyPaths,
+            104 => Builds,
+            105 => Build,
+            106 => OptimiseStore,
+            107 => VerifyPaths,
+            108 => Substitute,
+            109 => QueryPathInfo,
+            110 => PostBuildHook,
+            111 => BuildWaiting,
+            _ => return None,
+        })
+    }
+}
+
 /// Nix's `ResultType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResultType {
@@ -71,6 +95,25 @@ pub enum ResultType {
     Progress = 105,
     SetExpected = 106,
     PostBuildLogLine = 107,
+}
+
+impl ResultType {
+    /// The type of a wire (or `@nix` JSON) code; `None` for a code Nix 2.8
+    /// does not define.
+    pub fn from_code(c: u64) -> Option<ResultType> {
+        use ResultType::*;
+        Some(match c {
+            100 => FileLinked,
+            101 => BuildLogLine,
+            102 => UntrustedPath,
+            103 => CorruptedPath,
+            104 => SetPhase,
+            105 => Progress,
+            106 => SetExpected,
+            107 => PostBuildLogLine,
+            _ => return None,
+        })
+    }
 }
 
 /// A field of an activity or result: an integer (type 0) or a string (type 1).

@@ -4,13 +4,18 @@
 //! rounds]` and `resBuildLogLine`/`resSetPhase`; `PathSubstitutionGoal`:
 //! `actSubstitute` `[path, uri]` around `copyStorePath`'s `actCopyPath`
 //! `[path, uri, "local"]`), so a client's progress bar, `-L` and
-//! `--log-format internal-json` show a drover build as they show Nix's.
+//! `--log-format internal-json` show a drover build as they show Nix's. The
+//! builder's own `@nix` activities that Nix accepts (`handleJSONLogMessage`:
+//! file transfers of a builder, any of the hook's) are forwarded as children of
+//! the build's activity under ids of the daemon's, as Nix re-creates them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use drover::store_path::{StoreDir, StorePath};
 use drover::worker_protocol::{ActivityType, Field, LoggerMessage, ResultType, Verbosity};
+
+use drover::build_log::{Field as JsonField, JsonMessage};
 
 use crate::messages::BuildLogEvent;
 use crate::progress::ProgressEvent;
@@ -45,6 +50,8 @@ pub struct Activities {
     last_counters: Option<crate::progress::Counters>,
     /// The narinfo queries of the Worker's `queryMissing` (path, substituter).
     queries: Vec<(String, String)>,
+    /// The forwarded `@nix` activities: (derivation, the sender's id) → ours.
+    forwarded: BTreeMap<(StorePath, u64), u64>,
 }
 
 fn start(
@@ -101,6 +108,7 @@ impl Activities {
             pending_starts: Vec::new(),
             last_counters: None,
             queries,
+            forwarded: BTreeMap::new(),
         }
     }
 
@@ -223,6 +231,8 @@ impl Activities {
                     }
                 }
                 ProgressEvent::BuildFinished { drv_path, .. } => {
+                    // The goal's forwarded activities end with it.
+                    self.stop_forwarded(Some(&drv_path), out);
                     if let Some(id) = self.building.remove(&drv_path) {
                         self.pending_stops.push(id);
                     }
@@ -289,16 +299,98 @@ impl Activities {
                     }
                 }
                 BuildLogEvent::Message { msg, .. } => out(LoggerMessage::Next(msg)),
-                BuildLogEvent::Activity { .. } => {
-                    // The builder's own activities (`@nix` start/stop/result) are
-                    // not forwarded yet: the client sees its log lines only.
+                BuildLogEvent::Activity { drv_path, message } => {
+                    self.forward(drv_path, message, out);
                 }
             },
         }
     }
 
+    /// One `@nix` start/stop/result the log collector accepted: Nix makes a
+    /// new `Activity` (its own id, the build's as parent) for a start, and
+    /// sends results and the stop under that id. A type Nix 2.8 does not
+    /// define cannot be sent through the typed logger: it is dropped.
+    fn forward(
+        &mut self,
+        drv_path: StorePath,
+        message: JsonMessage,
+        out: &mut dyn FnMut(LoggerMessage),
+    ) {
+        let fields = |fs: Vec<JsonField>| -> Vec<Field> {
+            fs.into_iter()
+                .map(|f| match f {
+                    JsonField::Int(i) => Field::Int(i),
+                    JsonField::String(s) => Field::String(s),
+                })
+                .collect()
+        };
+        match message {
+            JsonMessage::Start {
+                id,
+                level,
+                activity_type,
+                text,
+                fields: fs,
+                ..
+            } => {
+                let Some(kind) = ActivityType::from_code(activity_type) else {
+                    return;
+                };
+                let parent = self
+                    .building
+                    .get(&drv_path)
+                    .copied()
+                    .unwrap_or(self.realise);
+                let (new, m) = start(kind, Verbosity::from_code(level), text, fields(fs), parent);
+                if let Some(old) = self.forwarded.insert((drv_path, id), new) {
+                    out(LoggerMessage::StopActivity(old));
+                }
+                out(m);
+            }
+            JsonMessage::Result {
+                id,
+                result_type,
+                fields: fs,
+            } => {
+                let (Some(&new), Some(kind)) = (
+                    self.forwarded.get(&(drv_path, id)),
+                    ResultType::from_code(result_type),
+                ) else {
+                    return;
+                };
+                out(LoggerMessage::Result {
+                    id: new,
+                    kind,
+                    fields: fields(fs),
+                });
+            }
+            JsonMessage::Stop { id } => {
+                if let Some(new) = self.forwarded.remove(&(drv_path, id)) {
+                    out(LoggerMessage::StopActivity(new));
+                }
+            }
+            JsonMessage::SetPhase { .. } | JsonMessage::Msg { .. } | JsonMessage::Other { .. } => {}
+        }
+    }
+
+    /// Stops the forwarded activities of one derivation (all with `None`).
+    fn stop_forwarded(&mut self, drv_path: Option<&StorePath>, out: &mut dyn FnMut(LoggerMessage)) {
+        let keys: Vec<(StorePath, u64)> = self
+            .forwarded
+            .keys()
+            .filter(|(d, _)| drv_path.is_none_or(|p| p == d))
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(id) = self.forwarded.remove(&k) {
+                out(LoggerMessage::StopActivity(id));
+            }
+        }
+    }
+
     /// Stops whatever is still running, then the Worker's activities.
-    pub fn finish(self, out: &mut dyn FnMut(LoggerMessage)) {
+    pub fn finish(mut self, out: &mut dyn FnMut(LoggerMessage)) {
+        self.stop_forwarded(None, out);
         for m in self.pending_starts {
             out(m);
         }
@@ -425,6 +517,131 @@ mod tests {
         assert_eq!(k[15], "stop");
         assert_eq!(k[16..], ["stop", "stop", "stop"]);
         assert_eq!(k.len(), 19);
+    }
+
+    #[test]
+    fn a_builders_activities_are_children_of_its_build_under_new_ids() {
+        use drover::build_log::{Field as JF, JsonMessage as J};
+        let drv = sd()
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a.drv")
+            .unwrap();
+        let mut out = Vec::new();
+        let mut push = |m| out.push(m);
+        let mut a = Activities::start(sd(), false, Vec::new(), &mut push);
+        a.event(
+            SystemEvent::Progress(ProgressEvent::BuildStarted {
+                drv_path: drv.clone(),
+                machine: None,
+                verb: "building",
+                round: None,
+            }),
+            &mut push,
+        );
+        let msg = |message| {
+            SystemEvent::Log(BuildLogEvent::Activity {
+                drv_path: drv.clone(),
+                message,
+            })
+        };
+        a.event(
+            msg(J::Start {
+                id: 7,
+                level: 3,
+                activity_type: 101,
+                text: "fetching".into(),
+                parent: 0,
+                fields: vec![JF::String("file:///x".into())],
+            }),
+            &mut push,
+        );
+        a.event(
+            msg(J::Result {
+                id: 7,
+                result_type: 105,
+                fields: vec![JF::Int(1), JF::Int(4)],
+            }),
+            &mut push,
+        );
+        // A result type Nix 2.8 does not define is dropped; so is an unknown id.
+        a.event(
+            msg(J::Result {
+                id: 7,
+                result_type: 999,
+                fields: vec![],
+            }),
+            &mut push,
+        );
+        a.event(
+            msg(J::Result {
+                id: 9,
+                result_type: 105,
+                fields: vec![],
+            }),
+            &mut push,
+        );
+        // Started again before it stopped: the first goes at the goal's end.
+        a.event(
+            msg(J::Start {
+                id: 8,
+                level: 3,
+                activity_type: 101,
+                text: "second".into(),
+                parent: 0,
+                fields: vec![],
+            }),
+            &mut push,
+        );
+        a.event(msg(J::Stop { id: 7 }), &mut push);
+        a.event(msg(J::Stop { id: 7 }), &mut push);
+        a.event(
+            SystemEvent::Progress(ProgressEvent::BuildFinished {
+                drv_path: drv.clone(),
+                status: drover::build_result::BuildStatus::Built,
+            }),
+            &mut push,
+        );
+        a.finish(&mut push);
+        let LoggerMessage::StartActivity { id: build, .. } = &out[3] else {
+            panic!("{:?}", out[3])
+        };
+        let LoggerMessage::StartActivity {
+            id: fetch,
+            parent,
+            kind,
+            level,
+            text,
+            fields,
+        } = &out[4]
+        else {
+            panic!("{:?}", out[4])
+        };
+        assert_eq!(
+            (parent, kind, level, text.as_str()),
+            (
+                build,
+                &ActivityType::FileTransfer,
+                &Verbosity::Info,
+                "fetching"
+            )
+        );
+        assert_ne!(fetch, &7, "the daemon's own id");
+        assert_eq!(fields, &vec![Field::String("file:///x".into())]);
+        assert_eq!(
+            out[5],
+            LoggerMessage::Result {
+                id: *fetch,
+                kind: ResultType::Progress,
+                fields: vec![Field::Int(1), Field::Int(4)],
+            }
+        );
+        let LoggerMessage::StartActivity { id: second, .. } = &out[6] else {
+            panic!("{:?}", out[6])
+        };
+        assert_eq!(out[7], LoggerMessage::StopActivity(*fetch));
+        // The goal's end stops the other before the build's own stop.
+        assert_eq!(out[8], LoggerMessage::StopActivity(*second));
+        assert_eq!(out[9], LoggerMessage::StopActivity(*build));
+        assert_eq!(out.len(), 13);
     }
 
     #[test]

@@ -70,6 +70,13 @@ pub fn serve_connection(
     write: impl Write,
     hangup: Option<Hangup>,
 ) {
+    // Each of nix-daemon's connections opens the store afresh: one whose
+    // database was deleted or replaced since (a wiped test root) is reopened.
+    match shared.store.reopen_if_replaced(&shared.settings) {
+        Ok(true) => log::info!("the store database was replaced: reopened it"),
+        Ok(false) => {}
+        Err(e) => log::error!("reopening the replaced store database: {e}"),
+    }
     // The connection's temporary roots, in a file of their own until it ends.
     let (_roots, _scope) = super::roots::enter_connection(&shared.store);
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {

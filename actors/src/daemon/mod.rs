@@ -355,7 +355,7 @@ pub fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonErr
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock(e)),
     }
-    let l = std::os::unix::net::UnixListener::bind(path).map_err(sock)?;
+    let l = drover::store::unix_socket::bind(path).map_err(sock)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(sock)?;
     Ok(l)
 }

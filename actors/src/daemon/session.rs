@@ -847,8 +847,10 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             Ok(d) => d.output_paths(),
             Err(_) => BTreeMap::new(),
         };
-        for (name, path) in store.query_derivation_outputs(drv)? {
-            map.insert(name, Some(path));
+        for (name, path) in store.query_partial_derivation_output_map(drv)? {
+            if path.is_some() || !map.contains_key(&name) {
+                map.insert(name, path);
+            }
         }
         Ok(map)
     }
