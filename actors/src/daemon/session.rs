@@ -1229,6 +1229,8 @@ fn add_nar(
                 "size mismatch importing path '{printed}';\n  specified: {}\n  got:       {}",
                 info.nar_size, summary.nar_size
             ));
+        } else if let Some(ca) = &info.ca {
+            mismatch = ca_hash_mismatch(target, ca, &summary.nar_hash, &printed)?;
         }
         if mismatch.is_some() {
             return Err(StoreError::Io {
@@ -1244,6 +1246,58 @@ fn add_nar(
         (Err(e), None) => Err(e.into()),
         (Ok(()), None) => Ok(()),
     }
+}
+
+/// Nix's check of a claimed content address against what was unpacked (in
+/// `LocalStore::addToStore`, after the NAR hash and size): the hash of the
+/// contents, as the address's method takes it, must be the one claimed. A
+/// narinfo whose `CA` was left while its NAR was swapped is refused.
+fn ca_hash_mismatch(
+    target: &Path,
+    ca: &ContentAddress,
+    nar_hash: &Hash,
+    printed: &str,
+) -> Result<Option<String>, StoreError> {
+    let claimed = ca.hash();
+    let algo = claimed.algo();
+    let actual = match ca {
+        // The NAR's own sha256 is already known.
+        ContentAddress::Fixed(FileIngestionMethod::Recursive, _) if algo == nar_hash.algo() => {
+            nar_hash.clone()
+        }
+        ContentAddress::Fixed(FileIngestionMethod::Recursive, _) => {
+            let mut sink = HashSink::new(algo);
+            nar::dump_path(target, &mut sink).map_err(|e| StoreError::Io {
+                context: "hashing",
+                path: target.to_owned(),
+                source: io::Error::other(e.to_string()),
+            })?;
+            sink.finish().0
+        }
+        ContentAddress::Fixed(FileIngestionMethod::Flat, _) | ContentAddress::Text(_) => {
+            let mut f = std::fs::File::open(target).map_err(|e| StoreError::Io {
+                context: "reading",
+                path: target.to_owned(),
+                source: e,
+            })?;
+            let mut sink = HashSink::new(algo);
+            io::copy(&mut f, &mut sink).map_err(|e| StoreError::Io {
+                context: "hashing",
+                path: target.to_owned(),
+                source: e,
+            })?;
+            sink.finish().0
+        }
+    };
+    if actual == *claimed {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+        hl(printed),
+        hl(claimed.to_typed_string(drover::hash::Encoding::Base32)),
+        hl(actual.to_typed_string(drover::hash::Encoding::Base32))
+    )))
 }
 
 /// `AddMultipleToStore`: a count, then each path's info and NAR.

@@ -29,6 +29,10 @@ impl Daemon {
     fn start(root: &TestRoot, which: Which) -> Daemon {
         let socket = root.state_dir.join("daemon-socket/socket");
         let _ = std::fs::remove_file(&socket);
+        // The database first: on a fresh root, nix-daemon's first two
+        // connections (the probe below and the test's) race to create it, and
+        // the loser dies with "SQLite database ... is busy", its client reset.
+        root.run("nix-store", &["--init"]);
         let mut cmd = match which {
             Which::Nix => root.cmd("nix-daemon"),
             Which::Drover => {
@@ -1310,4 +1314,70 @@ fn keep_going_from_the_client_applies_to_its_run_as_with_nix_daemon() {
     for ((label, n), (_, o)) in nix.iter().zip(&ours) {
         assert_eq!(o, n, "{label}: drover daemon (left), nix-daemon (right)");
     }
+}
+
+/// Nix 2.8's `substitute-with-invalid-ca.sh` through each daemon: a narinfo
+/// whose `CA` was left while its NAR (URL, hashes, sizes) was swapped for another
+/// path's is refused by the daemon with Nix's `ca hash mismatch` error, and the
+/// path stays invalid.
+fn invalid_ca_scenario(root: &TestRoot, which: Which) -> (String, bool) {
+    let d = Daemon::start(root, which);
+    let cache = root.path().join("ca-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let url = format!("file://{}", cache.display());
+    let add = |name: &str, text: &str| {
+        let f = root.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        let out = stdout(client(root, "nix-store").arg("--add").arg(&f));
+        out.trim().to_owned()
+    };
+    let good = add("good.txt", "I'm a good path\n");
+    let bad = add("bad.txt", "I'm a bad path\n");
+    for p in [&good, &bad] {
+        stdout(client(root, "nix").args(["copy", "--to", &url, p]));
+    }
+    stdout(&mut client(root, "nix-collect-garbage"));
+    let narinfo = |p: &str| {
+        let base = Path::new(p).file_name().unwrap().to_str().unwrap();
+        cache.join(format!("{}.narinfo", &base[..32]))
+    };
+    let bad_info = std::fs::read_to_string(narinfo(&bad)).unwrap();
+    let good_info = std::fs::read_to_string(narinfo(&good)).unwrap();
+    let swapped = ["URL", "FileHash", "FileSize", "NarHash", "NarSize"];
+    let field = |l: &str| swapped.iter().any(|f| l.starts_with(&format!("{f}:")));
+    let mut falsified: String = good_info
+        .lines()
+        .filter(|l| !field(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for l in bad_info.lines().filter(|l| field(l)) {
+        falsified.push_str(l);
+        falsified.push('\n');
+    }
+    std::fs::write(narinfo(&good), falsified).unwrap();
+    let copied = run(client(root, "nix").args(["copy", "--from", &url, &good]));
+    let valid = client(root, "nix-store")
+        .args(["--check-validity", &good])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    drop(d);
+    (copied, valid)
+}
+
+#[test]
+fn a_narinfo_whose_ca_does_not_match_its_nar_is_refused_as_by_nix_daemon() {
+    require_nix!();
+    let root = TestRoot::new();
+    let nix = invalid_ca_scenario(&root, Which::Nix);
+    root.wipe_store();
+    let ours = invalid_ca_scenario(&root, Which::Drover);
+    assert!(
+        nix.0.contains("ca hash mismatch importing path"),
+        "{}",
+        nix.0
+    );
+    assert!(!nix.1, "nix-daemon made the path valid");
+    assert_eq!(ours, nix);
 }
