@@ -1230,7 +1230,7 @@ fn add_nar(
                 info.nar_size, summary.nar_size
             ));
         } else if let Some(ca) = &info.ca {
-            mismatch = ca_hash_mismatch(target, ca, &summary.nar_hash, &printed)?;
+            mismatch = ca_hash_mismatch(target, &info.path, ca, &printed)?;
         }
         if mismatch.is_some() {
             return Err(StoreError::Io {
@@ -1250,42 +1250,45 @@ fn add_nar(
 
 /// Nix's check of a claimed content address against what was unpacked (in
 /// `LocalStore::addToStore`, after the NAR hash and size): the hash of the
-/// contents, as the address's method takes it, must be the one claimed. A
+/// contents, as the address's method takes it (modulo the path's own hash part
+/// for `fixed:`), must be the one claimed. A
 /// narinfo whose `CA` was left while its NAR was swapped is refused.
 fn ca_hash_mismatch(
     target: &Path,
+    path: &StorePath,
     ca: &ContentAddress,
-    nar_hash: &Hash,
     printed: &str,
 ) -> Result<Option<String>, StoreError> {
     let claimed = ca.hash();
     let algo = claimed.algo();
-    let actual = match ca {
-        // The NAR's own sha256 is already known.
-        ContentAddress::Fixed(FileIngestionMethod::Recursive, _) if algo == nar_hash.algo() => {
-            nar_hash.clone()
+    let io_error = |context: &'static str| {
+        move |e: io::Error| StoreError::Io {
+            context,
+            path: target.to_owned(),
+            source: e,
         }
-        ContentAddress::Fixed(FileIngestionMethod::Recursive, _) => {
+    };
+    let actual = match ca {
+        // `text:`: the file's own sha256.
+        ContentAddress::Text(_) => {
+            let mut f = std::fs::File::open(target).map_err(io_error("reading"))?;
             let mut sink = HashSink::new(algo);
-            nar::dump_path(target, &mut sink).map_err(|e| StoreError::Io {
-                context: "hashing",
-                path: target.to_owned(),
-                source: io::Error::other(e.to_string()),
-            })?;
+            io::copy(&mut f, &mut sink).map_err(io_error("hashing"))?;
             sink.finish().0
         }
-        ContentAddress::Fixed(FileIngestionMethod::Flat, _) | ContentAddress::Text(_) => {
-            let mut f = std::fs::File::open(target).map_err(|e| StoreError::Io {
-                context: "reading",
-                path: target.to_owned(),
-                source: e,
-            })?;
-            let mut sink = HashSink::new(algo);
-            io::copy(&mut f, &mut sink).map_err(|e| StoreError::Io {
-                context: "hashing",
-                path: target.to_owned(),
-                source: e,
-            })?;
+        // `fixed:`: the contents hashed modulo the path's own hash part (Nix's
+        // `hashCAPath`), as a self-referring output was addressed.
+        ContentAddress::Fixed(method, _) => {
+            let mut sink = drover::references::HashModuloSink::new(algo, path.hash_part())
+                .map_err(|e| io_error("hashing")(io::Error::other(e.to_string())))?;
+            match method {
+                FileIngestionMethod::Recursive => nar::dump_path(target, &mut sink)
+                    .map_err(|e| io_error("hashing")(io::Error::other(e.to_string())))?,
+                FileIngestionMethod::Flat => {
+                    let mut f = std::fs::File::open(target).map_err(io_error("reading"))?;
+                    io::copy(&mut f, &mut sink).map_err(io_error("hashing"))?;
+                }
+            }
             sink.finish().0
         }
     };
