@@ -25,6 +25,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use crate::content_address::FileIngestionMethod;
 use crate::hash::{Hash, HashAlgo, HashSink};
 use crate::nar::{dump_path, restore, NarReadError, NarSummary, NarWriteError};
 use crate::nixbase32;
@@ -45,6 +46,12 @@ pub enum ReferencesError {
     Dump(#[from] NarWriteError),
     #[error(transparent)]
     Restore(#[from] NarReadError),
+    #[error("{context} '{path}': {source}")]
+    Io {
+        context: &'static str,
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
 }
 
 /// Digit value + 1 of each byte in nix base 32, 0 for other bytes.
@@ -490,6 +497,33 @@ impl HashModuloSink {
         }
         (sink.finish().0, size)
     }
+}
+
+/// Nix's `hashCAPath`: the contents of `path` (its NAR for `Recursive`, the file
+/// itself for `Flat`) hashed with `algo` modulo the hash part `modulus`, as a
+/// `fixed:` content address of a path that may refer to itself is computed.
+pub fn hash_path_modulo(
+    path: &Path,
+    method: FileIngestionMethod,
+    algo: HashAlgo,
+    modulus: &str,
+) -> Result<Hash, ReferencesError> {
+    let io = |context: &'static str| {
+        move |source| ReferencesError::Io {
+            context,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let mut sink = HashModuloSink::new(algo, modulus)?;
+    match method {
+        FileIngestionMethod::Recursive => dump_path(path, &mut sink)?,
+        FileIngestionMethod::Flat => {
+            let mut f = std::fs::File::open(path).map_err(io("opening"))?;
+            io::copy(&mut f, &mut sink).map_err(io("reading"))?;
+        }
+    }
+    Ok(sink.finish().0)
 }
 
 impl Write for HashModuloSink {

@@ -36,9 +36,9 @@ use crate::build_result::BuildStatus;
 use crate::content_address::{ContentAddress, ContentAddressMethod, FileIngestionMethod};
 use crate::derivation::{hash_placeholder, DerivationOutput};
 use crate::hash::{Hash, HashAlgo};
-use crate::nar::{dump_path, NarWriteError};
+use crate::nar::NarWriteError;
 use crate::realisation::{DrvOutput, Realisation};
-use crate::references::{rewrite_path, scan_path, HashModuloSink, ReferencesError};
+use crate::references::{hash_path_modulo, rewrite_path, scan_path, ReferencesError};
 use crate::store::{canonicalise_path_meta_data, CanonicaliseError, LocalStore, PathLocks};
 use crate::store::{RepairFlag, StoreError, ValidPathInfo};
 use crate::store_path::{output_path_name, StoreDir, StorePath, StorePathSet};
@@ -1009,14 +1009,12 @@ fn content_addressed(
         nar = rewrite_in_place(&s.real, output_rewrites)?;
     }
     let old_hash = s.scratch.hash_part().to_owned();
-    let mut sink = HashModuloSink::new(algo, &old_hash)?;
-    if flat {
-        let mut f = std::fs::File::open(&s.real).map_err(io_err("opening", &s.real))?;
-        std::io::copy(&mut f, &mut sink).map_err(io_err("reading", &s.real))?;
+    let ingestion = if flat {
+        FileIngestionMethod::Flat
     } else {
-        dump_path(&s.real, &mut sink)?;
-    }
-    let (got, _) = sink.finish();
+        FileIngestionMethod::Recursive
+    };
+    let got = hash_path_modulo(&s.real, ingestion, algo, &old_hash)?;
     let ca = match method {
         ContentAddressMethod::Text => {
             if self_ref {

@@ -1279,17 +1279,8 @@ fn ca_hash_mismatch(
         // `fixed:`: the contents hashed modulo the path's own hash part (Nix's
         // `hashCAPath`), as a self-referring output was addressed.
         ContentAddress::Fixed(method, _) => {
-            let mut sink = drover::references::HashModuloSink::new(algo, path.hash_part())
-                .map_err(|e| io_error("hashing")(io::Error::other(e.to_string())))?;
-            match method {
-                FileIngestionMethod::Recursive => nar::dump_path(target, &mut sink)
-                    .map_err(|e| io_error("hashing")(io::Error::other(e.to_string())))?,
-                FileIngestionMethod::Flat => {
-                    let mut f = std::fs::File::open(target).map_err(io_error("reading"))?;
-                    io::copy(&mut f, &mut sink).map_err(io_error("hashing"))?;
-                }
-            }
-            sink.finish().0
+            drover::references::hash_path_modulo(target, *method, algo, path.hash_part())
+                .map_err(|e| io_error("hashing")(io::Error::other(e.to_string())))?
         }
     };
     if actual == *claimed {
