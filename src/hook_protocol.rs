@@ -316,7 +316,7 @@ pub const NIX_2_8_HOOK_SETTINGS: [&str; 91] = [
 ];
 
 /// The x86-64 micro-architecture levels of this CPU as Nix 2.8 computes them with
-/// libcpuid (`x86_64-v1` … `x86_64-v3`), each a superset of the one before.
+/// libcpuid (`x86_64-v1` … `x86_64-v4`), each a superset of the one before.
 #[cfg(target_arch = "x86_64")]
 fn x86_64_levels() -> Vec<&'static str> {
     use std::arch::is_x86_feature_detected as has;
@@ -349,9 +349,44 @@ fn x86_64_levels() -> Vec<&'static str> {
         return levels;
     }
     levels.push("x86_64-v3");
-    // v4 (AVX-512) is never reported: Debian's Nix 2.8 (libcpuid 0.6) was observed to
-    // stop at x86_64-v3 on a CPU with avx512f/bw/cd/dq/vl, and Nix 2.8 is the oracle.
+    // v4: avx512f, avx512bw, avx512cd, avx512dq, avx512vl. libcpuid 0.6.2 (what
+    // Debian's Nix 2.8 links) decodes those bits of CPUID leaf 7 in its Intel code
+    // only, straight from the register (no check that the OS saves the ZMM state):
+    // so an AMD CPU with AVX-512 stops at v3 and an Intel one reaches v4. Nix 2.8 is
+    // the oracle, so drover reads the same bits the same way.
+    if is_genuine_intel() && leaf7_ebx_has_avx512_v4() {
+        levels.push("x86_64-v4");
+    }
     levels
+}
+
+/// The CPU's vendor string (CPUID leaf 0) is `GenuineIntel`.
+#[cfg(target_arch = "x86_64")]
+#[allow(unused_unsafe)] // `__cpuid` became safe to call in newer Rust
+fn is_genuine_intel() -> bool {
+    // SAFETY: CPUID is available on every x86-64 CPU.
+    let r = unsafe { std::arch::x86_64::__cpuid(0) };
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    &vendor == b"GenuineIntel"
+}
+
+/// CPUID leaf 7 (sub-leaf 0) EBX has the AVX-512 bits of x86-64-v4: F (16), DQ (17),
+/// CD (28), BW (30), VL (31).
+#[cfg(target_arch = "x86_64")]
+#[allow(unused_unsafe)] // `__cpuid_count` became safe to call in newer Rust
+fn leaf7_ebx_has_avx512_v4() -> bool {
+    // SAFETY: CPUID is available on every x86-64 CPU.
+    let max = unsafe { std::arch::x86_64::__cpuid(0) }.eax;
+    if max < 7 {
+        return false;
+    }
+    // SAFETY: as above; the leaf is supported (checked against the maximum).
+    let ebx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.ebx;
+    let bits = [16, 17, 28, 30, 31];
+    bits.iter().all(|b| ebx >> b & 1 == 1)
 }
 
 /// `LAHF/SAHF` in 64-bit mode: CPUID 0x8000_0001, ECX bit 0.
