@@ -572,3 +572,36 @@ fn worker_gone(e: actix::MailboxError) -> RealiseOutcome {
         errors: vec![format!("the worker stopped unexpectedly: {e}")],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix::test]
+    async fn other_substitution_settings_get_substituters_of_their_own_once() {
+        let d = tempfile::tempdir().unwrap();
+        let settings = Settings::for_root(d.path(), "substituters =\n").unwrap();
+        let (system, _events) = System::start(&settings).unwrap();
+        assert!(system.substituters_for(&settings).is_none());
+        let cache = d.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(
+            cache.join("nix-cache-info"),
+            format!("StoreDir: {}\n", settings.store_dir().as_str()),
+        )
+        .unwrap();
+        let url = format!("file://{}", cache.display());
+        let mut client = settings.clone();
+        client.set("substituters", &url).unwrap();
+        let subs = system.substituters_for(&client).expect("its own");
+        assert_eq!(
+            subs.iter().map(|s| s.uri()).collect::<Vec<_>>(),
+            [url.clone()]
+        );
+        let again = system.substituters_for(&client).expect("its own");
+        assert!(Arc::ptr_eq(&subs[0], &again[0]), "opened once");
+        client.set("trusted-public-keys", "k:AAAA").unwrap();
+        let keyed = system.substituters_for(&client).expect("its own");
+        assert!(!Arc::ptr_eq(&subs[0], &keyed[0]), "other keys, other ones");
+    }
+}
