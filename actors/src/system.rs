@@ -594,10 +594,7 @@ mod tests {
         let mut client = settings.clone();
         client.set("substituters", &url).unwrap();
         let subs = system.substituters_for(&client).expect("its own");
-        assert_eq!(
-            subs.iter().map(|s| s.uri()).collect::<Vec<_>>(),
-            [url.clone()]
-        );
+        assert_eq!(subs.iter().map(|s| s.uri()).collect::<Vec<_>>(), [url]);
         let again = system.substituters_for(&client).expect("its own");
         assert!(Arc::ptr_eq(&subs[0], &again[0]), "opened once");
         client.set("trusted-public-keys", "k:AAAA").unwrap();
