@@ -716,6 +716,14 @@ impl Settings {
         w
     }
 
+    /// The name of the setting `name` stands for: itself, the setting it is an
+    /// alias of, or for `extra-<list setting>` that setting; `None` if unknown.
+    pub fn canonical_name(name: &str) -> Option<&'static str> {
+        lookup(name)
+            .or_else(|| name.strip_prefix("extra-").and_then(lookup))
+            .map(|d| d.name)
+    }
+
     /// Whether `name` (or one of its aliases) was set explicitly.
     pub fn is_set(&self, name: &str) -> bool {
         lookup(name).is_some_and(|d| self.values.contains_key(d.name))

@@ -31,6 +31,7 @@ use drover::store_path::{StorePath, StorePathSet};
 /// How a derivation goal builds (Nix's `BuildMode`): the library's definition, which
 /// the local build primitives take too.
 pub use drover::build::BuildMode;
+use drover::build::BuildSettings;
 
 // ---------------------------------------------------------------------------------------
 // Local builds: Worker/DerivationGoal → LocalBuilder
@@ -60,6 +61,44 @@ pub struct LocalBuildRequest {
     pub goal_name: String,
     /// (round, rounds) of a repeated build (`repeat`); (1, 1) for a single build.
     pub round: (u32, u32),
+    /// The settings of the run this build is for, when they are its own (a daemon
+    /// client's `SetOptions`); `None`: the LocalBuilder's configuration.
+    pub run_settings: Option<Arc<RunBuildSettings>>,
+}
+
+/// A run's own settings for its local builds, in place of the LocalBuilder's
+/// configuration: what a daemon client's `SetOptions` changes in how a build runs
+/// and registers its outputs (`cores`, `sandbox`, `secret-key-files`,
+/// `auto-optimise-store`, … in [`BuildSettings`]) and the time limits of its log.
+#[derive(Debug, Clone)]
+pub struct RunBuildSettings {
+    pub build: Arc<BuildSettings>,
+    /// `max-silent-time` (None = unlimited).
+    pub max_silent_time: Option<Duration>,
+    /// `timeout` (None = unlimited).
+    pub timeout: Option<Duration>,
+    /// `compress-build-log`.
+    pub compress_build_log: bool,
+    /// `log-lines`.
+    pub log_lines: usize,
+    /// `max-build-log-size` (0 = unlimited).
+    pub max_build_log_size: u64,
+}
+
+impl RunBuildSettings {
+    /// The local-build settings of `settings` (the caller's environment is this
+    /// process's, as the LocalBuilder's own).
+    pub fn from_settings(settings: &drover::config::Settings) -> RunBuildSettings {
+        let secs = |n: i64| (n > 0).then(|| Duration::from_secs(n as u64));
+        RunBuildSettings {
+            build: Arc::new(BuildSettings::from_settings(settings)),
+            max_silent_time: secs(settings.max_silent_time()),
+            timeout: secs(settings.timeout()),
+            compress_build_log: settings.compress_build_log(),
+            log_lines: settings.log_lines() as usize,
+            max_build_log_size: settings.max_build_log_size(),
+        }
+    }
 }
 
 /// Asks the LocalBuilder to run one build; the answer comes later as

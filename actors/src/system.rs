@@ -355,6 +355,7 @@ impl SystemBuilder {
                 substituters,
                 settings,
                 warnings,
+                substituter_cache: Default::default(),
             },
             Events { rx },
         ))
@@ -368,6 +369,32 @@ pub struct System {
     substituters: Vec<Arc<dyn Substituter>>,
     settings: Settings,
     warnings: Vec<String>,
+    /// The substituters of runs with other substitution settings than the
+    /// system's, by [`substituters_key`].
+    substituter_cache:
+        std::sync::Mutex<std::collections::HashMap<String, Vec<Arc<dyn Substituter>>>>,
+}
+
+/// What the substituters opened for `settings` depend on.
+fn substituters_key(s: &Settings) -> String {
+    [
+        "substitute",
+        "substituters",
+        "extra-substituters",
+        "trusted-public-keys",
+        "require-sigs",
+        "fallback",
+        "connect-timeout",
+        "stalled-download-timeout",
+        "download-attempts",
+        "netrc-file",
+        "narinfo-cache-positive-ttl",
+        "narinfo-cache-negative-ttl",
+    ]
+    .iter()
+    .map(|n| format!("{n}={}", s.get(n).unwrap_or_default()))
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 impl System {
@@ -449,12 +476,74 @@ impl System {
         mode: BuildMode,
         keep_going: Option<bool>,
     ) -> (RunId, impl std::future::Future<Output = RealiseOutcome>) {
+        self.send_run(requests, mode, keep_going, None, None)
+    }
+
+    /// [`System::realise_run`] with settings of the run's own (a daemon client's
+    /// `SetOptions` over the daemon's): its goals read them — keep-going,
+    /// keep-failed, fallback, the post-build hook, `repeat`, signature checks of
+    /// substitutions, and for its local builds `cores`, `sandbox`, the time
+    /// limits, `secret-key-files`, `auto-optimise-store`. Its substitutions use
+    /// the substituters of its settings when they differ from the system's
+    /// (`substituters`, `trusted-public-keys`, …: opened once per such list and
+    /// kept, see [`System::substituters_for`]). A goal it shares with another
+    /// run keeps the settings of the run that made it; the slots (`max-jobs`)
+    /// stay the system's.
+    pub fn realise_run_with(
+        &self,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+        settings: &Settings,
+    ) -> (RunId, impl std::future::Future<Output = RealiseOutcome>) {
+        let mut s = WorkerSettings::from_settings(settings);
+        s.local_build = Some(Arc::new(crate::messages::RunBuildSettings::from_settings(
+            settings,
+        )));
+        let subs = self.substituters_for(settings);
+        self.send_run(requests, mode, None, Some(Arc::new(s)), subs)
+    }
+
+    /// The substituters of `settings` when they are not the system's (another
+    /// `substituters` list, other keys to trust, …): opened the first time such
+    /// settings come, then kept for the next run with the same ones (a
+    /// daemon's clients mostly repeat theirs). Warnings of substituters that
+    /// could not be opened are logged. `None`: the system's.
+    pub fn substituters_for(&self, settings: &Settings) -> Option<Vec<Arc<dyn Substituter>>> {
+        let key = substituters_key(settings);
+        if key == substituters_key(&self.settings) {
+            return None;
+        }
+        let mut cache = self
+            .substituter_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(subs) = cache.get(&key) {
+            return Some(subs.clone());
+        }
+        let (subs, warnings) = substituters_from_settings(settings);
+        for w in warnings {
+            log::warn!("{w}");
+        }
+        cache.insert(key, subs.clone());
+        Some(subs)
+    }
+
+    fn send_run(
+        &self,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+        keep_going: Option<bool>,
+        settings: Option<Arc<WorkerSettings>>,
+        substituters: Option<Vec<Arc<dyn Substituter>>>,
+    ) -> (RunId, impl std::future::Future<Output = RealiseOutcome>) {
         let run = new_run_id();
         let request = self.worker.send(RealiseRun {
             run,
             requests,
             mode,
             keep_going,
+            settings,
+            substituters,
         });
         (
             run,
@@ -481,5 +570,35 @@ fn worker_gone(e: actix::MailboxError) -> RealiseOutcome {
         results: Vec::new(),
         exit_status: 1,
         errors: vec![format!("the worker stopped unexpectedly: {e}")],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix::test]
+    async fn other_substitution_settings_get_substituters_of_their_own_once() {
+        let d = tempfile::tempdir().unwrap();
+        let settings = Settings::for_root(d.path(), "substituters =\n").unwrap();
+        let (system, _events) = System::start(&settings).unwrap();
+        assert!(system.substituters_for(&settings).is_none());
+        let cache = d.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(
+            cache.join("nix-cache-info"),
+            format!("StoreDir: {}\n", settings.store_dir().as_str()),
+        )
+        .unwrap();
+        let url = format!("file://{}", cache.display());
+        let mut client = settings.clone();
+        client.set("substituters", &url).unwrap();
+        let subs = system.substituters_for(&client).expect("its own");
+        assert_eq!(subs.iter().map(|s| s.uri()).collect::<Vec<_>>(), [url]);
+        let again = system.substituters_for(&client).expect("its own");
+        assert!(Arc::ptr_eq(&subs[0], &again[0]), "opened once");
+        client.set("trusted-public-keys", "k:AAAA").unwrap();
+        let keyed = system.substituters_for(&client).expect("its own");
+        assert!(!Arc::ptr_eq(&subs[0], &keyed[0]), "other keys, other ones");
     }
 }

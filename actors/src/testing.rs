@@ -279,6 +279,9 @@ pub struct BuilderLog {
     pub cancelled: Vec<u64>,
     pub running: usize,
     pub max_running: usize,
+    /// Per build started: its name, `keep_failed`, and the `cores` of its run's
+    /// own settings (`LocalBuildRequest::run_settings`), if it has them.
+    pub settings: Vec<(String, bool, Option<u64>)>,
 }
 
 /// A LocalBuilder stand-in.
@@ -319,6 +322,11 @@ impl Handler<RunLocalBuild> for FakeBuilder {
             .unwrap_or(FakeOutcome::Succeed);
         {
             let mut l = self.log.lock().expect("lock");
+            l.settings.push((
+                name.clone(),
+                msg.request.keep_failed,
+                msg.request.run_settings.as_ref().map(|r| r.build.cores),
+            ));
             l.started.push(name);
             l.running += 1;
             l.max_running = l.max_running.max(l.running);
@@ -687,8 +695,7 @@ impl<'a> SyncDriver<'a> {
         loop {
             for a in core.take_actions() {
                 match a {
-                    Action::Spawn { goal, machine } => {
-                        let env = core.goal_env().clone();
+                    Action::Spawn { goal, machine, env } => {
                         let host = match *machine {
                             AnyGoal::Drv(g) => SyncGoal::Drv(GoalHost::new(goal, g, env)),
                             AnyGoal::Subst(g) => SyncGoal::Subst(GoalHost::new(goal, g, env)),

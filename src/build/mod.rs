@@ -110,6 +110,11 @@ pub struct BuildSettings {
     pub enforce_determinism: bool,
     /// `sandbox` and the settings of the sandbox.
     pub sandbox: sandbox::SandboxSettings,
+    /// `secret-key-files`: the built outputs (and their realisations) are signed
+    /// with these keys (read at each signing, as Nix does).
+    pub secret_key_files: Vec<PathBuf>,
+    /// `auto-optimise-store`: the built outputs are hard-linked through `.links`.
+    pub auto_optimise_store: bool,
 }
 
 impl BuildSettings {
@@ -125,6 +130,8 @@ impl BuildSettings {
             builtins: builtins::BuiltinSettings::from_settings(settings),
             enforce_determinism: settings.get("enforce-determinism").as_deref() != Some("false"),
             sandbox: sandbox::SandboxSettings::from_settings(settings),
+            secret_key_files: settings.secret_key_files(),
+            auto_optimise_store: settings.auto_optimise_store(),
         }
     }
 }

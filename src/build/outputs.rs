@@ -669,7 +669,7 @@ pub fn register_outputs(
             }
             if !old.ultimate {
                 old.ultimate = true;
-                store.sign_path_info(&mut old)?;
+                store.sign_path_info_with(&settings.secret_key_files, &mut old)?;
                 store.register_valid_paths(&[old])?;
             }
             if actual != final_real {
@@ -678,9 +678,9 @@ pub fn register_outputs(
             continue;
         }
         if spec.round.is_last() {
-            store.optimise_path(&actual, RepairFlag::NoRepair)?;
+            store.optimise_path_if(settings.auto_optimise_store, &actual, RepairFlag::NoRepair)?;
         }
-        store.sign_path_info(&mut info)?;
+        store.sign_path_info_with(&settings.secret_key_files, &mut info)?;
         infos.push(info);
     }
     for p in to_clean {
@@ -721,7 +721,7 @@ pub fn register_outputs(
     };
     if settings.ca_derivations && pure && mode != BuildMode::Check {
         for r in realisations_for(&ids, &finals, &built).values_mut() {
-            store.sign_realisation(r)?;
+            LocalStore::sign_realisation_with(&settings.secret_key_files, r)?;
             store.register_realisation(r)?;
         }
     }

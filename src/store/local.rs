@@ -864,7 +864,18 @@ impl LocalStore {
     /// Nix's `optimisePath`: with `auto-optimise-store`, hard-links the files of the
     /// tree at `real` (a new path, before it is registered) through `.links`.
     pub fn optimise_path(&self, real: &Path, repair: RepairFlag) -> Result<(), StoreError> {
-        if self.auto_optimise {
+        self.optimise_path_if(self.auto_optimise, real, repair)
+    }
+
+    /// [`LocalStore::optimise_path`] with `auto-optimise-store` given (a build's
+    /// own settings, e.g. a daemon client's).
+    pub fn optimise_path_if(
+        &self,
+        auto_optimise: bool,
+        real: &Path,
+        repair: RepairFlag,
+    ) -> Result<(), StoreError> {
+        if auto_optimise {
             super::optimise::optimise_path(
                 self.store_dir.as_path(),
                 real,
@@ -874,9 +885,9 @@ impl LocalStore {
         Ok(())
     }
 
-    /// The keys of `secret-key-files`, read now.
-    fn secret_keys(&self) -> Result<Vec<SecretKey>, StoreError> {
-        self.secret_key_files
+    /// The keys of these `secret-key-files`, read now.
+    fn secret_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>, StoreError> {
+        files
             .iter()
             .map(|f| {
                 let text = std::fs::read_to_string(f).map_err(StoreError::io("opening file", f))?;
@@ -891,7 +902,17 @@ impl LocalStore {
     /// Nix's `signPathInfo`: adds a signature of the path's fingerprint by every key
     /// of `secret-key-files` (none when the setting is empty).
     pub fn sign_path_info(&self, info: &mut ValidPathInfo) -> Result<(), StoreError> {
-        for key in self.secret_keys()? {
+        self.sign_path_info_with(&self.secret_key_files, info)
+    }
+
+    /// [`LocalStore::sign_path_info`] with the keys of these files (a build's own
+    /// `secret-key-files`, e.g. a daemon client's).
+    pub fn sign_path_info_with(
+        &self,
+        key_files: &[PathBuf],
+        info: &mut ValidPathInfo,
+    ) -> Result<(), StoreError> {
+        for key in Self::secret_keys(key_files)? {
             let fp = fingerprint_path(
                 &self.store_dir,
                 &info.path,
@@ -906,7 +927,15 @@ impl LocalStore {
 
     /// Nix's `signRealisation`: signs `r` with every key of `secret-key-files`.
     pub fn sign_realisation(&self, r: &mut Realisation) -> Result<(), StoreError> {
-        for key in self.secret_keys()? {
+        Self::sign_realisation_with(&self.secret_key_files, r)
+    }
+
+    /// [`LocalStore::sign_realisation`] with the keys of these files.
+    pub fn sign_realisation_with(
+        key_files: &[PathBuf],
+        r: &mut Realisation,
+    ) -> Result<(), StoreError> {
+        for key in Self::secret_keys(key_files)? {
             sign_realisation(r, &key);
         }
         Ok(())

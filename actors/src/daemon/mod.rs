@@ -278,9 +278,8 @@ impl BuildService for SystemBuilds {
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner());
             let mut acts = activities::Activities::start(store_dir, use_subs, queries, log);
-            // The client's `keep-going` (`SetOptions`) is its run's.
-            let keep_going = Some(settings.keep_going());
-            let (run, fut) = self.system.realise_run(paths, mode, keep_going);
+            // The client's settings (`SetOptions`, see `options`) are its run's.
+            let (run, fut) = self.system.realise_run_with(paths, mode, settings);
             tokio::pin!(fut);
             let mut watch = tokio::time::interval(HANGUP_POLL);
             let mut watching = hangup;

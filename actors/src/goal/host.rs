@@ -120,19 +120,35 @@ impl AnyGoal {
     }
 }
 
-/// What every goal of one run reads: the settings and the Worker state goals may
-/// see (whether the hook is still enabled). Shared by all goals of a run.
-#[derive(Debug)]
+/// What every goal of one run reads: the run's settings and the Worker state goals
+/// may see (whether the hook is still enabled, whether a build slot is free).
+/// Shared by all goals of a run; the runs of one core share that Worker state
+/// ([`GoalEnv::for_run`]) and differ only in their settings.
 pub struct GoalEnv {
     pub settings: Arc<WorkerSettings>,
     pub store_dir: StoreDir,
     pub n_substituters: usize,
+    /// The run's own substituters (`None`: the Worker's).
+    pub substituters: Option<Arc<[Arc<dyn crate::substituter::Substituter>]>>,
     /// A hook is configured and has not declined permanently. Any goal may clear it
     /// ([`Effect::DisableHook`]); every goal then stops asking.
-    hook_enabled: AtomicBool,
+    hook_enabled: Arc<AtomicBool>,
     /// Fewer local builds hold a slot than `max-jobs` allows (kept current by the
     /// Worker's core; [`GoalCtx::build_slot_free`]).
-    build_slot_free: AtomicBool,
+    build_slot_free: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for GoalEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoalEnv")
+            .field("settings", &self.settings)
+            .field("store_dir", &self.store_dir)
+            .field("n_substituters", &self.n_substituters)
+            .field("own_substituters", &self.substituters.is_some())
+            .field("hook_enabled", &self.hook_enabled)
+            .field("build_slot_free", &self.build_slot_free)
+            .finish()
+    }
 }
 
 impl GoalEnv {
@@ -146,8 +162,30 @@ impl GoalEnv {
             settings,
             store_dir,
             n_substituters,
-            hook_enabled: AtomicBool::new(hook),
-            build_slot_free: AtomicBool::new(true),
+            substituters: None,
+            hook_enabled: Arc::new(AtomicBool::new(hook)),
+            build_slot_free: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// The environment of a run with settings of its own (a daemon client's):
+    /// the same Worker state as this one, so a hook that declined for one run
+    /// declined for all, and the slots are the same. `substituters`: the run's
+    /// own, in place of the Worker's.
+    pub fn for_run(
+        &self,
+        settings: Arc<WorkerSettings>,
+        substituters: Option<Arc<[Arc<dyn crate::substituter::Substituter>]>>,
+    ) -> GoalEnv {
+        GoalEnv {
+            settings,
+            store_dir: self.store_dir.clone(),
+            n_substituters: substituters
+                .as_ref()
+                .map_or(self.n_substituters, |s| s.len()),
+            substituters,
+            hook_enabled: self.hook_enabled.clone(),
+            build_slot_free: self.build_slot_free.clone(),
         }
     }
 
@@ -165,6 +203,7 @@ impl GoalEnv {
             settings: &self.settings,
             hook_enabled: self.hook_enabled(),
             n_substituters: self.n_substituters,
+            substituters: self.substituters.as_ref(),
             store_dir: &self.store_dir,
             build_slot_free: self.build_slot_free.load(Ordering::Relaxed),
         }

@@ -216,6 +216,32 @@ pub struct JobEnv {
     pub registrations: path_substitution::registration::Registrations,
 }
 
+/// The substituter a store job uses: the `i`th of the Worker's, or one of the
+/// run's own ([`GoalCtx::substituter`]).
+pub enum SubstituterRef {
+    Worker(usize),
+    Own(Option<Arc<dyn Substituter>>),
+}
+
+impl SubstituterRef {
+    pub fn get<'a>(&'a self, env: &'a JobEnv) -> Option<&'a Arc<dyn Substituter>> {
+        match self {
+            SubstituterRef::Worker(i) => env.substituters.get(*i),
+            SubstituterRef::Own(s) => s.as_ref(),
+        }
+    }
+}
+
+impl GoalCtx<'_> {
+    /// The `i`th substituter of the goal's run, for a store job.
+    pub fn substituter(&self, i: usize) -> SubstituterRef {
+        match self.substituters {
+            None => SubstituterRef::Worker(i),
+            Some(own) => SubstituterRef::Own(own.get(i).cloned()),
+        }
+    }
+}
+
 /// Blocking work returning the event it produces.
 pub type Job = Box<dyn FnOnce(&JobEnv) -> Event + Send>;
 
@@ -323,6 +349,9 @@ pub struct GoalCtx<'a> {
     /// Whether a hook is configured and has not declined permanently.
     pub hook_enabled: bool,
     pub n_substituters: usize,
+    /// The run's own substituters (a daemon client's `substituters`); `None`:
+    /// the Worker's ([`JobEnv::substituters`]).
+    pub substituters: Option<&'a Arc<[Arc<dyn Substituter>]>>,
     pub store_dir: &'a drover::store_path::StoreDir,
     /// Whether fewer local builds run than `max-jobs` allows, so that a build slot
     /// asked for now is granted at once (Nix's `getNrLocalBuilds() < maxBuildJobs`:
@@ -410,6 +439,7 @@ pub(crate) mod test_support {
                 settings: &self.env.settings,
                 hook_enabled: hook,
                 n_substituters: self.env.substituters.len(),
+                substituters: None,
                 store_dir: self.ts.store.store_dir(),
                 build_slot_free: self.env.settings.max_jobs > 0 && !self.slots_busy.get(),
             }

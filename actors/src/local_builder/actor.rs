@@ -174,7 +174,21 @@ impl Handler<RunLocalBuild> for LocalBuilder {
         let requested = std::time::Instant::now();
         let me = ctx.address();
         let store = self.store.clone();
-        let config = self.config.clone();
+        // The run's own settings (a daemon client's), where it has them.
+        let config = match &request.run_settings {
+            None => self.config.clone(),
+            Some(r) => Arc::new(LocalBuilderConfig {
+                build: (*r.build).clone(),
+                max_silent_time: r.max_silent_time,
+                timeout: r.timeout,
+                compress_build_log: r.compress_build_log,
+                log_lines: r.log_lines,
+                max_build_log_size: r.max_build_log_size,
+                history: self.config.history.clone(),
+                log_dir: self.config.log_dir.clone(),
+                echo: self.config.echo,
+            }),
+        };
         let relay = AlarmRelay {
             id,
             to: me.clone().recipient(),

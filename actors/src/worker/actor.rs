@@ -68,8 +68,16 @@ pub struct RealiseRun {
     pub run: RunId,
     pub requests: Vec<DerivedPath>,
     pub mode: BuildMode,
-    /// `keep-going` for this run (default: the Worker's settings).
+    /// `keep-going` for this run (default: the run's settings').
     pub keep_going: Option<bool>,
+    /// The run's own settings (a daemon client's `SetOptions`; default: the
+    /// Worker's), read by the goals this run makes. What belongs to the Worker
+    /// rather than to a run — the substituters' URIs and trust, echoing build
+    /// output, goal events — stays the Worker's.
+    pub settings: Option<Arc<WorkerSettings>>,
+    /// The run's own substituters, in order of priority (a daemon client's
+    /// `substituters`; default: the Worker's).
+    pub substituters: Option<Vec<Arc<dyn Substituter>>>,
 }
 
 /// Ends one run as an interrupt would (`interrupted by the user`): the goals no
@@ -169,7 +177,8 @@ struct Queued {
     run: RunId,
     requests: Vec<DerivedPath>,
     mode: BuildMode,
-    keep_going: bool,
+    settings: Arc<WorkerSettings>,
+    substituters: Option<Arc<[Arc<dyn Substituter>]>>,
     reply: tokio::sync::oneshot::Sender<RealiseOutcome>,
 }
 
@@ -347,7 +356,7 @@ impl Worker {
         });
         if active
             .core
-            .start_run(q.run, q.requests, q.mode, q.keep_going)
+            .start_run_with(q.run, q.requests, q.mode, q.settings, q.substituters)
         {
             active.replies.insert(q.run, q.reply);
         } else {
@@ -387,8 +396,17 @@ impl Worker {
 
     fn perform(active: &mut Active, cfg: &WorkerConfig, a: Action) {
         match a {
-            Action::Spawn { goal, machine } => {
-                let addr = GoalAddr::start(goal, *machine, &active.services);
+            Action::Spawn { goal, machine, env } => {
+                // A goal of a run with settings of its own reads them.
+                let services = if Arc::ptr_eq(&env, &active.services.env) {
+                    active.services.clone()
+                } else {
+                    Arc::new(GoalServices {
+                        env,
+                        ..(*active.services).clone()
+                    })
+                };
+                let addr = GoalAddr::start(goal, *machine, &services);
                 active.goals.insert(goal, addr);
             }
             Action::ToGoal { goal, msg } => {
@@ -406,6 +424,43 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The settings of a run: the Worker's, or the run's own with what belongs
+    /// to the Worker kept (see [`RealiseRun::settings`]), and its keep-going;
+    /// the URIs and trust of its own substituters if it has them.
+    fn run_settings(
+        &self,
+        own: Option<Arc<WorkerSettings>>,
+        keep_going: Option<bool>,
+        substituters: Option<&[Arc<dyn Substituter>]>,
+    ) -> Arc<WorkerSettings> {
+        let w = &self.settings;
+        let mut s = match own {
+            None if substituters.is_none() => w.clone(),
+            own => {
+                let mut s = own.map_or_else(|| (**w).clone(), |s| (*s).clone());
+                match substituters {
+                    None => {
+                        s.substituter_uris = w.substituter_uris.clone();
+                        s.substituter_trusted = w.substituter_trusted.clone();
+                    }
+                    Some(subs) => {
+                        s.substituter_uris = subs.iter().map(|s| s.uri()).collect();
+                        s.substituter_trusted = subs.iter().map(|s| s.is_trusted()).collect();
+                    }
+                }
+                s.log.echo = w.log.echo;
+                s.goal_events = w.goal_events;
+                Arc::new(s)
+            }
+        };
+        if let Some(k) = keep_going {
+            if k != s.keep_going {
+                Arc::make_mut(&mut s).keep_going = k;
+            }
+        }
+        s
     }
 
     /// Queues a run, starting it at once if it may.
@@ -449,6 +504,8 @@ impl Handler<Realise> for Worker {
             requests: msg.requests,
             mode: msg.mode,
             keep_going: None,
+            settings: None,
+            substituters: None,
         };
         <Self as Handler<RealiseRun>>::handle(self, run, ctx)
     }
@@ -459,13 +516,18 @@ impl Handler<RealiseRun> for Worker {
 
     fn handle(&mut self, msg: RealiseRun, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let keep_going = msg.keep_going.unwrap_or(self.settings.keep_going);
+        let substituters = msg.substituters.map(|mut s| {
+            s.sort_by_key(|s| s.priority());
+            Arc::<[Arc<dyn Substituter>]>::from(s)
+        });
+        let settings = self.run_settings(msg.settings, msg.keep_going, substituters.as_deref());
         self.submit(
             Queued {
                 run: msg.run,
                 requests: msg.requests,
                 mode: msg.mode,
-                keep_going,
+                settings,
+                substituters,
                 reply: tx,
             },
             ctx,

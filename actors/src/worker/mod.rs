@@ -112,6 +112,9 @@ pub struct WorkerSettings {
     /// Send [`ProgressEvent::GoalStarted`]/[`ProgressEvent::GoalFinished`] for every
     /// goal (library users' event streams; the CLI does without).
     pub goal_events: bool,
+    /// The run's own settings for its local builds (a daemon client's); `None`:
+    /// the LocalBuilder's configuration.
+    pub local_build: Option<Arc<crate::messages::RunBuildSettings>>,
 }
 
 impl Default for WorkerSettings {
@@ -138,6 +141,7 @@ impl Default for WorkerSettings {
             trusted_public_keys: Default::default(),
             log: LogSettings::default(),
             goal_events: false,
+            local_build: None,
         }
     }
 }
@@ -190,6 +194,7 @@ impl WorkerSettings {
                 echo: true,
             },
             goal_events: false,
+            local_build: None,
         }
     }
 }
@@ -231,6 +236,9 @@ pub enum Action {
     Spawn {
         goal: GoalId,
         machine: Box<AnyGoal>,
+        /// What the goal reads: the settings of the run that made it
+        /// ([`WorkerCore::start_run_with`]).
+        env: Arc<GoalEnv>,
     },
     /// Deliver a message to a live goal.
     ToGoal {
@@ -277,6 +285,9 @@ struct Entry {
     substituting: bool,
     /// (NAR size, download size) counted as expected for this goal.
     sizes: (u64, u64),
+    /// The settings it was made with: its run's, or its first waiter's. A goal
+    /// another run asks for later keeps them.
+    env: Arc<GoalEnv>,
 }
 
 /// The error of an interrupted run, as Nix words it.
@@ -426,6 +437,43 @@ impl WorkerCore {
         mode: BuildMode,
         keep_going: bool,
     ) -> bool {
+        let env = self.goal_env.clone();
+        self.start_run_in(run, requests, mode, keep_going, env)
+    }
+
+    /// [`WorkerCore::start_run`] with settings of the run's own (a daemon
+    /// client's `SetOptions`): its keep-going, and what the goals it makes read —
+    /// keep-failed, fallback, the post-build hook, the settings of its local
+    /// builds, … A goal the run shares with another run keeps the settings of
+    /// the run that made it (and so do the goals that goal waits for, made for
+    /// it); the scheduling (slots, `max-jobs`) stays the core's. `substituters`:
+    /// the run's own, in place of the core's (the settings' `substituter_uris`
+    /// and `substituter_trusted` must describe them).
+    pub fn start_run_with(
+        &mut self,
+        run: RunId,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+        settings: Arc<WorkerSettings>,
+        substituters: Option<Arc<[Arc<dyn crate::substituter::Substituter>]>>,
+    ) -> bool {
+        let keep_going = settings.keep_going;
+        let env = if Arc::ptr_eq(&settings, &self.settings) && substituters.is_none() {
+            self.goal_env.clone()
+        } else {
+            Arc::new(self.goal_env.for_run(settings, substituters))
+        };
+        self.start_run_in(run, requests, mode, keep_going, env)
+    }
+
+    fn start_run_in(
+        &mut self,
+        run: RunId,
+        requests: Vec<DerivedPath>,
+        mode: BuildMode,
+        keep_going: bool,
+        env: Arc<GoalEnv>,
+    ) -> bool {
         if self.runs.contains_key(&run) {
             return false;
         }
@@ -454,7 +502,7 @@ impl WorkerCore {
                     mode,
                 },
             };
-            let id = self.make_goal(req);
+            let id = self.make_goal(req, &env);
             if let Some(e) = self.goals.get_mut(&id) {
                 e.top_of.insert(run);
             }
@@ -605,7 +653,7 @@ impl WorkerCore {
         self.settle();
     }
 
-    fn make_goal(&mut self, req: GoalRequest) -> GoalId {
+    fn make_goal(&mut self, req: GoalRequest, env: &Arc<GoalEnv>) -> GoalId {
         let key = match &req {
             GoalRequest::Derivation { drv_path, .. } => GoalKey::Derivation(drv_path.clone()),
             GoalRequest::Substitution { path, .. } => GoalKey::Substitution(path.clone()),
@@ -668,6 +716,7 @@ impl WorkerCore {
                 top_of: BTreeSet::new(),
                 substituting: false,
                 sizes: (0, 0),
+                env: env.clone(),
             },
         );
         if self.settings.goal_events {
@@ -680,6 +729,7 @@ impl WorkerCore {
         self.actions.push(Action::Spawn {
             goal: id,
             machine: Box::new(AnyGoal::for_request(req)),
+            env: env.clone(),
         });
         self.send(id, ToGoal::Start);
         id
@@ -842,8 +892,12 @@ impl WorkerCore {
 
     fn wait_for(&mut self, waiter: GoalId, reqs: Vec<GoalRequest>) {
         let mut added = 0;
+        let env = match self.goals.get(&waiter) {
+            Some(w) => w.env.clone(),
+            None => self.goal_env.clone(),
+        };
         for req in reqs {
-            let dep = self.make_goal(req.clone());
+            let dep = self.make_goal(req.clone(), &env);
             if dep == waiter {
                 continue;
             }
@@ -884,6 +938,7 @@ impl WorkerCore {
             return;
         }
         let (drv_path, mode) = (drv_path.clone(), *mode);
+        let env = entry.env.clone();
         let covered = |outputs: &OutputsSpec| outputs.is_subset_of(served);
         let moved_waiters: Vec<GoalId> = entry
             .waiters
@@ -932,11 +987,14 @@ impl WorkerCore {
         if self.keys.get(&key) == Some(&id) {
             self.keys.remove(&key);
         }
-        let new = self.make_goal(GoalRequest::Derivation {
-            drv_path,
-            outputs,
-            mode,
-        });
+        let new = self.make_goal(
+            GoalRequest::Derivation {
+                drv_path,
+                outputs,
+                mode,
+            },
+            &env,
+        );
         for w in moved_waiters {
             let req = self.goals.get_mut(&w).and_then(|we| we.waitees.remove(&id));
             if let Some(e) = self.goals.get_mut(&id) {
@@ -1077,11 +1135,13 @@ impl WorkerCore {
         for dep in entry.waitees.keys() {
             self.drop_waiter(*dep, id);
         }
-        let early_stop = outcome.exit == ExitCode::Failed && !self.settings.keep_going;
+        let failed = outcome.exit == ExitCode::Failed;
         for w in entry.waiters.iter().copied() {
             let Some(we) = self.goals.get_mut(&w) else {
                 continue;
             };
+            // The waiter's own keep-going (its run's settings) decides.
+            let early_stop = failed && !we.env.settings.keep_going;
             let Some(request) = we.waitees.remove(&id) else {
                 continue;
             };

@@ -141,6 +141,7 @@ fn request(store: &LocalStore, name: &str, script: &str) -> LocalBuildRequest {
         mode: BuildMode::Normal,
         keep_failed: false,
         round: (1, 1),
+        run_settings: None,
     }
 }
 
@@ -392,6 +393,7 @@ async fn builds_corpus_derivations_nix_accepts() {
                 mode: BuildMode::Normal,
                 keep_failed: false,
                 round: (1, 1),
+                run_settings: None,
             },
             reply_to: reply.clone(),
         });

@@ -909,6 +909,8 @@ async fn a_cancelled_run_ends_alone_and_the_other_run_completes() {
         requests: vec![built(&shared), built(&mine)],
         mode: BuildMode::Normal,
         keep_going: None,
+        settings: None,
+        substituters: None,
     });
     let b = w.send(Realise {
         requests: vec![built(&shared)],
@@ -953,4 +955,54 @@ async fn a_check_run_waits_for_the_runs_going_on() {
     assert_eq!(blog.lock().unwrap().started, ["x", "x"]);
     assert_eq!(b.exit_status, 0, "{b:?}");
     assert_eq!(b.results[0].result.status, BuildStatus::Built);
+}
+
+#[actix::test]
+async fn a_run_with_settings_of_its_own_gives_them_to_the_goals_it_makes() {
+    // Run A (keep-failed, its own local-build settings with 7 cores) builds `a`
+    // and `shared`; run B (the Worker's settings) joins while `shared` builds and
+    // builds `b` too: `shared` keeps A's settings, `b` gets the Worker's.
+    let mut s = Setup::new();
+    s.settings.max_jobs = 4;
+    s.delay = Duration::from_millis(300);
+    let shared = s.drv("shared", &[]);
+    let a = s.drv("a", &[]);
+    let b = s.drv("b", &[]);
+    let (w, blog) = s.worker();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = drover::config::Settings::for_root(dir.path(), "cores = 7\n").unwrap();
+    let mut own = s.settings.clone();
+    own.keep_failed = true;
+    own.local_build = Some(Arc::new(
+        drover_actors::messages::RunBuildSettings::from_settings(&conf),
+    ));
+    let first = w.send(drover_actors::RealiseRun {
+        run: drover_actors::new_run_id(),
+        requests: vec![built(&a), built(&shared)],
+        mode: BuildMode::Normal,
+        keep_going: None,
+        settings: Some(Arc::new(own)),
+        substituters: None,
+    });
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        w.send(Realise {
+            requests: vec![built(&shared), built(&b)],
+            mode: BuildMode::Normal,
+        })
+        .await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.unwrap().exit_status, 0);
+    assert_eq!(second.unwrap().exit_status, 0);
+    let mut seen = blog.lock().unwrap().settings.clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("a".to_owned(), true, Some(7)),
+            ("b".to_owned(), false, None),
+            ("shared".to_owned(), true, Some(7)),
+        ]
+    );
 }

@@ -159,12 +159,22 @@ impl DerivationGoal {
                 };
                 let fixed = self.drv_type.is_some_and(|t| t.is_fixed());
                 let drv = self.drv.clone();
+                // The run's own `secret-key-files` (a daemon client's), if any.
+                let keys = ctx
+                    .settings
+                    .local_build
+                    .as_ref()
+                    .map(|r| r.build.secret_key_files.clone());
                 self.state = State::RegisteringResolved;
                 vec![job(move |env| {
                     DrvJobResult::RealisationsRegistered(match drv {
-                        Some(drv) => {
-                            register_resolved_realisations(&env.store, &drv, fixed, realisations)
-                        }
+                        Some(drv) => register_resolved_realisations(
+                            &env.store,
+                            &drv,
+                            fixed,
+                            realisations,
+                            keys.as_deref(),
+                        ),
                         None => Ok(()),
                     })
                 })]

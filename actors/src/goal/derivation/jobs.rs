@@ -376,18 +376,22 @@ pub(super) fn repeat_rounds(mode: BuildMode, drv_type: Option<DerivationType>, r
 
 /// `resolvedFinished`: the realisations of the original derivation's outputs, with
 /// their dependent realisations unless it is fixed-output (`drvOutputReferences`),
-/// signed with `secret-key-files`.
+/// signed with `secret-key-files` (`keys`: the run's own, else the store's).
 pub(super) fn register_resolved_realisations(
     store: &LocalStore,
     drv: &Derivation,
     fixed: bool,
     realisations: Vec<Realisation>,
+    keys: Option<&[std::path::PathBuf]>,
 ) -> Result<(), GoalError> {
     for mut r in realisations {
         if !fixed {
             r.dependent_realisations = store.drv_output_references(drv, &r.out_path)?;
         }
-        store.sign_realisation(&mut r)?;
+        match keys {
+            Some(keys) => LocalStore::sign_realisation_with(keys, &mut r)?,
+            None => store.sign_realisation(&mut r)?,
+        }
         store.register_realisation(&r)?;
     }
     Ok(())

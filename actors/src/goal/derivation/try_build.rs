@@ -233,6 +233,7 @@ impl DerivationGoal {
                 keep_failed: ctx.settings.keep_failed,
                 round: (self.cur_round, self.nr_rounds),
                 goal_name: self.name(ctx),
+                run_settings: ctx.settings.local_build.clone(),
             }),
         ]
     }

@@ -115,6 +115,7 @@ impl DrvOutputSubstitutionGoal {
                 self.next_sub += 1;
                 self.state = State::Querying;
                 let id = self.id.clone();
+                let sub = ctx.substituter(i);
                 vec![
                     Effect::SubstitutionStarted {
                         uri: ctx
@@ -126,7 +127,7 @@ impl DrvOutputSubstitutionGoal {
                         transfer: None,
                     },
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
-                        let Some(sub) = env.substituters.get(i) else {
+                        let Some(sub) = sub.get(env) else {
                             return Event::DrvOut(DrvOutJobResult::Fetched(Ok(None)));
                         };
                         let r = sub.query_realisation(&id).map(|r| {

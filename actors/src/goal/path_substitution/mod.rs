@@ -228,8 +228,9 @@ impl PathSubstitutionGoal {
                 let transfer = Arc::new(Transfer::default());
                 let counts = transfer.clone();
                 self.transfer = Some(transfer);
+                let sub = ctx.substituter(i);
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-                    let r = match env.substituters.get(i) {
+                    let r = match sub.get(env) {
                         Some(s) => s.fetch_unregistered(&path, &env.store, &counts),
                         None => Err(SubstituterError::Failed("no such substituter".into())),
                     };
@@ -280,13 +281,14 @@ impl PathSubstitutionGoal {
                 } else {
                     RepairFlag::NoRepair
                 };
+                let sub = ctx.substituter(i);
                 vec![
                     Effect::SubstitutionStarted {
                         uri,
                         transfer: Some(transfer),
                     },
                     Effect::Blocking(Box::new(move |env: &JobEnv| {
-                        let r = match env.substituters.get(i) {
+                        let r = match sub.get(env) {
                             Some(s) => s.copy_into(&path, &env.store, repair, &counts),
                             None => Err(SubstituterError::Failed("no such substituter".into())),
                         };
@@ -475,8 +477,9 @@ impl PathSubstitutionGoal {
         self.current_sub = Some(i);
         self.state = State::QueryingInfo;
         let path = self.path.clone();
+        let sub = ctx.substituter(i);
         vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-            let (r, early) = match env.substituters.get(i) {
+            let (r, early) = match sub.get(env) {
                 Some(s) => (s.query_path_info(&path), s.fetches_early()),
                 None => (Ok(None), false),
             };
