@@ -620,9 +620,18 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             }
             Request::EnsurePath(p) => {
                 self.start_work()?;
-                let outcome = self.realise(vec![DerivedPath::Opaque(p)], BuildMode::Normal)?;
+                let outcome =
+                    self.realise(vec![DerivedPath::Opaque(p.clone())], BuildMode::Normal)?;
                 if outcome.exit_status != 0 {
-                    return Err(err(build_error(&outcome, &sd)).into());
+                    // Nix's `ensurePath`: a substitution goal has no error of its own.
+                    if outcome.fatal {
+                        return Err(err(outcome.errors.join("\n")).into());
+                    }
+                    return Err(err(format!(
+                        "path '{}' does not exist and cannot be created",
+                        hl(sd.print(&p))
+                    ))
+                    .into());
                 }
                 self.stop_work(None)?;
                 write_u64(self.reply(), 1)?;
@@ -632,7 +641,7 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 self.start_work()?;
                 let outcome = self.realise(paths, mode)?;
                 if outcome.exit_status != 0 {
-                    return Err(err(build_error(&outcome, &sd)).into());
+                    return Err(err(self.build_error(&outcome)?).into());
                 }
                 self.stop_work(None)?;
                 write_u64(self.reply(), 1)?;
@@ -641,8 +650,11 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 let mode = self.build_mode(mode)?;
                 self.start_work()?;
                 let outcome = self.realise(paths.clone(), mode)?;
-                if outcome.results.len() != paths.len() {
-                    return Err(err(build_error(&outcome, &sd)).into());
+                // Nix's `buildPathsWithResults` answers failed builds with their
+                // results, and throws only what ends the run itself (a
+                // derivation's fatal error such as an impure input).
+                if outcome.fatal || outcome.results.len() != paths.len() {
+                    return Err(err(self.build_error(&outcome)?).into());
                 }
                 self.stop_work(None)?;
                 let w = self.reply();
@@ -658,11 +670,29 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             } => {
                 let mode = self.build_mode(mode)?;
                 self.start_work()?;
-                if !self.peer.trusted {
+                // As Nix's daemon: an untrusted client may build only
+                // content-addressed (or impure) derivations, whose outputs prove
+                // themselves; its derivation is written to the store and that one
+                // built, as the path it named cannot be trusted.
+                let drv_type = drv.derivation_type().map_err(|e| err(e.to_string()))?;
+                if !(drv_type.is_ca() || self.peer.trusted) {
                     return Err(
                         err("you are not privileged to build input-addressed derivations").into(),
                     );
                 }
+                let drv_path = if self.peer.trusted {
+                    drv_path
+                } else {
+                    let name = drover::derivation::name_from_drv_path(&drv_path)
+                        .map_err(|e| err(e.to_string()))?;
+                    store
+                        .add_text_to_store(
+                            &format!("{name}{}", drover::derivation::DRV_EXTENSION),
+                            &drv.to_aterm_bytes(&sd),
+                            &drv.drv_references(),
+                        )
+                        .map_err(OpError::from)?
+                };
                 // drover builds from the `.drv` in the store (with its input
                 // derivations); a derivation only the client has is refused.
                 if !store.is_valid_path(&drv_path).map_err(OpError::from)? {
@@ -678,11 +708,15 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                     outputs: OutputsSpec::Names(outputs),
                 };
                 let outcome = self.realise(vec![req], mode)?;
+                // Nix's `buildDerivation` turns an error out of the run into a
+                // `MiscFailure` result carrying its message.
+                let fatal = outcome.fatal;
                 let res = outcome
                     .results
                     .into_iter()
                     .next()
                     .map(|r| r.result)
+                    .filter(|_| !fatal)
                     .unwrap_or_else(|| {
                         drover::build_result::BuildResult::failure(
                             drover::build_result::BuildStatus::MiscFailure,
@@ -880,6 +914,24 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
         Ok(res)
     }
 
+    /// The error of a failed `buildPaths`, as Nix's `Store::buildPaths` ends: the
+    /// run's errors are the failed requests' errors and then, when more than one
+    /// request failed, `build of … failed`; all but the last are logged to the
+    /// client (`logError`) and the last is the operation's error.
+    fn build_error(&mut self, outcome: &crate::RealiseOutcome) -> Result<String, Failure> {
+        let Some((last, logged)) = outcome.errors.split_last() else {
+            return Ok(format!(
+                "build failed with exit status {}",
+                outcome.exit_status
+            ));
+        };
+        // At `lvlError`: shown at every verbosity.
+        for e in logged {
+            self.log(LoggerMessage::Next(logged_error(e)))?;
+        }
+        Ok(last.clone())
+    }
+
     fn set_options(&mut self, o: ClientOptions) -> Result<(), Failure> {
         self.verbosity = o.verbosity;
         let (settings, warnings) =
@@ -940,27 +992,14 @@ fn message_shown(m: &LoggerMessage, verbosity: u64) -> bool {
     }
 }
 
-/// The error of a failed `buildPaths` (Nix's `Store::buildPaths`: the one
-/// failure's message, or `build of … failed` naming every failed request).
-fn build_error(outcome: &crate::RealiseOutcome, sd: &StoreDir) -> String {
-    let failed: Vec<String> = outcome
-        .results
-        .iter()
-        .filter(|r| !r.result.success())
-        .map(|r| {
-            format!(
-                "'{}'",
-                drover::worker_protocol::request::print_wire_derived_path(sd, &r.path)
-            )
-        })
-        .collect();
-    if outcome.errors.len() == 1 {
-        return outcome.errors[0].clone();
-    }
-    if failed.is_empty() {
-        return outcome.errors.join("\n");
-    }
-    format!("build of {} failed", failed.join(", "))
+/// An error as Nix's daemon logs it to a client (`logError`: `TunnelLogger::logEI`
+/// sends `showErrorInfo`'s text as `STDERR_NEXT`): the red `error:` prefix, and the
+/// message's further lines (a log tail) indented to line up after it.
+pub fn logged_error(msg: &str) -> String {
+    format!(
+        "\x1b[31;1merror:\x1b[0m {}",
+        msg.trim_end_matches('\n').replace('\n', "\n       ")
+    )
 }
 
 /// A failed operation: an error the client hears, or one that ends the
