@@ -1416,3 +1416,165 @@ mod tempfile_like {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use drover::derivation::Derivation;
+    use drover::worker_protocol::request::write_basic_derivation;
+
+    use super::*;
+    use crate::plan::Plan;
+    use crate::substituter::Substituter;
+
+    /// A build service that records what it is asked to realise and answers
+    /// with a fatal outcome (nothing is built here).
+    #[derive(Default)]
+    struct Recorder {
+        asked: Mutex<Vec<Vec<DerivedPath>>>,
+    }
+
+    impl BuildService for Recorder {
+        fn plan(&self, _: &[DerivedPath]) -> Result<Plan, String> {
+            Err("no plans here".into())
+        }
+
+        fn realise(
+            &self,
+            paths: Vec<DerivedPath>,
+            _: BuildMode,
+            _: &Settings,
+            _: Option<super::super::hangup::Hangup>,
+            _: &mut dyn FnMut(LoggerMessage),
+        ) -> crate::RealiseOutcome {
+            self.asked.lock().unwrap().push(paths);
+            crate::RealiseOutcome {
+                results: Vec::new(),
+                exit_status: 1,
+                errors: vec!["nothing is built here".into()],
+                fatal: true,
+            }
+        }
+
+        fn substituters(&self) -> &[Arc<dyn Substituter>] {
+            &[]
+        }
+    }
+
+    fn w64(v: &mut Vec<u8>, n: u64) {
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+
+    fn wstr(v: &mut Vec<u8>, s: &[u8]) {
+        w64(v, s.len() as u64);
+        v.extend_from_slice(s);
+        v.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
+    }
+
+    /// What a client (protocol 1.34) sending the requests `requests` makes of
+    /// the store dir gets as the daemon's answer, what the daemon asked to
+    /// realise, and the store.
+    struct Served {
+        reply: String,
+        asked: Vec<Vec<DerivedPath>>,
+        store: Arc<LocalStore>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn serve(trusted: bool, requests: impl FnOnce(&StoreDir) -> Vec<u8>) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let settings =
+            Settings::for_root(dir.path(), "experimental-features = ca-derivations").unwrap();
+        let store = Arc::new(LocalStore::open(&settings).unwrap());
+        let recorder = Arc::new(Recorder::default());
+        let shared = Shared {
+            store: store.clone(),
+            settings: settings.clone(),
+            builds: recorder.clone(),
+        };
+        let mut input = Vec::new();
+        for n in [0x6e697863u64, 0x122, 0, 0] {
+            w64(&mut input, n);
+        }
+        input.extend(requests(settings.store_dir()));
+        let mut out = Vec::new();
+        let peer = Peer { uid: None, trusted };
+        let _ = Session::new(&shared, peer, &input[..], &mut out).serve();
+        let asked = std::mem::take(&mut *recorder.asked.lock().unwrap());
+        Served {
+            reply: String::from_utf8_lossy(&out).into_owned(),
+            asked,
+            store,
+            _dir: dir,
+        }
+    }
+
+    /// `BuildDerivation` of `output`'s derivation, claimed to be at a path made up.
+    fn build_derivation(sd: &StoreDir, output: &str) -> Vec<u8> {
+        let aterm = format!(
+            "Derive([{output}],[],[],\"x86_64-linux\",\"/bin/sh\",[\"-c\",\"echo x > $out\"],[(\"name\",\"x\"),(\"out\",\"\")])"
+        );
+        let drv = Derivation::from_aterm_bytes(aterm.as_bytes(), sd).unwrap();
+        let mut b = Vec::new();
+        w64(&mut b, 36);
+        wstr(
+            &mut b,
+            format!("{}/{}-x.drv", sd.as_str(), "0".repeat(32)).as_bytes(),
+        );
+        write_basic_derivation(&mut b, sd, &drv).unwrap();
+        w64(&mut b, 0);
+        b
+    }
+
+    const FLOATING: &str = "(\"out\",\"\",\"r:sha256\",\"\")";
+
+    #[test]
+    fn an_untrusted_client_builds_its_content_addressed_derivation_written_to_the_store() {
+        let s = serve(false, |sd| build_derivation(sd, FLOATING));
+        assert_eq!(s.asked.len(), 1, "{}", s.reply);
+        let DerivedPath::Built { drv_path, .. } = &s.asked[0][0] else {
+            panic!("{:?}", s.asked);
+        };
+        // Not the path the client claimed: the one its derivation has.
+        assert_ne!(drv_path.hash_part(), "0".repeat(32));
+        assert!(s.store.is_valid_path(drv_path).unwrap());
+        // A fatal end of the run is a `MiscFailure` with its message.
+        assert!(s.reply.contains("nothing is built here"), "{}", s.reply);
+    }
+
+    #[test]
+    fn an_untrusted_client_may_not_build_an_input_addressed_derivation() {
+        let s = serve(false, |sd| {
+            let out = format!(
+                "(\"out\",\"{}/{}-x\",\"\",\"\")",
+                sd.as_str(),
+                "1".repeat(32)
+            );
+            build_derivation(sd, &out)
+        });
+        assert!(s.asked.is_empty(), "{:?}", s.asked);
+        assert!(
+            s.reply
+                .contains("you are not privileged to build input-addressed derivations"),
+            "{}",
+            s.reply
+        );
+    }
+
+    #[test]
+    fn a_trusted_client_s_derivation_is_built_at_its_own_path_only() {
+        // The path it names is not in the store: not written for it, refused.
+        let s = serve(true, |sd| build_derivation(sd, FLOATING));
+        assert!(s.asked.is_empty(), "{:?}", s.asked);
+        assert!(s.reply.contains("that is not in the store"), "{}", s.reply);
+    }
+
+    #[test]
+    fn logged_errors_have_nix_s_prefix_and_indented_lines() {
+        assert_eq!(
+            logged_error("builder for 'x' failed;\nlast 1 log lines:\n> a\n"),
+            "\x1b[31;1merror:\x1b[0m builder for 'x' failed;\n       last 1 log lines:\n       > a"
+        );
+    }
+}
