@@ -680,21 +680,34 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                         err("you are not privileged to build input-addressed derivations").into(),
                     );
                 }
-                let drv_path = if self.peer.trusted {
-                    drv_path
-                } else {
-                    let name = drover::derivation::name_from_drv_path(&drv_path)
-                        .map_err(|e| err(e.to_string()))?;
+                // The `.drv` a `BasicDerivation` makes (no input derivations:
+                // they are resolved to sources), at its text path.
+                let name = drover::derivation::name_from_drv_path(&drv_path)
+                    .map_err(|e| err(e.to_string()))?;
+                let drv_name = format!("{name}{}", drover::derivation::DRV_EXTENSION);
+                let contents = drv.to_aterm_bytes(&sd);
+                let references = drv.drv_references();
+                let written = sd
+                    .text_path_of(&drv_name, &contents, &references)
+                    .map_err(|e| err(e.to_string()))?;
+                let write = |store: &LocalStore| {
                     store
-                        .add_text_to_store(
-                            &format!("{name}{}", drover::derivation::DRV_EXTENSION),
-                            &drv.to_aterm_bytes(&sd),
-                            &drv.drv_references(),
-                        )
-                        .map_err(OpError::from)?
+                        .add_text_to_store(&drv_name, &contents, &references)
+                        .map_err(OpError::from)
+                };
+                let drv_path = if !self.peer.trusted {
+                    write(&store)?
+                } else if !store.is_valid_path(&drv_path).map_err(OpError::from)?
+                    && written == drv_path
+                {
+                    // A trusted client's derivation without input derivations
+                    // (a resolved one, as `build-remote` sends): the one it names.
+                    write(&store)?
+                } else {
+                    drv_path
                 };
                 // drover builds from the `.drv` in the store (with its input
-                // derivations); a derivation only the client has is refused.
+                // derivations); any other derivation only the client has is refused.
                 if !store.is_valid_path(&drv_path).map_err(OpError::from)? {
                     return Err(err(format!(
                         "building derivation '{}' that is not in the store is not yet supported by drover",
@@ -1511,11 +1524,15 @@ mod tests {
     }
 
     /// `BuildDerivation` of `output`'s derivation, claimed to be at a path made up.
-    fn build_derivation(sd: &StoreDir, output: &str) -> Vec<u8> {
-        let aterm = format!(
+    fn aterm(output: &str) -> Vec<u8> {
+        format!(
             "Derive([{output}],[],[],\"x86_64-linux\",\"/bin/sh\",[\"-c\",\"echo x > $out\"],[(\"name\",\"x\"),(\"out\",\"\")])"
-        );
-        let drv = Derivation::from_aterm_bytes(aterm.as_bytes(), sd).unwrap();
+        )
+        .into_bytes()
+    }
+
+    fn build_derivation(sd: &StoreDir, output: &str) -> Vec<u8> {
+        let drv = Derivation::from_aterm_bytes(&aterm(output), sd).unwrap();
         let mut b = Vec::new();
         w64(&mut b, 36);
         wstr(
@@ -1564,10 +1581,41 @@ mod tests {
 
     #[test]
     fn a_trusted_client_s_derivation_is_built_at_its_own_path_only() {
-        // The path it names is not in the store: not written for it, refused.
+        // The path it names is not its derivation's: not written for it, refused.
         let s = serve(true, |sd| build_derivation(sd, FLOATING));
         assert!(s.asked.is_empty(), "{:?}", s.asked);
         assert!(s.reply.contains("that is not in the store"), "{}", s.reply);
+        // The path it names is its derivation's (it has no input derivations):
+        // written and built there.
+        let mut at = None;
+        let s = serve(true, |sd| {
+            let mut b = build_derivation(sd, FLOATING);
+            let drv = Derivation::from_aterm_bytes(&aterm(FLOATING), sd).unwrap();
+            let path = sd
+                .text_path_of("x.drv", &drv.to_aterm_bytes(sd), &drv.drv_references())
+                .unwrap();
+            let claimed = format!("{}/{}-x.drv", sd.as_str(), "0".repeat(32));
+            let real = sd.print(&path);
+            assert_eq!(claimed.len(), real.len());
+            let i = b
+                .windows(claimed.len())
+                .position(|w| w == claimed.as_bytes())
+                .unwrap();
+            b[i..i + real.len()].copy_from_slice(real.as_bytes());
+            at = Some(path);
+            b
+        });
+        let at = at.unwrap();
+        assert_eq!(
+            s.asked,
+            vec![vec![DerivedPath::Built {
+                drv_path: at.clone(),
+                outputs: OutputsSpec::Names(["out".to_owned()].into()),
+            }]],
+            "{}",
+            s.reply
+        );
+        assert!(s.store.is_valid_path(&at).unwrap());
     }
 
     #[test]
