@@ -21,7 +21,7 @@ pub(crate) enum Which {
 
 /// A daemon serving a test root; killed (SIGTERM, then SIGKILL) and reaped on drop.
 pub(crate) struct Daemon {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) socket: PathBuf,
 }
 

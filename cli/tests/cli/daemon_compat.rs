@@ -177,15 +177,17 @@ fn store_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
             c
         }
     };
-    let mut child = cmd
+    let child = cmd
         .args(["--store", &uri])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Stopped (SIGTERM) when dropped, whatever happens below.
+    let daemon = Daemon { child, socket };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
         assert!(
             std::time::Instant::now() < deadline,
             "{which:?} did not start"
@@ -202,9 +204,7 @@ fn store_scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
         "nix-build ok".into(),
         run(client(root, "nix-build").args([&f, "-A", "ok", "--no-out-link"])),
     ));
-    // SAFETY: signalling our own child by its pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    drop(daemon);
     for (label, store) in [
         ("the served store", uri.as_str()),
         ("the default one", "local"),
