@@ -856,6 +856,22 @@ impl Settings {
         &self.store_dir
     }
 
+    /// These settings for another local store (a `--store local?state=…` URI):
+    /// the same values, with that store's store, state and log directories.
+    pub fn for_local_store(
+        &self,
+        store_dir: StoreDir,
+        state_dir: PathBuf,
+        log_dir: PathBuf,
+    ) -> Settings {
+        Settings {
+            store_dir,
+            state_dir,
+            log_dir,
+            ..self.clone()
+        }
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }

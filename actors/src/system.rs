@@ -570,6 +570,7 @@ fn worker_gone(e: actix::MailboxError) -> RealiseOutcome {
         results: Vec::new(),
         exit_status: 1,
         errors: vec![format!("the worker stopped unexpectedly: {e}")],
+        fatal: true,
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use actix::Actor;
 use anyhow::Context as _;
 use drover::store::gc_roots::RootsHold;
+use drover_actors::daemon::store_uri::served_store;
 use drover_actors::daemon::{
     authorise, connection::spawn_connection, listen, serve_connection, socket_path, EventHub,
     HubActor, Peer, Shared, SystemBuilds,
@@ -27,10 +28,30 @@ pub struct Args {
     /// Serve one connection on stdin/stdout (as `nix-daemon --stdio`).
     #[arg(long)]
     stdio: bool,
+    /// The store to serve, as Nix's `--store` (default: the `store` setting,
+    /// else `auto`): `local` or a path, with `?root=…&state=…&log=…`.
+    #[arg(long, value_name = "URI")]
+    store: Option<String>,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
-    let settings = ctx.settings.clone();
+    // The daemon's own settings name its socket; the store's, what it serves.
+    let daemon_settings = ctx.settings.clone();
+    let uri = args
+        .store
+        .clone()
+        .or_else(|| {
+            ctx.settings
+                .is_set("store")
+                .then(|| ctx.settings.get("store"))
+                .flatten()
+        })
+        .unwrap_or_else(|| "auto".to_owned());
+    let served = served_store(&daemon_settings, &uri)?;
+    for w in &served.warnings {
+        eprintln!("warning: {w}");
+    }
+    let settings = served.settings;
     let builder = SystemBuilder::new(&settings)
         .env(ctx.env.clone())
         .echo(false)
@@ -76,7 +97,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<ExitCode> {
             let _ = rx.await;
             return Ok(ExitCode::SUCCESS);
         }
-        let path = socket_path(&settings);
+        let path = socket_path(&daemon_settings);
         let listener = listen(&path)?;
         listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(listener)

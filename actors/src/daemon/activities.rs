@@ -271,7 +271,13 @@ impl Activities {
                         out(LoggerMessage::StopActivity(a));
                     }
                 }
-                ProgressEvent::Message(m) => out(LoggerMessage::Next(m)),
+                // A dependency's error, logged as Nix's daemon logs it.
+                ProgressEvent::Message(m) => {
+                    out(LoggerMessage::Next(match m.strip_prefix("error: ") {
+                        Some(e) => super::session::logged_error(e),
+                        None => m,
+                    }))
+                }
                 ProgressEvent::GoalStarted { .. }
                 | ProgressEvent::GoalFinished { .. }
                 | ProgressEvent::Scheduled { .. }

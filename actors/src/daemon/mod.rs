@@ -24,6 +24,7 @@ pub mod hangup;
 pub mod options;
 pub mod roots;
 pub mod session;
+pub mod store_uri;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -268,6 +269,7 @@ impl BuildService for SystemBuilds {
                     results: Vec::new(),
                     exit_status: 1,
                     errors: vec![format!("starting the connection's runtime: {e}")],
+                    fatal: true,
                 };
             }
         };

@@ -620,9 +620,18 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             }
             Request::EnsurePath(p) => {
                 self.start_work()?;
-                let outcome = self.realise(vec![DerivedPath::Opaque(p)], BuildMode::Normal)?;
+                let outcome =
+                    self.realise(vec![DerivedPath::Opaque(p.clone())], BuildMode::Normal)?;
                 if outcome.exit_status != 0 {
-                    return Err(err(build_error(&outcome, &sd)).into());
+                    // Nix's `ensurePath`: a substitution goal has no error of its own.
+                    if outcome.fatal {
+                        return Err(err(outcome.errors.join("\n")).into());
+                    }
+                    return Err(err(format!(
+                        "path '{}' does not exist and cannot be created",
+                        hl(sd.print(&p))
+                    ))
+                    .into());
                 }
                 self.stop_work(None)?;
                 write_u64(self.reply(), 1)?;
@@ -632,7 +641,7 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 self.start_work()?;
                 let outcome = self.realise(paths, mode)?;
                 if outcome.exit_status != 0 {
-                    return Err(err(build_error(&outcome, &sd)).into());
+                    return Err(err(self.build_error(&outcome)?).into());
                 }
                 self.stop_work(None)?;
                 write_u64(self.reply(), 1)?;
@@ -641,8 +650,11 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 let mode = self.build_mode(mode)?;
                 self.start_work()?;
                 let outcome = self.realise(paths.clone(), mode)?;
-                if outcome.results.len() != paths.len() {
-                    return Err(err(build_error(&outcome, &sd)).into());
+                // Nix's `buildPathsWithResults` answers failed builds with their
+                // results, and throws only what ends the run itself (a
+                // derivation's fatal error such as an impure input).
+                if outcome.fatal || outcome.results.len() != paths.len() {
+                    return Err(err(self.build_error(&outcome)?).into());
                 }
                 self.stop_work(None)?;
                 let w = self.reply();
@@ -658,13 +670,44 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             } => {
                 let mode = self.build_mode(mode)?;
                 self.start_work()?;
-                if !self.peer.trusted {
+                // As Nix's daemon: an untrusted client may build only
+                // content-addressed (or impure) derivations, whose outputs prove
+                // themselves; its derivation is written to the store and that one
+                // built, as the path it named cannot be trusted.
+                let drv_type = drv.derivation_type().map_err(|e| err(e.to_string()))?;
+                if !(drv_type.is_ca() || self.peer.trusted) {
                     return Err(
                         err("you are not privileged to build input-addressed derivations").into(),
                     );
                 }
+                // The `.drv` a `BasicDerivation` makes (no input derivations:
+                // they are resolved to sources), at its text path.
+                let name = drover::derivation::name_from_drv_path(&drv_path)
+                    .map_err(|e| err(e.to_string()))?;
+                let drv_name = format!("{name}{}", drover::derivation::DRV_EXTENSION);
+                let contents = drv.to_aterm_bytes(&sd);
+                let references = drv.drv_references();
+                let written = sd
+                    .text_path_of(&drv_name, &contents, &references)
+                    .map_err(|e| err(e.to_string()))?;
+                let write = |store: &LocalStore| {
+                    store
+                        .add_text_to_store(&drv_name, &contents, &references)
+                        .map_err(OpError::from)
+                };
+                let drv_path = if !self.peer.trusted {
+                    write(&store)?
+                } else if !store.is_valid_path(&drv_path).map_err(OpError::from)?
+                    && written == drv_path
+                {
+                    // A trusted client's derivation without input derivations
+                    // (a resolved one, as `build-remote` sends): the one it names.
+                    write(&store)?
+                } else {
+                    drv_path
+                };
                 // drover builds from the `.drv` in the store (with its input
-                // derivations); a derivation only the client has is refused.
+                // derivations); any other derivation only the client has is refused.
                 if !store.is_valid_path(&drv_path).map_err(OpError::from)? {
                     return Err(err(format!(
                         "building derivation '{}' that is not in the store is not yet supported by drover",
@@ -678,11 +721,15 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                     outputs: OutputsSpec::Names(outputs),
                 };
                 let outcome = self.realise(vec![req], mode)?;
+                // Nix's `buildDerivation` turns an error out of the run into a
+                // `MiscFailure` result carrying its message.
+                let fatal = outcome.fatal;
                 let res = outcome
                     .results
                     .into_iter()
                     .next()
                     .map(|r| r.result)
+                    .filter(|_| !fatal)
                     .unwrap_or_else(|| {
                         drover::build_result::BuildResult::failure(
                             drover::build_result::BuildStatus::MiscFailure,
@@ -880,6 +927,24 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
         Ok(res)
     }
 
+    /// The error of a failed `buildPaths`, as Nix's `Store::buildPaths` ends: the
+    /// run's errors are the failed requests' errors and then, when more than one
+    /// request failed, `build of … failed`; all but the last are logged to the
+    /// client (`logError`) and the last is the operation's error.
+    fn build_error(&mut self, outcome: &crate::RealiseOutcome) -> Result<String, Failure> {
+        let Some((last, logged)) = outcome.errors.split_last() else {
+            return Ok(format!(
+                "build failed with exit status {}",
+                outcome.exit_status
+            ));
+        };
+        // At `lvlError`: shown at every verbosity.
+        for e in logged {
+            self.log(LoggerMessage::Next(logged_error(e)))?;
+        }
+        Ok(last.clone())
+    }
+
     fn set_options(&mut self, o: ClientOptions) -> Result<(), Failure> {
         self.verbosity = o.verbosity;
         let (settings, warnings) =
@@ -940,27 +1005,14 @@ fn message_shown(m: &LoggerMessage, verbosity: u64) -> bool {
     }
 }
 
-/// The error of a failed `buildPaths` (Nix's `Store::buildPaths`: the one
-/// failure's message, or `build of … failed` naming every failed request).
-fn build_error(outcome: &crate::RealiseOutcome, sd: &StoreDir) -> String {
-    let failed: Vec<String> = outcome
-        .results
-        .iter()
-        .filter(|r| !r.result.success())
-        .map(|r| {
-            format!(
-                "'{}'",
-                drover::worker_protocol::request::print_wire_derived_path(sd, &r.path)
-            )
-        })
-        .collect();
-    if outcome.errors.len() == 1 {
-        return outcome.errors[0].clone();
-    }
-    if failed.is_empty() {
-        return outcome.errors.join("\n");
-    }
-    format!("build of {} failed", failed.join(", "))
+/// An error as Nix's daemon logs it to a client (`logError`: `TunnelLogger::logEI`
+/// sends `showErrorInfo`'s text as `STDERR_NEXT`): the red `error:` prefix, and the
+/// message's further lines (a log tail) indented to line up after it.
+pub fn logged_error(msg: &str) -> String {
+    format!(
+        "\x1b[31;1merror:\x1b[0m {}",
+        msg.trim_end_matches('\n').replace('\n', "\n       ")
+    )
 }
 
 /// A failed operation: an error the client hears, or one that ends the
@@ -1375,5 +1427,202 @@ mod tempfile_like {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use drover::derivation::Derivation;
+    use drover::worker_protocol::request::write_basic_derivation;
+
+    use super::*;
+    use crate::plan::Plan;
+    use crate::substituter::Substituter;
+
+    /// A build service that records what it is asked to realise and answers
+    /// with a fatal outcome (nothing is built here).
+    #[derive(Default)]
+    struct Recorder {
+        asked: Mutex<Vec<Vec<DerivedPath>>>,
+    }
+
+    impl BuildService for Recorder {
+        fn plan(&self, _: &[DerivedPath]) -> Result<Plan, String> {
+            Err("no plans here".into())
+        }
+
+        fn realise(
+            &self,
+            paths: Vec<DerivedPath>,
+            _: BuildMode,
+            _: &Settings,
+            _: Option<super::super::hangup::Hangup>,
+            _: &mut dyn FnMut(LoggerMessage),
+        ) -> crate::RealiseOutcome {
+            self.asked.lock().unwrap().push(paths);
+            crate::RealiseOutcome {
+                results: Vec::new(),
+                exit_status: 1,
+                errors: vec!["nothing is built here".into()],
+                fatal: true,
+            }
+        }
+
+        fn substituters(&self) -> &[Arc<dyn Substituter>] {
+            &[]
+        }
+    }
+
+    fn w64(v: &mut Vec<u8>, n: u64) {
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+
+    fn wstr(v: &mut Vec<u8>, s: &[u8]) {
+        w64(v, s.len() as u64);
+        v.extend_from_slice(s);
+        v.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
+    }
+
+    /// What a client (protocol 1.34) sending the requests `requests` makes of
+    /// the store dir gets as the daemon's answer, what the daemon asked to
+    /// realise, and the store.
+    struct Served {
+        reply: String,
+        asked: Vec<Vec<DerivedPath>>,
+        store: Arc<LocalStore>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn serve(trusted: bool, requests: impl FnOnce(&StoreDir) -> Vec<u8>) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let settings =
+            Settings::for_root(dir.path(), "experimental-features = ca-derivations").unwrap();
+        let store = Arc::new(LocalStore::open(&settings).unwrap());
+        let recorder = Arc::new(Recorder::default());
+        let shared = Shared {
+            store: store.clone(),
+            settings: settings.clone(),
+            builds: recorder.clone(),
+        };
+        let mut input = Vec::new();
+        for n in [0x6e697863u64, 0x122, 0, 0] {
+            w64(&mut input, n);
+        }
+        input.extend(requests(settings.store_dir()));
+        let mut out = Vec::new();
+        let peer = Peer { uid: None, trusted };
+        let _ = Session::new(&shared, peer, &input[..], &mut out).serve();
+        let asked = std::mem::take(&mut *recorder.asked.lock().unwrap());
+        Served {
+            reply: String::from_utf8_lossy(&out).into_owned(),
+            asked,
+            store,
+            _dir: dir,
+        }
+    }
+
+    /// `BuildDerivation` of `output`'s derivation, claimed to be at a path made up.
+    fn aterm(output: &str) -> Vec<u8> {
+        format!(
+            "Derive([{output}],[],[],\"x86_64-linux\",\"/bin/sh\",[\"-c\",\"echo x > $out\"],[(\"name\",\"x\"),(\"out\",\"\")])"
+        )
+        .into_bytes()
+    }
+
+    fn build_derivation(sd: &StoreDir, output: &str) -> Vec<u8> {
+        let drv = Derivation::from_aterm_bytes(&aterm(output), sd).unwrap();
+        let mut b = Vec::new();
+        w64(&mut b, 36);
+        wstr(
+            &mut b,
+            format!("{}/{}-x.drv", sd.as_str(), "0".repeat(32)).as_bytes(),
+        );
+        write_basic_derivation(&mut b, sd, &drv).unwrap();
+        w64(&mut b, 0);
+        b
+    }
+
+    const FLOATING: &str = "(\"out\",\"\",\"r:sha256\",\"\")";
+
+    #[test]
+    fn an_untrusted_client_builds_its_content_addressed_derivation_written_to_the_store() {
+        let s = serve(false, |sd| build_derivation(sd, FLOATING));
+        assert_eq!(s.asked.len(), 1, "{}", s.reply);
+        let DerivedPath::Built { drv_path, .. } = &s.asked[0][0] else {
+            panic!("{:?}", s.asked);
+        };
+        // Not the path the client claimed: the one its derivation has.
+        assert_ne!(drv_path.hash_part(), "0".repeat(32));
+        assert!(s.store.is_valid_path(drv_path).unwrap());
+        // A fatal end of the run is a `MiscFailure` with its message.
+        assert!(s.reply.contains("nothing is built here"), "{}", s.reply);
+    }
+
+    #[test]
+    fn an_untrusted_client_may_not_build_an_input_addressed_derivation() {
+        let s = serve(false, |sd| {
+            let out = format!(
+                "(\"out\",\"{}/{}-x\",\"\",\"\")",
+                sd.as_str(),
+                "1".repeat(32)
+            );
+            build_derivation(sd, &out)
+        });
+        assert!(s.asked.is_empty(), "{:?}", s.asked);
+        assert!(
+            s.reply
+                .contains("you are not privileged to build input-addressed derivations"),
+            "{}",
+            s.reply
+        );
+    }
+
+    #[test]
+    fn a_trusted_client_s_derivation_is_built_at_its_own_path_only() {
+        // The path it names is not its derivation's: not written for it, refused.
+        let s = serve(true, |sd| build_derivation(sd, FLOATING));
+        assert!(s.asked.is_empty(), "{:?}", s.asked);
+        assert!(s.reply.contains("that is not in the store"), "{}", s.reply);
+        // The path it names is its derivation's (it has no input derivations):
+        // written and built there.
+        let mut at = None;
+        let s = serve(true, |sd| {
+            let mut b = build_derivation(sd, FLOATING);
+            let drv = Derivation::from_aterm_bytes(&aterm(FLOATING), sd).unwrap();
+            let path = sd
+                .text_path_of("x.drv", &drv.to_aterm_bytes(sd), &drv.drv_references())
+                .unwrap();
+            let claimed = format!("{}/{}-x.drv", sd.as_str(), "0".repeat(32));
+            let real = sd.print(&path);
+            assert_eq!(claimed.len(), real.len());
+            let i = b
+                .windows(claimed.len())
+                .position(|w| w == claimed.as_bytes())
+                .unwrap();
+            b[i..i + real.len()].copy_from_slice(real.as_bytes());
+            at = Some(path);
+            b
+        });
+        let at = at.unwrap();
+        assert_eq!(
+            s.asked,
+            vec![vec![DerivedPath::Built {
+                drv_path: at.clone(),
+                outputs: OutputsSpec::Names(["out".to_owned()].into()),
+            }]],
+            "{}",
+            s.reply
+        );
+        assert!(s.store.is_valid_path(&at).unwrap());
+    }
+
+    #[test]
+    fn logged_errors_have_nix_s_prefix_and_indented_lines() {
+        assert_eq!(
+            logged_error("builder for 'x' failed;\nlast 1 log lines:\n> a\n"),
+            "\x1b[31;1merror:\x1b[0m builder for 'x' failed;\n       last 1 log lines:\n       > a"
+        );
     }
 }

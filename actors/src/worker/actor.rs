@@ -364,6 +364,7 @@ impl Worker {
                 results: Vec::new(),
                 exit_status: 1,
                 errors: vec![format!("realisation run {} is already going on", q.run)],
+                fatal: true,
             });
         }
     }
@@ -476,6 +477,7 @@ fn interrupted() -> RealiseOutcome {
         results: Vec::new(),
         exit_status: 1,
         errors: vec![INTERRUPTED.to_owned()],
+        fatal: true,
     }
 }
 
@@ -487,6 +489,7 @@ fn await_outcome(
             results: Vec::new(),
             exit_status: 1,
             errors: vec!["the worker stopped".into()],
+            fatal: true,
         })
     })
 }

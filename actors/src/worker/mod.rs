@@ -215,6 +215,11 @@ pub struct RealiseOutcome {
     pub exit_status: i32,
     /// The errors Nix would print, in order (without the `error: ` prefix).
     pub errors: Vec<String>,
+    /// The run ended with an error of its own rather than its goals' results
+    /// (Nix's exception out of `Worker::run`: a goal's fatal error, an interrupt,
+    /// a run that could not start): `errors` holds only that error, and the
+    /// results are not the goals'. Nix's `buildPathsWithResults` throws it.
+    pub fatal: bool,
 }
 
 /// A message for one goal (the Worker → goal messages of [`crate::messages`]).
@@ -582,6 +587,7 @@ impl WorkerCore {
         }
         let mut r = self.runs.remove(&run)?;
         let (exit_status, errors) = self.status_of(&r);
+        let fatal = r.fatal.is_some();
         // The results move out (a request's result is cloned only when the same
         // goal serves a later request too, or a goal still holds it): a large run
         // does not hold its results twice at its end.
@@ -605,6 +611,7 @@ impl WorkerCore {
             results,
             exit_status,
             errors,
+            fatal,
         })
     }
 
@@ -1350,6 +1357,7 @@ impl WorkerCore {
                 results: Vec::new(),
                 exit_status: 1,
                 errors: vec![format!("no realisation run {run} in this worker")],
+                fatal: true,
             };
         };
         let (exit_status, errors) = self.status_of(r);
@@ -1368,6 +1376,7 @@ impl WorkerCore {
             results,
             exit_status,
             errors,
+            fatal: r.fatal.is_some(),
         }
     }
 
@@ -1389,18 +1398,31 @@ impl WorkerCore {
                 .iter()
                 .any(|(p, i)| i == id && matches!(p, DerivedPath::Built { .. }))
         };
-        let ex: Vec<&str> = r
+        // Nix walks its goals in key order (`b$<name>$<drv path>` for derivation
+        // goals): it keeps the first error and logs each later one at once.
+        let drv_key = |id: &GoalId| {
+            r.top.iter().find(|(_, i)| i == id).map(|(p, _)| {
+                let drv = p.base_path();
+                (drv.name().to_owned(), self.store_dir.print(drv))
+            })
+        };
+        let mut ex: Vec<(Option<(String, String)>, &str)> = r
             .failed_top
             .iter()
             .filter(|id| is_drv_goal(id))
-            .filter_map(|id| r.top_results.get(id))
-            .map(|o| o.result.error_msg.as_str())
-            .filter(|m| !m.is_empty())
+            .filter_map(|id| r.top_results.get(id).map(|o| (drv_key(id), o)))
+            .map(|(k, o)| (k, o.result.error_msg.as_str()))
+            .filter(|(_, m)| !m.is_empty())
             .collect();
+        ex.sort_by(|a, b| a.0.cmp(&b.0));
         if r.failed_top.len() == 1 && ex.len() == 1 {
-            errors.push(ex[0].to_owned());
+            errors.push(ex[0].1.to_owned());
         } else if !r.failed_top.is_empty() {
-            errors.extend(ex.iter().map(|m| (*m).to_owned()));
+            // The later ones as they were logged, then the kept one.
+            if let Some(((_, first), later)) = ex.split_first() {
+                errors.extend(later.iter().map(|(_, m)| (*m).to_owned()));
+                errors.push((*first).to_owned());
+            }
             let mut names: Vec<String> = Vec::new();
             for (path, id) in &r.top {
                 if r.failed_top.contains(id) {

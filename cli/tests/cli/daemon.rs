@@ -21,8 +21,8 @@ pub(crate) enum Which {
 
 /// A daemon serving a test root; killed (SIGTERM, then SIGKILL) and reaped on drop.
 pub(crate) struct Daemon {
-    child: Child,
-    socket: PathBuf,
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
 }
 
 impl Daemon {
@@ -83,7 +83,7 @@ pub(crate) fn client(root: &TestRoot, program: &str) -> Command {
 }
 
 /// What one client command showed: exit code, stdout, stderr.
-fn run(c: &mut Command) -> String {
+pub(crate) fn run(c: &mut Command) -> String {
     let out = c.output().unwrap(); // stdin: null unless the caller set one
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
@@ -463,11 +463,11 @@ fn nix_clients_see_the_same_through_drover_daemon_as_through_nix_daemon() {
     }
 }
 
-fn w64(v: &mut Vec<u8>, n: u64) {
+pub(crate) fn w64(v: &mut Vec<u8>, n: u64) {
     v.extend_from_slice(&n.to_le_bytes());
 }
 
-fn wstr(v: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn wstr(v: &mut Vec<u8>, s: &[u8]) {
     w64(v, s.len() as u64);
     v.extend_from_slice(s);
     v.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
@@ -475,7 +475,7 @@ fn wstr(v: &mut Vec<u8>, s: &[u8]) {
 
 /// A Nix 2.8 client's greeting: magic, version 1.34, no CPU affinity, no
 /// reserveSpace.
-fn greeting() -> Vec<u8> {
+pub(crate) fn greeting() -> Vec<u8> {
     let mut v = Vec::new();
     w64(&mut v, 0x6e697863);
     w64(&mut v, 0x122);
@@ -486,7 +486,7 @@ fn greeting() -> Vec<u8> {
 
 /// Sends `bytes` on a new connection and returns everything the daemon sends
 /// until it closes the connection (or 60 s pass).
-fn exchange(socket: &Path, bytes: &[u8], close_write: bool) -> Vec<u8> {
+pub(crate) fn exchange(socket: &Path, bytes: &[u8], close_write: bool) -> Vec<u8> {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let _ = s.write_all(bytes);

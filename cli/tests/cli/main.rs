@@ -15,6 +15,7 @@ mod build_done;
 mod builtins;
 mod ca;
 mod daemon;
+mod daemon_compat;
 mod daemon_options;
 mod derivation;
 mod fallback;
