@@ -175,6 +175,9 @@ pub enum BuildError {
     /// A derivation requires `recursive-nix` but the experimental feature is off.
     #[error(transparent)]
     MissingFeature(#[from] crate::config::MissingExperimentalFeature),
+    /// The caller could not serve the recursive Nix socket.
+    #[error("{0}")]
+    RecursiveDaemon(String),
     #[error("creating the recursive Nix socket '{path}': {source}")]
     RecursiveSocket {
         path: PathBuf,

@@ -74,8 +74,9 @@ mod tests {
     fn listens_in_the_build_dir_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
         let root = tempfile::tempdir().unwrap();
-        let s = crate::config::Settings::for_root(root.path(), "experimental-features = recursive-nix")
-            .unwrap();
+        let s =
+            crate::config::Settings::for_root(root.path(), "experimental-features = recursive-nix")
+                .unwrap();
         let settings = BuildSettings::from_settings(&s);
         assert!(settings.recursive_nix);
         let (_l, remote) = listen(&settings, dir.path(), Path::new("/build")).unwrap();

@@ -43,6 +43,9 @@ pub struct LocalBuilderConfig {
     pub echo: bool,
     /// drover's build history, where every finished build is recorded.
     pub history: Option<Arc<super::history::HistoryLog>>,
+    /// All the settings: a recursive-Nix build's daemon runs its builds in a
+    /// system of its own ([`super::recursive`]).
+    pub settings: Arc<Settings>,
 }
 
 impl LocalBuilderConfig {
@@ -61,6 +64,7 @@ impl LocalBuilderConfig {
             history: Some(Arc::new(super::history::HistoryLog::new(
                 settings.state_dir(),
             ))),
+            settings: Arc::new(settings.clone()),
         }
     }
 }
@@ -216,7 +220,13 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let prep = loop {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
                 let r = tokio::task::spawn_blocking(move || {
-                    build::prepare(&store, &config.build, &spec)
+                    build::prepare(&store, &config.build, &spec).and_then(
+                        |(mut prepared, process)| {
+                            let daemon =
+                                start_recursive_daemon(&store, &config, &spec, &mut prepared)?;
+                            Ok((prepared, process, daemon))
+                        },
+                    )
                 })
                 .await;
                 // All build users busy: wait a while and try again, unless cancelled.
@@ -228,7 +238,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 }
                 break r;
             };
-            let (prepared, process) = match prep {
+            let (prepared, process, recursive) = match prep {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     let _ = log.eof.send(LogEof).await;
@@ -359,6 +369,16 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let outcome = {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
                 tokio::task::spawn_blocking(move || {
+                    // The builder is gone: so is its daemon, and what it added
+                    // may be referred to by the outputs (Nix's `addedPaths`).
+                    let spec = match recursive {
+                        Some(d) => {
+                            let mut s = (*spec).clone();
+                            s.input_closure.extend(d.stop());
+                            Arc::new(s)
+                        }
+                        None => spec,
+                    };
                     build::finish(&store, &config.build, &spec, prepared, status, killed)
                 })
                 .await
@@ -435,6 +455,31 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             },
         ));
     }
+}
+
+/// The daemon of a `recursive-nix` build, serving the socket `prepare` made.
+fn start_recursive_daemon(
+    store: &Arc<LocalStore>,
+    config: &LocalBuilderConfig,
+    spec: &BuildSpec,
+    prepared: &mut build::PreparedBuild,
+) -> Result<Option<super::recursive::RecursiveDaemon>, build::BuildError> {
+    let Some(listener) = prepared.recursive_socket.take() else {
+        return Ok(None);
+    };
+    let materialise = prepared
+        .chroot
+        .as_ref()
+        .map(|c| super::recursive::sandbox_materialiser(store, c));
+    super::recursive::RecursiveDaemon::start(
+        listener,
+        store.clone(),
+        &config.settings,
+        spec.input_closure.clone(),
+        materialise,
+    )
+    .map(Some)
+    .map_err(|e| build::BuildError::RecursiveDaemon(e.to_string()))
 }
 
 impl Handler<BuildAlarm> for LocalBuilder {

@@ -1,0 +1,437 @@
+//! The restricted store of recursive Nix (Nix 2.8's `RestrictedStore` served
+//! with `daemon::Recursive`): a session for the builder of a `recursive-nix`
+//! derivation sees only the build's input closure and the paths added through
+//! it. Queries of other paths answer as if they were invalid (or with Nix's
+//! `… in recursive Nix` errors); what the builder adds to the store, and the
+//! closures of what it builds, become allowed ("added paths"), which the build's
+//! reference scan then accepts; garbage collection and roots are no-ops;
+//! `SetOptions` changes nothing but the verbosity.
+//!
+//! [`RestrictedPaths`] is the allowed set, shared by the build (which reads the
+//! added paths when it registers its outputs) and every connection of its
+//! socket. The session consults it in [`Session::perform_restricted`] before an
+//! operation, which either answers the request itself or hands it back to the
+//! unrestricted code.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use drover::derived_path::DerivedPath;
+use drover::realisation::DrvOutput;
+use drover::store_path::{StorePath, StorePathSet};
+use drover::worker_protocol::framed::FramedReader;
+use drover::worker_protocol::reply::{
+    write_build_result, write_opt_store_path, write_path_info, write_store_path, write_store_paths,
+};
+use drover::worker_protocol::request::{
+    print_wire_derived_path, read_path_info_after_path, read_store_path,
+};
+use drover::worker_protocol::wire::{read_u64, write_bool, write_u64};
+use drover::worker_protocol::{hl, Request, WireBuildMode};
+
+use super::{add_nar, build_error, err, Failure, OpError, Session};
+use crate::messages::BuildMode;
+
+/// Makes an added path appear where the builder can see it (in a sandbox:
+/// bind-mounted or linked into the chroot's store), Nix's `addDependency`.
+pub type Materialise = Box<dyn Fn(&StorePath) -> Result<(), String> + Send + Sync>;
+
+/// What a recursive-Nix build may see: its input closure and the paths added
+/// since (Nix's `inputPaths`, `addedPaths`, `addedDrvOutputs`).
+pub struct RestrictedPaths {
+    inputs: StorePathSet,
+    added: Mutex<Added>,
+    materialise: Option<Materialise>,
+}
+
+#[derive(Default)]
+struct Added {
+    paths: StorePathSet,
+    drv_outputs: BTreeSet<DrvOutput>,
+}
+
+impl RestrictedPaths {
+    pub fn new(inputs: StorePathSet, materialise: Option<Materialise>) -> RestrictedPaths {
+        RestrictedPaths {
+            inputs,
+            added: Mutex::new(Added::default()),
+            materialise,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Added> {
+        self.added.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Nix's `isAllowed(StorePath)`.
+    pub fn is_allowed(&self, p: &StorePath) -> bool {
+        self.inputs.contains(p) || self.lock().paths.contains(p)
+    }
+
+    /// Nix's `isAllowed(DrvOutput)`: only realisations of builds done through
+    /// the socket.
+    pub fn is_allowed_output(&self, id: &DrvOutput) -> bool {
+        self.lock().drv_outputs.contains(id)
+    }
+
+    /// Nix's `addDependency`: `p` becomes allowed (made visible to the builder
+    /// first, if there is a sandbox).
+    pub fn add(&self, p: &StorePath) -> Result<(), String> {
+        if self.is_allowed(p) {
+            return Ok(());
+        }
+        self.lock().paths.insert(p.clone());
+        if let Some(m) = &self.materialise {
+            m(p)?;
+        }
+        Ok(())
+    }
+
+    /// The paths added so far (beside the inputs), for the reference scan.
+    pub fn added(&self) -> StorePathSet {
+        self.lock().paths.clone()
+    }
+
+    /// Everything allowed (Nix's `queryAllValidPaths` of the restricted store).
+    pub fn all(&self) -> StorePathSet {
+        let mut all = self.inputs.clone();
+        all.extend(self.lock().paths.iter().cloned());
+        all
+    }
+
+    fn add_drv_output(&self, id: DrvOutput) {
+        self.lock().drv_outputs.insert(id);
+    }
+}
+
+impl<R: Read, W: Write> Session<'_, R, W> {
+    /// The operation under the restricted store's rules: `Ok(None)` when
+    /// answered here, `Ok(Some(req))` for the unrestricted code to perform.
+    pub(super) fn perform_restricted(
+        &mut self,
+        allowed: &Arc<RestrictedPaths>,
+        req: Request,
+    ) -> Result<Option<Request>, Failure> {
+        let store = self.shared.store.clone();
+        let sd = store.store_dir().clone();
+        let unknown = |what: &str, p: &StorePath| -> Failure {
+            err(format!(
+                "cannot {what} unknown path '{}' in recursive Nix",
+                hl(sd.print(p))
+            ))
+            .into()
+        };
+        let invalid = |p: &StorePath| -> Failure {
+            err(format!("path '{}' is not valid", hl(sd.print(p)))).into()
+        };
+        match req {
+            Request::IsValidPath(p) if !allowed.is_allowed(&p) => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_bool(self.reply(), false)?;
+            }
+            Request::QueryValidPaths { paths, .. } => {
+                // Only what is allowed, and never substituted.
+                let paths = paths
+                    .into_iter()
+                    .filter(|p| allowed.is_allowed(p))
+                    .collect();
+                return Ok(Some(Request::QueryValidPaths {
+                    paths,
+                    substitute: false,
+                }));
+            }
+            // The restricted store has no substituters.
+            Request::HasSubstitutes(_) => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_bool(self.reply(), false)?;
+            }
+            Request::QuerySubstitutablePaths(_)
+            | Request::QueryReferrers(_)
+            | Request::QueryValidDerivers(_) => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_store_paths(self.reply(), &sd, &StorePathSet::new())?;
+            }
+            Request::QuerySubstitutablePathInfo(_) | Request::QuerySubstitutablePathInfos(_) => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_u64(self.reply(), 0)?;
+            }
+            Request::QueryPathHash(p) | Request::QueryReferences(p) if !allowed.is_allowed(&p) => {
+                self.start_work()?;
+                return Err(invalid(&p));
+            }
+            Request::QueryDeriver(p) => {
+                // The deriver is censored.
+                self.start_work()?;
+                if !allowed.is_allowed(&p)
+                    || store.query_path_info(&p).map_err(OpError::from)?.is_none()
+                {
+                    return Err(invalid(&p));
+                }
+                self.stop_work(None)?;
+                write_opt_store_path(self.reply(), &sd, None)?;
+            }
+            Request::QueryPathInfo(p) => {
+                self.start_work()?;
+                let info = if allowed.is_allowed(&p) {
+                    store.query_path_info(&p).map_err(OpError::from)?
+                } else {
+                    None
+                };
+                self.stop_work(None)?;
+                let minor = self.minor;
+                let w = self.reply();
+                match info {
+                    Some(mut i) => {
+                        // Impure information is censored.
+                        i.deriver = None;
+                        i.registration_time = 0;
+                        i.ultimate = false;
+                        i.sigs.clear();
+                        write_u64(w, 1)?;
+                        write_path_info(w, &sd, &i, minor)?;
+                    }
+                    None => write_u64(w, 0)?,
+                }
+            }
+            Request::QueryDerivationOutputs(p)
+            | Request::QueryDerivationOutputMap(p)
+            | Request::QueryDerivationOutputNames(p)
+                if !allowed.is_allowed(&p) =>
+            {
+                self.start_work()?;
+                return Err(err(format!(
+                    "cannot query output map for unknown path '{}' in recursive Nix",
+                    hl(sd.print(&p))
+                ))
+                .into());
+            }
+            Request::QueryPathFromHashPart(_) => {
+                self.start_work()?;
+                return Err(err("queryPathFromHashPart").into());
+            }
+            Request::QueryAllValidPaths => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_store_paths(self.reply(), &sd, &allowed.all())?;
+            }
+            Request::AddToStore {
+                name,
+                method,
+                references,
+                repair,
+            } => {
+                self.start_work()?;
+                let info = self.add_to_store(&name, method, &references, repair)?;
+                allowed.add(&info.path).map_err(OpError)?;
+                self.stop_work(None)?;
+                let minor = self.minor;
+                let w = self.reply();
+                write_store_path(w, &sd, &info.path)?;
+                write_path_info(w, &sd, &info, minor)?;
+            }
+            Request::AddTextToStore {
+                name,
+                text,
+                references,
+            } => {
+                self.start_work()?;
+                let p = store
+                    .add_text_to_store(&name, &text, &references)
+                    .map_err(OpError::from)?;
+                allowed.add(&p).map_err(OpError)?;
+                self.stop_work(None)?;
+                write_store_path(self.reply(), &sd, &p)?;
+            }
+            Request::AddToStoreNar {
+                info,
+                repair,
+                dont_check_sigs,
+            } => {
+                let path = info.path.clone();
+                self.perform(Request::AddToStoreNar {
+                    info,
+                    repair,
+                    dont_check_sigs,
+                })?;
+                allowed.add(&path).map_err(OpError)?;
+            }
+            Request::AddMultipleToStore { repair, .. } => {
+                // The client is not trusted: signatures are always checked.
+                self.start_work()?;
+                let settings = self.settings.clone();
+                let mut framed = FramedReader::new(&mut self.from);
+                let r = (|| -> Result<(), OpError> {
+                    let n = read_u64(&mut framed)?;
+                    for _ in 0..n {
+                        let p = read_store_path(&mut framed, &sd)?;
+                        let mut info = read_path_info_after_path(&mut framed, &sd, p)?;
+                        info.ultimate = false;
+                        add_nar(&store, &settings, &info, repair, true, &mut framed, false)?;
+                        allowed.add(&info.path).map_err(OpError)?;
+                    }
+                    Ok(())
+                })();
+                framed.finish().map_err(Failure::from_protocol)?;
+                r?;
+                self.stop_work(None)?;
+            }
+            Request::RegisterDrvOutput(_) => {
+                self.start_work()?;
+                return Err(err("registerDrvOutput").into());
+            }
+            Request::QueryRealisation(id) if !allowed.is_allowed_output(&id) => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_u64(self.reply(), 0)?;
+            }
+            // Roots and the collector are no-ops.
+            Request::AddTempRoot(_) | Request::AddIndirectRoot(_) | Request::OptimiseStore => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_u64(self.reply(), 1)?;
+            }
+            Request::FindRoots => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                write_u64(self.reply(), 0)?;
+            }
+            Request::CollectGarbage { .. } => {
+                self.start_work()?;
+                self.stop_work(None)?;
+                let w = self.reply();
+                write_u64(w, 0)?;
+                write_u64(w, 0)?;
+                write_u64(w, 0)?;
+            }
+            Request::SetOptions(o) => {
+                // As Nix in recursive mode: the client's settings are not applied.
+                self.start_work()?;
+                self.verbosity = o.verbosity;
+                self.stop_work(None)?;
+            }
+            Request::VerifyStore { repair, .. } => {
+                self.start_work()?;
+                if repair && !self.peer.trusted {
+                    return Err(err("you are not privileged to repair paths").into());
+                }
+                self.stop_work(None)?;
+                write_bool(self.reply(), false)?;
+            }
+            Request::NarFromPath(p) if !allowed.is_allowed(&p) => {
+                self.start_work()?;
+                return Err(unknown("dump", &p));
+            }
+            Request::QueryMissing(paths) => {
+                self.start_work()?;
+                let (ok, refused): (Vec<DerivedPath>, Vec<DerivedPath>) = paths
+                    .into_iter()
+                    .partition(|d| allowed.is_allowed(d.base_path()));
+                let mut plan = if ok.is_empty() {
+                    crate::plan::Plan::default()
+                } else {
+                    self.shared.builds.plan(&ok).map_err(OpError)?
+                };
+                plan.unknown
+                    .extend(refused.iter().map(|d| d.base_path().clone()));
+                self.stop_work(None)?;
+                let w = self.reply();
+                write_store_paths(w, &sd, &plan.will_build)?;
+                write_store_paths(w, &sd, &plan.will_substitute)?;
+                write_store_paths(w, &sd, &plan.unknown)?;
+                write_u64(w, plan.download_size)?;
+                write_u64(w, plan.nar_size)?;
+            }
+            Request::EnsurePath(p) => {
+                self.start_work()?;
+                if !allowed.is_allowed(&p) {
+                    return Err(unknown("substitute", &p));
+                }
+                // Nothing to do: an allowed path is valid.
+                self.stop_work(None)?;
+                write_u64(self.reply(), 1)?;
+            }
+            Request::BuildPaths { paths, mode } => {
+                let outcome = self.build_restricted(allowed, &paths, mode)?;
+                if outcome.exit_status != 0 {
+                    return Err(err(build_error(&outcome, &sd)).into());
+                }
+                self.stop_work(None)?;
+                write_u64(self.reply(), 1)?;
+            }
+            Request::BuildPathsWithResults { paths, mode } => {
+                let outcome = self.build_restricted(allowed, &paths, mode)?;
+                if outcome.results.len() != paths.len() {
+                    return Err(err(build_error(&outcome, &sd)).into());
+                }
+                self.stop_work(None)?;
+                let w = self.reply();
+                write_u64(w, outcome.results.len() as u64)?;
+                for r in &outcome.results {
+                    write_build_result(w, &sd, &r.path, &r.result)?;
+                }
+            }
+            Request::BuildDerivation { .. } => {
+                self.start_work()?;
+                return Err(
+                    err("operation 'buildDerivation' is not supported by store 'local'").into(),
+                );
+            }
+            other => return Ok(Some(other)),
+        }
+        Ok(None)
+    }
+
+    /// Nix's `RestrictedStore::buildPathsWithResults`: only allowed paths, only
+    /// normal builds; the closures of the outputs built become allowed, and
+    /// their realisations (with those they depend on).
+    fn build_restricted(
+        &mut self,
+        allowed: &Arc<RestrictedPaths>,
+        paths: &[DerivedPath],
+        mode: WireBuildMode,
+    ) -> Result<crate::RealiseOutcome, Failure> {
+        let mode = self.build_mode(mode)?;
+        self.start_work()?;
+        if mode != BuildMode::Normal {
+            return Err(err("unsupported build mode").into());
+        }
+        let store = self.shared.store.clone();
+        let sd = store.store_dir().clone();
+        if let Some(d) = paths.iter().find(|d| !allowed.is_allowed(d.base_path())) {
+            return Err(err(format!(
+                "cannot build '{}' in recursive Nix because path is unknown",
+                hl(print_wire_derived_path(&sd, d))
+            ))
+            .into());
+        }
+        let outcome = self.realise(paths.to_vec(), BuildMode::Normal)?;
+        let mut outputs = Vec::new();
+        let mut ids = Vec::new();
+        for r in &outcome.results {
+            for real in r.result.built_outputs.values() {
+                outputs.push(real.out_path.clone());
+                ids.push(real.id.clone());
+            }
+        }
+        for p in store.compute_closure(&outputs).map_err(OpError::from)? {
+            allowed.add(&p).map_err(OpError)?;
+        }
+        // `Realisation::closure`: the realisations the built ones depend on.
+        let mut seen = BTreeSet::new();
+        while let Some(id) = ids.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if let Some(real) = store.query_realisation(&id).map_err(OpError::from)? {
+                ids.extend(real.dependent_realisations.keys().cloned());
+            }
+            allowed.add_drv_output(id);
+        }
+        Ok(outcome)
+    }
+}
