@@ -51,6 +51,18 @@ derivation {{
     inner=$(nix-build --no-out-link -E 'derivation {{ name = "inner1"; system = builtins.currentSystem; builder = "/bin/sh"; fnord = builtins.toFile "fnord" "fnord"; args = ["-c" "echo $fnord blaat > $out"]; }}')
     ln -s $inner $out/inner1
     nix-store -q --references $inner > $out/inner-refs
+    # What the restricted store answers, refuses and censors.
+    {{
+      nix-store -q --deriver $dummy
+      nix-store -q --referrers $dummy
+      nix --experimental-features nix-command path-info --json $dummy
+      nix-store -q --deriver $unreachable || echo "exit $?"
+      nix-store --dump $unreachable > /dev/null || echo "exit $?"
+      nix-store -q --outputs $unreachable || echo "exit $?"
+      nix-store --gc || echo "exit $?"
+      nix-store --optimise || echo "exit $?"
+      nix-store --verify || echo "exit $?"
+    }} > $out/log 2>&1
   '' ];
 }}
 "#
@@ -84,7 +96,7 @@ fn outcome(root: &TestRoot, r: &Run) -> String {
         args.push(&out);
         s += &format!("{q}:\n{}", root.run("nix-store", &args));
     }
-    for f in ["all", "inner-refs", "inner1"] {
+    for f in ["all", "inner-refs", "inner1", "log"] {
         let text = std::fs::read_to_string(format!("{out}/{f}")).unwrap();
         s += &format!("{f}: {text}");
     }
