@@ -348,6 +348,10 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 // nothing is registered; the scratch outputs stay invalid. The
                 // collector printed the cause when it happened.
                 drop(prepared);
+                if let Some(d) = recursive {
+                    // Joining its threads blocks: not on the arbiter.
+                    let _ = tokio::task::spawn_blocking(move || d.stop()).await;
+                }
                 return (
                     failed(
                         id,

@@ -19,8 +19,8 @@ use crate::realise::{run, Run};
 const CONF: &str = "experimental-features = nix-command recursive-nix";
 
 /// The expression of the scenario; `unreachable` is a valid path outside the
-/// input closure, as a string without context.
-fn expr(unreachable: &str) -> String {
+/// input closure and `unreachable_drv` a `.drv`, as strings without context.
+fn expr(unreachable: &str, unreachable_drv: &str) -> String {
     format!(
         r#"
 derivation {{
@@ -29,6 +29,7 @@ derivation {{
   builder = "/usr/bin/bash";
   dummy = builtins.toFile "dummy" "bla bla";
   unreachable = "{unreachable}";
+  unreachableDrv = "{unreachable_drv}";
   requiredSystemFeatures = [ "recursive-nix" ];
   PATH = "/usr/bin:/bin";
   args = [ "-c" ''
@@ -58,6 +59,10 @@ derivation {{
       nix-store -q --referrers $dummy
       nix --experimental-features nix-command path-info --json $dummy
       nix-store -q --deriver $unreachable || echo "exit $?"
+      nix-store -r $unreachable || echo "exit $?"
+      nix-store -r $unreachableDrv || echo "exit $?"
+      nix-store -q --outputs $unreachableDrv || echo "exit $?"
+      nix --experimental-features nix-command build --no-link $unreachableDrv || echo "exit $?"
       nix-store --gc || echo "exit $?"
       nix-store --optimise || echo "exit $?"
       nix-store --verify || echo "exit $?"
@@ -77,8 +82,15 @@ fn setup(root: &TestRoot) -> String {
         .run("nix-store", &["--add", file.to_str().unwrap()])
         .trim()
         .to_owned();
+    let other = root.path().join("other.nix");
+    std::fs::write(
+        &other,
+        r#"derivation { name = "other"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo > $out"]; }"#,
+    )
+    .unwrap();
+    let unreachable_drv = root.instantiate(&other, None).remove(0);
     let nix = root.path().join("recursive.nix");
-    std::fs::write(&nix, expr(&unreachable)).unwrap();
+    std::fs::write(&nix, expr(&unreachable, &unreachable_drv)).unwrap();
     root.instantiate(&nix, None).remove(0)
 }
 
@@ -144,6 +156,12 @@ fn scenario(conf: &str) {
     }
     // The builder saw its input and what it added, nothing else.
     assert!(expected.contains("all: 2\n"), "{expected}");
+    for refused in [
+        "in recursive Nix because path is unknown",
+        "cannot substitute unknown path",
+    ] {
+        assert!(expected.contains(refused), "{refused} in {expected}");
+    }
     root.verify_store();
 }
 
