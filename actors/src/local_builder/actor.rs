@@ -46,6 +46,21 @@ pub struct LocalBuilderConfig {
     /// All the settings: a recursive-Nix build's daemon runs its builds in a
     /// system of its own ([`super::recursive`]).
     pub settings: Arc<Settings>,
+    /// The system's substituters, shared with that inner system (`None`: it
+    /// makes its own from the settings).
+    pub substituters: Option<SharedSubstituters>,
+}
+
+/// The substituters of a system, for [`LocalBuilderConfig::substituters`].
+#[derive(Clone)]
+pub struct SharedSubstituters(pub Vec<Arc<dyn crate::substituter::Substituter>>);
+
+impl std::fmt::Debug for SharedSubstituters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|s| s.uri()))
+            .finish()
+    }
 }
 
 impl LocalBuilderConfig {
@@ -65,6 +80,7 @@ impl LocalBuilderConfig {
                 settings.state_dir(),
             ))),
             settings: Arc::new(settings.clone()),
+            substituters: None,
         }
     }
 }
@@ -479,6 +495,7 @@ fn start_recursive_daemon(
         listener,
         store.clone(),
         &config.settings,
+        config.substituters.as_ref().map(|s| s.0.clone()),
         spec.input_closure.clone(),
         materialise,
     )

@@ -31,6 +31,7 @@ use thiserror::Error;
 use crate::daemon::hangup::Hangup;
 use crate::daemon::session::{Materialise, RestrictedPaths};
 use crate::daemon::{EventHub, HubActor, Peer, Session, Shared, SystemBuilds};
+use crate::substituter::Substituter;
 use crate::SystemBuilder;
 
 /// Why the daemon of a recursive-Nix build could not start.
@@ -74,10 +75,11 @@ impl RecursiveDaemon {
         listener: UnixListener,
         store: Arc<LocalStore>,
         settings: &Settings,
+        substituters: Option<Vec<Arc<dyn Substituter>>>,
         inputs: StorePathSet,
         materialise: Option<Materialise>,
     ) -> Result<RecursiveDaemon, RecursiveError> {
-        let (builds, inner) = start_inner(store.clone(), settings)?;
+        let (builds, inner) = start_inner(store.clone(), settings, substituters)?;
         let allowed = Arc::new(RestrictedPaths::new(inputs, materialise));
         let shared = Arc::new(Shared {
             store,
@@ -201,6 +203,7 @@ fn link_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()
 fn start_inner(
     store: Arc<LocalStore>,
     settings: &Settings,
+    substituters: Option<Vec<Arc<dyn Substituter>>>,
 ) -> Result<(SystemBuilds, InnerSystem), RecursiveError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let settings = settings.clone();
@@ -211,7 +214,11 @@ fn start_inner(
             let started = runner.block_on(async move {
                 let hub = Arc::new(EventHub::default());
                 let hub_actor = HubActor { hub: hub.clone() }.start();
-                SystemBuilder::new(&settings)
+                let mut builder = SystemBuilder::new(&settings);
+                if let Some(s) = substituters {
+                    builder = builder.substituters(s);
+                }
+                builder
                     .store(store)
                     .echo(false)
                     .print_build_lines(false)
@@ -301,24 +308,45 @@ fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover::store_path::StorePath;
+    use std::io::{Read, Write};
 
+    /// Starts a daemon on a socket in a scratch root; the connection is
+    /// served (the greeting is answered), and `stop` ends it, refuses new
+    /// connections and returns what was added (nothing here).
     #[test]
-    fn added_paths_become_allowed_inputs_stay() {
-        let sd = drover::store_path::StoreDir::new("/nix/store").unwrap();
-        let a = sd
-            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a")
-            .unwrap();
-        let b: StorePath = sd
-            .parse("/nix/store/ffffffffffffffffffffffffffffffff-b")
-            .unwrap();
-        let r = RestrictedPaths::new([a.clone()].into(), None);
-        assert!(r.is_allowed(&a));
-        assert!(!r.is_allowed(&b));
-        r.add(&b).unwrap();
-        r.add(&a).unwrap();
-        assert!(r.is_allowed(&b));
-        assert_eq!(r.added(), [b.clone()].into());
-        assert_eq!(r.all(), [a, b].into());
+    fn stop_ends_the_connections_and_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::for_root(dir.path(), "").unwrap();
+        let store = Arc::new(LocalStore::open(&settings).unwrap());
+        let path = dir.path().join(".nix-socket");
+        let listener = drover::store::unix_socket::bind(&path).unwrap();
+        let daemon = RecursiveDaemon::start(
+            listener,
+            store,
+            &settings,
+            Some(Vec::new()),
+            StorePathSet::new(),
+            None,
+        )
+        .unwrap();
+        let mut client = drover::store::unix_socket::connect(&path).unwrap();
+        // WORKER_MAGIC_1; the server answers WORKER_MAGIC_2 and its version.
+        client.write_all(&0x6e697863u64.to_le_bytes()).unwrap();
+        let mut answer = [0u8; 16];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(answer[..8].try_into().unwrap()),
+            0x6478696f
+        );
+        assert!(daemon.added().is_empty());
+        assert!(daemon.stop().is_empty());
+        // The session is gone: the client reads the end of the stream.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        // And nobody accepts any more.
+        let refused = drover::store::unix_socket::connect(&path)
+            .and_then(|mut c| c.write_all(&[0u8; 8]).and_then(|_| c.read(&mut [0u8; 8])));
+        assert!(!matches!(refused, Ok(n) if n > 0), "{refused:?}");
     }
 }

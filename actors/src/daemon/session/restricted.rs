@@ -435,3 +435,38 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_paths_become_allowed_inputs_stay() {
+        let sd = drover::store_path::StoreDir::new("/nix/store").unwrap();
+        let a = sd
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a")
+            .unwrap();
+        let b = sd
+            .parse("/nix/store/ffffffffffffffffffffffffffffffff-b")
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let r = RestrictedPaths::new(
+            [a.clone()].into(),
+            Some(Box::new(move |p: &StorePath| {
+                record.lock().unwrap().push(p.clone());
+                Ok(())
+            })),
+        );
+        assert!(r.is_allowed(&a));
+        assert!(!r.is_allowed(&b));
+        r.add(&b).unwrap();
+        r.add(&a).unwrap();
+        r.add(&b).unwrap();
+        assert!(r.is_allowed(&b));
+        assert_eq!(r.added(), [b.clone()].into());
+        assert_eq!(r.all(), [a, b.clone()].into());
+        // Made visible once, and inputs never (they are there already).
+        assert_eq!(*seen.lock().unwrap(), [b]);
+    }
+}
