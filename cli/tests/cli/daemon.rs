@@ -14,19 +14,19 @@ use std::time::{Duration, Instant};
 use crate::nix_env::{corpus_dir, TestRoot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Which {
+pub(crate) enum Which {
     Nix,
     Drover,
 }
 
 /// A daemon serving a test root; killed (SIGTERM, then SIGKILL) and reaped on drop.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     socket: PathBuf,
 }
 
 impl Daemon {
-    fn start(root: &TestRoot, which: Which) -> Daemon {
+    pub(crate) fn start(root: &TestRoot, which: Which) -> Daemon {
         let socket = root.state_dir.join("daemon-socket/socket");
         let _ = std::fs::remove_file(&socket);
         // The database first: on a fresh root, nix-daemon's first two
@@ -76,7 +76,7 @@ impl Drop for Daemon {
 }
 
 /// A Nix client talking to the root's daemon.
-fn client(root: &TestRoot, program: &str) -> Command {
+pub(crate) fn client(root: &TestRoot, program: &str) -> Command {
     let mut c = root.cmd(program);
     c.env("NIX_REMOTE", "daemon");
     c

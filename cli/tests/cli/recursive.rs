@@ -8,6 +8,7 @@
 //! * what it adds (`nix-store --add`) and what it builds (`nix-build`) become
 //!   visible to it, and its outputs may refer to them: they end up in the
 //!   output's closure;
+//! * through `drover daemon` as through `nix-daemon`;
 //! * without the experimental feature the derivation is refused as Nix refuses it
 //!   (no machine has the feature; with `system-features` naming it, Nix's
 //!   `startDaemon` error).
@@ -163,6 +164,31 @@ fn scenario(conf: &str) {
         assert!(expected.contains(refused), "{refused} in {expected}");
     }
     root.verify_store();
+}
+
+/// The same scenario built by each daemon for a client (`NIX_REMOTE=daemon`):
+/// the daemon's builder gets the socket.
+#[test]
+fn recursive_nix_through_drover_daemon_as_through_nix_daemon() {
+    use crate::daemon::{client, Daemon, Which};
+    require_nix!();
+    let root = TestRoot::with_conf(CONF);
+    let mut seen = Vec::new();
+    for which in [Which::Nix, Which::Drover] {
+        root.wipe_store();
+        let drv = setup(&root);
+        let daemon = Daemon::start(&root, which);
+        let r = run(client(&root, "nix-store").args(["--realise", &drv]));
+        seen.push((outcome(&root, &r), r.stderr));
+        drop(daemon);
+    }
+    let (nix, nix_err) = &seen[0];
+    let (ours, ours_err) = &seen[1];
+    assert!(nix.starts_with("code 0\n"), "{nix_err}");
+    assert_eq!(
+        ours, nix,
+        "drover daemon:\n{ours_err}\nnix-daemon:\n{nix_err}"
+    );
 }
 
 fn error_lines(r: &Run) -> Vec<&str> {
