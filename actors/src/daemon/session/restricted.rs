@@ -375,11 +375,17 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                     write_build_result(w, &sd, &r.path, &r.result)?;
                 }
             }
-            Request::BuildDerivation { .. } => {
+            Request::BuildDerivation { drv, .. } => {
+                // As the daemon: the client is not trusted; then the restricted
+                // store does not build derivations it is sent.
                 self.start_work()?;
-                return Err(
-                    err("operation 'buildDerivation' is not supported by store 'local'").into(),
-                );
+                let ca = drv.derivation_type().is_ok_and(|t| t.is_ca());
+                return Err(err(if ca {
+                    "operation 'buildDerivation' is not supported by store 'local'"
+                } else {
+                    "you are not privileged to build input-addressed derivations"
+                })
+                .into());
             }
             other => return Ok(Some(other)),
         }
@@ -439,6 +445,173 @@ impl<R: Read, W: Write> Session<'_, R, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::{BuildService, Peer, Shared};
+    use drover::config::Settings;
+    use drover::store::LocalStore;
+    use drover::worker_protocol::LoggerMessage;
+
+    /// Nothing is built in these tests.
+    struct NoBuilds;
+
+    impl BuildService for NoBuilds {
+        fn plan(&self, _: &[DerivedPath]) -> Result<crate::plan::Plan, String> {
+            Ok(Default::default())
+        }
+        fn realise(
+            &self,
+            paths: Vec<DerivedPath>,
+            _: BuildMode,
+            _: &Settings,
+            _: Option<crate::daemon::hangup::Hangup>,
+            _: &mut dyn FnMut(LoggerMessage),
+        ) -> crate::RealiseOutcome {
+            panic!("nothing may be built here: {paths:?}")
+        }
+        fn substituters(&self) -> &[Arc<dyn crate::substituter::Substituter>] {
+            &[]
+        }
+    }
+
+    fn w64(v: &mut Vec<u8>, n: u64) {
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+
+    fn wstr(v: &mut Vec<u8>, s: &str) {
+        w64(v, s.len() as u64);
+        v.extend_from_slice(s.as_bytes());
+        v.resize(v.len() + (8 - s.len() % 8) % 8, 0);
+    }
+
+    struct Reply<'a>(&'a [u8]);
+
+    impl Reply<'_> {
+        fn u64(&mut self) -> u64 {
+            let (n, rest) = self.0.split_at(8);
+            self.0 = rest;
+            u64::from_le_bytes(n.try_into().unwrap())
+        }
+        fn string(&mut self) -> String {
+            let n = self.u64() as usize;
+            let s = String::from_utf8(self.0[..n].to_vec()).unwrap();
+            self.0 = &self.0[n + (8 - n % 8) % 8..];
+            s
+        }
+        fn strings(&mut self) -> Vec<String> {
+            (0..self.u64()).map(|_| self.string()).collect()
+        }
+        /// `STDERR_LAST`.
+        fn last(&mut self) {
+            assert_eq!(self.u64(), 0x616c7473);
+        }
+        /// `STDERR_ERROR` in the form of 1.26+: its message.
+        fn error(&mut self) -> String {
+            assert_eq!(self.u64(), 0x63787470);
+            assert_eq!(self.string(), "Error");
+            self.u64();
+            self.string();
+            let msg = self.string();
+            assert_eq!((self.u64(), self.u64()), (0, 0));
+            msg
+        }
+    }
+
+    /// A session under the restricted rules, byte for byte: what is outside
+    /// the inputs is invalid or refused with Nix's messages, what is added
+    /// becomes visible, the path info of an input is censored.
+    #[test]
+    fn a_restricted_session_sees_its_inputs_and_what_it_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::for_root(dir.path(), "").unwrap();
+        let store = Arc::new(LocalStore::open(&settings).unwrap());
+        let sd = store.store_dir().clone();
+        let none = StorePathSet::new();
+        let input = store.add_text_to_store("input", b"in", &none).unwrap();
+        let other = store.add_text_to_store("other", b"out", &none).unwrap();
+        let allowed = Arc::new(RestrictedPaths::new([input.clone()].into(), None));
+        let shared = Shared {
+            store: store.clone(),
+            settings,
+            builds: Arc::new(NoBuilds),
+        };
+        let (pi, po) = (sd.print(&input), sd.print(&other));
+        let mut req = Vec::new();
+        for n in [0x6e697863, 0x122, 0, 0] {
+            w64(&mut req, n);
+        }
+        for (op, arg) in [(1, &po), (1, &pi), (26, &po), (26, &pi)] {
+            w64(&mut req, op);
+            wstr(&mut req, arg);
+        }
+        w64(&mut req, 8); // AddTextToStore
+        wstr(&mut req, "added");
+        wstr(&mut req, "text");
+        w64(&mut req, 0);
+        w64(&mut req, 23); // QueryAllValidPaths
+        w64(&mut req, 9); // BuildPaths
+        w64(&mut req, 1);
+        wstr(&mut req, &po);
+        w64(&mut req, 0);
+        w64(&mut req, 29); // QueryPathFromHashPart
+        wstr(&mut req, other.hash_part());
+        w64(&mut req, 11); // AddTempRoot
+        wstr(&mut req, &po);
+        let mut out = Vec::new();
+        let peer = Peer {
+            uid: None,
+            trusted: false,
+        };
+        Session::new(&shared, peer, &req[..], &mut out)
+            .restricted(allowed.clone())
+            .serve()
+            .unwrap();
+        let mut r = Reply(&out);
+        assert_eq!(
+            (r.u64(), r.u64(), r.string()),
+            (0x6478696f, 0x122, "2.8.0".into())
+        );
+        r.last();
+        // IsValidPath: the other path is not, the input is.
+        r.last();
+        assert_eq!(r.u64(), 0);
+        r.last();
+        assert_eq!(r.u64(), 1);
+        // QueryPathInfo: none for the other; the input's censored.
+        r.last();
+        assert_eq!(r.u64(), 0);
+        r.last();
+        assert_eq!(r.u64(), 1);
+        assert_eq!(r.string(), "", "no deriver");
+        r.string();
+        assert!(r.strings().is_empty());
+        assert_eq!(r.u64(), 0, "no registration time");
+        r.u64();
+        assert_eq!(r.u64(), 0, "not ultimate");
+        assert!(r.strings().is_empty(), "no signatures");
+        r.string();
+        // AddTextToStore: the path becomes allowed.
+        r.last();
+        let added = sd.parse(&r.string()).unwrap();
+        assert_eq!(allowed.added(), [added.clone()].into());
+        r.last();
+        let mut all = r.strings();
+        all.sort();
+        let mut want = vec![pi.clone(), sd.print(&added)];
+        want.sort();
+        assert_eq!(all, want);
+        // BuildPaths of an unknown path, the hash-part query: Nix's errors.
+        assert_eq!(
+            r.error(),
+            format!(
+                "cannot build '{}' in recursive Nix because path is unknown",
+                hl(&po)
+            )
+        );
+        assert_eq!(r.error(), "queryPathFromHashPart");
+        // Temporary roots are a no-op.
+        r.last();
+        assert_eq!(r.u64(), 1);
+        assert!(r.0.is_empty(), "{} bytes more", r.0.len());
+    }
 
     #[test]
     fn added_paths_become_allowed_inputs_stay() {
