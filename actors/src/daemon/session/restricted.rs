@@ -5,7 +5,7 @@
 //! `… in recursive Nix` errors); what the builder adds to the store, and the
 //! closures of what it builds, become allowed ("added paths"), which the build's
 //! reference scan then accepts; garbage collection and roots are no-ops;
-//! `SetOptions` changes nothing but the verbosity.
+//! `SetOptions` changes nothing.
 //!
 //! [`RestrictedPaths`] is the allowed set, shared by the build (which reads the
 //! added paths when it registers its outputs) and every connection of its
@@ -308,10 +308,10 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 write_u64(w, 0)?;
                 write_u64(w, 0)?;
             }
-            Request::SetOptions(o) => {
-                // As Nix in recursive mode: the client's settings are not applied.
+            Request::SetOptions(_) => {
+                // As Nix in recursive mode: nothing of the client's settings is
+                // applied, its verbosity included (the process's filters).
                 self.start_work()?;
-                self.verbosity = o.verbosity;
                 self.stop_work(None)?;
             }
             Request::VerifyStore { repair, .. } => {
