@@ -309,6 +309,9 @@ impl SystemBuilder {
                 let mut config = LocalBuilderConfig::from_settings(&settings);
                 config.echo = self.echo;
                 config.history = Some(history.clone());
+                config.substituters = Some(crate::local_builder::actor::SharedSubstituters(
+                    substituters.clone(),
+                ));
                 let b = LocalBuilder::new(store.clone(), config, start_log.clone()).start();
                 (b.clone().recipient(), b.recipient())
             }

@@ -30,6 +30,7 @@ pub mod dir;
 pub mod done;
 pub mod env;
 pub mod outputs;
+pub mod recursive_nix;
 pub mod sandbox;
 pub mod spawn;
 pub mod users;
@@ -115,6 +116,9 @@ pub struct BuildSettings {
     pub secret_key_files: Vec<PathBuf>,
     /// `auto-optimise-store`: the built outputs are hard-linked through `.links`.
     pub auto_optimise_store: bool,
+    /// The `recursive-nix` experimental feature is enabled: a derivation that
+    /// requires the `recursive-nix` system feature gets a daemon socket.
+    pub recursive_nix: bool,
 }
 
 impl BuildSettings {
@@ -132,6 +136,7 @@ impl BuildSettings {
             sandbox: sandbox::SandboxSettings::from_settings(settings),
             secret_key_files: settings.secret_key_files(),
             auto_optimise_store: settings.auto_optimise_store(),
+            recursive_nix: settings.is_experimental_feature_enabled("recursive-nix"),
         }
     }
 }
@@ -174,6 +179,17 @@ pub enum BuildError {
     Chown { path: PathBuf, source: nix::Error },
     #[error("home directory '{0}' exists; please remove it to assure purity of builds without sandboxing")]
     HomeExists(String),
+    /// A derivation requires `recursive-nix` but the experimental feature is off.
+    #[error(transparent)]
+    MissingFeature(#[from] crate::config::MissingExperimentalFeature),
+    /// The caller could not serve the recursive Nix socket.
+    #[error("{0}")]
+    RecursiveDaemon(String),
+    #[error("creating the recursive Nix socket '{path}': {source}")]
+    RecursiveSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl BuildError {
@@ -197,6 +213,10 @@ pub struct PreparedBuild {
     pub build_user: Option<users::BuildUser>,
     /// A sandboxed build's chroot (deleted when dropped, after registration).
     pub chroot: Option<sandbox::Chroot>,
+    /// A `recursive-nix` build's daemon socket (`<build dir>/.nix-socket`,
+    /// listening before the builder starts): the caller serves it while the
+    /// builder runs ([`recursive_nix`]).
+    pub recursive_socket: Option<std::os::unix::net::UnixListener>,
 }
 
 /// A builder started without `std::process::Command`: its pid is waited for with
@@ -427,6 +447,20 @@ fn prepare_with(
         input_rewrites: &scratch.input_rewrites,
         structured_extra: &structured_extra,
     })?;
+    let mut benv = benv;
+    let recursive_socket = if recursive_nix::required(&spec.drv) {
+        let top = if use_chroot {
+            sandbox_top.as_path()
+        } else {
+            build_dir.path()
+        };
+        let (listener, remote) = recursive_nix::listen(settings, build_dir.path(), top)?;
+        chown(&build_dir.path().join(recursive_nix::SOCKET_NAME))?;
+        benv.env.insert("NIX_REMOTE".to_owned(), remote);
+        Some(listener)
+    } else {
+        None
+    };
     let mut files = benv.files.clone();
     if !benv.env.contains_key("NIX_ATTRS_JSON_FILE") {
         files.extend(export_references_graph(store, spec)?);
@@ -463,6 +497,7 @@ fn prepare_with(
                 scratch,
                 build_user,
                 chroot: Some(chroot),
+                recursive_socket,
             },
             BuilderProcess {
                 command,
@@ -486,6 +521,7 @@ fn prepare_with(
             scratch,
             build_user,
             chroot: None,
+            recursive_socket,
         },
         BuilderProcess {
             command,
@@ -707,6 +743,8 @@ pub fn finish(
         scratch,
         build_user,
         chroot,
+        // Served and closed by the caller while the builder ran.
+        recursive_socket: _,
     } = prepared;
     // Nothing of the build user may survive the build (Nix kills it after the build).
     let build_uid = build_user.as_ref().map(|u| u.uid);

@@ -192,6 +192,17 @@ impl SystemBuilds {
     ) -> SystemBuilds {
         // Many clients at once: the Worker's roots go when nothing relies on them.
         drover::store::gc_roots::release_temp_roots_when_idle(system.store().state_dir());
+        SystemBuilds::nested(system, hub, hub_actor)
+    }
+
+    /// [`SystemBuilds::new`] for a system inside another process's run (the
+    /// builds of a recursive-Nix builder): the process's temporary-roots
+    /// policy is left as it is.
+    pub fn nested(
+        system: System,
+        hub: Arc<EventHub>,
+        hub_actor: &actix::Addr<HubActor>,
+    ) -> SystemBuilds {
         SystemBuilds {
             system,
             hub,

@@ -37,6 +37,9 @@ use drover::worker_protocol::{
     hl, server_handshake, ClientOptions, LoggerMessage, ProtocolError, Request, WireBuildMode,
 };
 
+mod restricted;
+pub use restricted::{Materialise, RestrictedPaths};
+
 use super::options::apply_client_options;
 use super::{BuildService, DaemonError};
 use crate::messages::BuildMode;
@@ -102,6 +105,8 @@ pub struct Session<'a, R: Read, W: Write> {
     settings: Settings,
     /// Watches the client while its builds run.
     hangup: Option<super::hangup::Hangup>,
+    /// A recursive-Nix build's connection: the restricted store's rules.
+    restricted: Option<Arc<RestrictedPaths>>,
 }
 
 impl<'a, R: Read, W: Write> Session<'a, R, W> {
@@ -117,7 +122,15 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
             verbosity: 3,
             settings: shared.settings.clone(),
             hangup: None,
+            restricted: None,
         }
+    }
+
+    /// Serves a recursive-Nix builder: only `allowed` is visible, and what it
+    /// adds or builds is added to it ([`restricted`]).
+    pub fn restricted(mut self, allowed: Arc<RestrictedPaths>) -> Self {
+        self.restricted = Some(allowed);
+        self
     }
 
     /// A client that hangs up while its builds run cancels them (those only it
@@ -202,7 +215,7 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
                 }
             };
             log::debug!("received daemon op {code}");
-            match self.perform(req) {
+            match self.dispatch(req) {
                 Ok(()) => {}
                 Err(Failure::Op(OpError(msg))) => {
                     let allowed = self.can_send;
@@ -228,6 +241,18 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
 
     fn reply(&mut self) -> &mut BufWriter<W> {
         &mut self.to
+    }
+
+    /// The operation, under the restricted store's rules when there are any.
+    fn dispatch(&mut self, req: Request) -> Result<(), Failure> {
+        let req = match self.restricted.clone() {
+            Some(allowed) => match self.perform_restricted(&allowed, req)? {
+                Some(req) => req,
+                None => return Ok(()),
+            },
+            None => req,
+        };
+        self.perform(req)
     }
 
     fn perform(&mut self, req: Request) -> Result<(), Failure> {

@@ -43,6 +43,24 @@ pub struct LocalBuilderConfig {
     pub echo: bool,
     /// drover's build history, where every finished build is recorded.
     pub history: Option<Arc<super::history::HistoryLog>>,
+    /// All the settings: a recursive-Nix build's daemon runs its builds in a
+    /// system of its own ([`super::recursive`]).
+    pub settings: Arc<Settings>,
+    /// The system's substituters, shared with that inner system (`None`: it
+    /// makes its own from the settings).
+    pub substituters: Option<SharedSubstituters>,
+}
+
+/// The substituters of a system, for [`LocalBuilderConfig::substituters`].
+#[derive(Clone)]
+pub struct SharedSubstituters(pub Vec<Arc<dyn crate::substituter::Substituter>>);
+
+impl std::fmt::Debug for SharedSubstituters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|s| s.uri()))
+            .finish()
+    }
 }
 
 impl LocalBuilderConfig {
@@ -61,6 +79,8 @@ impl LocalBuilderConfig {
             history: Some(Arc::new(super::history::HistoryLog::new(
                 settings.state_dir(),
             ))),
+            settings: Arc::new(settings.clone()),
+            substituters: None,
         }
     }
 }
@@ -187,6 +207,11 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 history: self.config.history.clone(),
                 log_dir: self.config.log_dir.clone(),
                 echo: self.config.echo,
+                // A recursive-Nix build's inner system: the daemon's settings
+                // and substituters (the run's build settings above still say
+                // whether the feature is on).
+                settings: self.config.settings.clone(),
+                substituters: self.config.substituters.clone(),
             }),
         };
         let relay = AlarmRelay {
@@ -230,7 +255,13 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let prep = loop {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
                 let r = tokio::task::spawn_blocking(move || {
-                    build::prepare(&store, &config.build, &spec)
+                    build::prepare(&store, &config.build, &spec).and_then(
+                        |(mut prepared, process)| {
+                            let daemon =
+                                start_recursive_daemon(&store, &config, &spec, &mut prepared)?;
+                            Ok((prepared, process, daemon))
+                        },
+                    )
                 })
                 .await;
                 // All build users busy: wait a while and try again, unless cancelled.
@@ -242,7 +273,7 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 }
                 break r;
             };
-            let (prepared, process) = match prep {
+            let (prepared, process, recursive) = match prep {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     let _ = log.eof.send(LogEof).await;
@@ -352,6 +383,10 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                 // nothing is registered; the scratch outputs stay invalid. The
                 // collector printed the cause when it happened.
                 drop(prepared);
+                if let Some(d) = recursive {
+                    // Joining its threads blocks: not on the arbiter.
+                    let _ = tokio::task::spawn_blocking(move || d.stop()).await;
+                }
                 return (
                     failed(
                         id,
@@ -373,6 +408,16 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             let outcome = {
                 let (store, config, spec) = (store.clone(), config.clone(), spec.clone());
                 tokio::task::spawn_blocking(move || {
+                    // The builder is gone: so is its daemon, and what it added
+                    // may be referred to by the outputs (Nix's `addedPaths`).
+                    let spec = match recursive {
+                        Some(d) => {
+                            let mut s = (*spec).clone();
+                            s.input_closure.extend(d.stop());
+                            Arc::new(s)
+                        }
+                        None => spec,
+                    };
                     build::finish(&store, &config.build, &spec, prepared, status, killed)
                 })
                 .await
@@ -449,6 +494,32 @@ impl Handler<RunLocalBuild> for LocalBuilder {
             },
         ));
     }
+}
+
+/// The daemon of a `recursive-nix` build, serving the socket `prepare` made.
+fn start_recursive_daemon(
+    store: &Arc<LocalStore>,
+    config: &LocalBuilderConfig,
+    spec: &BuildSpec,
+    prepared: &mut build::PreparedBuild,
+) -> Result<Option<super::recursive::RecursiveDaemon>, build::BuildError> {
+    let Some(listener) = prepared.recursive_socket.take() else {
+        return Ok(None);
+    };
+    let materialise = prepared
+        .chroot
+        .as_ref()
+        .map(|c| super::recursive::sandbox_materialiser(store, c));
+    super::recursive::RecursiveDaemon::start(
+        listener,
+        store.clone(),
+        &config.settings,
+        config.substituters.as_ref().map(|s| s.0.clone()),
+        spec.input_closure.clone(),
+        materialise,
+    )
+    .map(Some)
+    .map_err(|e| build::BuildError::RecursiveDaemon(e.to_string()))
 }
 
 impl Handler<BuildAlarm> for LocalBuilder {

@@ -18,6 +18,7 @@ pub mod history;
 pub mod post_build_hook;
 pub mod pty;
 pub mod reap;
+pub mod recursive;
 
 use std::collections::HashMap;
 

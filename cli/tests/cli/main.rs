@@ -33,6 +33,7 @@ mod log_format;
 mod path_info;
 mod progress;
 mod realise;
+mod recursive;
 mod remote;
 mod repeat;
 mod sandbox;

@@ -35,7 +35,7 @@ in {
 
 /// Root, user namespaces, busybox and `unshare`; prints why not (or panics when
 /// `DROVER_REQUIRE_NIX` is set).
-fn sandbox_available(test: &str) -> bool {
+pub(crate) fn sandbox_available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("not running as root")
