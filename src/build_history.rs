@@ -213,6 +213,16 @@ impl BuildHistory {
             .map_err(|e| self.err(e))
     }
 
+    /// Adds finished builds in one transaction (one commit for a batch, not one per
+    /// build).
+    pub fn record_all(&self, records: &[BuildRecord]) -> Result<(), HistoryError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        for r in records {
+            self.record(r)?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// The rows of one `.drv`, oldest first.
     pub fn builds_of(&self, drv_path: &str) -> Result<Vec<BuildRecord>, HistoryError> {
         let mut st = self

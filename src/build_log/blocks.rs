@@ -63,8 +63,23 @@ pub fn default_threads() -> usize {
         .clamp(1, MAX_THREADS)
 }
 
-/// `data` as one complete bzip2 stream, level [`LEVEL`].
+/// `data` as one complete bzip2 stream, level [`LEVEL`]. The empty stream (the
+/// whole file of a build that logs nothing) is compressed once per process: setting
+/// up a compressor allocates its block buffers, which costs more than a trivial
+/// build's other log work.
 pub fn compress_block(data: &[u8]) -> io::Result<Vec<u8>> {
+    static EMPTY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if data.is_empty() {
+        if let Some(z) = EMPTY.get() {
+            return Ok(z.clone());
+        }
+        let z = compress(data)?;
+        return Ok(EMPTY.get_or_init(|| z).clone());
+    }
+    compress(data)
+}
+
+fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut e = BzEncoder::new(
         Vec::with_capacity(data.len() / 4 + 64),
         Compression::new(LEVEL),

@@ -10,7 +10,8 @@
 //! (`\r`, `@nix` lines and a partial last line included).
 //!
 //! [`LogFile`] writes synchronously. [`LogFileWriter`] moves a [`LogFile`] to its own
-//! thread, fed by a bounded channel of chunks: a full channel makes the sender wait
+//! thread when the first chunk comes (a log that stays empty needs none), fed by a
+//! bounded channel of chunks: a full channel makes the sender wait
 //! (never dropping bytes), so memory stays bounded whatever the log size and the
 //! compression never runs on the sender's thread. There the blocks of a compressed log
 //! are compressed on several threads ([`ParallelBzip2`]) and appended in order, each as
@@ -212,15 +213,31 @@ impl ChunkSender {
     }
 }
 
-/// A [`LogFile`] written on its own thread, fed by a bounded queue of chunks.
+/// A [`LogFile`] written on its own thread, fed by a bounded queue of chunks. The
+/// thread starts with the first chunk: a build that logs nothing (most trivial
+/// builds) costs no thread, and its file is finished where
+/// [`finish`](Self::finish) is called, without compressing anything
+/// ([`is_idle`](Self::is_idle)).
 pub struct LogFileWriter {
     sender: ChunkSender,
-    thread: JoinHandle<Result<PathBuf, LogFileError>>,
+    thread: WriterThread,
+}
+
+enum WriterThread {
+    /// No chunk yet: what the thread is to get.
+    Idle {
+        file: LogFile,
+        rx: Receiver<Vec<u8>>,
+        threads: usize,
+    },
+    Running(JoinHandle<Result<PathBuf, LogFileError>>),
+    /// The thread could not be started.
+    Failed(LogFileError),
 }
 
 impl LogFileWriter {
-    /// Moves `file` to a new writer thread accepting up to `queue_chunks` queued chunks,
-    /// compressing on [`blocks::default_threads`] threads.
+    /// A writer of `file` accepting up to `queue_chunks` queued chunks, compressing on
+    /// [`blocks::default_threads`] threads once it has something to write.
     pub fn spawn(file: LogFile, queue_chunks: usize) -> Result<LogFileWriter, LogFileError> {
         LogFileWriter::spawn_with_threads(file, queue_chunks, blocks::default_threads())
     }
@@ -235,21 +252,13 @@ impl LogFileWriter {
         let (tx, rx) = mpsc::sync_channel(queue_chunks.max(1));
         let queued = Arc::new(Queued::default());
         let path = file.path().to_owned();
-        let q = queued.clone();
-        let thread = std::thread::Builder::new()
-            .name("build-log-writer".into())
-            .spawn(move || write_chunks(file, rx, &q, threads))
-            .map_err(|source| LogFileError::Spawn {
-                path: path.clone(),
-                source,
-            })?;
         Ok(LogFileWriter {
             sender: ChunkSender { tx, queued, path },
-            thread,
+            thread: WriterThread::Idle { file, rx, threads },
         })
     }
 
-    /// Creates the log file and its writer thread.
+    /// Creates the log file and its writer.
     pub fn create(
         log_dir: &Path,
         drv_path: &StorePath,
@@ -265,8 +274,41 @@ impl LogFileWriter {
         &self.sender.path
     }
 
+    /// Whether nothing was written yet (no thread runs): [`finish`](Self::finish)
+    /// then only ends an empty file, which does not block.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.thread, WriterThread::Idle { .. })
+    }
+
+    /// Starts the writer thread if it has not started; false if it cannot run.
+    fn start(&mut self) -> bool {
+        let placeholder = WriterThread::Failed(LogFileError::WriterGone {
+            path: self.sender.path.clone(),
+        });
+        self.thread = match std::mem::replace(&mut self.thread, placeholder) {
+            WriterThread::Idle { file, rx, threads } => {
+                let q = self.sender.queued.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("build-log-writer".into())
+                    .spawn(move || write_chunks(file, rx, &q, threads));
+                match spawned {
+                    Ok(t) => WriterThread::Running(t),
+                    Err(source) => WriterThread::Failed(LogFileError::Spawn {
+                        path: self.sender.path.clone(),
+                        source,
+                    }),
+                }
+            }
+            other => other,
+        };
+        matches!(self.thread, WriterThread::Running(_))
+    }
+
     /// Queues a chunk if there is room, without waiting.
-    pub fn try_write(&self, chunk: Vec<u8>) -> Result<(), TryWriteError> {
+    pub fn try_write(&mut self, chunk: Vec<u8>) -> Result<(), TryWriteError> {
+        if !self.start() {
+            return Err(TryWriteError::Closed(chunk));
+        }
         let n = chunk.len();
         self.sender.queued.add(n);
         self.sender.tx.try_send(chunk).map_err(|e| {
@@ -279,12 +321,19 @@ impl LogFileWriter {
     }
 
     /// Queues a chunk, blocking while the queue is full.
-    pub fn write(&self, chunk: Vec<u8>) -> Result<(), LogFileError> {
+    pub fn write(&mut self, chunk: Vec<u8>) -> Result<(), LogFileError> {
+        if !self.start() {
+            return Err(LogFileError::WriterGone {
+                path: self.sender.path.clone(),
+            });
+        }
         self.sender.send(chunk)
     }
 
-    /// A handle for queueing from elsewhere (e.g. a blocking task).
-    pub fn sender(&self) -> ChunkSender {
+    /// A handle for queueing from elsewhere (e.g. a blocking task); the writer
+    /// thread is started, so that what it queues is written.
+    pub fn sender(&mut self) -> ChunkSender {
+        self.start();
         self.sender.clone()
     }
 
@@ -299,15 +348,20 @@ impl LogFileWriter {
     }
 
     /// Waits until every queued chunk is written, ends the file and returns its path.
-    /// Blocks: call it off any event-loop thread. Chunks sent afterwards through other
-    /// [`ChunkSender`] clones must have been sent before this is called.
+    /// Blocks unless [`is_idle`](Self::is_idle): call it off any event-loop thread.
+    /// Chunks sent afterwards through other [`ChunkSender`] clones must have been
+    /// sent before this is called.
     pub fn finish(self) -> Result<PathBuf, LogFileError> {
         let LogFileWriter { sender, thread } = self;
         let path = sender.path.clone();
         drop(sender);
-        match thread.join() {
-            Ok(r) => r,
-            Err(_) => Err(LogFileError::WriterGone { path }),
+        match thread {
+            WriterThread::Idle { file, .. } => file.finish(),
+            WriterThread::Running(t) => match t.join() {
+                Ok(r) => r,
+                Err(_) => Err(LogFileError::WriterGone { path }),
+            },
+            WriterThread::Failed(e) => Err(e),
         }
     }
 }
@@ -474,12 +528,41 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_starts_its_thread_with_the_first_chunk() {
+        let t = tempfile::tempdir().unwrap();
+        for compress in [true, false] {
+            let w = LogFileWriter::create(t.path(), &drv(), compress).unwrap();
+            assert!(w.is_idle());
+            let empty = w.finish().unwrap();
+            let mut w = LogFileWriter::create(t.path(), &drv(), compress).unwrap();
+            w.try_write(b"x\n".to_vec()).unwrap();
+            assert!(!w.is_idle());
+            let p = w.finish().unwrap();
+            assert_eq!(p, empty);
+            let got = if compress {
+                bunzip(&p)
+            } else {
+                std::fs::read(&p).unwrap()
+            };
+            assert_eq!(got, b"x\n");
+        }
+        // An idle writer's file is the empty log a thread would have written.
+        let w = LogFileWriter::create(t.path(), &drv(), true).unwrap();
+        let p = w.finish().unwrap();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            blocks::compress_block(&[]).unwrap()
+        );
+        assert_eq!(bunzip(&p), b"");
+    }
+
+    #[test]
     fn plain_file_is_readable_while_written_and_truncated_on_create() {
         let t = tempfile::tempdir().unwrap();
         let p = log_file_path(t.path(), &drv(), false);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, b"old content that is longer").unwrap();
-        let w = LogFileWriter::create(t.path(), &drv(), false).unwrap();
+        let mut w = LogFileWriter::create(t.path(), &drv(), false).unwrap();
         w.write(b"first\n".to_vec()).unwrap();
         // The plain variant writes each chunk as it comes.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -495,7 +578,8 @@ mod tests {
     #[test]
     fn threaded_writer_keeps_order_and_bounds_its_queue() {
         let t = tempfile::tempdir().unwrap();
-        let w = LogFileWriter::spawn(LogFile::create(t.path(), &drv(), true).unwrap(), 4).unwrap();
+        let mut w =
+            LogFileWriter::spawn(LogFile::create(t.path(), &drv(), true).unwrap(), 4).unwrap();
         let mut expected: Vec<u8> = Vec::new();
         for i in 0..2000u32 {
             let chunk = format!("line {i}\n").repeat(50).into_bytes();
@@ -532,7 +616,7 @@ mod tests {
         f.write(&data).unwrap();
         let want = std::fs::read(f.finish().unwrap()).unwrap();
         for threads in [1, 3] {
-            let w = LogFileWriter::spawn_with_threads(
+            let mut w = LogFileWriter::spawn_with_threads(
                 LogFile::create(t.path(), &drv(), true).unwrap(),
                 8,
                 threads,
@@ -560,7 +644,7 @@ mod tests {
         use crate::store_path::StoreDir;
         let data = lines(2 * BLOCK_BYTES + 1000);
         let t = tempfile::tempdir().unwrap();
-        let w = LogFileWriter::spawn_with_threads(
+        let mut w = LogFileWriter::spawn_with_threads(
             LogFile::create(t.path(), &drv(), true).unwrap(),
             8,
             2,

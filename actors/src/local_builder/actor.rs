@@ -467,9 +467,8 @@ impl Handler<RunLocalBuild> for LocalBuilder {
                             start_time,
                             status: format!("{:?}", result.status),
                         };
-                        let h = h.clone();
                         // Not awaited: the history never delays a build's end.
-                        tokio::task::spawn_blocking(move || h.record(&record));
+                        h.record_soon(record);
                     }
                     let finished = LocalBuildFinished {
                         id,

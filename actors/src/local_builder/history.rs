@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover::build_history::{BuildHistory, BuildRecord, HistoryError, HistorySnapshot};
@@ -25,6 +25,15 @@ pub struct HistoryLog {
     state_dir: PathBuf,
     db: Mutex<Option<BuildHistory>>,
     failed: AtomicBool,
+    /// Records waiting for [`record_soon`](Self::record_soon)'s writer.
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<BuildRecord>,
+    /// A blocking task is writing: it takes what is added meanwhile too.
+    writing: bool,
 }
 
 impl std::fmt::Debug for HistoryLog {
@@ -43,6 +52,7 @@ impl HistoryLog {
             state_dir: state_dir.to_owned(),
             db: Mutex::new(None),
             failed: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
         }
     }
 
@@ -73,6 +83,49 @@ impl HistoryLog {
     /// Adds a finished build (blocking; a failure only warns, once).
     pub fn record(&self, r: &BuildRecord) {
         self.with(|h| h.record(r));
+    }
+
+    /// Adds a finished build off the caller's thread, without waiting: the records
+    /// that arrive while one task writes are written by it, in one transaction per
+    /// batch, so a run of many short builds costs neither a blocking task nor a
+    /// commit per build. Must be called within a tokio runtime.
+    pub fn record_soon(self: &Arc<Self>, r: BuildRecord) {
+        let start = {
+            let mut p = self.lock_pending();
+            p.records.push(r);
+            !std::mem::replace(&mut p.writing, true)
+        };
+        if start {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.write_pending());
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes batches until none is left.
+    fn write_pending(&self) {
+        loop {
+            let batch = {
+                let mut p = self.lock_pending();
+                if p.records.is_empty() {
+                    p.writing = false;
+                    return;
+                }
+                std::mem::take(&mut p.records)
+            };
+            self.with(|h| h.record_all(&batch));
+        }
+    }
+
+    /// Waits until the records of [`record_soon`](Self::record_soon) are written
+    /// (or failed), for a caller that reads the history next.
+    pub fn flush(&self) {
+        while self.lock_pending().writing {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The successful builds so far (empty when the history cannot be read).
@@ -179,6 +232,38 @@ mod tests {
         bad.record(&rec("b"));
         assert!(bad.has_failed());
         assert!(bad.snapshot().is_empty());
+    }
+
+    #[test]
+    fn records_made_soon_are_written_in_batches_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let h = Arc::new(HistoryLog::new(d.path()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for i in 0..50 {
+                h.record_soon(rec(&format!("p{i}")));
+            }
+            // One writer for all of them, however they were batched.
+            assert!(h.lock_pending().writing);
+            tokio::task::spawn_blocking({
+                let h = h.clone();
+                move || h.flush()
+            })
+            .await
+            .unwrap();
+        });
+        assert!(!h.lock_pending().writing && h.lock_pending().records.is_empty());
+        let s = h.snapshot();
+        for i in 0..50 {
+            let name = format!("p{i}");
+            assert!(
+                s.estimate(&format!("/s/{name}.drv"), &name, "x86_64-linux", "local")
+                    .is_some(),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The LogCollector actor: runs a [`CollectorState`] for one build, owns its log file
-//! writer (a [`LogFileWriter`] thread: compression never runs on the arbiter), fires
+//! writer (a [`LogFileWriter`] thread from the first chunk on: compression never runs
+//! on the arbiter; a build that logs nothing has no thread), fires
 //! the silence/timeout timers with `run_later`, and answers [`LogEof`] with the
 //! [`LogSummary`] once the file is complete.
 //!
@@ -174,7 +175,7 @@ impl LogCollector {
     }
 
     fn write(&mut self, chunk: Vec<u8>, ctx: &mut Context<Self>) {
-        let Some(w) = &self.writer else { return };
+        let Some(w) = &mut self.writer else { return };
         match w.try_write(chunk) {
             Ok(()) => {}
             Err(TryWriteError::Full(chunk)) => {
@@ -300,6 +301,8 @@ impl Handler<LogEof> for LogCollector {
         let writer = self.writer.take();
         let finished = async move {
             match writer {
+                // Nothing was logged: no thread to wait for, nothing to compress.
+                Some(w) if w.is_idle() => Some(Ok(w.finish())),
                 Some(w) => Some(tokio::task::spawn_blocking(move || w.finish()).await),
                 None => None,
             }

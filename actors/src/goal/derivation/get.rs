@@ -16,14 +16,18 @@ impl DerivationGoal {
                 if self.mode == BuildMode::Normal {
                     self.state = State::CheckingDrv;
                     let p = self.drv_path.clone();
-                    vec![job(move |env| DrvJobResult::DrvValid(drv_valid(env, &p)))]
+                    // One job: whether the `.drv` is valid, and if it is, its
+                    // loading and the first validity check of its outputs.
+                    vec![job(move |env| {
+                        DrvJobResult::DrvValid(drv_valid_then_load(env, &p, BuildMode::Normal))
+                    })]
                 } else {
                     self.wait_for_drv()
                 }
             }
             (State::CheckingDrv, Event::Drv(r)) => match *r {
-                DrvJobResult::DrvValid(Ok(true)) => self.load(),
-                DrvJobResult::DrvValid(Ok(false)) => self.wait_for_drv(),
+                DrvJobResult::DrvValid(Ok(Some(l))) => self.loaded(l, ctx),
+                DrvJobResult::DrvValid(Ok(None)) => self.wait_for_drv(),
                 DrvJobResult::DrvValid(Err(e)) => self.fatal(e.to_string()),
                 other => self.unexpected_job(other, ctx),
             },
@@ -40,33 +44,34 @@ impl DerivationGoal {
             }
             // loadDerivation
             (State::Loading, Event::Drv(r)) => match *r {
-                DrvJobResult::Loaded(Ok(l)) => {
-                    match l.drv.derivation_type() {
-                        Ok(t) => self.drv_type = Some(t),
-                        Err(e) => return self.fatal(e.to_string()),
-                    }
-                    if self.drv_type == Some(DerivationType::Impure) {
-                        if !ctx.settings.impure_derivations {
-                            return self.fatal(
-                                MissingExperimentalFeature("impure-derivations".into()).to_string(),
-                            );
-                        }
-                    } else if !self.drv_type.is_some_and(|t| t.has_known_output_paths())
-                        && !ctx.settings.ca_derivations
-                    {
-                        return self.fatal(
-                            MissingExperimentalFeature("ca-derivations".into()).to_string(),
-                        );
-                    }
-                    self.drv = Some(l.drv);
-                    self.output_hashes = l.output_hashes;
-                    self.have_derivation()
-                }
+                DrvJobResult::Loaded(Ok(l)) => self.loaded(l, ctx),
                 DrvJobResult::Loaded(Err(e)) => self.fatal(e.to_string()),
                 other => self.unexpected_job(other, ctx),
             },
             (_, ev) => self.unexpected(&ev, ctx),
         }
+    }
+
+    /// The derivation is loaded: refuse types whose experimental feature is off,
+    /// then `haveDerivation` (with the validity check the job made, if it did).
+    fn loaded(&mut self, l: Loaded, ctx: &GoalCtx) -> Vec<Effect> {
+        match l.drv.derivation_type() {
+            Ok(t) => self.drv_type = Some(t),
+            Err(e) => return self.fatal(e.to_string()),
+        }
+        if self.drv_type == Some(DerivationType::Impure) {
+            if !ctx.settings.impure_derivations {
+                return self
+                    .fatal(MissingExperimentalFeature("impure-derivations".into()).to_string());
+            }
+        } else if !self.drv_type.is_some_and(|t| t.has_known_output_paths())
+            && !ctx.settings.ca_derivations
+        {
+            return self.fatal(MissingExperimentalFeature("ca-derivations".into()).to_string());
+        }
+        self.drv = Some(l.drv);
+        self.output_hashes = l.output_hashes;
+        self.have_derivation_with(l.validity, ctx)
     }
 
     pub(super) fn wait_for_drv(&mut self) -> Vec<Effect> {
@@ -81,9 +86,9 @@ impl DerivationGoal {
     pub(super) fn load(&mut self) -> Vec<Effect> {
         self.reset_counts();
         self.state = State::Loading;
-        let p = self.drv_path.clone();
+        let (p, mode) = (self.drv_path.clone(), self.mode);
         vec![job(move |env| {
-            DrvJobResult::Loaded(load_derivation(env, &p))
+            DrvJobResult::Loaded(load_derivation(env, &p, mode))
         })]
     }
 }

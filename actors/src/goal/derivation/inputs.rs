@@ -205,6 +205,29 @@ impl DerivationGoal {
         }
     }
 
+    /// With impure derivations enabled, a pure derivation (fixed-output ones
+    /// aside) must not depend on an impure one.
+    pub(super) fn check_impure_inputs(&self) -> bool {
+        self.drv_type.is_some_and(|t| t.is_pure() && !t.is_fixed())
+    }
+
+    /// [`gave_up_on_substitution`](Self::gave_up_on_substitution) with the input
+    /// sources already queried by the job that checked the outputs, if it did.
+    pub(super) fn gave_up_on_substitution_with(
+        &mut self,
+        srcs: Option<InvalidSrcsResult>,
+        ctx: &GoalCtx,
+    ) -> Vec<Effect> {
+        let Some(srcs) = srcs else {
+            return self.gave_up_on_substitution();
+        };
+        self.need_restart = NeedRestart::BuildInProgress;
+        self.input_drv_outputs.clear();
+        self.reset_counts();
+        self.state = State::CheckingInputSrcs;
+        self.step_inputs(Event::Drv(Box::new(DrvJobResult::InvalidSrcs(srcs))), ctx)
+    }
+
     pub(super) fn gave_up_on_substitution(&mut self) -> Vec<Effect> {
         self.need_restart = NeedRestart::BuildInProgress;
         self.input_drv_outputs.clear();
@@ -213,9 +236,7 @@ impl DerivationGoal {
         let Some(drv) = self.drv.clone() else {
             return self.not_loaded();
         };
-        // With impure derivations enabled, a pure derivation (fixed-output ones
-        // aside) must not depend on an impure one.
-        let check_impure_inputs = self.drv_type.is_some_and(|t| t.is_pure() && !t.is_fixed());
+        let check_impure_inputs = self.check_impure_inputs();
         let drv_path = self.drv_path.clone();
         vec![job(move |env| {
             DrvJobResult::InvalidSrcs(invalid_srcs(env, &drv_path, &drv, check_impure_inputs))

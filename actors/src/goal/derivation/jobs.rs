@@ -230,15 +230,30 @@ pub(super) fn add_temp_roots(store: &LocalStore, paths: &[StorePath]) -> Result<
         })
 }
 
-/// `getDerivation`: the `.drv` made a temporary root, then whether it is valid.
-pub(super) fn drv_valid(env: &JobEnv, drv_path: &StorePath) -> Result<bool, GoalError> {
+/// `getDerivation`: the `.drv` made a temporary root, then whether it is valid;
+/// when it is, [`load_derivation`] in the same job (`None`: not valid).
+pub(super) fn drv_valid_then_load(
+    env: &JobEnv,
+    drv_path: &StorePath,
+    mode: BuildMode,
+) -> Result<Option<Loaded>, GoalError> {
     add_temp_root(&env.store, drv_path)?;
-    Ok(env.store.is_valid_path(drv_path)?)
+    if !env.store.is_valid_path(drv_path)? {
+        return Ok(None);
+    }
+    load_derivation(env, drv_path, mode).map(Some)
 }
 
 /// `loadDerivation`: reads the `.drv` and computes its outputs' hashes modulo (the
-/// realisation ids), memoising input derivations' hashes in the shared cache.
-pub(super) fn load_derivation(env: &JobEnv, drv_path: &StorePath) -> Result<Loaded, GoalError> {
+/// realisation ids), memoising input derivations' hashes in the shared cache. When
+/// the goal goes on to `haveDerivation`'s validity check (a derivation that is not
+/// impure, whose type's experimental feature is on), the check is made here too, so
+/// that it costs no job of its own.
+pub(super) fn load_derivation(
+    env: &JobEnv,
+    drv_path: &StorePath,
+    mode: BuildMode,
+) -> Result<Loaded, GoalError> {
     add_temp_root(&env.store, drv_path)?;
     let drv = Arc::new(env.store.read_derivation(drv_path)?);
     let store_dir = env.store.store_dir().clone();
@@ -246,25 +261,42 @@ pub(super) fn load_derivation(env: &JobEnv, drv_path: &StorePath) -> Result<Load
         drv: store_dir.print(drv_path),
         source: Box::new(source),
     };
-    let mut cache = env.drv_hashes.lock().unwrap_or_else(|e| e.into_inner());
-    let read = |q: &StorePath| env.store.read_derivation(q).map(Arc::new);
-    // Hashes of the inputs first (memoised), then this derivation's own.
-    for i in drv.input_drvs.keys() {
-        cache
-            .hash_of::<_, drover::store::StoreError>(&store_dir, i, read)
-            .map_err(|e| hashes_error(e.into()))?;
-    }
-    let c = &*cache;
-    let output_hashes = drv
-        .static_output_hashes(&store_dir, |q| {
+    let output_hashes = {
+        let mut cache = env.drv_hashes.lock().unwrap_or_else(|e| e.into_inner());
+        let read = |q: &StorePath| env.store.read_derivation(q).map(Arc::new);
+        // Hashes of the inputs first (memoised), then this derivation's own.
+        for i in drv.input_drvs.keys() {
+            cache
+                .hash_of::<_, drover::store::StoreError>(&store_dir, i, read)
+                .map_err(|e| hashes_error(e.into()))?;
+        }
+        let c = &*cache;
+        drv.static_output_hashes(&store_dir, |q| {
             c.get(q)
                 .ok_or_else(|| drover::derivation::DerivationError::MissingInputOutput {
                     drv: store_dir.print(q),
                     output: "*".into(),
                 })
         })
-        .map_err(|e| hashes_error(e.into()))?;
-    Ok(Loaded { drv, output_hashes })
+        .map_err(|e| hashes_error(e.into()))?
+    };
+    let checks_validity = drv.derivation_type().is_ok_and(|t| {
+        t != DerivationType::Impure && (t.has_known_output_paths() || env.settings.ca_derivations)
+    });
+    let validity = checks_validity.then(|| {
+        check_validity(
+            env,
+            drv_path,
+            &drv,
+            &output_hashes,
+            mode == BuildMode::Repair,
+        )
+    });
+    Ok(Loaded {
+        drv,
+        output_hashes,
+        validity,
+    })
 }
 
 /// `repairClosure`: each corrupt or missing path of the closure of `own` (without

@@ -57,7 +57,6 @@ pub struct OutputState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     HaveDerivation,
-    SubstitutionTried,
     AfterHook,
 }
 
@@ -65,6 +64,20 @@ pub enum Purpose {
 pub struct Loaded {
     pub drv: Arc<Derivation>,
     pub output_hashes: BTreeMap<String, Hash>,
+    /// `haveDerivation`'s validity check, made by the loading job when the goal
+    /// goes on to it (`None`: the goal asks for it itself, if at all).
+    pub validity: Option<ValidityResult>,
+}
+
+/// The outputs' states after a validity check.
+pub type ValidityResult = Result<BTreeMap<String, OutputState>, GoalError>;
+
+/// Whether every wanted output is valid (and its path known).
+fn all_wanted_valid(outputs: &BTreeMap<String, OutputState>, wanted: &OutputsSpec) -> bool {
+    outputs
+        .iter()
+        .filter(|(n, _)| wanted.contains(n))
+        .all(|(_, o)| o.valid && o.path.is_some())
 }
 
 /// Outcome of the locking step of `tryToBuild`.
@@ -77,12 +90,20 @@ pub enum LockOutcome {
     },
 }
 
+/// The input sources that are not valid.
+pub type InvalidSrcsResult = Result<Vec<StorePath>, GoalError>;
+
 /// Results of this goal's blocking jobs.
 pub enum DrvJobResult {
-    DrvValid(Result<bool, GoalError>),
+    /// `getDerivation`'s check, and the loading when the `.drv` is valid (`None`:
+    /// not valid).
+    DrvValid(Result<Option<Loaded>, GoalError>),
     Loaded(Result<Loaded, GoalError>),
-    Validity(Purpose, Result<BTreeMap<String, OutputState>, GoalError>),
-    InvalidSrcs(Result<Vec<StorePath>, GoalError>),
+    Validity(Purpose, ValidityResult),
+    /// `outputsSubstitutionTried`'s validity check, and when the goal gives up on
+    /// substitution, `gaveUpOnSubstitution`'s query of the input sources too.
+    SubstitutionTried(ValidityResult, Option<InvalidSrcsResult>),
+    InvalidSrcs(InvalidSrcsResult),
     Resolved(Result<Option<StorePath>, GoalError>),
     Inputs(Result<(StorePathSet, StorePathSet), GoalError>),
     Locked(Result<LockOutcome, GoalError>),
@@ -194,6 +215,7 @@ impl DrvJobResult {
             DrvJobResult::DrvValid(_) => "DrvValid",
             DrvJobResult::Loaded(_) => "Loaded",
             DrvJobResult::Validity(..) => "Validity",
+            DrvJobResult::SubstitutionTried(..) => "SubstitutionTried",
             DrvJobResult::InvalidSrcs(_) => "InvalidSrcs",
             DrvJobResult::Resolved(_) => "Resolved",
             DrvJobResult::Inputs(_) => "Inputs",
@@ -407,10 +429,7 @@ impl DerivationGoal {
     }
 
     fn all_valid(&self) -> bool {
-        self.outputs
-            .iter()
-            .filter(|(n, _)| self.wanted.contains(n))
-            .all(|(_, o)| o.valid && o.path.is_some())
+        all_wanted_valid(&self.outputs, &self.wanted)
     }
 
     fn missing_outputs(&self) -> BTreeSet<String> {
@@ -574,5 +593,44 @@ mod tests {
         );
         // A goal that is done reports nothing more.
         assert_eq!(step(&h, &mut g, Event::Wake), "[]");
+    }
+
+    #[test]
+    fn a_build_costs_one_job_per_phase_up_to_its_inputs() {
+        // Each job is a trip through the blocking pool: `getDerivation`,
+        // `loadDerivation` and `haveDerivation`'s check are one, as are
+        // `outputsSubstitutionTried`'s check and `gaveUpOnSubstitution`'s query.
+        let h = Harness::new(vec![]);
+        let a = h.ts.add_drv("a", &["out"], &[], &[]);
+        let b = h.ts.add_drv("b", &["out"], &[&a], &[]);
+        let mut g = all(&b);
+        assert_eq!(
+            step_counting_jobs(&h, &mut g, Event::Start),
+            ("[WaitFor([])]".to_owned(), 1)
+        );
+        let (fx, jobs) = step_counting_jobs(&h, &mut g, Event::WaiteesDone);
+        assert!(fx.starts_with("[WaitFor([Derivation"), "{fx}");
+        assert_eq!((g.state_name(), jobs), ("gaveUpOnSubstitution", 1));
+        // Valid outputs end the goal after the first job.
+        h.ts.make_valid(&a);
+        let mut g = all(&a);
+        assert_eq!(
+            step_counting_jobs(&h, &mut g, Event::Start),
+            ("[Done(Success, AlreadyValid)]".to_owned(), 1)
+        );
+    }
+
+    #[test]
+    fn outputs_valid_when_substitution_was_tried_are_substituted_without_the_sources_query() {
+        let h = Harness::new(vec![]);
+        let a = h.ts.add_drv("a", &["out"], &[], &[]);
+        let mut g = all(&a);
+        assert_eq!(step(&h, &mut g, Event::Start), "[WaitFor([])]");
+        // Valid by the time the substitutions are over (another process, say).
+        h.ts.make_valid(&a);
+        assert_eq!(
+            step_counting_jobs(&h, &mut g, Event::WaiteesDone),
+            ("[Done(Success, Substituted)]".to_owned(), 1)
+        );
     }
 }

@@ -93,10 +93,10 @@ impl DerivationGoal {
                     return self.have_derivation();
                 }
                 self.state = State::SubstitutionTried;
-                self.validity_job(Purpose::SubstitutionTried)
+                self.substitution_tried_job()
             }
             (State::SubstitutionTried, Event::Drv(r)) => match *r {
-                DrvJobResult::Validity(Purpose::SubstitutionTried, Ok(outs)) => {
+                DrvJobResult::SubstitutionTried(Ok(outs), srcs) => {
                     self.outputs = outs;
                     let all = self.all_valid();
                     match self.mode {
@@ -108,10 +108,10 @@ impl DerivationGoal {
                             "some outputs of '{}' are not valid, so checking is not possible",
                             self.p(ctx)
                         )),
-                        _ => self.gave_up_on_substitution(),
+                        _ => self.gave_up_on_substitution_with(srcs, ctx),
                     }
                 }
-                DrvJobResult::Validity(_, Err(e)) => self.fatal(e.to_string()),
+                DrvJobResult::SubstitutionTried(Err(e), _) => self.fatal(e.to_string()),
                 other => self.unexpected_job(other, ctx),
             },
             (State::CheckingClosure, Event::Drv(r)) => match *r {
@@ -162,6 +162,48 @@ impl DerivationGoal {
         }
         self.state = State::HaveDerivation;
         self.validity_job(Purpose::HaveDerivation)
+    }
+
+    /// `haveDerivation` with the validity check already made by the job that
+    /// loaded the derivation, if it made it.
+    pub(super) fn have_derivation_with(
+        &mut self,
+        validity: Option<ValidityResult>,
+        ctx: &GoalCtx,
+    ) -> Vec<Effect> {
+        match validity {
+            Some(r) if self.drv_type != Some(DerivationType::Impure) => {
+                self.reset_counts();
+                self.state = State::HaveDerivation;
+                let ev = Event::Drv(Box::new(DrvJobResult::Validity(Purpose::HaveDerivation, r)));
+                self.step_substitute(ev, ctx)
+            }
+            _ => self.have_derivation(),
+        }
+    }
+
+    /// `outputsSubstitutionTried`'s validity check; when its outcome is to give up
+    /// on substitution, the query of `gaveUpOnSubstitution` in the same job.
+    fn substitution_tried_job(&self) -> Vec<Effect> {
+        let Some(drv) = self.drv.clone() else {
+            return vec![Effect::Fatal(
+                GoalError::NotLoaded(self.drv_path.to_string()).to_string(),
+            )];
+        };
+        let p = self.drv_path.clone();
+        let hashes = self.output_hashes.clone();
+        let (mode, wanted) = (self.mode, self.wanted.clone());
+        let check_impure_inputs = self.check_impure_inputs();
+        vec![job(move |env| {
+            let validity = check_validity(env, &p, &drv, &hashes, mode == BuildMode::Repair);
+            // The decision of the step that reads the result: check mode gives up
+            // when every output is valid, the other modes when one is not.
+            let gives_up = validity
+                .as_ref()
+                .is_ok_and(|outs| all_wanted_valid(outs, &wanted) == (mode == BuildMode::Check));
+            let srcs = gives_up.then(|| invalid_srcs(env, &p, &drv, check_impure_inputs));
+            DrvJobResult::SubstitutionTried(validity, srcs)
+        })]
     }
 
     pub(super) fn validity_job(&self, purpose: Purpose) -> Vec<Effect> {

@@ -17,6 +17,28 @@ pub(super) fn step(h: &Harness, g: &mut DerivationGoal, ev: Event) -> String {
     show(&h.drive(|e, c| g.handle(e, c), ev, false))
 }
 
+/// [`step`], also counting the blocking jobs the goal asked for on the way.
+pub(super) fn step_counting_jobs(
+    h: &Harness,
+    g: &mut DerivationGoal,
+    ev: Event,
+) -> (String, usize) {
+    let ctx = h.ctx(false);
+    let (mut out, mut jobs, mut queue) = (Vec::new(), 0, vec![ev]);
+    while let Some(ev) = queue.pop() {
+        for f in g.handle(ev, &ctx) {
+            match f {
+                Effect::Blocking(job) => {
+                    jobs += 1;
+                    queue.push(job(&h.env));
+                }
+                other => out.push(other),
+            }
+        }
+    }
+    (show(&out), jobs)
+}
+
 pub(super) fn step_hook(h: &Harness, g: &mut DerivationGoal, ev: Event) -> String {
     show(&h.drive(|e, c| g.handle(e, c), ev, true))
 }
