@@ -38,7 +38,17 @@
 //!   the critical path but not in the local work (nor in the finished work the
 //!   share is measured by): it takes no local slot. Graphs of more than [`LARGE_GRAPH`] goals are estimated at most
 //!   every [`LARGE_GRAPH_ESTIMATE_INTERVAL`].
+//! * Incrementally: a goal's path depends only on its own estimate and the paths
+//!   of its waiters, so a change (a new goal or edge, a goal gone, a new estimate)
+//!   forgets the paths of that goal and of the goals it waits for, transitively,
+//!   and only those are computed again. The paths are kept ordered (all of them,
+//!   and those of the queued goals per slot kind in the grant's order), the local
+//!   work not started is a running sum, and the goals that started are kept
+//!   apart, so a grant and an estimate cost what changed (and the goals
+//!   running), not the size of the graph — with the same choices and values as
+//!   a walk of the whole graph.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -230,9 +240,24 @@ pub struct Scheduler {
     /// When estimates were last computed (large graphs: at most every
     /// [`LARGE_GRAPH_ESTIMATE_INTERVAL`]).
     last_computed: Option<Instant>,
-    /// Path per goal, valid while `paths_valid`.
+    /// Path per goal, where known. A path holds only while the paths of the
+    /// goal's waiters do: a goal without one has none for anything it waits for.
     paths: HashMap<GoalId, Duration>,
-    paths_valid: bool,
+    /// Goals whose path was forgotten (or never known): computed when next needed.
+    stale: Vec<GoalId>,
+    /// The known paths, longest last (ties: the lower id last).
+    by_path: BTreeSet<(Duration, Reverse<GoalId>)>,
+    /// The queued goals with a known path, per slot kind: in the order a grant
+    /// chooses by (path, own estimate, lower id; the next one last), and by path
+    /// alone ([`Scheduler::deferred_estimate`]).
+    queue_by_grant: [BTreeSet<(Duration, Duration, Reverse<GoalId>)>; 2],
+    queue_by_path: [BTreeSet<(Duration, Reverse<GoalId>)>; 2],
+    /// Goals whose build or copy started (what passes with the clock).
+    running: BTreeSet<GoalId>,
+    /// The estimates of the live derivations not started: local work to do.
+    pending_work: Duration,
+    /// Goals that may be due in the next `Estimates::expected`.
+    unannounced: BTreeSet<GoalId>,
     /// The graph was complete once (every goal settled).
     graph_known: bool,
     /// Something an estimate depends on changed since the last event.
@@ -259,7 +284,13 @@ impl Scheduler {
             fresh: 0,
             last_computed: None,
             paths: HashMap::new(),
-            paths_valid: false,
+            stale: Vec::new(),
+            by_path: BTreeSet::new(),
+            queue_by_grant: Default::default(),
+            queue_by_path: Default::default(),
+            running: BTreeSet::new(),
+            pending_work: Duration::ZERO,
+            unannounced: BTreeSet::new(),
             graph_known: false,
             changed: false,
             last_eta: None,
@@ -305,12 +336,24 @@ impl Scheduler {
             was_settled: false,
             announced: None,
         };
+        if let Some(old) = self.nodes.get(&id) {
+            // Replaced (ids are not reused by the Worker): what the old node
+            // counted for goes.
+            if old.started.is_none() && matches!(old.kind, NodeKind::Derivation(_)) {
+                self.pending_work -= old.estimate;
+            }
+            self.running.remove(&id);
+            self.invalidate(id);
+        }
+        if matches!(node.kind, NodeKind::Derivation(_)) {
+            self.pending_work += node.estimate;
+        }
         if self.nodes.insert(id, node).is_none() {
             self.unsettled += 1;
             self.fresh += 1;
             self.unsettled_ids.insert(id);
         }
-        self.paths_valid = false;
+        self.stale.push(id);
         self.changed = true;
     }
 
@@ -323,10 +366,18 @@ impl Scheduler {
             return;
         };
         if d.waiters.insert(waiter) {
+            let dep_estimate = d.estimate;
             if let Some(w) = self.nodes.get_mut(&waiter) {
                 w.waitees.insert(dep);
             }
-            self.paths_valid = false;
+            // Only a longer path through the new waiter changes `dep`'s.
+            let unchanged = match (self.paths.get(&dep), self.paths.get(&waiter)) {
+                (Some(&pd), Some(&pw)) => dep_estimate + pw <= pd,
+                _ => false,
+            };
+            if !unchanged {
+                self.invalidate(dep);
+            }
             self.changed = true;
         }
     }
@@ -339,6 +390,14 @@ impl Scheduler {
     /// The goal's build or copy started; `remote`: a build on another machine
     /// (through the hook), which takes no local build slot.
     pub fn started(&mut self, id: GoalId, now: Instant, remote: bool) {
+        if let Some(n) = self.nodes.get(&id) {
+            if n.started.is_none() {
+                if matches!(n.kind, NodeKind::Derivation(_)) {
+                    self.pending_work -= n.estimate;
+                }
+                self.running.insert(id);
+            }
+        }
         self.update(id, |n| {
             n.started.get_or_insert(now);
             n.remote = remote;
@@ -351,12 +410,19 @@ impl Scheduler {
     pub fn set_nar_size(&mut self, id: GoalId, nar_size: u64) {
         let est = SUBSTITUTION_OVERHEAD
             + Duration::from_secs_f64(nar_size as f64 / SUBSTITUTION_BYTES_PER_SEC as f64);
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if n.estimate != est {
-                n.estimate = est;
-                self.paths_valid = false;
-                self.changed = true;
+        let Some(n) = self.nodes.get(&id) else {
+            return;
+        };
+        if n.estimate != est {
+            // Forgotten first: the ordered paths of queued goals carry the old one.
+            self.invalidate(id);
+            let n = self.nodes.get_mut(&id).expect("live");
+            if n.started.is_none() && matches!(n.kind, NodeKind::Derivation(_)) {
+                self.pending_work = self.pending_work - n.estimate + est;
             }
+            n.estimate = est;
+            self.note_announcement(id);
+            self.changed = true;
         }
     }
 
@@ -372,7 +438,7 @@ impl Scheduler {
             return;
         }
         self.update(id, |n| n.queued[k] = true);
-        self.queue[k].insert(id);
+        self.enqueue(id, k);
         self.changed = true;
     }
 
@@ -391,14 +457,24 @@ impl Scheduler {
         if freed {
             self.in_use[k] -= 1;
         }
-        self.queue[k].remove(&id);
+        self.dequeue(id, k);
     }
 
     /// The goal finished or was cancelled: its slots are free and it leaves the graph.
     pub fn remove(&mut self, id: GoalId) {
+        if !self.nodes.contains_key(&id) {
+            return;
+        }
+        // Its path goes with it (and out of the ordered paths while it is live).
+        self.drop_path(id);
         let Some(n) = self.nodes.remove(&id) else {
             return;
         };
+        if n.started.is_none() && matches!(n.kind, NodeKind::Derivation(_)) {
+            self.pending_work -= n.estimate;
+        }
+        self.running.remove(&id);
+        self.unannounced.remove(&id);
         if n.started.is_some() && !n.remote && matches!(n.kind, NodeKind::Derivation(_)) {
             self.done_work += n.estimate;
         }
@@ -426,10 +502,9 @@ impl Scheduler {
         for d in &n.waitees {
             if let Some(dn) = self.nodes.get_mut(d) {
                 dn.waiters.remove(&id);
-                self.paths_valid = false;
+                self.invalidate(*d);
             }
         }
-        self.paths.remove(&id);
         self.changed = true;
     }
 
@@ -438,6 +513,7 @@ impl Scheduler {
             return;
         };
         f(n);
+        let due = Self::due_announcement(n);
         let now = n.is_settled();
         if now && !n.was_settled {
             n.was_settled = true;
@@ -451,6 +527,87 @@ impl Scheduler {
             } else {
                 self.unsettled += 1;
                 self.unsettled_ids.insert(id);
+            }
+        }
+        if due {
+            self.unannounced.insert(id);
+        }
+    }
+
+    /// Whether the node is a ready derivation whose estimate was not announced.
+    fn due_announcement(n: &Node) -> bool {
+        let ready = n.queued[0] || n.holds[0] || n.started.is_some();
+        ready && matches!(n.kind, NodeKind::Derivation(_)) && n.announced != Some(n.estimate)
+    }
+
+    fn note_announcement(&mut self, id: GoalId) {
+        if self.nodes.get(&id).is_some_and(Self::due_announcement) {
+            self.unannounced.insert(id);
+        }
+    }
+
+    /// The goal's path is known: it goes into the ordered paths.
+    fn set_path(&mut self, g: GoalId, p: Duration) {
+        let Some(n) = self.nodes.get(&g) else {
+            return;
+        };
+        let estimate = n.estimate;
+        self.paths.insert(g, p);
+        self.by_path.insert((p, Reverse(g)));
+        for k in 0..2 {
+            if self.queue[k].contains(&g) {
+                self.queue_by_grant[k].insert((p, estimate, Reverse(g)));
+                self.queue_by_path[k].insert((p, Reverse(g)));
+            }
+        }
+    }
+
+    /// Forgets the goal's path (to be computed again); `false` if it had none.
+    fn drop_path(&mut self, g: GoalId) -> bool {
+        let Some(p) = self.paths.remove(&g) else {
+            return false;
+        };
+        self.by_path.remove(&(p, Reverse(g)));
+        if let Some(n) = self.nodes.get(&g) {
+            for k in 0..2 {
+                if self.queue[k].contains(&g) {
+                    self.queue_by_grant[k].remove(&(p, n.estimate, Reverse(g)));
+                    self.queue_by_path[k].remove(&(p, Reverse(g)));
+                }
+            }
+        }
+        self.stale.push(g);
+        true
+    }
+
+    /// What the goal's path depends on changed: it and the paths of the goals it
+    /// waits for (transitively) are forgotten. A goal without a path stops the
+    /// walk: the goals it waits for have none either.
+    fn invalidate(&mut self, g: GoalId) {
+        let mut stack = vec![g];
+        while let Some(g) = stack.pop() {
+            if self.drop_path(g) {
+                if let Some(n) = self.nodes.get(&g) {
+                    stack.extend(n.waitees.iter().copied());
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, id: GoalId, k: usize) {
+        if self.queue[k].insert(id) {
+            if let (Some(&p), Some(n)) = (self.paths.get(&id), self.nodes.get(&id)) {
+                self.queue_by_grant[k].insert((p, n.estimate, Reverse(id)));
+                self.queue_by_path[k].insert((p, Reverse(id)));
+            }
+        }
+    }
+
+    fn dequeue(&mut self, id: GoalId, k: usize) {
+        if self.queue[k].remove(&id) {
+            if let (Some(&p), Some(n)) = (self.paths.get(&id), self.nodes.get(&id)) {
+                self.queue_by_grant[k].remove(&(p, n.estimate, Reverse(id)));
+                self.queue_by_path[k].remove(&(p, Reverse(id)));
             }
         }
     }
@@ -468,10 +625,11 @@ impl Scheduler {
         (0..2)
             .filter(|&k| self.in_use[k] < self.capacity[k])
             .filter_map(|k| {
-                self.queue[k]
-                    .iter()
-                    .max_by(|a, b| self.paths[*a].cmp(&self.paths[*b]).then(b.cmp(a)))
-                    .map(|g| self.nodes[g].estimate)
+                // The longest path, ties by the lower id.
+                self.queue_by_path[k]
+                    .last()
+                    .and_then(|(_, Reverse(g))| self.nodes.get(g))
+                    .map(|n| n.estimate)
             })
             .min()
     }
@@ -524,20 +682,16 @@ impl Scheduler {
                 let Some(bound) = bound[k] else {
                     break;
                 };
-                let best = self.queue[k]
-                    .iter()
-                    .copied()
-                    .max_by(|a, b| {
-                        let (pa, pb) = (self.paths[a], self.paths[b]);
-                        let (ea, eb) = (self.nodes[a].estimate, self.nodes[b].estimate);
-                        pa.cmp(&pb).then(ea.cmp(&eb)).then(b.cmp(a))
-                    })
-                    .expect("queue is not empty");
+                // The longest path, then the longer own estimate, then the
+                // lower id (every queued goal's path is known here).
+                let Some(&(path, estimate, Reverse(best))) = self.queue_by_grant[k].last() else {
+                    break;
+                };
                 // A tie waits: the unsettled goal may win it.
-                if self.paths[&best] <= bound {
+                if path <= bound {
                     break;
                 }
-                self.queue[k].remove(&best);
+                self.dequeue(best, k);
                 self.in_use[k] += 1;
                 self.first_grant.get_or_insert_with(Instant::now);
                 self.update(best, |n| {
@@ -547,8 +701,8 @@ impl Scheduler {
                 grants.push(Grant {
                     goal: best,
                     kind,
-                    path: self.paths[&best],
-                    estimate: self.nodes[&best].estimate,
+                    path,
+                    estimate,
                     still_waiting: self.queue[k].len(),
                 });
             }
@@ -557,16 +711,11 @@ impl Scheduler {
         grants
     }
 
-    /// The path of every live goal (own estimate + the longest path of a waiter),
-    /// computed without recursion (chains may be long).
+    /// The path of every live goal (own estimate + the longest path of a waiter)
+    /// that is not known, computed without recursion (chains may be long).
     fn compute_paths(&mut self) {
-        if self.paths_valid {
-            return;
-        }
-        self.paths.clear();
-        let ids: Vec<GoalId> = self.nodes.keys().copied().collect();
-        for root in ids {
-            if self.paths.contains_key(&root) {
+        while let Some(root) = self.stale.pop() {
+            if self.paths.contains_key(&root) || !self.nodes.contains_key(&root) {
                 continue;
             }
             let mut stack = vec![(root, false)];
@@ -591,16 +740,52 @@ impl Scheduler {
                     .max()
                     .copied()
                     .unwrap_or_default();
-                self.paths.insert(g, n.estimate + above);
+                let p = n.estimate + above;
+                self.set_path(g, p);
             }
         }
-        self.paths_valid = true;
     }
 
     /// The goal's path (tests, reports).
     pub fn path(&mut self, id: GoalId) -> Option<Duration> {
         self.compute_paths();
         self.paths.get(&id).copied()
+    }
+
+    /// The remaining critical path (the longest remaining time of a goal plus the
+    /// longest path waiting on it; ties by the lower id) and the local work left
+    /// (paths known). A goal not started has its path left; only the started
+    /// ones are walked.
+    fn critical_and_work(&self, now: Instant) -> (Option<(Duration, GoalId)>, Duration) {
+        let mut best: Option<(Duration, GoalId)> = self
+            .by_path
+            .iter()
+            .rev()
+            .find(|(_, Reverse(g))| self.nodes.get(g).is_some_and(|n| n.started.is_none()))
+            .map(|&(p, Reverse(g))| (p, g));
+        let mut work = self.pending_work;
+        for id in &self.running {
+            let Some(n) = self.nodes.get(id) else {
+                continue;
+            };
+            let rem = Self::remaining(n, now);
+            // A remote build's time passes on another machine.
+            if matches!(n.kind, NodeKind::Derivation(_)) && !n.remote {
+                work += rem;
+            }
+            let above = n
+                .waiters
+                .iter()
+                .filter_map(|w| self.paths.get(w))
+                .max()
+                .copied()
+                .unwrap_or_default();
+            let p = rem + above;
+            if best.is_none_or(|(bp, bid)| p > bp || (p == bp && *id < bid)) {
+                best = Some((p, *id));
+            }
+        }
+        (best, work)
     }
 
     fn remaining(n: &Node, now: Instant) -> Duration {
@@ -627,28 +812,7 @@ impl Scheduler {
         self.last_computed = Some(now);
         self.changed = false;
         self.compute_paths();
-        // The remaining critical path: the longest remaining time of a goal plus
-        // the longest path waiting on it.
-        let mut best: Option<(Duration, GoalId)> = None;
-        let mut work = Duration::ZERO;
-        for (&id, n) in &self.nodes {
-            let rem = Self::remaining(n, now);
-            // A remote build's time passes on another machine.
-            if matches!(n.kind, NodeKind::Derivation(_)) && !n.remote {
-                work += rem;
-            }
-            let above = n
-                .waiters
-                .iter()
-                .filter_map(|w| self.paths.get(w))
-                .max()
-                .copied()
-                .unwrap_or_default();
-            let p = rem + above;
-            if best.is_none_or(|(bp, bid)| p > bp || (p == bp && id < bid)) {
-                best = Some((p, id));
-            }
-        }
+        let (best, work) = self.critical_and_work(now);
         let cp = best.map(|b| b.0).unwrap_or_default();
         let slots = self.capacity[0].max(1) as u32;
         // The share of the slots' time so far that the finished builds'
@@ -675,17 +839,18 @@ impl Scheduler {
                 .copied()
                 .max_by(|a, b| self.paths[a].cmp(&self.paths[b]).then(b.cmp(a)));
         }
+        // The ready derivations whose estimate was not announced, by id.
         let mut expected = Vec::new();
-        let mut ids: Vec<GoalId> = self.nodes.keys().copied().collect();
-        ids.sort();
-        for id in ids {
-            let n = self.nodes.get_mut(&id).expect("live");
-            let ready = n.queued[0] || n.holds[0] || n.started.is_some();
-            if let (true, NodeKind::Derivation(d)) = (ready, &n.kind) {
-                if n.announced != Some(n.estimate) {
-                    n.announced = Some(n.estimate);
-                    expected.push((d.clone(), n.estimate));
-                }
+        for id in std::mem::take(&mut self.unannounced) {
+            let Some(n) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            if !Self::due_announcement(n) {
+                continue;
+            }
+            if let NodeKind::Derivation(d) = &n.kind {
+                n.announced = Some(n.estimate);
+                expected.push((d.clone(), n.estimate));
             }
         }
         let moved = match self.last_eta {
@@ -844,5 +1009,192 @@ mod tests {
         // Work left: c2 1 + c3 1 + i(running) 1 + 3 × 2 = 9 s / 2.
         assert_eq!(e.eta, Some(Duration::from_millis(4500)));
         assert!(e.expected.is_empty());
+    }
+
+    /// The paths by a walk of the whole graph (how they were computed before
+    /// the scheduler kept them incrementally).
+    fn full_paths(s: &Scheduler) -> HashMap<GoalId, Duration> {
+        let mut paths: HashMap<GoalId, Duration> = HashMap::new();
+        for &root in s.nodes.keys() {
+            let mut stack = vec![(root, false)];
+            while let Some((g, expanded)) = stack.pop() {
+                if paths.contains_key(&g) {
+                    continue;
+                }
+                let n = &s.nodes[&g];
+                if !expanded {
+                    stack.push((g, true));
+                    stack.extend(n.waiters.iter().map(|w| (*w, false)));
+                    continue;
+                }
+                let above = n.waiters.iter().map(|w| paths[w]).max();
+                paths.insert(g, n.estimate + above.unwrap_or_default());
+            }
+        }
+        paths
+    }
+
+    /// Every incremental value against what a walk of the whole graph finds.
+    fn check(s: &mut Scheduler, now: Instant) {
+        s.compute_paths();
+        let full = full_paths(s);
+        assert_eq!(s.paths, full);
+        let by_path: BTreeSet<_> = full.iter().map(|(&g, &p)| (p, Reverse(g))).collect();
+        assert_eq!(s.by_path, by_path);
+        for k in 0..2 {
+            let by_grant: BTreeSet<_> = s.queue[k]
+                .iter()
+                .map(|g| (full[g], s.nodes[g].estimate, Reverse(*g)))
+                .collect();
+            assert_eq!(s.queue_by_grant[k], by_grant);
+            let by_path: BTreeSet<_> = s.queue[k].iter().map(|g| (full[g], Reverse(*g))).collect();
+            assert_eq!(s.queue_by_path[k], by_path);
+            // The goals the whole-queue scans chose.
+            let grant = s.queue[k].iter().copied().max_by(|a, b| {
+                let (ea, eb) = (s.nodes[a].estimate, s.nodes[b].estimate);
+                full[a].cmp(&full[b]).then(ea.cmp(&eb)).then(b.cmp(a))
+            });
+            assert_eq!(s.queue_by_grant[k].last().map(|e| e.2 .0), grant);
+            let deferred = s.queue[k]
+                .iter()
+                .copied()
+                .max_by(|a, b| full[a].cmp(&full[b]).then(b.cmp(a)));
+            assert_eq!(s.queue_by_path[k].last().map(|e| e.1 .0), deferred);
+        }
+        // The critical path and the work, as the loop over every goal found them.
+        let mut best: Option<(Duration, GoalId)> = None;
+        let mut work = Duration::ZERO;
+        for (&id, n) in &s.nodes {
+            let rem = Scheduler::remaining(n, now);
+            if matches!(n.kind, NodeKind::Derivation(_)) && !n.remote {
+                work += rem;
+            }
+            let above = n.waiters.iter().map(|w| full[w]).max();
+            let p = rem + above.unwrap_or_default();
+            if best.is_none_or(|(bp, bid)| p > bp || (p == bp && id < bid)) {
+                best = Some((p, id));
+            }
+        }
+        assert_eq!(s.critical_and_work(now), (best, work));
+        let running: BTreeSet<_> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.started.is_some())
+            .map(|(g, _)| *g)
+            .collect();
+        assert_eq!(s.running, running);
+        // What the loop over every goal would announce is noted.
+        for (id, n) in &s.nodes {
+            if Scheduler::due_announcement(n) {
+                assert!(s.unannounced.contains(id), "goal {id} is due");
+            }
+        }
+    }
+
+    /// splitmix64, so each case depends only on its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) % n.max(1)
+        }
+    }
+
+    #[test]
+    fn incremental_paths_and_estimates_equal_a_walk_of_the_whole_graph() {
+        let names: Vec<String> = (0..6).map(|i| format!("d{i}")).collect();
+        for seed in 0..80 {
+            let mut r = Rng(seed);
+            // Few distinct estimates, so paths tie often.
+            let est: Vec<(&str, u64)> =
+                names.iter().map(|n| (n.as_str(), 1 + r.below(4))).collect();
+            let mut s = Scheduler::new(fixed(&est), 1 + r.below(3), 1 + r.below(2));
+            let t0 = Instant::now();
+            let mut live: Vec<GoalId> = Vec::new();
+            let mut next: GoalId = 1;
+            let mut granted = 0;
+            for step in 0..300u64 {
+                let now = t0 + Duration::from_millis(step * 170);
+                let pick = |r: &mut Rng, live: &[GoalId]| live[r.below(live.len() as u64) as usize];
+                let op = if live.is_empty() { 0 } else { r.below(13) };
+                match op {
+                    0..=2 => {
+                        let id = next;
+                        next += 1;
+                        let kind = match r.below(5) {
+                            0 => NodeKind::Substitution(sp("s")),
+                            1 => NodeKind::DrvOutput,
+                            _ => NodeKind::Derivation(sp(&names[r.below(7) as usize % 6])),
+                        };
+                        s.add_goal(id, kind);
+                        // Usually an input of a live goal (deps are newer: no cycles).
+                        if !live.is_empty() && r.below(4) > 0 {
+                            let w = pick(&mut r, &live);
+                            s.add_edge(id, w);
+                            s.set_waiting_for_inputs(w, true);
+                        }
+                        live.push(id);
+                    }
+                    3 | 4 => {
+                        let (a, b) = (pick(&mut r, &live), pick(&mut r, &live));
+                        s.add_edge(a.max(b), a.min(b));
+                    }
+                    5 => s.set_waiting_for_inputs(pick(&mut r, &live), r.below(2) == 0),
+                    6 | 7 => {
+                        let kind = KINDS[r.below(2) as usize];
+                        s.acquire(pick(&mut r, &live), kind);
+                    }
+                    8 => s.release(pick(&mut r, &live), KINDS[r.below(2) as usize]),
+                    9 => s.started(pick(&mut r, &live), now, r.below(4) == 0),
+                    10 => s.set_nar_size(pick(&mut r, &live), r.below(4) * 40_000_000),
+                    11 => {
+                        let i = r.below(live.len() as u64) as usize;
+                        s.remove(live.swap_remove(i));
+                    }
+                    _ => granted += s.grant(r.below(3) == 0).len(),
+                }
+                if step % 3 == 0 {
+                    let _ = s.estimates(now);
+                }
+                check(&mut s, now);
+            }
+            assert!(granted > 0 || seed > 0, "the cases grant slots");
+        }
+    }
+
+    #[test]
+    fn a_finished_goal_makes_only_the_goals_it_waited_for_computed_again() {
+        // 1,000 independent goals, and a chain top <- mid <- leaf.
+        let mut s = Scheduler::new(Arc::new(NoHistory), 2, 1);
+        for id in 1..=1000 {
+            s.add_goal(id, NodeKind::Derivation(sp("x")));
+        }
+        for (id, n) in [(1001, "top"), (1002, "mid"), (1003, "leaf")] {
+            s.add_goal(id, NodeKind::Derivation(sp(n)));
+        }
+        s.add_edge(1002, 1001);
+        s.add_edge(1003, 1002);
+        assert_eq!(s.path(1003), Some(DEFAULT_BUILD_TIME * 3));
+        assert!(s.stale.is_empty());
+        // The top goal goes: mid and leaf lose a waiter, nothing else changes.
+        s.remove(1001);
+        let mut stale = s.stale.clone();
+        stale.sort();
+        stale.dedup();
+        assert_eq!(stale, [1001, 1002, 1003]);
+        assert_eq!(s.path(1003), Some(DEFAULT_BUILD_TIME * 2));
+        // A goal with no waiters going forgets nothing else.
+        s.remove(500);
+        assert_eq!(s.stale, [500]);
+        // An edge that does not lengthen the dep's path forgets nothing.
+        s.compute_paths();
+        s.add_edge(1003, 7);
+        assert!(s.stale.is_empty());
+        assert_eq!(s.path(1003), Some(DEFAULT_BUILD_TIME * 2));
+        check(&mut s, Instant::now());
     }
 }
