@@ -537,6 +537,8 @@ pub struct SyncDriver<'a> {
     pub slow_job: Box<dyn FnMut(&crate::progress::GoalKey, &[ProgressEvent]) -> bool + 'a>,
     /// Derivation names in build start order.
     pub started: Vec<String>,
+    /// The goals made as subgoals (`Action::Spawn`'s `subgoal`), in order.
+    pub subgoals: Vec<crate::progress::GoalKey>,
     pub cancelled: Vec<u64>,
     /// Goal ids whose running hook builds were cancelled (`CancelHookBuild`).
     pub cancelled_hooks: Vec<u64>,
@@ -673,6 +675,7 @@ impl<'a> SyncDriver<'a> {
             hold_job: Box::new(|_, _| false),
             slow_job: Box::new(|_, _| false),
             started: Vec::new(),
+            subgoals: Vec::new(),
             cancelled: Vec::new(),
             cancelled_hooks: Vec::new(),
             running: Vec::new(),
@@ -697,7 +700,14 @@ impl<'a> SyncDriver<'a> {
         loop {
             for a in core.take_actions() {
                 match a {
-                    Action::Spawn { goal, machine } => {
+                    Action::Spawn {
+                        goal,
+                        machine,
+                        subgoal,
+                    } => {
+                        if subgoal {
+                            self.subgoals.extend(core.goal_key(goal).cloned());
+                        }
                         let env = core.goal_env().clone();
                         let host = match *machine {
                             AnyGoal::Drv(g) => SyncGoal::Drv(GoalHost::new(goal, g, env)),

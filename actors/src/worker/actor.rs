@@ -94,12 +94,12 @@ enum GoalAddr {
 }
 
 impl GoalAddr {
-    fn start(id: GoalId, machine: AnyGoal, services: &Arc<GoalServices>) -> GoalAddr {
+    fn start(id: GoalId, machine: AnyGoal, sub: bool, services: &Arc<GoalServices>) -> GoalAddr {
         let s = services.clone();
         match machine {
-            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s).start()),
-            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s).start()),
-            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s).start()),
+            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s, sub).start()),
+            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s, sub).start()),
+            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s, sub).start()),
         }
     }
 
@@ -394,8 +394,12 @@ impl Worker {
 
     fn perform(active: &mut Active, cfg: &WorkerConfig, a: Action) {
         match a {
-            Action::Spawn { goal, machine } => {
-                let addr = GoalAddr::start(goal, *machine, &active.services);
+            Action::Spawn {
+                goal,
+                machine,
+                subgoal,
+            } => {
+                let addr = GoalAddr::start(goal, *machine, subgoal, &active.services);
                 active.goals.insert(goal, addr);
             }
             Action::ToGoal { goal, msg } => {

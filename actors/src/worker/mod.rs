@@ -227,10 +227,13 @@ pub enum ToGoal {
 /// What the core asks its host (the Worker actor, or the synchronous test driver)
 /// to do.
 pub enum Action {
-    /// Start a goal with this state machine (a [`ToGoal::Start`] follows).
+    /// Start a goal with this state machine (a [`ToGoal::Start`] follows);
+    /// `subgoal`: made for a goal that waits for it (its first store job goes
+    /// before those of requested goals: `store_executor::JobPriority`).
     Spawn {
         goal: GoalId,
         machine: Box<AnyGoal>,
+        subgoal: bool,
     },
     /// Deliver a message to a live goal.
     ToGoal {
@@ -466,7 +469,7 @@ impl WorkerCore {
                     mode,
                 },
             };
-            let id = self.make_goal(req);
+            let id = self.make_goal(req, false);
             if let Some(e) = self.goals.get_mut(&id) {
                 e.top_of.insert(run);
             }
@@ -617,7 +620,8 @@ impl WorkerCore {
         self.settle();
     }
 
-    fn make_goal(&mut self, req: GoalRequest) -> GoalId {
+    /// The live goal of `req`, or a new one (`subgoal`: a goal waits for it).
+    fn make_goal(&mut self, req: GoalRequest, subgoal: bool) -> GoalId {
         let key = match &req {
             GoalRequest::Derivation { drv_path, .. } => GoalKey::Derivation(drv_path.clone()),
             GoalRequest::Substitution { path, .. } => GoalKey::Substitution(path.clone()),
@@ -692,6 +696,7 @@ impl WorkerCore {
         self.actions.push(Action::Spawn {
             goal: id,
             machine: Box::new(AnyGoal::for_request(req)),
+            subgoal,
         });
         self.send(id, ToGoal::Start);
         id
@@ -855,7 +860,7 @@ impl WorkerCore {
     fn wait_for(&mut self, waiter: GoalId, reqs: Vec<GoalRequest>) {
         let mut added = 0;
         for req in reqs {
-            let dep = self.make_goal(req.clone());
+            let dep = self.make_goal(req.clone(), true);
             if dep == waiter {
                 continue;
             }
@@ -944,11 +949,15 @@ impl WorkerCore {
         if self.keys.get(&key) == Some(&id) {
             self.keys.remove(&key);
         }
-        let new = self.make_goal(GoalRequest::Derivation {
-            drv_path,
-            outputs,
-            mode,
-        });
+        let subgoal = !moved_waiters.is_empty();
+        let new = self.make_goal(
+            GoalRequest::Derivation {
+                drv_path,
+                outputs,
+                mode,
+            },
+            subgoal,
+        );
         for w in moved_waiters {
             let req = self.goals.get_mut(&w).and_then(|we| we.waitees.remove(&id));
             if let Some(e) = self.goals.get_mut(&id) {
@@ -1566,6 +1575,12 @@ mod tests {
         // The forced grant started one independent build and kept the other slot:
         // c0 (path 3 s), found last, starts at once.
         assert_eq!(drv.started, ["i0", "c0"]);
+        // The chain's inputs are subgoals: their first store jobs go before those
+        // of requested goals (`store_executor::JobPriority::StartSubGoal`).
+        assert_eq!(
+            drv.subgoals,
+            [&c1, &c0].map(|d| crate::progress::GoalKey::Derivation(d.clone()))
+        );
         assert!(drv.progress.contains(&ProgressEvent::Scheduled {
             goal: crate::progress::GoalKey::Derivation(c0.clone()),
             path: Duration::from_secs(3),
