@@ -56,15 +56,20 @@ pub struct GoalActor<G: GoalMachine> {
 }
 
 impl<G: GoalMachine + Unpin> GoalActor<G> {
-    /// `subgoal`: another goal waits for this one (its first job goes before
-    /// the first jobs of requested goals).
-    pub fn new(id: GoalId, goal: G, services: Arc<GoalServices>, subgoal: bool) -> GoalActor<G> {
+    pub fn new(id: GoalId, goal: G, services: Arc<GoalServices>) -> GoalActor<G> {
         GoalActor {
             host: GoalHost::new(id, goal, services.env.clone()),
             services,
             ran_a_job: false,
-            subgoal,
+            subgoal: false,
         }
+    }
+
+    /// `subgoal`: another goal waits for this one (its first job goes before
+    /// the first jobs of requested goals).
+    pub fn subgoal(mut self, subgoal: bool) -> GoalActor<G> {
+        self.subgoal = subgoal;
+        self
     }
 
     /// The goal's state and the sink that performs its effects from this actor

@@ -97,9 +97,9 @@ impl GoalAddr {
     fn start(id: GoalId, machine: AnyGoal, sub: bool, services: &Arc<GoalServices>) -> GoalAddr {
         let s = services.clone();
         match machine {
-            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s, sub).start()),
-            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s, sub).start()),
-            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s, sub).start()),
+            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s).subgoal(sub).start()),
+            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s).subgoal(sub).start()),
+            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s).subgoal(sub).start()),
         }
     }
 
