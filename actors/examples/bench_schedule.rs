@@ -529,6 +529,51 @@ fn print_links(
             ms(gap),
         );
     }
+    // The independent builds' time outside their builders: builder exit → the
+    // `finished` event (registration, the end of the goal); the latest builder
+    // exit → a grant (registration, the slot given back, the grant); grant →
+    // builder start (locks, prepare, spawn, the shell).
+    let mut exit_fin = Vec::new();
+    let mut grant_start = Vec::new();
+    let mut fin_grant = Vec::new();
+    for (n, what, t) in events {
+        if !n.starts_with("ind-") {
+            continue;
+        }
+        match *what {
+            "finished" => {
+                if let Some(e) = at(n, false) {
+                    exit_fin.push(t - e);
+                }
+            }
+            "granted" => {
+                if let Some(s) = at(n, true) {
+                    grant_start.push(s - t);
+                }
+                if let Some(e) = trace
+                    .iter()
+                    .filter(|(_, start, et)| !start && et <= t)
+                    .map(|e| e.2)
+                    .max_by(f64::total_cmp)
+                {
+                    fin_grant.push(t - e);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !exit_fin.is_empty() {
+        for v in [&mut exit_fin, &mut grant_start, &mut fin_grant] {
+            v.sort_by(f64::total_cmp);
+        }
+        let med = |v: &[f64]| v.get(v.len() / 2).copied();
+        println!(
+            "  {label}: independent builds: builder exit → finished median {} ms, latest builder exit → grant {} ms, grant → builder start {} ms",
+            ms(med(&exit_fin)),
+            ms(med(&fin_grant)),
+            ms(med(&grant_start)),
+        );
+    }
     let mut ind: Vec<(f64, f64)> = trace
         .iter()
         .filter(|(n, s, _)| n.starts_with("ind-") && *s)

@@ -21,10 +21,24 @@
 //!   no unsettled goal could claim more: one settled before (its inputs known)
 //!   claims at most its path (registering: its waiters' path), so a waiting goal
 //!   with a longer path is granted at once; one never settled may
-//!   still find longer inputs and is waited for. The
-//!   host forces the grant after a while ([`Scheduler::grant`] with `force`) so a
-//!   goal that stays unsettled (waiting for a lock another process holds, asking a
-//!   slow hook) never holds the rest back.
+//!   still find longer inputs and is waited for.
+//! * Forced grants ([`Force`]): the host forces the grant after a while so a goal
+//!   that stays unsettled (still loading its `.drv`, waiting for a lock another
+//!   process holds, asking a slow hook) never holds the rest back. First at the
+//!   limit a wrong choice could cost (quiet, or the estimate of the build the slot
+//!   would start: [`Force::Limit`]): while some goal was never settled — the graph
+//!   is still being loaded, and the goals found last may be the critical path
+//!   (a chain is found one link at a time, each behind the loading of everything
+//!   requested beside it) — one free slot of each kind (with two or more) is kept
+//!   for a goal whose path beats the first one started so; the others fill,
+//!   longest path first, and go on filling as they free, without another limit,
+//!   until every live goal has settled once. A wrong choice then costs the
+//!   critical path nothing as long as one such goal appears at a time: it finds
+//!   the kept slot. Before this, a forced grant filled every free slot, and in
+//!   `bench_schedule` (a) the chain's first link, found after the 0.3 s limit,
+//!   waited for an independent build to end. After the host's longest wait
+//!   ([`Force::All`]) the kept slot goes too (a goal may never settle), and so on
+//!   until every live goal has settled once.
 //! * The choice: the longest path first; ties by the longer own estimate (longest
 //!   job first), then by the lower goal id (goals are numbered in the order they
 //!   were requested).
@@ -269,6 +283,32 @@ pub struct Scheduler {
     first_grant: Option<Instant>,
     done_work: Duration,
     last_critical: Vec<StorePath>,
+    /// The forced mode: how hard grants are pushed until every live goal has
+    /// settled once ([`Force`]).
+    forced: Force,
+    /// Per slot kind, in the forced mode: the path the reserved (last free) slot
+    /// waits for a goal to beat.
+    reserve: [Option<Duration>; 2],
+}
+
+/// How hard [`Scheduler::grant`] is pushed (the host's timers decide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Force {
+    /// Only once the ready set is complete: every live goal settled, or none of
+    /// the unsettled ones could claim more than the goal granted.
+    No,
+    /// The host waited as long as a wrong choice could cost (quiet, or the
+    /// estimate of the build the slot would start): grant without waiting for the
+    /// unsettled goals, longest path first — but while some goal was never
+    /// settled (the graph is still being loaded), keep the last free slot of each
+    /// kind with two or more slots for a goal whose path beats the first one
+    /// started so. Until every live goal has settled once, later grants go on so
+    /// (slots are filled as they free, the reserve kept).
+    Limit,
+    /// The host waited its longest ([`crate::worker::actor::GRANT_MAX_DELAY`]):
+    /// every free slot, reserve included, until every live goal has settled once
+    /// (a goal may stay unsettled for ever: another process holds its lock).
+    All,
 }
 
 impl Scheduler {
@@ -297,6 +337,8 @@ impl Scheduler {
             last_critical: Vec::new(),
             first_grant: None,
             done_work: Duration::ZERO,
+            forced: Force::No,
+            reserve: [None; 2],
         }
     }
 
@@ -640,13 +682,24 @@ impl Scheduler {
     }
 
     /// Gives free slots to waiting goals, longest path first, once every live goal
-    /// is settled (or at once with `force`).
-    pub fn grant(&mut self, force: bool) -> Vec<Grant> {
+    /// is settled — or sooner, as `force` says (see [`Force`]). A forced grant
+    /// while goals are still being loaded keeps a reserve; the forced mode then
+    /// lasts (later calls grant as forced) until every live goal has settled once.
+    pub fn grant(&mut self, force: Force) -> Vec<Grant> {
         if self.unsettled == 0 && !self.graph_known && !self.nodes.is_empty() {
             self.graph_known = true;
             self.changed = true;
         }
-        if !self.has_deferred() || (!force && self.fresh > 0) {
+        // Every goal's inputs are known: the forced mode (and its reserve) ends.
+        if self.fresh == 0 {
+            self.forced = Force::No;
+            self.reserve = [None; 2];
+        }
+        if self.fresh > 0 {
+            self.forced = self.forced.max(force);
+        }
+        let force = self.forced.max(force);
+        if !self.has_deferred() || (force == Force::No && self.fresh > 0) {
             return Vec::new();
         }
         self.compute_paths();
@@ -655,7 +708,7 @@ impl Scheduler {
         // one settled before claims at most its path, or, registering, the path
         // of its waiters.
         let mut bound: [Option<Duration>; 2] = [Some(Duration::ZERO); 2];
-        if !force && self.unsettled > 0 {
+        if force == Force::No && self.unsettled > 0 {
             for id in &self.unsettled_ids {
                 let n = &self.nodes[id];
                 let k = match n.kind {
@@ -688,8 +741,16 @@ impl Scheduler {
                     break;
                 };
                 // A tie waits: the unsettled goal may win it.
-                if path <= bound {
+                if force == Force::No && path <= bound {
                     break;
+                }
+                if force == Force::Limit && self.fresh > 0 && self.capacity[k] >= 2 {
+                    // The reserve: the last free slot waits for a goal whose path
+                    // is longer than the first one started without the full graph.
+                    let beat = *self.reserve[k].get_or_insert(path);
+                    if self.in_use[k] + 1 == self.capacity[k] && path <= beat {
+                        break;
+                    }
                 }
                 self.dequeue(best, k);
                 self.in_use[k] += 1;
@@ -890,6 +951,98 @@ mod tests {
         ))
     }
 
+    fn goals(g: &[Grant]) -> Vec<GoalId> {
+        g.iter().map(|g| g.goal).collect()
+    }
+
+    #[test]
+    fn a_forced_grant_keeps_the_last_slot_for_a_longer_path_found_while_loading() {
+        let ms = |n: &str, v: u64| (n.to_string(), Duration::from_millis(v));
+        let est =
+            FixedEstimates([ms("i", 300), ms("c0", 1000), ms("c1", 1000), ms("c2", 1000)].into());
+        let mut s = Scheduler::new(Arc::new(est), 2, 1);
+        // The chain's end is requested first and loads slowly; four independent
+        // 0.3 s builds load at once and ask; one more is still loading.
+        s.add_goal(1, NodeKind::Derivation(sp("c2")));
+        for id in 2..=6 {
+            s.add_goal(id, NodeKind::Derivation(sp("i")));
+        }
+        for id in 2..=5 {
+            s.acquire(id, SlotKind::Build);
+        }
+        assert!(s.grant(Force::No).is_empty(), "goals 1 and 6 never settled");
+        // The host's limit passed: one slot goes, the last is kept.
+        assert_eq!(goals(&s.grant(Force::Limit)), [2]);
+        assert_eq!(s.in_use(SlotKind::Build), 1);
+        // Until every goal has settled once, a freed slot goes at once (no
+        // further limit), the reserve still kept.
+        s.started(2, Instant::now(), false);
+        s.release(2, SlotKind::Build);
+        s.remove(2);
+        assert_eq!(goals(&s.grant(Force::No)), [3]);
+        assert!(s.grant(Force::No).is_empty());
+        // c2 loaded: it waits for c1, which loads; then c1 for c0.
+        s.add_goal(7, NodeKind::Derivation(sp("c1")));
+        s.add_edge(7, 1);
+        s.set_waiting_for_inputs(1, true);
+        assert!(s.grant(Force::No).is_empty());
+        s.add_goal(8, NodeKind::Derivation(sp("c0")));
+        s.add_edge(8, 7);
+        s.set_waiting_for_inputs(7, true);
+        // The independent build still loading asks: 0.3 s does not beat the
+        // 0.3 s started without the full graph.
+        s.acquire(6, SlotKind::Build);
+        assert!(s.grant(Force::No).is_empty());
+        // c0 asks while another goal still loads: its path of 3 s beats 0.3 s
+        // and takes the kept slot.
+        s.add_goal(9, NodeKind::Derivation(sp("i")));
+        s.acquire(8, SlotKind::Build);
+        let g = s.grant(Force::No);
+        assert_eq!(goals(&g), [8]);
+        assert_eq!(g[0].path, Duration::from_secs(3));
+        assert_eq!(g[0].still_waiting, 3);
+        // Every goal settles once: ordinary grants again. c0 registering may make
+        // c1 (2 s) ready, so the freed slot waits for it, then goes to it.
+        s.acquire(9, SlotKind::Build);
+        s.started(8, Instant::now(), false);
+        s.release(8, SlotKind::Build);
+        assert!(s.grant(Force::No).is_empty());
+        s.started(3, Instant::now(), false);
+        s.release(3, SlotKind::Build);
+        s.remove(3);
+        assert!(s.grant(Force::No).is_empty(), "c1 (2 s) beats every 0.3 s");
+        s.remove(8);
+        s.set_waiting_for_inputs(7, false);
+        s.acquire(7, SlotKind::Build);
+        assert_eq!(goals(&s.grant(Force::No)), [7, 4]);
+    }
+
+    #[test]
+    fn the_reserve_needs_two_slots_and_goes_after_the_longest_wait() {
+        let ms = |n: &str, v: u64| (n.to_string(), Duration::from_millis(v));
+        let est: Arc<dyn Estimator> = Arc::new(FixedEstimates([ms("i", 300)].into()));
+        // One slot: nothing to keep it for, the forced grant gives it.
+        let mut s = Scheduler::new(est.clone(), 1, 1);
+        s.add_goal(1, NodeKind::Derivation(sp("loading")));
+        s.add_goal(2, NodeKind::Derivation(sp("i")));
+        s.acquire(2, SlotKind::Build);
+        assert_eq!(goals(&s.grant(Force::Limit)), [2]);
+        // Two slots, a goal that never settles (another process holds its lock):
+        // the reserve goes only after the host's longest wait, and the mode stays.
+        let mut s = Scheduler::new(est, 2, 1);
+        s.add_goal(1, NodeKind::Derivation(sp("locked")));
+        for id in 2..=5 {
+            s.add_goal(id, NodeKind::Derivation(sp("i")));
+            s.acquire(id, SlotKind::Build);
+        }
+        assert_eq!(goals(&s.grant(Force::Limit)), [2]);
+        assert!(s.grant(Force::Limit).is_empty());
+        assert_eq!(goals(&s.grant(Force::All)), [3]);
+        s.release(3, SlotKind::Build);
+        s.remove(3);
+        assert_eq!(goals(&s.grant(Force::No)), [4]);
+    }
+
     #[test]
     fn the_longest_path_gets_the_slot_once_everything_is_settled() {
         let mut s = Scheduler::new(fixed(&[("a", 1), ("b", 5), ("c", 1), ("top", 1)]), 1, 1);
@@ -903,10 +1056,10 @@ mod tests {
         s.acquire(2, SlotKind::Build);
         s.acquire(3, SlotKind::Build);
         // c still loading: nothing granted yet.
-        assert!(s.grant(false).is_empty());
+        assert!(s.grant(Force::No).is_empty());
         assert!(s.has_deferred());
         s.acquire(4, SlotKind::Build);
-        let g = s.grant(false);
+        let g = s.grant(Force::No);
         assert_eq!(g.len(), 1);
         assert_eq!(
             (g[0].goal, g[0].path, g[0].still_waiting),
@@ -915,9 +1068,9 @@ mod tests {
         s.release(3, SlotKind::Build);
         s.remove(3);
         // a and c tie on path (2 s) and estimate: the lower id.
-        assert_eq!(s.grant(false)[0].goal, 2);
+        assert_eq!(s.grant(Force::No)[0].goal, 2);
         s.remove(2);
-        assert_eq!(s.grant(false)[0].goal, 4);
+        assert_eq!(s.grant(Force::No)[0].goal, 4);
     }
 
     #[test]
@@ -930,15 +1083,18 @@ mod tests {
         s.set_waiting_for_inputs(1, true);
         s.set_waiting_for_inputs(1, false);
         s.acquire(3, SlotKind::Build);
-        assert!(s.grant(false).is_empty(), "short (1 s) waits for w (2 s)");
+        assert!(
+            s.grant(Force::No).is_empty(),
+            "short (1 s) waits for w (2 s)"
+        );
         s.acquire(2, SlotKind::Build);
-        let g = s.grant(false);
+        let g = s.grant(Force::No);
         assert_eq!(g.iter().map(|g| g.goal).collect::<Vec<_>>(), [2]);
         // A goal never settled may still find long inputs: everything waits.
         s.release(2, SlotKind::Build);
         s.add_goal(4, NodeKind::Derivation(sp("new")));
         s.acquire(1, SlotKind::Build);
-        assert!(s.grant(false).is_empty());
+        assert!(s.grant(Force::No).is_empty());
     }
 
     #[test]
@@ -955,8 +1111,8 @@ mod tests {
             Some(SUBSTITUTION_OVERHEAD + Duration::from_secs(2))
         );
         s.acquire(1, SlotKind::Build);
-        assert!(s.grant(false).is_empty());
-        assert_eq!(s.grant(true).len(), 1);
+        assert!(s.grant(Force::No).is_empty());
+        assert_eq!(s.grant(Force::All).len(), 1);
         assert_eq!(s.in_use(SlotKind::Build), 1);
         // A goal that holds a slot and asks again gets nothing more.
         s.acquire(1, SlotKind::Build);
@@ -981,7 +1137,7 @@ mod tests {
             s.acquire(id, SlotKind::Build);
         }
         s.acquire(3, SlotKind::Build);
-        let g = s.grant(false);
+        let g = s.grant(Force::No);
         // Paths: c1 3 s; each i 2 s, ties by estimate then id: 10.
         assert_eq!(g.iter().map(|g| g.goal).collect::<Vec<_>>(), [3, 10]);
         let e = s.estimates(t0).unwrap();
@@ -1155,7 +1311,10 @@ mod tests {
                         let i = r.below(live.len() as u64) as usize;
                         s.remove(live.swap_remove(i));
                     }
-                    _ => granted += s.grant(r.below(3) == 0).len(),
+                    _ => {
+                        let force = [Force::No, Force::Limit, Force::All][r.below(3) as usize];
+                        granted += s.grant(force).len();
+                    }
                 }
                 if step % 3 == 0 {
                     let _ = s.estimates(now);

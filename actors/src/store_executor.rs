@@ -8,12 +8,17 @@
 //! every thread's stack and heap mappings then make each `fork` of a builder slower
 //! (a 1,000-derivation build spent most of its extra system time copying them).
 //!
-//! Waiting jobs are served in two classes ([`JobPriority`]): the jobs of goals that
-//! already ran one (a goal going on with its work) before the first job of a goal
-//! (loading its derivation), each class in FIFO order. Goals that have started then
+//! Waiting jobs are served in three classes ([`JobPriority`]): the jobs of goals
+//! that already ran one (a goal going on with its work), then the first job of a
+//! goal another goal waits for (loading an input's derivation), then the first job
+//! of a requested goal, each class in FIFO order. Goals that have started then
 //! finish before more start, so at any time only about as many goals hold a loaded
 //! derivation as jobs can run, instead of every goal of a large run at once: the
-//! peak memory of a run no longer grows with the number of goals it starts.
+//! peak memory of a run no longer grows with the number of goals it starts. And
+//! the graph below the goals already loaded is found before more requests load:
+//! a chain is discovered one link at a time, and each link's load no longer waits
+//! for every requested goal beside it to load (`schedule`: the critical path
+//! waits for its discovery).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -26,8 +31,12 @@ use crate::goal::{Event, Job, JobEnv};
 /// Which waiting jobs get a free permit first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobPriority {
-    /// A goal's first job: it starts holding memory (its derivation) once run.
+    /// A requested goal's first job: it starts holding memory (its derivation)
+    /// once run.
     Start,
+    /// The first job of a goal another goal waits for (a subgoal): finding the
+    /// graph below goals already started goes before starting more.
+    StartSubGoal,
     /// Any later job of a goal: running it brings the goal closer to its end.
     Continue,
 }
@@ -91,8 +100,9 @@ struct Permits {
 
 struct PermitState {
     free: usize,
-    /// Waiters of [`JobPriority::Continue`], then of [`JobPriority::Start`].
-    waiting: [VecDeque<oneshot::Sender<Permit>>; 2],
+    /// Waiters of [`JobPriority::Continue`], [`JobPriority::StartSubGoal`], then
+    /// of [`JobPriority::Start`].
+    waiting: [VecDeque<oneshot::Sender<Permit>>; 3],
 }
 
 /// One running job's permit; dropping it hands the permit on.
@@ -111,7 +121,7 @@ impl Permits {
         Permits {
             state: Mutex::new(PermitState {
                 free: n.max(1),
-                waiting: [VecDeque::new(), VecDeque::new()],
+                waiting: Default::default(),
             }),
         }
     }
@@ -134,7 +144,8 @@ impl Permits {
                 let (tx, rx) = oneshot::channel();
                 let class = match priority {
                     JobPriority::Continue => 0,
-                    JobPriority::Start => 1,
+                    JobPriority::StartSubGoal => 1,
+                    JobPriority::Start => 2,
                 };
                 s.waiting[class].push_back(tx);
                 Err(rx)
@@ -155,10 +166,7 @@ impl Permits {
     fn release(this: &Arc<Permits>) {
         let mut s = this.lock();
         loop {
-            let next = match s.waiting[0].pop_front() {
-                Some(tx) => Some(tx),
-                None => s.waiting[1].pop_front(),
-            };
+            let next = s.waiting.iter_mut().find_map(|q| q.pop_front());
             let Some(tx) = next else {
                 s.free += 1;
                 return;
@@ -182,7 +190,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(flavor = "current_thread")]
-    async fn later_jobs_of_started_goals_go_before_first_jobs() {
+    async fn later_jobs_of_started_goals_go_before_first_jobs_and_subgoals_before_requests() {
         let p = Arc::new(Permits::new(1));
         let held = Permits::acquire(&p, JobPriority::Start).await;
         let order = Arc::new(Mutex::new(Vec::new()));
@@ -190,7 +198,9 @@ mod tests {
         for (name, prio) in [
             ("start-1", JobPriority::Start),
             ("cont-1", JobPriority::Continue),
+            ("sub-1", JobPriority::StartSubGoal),
             ("start-2", JobPriority::Start),
+            ("sub-2", JobPriority::StartSubGoal),
             ("cont-2", JobPriority::Continue),
         ] {
             let fut = Permits::acquire(&p, prio);
@@ -206,7 +216,7 @@ mod tests {
         }
         assert_eq!(
             *order.lock().unwrap(),
-            ["cont-1", "cont-2", "start-1", "start-2"]
+            ["cont-1", "cont-2", "sub-1", "sub-2", "start-1", "start-2"]
         );
         assert_eq!(p.lock().free, 1, "every permit came back");
     }

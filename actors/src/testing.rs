@@ -537,8 +537,16 @@ pub struct SyncDriver<'a> {
     /// in flight for ever instead of running (given the progress so far).
     #[allow(clippy::type_complexity)]
     pub hold_job: Box<dyn FnMut(&'static str, &[ProgressEvent]) -> bool + 'a>,
+    /// Whether a blocking job of this goal (by its key, given the progress so
+    /// far) is slow: it is set aside and ends only when nothing else moves, after
+    /// the forced grant the Worker's timer sends by then (the graph loads more
+    /// slowly than the forced-grant limit), one slow job per such turn.
+    #[allow(clippy::type_complexity)]
+    pub slow_job: Box<dyn FnMut(&crate::progress::GoalKey, &[ProgressEvent]) -> bool + 'a>,
     /// Derivation names in build start order.
     pub started: Vec<String>,
+    /// The goals made as subgoals (`Action::Spawn`'s `subgoal`), in order.
+    pub subgoals: Vec<crate::progress::GoalKey>,
     pub cancelled: Vec<u64>,
     /// Goal ids whose running hook builds were cancelled (`CancelHookBuild`).
     pub cancelled_hooks: Vec<u64>,
@@ -551,6 +559,8 @@ pub struct SyncDriver<'a> {
     inbox: VecDeque<(GoalId, Input)>,
     /// Outside events, one delivered per turn.
     outside: VecDeque<(GoalId, Input)>,
+    /// Slow jobs ([`SyncDriver::slow_job`]), in the order they were asked for.
+    slow: VecDeque<(GoalId, Job)>,
 }
 
 /// What a hook request carried.
@@ -671,7 +681,9 @@ impl<'a> SyncDriver<'a> {
             }),
             hook: Box::new(|_| HookReply::DeclinePermanently),
             hold_job: Box::new(|_, _| false),
+            slow_job: Box::new(|_, _| false),
             started: Vec::new(),
+            subgoals: Vec::new(),
             cancelled: Vec::new(),
             cancelled_hooks: Vec::new(),
             running: Vec::new(),
@@ -680,6 +692,7 @@ impl<'a> SyncDriver<'a> {
             hosts: BTreeMap::new(),
             inbox: VecDeque::new(),
             outside: VecDeque::new(),
+            slow: VecDeque::new(),
         }
     }
 
@@ -695,7 +708,15 @@ impl<'a> SyncDriver<'a> {
         loop {
             for a in core.take_actions() {
                 match a {
-                    Action::Spawn { goal, machine, env } => {
+                    Action::Spawn {
+                        goal,
+                        machine,
+                        env,
+                        subgoal,
+                    } => {
+                        if subgoal {
+                            self.subgoals.extend(core.goal_key(goal).cloned());
+                        }
                         let host = match *machine {
                             AnyGoal::Drv(g) => SyncGoal::Drv(GoalHost::new(goal, g, env)),
                             AnyGoal::Subst(g) => SyncGoal::Subst(GoalHost::new(goal, g, env)),
@@ -716,19 +737,33 @@ impl<'a> SyncDriver<'a> {
                 }
                 return Some(core.outcome());
             }
-            let next = self.inbox.pop_front().or_else(|| self.outside.pop_front());
-            match next {
-                Some((g, input)) => self.input(core, g, input),
-                // Nothing moves but goals that stay unsettled (a held job): the
-                // deferred grants go out, as the Worker's timer sends them.
-                None if core.has_deferred_grants() => core.grant_deferred(),
-                None => return None,
+            if let Some((g, input)) = self.inbox.pop_front().or_else(|| self.outside.pop_front()) {
+                self.input(core, g, input);
+                continue;
             }
+            // Nothing moves but goals that stay unsettled (a slow or held job):
+            // the Worker's timer forces the deferred grants (a reserve kept for
+            // goals still loading); then a slow job ends; only when none is left
+            // does the timer's longest wait pass and every free slot go.
+            if core.has_deferred_grants() && core.grant_deferred(false) {
+                continue;
+            }
+            if let Some((g, job)) = self.slow.pop_front() {
+                let ev = job(&self.env);
+                if let Some(host) = self.hosts.remove(&g) {
+                    self.step(core, g, host, Input::Event(ev));
+                }
+                continue;
+            }
+            if core.has_deferred_grants() && core.grant_deferred(true) {
+                continue;
+            }
+            return None;
         }
     }
 
     fn input(&mut self, core: &mut crate::WorkerCore, goal: GoalId, input: Input) {
-        let Some(mut host) = self.hosts.remove(&goal) else {
+        let Some(host) = self.hosts.remove(&goal) else {
             return;
         };
         let input = match input {
@@ -737,10 +772,28 @@ impl<'a> SyncDriver<'a> {
                     self.hosts.insert(goal, host);
                     return;
                 }
+                if core
+                    .goal_key(goal)
+                    .is_some_and(|key| (self.slow_job)(key, &self.progress))
+                {
+                    self.hosts.insert(goal, host);
+                    self.slow.push_back((goal, job));
+                    return;
+                }
                 Input::Event(job(&self.env))
             }
             other => other,
         };
+        self.step(core, goal, host, input);
+    }
+
+    fn step(
+        &mut self,
+        core: &mut crate::WorkerCore,
+        goal: GoalId,
+        mut host: SyncGoal,
+        input: Input,
+    ) {
         let mut sink = SyncSink {
             goal,
             kind: host.kind(),

@@ -50,6 +50,9 @@ pub struct GoalActor<G: GoalMachine> {
     /// The goal has asked for a store job before (its later jobs go first: see
     /// [`JobPriority`]).
     ran_a_job: bool,
+    /// Another goal waits for this one: its first job is a
+    /// [`JobPriority::StartSubGoal`].
+    subgoal: bool,
 }
 
 impl<G: GoalMachine + Unpin> GoalActor<G> {
@@ -58,7 +61,15 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
             host: GoalHost::new(id, goal, services.env.clone()),
             services,
             ran_a_job: false,
+            subgoal: false,
         }
+    }
+
+    /// `subgoal`: another goal waits for this one (its first job goes before
+    /// the first jobs of requested goals).
+    pub fn subgoal(mut self, subgoal: bool) -> GoalActor<G> {
+        self.subgoal = subgoal;
+        self
     }
 
     /// The goal's state and the sink that performs its effects from this actor
@@ -72,6 +83,7 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
             host,
             services,
             ran_a_job,
+            subgoal,
         } = self;
         let sink = ActorSink {
             id: host.id,
@@ -79,6 +91,7 @@ impl<G: GoalMachine + Unpin> GoalActor<G> {
             ctx,
             acks,
             ran_a_job,
+            subgoal: *subgoal,
         };
         (host, sink)
     }
@@ -119,6 +132,7 @@ struct ActorSink<'a, G: GoalMachine + Unpin> {
     /// so that whoever cancelled the goal can wait for them.
     acks: Option<Vec<Ack>>,
     ran_a_job: &'a mut bool,
+    subgoal: bool,
 }
 
 /// The answer to a cancellation a goal passed on to its builder or hook job.
@@ -128,6 +142,8 @@ impl<G: GoalMachine + Unpin> EffectSink for ActorSink<'_, G> {
     fn blocking(&mut self, job: Job) {
         let priority = if std::mem::replace(self.ran_a_job, true) {
             JobPriority::Continue
+        } else if self.subgoal {
+            JobPriority::StartSubGoal
         } else {
             JobPriority::Start
         };

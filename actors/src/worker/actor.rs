@@ -102,12 +102,12 @@ enum GoalAddr {
 }
 
 impl GoalAddr {
-    fn start(id: GoalId, machine: AnyGoal, services: &Arc<GoalServices>) -> GoalAddr {
+    fn start(id: GoalId, machine: AnyGoal, sub: bool, services: &Arc<GoalServices>) -> GoalAddr {
         let s = services.clone();
         match machine {
-            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s).start()),
-            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s).start()),
-            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s).start()),
+            AnyGoal::Drv(g) => GoalAddr::Drv(GoalActor::new(id, g, s).subgoal(sub).start()),
+            AnyGoal::Subst(g) => GoalAddr::Subst(GoalActor::new(id, g, s).subgoal(sub).start()),
+            AnyGoal::DrvOut(g) => GoalAddr::DrvOut(GoalActor::new(id, g, s).subgoal(sub).start()),
         }
     }
 
@@ -208,7 +208,9 @@ pub struct Worker {
 
 /// Slots wait for every goal to settle (`crate::schedule`), but no longer than
 /// this without any goal reporting, nor than [`GRANT_MAX_DELAY`] or the estimate
-/// of the build the slot would start, whichever is shorter, in all.
+/// of the build the slot would start, whichever is shorter, in all; then they are
+/// forced with a reserve kept for goals still loading (`schedule::Force::Limit`),
+/// and after [`GRANT_MAX_DELAY`] without it (`schedule::Force::All`).
 pub const GRANT_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 pub const GRANT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -282,7 +284,10 @@ impl Worker {
     }
 
     /// Forces the deferred grants when goals stay unsettled (quiet for
-    /// [`GRANT_QUIET`], or waiting for [`GRANT_MAX_DELAY`]).
+    /// [`GRANT_QUIET`], or waiting for the estimate of the build the slot would
+    /// start: one slot of each kind is kept while goals are still loaded), and
+    /// every free slot after [`GRANT_MAX_DELAY`] of waiting. The wait is counted
+    /// from when the grant was first deferred until a forced grant gives a slot.
     fn check_deferred_grants(&mut self, ctx: &mut Context<Self>) {
         let Some(active) = self.active.as_mut() else {
             self.deferred_since = None;
@@ -300,9 +305,11 @@ impl Worker {
             .core
             .deferred_estimate()
             .map_or(GRANT_MAX_DELAY, |e| e.min(GRANT_MAX_DELAY));
-        if now.duration_since(self.last_report) >= GRANT_QUIET || now.duration_since(since) >= max {
-            self.deferred_since = None;
-            active.core.grant_deferred();
+        let waited = now.duration_since(since);
+        if now.duration_since(self.last_report) >= GRANT_QUIET || waited >= max {
+            if active.core.grant_deferred(waited >= GRANT_MAX_DELAY) {
+                self.deferred_since = None;
+            }
             self.drain(ctx);
         }
     }
@@ -397,7 +404,12 @@ impl Worker {
 
     fn perform(active: &mut Active, cfg: &WorkerConfig, a: Action) {
         match a {
-            Action::Spawn { goal, machine, env } => {
+            Action::Spawn {
+                goal,
+                machine,
+                env,
+                subgoal,
+            } => {
                 // A goal of a run with settings of its own reads them.
                 let services = if Arc::ptr_eq(&env, &active.services.env) {
                     active.services.clone()
@@ -407,7 +419,7 @@ impl Worker {
                         ..(*active.services).clone()
                     })
                 };
-                let addr = GoalAddr::start(goal, *machine, &services);
+                let addr = GoalAddr::start(goal, *machine, subgoal, &services);
                 active.goals.insert(goal, addr);
             }
             Action::ToGoal { goal, msg } => {

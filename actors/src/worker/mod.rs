@@ -57,7 +57,7 @@ use crate::goal::host::{AnyGoal, Finished, GoalEnv, GoalProgressKind, GoalReport
 use crate::goal::{ExitCode, GoalId, GoalOutcome, GoalRequest, WaiteeResult};
 use crate::messages::BuildMode;
 use crate::progress::{Counters, GoalKey, ProgressEvent, WaitReason};
-use crate::schedule::{Estimator, NodeKind, Scheduler};
+use crate::schedule::{Estimator, Force, NodeKind, Scheduler};
 
 static NEXT_GOAL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -237,13 +237,17 @@ pub enum ToGoal {
 /// What the core asks its host (the Worker actor, or the synchronous test driver)
 /// to do.
 pub enum Action {
-    /// Start a goal with this state machine (a [`ToGoal::Start`] follows).
+    /// Start a goal with this state machine (a [`ToGoal::Start`] follows);
+    /// `subgoal`: made for a goal that waits for it (its first store job goes
+    /// before those of requested goals: `store_executor::JobPriority`).
     Spawn {
         goal: GoalId,
         machine: Box<AnyGoal>,
         /// What the goal reads: the settings of the run that made it
         /// ([`WorkerCore::start_run_with`]).
         env: Arc<GoalEnv>,
+        /// A goal waits for it (its first job runs before requested goals').
+        subgoal: bool,
     },
     /// Deliver a message to a live goal.
     ToGoal {
@@ -384,6 +388,11 @@ impl WorkerCore {
         self.live_runs() > 0 && self.sched.has_deferred()
     }
 
+    /// The key of a live goal.
+    pub fn goal_key(&self, id: GoalId) -> Option<&GoalKey> {
+        self.goals.get(&id).map(|e| &e.key)
+    }
+
     /// How long a deferred grant is worth waiting for at most: the own estimate of
     /// the goal it would go to now.
     pub fn deferred_estimate(&mut self) -> Option<Duration> {
@@ -392,17 +401,23 @@ impl WorkerCore {
 
     /// Grants the free slots now, without waiting for every goal to settle (a goal
     /// waiting for another process's lock or for a slow hook must not hold back
-    /// the others for ever).
-    pub fn grant_deferred(&mut self) {
-        self.grant(true);
+    /// the others for ever): with `all` false (the host's forced-grant limit
+    /// passed) one slot of each kind stays free for a goal still being loaded
+    /// that turns out to have a longer path ([`Force::Limit`]); with `all` (the
+    /// host's longest wait passed) every free slot goes. Whether any was granted.
+    pub fn grant_deferred(&mut self, all: bool) -> bool {
+        let granted = self.grant(if all { Force::All } else { Force::Limit });
         self.settle();
+        granted
     }
 
-    fn grant(&mut self, force: bool) {
+    fn grant(&mut self, force: Force) -> bool {
         if self.live_runs() == 0 {
-            return;
+            return false;
         }
-        for g in self.sched.grant(force) {
+        let grants = self.sched.grant(force);
+        let granted = !grants.is_empty();
+        for g in grants {
             self.asked_slot.retain(|(id, _)| *id != g.goal);
             self.send(g.goal, ToGoal::SlotGranted);
             if let Some(e) = self.goals.get(&g.goal) {
@@ -415,6 +430,7 @@ impl WorkerCore {
                     }));
             }
         }
+        granted
     }
 
     /// What the goals of this run share: settings and the hook's state.
@@ -507,7 +523,7 @@ impl WorkerCore {
                     mode,
                 },
             };
-            let id = self.make_goal(req, &env);
+            let id = self.make_goal(req, &env, false);
             if let Some(e) = self.goals.get_mut(&id) {
                 e.top_of.insert(run);
             }
@@ -660,7 +676,8 @@ impl WorkerCore {
         self.settle();
     }
 
-    fn make_goal(&mut self, req: GoalRequest, env: &Arc<GoalEnv>) -> GoalId {
+    /// The live goal of `req`, or a new one (`subgoal`: a goal waits for it).
+    fn make_goal(&mut self, req: GoalRequest, env: &Arc<GoalEnv>, subgoal: bool) -> GoalId {
         let key = match &req {
             GoalRequest::Derivation { drv_path, .. } => GoalKey::Derivation(drv_path.clone()),
             GoalRequest::Substitution { path, .. } => GoalKey::Substitution(path.clone()),
@@ -737,6 +754,7 @@ impl WorkerCore {
             goal: id,
             machine: Box::new(AnyGoal::for_request(req)),
             env: env.clone(),
+            subgoal,
         });
         self.send(id, ToGoal::Start);
         id
@@ -754,7 +772,7 @@ impl WorkerCore {
         for run in done {
             self.end_run(run, None);
         }
-        self.grant(false);
+        self.grant(Force::No);
         for (id, kind) in std::mem::take(&mut self.asked_slot) {
             self.waiting(id, WaitReason::slot(kind));
         }
@@ -904,7 +922,7 @@ impl WorkerCore {
             None => self.goal_env.clone(),
         };
         for req in reqs {
-            let dep = self.make_goal(req.clone(), &env);
+            let dep = self.make_goal(req.clone(), &env, true);
             if dep == waiter {
                 continue;
             }
@@ -994,6 +1012,7 @@ impl WorkerCore {
         if self.keys.get(&key) == Some(&id) {
             self.keys.remove(&key);
         }
+        let subgoal = !moved_waiters.is_empty();
         let new = self.make_goal(
             GoalRequest::Derivation {
                 drv_path,
@@ -1001,6 +1020,7 @@ impl WorkerCore {
                 mode,
             },
             &env,
+            subgoal,
         );
         for w in moved_waiters {
             let req = self.goals.get_mut(&w).and_then(|we| we.waitees.remove(&id));
@@ -1592,6 +1612,71 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn a_chain_loaded_after_the_forced_grant_limit_finds_a_slot_kept_for_it() {
+        let (_d, ts, s) = setup(|s| s.max_jobs = 2);
+        let c0 = ts.add_drv("c0", &["out"], &[], &[]);
+        let c1 = ts.add_drv("c1", &["out"], &[&c0], &[]);
+        let c2 = ts.add_drv("c2", &["out"], &[&c1], &[]);
+        let ind: Vec<StorePath> = (0..4)
+            .map(|i| ts.add_drv(&format!("i{i}"), &["out"], &[], &[]))
+            .collect();
+        let mut drv = SyncDriver::new(ts.store.clone(), s.clone(), vec![]);
+        drv.build = Box::new(|_| None);
+        // Each chain goal's first job (loading its `.drv`) ends only after the
+        // forced-grant limit: the chain is found one link per limit, as in
+        // `bench_schedule` (a) where 110 `.drv`s load in longer than 0.3 s.
+        let mut slowed = std::collections::HashSet::new();
+        drv.slow_job = Box::new(move |key, _| match key {
+            crate::progress::GoalKey::Derivation(p) if p.name().starts_with('c') => {
+                slowed.insert(p.clone())
+            }
+            _ => false,
+        });
+        let mut c = core(&ts, &s);
+        let ms = |n: &str, v: u64| (n.to_string(), Duration::from_millis(v));
+        c.set_estimator(Arc::new(crate::schedule::FixedEstimates(
+            [
+                ms("c0", 1000),
+                ms("c1", 1000),
+                ms("c2", 1000),
+                ms("i0", 300),
+                ms("i1", 300),
+                ms("i2", 300),
+                ms("i3", 300),
+            ]
+            .into(),
+        )));
+        let mut requests = vec![built(&c2)];
+        requests.extend(ind.iter().map(built));
+        c.start(requests, BuildMode::Normal);
+        assert!(drv.run(&mut c).is_none());
+        // The forced grant started one independent build and kept the other slot:
+        // c0 (path 3 s), found last, starts at once.
+        assert_eq!(drv.started, ["i0", "c0"]);
+        // The chain's inputs are subgoals: their first store jobs go before those
+        // of requested goals (`store_executor::JobPriority::StartSubGoal`).
+        assert_eq!(
+            drv.subgoals,
+            [&c1, &c0].map(|d| crate::progress::GoalKey::Derivation(d.clone()))
+        );
+        assert!(drv.progress.contains(&ProgressEvent::Scheduled {
+            goal: crate::progress::GoalKey::Derivation(c0.clone()),
+            path: Duration::from_secs(3),
+            estimate: Duration::from_secs(1),
+            still_waiting: 3,
+        }));
+        // From here the chain keeps its slot: each link (2 s, 1 s) beats 0.3 s.
+        for d in [&c0, &ind[0], &c1, &ind[1], &c2, &ind[2]] {
+            finish_slow(&mut drv, &ts, d);
+            assert!(drv.run(&mut c).is_none());
+        }
+        assert_eq!(drv.started, ["i0", "c0", "c1", "i1", "c2", "i2", "i3"]);
+        finish_slow(&mut drv, &ts, &ind[3]);
+        let out = drv.run(&mut c).expect("finished");
+        assert_eq!(out.exit_status, 0, "{:?}", out.errors);
     }
 
     /// A driver whose builds of derivations named `slow…` stay running (until
