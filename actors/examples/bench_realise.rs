@@ -369,6 +369,13 @@ fn realise(
     })
 }
 
+/// Whether starting the command failed because its arguments are too long
+/// (`E2BIG`).
+fn too_many_arguments(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG))
+}
+
 /// A tool to time: which kind, its display name, and for drover the binary.
 struct Bench {
     tool: Tool,
@@ -720,12 +727,24 @@ fn main() -> anyhow::Result<()> {
                     sinks.iter().map(|&i| drvs[i].clone()).collect()
                 };
                 let mut times: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
-                for run in 0..noop_runs {
+                'runs: for run in 0..noop_runs {
                     for tool in order(&tools, run) {
                         if !with_nix && tool.tool == Tool::Nix {
                             continue;
                         }
-                        let d = realise(&root, tool, None, &targets)?;
+                        let d = match realise(&root, tool, None, &targets) {
+                            Err(e) if too_many_arguments(&e) => {
+                                eprintln!(
+                                    "{case} {noop_n}: skipped: {} paths are too many arguments \
+                                     for one command (Linux allows ¼ of `ulimit -s`, at most \
+                                     6 MiB; raise it, or use a shorter --scratch path or a \
+                                     smaller N)",
+                                    targets.len()
+                                );
+                                break 'runs;
+                            }
+                            r => r?,
+                        };
                         eprintln!(
                             "{case} {noop_n} run {run}: {} {} (cpu {}, {} KiB)",
                             tool.name,
