@@ -14,7 +14,10 @@
 //! * `noop`: all N outputs are made valid once (written and registered in one
 //!   transaction through the library, as a build would leave them), then the sinks
 //!   are realised by each tool, several runs each: nothing to build. Runs for each
-//!   N of `--noop-n` (default 10,000 and 100,000).
+//!   N of `--noop-n` (default 10,000 and 100,000). Only the sinks are goals: their
+//!   outputs are valid, so no goal is made for their inputs.
+//! * `noop-all`: the same root, but every one of the N derivations is requested, so
+//!   the run holds N goals (the case that measures memory per goal at scale).
 //! * `build -jJ`: a fresh scratch root per run and tool (instantiated from the same
 //!   expression; only the store dir differs), then the sinks are realised with
 //!   `--max-jobs J`: every derivation is built.
@@ -22,8 +25,9 @@
 //! Runs alternate between the tools so that background load hits both alike. Only
 //! the realise command is timed (process start to exit). Output: one table row per
 //! case and tool with the median, min and max wall time, the CPU time, the peak
-//! RSS of the realising process (`wait4`'s `ru_maxrss`) and the drover/Nix ratios of
-//! the medians. `--baseline OLD` adds a third tool, another drover binary (e.g. the
+//! RSS of the realising process (`wait4`'s `ru_maxrss`), that peak divided by the
+//! derivations and by the goals of the run (the derivations requested, or all of
+//! them in the build case), and the drover/Nix ratios of the medians. `--baseline OLD` adds a third tool, another drover binary (e.g. the
 //! one before a change), timed in the same runs.
 //!
 //! Run with `cargo build --release -p drover-cli --bin drover && cargo run
@@ -69,7 +73,12 @@ struct Opts {
     /// 10,000 builds takes minutes per run); 0 = no limit.
     #[arg(long, default_value_t = 0)]
     nix_build_max_n: usize,
-    /// Timed runs per tool in the no-op case (default 5; 2 with --quick).
+    /// No-op DAGs larger than this are realised by drover only (Nix 2.8 takes
+    /// minutes per run at 100,000 derivations on a loaded machine); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    nix_noop_max_n: usize,
+    /// Timed runs per tool in the no-op cases (default 5; 2 with --quick; 0 sets
+    /// the roots up and times nothing, for a later `--reuse`).
     #[arg(long)]
     noop_runs: Option<usize>,
     /// Timed runs per tool and job count in the build case (default 3; 1 with --quick).
@@ -85,7 +94,7 @@ struct Opts {
     /// The seed of the DAG.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Which cases to run.
+    /// Which cases to run: `noop`, `noop-all` (every derivation requested), `build`.
     #[arg(long, value_delimiter = ',', default_values = ["noop", "build"])]
     cases: Vec<String>,
     /// Where scratch roots go (default: the system temporary directory). A tmpfs
@@ -95,6 +104,11 @@ struct Opts {
     /// Keep the scratch roots (their paths are printed).
     #[arg(long)]
     keep: bool,
+    /// Reuse the no-op roots a previous run with `--reuse` left in `--scratch`, if
+    /// they hold the same DAG, and keep them: setting up 100,000 derivations takes
+    /// many minutes.
+    #[arg(long, requires = "scratch")]
+    reuse: bool,
 }
 
 /// splitmix64: a small deterministic generator, so the DAG depends only on the seed.
@@ -188,6 +202,9 @@ impl Dag {
     }
 }
 
+/// The file of a no-op root that says it is ready: the `.drv` paths, one a line.
+const READY: &str = "ready-drvs";
+
 /// A scratch Nix root (store, state, logs, `nix.conf`), as the test harness makes.
 struct Root {
     dir: PathBuf,
@@ -207,6 +224,24 @@ impl Root {
         )?;
         std::fs::create_dir_all(dir.join("tmp"))?;
         Ok(Root { dir, keep })
+    }
+
+    /// A root that a previous `--reuse` run left ready for `expr` (instantiated,
+    /// every output valid): its `.drv` paths in index order, or `None`.
+    fn ready_drvs(parent: &Path, name: &str, expr: &str) -> Option<(Root, Vec<String>)> {
+        let dir = parent.join(name);
+        let same = std::fs::read_to_string(dir.join("dag.nix")).ok()? == expr;
+        let drvs = std::fs::read_to_string(dir.join(READY)).ok()?;
+        same.then(|| {
+            let drvs = drvs.lines().map(str::to_owned).collect();
+            (Root { dir, keep: true }, drvs)
+        })
+    }
+
+    /// Marks the root ready for [`Root::ready_drvs`]: records its `.drv` paths.
+    fn mark_ready(&self, drvs: &[String]) -> anyhow::Result<()> {
+        std::fs::write(self.dir.join(READY), drvs.join("\n"))?;
+        Ok(())
     }
 
     fn store_dir(&self) -> PathBuf {
@@ -334,6 +369,13 @@ fn realise(
     })
 }
 
+/// Whether starting the command failed because its arguments are too long
+/// (`E2BIG`).
+fn too_many_arguments(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG))
+}
+
 /// A tool to time: which kind, its display name, and for drover the binary.
 struct Bench {
     tool: Tool,
@@ -389,6 +431,8 @@ fn wait4(child: std::process::Child) -> anyhow::Result<(std::process::ExitStatus
 struct Row {
     case: String,
     n: usize,
+    /// The goals of the run: derivations requested, or all N when all are built.
+    goals: usize,
     tool: &'static str,
     times: Vec<Sample>,
 }
@@ -434,9 +478,10 @@ fn secs(d: Duration) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<10} {:>6} {:<10} {:>4} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9} {:>8} {:>7}",
+        "{:<10} {:>6} {:>6} {:<10} {:>4} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9} {:>8} {:>8} {:>7}",
         "case",
         "N",
+        "goals",
         "tool",
         "runs",
         "median",
@@ -447,6 +492,7 @@ fn print_table(rows: &[Row]) {
         "vs nix",
         "peak RSS",
         "B/drv",
+        "B/goal",
         "vs nix"
     );
     for r in rows {
@@ -469,9 +515,10 @@ fn print_table(rows: &[Row]) {
             None => Default::default(),
         };
         println!(
-            "{:<10} {:>6} {:<10} {:>4} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>8}M {:>8} {:>7}",
+            "{:<10} {:>6} {:>6} {:<10} {:>4} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>8}M {:>8} {:>8} {:>7}",
             r.case,
             r.n,
+            r.goals,
             r.tool,
             r.times.len(),
             secs(r.median()),
@@ -482,6 +529,7 @@ fn print_table(rows: &[Row]) {
             cpu_ratio,
             format!("{:.1}", r.rss_median() as f64 / 1024.0),
             r.rss_median() * 1024 / r.n.max(1) as u64,
+            r.rss_median() * 1024 / r.goals.max(1) as u64,
             rss_ratio
         );
     }
@@ -593,7 +641,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![1000, 10_000]
     };
-    let noop_runs = o.noop_runs.unwrap_or(if o.quick { 2 } else { 5 }).max(1);
+    // 0 no-op runs only sets the roots up (for a later `--reuse`).
+    let noop_runs = o.noop_runs.unwrap_or(if o.quick { 2 } else { 5 });
     let build_runs = o.build_runs.unwrap_or(if o.quick { 1 } else { 3 }).max(1);
     let scratch = match &o.scratch {
         Some(s) => s.clone(),
@@ -627,7 +676,11 @@ fn main() -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
 
-    if o.cases.iter().any(|c| c == "noop") {
+    let noop_cases: Vec<&str> = ["noop", "noop-all"]
+        .into_iter()
+        .filter(|case| o.cases.iter().any(|c| c == case))
+        .collect();
+    if !noop_cases.is_empty() {
         for &noop_n in &noop_ns {
             let dag = Dag::generate(noop_n, o.seed);
             let sinks = dag.sinks();
@@ -636,37 +689,85 @@ fn main() -> anyhow::Result<()> {
                 dag.edges(),
                 sinks.len()
             );
-            let root = Root::new(&scratch, &format!("noop-{noop_n}"), o.keep)?;
-            let t = Instant::now();
-            let drvs = root.instantiate(&dag.expression(o.seed))?;
-            anyhow::ensure!(drvs.len() == noop_n, "instantiated {} drvs", drvs.len());
-            eprintln!("noop: instantiated in {}", secs(t.elapsed()));
-            let targets: Vec<String> = sinks.iter().map(|&i| drvs[i].clone()).collect();
-            let t = Instant::now();
-            make_outputs_valid(&root, &drvs)?;
-            eprintln!("noop: made all outputs valid in {}", secs(t.elapsed()));
-            let mut times: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
-            for run in 0..noop_runs {
-                for tool in order(&tools, run) {
-                    let d = realise(&root, tool, None, &targets)?;
-                    eprintln!(
-                        "noop {noop_n} run {run}: {} {} (cpu {}, {} KiB)",
-                        tool.name,
-                        secs(d.wall),
-                        secs(d.cpu),
-                        d.rss_kib
-                    );
-                    let i = tools.iter().position(|t| t.name == tool.name).unwrap_or(0);
-                    times[i].push(d);
+            let name = format!("noop-{noop_n}");
+            let expr = dag.expression(o.seed);
+            let ready = if o.reuse {
+                Root::ready_drvs(&scratch, &name, &expr)
+            } else {
+                None
+            };
+            let (root, drvs) = match ready {
+                Some((root, drvs)) if drvs.len() == noop_n => {
+                    eprintln!("noop: reusing {}", root.dir.display());
+                    (root, drvs)
                 }
+                _ => {
+                    let root = Root::new(&scratch, &name, o.keep || o.reuse)?;
+                    let t = Instant::now();
+                    let drvs = root.instantiate(&expr)?;
+                    anyhow::ensure!(drvs.len() == noop_n, "instantiated {} drvs", drvs.len());
+                    eprintln!("noop: instantiated in {}", secs(t.elapsed()));
+                    let t = Instant::now();
+                    make_outputs_valid(&root, &drvs)?;
+                    eprintln!("noop: made all outputs valid in {}", secs(t.elapsed()));
+                    if o.reuse {
+                        root.mark_ready(&drvs)?;
+                    }
+                    (root, drvs)
+                }
+            };
+            let with_nix = o.nix_noop_max_n == 0 || noop_n <= o.nix_noop_max_n;
+            if !with_nix {
+                eprintln!("noop: {noop_n} > --nix-noop-max-n: drover only");
             }
-            for (tool, t) in tools.iter().zip(times) {
-                rows.push(Row {
-                    case: "noop".into(),
-                    n: noop_n,
-                    tool: tool.name,
-                    times: t,
-                });
+            for &case in &noop_cases {
+                let targets: Vec<String> = if case == "noop-all" {
+                    drvs.clone()
+                } else {
+                    sinks.iter().map(|&i| drvs[i].clone()).collect()
+                };
+                let mut times: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
+                'runs: for run in 0..noop_runs {
+                    for tool in order(&tools, run) {
+                        if !with_nix && tool.tool == Tool::Nix {
+                            continue;
+                        }
+                        let d = match realise(&root, tool, None, &targets) {
+                            Err(e) if too_many_arguments(&e) => {
+                                eprintln!(
+                                    "{case} {noop_n}: skipped: {} paths are too many arguments \
+                                     for one command (Linux allows ¼ of `ulimit -s`, at most \
+                                     6 MiB; raise it, or use a shorter --scratch path or a \
+                                     smaller N)",
+                                    targets.len()
+                                );
+                                break 'runs;
+                            }
+                            r => r?,
+                        };
+                        eprintln!(
+                            "{case} {noop_n} run {run}: {} {} (cpu {}, {} KiB)",
+                            tool.name,
+                            secs(d.wall),
+                            secs(d.cpu),
+                            d.rss_kib
+                        );
+                        let i = tools.iter().position(|t| t.name == tool.name).unwrap_or(0);
+                        times[i].push(d);
+                    }
+                }
+                for (tool, t) in tools.iter().zip(times) {
+                    if t.is_empty() {
+                        continue;
+                    }
+                    rows.push(Row {
+                        case: case.into(),
+                        n: noop_n,
+                        goals: targets.len(),
+                        tool: tool.name,
+                        times: t,
+                    });
+                }
             }
         }
     }
@@ -728,6 +829,7 @@ fn main() -> anyhow::Result<()> {
                     rows.push(Row {
                         case: format!("build -j{j}"),
                         n: build_n,
+                        goals: build_n,
                         tool: tool.name,
                         times: t,
                     });
@@ -737,7 +839,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    if !o.keep {
+    if !o.keep && !o.reuse {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     print_table(&rows);

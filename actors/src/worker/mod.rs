@@ -330,7 +330,10 @@ pub struct WorkerCore {
     settings: Arc<WorkerSettings>,
     store_dir: StoreDir,
     goal_env: Arc<GoalEnv>,
-    goals: BTreeMap<GoalId, Entry>,
+    /// Boxed: a B-tree leaf holds 11 slots and ascending ids leave leaves about
+    /// half full, so an inline `Entry` (about 250 bytes) cost twice its size per
+    /// goal; a box costs its own size and 16 bytes of slot.
+    goals: BTreeMap<GoalId, Box<Entry>>,
     keys: HashMap<GoalKey, GoalId>,
     sched: Scheduler,
     /// Goals that asked for a slot in this batch: those still waiting when it
@@ -732,7 +735,7 @@ impl WorkerCore {
         );
         self.goals.insert(
             id,
-            Entry {
+            Box::new(Entry {
                 info,
                 key: key.clone(),
                 waiters: BTreeSet::new(),
@@ -741,7 +744,7 @@ impl WorkerCore {
                 substituting: false,
                 sizes: (0, 0),
                 env: env.clone(),
-            },
+            }),
         );
         if self.settings.goal_events {
             self.actions
