@@ -24,6 +24,7 @@ pub mod restore;
 pub mod writer;
 
 pub use reader::{
+    parse_counted,
     copy_nar, parse, parse_embedded, validate, NarReadError, NarSink, NarSummary, NullSink,
 };
 pub use restore::{restore, RestoreSink};
