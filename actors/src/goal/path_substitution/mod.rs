@@ -9,6 +9,9 @@
 //! substitute) → `tryToRun` (take a substitution slot, copy) → `finished` (release the
 //! slot; a gone NAR tries the next substituter without counting as a failure, another
 //! error marks the substituter failed and tries the next; success → Substituted).
+//! `init`'s job also asks the first substituter when the path is invalid, so a goal
+//! reaches its narinfo in one store-executor round trip, not two; a narinfo's
+//! signatures are checked in the job that fetched it, not on the arbiter.
 //!
 //! The copy job counts its bytes into a [`Transfer`] that
 //! [`Effect::SubstitutionStarted`] hands to the Worker as well, so the progress
@@ -46,10 +49,16 @@ use crate::substituter::{Fetched, SubstitutablePathInfo, SubstituterError};
 
 /// Results of this goal's blocking jobs.
 pub enum SubstJobResult {
-    Validity(Result<bool, GoalError>),
-    /// The narinfo, and whether the substituter can fetch ahead of the references.
+    /// Whether the path is valid, and, when it is not (or is repaired), the first
+    /// substituter's answer (as [`SubstJobResult::Info`]): `init` and the first
+    /// `tryNext` in one job, one round trip to the store executor fewer per goal.
+    Validity(Result<bool, GoalError>, Option<InfoAnswer>),
+    /// The narinfo, whether the substituter can fetch ahead of the references,
+    /// and whether the narinfo is untrusted ([`untrusted`], checked on the job's
+    /// thread: verifying signatures is no work for the arbiter).
     Info(
         Result<Option<SubstitutablePathInfo>, SubstituterError>,
+        bool,
         bool,
     ),
     Copied(Result<(), SubstituterError>),
@@ -58,6 +67,14 @@ pub enum SubstJobResult {
     /// The fetched path was registered.
     Registered(Result<(), SubstituterError>),
 }
+
+/// A substituter's narinfo, whether it fetches ahead, and whether the narinfo is
+/// untrusted.
+pub type InfoAnswer = (
+    Result<Option<SubstitutablePathInfo>, SubstituterError>,
+    bool,
+    bool,
+);
 
 /// Where a fetch ahead of the references is.
 enum Ahead {
@@ -138,18 +155,36 @@ impl PathSubstitutionGoal {
             (State::Init, Event::Start) => {
                 self.state = State::CheckingValidity;
                 let path = self.path.clone();
+                let (repair, ask) = (self.repair, ctx.n_substituters > 0);
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-                    Event::Subst(SubstJobResult::Validity(check_validity(env, &path)))
+                    let valid = check_validity(env, &path);
+                    let info = match valid {
+                        Ok(v) if ask && (!v || repair) => Some(query_info(env, 0, &path)),
+                        _ => None,
+                    };
+                    Event::Subst(SubstJobResult::Validity(valid, info))
                 }))]
             }
-            (State::CheckingValidity, Event::Subst(SubstJobResult::Validity(r))) => match r {
-                Err(e) => self.fatal(e.to_string()),
-                Ok(true) if !self.repair => {
-                    self.finish(GoalOutcome::success(BuildStatus::AlreadyValid))
+            (State::CheckingValidity, Event::Subst(SubstJobResult::Validity(r, info))) => {
+                match (r, info) {
+                    (Err(e), _) => self.fatal(e.to_string()),
+                    (Ok(true), _) if !self.repair => {
+                        self.finish(GoalOutcome::success(BuildStatus::AlreadyValid))
+                    }
+                    // `tryNext` for the first substituter, already answered.
+                    (Ok(_), Some((r, early, untrusted))) if self.next_sub == 0 => {
+                        self.next_sub = 1;
+                        self.current_sub = Some(0);
+                        self.state = State::QueryingInfo;
+                        self.handle(
+                            Event::Subst(SubstJobResult::Info(r, early, untrusted)),
+                            ctx,
+                        )
+                    }
+                    (Ok(_), _) => self.try_next(ctx),
                 }
-                Ok(_) => self.try_next(ctx),
-            },
-            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early))) => match r {
+            }
+            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early, untrusted))) => match r {
                 Ok(None) => self.try_next(ctx),
                 Err(SubstituterError::Disabled(_)) | Err(SubstituterError::Gone { .. })
                     if ctx.settings.fallback =>
@@ -175,7 +210,7 @@ impl PathSubstitutionGoal {
                         fx.extend(self.try_next(ctx));
                         return fx;
                     }
-                    if self.untrusted(&info, ctx) {
+                    if untrusted {
                         let mut fx = vec![Effect::Message(format!(
                             "warning: the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
                             ctx.store_dir.print(&self.path),
@@ -422,30 +457,6 @@ impl PathSubstitutionGoal {
         }
     }
 
-    /// Nix's `pathInfoIsUntrusted` for an untrusted substituter: signatures are
-    /// required, the path is not content-addressed, and no signature is valid.
-    fn untrusted(&self, info: &SubstitutablePathInfo, ctx: &GoalCtx) -> bool {
-        let i = self.current_sub.unwrap_or(0);
-        let s = ctx.settings;
-        if s.substituter_trusted.get(i).copied().unwrap_or(false)
-            || !s.require_sigs
-            || info.ca.is_some()
-        {
-            return false;
-        }
-        let fp = drover::narinfo::fingerprint_path(
-            ctx.store_dir,
-            &info.path,
-            &info.nar_hash,
-            info.nar_size,
-            &info.references,
-        );
-        !matches!(
-            s.trusted_public_keys.count_valid(fp.as_bytes(), &info.sigs),
-            Ok(n) if n > 0
-        )
-    }
-
     fn uri(ctx: &GoalCtx, _i: usize) -> String {
         ctx.settings
             .substituter_uris
@@ -476,11 +487,8 @@ impl PathSubstitutionGoal {
         self.state = State::QueryingInfo;
         let path = self.path.clone();
         vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-            let (r, early) = match env.substituters.get(i) {
-                Some(s) => (s.query_path_info(&path), s.fetches_early()),
-                None => (Ok(None), false),
-            };
-            Event::Subst(SubstJobResult::Info(r, early))
+            let (r, early, untrusted) = query_info(env, i, &path);
+            Event::Subst(SubstJobResult::Info(r, early, untrusted))
         }))]
     }
 
@@ -498,6 +506,46 @@ impl PathSubstitutionGoal {
     pub fn substituter_failed(&self) -> bool {
         self.substituter_failed
     }
+}
+
+/// Substituter `i`'s narinfo of `path` (`tryNext`'s query), whether it fetches
+/// ahead, and whether the narinfo is [`untrusted`].
+fn query_info(env: &JobEnv, i: usize, path: &StorePath) -> InfoAnswer {
+    let (r, early) = match env.substituters.get(i) {
+        Some(s) => (s.query_path_info(path), s.fetches_early()),
+        None => (Ok(None), false),
+    };
+    let untrusted = match &r {
+        Ok(Some(info)) => untrusted(&env.settings, env.store.store_dir(), i, info),
+        _ => false,
+    };
+    (r, early, untrusted)
+}
+
+/// Nix's `pathInfoIsUntrusted` for the narinfo `info` of substituter `i`: the
+/// substituter is not trusted, signatures are required, the path is not
+/// content-addressed, and no signature is valid.
+fn untrusted(
+    s: &crate::worker::WorkerSettings,
+    store_dir: &drover::store_path::StoreDir,
+    i: usize,
+    info: &SubstitutablePathInfo,
+) -> bool {
+    if s.substituter_trusted.get(i).copied().unwrap_or(false) || !s.require_sigs || info.ca.is_some()
+    {
+        return false;
+    }
+    let fp = drover::narinfo::fingerprint_path(
+        store_dir,
+        &info.path,
+        &info.nar_hash,
+        info.nar_size,
+        &info.references,
+    );
+    !matches!(
+        s.trusted_public_keys.count_valid(fp.as_bytes(), &info.sigs),
+        Ok(n) if n > 0
+    )
 }
 
 /// `init`: the path made a temporary root first (so a concurrent collector cannot
