@@ -82,9 +82,9 @@ pub fn decoder<R: BufRead>(method: &str, input: R) -> Result<Decoder<R>, BinaryC
             Decoder::Xz(liblzma::bufread::XzDecoder::new_stream(input, stream))
         }
         "bzip2" => Decoder::Bzip2(bzip2::bufread::MultiBzDecoder::new(input)),
-        "zstd" => Decoder::Zstd(
-            zstd::stream::read::Decoder::with_buffer(input).map_err(|e| failed(&e))?,
-        ),
+        "zstd" => {
+            Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(input).map_err(|e| failed(&e))?)
+        }
         "br" => Decoder::Br(Box::new(brotli::Decompressor::new(input, OUTPUT_BUF))),
         "gzip" => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(input)),
         other => return Err(BinaryCacheError::UnknownCompression(other.to_owned())),

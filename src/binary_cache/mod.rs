@@ -777,7 +777,12 @@ impl BinaryCache {
             pipeline::UnpackError::Nar(e) => self.nar_error(narinfo, e),
         })?;
         let path = self.store_dir.print(&narinfo.store_path);
-        check_nar(&path, &narinfo.nar_hash, narinfo.nar_size, &unpacked.summary)?;
+        check_nar(
+            &path,
+            &narinfo.nar_hash,
+            narinfo.nar_size,
+            &unpacked.summary,
+        )?;
         if let Some(file) = unpacked.file {
             let (file_hash, file_size) = file.map_err(|e| self.read_error(narinfo, e))?;
             let file_hash = file_hash.unwrap_or_else(|| unpacked.summary.nar_hash.clone());

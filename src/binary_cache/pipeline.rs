@@ -230,9 +230,28 @@ fn fetch(
 /// The decompress stage: decompresses what the fetch stage sends and hashes the
 /// NAR, sending it on in full chunks. Returns the NAR hash and size of everything
 /// it sent, `None` when it stopped before the end (an error, sent on, or the next
-/// stage gone).
+/// stage gone), or the error making the decoder. The decoder is made here, not by
+/// the caller: some read their input at once (gzip's header), which only comes once
+/// the fetch stage runs.
 fn decompress(
-    mut decoder: compression::Decoder<ChunkReader>,
+    method: &str,
+    input: ChunkReader,
+    out: ChunkWriter,
+    stop: &AtomicBool,
+) -> Result<Option<(Hash, u64)>, BinaryCacheError> {
+    let mut decoder = match compression::decoder(method, input) {
+        Ok(d) => d,
+        Err(e) => {
+            out.send(Msg::Failed(io::Error::other(e.to_string())));
+            return Err(e);
+        }
+    };
+    Ok(decode(&mut decoder, out, stop))
+}
+
+/// [`decompress`] once the decoder is made.
+fn decode(
+    decoder: &mut compression::Decoder<ChunkReader>,
     out: ChunkWriter,
     stop: &AtomicBool,
 ) -> Option<(Hash, u64)> {
@@ -242,7 +261,7 @@ fn decompress(
             return None;
         }
         let mut buf = out.buffer();
-        let (n, error) = read_full(&mut decoder, &mut buf);
+        let (n, error) = read_full(decoder, &mut buf);
         // What came before an error goes first, so the parser fails where it would
         // reading the decoder itself.
         if n > 0 {
@@ -311,7 +330,11 @@ pub(crate) fn unpack(
     let stop = AtomicBool::new(false);
     let (to_decompress, compressed) = stage();
     let (to_parse, nar) = stage();
-    let decoder = compression::decoder(method, compressed).map_err(UnpackError::Decoder)?;
+    if !method.is_empty() && !compression::METHODS.contains(&method) {
+        return Err(UnpackError::Decoder(BinaryCacheError::UnknownCompression(
+            method.to_owned(),
+        )));
+    }
     std::thread::scope(|s| {
         let stop = &stop;
         let fetcher = s.spawn(move || {
@@ -324,7 +347,7 @@ pub(crate) fn unpack(
                 stop,
             )
         });
-        let decompressor = s.spawn(move || decompress(decoder, to_parse, stop));
+        let decompressor = s.spawn(move || decompress(method, compressed, to_parse, stop));
         let parsed = crate::nar::reader::parse_counted(
             Counting {
                 inner: nar,
@@ -336,12 +359,17 @@ pub(crate) fn unpack(
             Ok(n) => n,
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
-                return Err(UnpackError::Nar(e));
+                // A decoder that could not be made is what the single-threaded
+                // copy reports, before any NAR error.
+                return Err(match decompressor.join() {
+                    Ok(Err(d)) => UnpackError::Decoder(d),
+                    _ => UnpackError::Nar(e),
+                });
             }
         };
         // The parser read the stream to its end (an end the decompressor sends only
         // after everything it hashed), so the decompressor ended well.
-        let Ok(Some((nar_hash, hashed))) = decompressor.join() else {
+        let Ok(Ok(Some((nar_hash, hashed)))) = decompressor.join() else {
             stop.store(true, Ordering::Relaxed);
             let e = io::Error::other("the decompressing thread failed after the NAR ended");
             return Err(UnpackError::Nar(crate::nar::reader::NarReadError::Io {

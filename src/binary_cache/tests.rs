@@ -819,7 +819,8 @@ struct Failing {
 impl Read for Failing {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Small reads, so a failure can come in the middle of the NAR.
-        let n = self.data.read(&mut buf[..buf.len().min(10_000)])?;
+        let len = buf.len().min(10_000);
+        let n = self.data.read(&mut buf[..len])?;
         match (n, self.error) {
             (0, Some(e)) => Err(io::Error::other(e)),
             _ => Ok(n),
@@ -921,8 +922,18 @@ fn pipelined_unpacking_fails_as_inline_unpacking_fails() {
         let cut = file[..file.len() / 2].to_vec();
         cases.push((format!("{m}: truncated"), good.clone(), cut.clone(), None));
         // A read error in the middle of the file and at its end.
-        cases.push((format!("{m}: read error"), good.clone(), cut, Some("cable cut")));
-        cases.push((format!("{m}: late read error"), good.clone(), file, Some("late")));
+        cases.push((
+            format!("{m}: read error"),
+            good.clone(),
+            cut,
+            Some("cable cut"),
+        ));
+        cases.push((
+            format!("{m}: late read error"),
+            good.clone(),
+            file,
+            Some("late"),
+        ));
         // A corrupt NAR inside a good compressed file: bad padding, then trailing
         // data after the NAR.
         let mut corrupt = nar.clone();

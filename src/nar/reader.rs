@@ -416,7 +416,10 @@ impl<'s, R: Read> Parser<'s, R> {
     }
 
     fn finish(self) -> NarSummary {
-        let hash = self.input.hash.unwrap_or_else(|| HashSink::new(HashAlgo::Sha256));
+        let hash = self
+            .input
+            .hash
+            .unwrap_or_else(|| HashSink::new(HashAlgo::Sha256));
         let (nar_hash, nar_size) = hash.finish();
         NarSummary { nar_hash, nar_size }
     }
@@ -1007,6 +1010,21 @@ mod tests {
         let s = parse_embedded(&mut r, &mut NullSink).unwrap();
         assert_eq!(s.nar_size, n);
         assert_eq!(r, &[0]);
+    }
+
+    #[test]
+    fn parse_counted_counts_what_parse_hashes_and_fails_alike() {
+        let good = dir_with(&[b"a", b"b"]);
+        let s = parse(&good[..], &mut NullSink).unwrap();
+        assert_eq!(parse_counted(&good[..], &mut NullSink).unwrap(), s.nar_size);
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let cut = &good[..good.len() - 3];
+        for bad in [&trailing[..], cut, &good[1..]] {
+            let want = parse(bad, &mut NullSink).unwrap_err().to_string();
+            let got = parse_counted(bad, &mut NullSink).unwrap_err().to_string();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
