@@ -176,15 +176,12 @@ impl PathSubstitutionGoal {
                         self.next_sub = 1;
                         self.current_sub = Some(0);
                         self.state = State::QueryingInfo;
-                        self.handle(
-                            Event::Subst(SubstJobResult::Info(r, early, untrusted)),
-                            ctx,
-                        )
+                        self.handle(Event::Subst(SubstJobResult::Info(r, early, untrusted)), ctx)
                     }
                     (Ok(_), _) => self.try_next(ctx),
                 }
             }
-            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early, untrusted))) => match r {
+            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early, bad))) => match r {
                 Ok(None) => self.try_next(ctx),
                 Err(SubstituterError::Disabled(_)) | Err(SubstituterError::Gone { .. })
                     if ctx.settings.fallback =>
@@ -210,7 +207,7 @@ impl PathSubstitutionGoal {
                         fx.extend(self.try_next(ctx));
                         return fx;
                     }
-                    if untrusted {
+                    if bad {
                         let mut fx = vec![Effect::Message(format!(
                             "warning: the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
                             ctx.store_dir.print(&self.path),
@@ -531,7 +528,9 @@ fn untrusted(
     i: usize,
     info: &SubstitutablePathInfo,
 ) -> bool {
-    if s.substituter_trusted.get(i).copied().unwrap_or(false) || !s.require_sigs || info.ca.is_some()
+    if s.substituter_trusted.get(i).copied().unwrap_or(false)
+        || !s.require_sigs
+        || info.ca.is_some()
     {
         return false;
     }
