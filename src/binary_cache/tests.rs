@@ -828,15 +828,17 @@ impl Read for Failing {
     }
 }
 
-/// Unpacks `file` with `narinfo` both ways, into fresh targets; the results, and
-/// the restored trees (as NARs) when both succeed.
+/// One way's result, and the restored tree (as a NAR) when it succeeded.
+type Unpacking = (Result<(), String>, Option<Vec<u8>>);
+
+/// Unpacks `file` with `narinfo` both ways (inline, pipelined), into fresh targets.
 fn unpack_both_ways(
     root: &Path,
     cache: &BinaryCache,
     narinfo: &NarInfo,
     file: &[u8],
     fail: Option<&'static str>,
-) -> [(Result<(), String>, Option<Vec<u8>>); 2] {
+) -> [Unpacking; 2] {
     let open = || -> CacheFile {
         Box::new(Failing {
             data: std::io::Cursor::new(file.to_vec()),

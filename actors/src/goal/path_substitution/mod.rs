@@ -52,7 +52,8 @@ pub enum SubstJobResult {
     /// Whether the path is valid, and, when it is not (or is repaired), the first
     /// substituter's answer (as [`SubstJobResult::Info`]): `init` and the first
     /// `tryNext` in one job, one round trip to the store executor fewer per goal.
-    Validity(Result<bool, GoalError>, Option<InfoAnswer>),
+    /// (Boxed: events stay small.)
+    Validity(Result<bool, GoalError>, Option<Box<InfoAnswer>>),
     /// The narinfo, whether the substituter can fetch ahead of the references,
     /// and whether the narinfo is untrusted ([`untrusted`], checked on the job's
     /// thread: verifying signatures is no work for the arbiter).
@@ -159,7 +160,7 @@ impl PathSubstitutionGoal {
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
                     let valid = check_validity(env, &path);
                     let info = match valid {
-                        Ok(v) if ask && (!v || repair) => Some(query_info(env, 0, &path)),
+                        Ok(v) if ask && (!v || repair) => Some(Box::new(query_info(env, 0, &path))),
                         _ => None,
                     };
                     Event::Subst(SubstJobResult::Validity(valid, info))
@@ -172,7 +173,8 @@ impl PathSubstitutionGoal {
                         self.finish(GoalOutcome::success(BuildStatus::AlreadyValid))
                     }
                     // `tryNext` for the first substituter, already answered.
-                    (Ok(_), Some((r, early, untrusted))) if self.next_sub == 0 => {
+                    (Ok(_), Some(answer)) if self.next_sub == 0 => {
+                        let (r, early, untrusted) = *answer;
                         self.next_sub = 1;
                         self.current_sub = Some(0);
                         self.state = State::QueryingInfo;
