@@ -6,7 +6,7 @@
 //! the `Compression` field, never from the file name. Concatenated streams (multi-
 //! member gzip, multi-stream xz/bzip2) are read through.
 
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 
 use super::BinaryCacheError;
 
@@ -33,29 +33,62 @@ pub fn decompressor<'a>(
     compressed: Box<dyn Read + 'a>,
 ) -> Result<Box<dyn Read + 'a>, BinaryCacheError> {
     let input = BufReader::with_capacity(INPUT_BUF, compressed);
+    Ok(match decoder(method, input)? {
+        Decoder::None(input) => Box::new(input),
+        d => Box::new(BufReader::with_capacity(OUTPUT_BUF, d)),
+    })
+}
+
+/// A decoder for one of [`METHODS`] over a buffered input, without buffers of its
+/// own: [`Send`] when its input is (the pipelined unpacking runs it on a thread of
+/// its own).
+pub enum Decoder<R: BufRead> {
+    None(R),
+    Xz(liblzma::bufread::XzDecoder<R>),
+    Bzip2(bzip2::bufread::MultiBzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, R>),
+    Br(Box<brotli::Decompressor<R>>),
+    Gzip(flate2::bufread::MultiGzDecoder<R>),
+}
+
+impl<R: BufRead> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Decoder::None(r) => r.read(buf),
+            Decoder::Xz(r) => r.read(buf),
+            Decoder::Bzip2(r) => r.read(buf),
+            Decoder::Zstd(r) => r.read(buf),
+            Decoder::Br(r) => r.read(buf),
+            Decoder::Gzip(r) => r.read(buf),
+        }
+    }
+}
+
+/// The decoder of `method` (empty means `none`) reading `input`; the xz decoder
+/// skips the stream's own check, as [`decompressor`] says.
+pub fn decoder<R: BufRead>(method: &str, input: R) -> Result<Decoder<R>, BinaryCacheError> {
     let failed = |e: &dyn std::fmt::Display| BinaryCacheError::Decompression {
         method: method.to_owned(),
         message: e.to_string(),
     };
-    let decoder: Box<dyn Read + 'a> = match method {
-        "" | "none" => return Ok(Box::new(input)),
+    Ok(match method {
+        "" | "none" => Decoder::None(input),
         "xz" => {
             let stream = liblzma::stream::Stream::new_stream_decoder(
                 u64::MAX,
                 liblzma::stream::CONCATENATED | liblzma::stream::IGNORE_CHECK,
             )
             .map_err(|e| failed(&e))?;
-            Box::new(liblzma::bufread::XzDecoder::new_stream(input, stream))
+            Decoder::Xz(liblzma::bufread::XzDecoder::new_stream(input, stream))
         }
-        "bzip2" => Box::new(bzip2::bufread::MultiBzDecoder::new(input)),
+        "bzip2" => Decoder::Bzip2(bzip2::bufread::MultiBzDecoder::new(input)),
         "zstd" => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(|e| failed(&e))?)
+            Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(input).map_err(|e| failed(&e))?)
         }
-        "br" => Box::new(brotli::Decompressor::new(input, OUTPUT_BUF)),
-        "gzip" => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+        "br" => Decoder::Br(Box::new(brotli::Decompressor::new(input, OUTPUT_BUF))),
+        "gzip" => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(input)),
         other => return Err(BinaryCacheError::UnknownCompression(other.to_owned())),
-    };
-    Ok(Box::new(BufReader::with_capacity(OUTPUT_BUF, decoder)))
+    })
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@
 pub mod compression;
 pub mod disk_cache;
 pub mod netrc;
+mod pipeline;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -667,7 +668,10 @@ impl BinaryCache {
     }
 
     /// The streaming part of [`copy_into`](Self::copy_into): restores the NAR to
-    /// `target` and checks it against the narinfo.
+    /// `target` and checks it against the narinfo. A NAR of at least
+    /// [`PIPELINE_MIN_NAR_SIZE`] bytes is read, decompressed and unpacked on three
+    /// threads ([`pipeline`]), a smaller one on this thread (a thread costs more than
+    /// it saves on a small path); both check the same things and fail the same way.
     fn unpack(
         &self,
         narinfo: &NarInfo,
@@ -675,18 +679,57 @@ impl BinaryCache {
         target: &std::path::Path,
         progress: &TransferProgress,
     ) -> Result<(), BinaryCacheError> {
-        let path = self.store_dir.print(&narinfo.store_path);
+        if narinfo.nar_size >= PIPELINE_MIN_NAR_SIZE {
+            self.unpack_pipelined(narinfo, file, target, progress)
+        } else {
+            self.unpack_inline(narinfo, file, target, progress)
+        }
+    }
+
+    /// The hash of the file to compute (`None`: the file is the NAR itself, whose
+    /// hash is computed anyway, as the NAR reader refuses trailing bytes), and
+    /// whether the narinfo says anything of the file.
+    fn file_hash_to_compute(narinfo: &NarInfo) -> (Option<HashAlgo>, bool) {
         let file_algo = narinfo
             .file_hash
             .as_ref()
             .map_or(HashAlgo::Sha256, |h| h.algo());
-        // An uncompressed file is the NAR itself: its hash is the NAR hash computed
-        // anyway (the NAR reader refuses trailing bytes), so it is not hashed twice.
         let file_is_nar = matches!(narinfo.compression.as_str(), "" | "none")
             && file_algo == narinfo.nar_hash.algo();
+        (
+            (!file_is_nar).then_some(file_algo),
+            narinfo.file_hash.is_some() || narinfo.file_size.is_some(),
+        )
+    }
+
+    fn nar_error(&self, narinfo: &NarInfo, source: crate::nar::NarReadError) -> BinaryCacheError {
+        BinaryCacheError::Nar {
+            path: self.store_dir.print(&narinfo.store_path),
+            uri: self.uri().to_owned(),
+            source: Box::new(source),
+        }
+    }
+
+    fn read_error(&self, narinfo: &NarInfo, source: io::Error) -> BinaryCacheError {
+        BinaryCacheError::Read {
+            uri: self.uri().to_owned(),
+            file: narinfo.url.clone(),
+            source,
+        }
+    }
+
+    /// [`unpack`](Self::unpack) on this thread.
+    fn unpack_inline(
+        &self,
+        narinfo: &NarInfo,
+        file: CacheFile,
+        target: &std::path::Path,
+        progress: &TransferProgress,
+    ) -> Result<(), BinaryCacheError> {
+        let (file_algo, want_file) = Self::file_hash_to_compute(narinfo);
         let mut raw = HashingReader {
             inner: file,
-            sink: (!file_is_nar).then(|| HashSink::new(file_algo)),
+            sink: file_algo.map(HashSink::new),
             bytes: 0,
             count: &progress.downloaded,
         };
@@ -696,44 +739,88 @@ impl BinaryCache {
                 inner: decoder,
                 count: &progress.unpacked,
             };
-            crate::nar::restore(nar, target).map_err(|source| BinaryCacheError::Nar {
-                path: path.clone(),
-                uri: self.uri().to_owned(),
-                source: Box::new(source),
-            })?
+            crate::nar::restore(nar, target).map_err(|e| self.nar_error(narinfo, e))?
         };
+        let path = self.store_dir.print(&narinfo.store_path);
         check_nar(&path, &narinfo.nar_hash, narinfo.nar_size, &summary)?;
-        if narinfo.file_hash.is_some() || narinfo.file_size.is_some() {
-            io::copy(&mut raw, &mut io::sink()).map_err(|source| BinaryCacheError::Read {
-                uri: self.uri().to_owned(),
-                file: narinfo.url.clone(),
-                source,
-            })?;
-            let file_size = raw.bytes;
+        if want_file {
+            io::copy(&mut raw, &mut io::sink()).map_err(|e| self.read_error(narinfo, e))?;
             let file_hash = match raw.sink {
                 Some(sink) => sink.finish().0,
                 None => summary.nar_hash.clone(),
             };
-            if let Some(want) = narinfo.file_size.filter(|s| *s != file_size) {
-                return Err(BinaryCacheError::FileSizeMismatch {
-                    path,
-                    uri: self.uri().to_owned(),
-                    specified: want,
-                    got: file_size,
-                });
-            }
-            if let Some(want) = narinfo.file_hash.as_ref().filter(|h| **h != file_hash) {
-                return Err(BinaryCacheError::FileHashMismatch {
-                    path,
-                    uri: self.uri().to_owned(),
-                    specified: want.to_typed_string(Encoding::Base32),
-                    got: file_hash.to_typed_string(Encoding::Base32),
-                });
-            }
+            self.check_file(narinfo, raw.bytes, &file_hash)?;
+        }
+        Ok(())
+    }
+
+    /// [`unpack`](Self::unpack) on three threads.
+    fn unpack_pipelined(
+        &self,
+        narinfo: &NarInfo,
+        file: CacheFile,
+        target: &std::path::Path,
+        progress: &TransferProgress,
+    ) -> Result<(), BinaryCacheError> {
+        let (file_algo, want_file) = Self::file_hash_to_compute(narinfo);
+        let unpacked = pipeline::unpack(
+            &narinfo.compression,
+            file,
+            file_algo,
+            want_file,
+            target,
+            &progress.downloaded,
+            &progress.unpacked,
+        )
+        .map_err(|e| match e {
+            pipeline::UnpackError::Decoder(e) => e,
+            pipeline::UnpackError::Nar(e) => self.nar_error(narinfo, e),
+        })?;
+        let path = self.store_dir.print(&narinfo.store_path);
+        check_nar(
+            &path,
+            &narinfo.nar_hash,
+            narinfo.nar_size,
+            &unpacked.summary,
+        )?;
+        if let Some(file) = unpacked.file {
+            let (file_hash, file_size) = file.map_err(|e| self.read_error(narinfo, e))?;
+            let file_hash = file_hash.unwrap_or_else(|| unpacked.summary.nar_hash.clone());
+            self.check_file(narinfo, file_size, &file_hash)?;
+        }
+        Ok(())
+    }
+
+    /// The narinfo's `FileSize` and `FileHash` against the file read.
+    fn check_file(
+        &self,
+        narinfo: &NarInfo,
+        file_size: u64,
+        file_hash: &Hash,
+    ) -> Result<(), BinaryCacheError> {
+        let path = || self.store_dir.print(&narinfo.store_path);
+        if let Some(want) = narinfo.file_size.filter(|s| *s != file_size) {
+            return Err(BinaryCacheError::FileSizeMismatch {
+                path: path(),
+                uri: self.uri().to_owned(),
+                specified: want,
+                got: file_size,
+            });
+        }
+        if let Some(want) = narinfo.file_hash.as_ref().filter(|h| *h != file_hash) {
+            return Err(BinaryCacheError::FileHashMismatch {
+                path: path(),
+                uri: self.uri().to_owned(),
+                specified: want.to_typed_string(Encoding::Base32),
+                got: file_hash.to_typed_string(Encoding::Base32),
+            });
         }
         Ok(())
     }
 }
+
+/// NARs of at least this many bytes are unpacked on three threads.
+pub const PIPELINE_MIN_NAR_SIZE: u64 = 1 << 20;
 
 /// Nix's check of an imported NAR (`hash mismatch importing path …` / `size mismatch
 /// importing path …`): what was unpacked of `path` against what its source said.

@@ -763,3 +763,199 @@ mod prop {
         }
     }
 }
+
+/// The NAR of a tree with a file of several pipeline chunks, an executable, an
+/// empty file and a symlink.
+fn tree_nar(root: &Path) -> Vec<u8> {
+    let src = root.join("tree-src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    // Not compressible, so compressed files are big too.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..(3 * pipeline::CHUNK + 12_345))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("big"), &big).unwrap();
+    std::fs::write(src.join("empty"), b"").unwrap();
+    std::fs::write(src.join("sub/run"), b"#!/bin/sh\necho hi\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("sub/run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("../big", src.join("sub/link")).unwrap();
+    let mut nar = Vec::new();
+    crate::nar::dump_path(&src, &mut nar).unwrap();
+    nar
+}
+
+/// A narinfo for `nar` stored as `file` compressed with `method`.
+fn narinfo_for(store_dir: &StoreDir, nar: &[u8], file: &[u8], method: &str) -> NarInfo {
+    NarInfo {
+        store_path: store_dir
+            .make_store_path("output:out", &HashAlgo::Sha256.digest("tree"), "tree")
+            .unwrap(),
+        url: format!("nar/tree.nar{}", ext(method)),
+        compression: method.to_owned(),
+        file_hash: Some(HashAlgo::Sha256.digest(file)),
+        file_size: Some(file.len() as u64),
+        nar_hash: HashAlgo::Sha256.digest(nar),
+        nar_size: nar.len() as u64,
+        references: StorePathSet::new(),
+        deriver: None,
+        system: None,
+        signatures: Default::default(),
+        ca: None,
+    }
+}
+
+/// Gives `data`, then fails with `error` instead of ending (`None`: ends).
+struct Failing {
+    data: std::io::Cursor<Vec<u8>>,
+    error: Option<&'static str>,
+}
+
+impl Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Small reads, so a failure can come in the middle of the NAR.
+        let len = buf.len().min(10_000);
+        let n = self.data.read(&mut buf[..len])?;
+        match (n, self.error) {
+            (0, Some(e)) => Err(io::Error::other(e)),
+            _ => Ok(n),
+        }
+    }
+}
+
+/// One way's result, and the restored tree (as a NAR) when it succeeded.
+type Unpacking = (Result<(), String>, Option<Vec<u8>>);
+
+/// Unpacks `file` with `narinfo` both ways (inline, pipelined), into fresh targets.
+fn unpack_both_ways(
+    root: &Path,
+    cache: &BinaryCache,
+    narinfo: &NarInfo,
+    file: &[u8],
+    fail: Option<&'static str>,
+) -> [Unpacking; 2] {
+    let open = || -> CacheFile {
+        Box::new(Failing {
+            data: std::io::Cursor::new(file.to_vec()),
+            error: fail,
+        })
+    };
+    let run = |name: &str, pipelined: bool| {
+        let target = root.join(name);
+        let _ = std::fs::remove_dir_all(&target);
+        let _ = std::fs::remove_file(&target);
+        let progress = TransferProgress::default();
+        let r = if pipelined {
+            cache.unpack_pipelined(narinfo, open(), &target, &progress)
+        } else {
+            cache.unpack_inline(narinfo, open(), &target, &progress)
+        };
+        let tree = r.is_ok().then(|| {
+            let mut nar = Vec::new();
+            crate::nar::dump_path(&target, &mut nar).unwrap();
+            nar
+        });
+        if r.is_ok() {
+            assert_eq!(progress.downloaded(), file.len() as u64, "{name}");
+            assert_eq!(progress.unpacked(), narinfo.nar_size, "{name}");
+        }
+        (r.map_err(|e| e.to_string()), tree)
+    };
+    [run("inline", false), run("pipelined", true)]
+}
+
+#[test]
+fn pipelined_unpacking_restores_what_inline_unpacking_restores() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fc = FakeCache::new(t.path(), s.store_dir());
+    let cache = BinaryCache::open(&fc.url(), s.store_dir(), &HttpOptions::default()).unwrap();
+    let nar = tree_nar(t.path());
+    for m in METHODS {
+        let file = compress(m, &nar);
+        let info = narinfo_for(s.store_dir(), &nar, &file, m);
+        let [inline, pipelined] = unpack_both_ways(t.path(), &cache, &info, &file, None);
+        assert_eq!(inline.0, Ok(()), "{m}");
+        assert_eq!(pipelined.0, Ok(()), "{m}");
+        assert_eq!(inline.1.as_deref(), Some(&nar[..]), "{m}");
+        assert_eq!(pipelined.1.as_deref(), Some(&nar[..]), "{m}");
+        assert_eq!(
+            std::fs::metadata(t.path().join("pipelined/sub/run"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o111,
+            0o111,
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn pipelined_unpacking_fails_as_inline_unpacking_fails() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fc = FakeCache::new(t.path(), s.store_dir());
+    let cache = BinaryCache::open(&fc.url(), s.store_dir(), &HttpOptions::default()).unwrap();
+    let nar = tree_nar(t.path());
+    let mut cases: Vec<(String, NarInfo, Vec<u8>, Option<&'static str>)> = Vec::new();
+    for m in METHODS {
+        let file = compress(m, &nar);
+        let good = narinfo_for(s.store_dir(), &nar, &file, m);
+        let mut bad_nar_hash = good.clone();
+        bad_nar_hash.nar_hash = HashAlgo::Sha256.digest(b"other");
+        cases.push((format!("{m}: NarHash"), bad_nar_hash, file.clone(), None));
+        let mut bad_nar_size = good.clone();
+        bad_nar_size.nar_size += 8;
+        cases.push((format!("{m}: NarSize"), bad_nar_size, file.clone(), None));
+        let mut bad_file_hash = good.clone();
+        bad_file_hash.file_hash = Some(HashAlgo::Sha256.digest(b"other"));
+        cases.push((format!("{m}: FileHash"), bad_file_hash, file.clone(), None));
+        let mut bad_file_size = good.clone();
+        bad_file_size.file_size = Some(file.len() as u64 + 1);
+        cases.push((format!("{m}: FileSize"), bad_file_size, file.clone(), None));
+        // Truncated inside the big file.
+        let cut = file[..file.len() / 2].to_vec();
+        cases.push((format!("{m}: truncated"), good.clone(), cut.clone(), None));
+        // A read error in the middle of the file and at its end.
+        cases.push((
+            format!("{m}: read error"),
+            good.clone(),
+            cut,
+            Some("cable cut"),
+        ));
+        cases.push((
+            format!("{m}: late read error"),
+            good.clone(),
+            file,
+            Some("late"),
+        ));
+        // A corrupt NAR inside a good compressed file: bad padding, then trailing
+        // data after the NAR.
+        let mut corrupt = nar.clone();
+        let at = corrupt.len() - 9;
+        corrupt[at] ^= 0x55;
+        let cfile = compress(m, &corrupt);
+        let info = narinfo_for(s.store_dir(), &corrupt, &cfile, m);
+        cases.push((format!("{m}: corrupt NAR"), info, cfile, None));
+        let mut trailing = nar.clone();
+        trailing.extend_from_slice(b"trailing bytes");
+        let tfile = compress(m, &trailing);
+        let info = narinfo_for(s.store_dir(), &trailing, &tfile, m);
+        cases.push((format!("{m}: trailing data"), info, tfile, None));
+    }
+    let mut unknown = narinfo_for(s.store_dir(), &nar, &nar, "none");
+    unknown.compression = "lz4".into();
+    cases.push(("unknown method".into(), unknown, nar.clone(), None));
+    for (what, info, file, fail) in cases {
+        let [inline, pipelined] = unpack_both_ways(t.path(), &cache, &info, &file, fail);
+        assert!(inline.0.is_err(), "{what}: inline unpacking succeeded");
+        assert_eq!(pipelined.0, inline.0, "{what}");
+    }
+}

@@ -24,7 +24,8 @@ pub mod restore;
 pub mod writer;
 
 pub use reader::{
-    copy_nar, parse, parse_embedded, validate, NarReadError, NarSink, NarSummary, NullSink,
+    copy_nar, parse, parse_counted, parse_embedded, validate, NarReadError, NarSink, NarSummary,
+    NullSink,
 };
 pub use restore::{restore, RestoreSink};
 pub use writer::{dump_bytes, dump_path, nar_hash_of_path, NarWriteError};

@@ -221,6 +221,16 @@ pub fn parse<R: Read>(reader: R, sink: &mut dyn NarSink) -> Result<NarSummary, N
     Ok(p.finish())
 }
 
+/// [`parse`] without hashing: returns the NAR's size only, for a caller that hashes
+/// the stream itself (the pipelined unpacking hashes it on another thread). The
+/// checks and errors are those of [`parse`], trailing data included.
+pub fn parse_counted<R: Read>(reader: R, sink: &mut dyn NarSink) -> Result<u64, NarReadError> {
+    let mut p = Parser::with_hash(reader, sink, None);
+    p.run()?;
+    p.expect_eof()?;
+    Ok(p.input.len)
+}
+
 /// Parses one NAR from the start of `reader` into `sink` and stops right after its root
 /// node, leaving the rest of the stream unread.
 pub fn parse_embedded<R: Read>(
@@ -267,15 +277,16 @@ impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
     }
 }
 
-/// The input, hashed and counted as it is read.
+/// The input, hashed (unless the caller hashes it) and counted as it is read.
 struct HashingReader<R> {
     inner: R,
-    hash: HashSink,
+    hash: Option<HashSink>,
+    len: u64,
 }
 
 impl<R: Read> HashingReader<R> {
     fn offset(&self) -> u64 {
-        self.hash.len()
+        self.len
     }
 }
 
@@ -287,7 +298,10 @@ impl<R: Read> Read for HashingReader<R> {
                     let got = buf.get(..n).ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "reader returned too much")
                     })?;
-                    self.hash.update(got);
+                    if let Some(h) = &mut self.hash {
+                        h.update(got);
+                    }
+                    self.len += n as u64;
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -385,10 +399,15 @@ fn lossy(b: &[u8]) -> String {
 
 impl<'s, R: Read> Parser<'s, R> {
     fn new(reader: R, sink: &'s mut dyn NarSink) -> Self {
+        Self::with_hash(reader, sink, Some(HashSink::new(HashAlgo::Sha256)))
+    }
+
+    fn with_hash(reader: R, sink: &'s mut dyn NarSink, hash: Option<HashSink>) -> Self {
         Parser {
             input: HashingReader {
                 inner: reader,
-                hash: HashSink::new(HashAlgo::Sha256),
+                hash,
+                len: 0,
             },
             sink,
             path: PathBuf::new(),
@@ -397,7 +416,11 @@ impl<'s, R: Read> Parser<'s, R> {
     }
 
     fn finish(self) -> NarSummary {
-        let (nar_hash, nar_size) = self.input.hash.finish();
+        let hash = self
+            .input
+            .hash
+            .unwrap_or_else(|| HashSink::new(HashAlgo::Sha256));
+        let (nar_hash, nar_size) = hash.finish();
         NarSummary { nar_hash, nar_size }
     }
 
@@ -987,6 +1010,21 @@ mod tests {
         let s = parse_embedded(&mut r, &mut NullSink).unwrap();
         assert_eq!(s.nar_size, n);
         assert_eq!(r, &[0]);
+    }
+
+    #[test]
+    fn parse_counted_counts_what_parse_hashes_and_fails_alike() {
+        let good = dir_with(&[b"a", b"b"]);
+        let s = parse(&good[..], &mut NullSink).unwrap();
+        assert_eq!(parse_counted(&good[..], &mut NullSink).unwrap(), s.nar_size);
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let cut = &good[..good.len() - 3];
+        for bad in [&trailing[..], cut, &good[1..]] {
+            let want = parse(bad, &mut NullSink).unwrap_err().to_string();
+            let got = parse_counted(bad, &mut NullSink).unwrap_err().to_string();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! substitute) → `tryToRun` (take a substitution slot, copy) → `finished` (release the
 //! slot; a gone NAR tries the next substituter without counting as a failure, another
 //! error marks the substituter failed and tries the next; success → Substituted).
+//! `init`'s job also asks the first substituter when the path is invalid, so a goal
+//! reaches its narinfo in one store-executor round trip, not two; a narinfo's
+//! signatures are checked in the job that fetched it, not on the arbiter.
 //!
 //! The copy job counts its bytes into a [`Transfer`] that
 //! [`Effect::SubstitutionStarted`] hands to the Worker as well, so the progress
@@ -40,16 +43,26 @@ use drover::store::RepairFlag;
 use drover::store_path::StorePath;
 
 use super::error::GoalError;
-use super::{Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, WaiteeCounts};
+use super::{
+    Effect, Event, ExitCode, GoalCtx, GoalOutcome, GoalRequest, JobEnv, SubstituterRef,
+    WaiteeCounts,
+};
 use crate::progress::Transfer;
 use crate::substituter::{Fetched, SubstitutablePathInfo, SubstituterError};
 
 /// Results of this goal's blocking jobs.
 pub enum SubstJobResult {
-    Validity(Result<bool, GoalError>),
-    /// The narinfo, and whether the substituter can fetch ahead of the references.
+    /// Whether the path is valid, and, when it is not (or is repaired), the first
+    /// substituter's answer (as [`SubstJobResult::Info`]): `init` and the first
+    /// `tryNext` in one job, one round trip to the store executor fewer per goal.
+    /// (Boxed: events stay small.)
+    Validity(Result<bool, GoalError>, Option<Box<InfoAnswer>>),
+    /// The narinfo, whether the substituter can fetch ahead of the references,
+    /// and whether the narinfo is untrusted ([`untrusted`], checked on the job's
+    /// thread: verifying signatures is no work for the arbiter).
     Info(
         Result<Option<SubstitutablePathInfo>, SubstituterError>,
+        bool,
         bool,
     ),
     Copied(Result<(), SubstituterError>),
@@ -58,6 +71,14 @@ pub enum SubstJobResult {
     /// The fetched path was registered.
     Registered(Result<(), SubstituterError>),
 }
+
+/// A substituter's narinfo, whether it fetches ahead, and whether the narinfo is
+/// untrusted.
+pub type InfoAnswer = (
+    Result<Option<SubstitutablePathInfo>, SubstituterError>,
+    bool,
+    bool,
+);
 
 /// Where a fetch ahead of the references is.
 enum Ahead {
@@ -138,18 +159,37 @@ impl PathSubstitutionGoal {
             (State::Init, Event::Start) => {
                 self.state = State::CheckingValidity;
                 let path = self.path.clone();
+                let (repair, ask) = (self.repair, ctx.n_substituters > 0);
+                let (sub, policy) = (ctx.substituter(0), SigPolicy::of(ctx.settings, 0));
                 vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-                    Event::Subst(SubstJobResult::Validity(check_validity(env, &path)))
+                    let valid = check_validity(env, &path);
+                    let info = match valid {
+                        Ok(v) if ask && (!v || repair) => {
+                            Some(Box::new(query_info(env, &sub, &policy, &path)))
+                        }
+                        _ => None,
+                    };
+                    Event::Subst(SubstJobResult::Validity(valid, info))
                 }))]
             }
-            (State::CheckingValidity, Event::Subst(SubstJobResult::Validity(r))) => match r {
-                Err(e) => self.fatal(e.to_string()),
-                Ok(true) if !self.repair => {
-                    self.finish(GoalOutcome::success(BuildStatus::AlreadyValid))
+            (State::CheckingValidity, Event::Subst(SubstJobResult::Validity(r, info))) => {
+                match (r, info) {
+                    (Err(e), _) => self.fatal(e.to_string()),
+                    (Ok(true), _) if !self.repair => {
+                        self.finish(GoalOutcome::success(BuildStatus::AlreadyValid))
+                    }
+                    // `tryNext` for the first substituter, already answered.
+                    (Ok(_), Some(answer)) if self.next_sub == 0 => {
+                        let (r, early, untrusted) = *answer;
+                        self.next_sub = 1;
+                        self.current_sub = Some(0);
+                        self.state = State::QueryingInfo;
+                        self.handle(Event::Subst(SubstJobResult::Info(r, early, untrusted)), ctx)
+                    }
+                    (Ok(_), _) => self.try_next(ctx),
                 }
-                Ok(_) => self.try_next(ctx),
-            },
-            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early))) => match r {
+            }
+            (State::QueryingInfo, Event::Subst(SubstJobResult::Info(r, early, bad))) => match r {
                 Ok(None) => self.try_next(ctx),
                 Err(SubstituterError::Disabled(_)) | Err(SubstituterError::Gone { .. })
                     if ctx.settings.fallback =>
@@ -175,7 +215,7 @@ impl PathSubstitutionGoal {
                         fx.extend(self.try_next(ctx));
                         return fx;
                     }
-                    if self.untrusted(&info, ctx) {
+                    if bad {
                         let mut fx = vec![Effect::Message(format!(
                             "warning: the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
                             ctx.store_dir.print(&self.path),
@@ -424,30 +464,6 @@ impl PathSubstitutionGoal {
         }
     }
 
-    /// Nix's `pathInfoIsUntrusted` for an untrusted substituter: signatures are
-    /// required, the path is not content-addressed, and no signature is valid.
-    fn untrusted(&self, info: &SubstitutablePathInfo, ctx: &GoalCtx) -> bool {
-        let i = self.current_sub.unwrap_or(0);
-        let s = ctx.settings;
-        if s.substituter_trusted.get(i).copied().unwrap_or(false)
-            || !s.require_sigs
-            || info.ca.is_some()
-        {
-            return false;
-        }
-        let fp = drover::narinfo::fingerprint_path(
-            ctx.store_dir,
-            &info.path,
-            &info.nar_hash,
-            info.nar_size,
-            &info.references,
-        );
-        !matches!(
-            s.trusted_public_keys.count_valid(fp.as_bytes(), &info.sigs),
-            Ok(n) if n > 0
-        )
-    }
-
     fn uri(ctx: &GoalCtx, _i: usize) -> String {
         ctx.settings
             .substituter_uris
@@ -478,12 +494,10 @@ impl PathSubstitutionGoal {
         self.state = State::QueryingInfo;
         let path = self.path.clone();
         let sub = ctx.substituter(i);
+        let policy = SigPolicy::of(ctx.settings, i);
         vec![Effect::Blocking(Box::new(move |env: &JobEnv| {
-            let (r, early) = match sub.get(env) {
-                Some(s) => (s.query_path_info(&path), s.fetches_early()),
-                None => (Ok(None), false),
-            };
-            Event::Subst(SubstJobResult::Info(r, early))
+            let (r, early, untrusted) = query_info(env, &sub, &policy, &path);
+            Event::Subst(SubstJobResult::Info(r, early, untrusted))
         }))]
     }
 
@@ -500,6 +514,72 @@ impl PathSubstitutionGoal {
     /// Whether a real substituter failure was seen (for the failed-substitutions count).
     pub fn substituter_failed(&self) -> bool {
         self.substituter_failed
+    }
+}
+
+/// Substituter `i`'s narinfo of `path` (`tryNext`'s query), whether it fetches
+/// ahead, and whether the narinfo is [`untrusted`].
+fn query_info(
+    env: &JobEnv,
+    sub: &SubstituterRef,
+    policy: &SigPolicy,
+    path: &StorePath,
+) -> InfoAnswer {
+    let (r, early) = match sub.get(env) {
+        Some(s) => (s.query_path_info(path), s.fetches_early()),
+        None => (Ok(None), false),
+    };
+    let untrusted = match &r {
+        Ok(Some(info)) => policy.untrusted(env.store.store_dir(), info),
+        _ => false,
+    };
+    (r, early, untrusted)
+}
+
+/// What the signature check of one substituter's narinfos needs, from the settings
+/// of the goal's run (a daemon client's `require-sigs` and `trusted-public-keys`),
+/// taken to the store job that asks for the narinfo.
+struct SigPolicy {
+    substituter_trusted: bool,
+    require_sigs: bool,
+    trusted_public_keys: drover::signature::PublicKeys,
+}
+
+impl SigPolicy {
+    fn of(s: &crate::worker::WorkerSettings, i: usize) -> SigPolicy {
+        SigPolicy {
+            substituter_trusted: s.substituter_trusted.get(i).copied().unwrap_or(false),
+            require_sigs: s.require_sigs,
+            trusted_public_keys: if s.require_sigs {
+                s.trusted_public_keys.clone()
+            } else {
+                Default::default()
+            },
+        }
+    }
+
+    /// Nix's `pathInfoIsUntrusted` for the narinfo `info`: the substituter is not
+    /// trusted, signatures are required, the path is not content-addressed, and no
+    /// signature is valid.
+    fn untrusted(
+        &self,
+        store_dir: &drover::store_path::StoreDir,
+        info: &SubstitutablePathInfo,
+    ) -> bool {
+        if self.substituter_trusted || !self.require_sigs || info.ca.is_some() {
+            return false;
+        }
+        let fp = drover::narinfo::fingerprint_path(
+            store_dir,
+            &info.path,
+            &info.nar_hash,
+            info.nar_size,
+            &info.references,
+        );
+        !matches!(
+            self.trusted_public_keys.count_valid(fp.as_bytes(), &info.sigs),
+            Ok(n) if n > 0
+        )
     }
 }
 
