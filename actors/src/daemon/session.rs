@@ -158,7 +158,11 @@ impl<'a, R: Read, W: Write> Session<'a, R, W> {
     /// A warning line, as Nix's `warn` prints it.
     pub fn warn(&mut self, msg: &str) -> io::Result<()> {
         if self.verbosity >= 1 {
-            self.log(LoggerMessage::Next(format!("warning: {msg}")))
+            // Nix's `Logger::warn`: the magenta `warning:` prefix (`ANSI_WARNING`),
+            // which the client prints, or strips when its stderr is no terminal.
+            self.log(LoggerMessage::Next(format!(
+                "\x1b[35;1mwarning:\x1b[0m {msg}"
+            )))
         } else {
             Ok(())
         }
@@ -1641,6 +1645,34 @@ mod tests {
             s.reply
         );
         assert!(s.store.is_valid_path(&at).unwrap());
+    }
+
+    #[test]
+    fn warnings_have_nix_s_magenta_prefix() {
+        // `SetOptions` (op 19) of an untrusted client naming a substituter the
+        // daemon does not trust: Nix's daemon answers `warn("ignoring untrusted
+        // substituter '%s'")`, `Logger::warn`'s `ANSI_WARNING "warning:"` prefix.
+        let s = serve(false, |_| {
+            let mut b = Vec::new();
+            w64(&mut b, 19);
+            // keepFailed, keepGoing, tryFallback, verbosity, maxBuildJobs,
+            // maxSilentTime, useBuildHook, verboseBuild, logType, printBuildTrace,
+            // buildCores, useSubstitutes.
+            for n in [0, 0, 0, 3, 1, 0, 1, 0, 0, 0, 0, 1] {
+                w64(&mut b, n);
+            }
+            w64(&mut b, 1);
+            wstr(&mut b, b"substituters");
+            wstr(&mut b, b"http://untrusted.invalid");
+            b
+        });
+        assert!(
+            s.reply.contains(
+                "\x1b[35;1mwarning:\x1b[0m ignoring untrusted substituter 'http://untrusted.invalid'\n"
+            ),
+            "{:?}",
+            s.reply
+        );
     }
 
     #[test]
