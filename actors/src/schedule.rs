@@ -794,17 +794,20 @@ impl Scheduler {
                     }
                     continue;
                 }
-                let above = n
-                    .waiters
-                    .iter()
-                    .filter_map(|w| self.paths.get(w))
-                    .max()
-                    .copied()
-                    .unwrap_or_default();
-                let p = n.estimate + above;
+                let p = n.estimate + self.longest_waiter_path(n);
                 self.set_path(g, p);
             }
         }
+    }
+
+    /// The longest known path among the goals waiting on `n` (zero if none).
+    fn longest_waiter_path(&self, n: &Node) -> Duration {
+        n.waiters
+            .iter()
+            .filter_map(|w| self.paths.get(w))
+            .max()
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The goal's path (tests, reports).
@@ -834,14 +837,7 @@ impl Scheduler {
             if matches!(n.kind, NodeKind::Derivation(_)) && !n.remote {
                 work += rem;
             }
-            let above = n
-                .waiters
-                .iter()
-                .filter_map(|w| self.paths.get(w))
-                .max()
-                .copied()
-                .unwrap_or_default();
-            let p = rem + above;
+            let p = rem + self.longest_waiter_path(n);
             if best.is_none_or(|(bp, bid)| p > bp || (p == bp && *id < bid)) {
                 best = Some((p, *id));
             }
