@@ -181,7 +181,7 @@ fn sorted(v: &Value) -> Value {
 
 /// A derivation attribute as a list of strings (`getStringsAttr`): a JSON array of
 /// strings with structured attributes, else the variable split on whitespace.
-fn strings_attr(
+pub fn strings_attr(
     drv: &Derivation,
     structured: Option<&serde_json::Map<String, Value>>,
     name: &str,
@@ -205,6 +205,24 @@ fn strings_attr(
             })
             .unwrap_or_default(),
     }
+}
+
+/// `requiredSystemFeatures` as Nix 2.8's `getRequiredSystemFeatures` reads it (before
+/// adding `ca-derivations`): with structured attributes, the strings of the JSON
+/// array, else the variable split on whitespace. An unparsable `__json` yields none
+/// here; building such a derivation fails on it anyway ([`builder_env`]).
+pub fn required_system_features(drv: &Derivation) -> std::collections::BTreeSet<String> {
+    let structured = if drv.env.contains_key("__json") {
+        match structured_attrs(drv) {
+            Ok(Some(m)) => Some(m),
+            _ => return Default::default(),
+        }
+    } else {
+        None
+    };
+    strings_attr(drv, structured.as_ref(), "requiredSystemFeatures")
+        .into_iter()
+        .collect()
 }
 
 /// The parsed `__json` attribute, if the derivation uses structured attributes.

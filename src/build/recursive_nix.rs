@@ -21,11 +21,10 @@ pub const SOCKET_NAME: &str = ".nix-socket";
 pub const FEATURE: &str = "recursive-nix";
 
 /// Whether the derivation asks for recursive Nix (`requiredSystemFeatures`
-/// contains `recursive-nix`).
+/// contains `recursive-nix`, read as Nix's `getStringsAttr` reads it: from the
+/// structured attributes when the derivation has them).
 pub fn required(drv: &Derivation) -> bool {
-    drv.env
-        .get("requiredSystemFeatures")
-        .is_some_and(|s| s.split_whitespace().any(|f| f == FEATURE))
+    super::env::required_system_features(drv).contains(FEATURE)
 }
 
 /// Creates the listening socket in `build_dir` and returns it with the value of

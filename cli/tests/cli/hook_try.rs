@@ -33,6 +33,12 @@ in {
     name = "needs-ca"; system = builtins.currentSystem; builder = "/bin/sh";
     args = ["-c" "echo ca > $out"]; requiredSystemFeatures = ["ca-derivations"];
   };
+  # Features nobody here has, given in the structured attributes (`__json`).
+  structured_features = derivation {
+    name = "structured-features"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = ["-c" "echo s > $out"]; __structuredAttrs = true;
+    requiredSystemFeatures = ["drover-test-feature" "another one"];
+  };
 }
 "#;
 
@@ -293,6 +299,30 @@ fn a_foreign_system_is_offered_willing_and_fails_locally_after_a_decline() {
     );
     assert!(
         r.lines[0].starts_with("error: a 'foo-linux' with features {} is required to build '"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn required_features_are_read_from_structured_attrs() {
+    require_nix!();
+    // Nix 2.8 reads `requiredSystemFeatures` from the `__json` object (each string a
+    // feature, even one with a space): the hook is asked with them, and after a
+    // decline the local build is refused with them.
+    let r = assert_same(
+        &Scenario {
+            attrs: &["structured_features"],
+            flags: &["-j1"],
+            replies: "decline",
+            hook: None,
+        },
+        1,
+        &[(true, "structured-features.drv")],
+    );
+    assert!(
+        r.lines[0].starts_with(
+            "error: a 'x86_64-linux' with features {another one, drover-test-feature} is required"
+        ),
         "{r:?}"
     );
 }

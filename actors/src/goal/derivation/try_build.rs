@@ -269,12 +269,10 @@ pub fn local_system_features(s: &drover::config::Settings) -> BTreeSet<String> {
     features
 }
 
-/// `requiredSystemFeatures`, split on whitespace.
+/// `requiredSystemFeatures` (Nix's `getStringsAttr`): with `__structuredAttrs`, the
+/// list of strings in the `__json` object, else the variable split on whitespace.
 pub fn required_features(drv: &Derivation) -> BTreeSet<String> {
-    drv.env
-        .get("requiredSystemFeatures")
-        .map(|s| s.split_whitespace().map(str::to_owned).collect())
-        .unwrap_or_default()
+    drover::build::env::required_system_features(drv)
 }
 
 #[cfg(test)]
