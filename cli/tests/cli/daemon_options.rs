@@ -55,13 +55,16 @@ fn scenario(root: &TestRoot, which: Which) -> Vec<(String, String)> {
     let hook = dir.join("hook.sh");
     std::fs::write(
         &hook,
-        format!("#!/bin/sh\necho \"$DRV_PATH\" >> {}\n", hook_log.display()),
+        format!(
+            "#!/bin/sh\necho \"$DRV_PATH [$OUT_PATHS]\" >> {}\n",
+            hook_log.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&hook, PermissionsExt::from_mode(0o755)).unwrap();
     let hook = hook.to_str().unwrap().to_owned();
-    // (Only `DRV_PATH`: Nix 2.8 passes an empty `OUT_PATHS` for a build, as it
-    // reads the outputs from a result not yet filled; drover passes them.)
+    // `OUT_PATHS` is empty under both: Nix 2.8 reads it from a result not yet
+    // filled when the hook runs.
     let hook_ran = || std::fs::read_to_string(&hook_log).unwrap_or_default();
     let key = dir.join("secret-key");
     let key = key.to_str().unwrap();

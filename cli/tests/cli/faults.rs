@@ -392,8 +392,8 @@ fn error_causes_are_printed_once() {
 /// The `post-build-hook`'s stdout and stderr (tests/post-hook.sh): never on stdout,
 /// which carries only the output paths; on stderr as Nix 2.8 shows them,
 /// `running post-build-hook '…'...` and `post-build-hook: <line>` (with `-Q` only
-/// the first). (Nix 2.8 passes an empty `OUT_PATHS`, a bug of its `buildDone`;
-/// drover passes the paths, so the hook here does not print them.)
+/// the first). `OUT_PATHS` is empty, as Nix 2.8's `buildDone` passes it (it reads
+/// the outputs from a result `done` fills only afterwards).
 #[test]
 fn post_build_hook_output_goes_to_stderr() {
     require_nix!();
@@ -404,7 +404,7 @@ fn post_build_hook_output_goes_to_stderr() {
             let hook = root.path().join("hook.sh");
             std::fs::write(
                 &hook,
-                "#!/bin/sh\necho \"hook stdout $DRV_PATH\"\necho 'hook stderr' >&2\nprintf partial\n",
+                "#!/bin/sh\necho \"hook stdout $DRV_PATH [$OUT_PATHS]\"\necho 'hook stderr' >&2\nprintf partial\n",
             )
             .unwrap();
             std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
